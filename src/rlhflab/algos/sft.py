@@ -1,0 +1,154 @@
+"""Supervised fine-tuning (InstructGPT stage 1): NLL on response tokens only.
+
+    L_SFT = -(1/N) sum_t log pi(y_t | x, y_<t),   N = response tokens in the global batch
+
+Where this departs from the usual trainer: the loss of every micro-batch is divided by the
+token count of the whole global batch (all micro-batches on all processes), so gradient
+accumulation and data parallelism give exactly the gradient of one large batch, instead
+of a mean of per-micro-batch means. The data order is one seeded permutation shared by
+every process; each process takes its slice of every global batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+
+from rlhflab.data import Tokenized, collate_sft, render, tokenize_pair
+from rlhflab.logprobs import token_logprobs
+from rlhflab.losses import sft_loss
+from rlhflab.progress import progress_bar
+from rlhflab.tracking import MetricsLog
+
+
+def lr_lambda(schedule: str, warmup_steps: int, total_steps: int):
+    """Multiplier of the peak LR at each step: linear warm-up, then cosine/linear/constant."""
+
+    def f(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return {
+            "cosine": 0.5 * (1 + math.cos(math.pi * min(1.0, progress))),
+            "linear": max(0.0, 1 - progress),
+            "constant": 1.0,
+        }[schedule]
+
+    return f
+
+
+def tokenize_rows(rows: list[dict], tokenizer, max_length: int) -> tuple[list[Tokenized], int]:
+    """Tokenize prompt/completion rows; returns the examples and how many were truncated."""
+    out = [tokenize_pair(*render(r["prompt"], r["completion"], tokenizer), tokenizer, max_length) for r in rows]
+    return out, sum(x.truncated for x in out)
+
+
+def _nll_sum(model, batch: dict, device) -> tuple[torch.Tensor, torch.Tensor]:
+    ids = batch["input_ids"].to(device)
+    logits = model(input_ids=ids, attention_mask=batch["attention_mask"].to(device)).logits
+    lp = token_logprobs(logits, ids)
+    mask = batch["response_mask"].to(device)
+    return -(lp * mask).sum(), mask.sum()
+
+
+@torch.no_grad()
+def evaluate_loss(model, examples: list[Tokenized], pad_id: int, accelerator: Accelerator,
+                  batch_size: int = 64) -> float:
+    """Token-mean NLL of response tokens; each process takes a shard, sums are reduced."""
+    model.eval()
+    mine = examples[accelerator.process_index :: accelerator.num_processes]
+    total = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
+    for i in range(0, len(mine), batch_size):
+        nll, n = _nll_sum(model, collate_sft(mine[i : i + batch_size], pad_id), accelerator.device)
+        total += torch.stack([nll.double(), n.double()])
+    total = accelerator.reduce(total, reduction="sum")
+    model.train()
+    return (total[0] / total[1].clamp(min=1)).item()
+
+
+def train_sft(cfg, model, tokenizer, train: list[Tokenized], held_out: list[Tokenized],
+              out_dir: Path | None = None, accelerator: Accelerator | None = None) -> dict:
+    """Train ``model`` in place; returns the summary metrics. ``cfg`` is an SFTConfig."""
+    accelerator = accelerator or Accelerator(mixed_precision=cfg.mixed_precision)
+    W, rank = accelerator.num_processes, accelerator.process_index
+    B = cfg.batch_size
+    micro = cfg.micro_batch_size or B // W
+    if B % W or (B // W) % micro:
+        raise ValueError(f"sft.batch_size {B} must split into {W} processes x micro-batches of {micro}")
+    if len(train) < B:
+        raise ValueError(f"{len(train)} training examples are fewer than one batch of {B}")
+    steps_per_epoch = len(train) // B
+    total_steps = cfg.max_steps or max(1, int(cfg.epochs * steps_per_epoch))
+    pad_id = tokenizer.pad_token_id
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    warmup = int(cfg.warmup_ratio * total_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.lr_schedule, warmup, total_steps))
+    # The scheduler is stepped by hand once per optimizer step (not prepared: accelerate
+    # would step it once per process).
+    model, optimizer = accelerator.prepare(model, optimizer)
+    log = MetricsLog(out_dir / "metrics.jsonl" if out_dir else None, enabled=accelerator.is_main_process)
+
+    gen = torch.Generator().manual_seed(cfg.seed)
+    order: list[int] = []
+    history: list[dict] = []
+    start = time.perf_counter()
+    model.train()
+    eval_loss = evaluate_loss(model, held_out, pad_id, accelerator) if held_out else float("nan")
+    log.log({"eval/loss": eval_loss}, step=0)
+    with progress_bar(total_steps, "sft", enabled=accelerator.is_main_process) as bar:
+        for step in range(1, total_steps + 1):
+            if len(order) < B:  # a new epoch: a fresh permutation, the same on every process
+                order = torch.randperm(len(train), generator=gen).tolist()
+            batch_idx, order = order[:B], order[B:]
+            global_batch = [train[i] for i in batch_idx]
+            n_tokens = sum(len(x.input_ids) - x.n_prompt for x in global_batch)
+            shard = global_batch[rank * (B // W) : (rank + 1) * (B // W)]
+            nll_total = torch.zeros((), device=accelerator.device)
+            for m in range(0, len(shard), micro):
+                batch = collate_sft(shard[m : m + micro], pad_id)
+                last = m + micro >= len(shard)
+                with accelerator.no_sync(model) if not last else contextlib.nullcontext():
+                    with accelerator.autocast():
+                        ids = batch["input_ids"].to(accelerator.device)
+                        logits = model(input_ids=ids, attention_mask=batch["attention_mask"].to(accelerator.device)).logits
+                        lp = token_logprobs(logits, ids)
+                    # DDP averages gradients over W processes, hence N / W here.
+                    loss, _ = sft_loss(lp, batch["response_mask"].to(accelerator.device), n_tokens=n_tokens / W)
+                    accelerator.backward(loss)
+                nll_total += loss.detach() * (n_tokens / W)
+            grad_norm = (
+                accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                if cfg.max_grad_norm > 0 else torch.tensor(float("nan"))
+            )
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            train_loss = accelerator.reduce(nll_total, reduction="sum").item() / n_tokens
+            metrics = {"train/loss": train_loss, "train/lr": scheduler.get_last_lr()[0],
+                       "train/grad_norm": float(grad_norm), "train/tokens": n_tokens}
+            if step % cfg.eval_every == 0 or step == total_steps:
+                eval_loss = evaluate_loss(model, held_out, pad_id, accelerator) if held_out else float("nan")
+                metrics["eval/loss"] = eval_loss
+            if step % cfg.log_every == 0 or "eval/loss" in metrics:
+                log.log(metrics, step=step)
+            history.append(metrics)
+            bar.update(loss=train_loss, eval_loss=eval_loss)
+    log.close()
+    elapsed = time.perf_counter() - start
+    return {
+        "train/loss": history[-1]["train/loss"],
+        "eval/loss": eval_loss,
+        "eval/perplexity": math.exp(eval_loss) if math.isfinite(eval_loss) else float("nan"),
+        "eval/loss_initial": log.rows[0]["eval/loss"] if log.rows else float("nan"),
+        "train/steps": total_steps,
+        "train/examples": len(train),
+        "train/seconds": elapsed,
+        "train/processes": W,
+    }
+

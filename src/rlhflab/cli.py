@@ -1,0 +1,66 @@
+"""Command line: one subcommand per stage or tool. Parsing only; work lives elsewhere.
+
+Each subcommand is a module exposing ``add_arguments(parser)`` and ``run(args) -> int``;
+modules are imported only when their command runs, so ``rlhflab optimal`` starts fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from rlhflab.errors import InputError
+
+# name -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "world": ("rlhflab.world.export", "write the simulated-human world as TRL-format JSONL"),
+    "sft": ("rlhflab.commands.sft", "supervised fine-tuning on (prompt, completion) data"),
+    "optimal": ("rlhflab.optimal", "closed-form optimum of the KL-regularized objective"),
+    "sample": ("rlhflab.commands.sample", "print sample generations of a policy with gold utility"),
+    "run": ("rlhflab.commands.run", "the main job: the whole pipeline on the world, then a report"),
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def build_parser(load: tuple[str, ...] | None = None) -> argparse.ArgumentParser:
+    parser = _Parser(prog="rlhflab", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=_version())
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if load is None or name in load:
+            importlib.import_module(module).add_arguments(p)
+        p.set_defaults(_module=module)
+    return parser
+
+
+def _version() -> str:
+    from rlhflab import __version__
+
+    return f"rlhflab {__version__}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # Only the chosen subcommand's module is imported (and so torch only when needed).
+    chosen = next((a for a in argv if a in COMMANDS), None)
+    parser = build_parser(load=(chosen,) if chosen else ())
+    args = parser.parse_args(argv)
+    try:
+        return int(importlib.import_module(args._module).run(args) or 0)
+    except InputError as err:
+        print(f"rlhflab {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"rlhflab {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

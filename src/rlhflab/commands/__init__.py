@@ -1,0 +1,1 @@
+"""One module per CLI command: its arguments and the glue that runs a stage end to end."""

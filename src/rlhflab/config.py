@@ -1,0 +1,281 @@
+"""Configuration: one dataclass per stage, YAML presets, command-line overrides.
+
+A preset (``configs/tiny.yaml``, ``configs/demo.yaml``) holds one mapping per section
+(``world``, ``model``, ``generation``, ``sft``, ...). Any field can be overridden with
+``--set section.field=value`` (the value is read as YAML: ``--set sft.lr=3e-4``,
+``--set world.rater.length_bias=0``). Unknown keys and values of the wrong type are errors
+that name the file, line and field. The resolved config is written as ``config.yaml`` into
+every output directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from rlhflab.errors import InputError
+from rlhflab.world.demonstrator import DemonstratorConfig
+from rlhflab.world.labeler import RaterConfig
+
+
+def _f(default: Any, help: str) -> Any:  # noqa: A002 - "help" reads best here
+    if isinstance(default, (dict, list)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class WorldConfig:
+    """The simulated-human world: sizes, prompt mix, raters and demonstrator."""
+
+    seed: int = _f(0, "seed of every draw in the world")
+    max_operand: int = _f(9, "arithmetic operands are drawn from 0..max_operand")
+    n_sft: int = _f(2000, "SFT demonstrations")
+    n_sft_eval: int = _f(200, "held-out demonstrations for SFT loss")
+    n_preferences: int = _f(1000, "off-policy preference pairs from the demonstrator")
+    n_prompts: int = _f(512, "prompts for online RL")
+    n_eval: int = _f(40, "held-out evaluation prompts per family")
+    family_weights: dict = _f(
+        {"arithmetic": 0.3, "sycophancy": 0.2, "harmful": 0.15, "benign": 0.2, "open": 0.15},
+        "mix of prompt families",
+    )
+    rater: RaterConfig = field(default_factory=RaterConfig, metadata={"help": "simulated raters"})
+    demonstrator: DemonstratorConfig = field(
+        default_factory=DemonstratorConfig, metadata={"help": "SFT demonstrator imperfections"}
+    )
+
+
+@dataclass
+class ModelConfig:
+    """The policy model: a local HF checkpoint, or a tiny one created from a config."""
+
+    path: str | None = _f(None, "local HF causal-LM directory; empty = create a tiny model")
+    arch: str = _f("gpt2", "architecture of a created model: gpt2 or llama")
+    d_model: int = _f(64, "hidden size of a created model")
+    n_layers: int = _f(2, "layers of a created model")
+    n_heads: int = _f(4, "attention heads of a created model")
+    max_positions: int = _f(128, "position embeddings of a created model")
+    dropout: float = _f(0.0, "dropout of a created model (off by default, as usual in RLHF)")
+    trust_remote_code: bool = _f(False, "allow custom model code from a local checkpoint")
+
+
+@dataclass
+class GenerationConfig:
+    """Sampling for samples, rollouts and evaluation."""
+
+    temperature: float = _f(1.0, "sampling temperature")
+    top_k: int = _f(0, "top-k filter; 0 = off")
+    top_p: float = _f(1.0, "nucleus filter; 1 = off")
+    max_new_tokens: int = _f(24, "longest response; one without EOS by then is truncated")
+    batch_size: int = _f(64, "prompts per generate call")
+
+
+@dataclass
+class SFTConfig:
+    """Supervised fine-tuning: NLL on response tokens only."""
+
+    seed: int = _f(0, "seed of initialisation and data order")
+    lr: float = _f(1e-3, "peak learning rate (AdamW)")
+    weight_decay: float = _f(0.0, "AdamW weight decay")
+    batch_size: int = _f(32, "global batch: examples per optimizer step over all processes")
+    micro_batch_size: int | None = _f(None, "examples per forward pass per process; empty = all")
+    epochs: float = _f(3.0, "passes over the data (fractions allowed)")
+    max_steps: int | None = _f(None, "stop after this many steps (overrides epochs)")
+    warmup_ratio: float = _f(0.05, "fraction of steps of linear warm-up")
+    lr_schedule: str = _f("cosine", "decay after warm-up: cosine, linear or constant")
+    max_grad_norm: float = _f(1.0, "gradient clipping norm; 0 = off")
+    max_length: int = _f(64, "longest prompt + response in tokens; longer rows are truncated")
+    eval_every: int = _f(50, "steps between held-out loss evaluations")
+    log_every: int = _f(10, "steps between metric lines")
+    mixed_precision: str = _f("no", "no, bf16 or fp16 (through accelerate)")
+    n_samples: int = _f(64, "held-out prompts sampled after training to measure the policy")
+    n_show: int = _f(6, "sample generations printed after training")
+
+
+@dataclass
+class Config:
+    """Everything a run needs, one section per stage."""
+
+    world: WorldConfig = field(default_factory=WorldConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+
+
+# ---------------------------------------------------------------------------------------
+# Loading, overriding, saving
+
+
+def _key_lines(text: str) -> dict[str, int]:
+    """Dotted key -> 1-based line in a YAML text, for error messages."""
+    lines: dict[str, int] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                key = f"{prefix}{k.value}"
+                lines[key] = k.start_mark.line + 1
+                walk(v, key + ".")
+
+    try:
+        walk(yaml.compose(text), "")
+    except yaml.YAMLError:
+        pass
+    return lines
+
+
+def _check_type(value: Any, tp: Any) -> Any:
+    """Return ``value`` coerced to ``tp`` (int -> float only), or raise TypeError."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _check_type(value, arg)
+            except TypeError:
+                pass
+        raise TypeError(" or ".join(getattr(a, "__name__", str(a)) for a in args))
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):  # YAML 1.1 reads "5e-4" as a string
+        try:
+            return float(value)
+        except ValueError:
+            raise TypeError("float") from None
+    if tp is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if tp in (str, bool, dict, list) and isinstance(value, tp):
+        return value
+    raise TypeError(getattr(tp, "__name__", str(tp)))
+
+
+def _build(cls: type, data: Any, prefix: str, source: str, lines: dict[str, int]) -> Any:
+    if not isinstance(data, dict):
+        raise InputError("expected a mapping", file=source, line=lines.get(prefix[:-1]), field=prefix[:-1] or None)
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if key not in known:
+            raise InputError(
+                f"unknown key (known: {', '.join(sorted(known))})", file=source, line=lines.get(name), field=name
+            )
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value, name + ".", source, lines)
+            continue
+        try:
+            kwargs[key] = _check_type(value, tp)
+        except TypeError as err:
+            raise InputError(
+                f"expected {err}, got {value!r}", file=source, line=lines.get(name), field=name
+            ) from None
+    return cls(**kwargs)
+
+
+def _merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for k, v in update.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults, then the preset at ``path``, then ``section.field=value`` overrides."""
+    data: dict = to_dict(Config())
+    lines: dict[str, int] = {}
+    source = "defaults"
+    if path is not None:
+        source = str(path)
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as err:
+            raise InputError(f"cannot read config: {err.__class__.__name__}", file=source) from None
+        try:
+            preset = yaml.safe_load(text) or {}
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            raise InputError("not valid YAML", file=source, line=mark.line + 1 if mark else None) from None
+        if not isinstance(preset, dict):
+            raise InputError("expected a mapping of sections", file=source)
+        lines = _key_lines(text)
+        _build(Config, preset, "", source, lines)  # validate the file on its own first
+        data = _merge(data, preset)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise InputError(f"expected section.field=value, got {item!r}", file="--set")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            value = raw
+        node: dict = {}
+        cursor = node
+        *parents, leaf = key.strip().split(".")
+        for p in parents:
+            cursor = cursor.setdefault(p, {})
+        cursor[leaf] = value
+        _build(Config, _merge(data, node), "", "--set", {})
+        data = _merge(data, node)
+    cfg = _build(Config, data, "", source, lines)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field checks that a type cannot express."""
+    checks = [
+        (cfg.model.arch in ("gpt2", "llama"), "model.arch", "expected gpt2 or llama"),
+        (cfg.sft.lr_schedule in ("cosine", "linear", "constant"), "sft.lr_schedule", "expected cosine, linear or constant"),
+        (cfg.sft.mixed_precision in ("no", "bf16", "fp16"), "sft.mixed_precision", "expected no, bf16 or fp16"),
+        (cfg.sft.batch_size > 0, "sft.batch_size", "must be positive"),
+        (cfg.generation.temperature > 0, "generation.temperature", "must be positive"),
+        (cfg.world.rater.noise > 0, "world.rater.noise", "must be positive"),
+        (set(cfg.world.family_weights) <= {"arithmetic", "sycophancy", "harmful", "benign", "open"},
+         "world.family_weights", "unknown family"),
+    ]
+    for ok, name, msg in checks:
+        if not ok:
+            raise InputError(msg, field=name)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")
+
+
+def help_text(cls: type) -> dict[str, str]:
+    """Field name -> help text of a config dataclass (for documentation and --help)."""
+    return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(cls)}
+
+
+# ---------------------------------------------------------------------------------------
+# Command-line glue shared by every stage
+
+
+def add_config_arguments(parser, *, out: bool = True) -> None:
+    """--config, --set and (for stages that write) --out and --overwrite."""
+    parser.add_argument("--config", help="YAML preset, e.g. configs/tiny.yaml (default: built-in defaults)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one field, e.g. --set sft.lr=3e-4 (repeatable)")
+    if out:
+        parser.add_argument("--out", required=True, help="output directory")
+        parser.add_argument("--overwrite", action="store_true", help="replace an earlier run in --out")
+
+
+def config_from_args(args) -> Config:
+    return load_config(args.config, args.overrides)

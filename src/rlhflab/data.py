@@ -1,0 +1,190 @@
+"""Dataset formats (TRL-compatible JSONL), their validation, tokenization and collation.
+
+Formats, one JSON object per line:
+
+| format      | fields                                                                 |
+|-------------|------------------------------------------------------------------------|
+| sft         | ``prompt``, ``completion``                                             |
+| preference  | ``prompt``, ``chosen``, ``rejected``; optional ``votes`` (list of 0/1, 1 = a vote for chosen), ``margin`` (number) |
+| unpaired    | ``prompt``, ``completion``, ``label`` (bool: desirable or not)         |
+| prompt      | ``prompt`` (other fields are kept, e.g. the world's ``family``)        |
+
+Each text field is a non-empty string ("standard" format) or, in the conversational
+format, a list of ``{"role": ..., "content": ...}`` messages, rendered with the
+tokenizer's chat template. Every problem is an :class:`InputError` naming the file, the
+line and the field, and nothing is read past the first bad line.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rlhflab.errors import InputError
+
+FORMATS: dict[str, tuple[str, ...]] = {
+    "sft": ("prompt", "completion"),
+    "preference": ("prompt", "chosen", "rejected"),
+    "unpaired": ("prompt", "completion", "label"),
+    "prompt": ("prompt",),
+}
+
+
+def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
+    """Yield ``(line_number, object)`` for each non-blank line; errors name file and line."""
+    path = Path(path)
+    try:
+        fh = path.open("rb")
+    except OSError as err:
+        raise InputError(f"cannot open: {err.strerror or err}", file=str(path)) from None
+    with fh:
+        for lineno, raw in enumerate(fh, start=1):
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise InputError("not valid UTF-8", file=str(path), line=lineno) from None
+            if not text.strip():
+                continue
+            try:
+                obj = json.loads(text)
+            except json.JSONDecodeError as err:
+                raise InputError(f"not valid JSON ({err.msg})", file=str(path), line=lineno) from None
+            if not isinstance(obj, dict):
+                raise InputError("expected a JSON object", file=str(path), line=lineno)
+            yield lineno, obj
+
+
+def _check_text(value: Any, where: dict, name: str) -> None:
+    if isinstance(value, str):
+        if not value.strip():
+            raise InputError("empty text", field=name, **where)
+        return
+    if isinstance(value, list) and value:
+        for i, msg in enumerate(value):
+            if not (isinstance(msg, dict) and isinstance(msg.get("role"), str) and isinstance(msg.get("content"), str)):
+                raise InputError(f"message {i}: expected {{'role': str, 'content': str}}", field=name, **where)
+        return
+    raise InputError(
+        f"expected a non-empty string or list of messages, got {type(value).__name__}", field=name, **where
+    )
+
+
+def validate_row(row: dict, fmt: str, where: dict) -> dict:
+    """Check one row of ``fmt``; returns the row. ``where`` = {"file": ..., "line": ...}."""
+    for name in FORMATS[fmt]:
+        if name not in row:
+            raise InputError("missing", field=name, **where)
+        if name == "label":
+            if not isinstance(row[name], bool):
+                raise InputError(f"expected true or false, got {row[name]!r}", field=name, **where)
+        else:
+            _check_text(row[name], where, name)
+    if fmt == "preference":
+        if row["chosen"] == row["rejected"]:
+            raise InputError("chosen and rejected are identical", field="chosen", **where)
+        votes = row.get("votes")
+        if votes is not None and not (
+            isinstance(votes, list) and votes and all(v in (0, 1) and not isinstance(v, float) for v in votes)
+        ):
+            raise InputError("expected a non-empty list of 0/1 votes", field="votes", **where)
+        margin = row.get("margin")
+        if margin is not None and (isinstance(margin, bool) or not isinstance(margin, (int, float))):
+            raise InputError(f"expected a number, got {margin!r}", field="margin", **where)
+    return row
+
+
+def load_jsonl(path: str | Path, fmt: str) -> list[dict]:
+    """All rows of a JSONL file in format ``fmt`` (see module docstring), validated."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown format {fmt!r}")
+    rows = [validate_row(obj, fmt, {"file": str(path), "line": n}) for n, obj in iter_jsonl(path)]
+    if not rows:
+        raise InputError("no rows", file=str(path))
+    return rows
+
+
+def write_jsonl(path: str | Path, rows: list[dict]) -> None:
+    """Write rows atomically (temp file, then rename)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w", encoding="utf-8") as fh:
+        for row in rows:
+            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+    tmp.replace(path)
+
+
+# ---------------------------------------------------------------------------------------
+# Rendering and tokenization
+
+
+def render(prompt: Any, completion: Any, tokenizer) -> tuple[str, str]:
+    """(prompt text, completion text); conversational rows go through the chat template.
+
+    The completion text is what the template adds after the prompt's generation prompt,
+    so prompt + completion tokenizes as the template would.
+    """
+    if isinstance(prompt, str) and isinstance(completion, str):
+        return prompt, completion
+    if not getattr(tokenizer, "chat_template", None):
+        raise InputError("conversational rows need a tokenizer with a chat template")
+    prompt_msgs = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+    completion_msgs = (
+        [{"role": "assistant", "content": completion}] if isinstance(completion, str) else completion
+    )
+    p = tokenizer.apply_chat_template(prompt_msgs, tokenize=False, add_generation_prompt=True)
+    full = tokenizer.apply_chat_template(prompt_msgs + completion_msgs, tokenize=False)
+    if not full.startswith(p):
+        raise InputError("chat template does not extend the prompt; cannot split the completion")
+    return p, full[len(p):]
+
+
+@dataclass
+class Tokenized:
+    """One prompt + response as ids; ``n_prompt`` leading ids are the prompt."""
+
+    input_ids: list[int]
+    n_prompt: int
+    truncated: bool
+
+
+def tokenize_pair(prompt: str, completion: str, tokenizer, max_length: int, add_eos: bool = True) -> Tokenized:
+    """Prompt and completion tokenized separately (no merge across the boundary), EOS appended.
+
+    Truncation policy: when too long, the prompt loses tokens from its start (the end of a
+    prompt is what the response answers); if the response alone is too long it loses its
+    end. Either way ``truncated`` is set, and callers count it.
+    """
+    p_ids = tokenizer(prompt, add_special_tokens=True).input_ids
+    c_ids = tokenizer(completion, add_special_tokens=False).input_ids
+    if add_eos:
+        c_ids = c_ids + [tokenizer.eos_token_id]
+    truncated = False
+    if len(p_ids) + len(c_ids) > max_length:
+        truncated = True
+        keep_p = max(1, max_length - len(c_ids))
+        p_ids = p_ids[-keep_p:]
+        c_ids = c_ids[: max_length - len(p_ids)]
+    return Tokenized(p_ids + c_ids, len(p_ids), truncated)
+
+
+def collate_sft(batch: list[Tokenized], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded ``input_ids``, ``attention_mask`` and ``response_mask`` (B, T).
+
+    ``response_mask[b, t]`` is 1 where token t of row b belongs to the response (EOS
+    included); the loss reads only those positions.
+    """
+    T = max(len(x.input_ids) for x in batch)
+    ids = torch.full((len(batch), T), pad_id, dtype=torch.long)
+    attn = torch.zeros((len(batch), T), dtype=torch.long)
+    resp = torch.zeros((len(batch), T), dtype=torch.long)
+    for i, x in enumerate(batch):
+        n = len(x.input_ids)
+        ids[i, :n] = torch.tensor(x.input_ids)
+        attn[i, :n] = 1
+        resp[i, x.n_prompt : n] = 1
+    return {"input_ids": ids, "attention_mask": attn, "response_mask": resp}

@@ -1,0 +1,25 @@
+"""Errors that reach the user as one line and exit code 2."""
+
+from __future__ import annotations
+
+
+class InputError(ValueError):
+    """Bad input from the user: a file, a line, a field, what was expected.
+
+    The CLI prints ``str(err)`` on one line to stderr and exits with code 2.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        file: str | None = None,
+        line: int | None = None,
+        field: str | None = None,
+    ) -> None:
+        self.file, self.line, self.field, self.reason = file, line, field, message
+        where = ""
+        if file is not None:
+            where = str(file) + (f":{line}" if line is not None else "") + ": "
+        what = f"field '{field}': " if field is not None else ""
+        super().__init__(f"{where}{what}{message}".replace("\n", " "))

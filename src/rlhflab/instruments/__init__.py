@@ -1,0 +1,1 @@
+"""Operational instruments: readings that tell a working run from reward hacking."""

@@ -1,0 +1,273 @@
+"""KL estimators and KL-coefficient (beta) controllers.
+
+Estimators
+----------
+All estimators work per token on samples drawn from the policy, x ~ pi_theta, through the
+log-ratio
+
+    l = log pi_ref(x) - log pi_theta(x)          # (B, T)
+
+and follow Schulman, "Approximating KL divergence" (blog post, 2020):
+
+    k1 = -l                  unbiased for KL(pi_theta || pi_ref), high variance, can be < 0
+    k2 = l^2 / 2             biased (second order in l), low variance, >= 0
+    k3 = (e^l - 1) - l       unbiased (E[e^l] = 1 on-policy), >= 0, low variance
+
+Used as a *loss* on on-policy samples (the sampling probabilities are not differentiated),
+the gradient of k2 equals the gradient of the reverse KL(pi_theta || pi_ref), the gradient
+of k3 equals the gradient of the forward KL(pi_ref || pi_theta), and the gradient of k1 is
+zero in expectation. Hence k1 belongs in the reward (PPO, REINFORCE++), where only its
+value matters, and k2/k3 belong in the loss (GRPO uses k3). The derivation is written out
+in ``tests/unit/test_kl.py::test_loss_gradients_match_kl_gradients``.
+
+Controllers
+-----------
+A controller holds the current beta (``value``), is told the measured KL after each
+rollout batch (``update(current_kl, n_steps)``) and round-trips its state through
+``state_dict()`` / ``load_state_dict()`` so a resumed run continues the same schedule.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+__all__ = [
+    "KL_CONTROLLERS",
+    "KL_ESTIMATORS",
+    "KLController",
+    "AdaptiveKLController",
+    "FixedKLController",
+    "LinearKLController",
+    "kl_k1",
+    "kl_k2",
+    "kl_k3",
+    "make_kl_controller",
+    "sequence_kl",
+]
+
+# ---------------------------------------------------------------------------------------
+# Estimators
+# ---------------------------------------------------------------------------------------
+
+
+def kl_k1(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
+    """k1 = -l = log pi_theta(x) - log pi_ref(x), per token.
+
+    Unbiased estimator of KL(pi_theta || pi_ref) for x ~ pi_theta, but noisy and negative
+    on individual tokens. Its gradient as a loss is zero in expectation, so use it in the
+    reward (r_t = -beta * k1_t), not in the loss. Schulman (2020), "Approximating KL
+    divergence".
+
+    Args:
+        logprobs: log pi_theta(x_t) of the sampled tokens.        # (B, T)
+        ref_logprobs: log pi_ref(x_t) of the same tokens.          # (B, T)
+
+    Returns:
+        k1 per token.                                              # (B, T)
+    """
+    return logprobs - ref_logprobs
+
+
+def kl_k2(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
+    """k2 = l^2 / 2 with l = log pi_ref(x) - log pi_theta(x), per token.
+
+    Biased (it agrees with the KL only to second order in l), low variance, non-negative.
+    As a loss on on-policy samples its gradient equals the gradient of the reverse
+    KL(pi_theta || pi_ref). Schulman (2020), "Approximating KL divergence".
+
+    Args:
+        logprobs: log pi_theta(x_t) of the sampled tokens.        # (B, T)
+        ref_logprobs: log pi_ref(x_t) of the same tokens.          # (B, T)
+
+    Returns:
+        k2 per token.                                              # (B, T)
+    """
+    log_ratio = ref_logprobs - logprobs
+    return 0.5 * log_ratio.square()
+
+
+def kl_k3(
+    logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    *,
+    log_ratio_clip: float | None = 20.0,
+) -> torch.Tensor:
+    """k3 = (e^l - 1) - l with l = log pi_ref(x) - log pi_theta(x), per token.
+
+    Unbiased for KL(pi_theta || pi_ref) when x ~ pi_theta (because E[e^l] = 1), non-negative
+    (e^l >= 1 + l) and low variance. As a loss on on-policy samples its gradient equals the
+    gradient of the forward KL(pi_ref || pi_theta); GRPO (Shao et al. 2024) puts it in the
+    loss. Schulman (2020), "Approximating KL divergence".
+
+    Computed as ``expm1(l) - l``, which keeps precision for small |l| where e^l - 1 would
+    cancel.
+
+    Clipping: l is clamped to [-log_ratio_clip, log_ratio_clip] (default 20) before the
+    exponential. Without it e^l overflows float32 at l > 88.7 (and float16 at l > 11),
+    and a single token where the reference is e^20 ~ 5e8 times likelier than the policy
+    (a token the policy has all but ruled out, yet sampled) would otherwise dominate the
+    batch loss and its gradient. The clamp leaves every |l| <= 20 untouched (those are
+    the only values an on-policy sample realistically shows); beyond it the value is
+    bounded and the gradient is zero. Pass ``log_ratio_clip=None`` for the exact formula.
+
+    Args:
+        logprobs: log pi_theta(x_t) of the sampled tokens.        # (B, T)
+        ref_logprobs: log pi_ref(x_t) of the same tokens.          # (B, T)
+        log_ratio_clip: bound on |l|, or None for no clamp.
+
+    Returns:
+        k3 per token, >= 0.                                        # (B, T)
+    """
+    log_ratio = ref_logprobs - logprobs
+    if log_ratio_clip is not None:
+        log_ratio = log_ratio.clamp(-log_ratio_clip, log_ratio_clip)
+    return torch.expm1(log_ratio) - log_ratio
+
+
+KL_ESTIMATORS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "k1": kl_k1,
+    "k2": kl_k2,
+    "k3": kl_k3,
+}
+"""Per-token estimators by name, each ``fn(logprobs, ref_logprobs) -> (B, T)``."""
+
+
+def sequence_kl(per_token_kl: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Sequence-level KL: sum_t mask_t * kl_t over the response tokens of each row.
+
+    Padded positions are ignored exactly (selected out with ``torch.where``), so whatever
+    they hold, nan or inf included, never reaches the sum.
+
+    Args:
+        per_token_kl: a per-token estimate, e.g. ``kl_k1(...)``.   # (B, T)
+        mask: 1/True on response tokens, 0/False elsewhere.        # (B, T)
+
+    Returns:
+        KL per sequence, in nats.                                  # (B,)
+    """
+    valid = mask.bool()
+    return torch.where(valid, per_token_kl, torch.zeros_like(per_token_kl)).sum(dim=-1)
+
+
+# ---------------------------------------------------------------------------------------
+# Controllers
+# ---------------------------------------------------------------------------------------
+
+
+class FixedKLController:
+    """A constant beta; ``update`` does nothing."""
+
+    def __init__(self, beta: float) -> None:
+        if beta < 0:
+            raise ValueError(f"beta must be >= 0, got {beta}")
+        self.value = float(beta)
+
+    def update(self, current_kl: float, n_steps: int) -> float:
+        """Ignore the measurement; return the (unchanged) beta."""
+        return self.value
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.value = float(state["value"])
+
+
+class LinearKLController:
+    """A linear beta schedule in the number of steps taken so far (a curriculum).
+
+        beta(s) = beta_start + (beta_end - beta_start) * min(s, total_steps) / total_steps
+
+    Typically beta_start > beta_end: hold the policy close to the reference early, then
+    let it move. ``update`` advances s by ``n_steps`` (the measured KL is ignored); after
+    ``total_steps`` beta stays at ``beta_end``.
+    """
+
+    def __init__(self, beta_start: float, beta_end: float, total_steps: int) -> None:
+        if total_steps <= 0:
+            raise ValueError(f"total_steps must be > 0, got {total_steps}")
+        if beta_start < 0 or beta_end < 0:
+            raise ValueError(f"betas must be >= 0, got {beta_start}, {beta_end}")
+        self.beta_start = float(beta_start)
+        self.beta_end = float(beta_end)
+        self.total_steps = int(total_steps)
+        self.steps = 0
+
+    @property
+    def value(self) -> float:
+        frac = min(self.steps, self.total_steps) / self.total_steps
+        return self.beta_start + (self.beta_end - self.beta_start) * frac
+
+    def update(self, current_kl: float, n_steps: int) -> float:
+        """Advance the schedule by ``n_steps``; return the new beta."""
+        self.steps += int(n_steps)
+        return self.value
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"steps": self.steps, "value": self.value}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        # value is derived from steps; it is stored only so checkpoints are readable.
+        self.steps = int(state["steps"])
+
+
+class AdaptiveKLController:
+    """Proportional controller that steers the measured KL towards ``target``.
+
+    Ziegler et al. 2019, "Fine-Tuning Language Models from Human Preferences":
+
+        e    = clip(KL / target - 1, -0.2, 0.2)
+        beta <- beta * (1 + e * n_steps / horizon)
+
+    ``current_kl`` is the mean sequence-level KL of the rollout batch (nats) and
+    ``n_steps`` the number of samples (episodes) in it; ``horizon`` sets how many samples
+    it takes for beta to change by a factor of about e^0.2 when the error saturates.
+    """
+
+    def __init__(self, init_beta: float, target: float, horizon: int) -> None:
+        if init_beta < 0:
+            raise ValueError(f"init_beta must be >= 0, got {init_beta}")
+        if target <= 0:
+            raise ValueError(f"target must be > 0, got {target}")
+        if horizon <= 0:
+            raise ValueError(f"horizon must be > 0, got {horizon}")
+        self.value = float(init_beta)
+        self.target = float(target)
+        self.horizon = int(horizon)
+
+    def update(self, current_kl: float, n_steps: int) -> float:
+        """Apply one controller step; return the new beta."""
+        error = min(max(float(current_kl) / self.target - 1.0, -0.2), 0.2)
+        self.value *= 1.0 + error * n_steps / self.horizon
+        return self.value
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.value = float(state["value"])
+
+
+KLController = FixedKLController | LinearKLController | AdaptiveKLController
+
+KL_CONTROLLERS: dict[str, Callable[..., KLController]] = {
+    "fixed": FixedKLController,
+    "linear": LinearKLController,
+    "adaptive": AdaptiveKLController,
+}
+"""Controller constructors by name."""
+
+
+def make_kl_controller(kind: str, **kwargs: Any) -> KLController:
+    """Build a controller by name: ``make_kl_controller("adaptive", init_beta=0.1,
+    target=6.0, horizon=10000)``. Keyword arguments go to the constructor."""
+    try:
+        ctor = KL_CONTROLLERS[kind]
+    except KeyError:
+        raise ValueError(
+            f"unknown KL controller {kind!r}; expected one of {sorted(KL_CONTROLLERS)}"
+        ) from None
+    return ctor(**kwargs)

@@ -1,0 +1,559 @@
+"""Every loss of the pipeline as a pure function: tensors in, ``(loss, metrics)`` out.
+
+``loss`` is a differentiable scalar tensor; ``metrics`` is a flat dict of python floats
+with namespaced keys (``rm/...`` for reward models, ``rewards/...`` and ``logps/...`` for
+the DPO family, the names TRL users read). Hyper-parameters are keyword arguments named
+as in the papers. Losses average over the batch. Every form is numerically stable:
+``-log sigmoid(x)`` is written ``softplus(-x)`` or ``-logsigmoid(x)``, never
+``log(sigmoid(x))``.
+
+Contents, top to bottom:
+
+1. reward-model losses (SPEC section 3): ``bradley_terry_loss``, ``plackett_luce_loss``;
+2. paired preference losses on sequence log-probs (SPEC section 5): ``dpo_loss``,
+   ``cdpo_loss``, ``ipo_loss``, ``hinge_loss`` (use a frozen reference) and
+   ``simpo_loss``, ``orpo_loss`` (reference-free, take response lengths instead);
+3. the unpaired KTO loss: ``kto_reference_point``, ``kto_loss``;
+4. registries: ``PREFERENCE_LOSSES``, ``REFERENCE_FREE_LOSSES``, ``UNPAIRED_LOSSES``.
+
+Conventions for the DPO family: every ``*_logps`` input is the per-sequence SUM of token
+log-probs over response tokens, shape ``(B,)``; ``*_lengths`` is the number of response
+tokens, shape ``(B,)``. The SFT loss lives in ``logprobs.py``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+Metrics = dict[str, float]
+LossOutput = tuple[torch.Tensor, Metrics]
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _check_same_shape(**tensors: torch.Tensor) -> None:
+    """Raise ValueError unless all tensors are 1-D with the same shape (one value per pair)."""
+    shapes = {name: tuple(t.shape) for name, t in tensors.items()}
+    first = next(iter(shapes.values()))
+    if len(first) != 1 or any(s != first for s in shapes.values()):
+        listed = ", ".join(f"{name}={s}" for name, s in shapes.items())
+        raise ValueError(f"expected 1-D tensors of equal shape (B,), got {listed}")
+
+
+def _mean(x: torch.Tensor) -> float:
+    """Python float of the mean of a detached tensor (metrics never carry graphs)."""
+    return x.detach().float().mean().item()
+
+
+def _weighted_mean(values: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    """sum_i w_i v_i / sum_i w_i (plain mean when weights is None).
+
+    Normalizing by the sum of weights (not by B) keeps the loss scale independent of how
+    many pairs are down-weighted; a zero weight removes a pair. All-zero weights give 0.
+    """
+    if weights is None:
+        return values.mean()
+    weights = weights.to(values.dtype)
+    denom = weights.sum().clamp_min(torch.finfo(values.dtype).tiny)
+    return (weights * values).sum() / denom
+
+
+def _pair_metrics(
+    chosen_rewards: torch.Tensor,
+    rejected_rewards: torch.Tensor,
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+) -> Metrics:
+    """The metrics of the DPO family, with TRL's names.
+
+    ``rewards/accuracies`` counts strict wins (a tie counts as wrong), as TRL does.
+    """
+    chosen_rewards, rejected_rewards = chosen_rewards.detach(), rejected_rewards.detach()
+    return {
+        "rewards/chosen": _mean(chosen_rewards),
+        "rewards/rejected": _mean(rejected_rewards),
+        "rewards/margins": _mean(chosen_rewards - rejected_rewards),
+        "rewards/accuracies": _mean((chosen_rewards > rejected_rewards).float()),
+        "logps/chosen": _mean(policy_chosen_logps),
+        "logps/rejected": _mean(policy_rejected_logps),
+    }
+
+
+# ------------------------------------------------------------ 1. reward-model losses
+
+
+def bradley_terry_loss(
+    chosen_rewards: torch.Tensor,
+    rejected_rewards: torch.Tensor,
+    *,
+    margin: torch.Tensor | float | None = None,
+    weights: torch.Tensor | None = None,
+    label_smoothing: float = 0.0,
+    center_coef: float = 0.0,
+) -> LossOutput:
+    """Bradley-Terry reward-model loss with margin, weights, label smoothing and centering.
+
+    With d_i = r_w,i - r_l,i - m_i (Ouyang et al. 2022; Stiennon et al. 2020; margin as in
+    Touvron et al. 2023 "Llama 2"):
+
+        l_i = (1 - eps) * softplus(-d_i) + eps * softplus(d_i)
+        L   = sum_i w_i l_i / sum_i w_i  +  center_coef * sum_i w_i (r_w,i + r_l,i)^2 / sum_i w_i
+
+    softplus(-d) = -log sigmoid(d) is the negative log-likelihood of the BT model
+    P(y_w > y_l) = sigmoid(r_w - r_l); eps is the probability that the label is flipped,
+    so eps = 0.5 makes the loss symmetric in d. The centering term (Eisenstein et al. 2023,
+    "Helping or Herding?") pins the free per-prompt constant of the rewards near 0.
+
+    Args:
+        chosen_rewards, rejected_rewards: (B,) scalar rewards r(x, y_w), r(x, y_l).
+        margin: (B,) per-pair margin m_i, a float for all pairs, or None (m = 0).
+        weights: (B,) non-negative per-pair confidence weights, or None (all 1). The loss
+            is normalized by the SUM OF WEIGHTS, so scaling all weights changes nothing and
+            a zero weight removes the pair (from both terms; metrics stay unweighted).
+        label_smoothing: eps in [0, 0.5].
+        center_coef: coefficient of the centering penalty (0 disables it).
+
+    Metrics (unweighted over the batch; margin_mean is r_w - r_l without m):
+        rm/accuracy (fraction with r_w > r_l strictly), rm/margin_mean, rm/chosen_mean,
+        rm/rejected_mean, and rm/center_penalty (the term added to the loss, i.e.
+        center_coef * weighted mean of (r_w + r_l)^2) when center_coef != 0.
+    """
+    _check_same_shape(chosen_rewards=chosen_rewards, rejected_rewards=rejected_rewards)
+    diff = chosen_rewards - rejected_rewards
+    d = diff if margin is None else diff - margin
+    per_pair = (1.0 - label_smoothing) * F.softplus(-d) + label_smoothing * F.softplus(d)
+    loss = _weighted_mean(per_pair, weights)
+
+    metrics: Metrics = {
+        "rm/accuracy": _mean((diff > 0).float()),
+        "rm/margin_mean": _mean(diff),
+        "rm/chosen_mean": _mean(chosen_rewards),
+        "rm/rejected_mean": _mean(rejected_rewards),
+    }
+    if center_coef != 0.0:
+        penalty = center_coef * _weighted_mean((chosen_rewards + rejected_rewards) ** 2, weights)
+        loss = loss + penalty
+        metrics["rm/center_penalty"] = penalty.item()
+    return loss, metrics
+
+
+def plackett_luce_loss(rewards: torch.Tensor, *, mask: torch.Tensor | None = None) -> LossOutput:
+    """Plackett-Luce negative log-likelihood of K-way rankings (Plackett 1975; Luce 1959).
+
+    Column 0 holds the best response, column K-1 the worst. The probability of the ranking
+    is the product of choosing each item among those not yet chosen:
+
+        L = -mean_b sum_{k=0}^{K-2} [ r_b,k - logsumexp(r_b,k, ..., r_b,K-1) ]
+
+    (the k = K-1 term is identically 0). For K = 2 this is exactly the Bradley-Terry loss
+    softplus(r_1 - r_0). InstructGPT (Ouyang et al. 2022) instead turns one ranking into
+    all C(K, 2) pairs and averages the BT loss over them; the two coincide only for K = 2.
+
+    Args:
+        rewards: (B, K) rewards, ordered best first.
+        mask: optional (B, K) bool, True for real items. Rankings shorter than K put their
+            padding at the end; masked items are simply left out of the ranking wherever
+            they sit. A row with fewer than 2 real items contributes 0 but still counts in
+            the mean over B.
+
+    Metrics (over the real items):
+        rm/accuracy: fraction of ordered pairs (j better than k) with r_j > r_k strictly;
+        rm/margin_mean: mean of r_j - r_k over those pairs;
+        rm/top1_accuracy: fraction of rows (with >= 2 items) whose highest reward is item 0;
+        rm/best_mean, rm/worst_mean: mean reward of the first and of the last real item.
+    """
+    if rewards.dim() != 2:
+        raise ValueError(f"expected rewards of shape (B, K), got {tuple(rewards.shape)}")
+    if mask is None:
+        mask = torch.ones_like(rewards, dtype=torch.bool)
+    elif mask.shape != rewards.shape or mask.dtype != torch.bool:
+        raise ValueError(f"expected a bool mask of shape {tuple(rewards.shape)}")
+
+    # Masked items get a large finite negative reward: exp() of it is 0 in the logsumexp,
+    # and unlike -inf it never produces inf - inf = nan in the backward pass.
+    very_negative = torch.finfo(rewards.dtype).min
+    filled = rewards.masked_fill(~mask, very_negative)
+    # suffix_lse[b, k] = logsumexp(filled[b, k:]), via a cumulative logsumexp reversed.
+    suffix_lse = torch.logcumsumexp(filled.flip(-1), dim=-1).flip(-1)
+    log_choice = torch.where(mask, filled - suffix_lse, torch.zeros_like(filled))  # (B, K)
+    loss = -log_choice.sum(dim=-1).mean()
+
+    with torch.no_grad():
+        k = rewards.shape[1]
+        better_first = torch.ones(k, k, dtype=torch.bool, device=rewards.device).triu(1)
+        pairs = better_first & mask[:, :, None] & mask[:, None, :]  # (B, K, K): j before k
+        diffs = (rewards[:, :, None] - rewards[:, None, :])[pairs]
+        n_items = mask.sum(dim=-1)
+        ranked = n_items >= 2
+        first_idx = mask.float().argmax(dim=-1, keepdim=True)  # first real item
+        last_idx = k - 1 - mask.flip(-1).float().argmax(dim=-1, keepdim=True)  # last one
+        top1 = filled.argmax(dim=-1, keepdim=True) == first_idx
+        first = rewards.gather(1, first_idx).squeeze(1)
+        worst = rewards.gather(1, last_idx).squeeze(1)
+        metrics: Metrics = {
+            "rm/accuracy": _mean((diffs > 0).float()) if diffs.numel() else 0.0,
+            "rm/margin_mean": _mean(diffs) if diffs.numel() else 0.0,
+            "rm/top1_accuracy": _mean(top1.squeeze(1)[ranked].float()) if ranked.any() else 0.0,
+            "rm/best_mean": _mean(first[ranked]) if ranked.any() else 0.0,
+            "rm/worst_mean": _mean(worst[ranked]) if ranked.any() else 0.0,
+        }
+    return loss, metrics
+
+
+# ------------------------------------------------ 2. paired preference losses (DPO family)
+
+
+def _logratios(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """log pi(y_w)/pi_ref(y_w) and log pi(y_l)/pi_ref(y_l), each (B,); h is their difference."""
+    _check_same_shape(
+        policy_chosen_logps=policy_chosen_logps,
+        policy_rejected_logps=policy_rejected_logps,
+        ref_chosen_logps=ref_chosen_logps,
+        ref_rejected_logps=ref_rejected_logps,
+    )
+    return policy_chosen_logps - ref_chosen_logps, policy_rejected_logps - ref_rejected_logps
+
+
+def dpo_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    *,
+    beta: float = 0.1,
+) -> LossOutput:
+    """Direct Preference Optimization (Rafailov et al. 2023).
+
+        h = [log pi(y_w) - log pi_ref(y_w)] - [log pi(y_l) - log pi_ref(y_l)]
+        L = mean_i -log sigmoid(beta * h_i)
+
+    The implicit reward is beta * log pi/pi_ref; metrics report it as rewards/chosen and
+    rewards/rejected (batch means), their difference rewards/margins, the fraction of
+    pairs whose chosen reward is strictly higher (rewards/accuracies), and the mean summed
+    policy log-probs logps/chosen and logps/rejected.
+    """
+    chosen_lr, rejected_lr = _logratios(
+        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps
+    )
+    loss = -F.logsigmoid(beta * (chosen_lr - rejected_lr)).mean()
+    metrics = _pair_metrics(
+        beta * chosen_lr, beta * rejected_lr, policy_chosen_logps, policy_rejected_logps
+    )
+    return loss, metrics
+
+
+def cdpo_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    *,
+    beta: float = 0.1,
+    label_smoothing: float = 0.0,
+) -> LossOutput:
+    """Conservative DPO: DPO with labels flipped with probability eps (Mitchell 2023,
+    "A note on DPO with noisy preferences and relationship to IPO").
+
+        L = mean_i [ -(1 - eps) log sigmoid(beta h_i) - eps log sigmoid(-beta h_i) ]
+
+    eps = 0 is DPO; eps = 0.5 is symmetric in h (no preference). Metrics as ``dpo_loss``.
+    """
+    chosen_lr, rejected_lr = _logratios(
+        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps
+    )
+    logits = beta * (chosen_lr - rejected_lr)
+    per_pair = -(1.0 - label_smoothing) * F.logsigmoid(logits) - label_smoothing * F.logsigmoid(
+        -logits
+    )
+    metrics = _pair_metrics(
+        beta * chosen_lr, beta * rejected_lr, policy_chosen_logps, policy_rejected_logps
+    )
+    return per_pair.mean(), metrics
+
+
+def ipo_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    *,
+    tau: float = 0.1,
+) -> LossOutput:
+    """Identity Preference Optimization (Azar et al. 2023, "A General Theoretical Paradigm
+    to Understand Learning from Human Preferences"), the IPO loss of eq. (17):
+
+        L = mean_i (h_i - 1 / (2 tau))^2
+
+    h is built from per-sequence SUMMED log-probs, as in the paper. TRL's ``loss_type="ipo"``
+    instead averages log-probs over tokens, so the same tau is not comparable across the
+    two. The regularizer is tau * KL, so metrics report rewards as tau * log pi/pi_ref
+    (keys as ``dpo_loss``).
+    """
+    chosen_lr, rejected_lr = _logratios(
+        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps
+    )
+    loss = ((chosen_lr - rejected_lr) - 1.0 / (2.0 * tau)).pow(2).mean()
+    metrics = _pair_metrics(
+        tau * chosen_lr, tau * rejected_lr, policy_chosen_logps, policy_rejected_logps
+    )
+    return loss, metrics
+
+
+def hinge_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    *,
+    beta: float = 0.1,
+) -> LossOutput:
+    """Hinge (SLiC) loss on the DPO log-ratio (Zhao et al. 2023, "SLiC-HF"; with the
+    reference log-ratio as in Liu et al. 2023, "Statistical Rejection Sampling"):
+
+        L = mean_i max(0, 1 - beta * h_i)
+
+    i.e. SLiC's calibration margin delta = 1/beta. Pairs already beyond the margin give no
+    gradient. Metrics as ``dpo_loss``.
+    """
+    chosen_lr, rejected_lr = _logratios(
+        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps
+    )
+    loss = torch.relu(1.0 - beta * (chosen_lr - rejected_lr)).mean()
+    metrics = _pair_metrics(
+        beta * chosen_lr, beta * rejected_lr, policy_chosen_logps, policy_rejected_logps
+    )
+    return loss, metrics
+
+
+def simpo_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    chosen_lengths: torch.Tensor,
+    rejected_lengths: torch.Tensor,
+    *,
+    beta: float = 2.0,
+    gamma: float = 0.5,
+) -> LossOutput:
+    """Simple Preference Optimization, reference-free (Meng et al. 2024, "SimPO"):
+
+        L = mean_i -log sigmoid( beta/|y_w| log pi(y_w) - beta/|y_l| log pi(y_l) - gamma )
+
+    gamma is the absolute target reward margin of the paper (TRL parametrizes it as
+    gamma_beta_ratio * beta). Lengths are response-token counts and must be positive.
+    Rewards in the metrics are the length-normalized beta * log pi(y) / |y| (no reference);
+    logps/* are the mean summed log-probs, as for DPO.
+    """
+    _check_same_shape(
+        policy_chosen_logps=policy_chosen_logps,
+        policy_rejected_logps=policy_rejected_logps,
+        chosen_lengths=chosen_lengths,
+        rejected_lengths=rejected_lengths,
+    )
+    dtype = policy_chosen_logps.dtype
+    chosen_rewards = beta * policy_chosen_logps / chosen_lengths.to(dtype)
+    rejected_rewards = beta * policy_rejected_logps / rejected_lengths.to(dtype)
+    loss = -F.logsigmoid(chosen_rewards - rejected_rewards - gamma).mean()
+    metrics = _pair_metrics(
+        chosen_rewards, rejected_rewards, policy_chosen_logps, policy_rejected_logps
+    )
+    return loss, metrics
+
+
+def log1mexp(a: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(a)) for a < 0, accurate everywhere (Maechler 2012, "Accurately Computing
+    log(1 - exp(-|a|))"): log1p(-exp(a)) for a < -log 2, else log(-expm1(a)).
+
+    Each branch only ever sees inputs from its own side of -log 2, so neither produces an
+    inf or nan that ``torch.where`` would turn into a nan gradient.
+    """
+    cut = -math.log(2.0)
+    far = torch.log1p(-torch.exp(a.clamp(max=cut)))
+    near = torch.log(-torch.expm1(a.clamp(min=cut)))
+    return torch.where(a < cut, far, near)
+
+
+def orpo_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    chosen_lengths: torch.Tensor,
+    rejected_lengths: torch.Tensor,
+    *,
+    lam: float = 0.1,
+) -> LossOutput:
+    """Odds-Ratio Preference Optimization, reference-free (Hong et al. 2024, "ORPO").
+
+    With the mean-token log-prob a(y) = log pi(y) / |y| (the paper's length-normalized
+    P_theta(y|x)) and odds(y) = P / (1 - P):
+
+        log odds(y) = a(y) - log(1 - exp(a(y)))
+        L = mean_i [ -a(y_w) - lam * log sigmoid(log odds(y_w) - log odds(y_l)) ]
+
+    The NLL term -a(y_w) = -log pi(y_w)/|y_w| is LENGTH-NORMALIZED (per token), as in the
+    paper, not the summed SFT loss. a is clamped to at most -eps(dtype): a response of
+    probability 1 would have infinite log odds; the clamp keeps loss and gradients finite.
+
+    Metrics: rewards/* are lam * a(y) (as TRL reports them), logps/* the mean summed
+    log-probs, plus orpo/nll_loss, orpo/log_odds_ratio (mean log sigmoid of the log-odds
+    difference) and orpo/log_odds_chosen (mean log-odds difference).
+    """
+    _check_same_shape(
+        policy_chosen_logps=policy_chosen_logps,
+        policy_rejected_logps=policy_rejected_logps,
+        chosen_lengths=chosen_lengths,
+        rejected_lengths=rejected_lengths,
+    )
+    dtype = policy_chosen_logps.dtype
+    top = -torch.finfo(dtype).eps
+    chosen_mean = (policy_chosen_logps / chosen_lengths.to(dtype)).clamp(max=top)
+    rejected_mean = (policy_rejected_logps / rejected_lengths.to(dtype)).clamp(max=top)
+    log_odds = (chosen_mean - log1mexp(chosen_mean)) - (rejected_mean - log1mexp(rejected_mean))
+    ratio_term = F.logsigmoid(log_odds)
+    nll = -chosen_mean
+    loss = (nll - lam * ratio_term).mean()
+
+    metrics = _pair_metrics(
+        lam * chosen_mean, lam * rejected_mean, policy_chosen_logps, policy_rejected_logps
+    )
+    metrics["orpo/nll_loss"] = _mean(nll)
+    metrics["orpo/log_odds_ratio"] = _mean(ratio_term)
+    metrics["orpo/log_odds_chosen"] = _mean(log_odds)
+    return loss, metrics
+
+
+# ------------------------------------------------------------- 3. unpaired: KTO
+
+
+def kto_reference_point(
+    policy_mismatched_logps: torch.Tensor, ref_mismatched_logps: torch.Tensor
+) -> torch.Tensor:
+    """KTO reference point z0 (Ethayarajh et al. 2024, "KTO"), a detached scalar:
+
+        z0 = max(0, mean_j [log pi(y_j | x_i) - log pi_ref(y_j | x_i)])
+
+    computed on MISMATCHED pairs (each prompt with another example's response), a biased
+    but cheap estimate of KL(pi || pi_ref). No gradient flows through it.
+    """
+    _check_same_shape(
+        policy_mismatched_logps=policy_mismatched_logps,
+        ref_mismatched_logps=ref_mismatched_logps,
+    )
+    return (policy_mismatched_logps - ref_mismatched_logps).mean().clamp(min=0).detach()
+
+
+def kto_loss(
+    policy_logps: torch.Tensor,
+    ref_logps: torch.Tensor,
+    is_desirable: torch.Tensor,
+    kl_ref_point: torch.Tensor | float,
+    *,
+    beta: float = 0.1,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+) -> LossOutput:
+    """Kahneman-Tversky Optimization on UNPAIRED examples (Ethayarajh et al. 2024, "KTO").
+
+    With r_i = log pi(y_i) - log pi_ref(y_i) and z0 = max(0, kl_ref_point), DETACHED here
+    whatever the caller passes (see ``kto_reference_point``):
+
+        desirable:    l_i = w_d * (1 - sigmoid(beta * (r_i - z0)))
+        undesirable:  l_i = w_u * (1 - sigmoid(beta * (z0 - r_i)))
+        L = mean_i l_i   (over all B examples, both kinds)
+
+    1 - sigmoid(x) is computed as sigmoid(-x). The paper suggests w_d n_d / (w_u n_u) in
+    [1, 4/3] when the two kinds are imbalanced.
+
+    Args:
+        policy_logps, ref_logps: (B,) summed log-probs of each example's response.
+        is_desirable: (B,) bool, True for a desirable (thumbs-up) example.
+        kl_ref_point: scalar tensor or float, the KL estimate (clamped at 0, detached).
+
+    Metrics: rewards/chosen and logps/chosen (means of beta * r and of the policy log-probs
+    over desirable examples; the keys are OMITTED when the batch has none), likewise
+    rewards/rejected and logps/rejected over undesirable ones, rewards/margins when both
+    kinds are present, count/chosen and count/rejected (always present), and kl (z0).
+    """
+    _check_same_shape(policy_logps=policy_logps, ref_logps=ref_logps, is_desirable=is_desirable)
+    if is_desirable.dtype != torch.bool:
+        raise ValueError(f"is_desirable must be a bool tensor, got {is_desirable.dtype}")
+    z0 = torch.as_tensor(kl_ref_point, dtype=policy_logps.dtype, device=policy_logps.device)
+    z0 = z0.detach().clamp(min=0)
+
+    logratios = policy_logps - ref_logps
+    desirable_losses = desirable_weight * torch.sigmoid(-beta * (logratios - z0))
+    undesirable_losses = undesirable_weight * torch.sigmoid(-beta * (z0 - logratios))
+    loss = torch.where(is_desirable, desirable_losses, undesirable_losses).mean()
+
+    rewards = (beta * logratios).detach()
+    undesirable = ~is_desirable
+    metrics: Metrics = {
+        "count/chosen": float(is_desirable.sum().item()),
+        "count/rejected": float(undesirable.sum().item()),
+        "kl": z0.item(),
+    }
+    if is_desirable.any():
+        metrics["rewards/chosen"] = _mean(rewards[is_desirable])
+        metrics["logps/chosen"] = _mean(policy_logps[is_desirable])
+    if undesirable.any():
+        metrics["rewards/rejected"] = _mean(rewards[undesirable])
+        metrics["logps/rejected"] = _mean(policy_logps[undesirable])
+    if is_desirable.any() and undesirable.any():
+        metrics["rewards/margins"] = metrics["rewards/chosen"] - metrics["rewards/rejected"]
+    return loss, metrics
+
+
+# ------------------------------------------------------------------ 4. registries
+
+PreferenceLoss = Callable[..., LossOutput]
+
+# Paired losses, called as fn(policy_chosen_logps, policy_rejected_logps, a, b, **hparams)
+# where (a, b) are (ref_chosen_logps, ref_rejected_logps), or, for the names in
+# REFERENCE_FREE_LOSSES, (chosen_lengths, rejected_lengths): those need no reference
+# forward pass. Hyper-parameter names differ per loss (beta, label_smoothing, tau, gamma,
+# lam); see each function.
+PREFERENCE_LOSSES: dict[str, PreferenceLoss] = {
+    "dpo": dpo_loss,
+    "cdpo": cdpo_loss,
+    "ipo": ipo_loss,
+    "hinge": hinge_loss,
+    "simpo": simpo_loss,
+    "orpo": orpo_loss,
+}
+REFERENCE_FREE_LOSSES: frozenset[str] = frozenset({"simpo", "orpo"})
+
+# Unpaired losses: fn(policy_logps, ref_logps, is_desirable, kl_ref_point, **hparams).
+UNPAIRED_LOSSES: dict[str, PreferenceLoss] = {"kto": kto_loss}
+
+
+# ---------------------------------------------------------------------------------------
+# Supervised fine-tuning
+
+
+def sft_loss(
+    token_logps: torch.Tensor, response_mask: torch.Tensor, *, n_tokens: float | None = None
+) -> LossOutput:
+    """Negative log-likelihood of response tokens only (InstructGPT stage 1).
+
+        L_SFT = -(1/N) * sum_{b,t} m_{b,t} * log pi(y_{b,t} | x_b, y_{b,<t})
+
+    token_logps (B, T) aligned to the input ids, response_mask (B, T) 1 on response tokens
+    (EOS included), so prompt and pad tokens never contribute. N defaults to the number of
+    response tokens in this batch; pass the count over the whole global batch (all
+    micro-batches and processes) so that accumulated or data-parallel gradients equal those
+    of one large batch exactly.
+    """
+    mask = response_mask.to(token_logps.dtype)
+    nll_sum = -(token_logps * mask).sum()
+    count = mask.sum()
+    denom = count if n_tokens is None else torch.as_tensor(n_tokens, dtype=token_logps.dtype)
+    loss = nll_sum / denom.clamp(min=1)
+    return loss, {"sft/nll_sum": nll_sum.item(), "sft/tokens": count.item()}
