@@ -19,7 +19,7 @@ $(STAMP): $(BIN)/python pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/rlhflab demo --config configs/demo.yaml --out runs/demo --overwrite
+	$(BIN)/rlhflab run --config configs/demo.yaml --out runs/demo --overwrite
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import sys
 
 from rlhflab.errors import InputError
@@ -16,6 +17,15 @@ from rlhflab.errors import InputError
 COMMANDS: dict[str, tuple[str, str]] = {
     "world": ("rlhflab.world.export", "write the simulated-human world as TRL-format JSONL"),
     "sft": ("rlhflab.commands.sft", "supervised fine-tuning on (prompt, completion) data"),
+    "collect": ("rlhflab.commands.collect", "sample K responses per prompt and have raters rank them"),
+    "rm": ("rlhflab.commands.rm", "train a Bradley-Terry reward model (or an ensemble)"),
+    "eval-rm": ("rlhflab.commands.eval_rm", "reward-model instruments: accuracy, calibration, bias probes"),
+    "ppo": ("rlhflab.commands.rl", "PPO with a KL penalty (InstructGPT)"),
+    "reinforce": ("rlhflab.commands.rl", "REINFORCE with a baseline, or REINFORCE++"),
+    "rloo": ("rlhflab.commands.rl", "REINFORCE leave-one-out"),
+    "grpo": ("rlhflab.commands.rl", "group relative policy optimization (and Dr. GRPO)"),
+    "dpo": ("rlhflab.commands.dpo", "direct preference optimization and its family"),
+    "bandit": ("rlhflab.bandit", "train on an enumerable bandit and measure the distance to pi*"),
     "optimal": ("rlhflab.optimal", "closed-form optimum of the KL-regularized objective"),
     "sample": ("rlhflab.commands.sample", "print sample generations of a policy with gold utility"),
     "run": ("rlhflab.commands.run", "the main job: the whole pipeline on the world, then a report"),
@@ -28,11 +38,14 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser(load: tuple[str, ...] | None = None) -> argparse.ArgumentParser:
-    parser = _Parser(prog="rlhflab", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="rlhflab", description="rlhflab: SFT -> reward model -> RL with a KL penalty, "
+                     "its variants, and the instruments that tell a working run from reward hacking.")
     parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
     for name, (module, help_text) in COMMANDS.items():
+        if importlib.util.find_spec(module) is None:  # a stage not built yet
+            continue
         p = sub.add_parser(name, help=help_text, description=help_text)
         if load is None or name in load:
             importlib.import_module(module).add_arguments(p)
@@ -46,12 +59,25 @@ def _version() -> str:
     return f"rlhflab {__version__}"
 
 
+def _quiet_libraries() -> None:
+    """Our own progress bars speak; the libraries' save/load bars would only add noise."""
+    import os
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if "transformers" in sys.modules or importlib.util.find_spec("transformers"):
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # Only the chosen subcommand's module is imported (and so torch only when needed).
     chosen = next((a for a in argv if a in COMMANDS), None)
     parser = build_parser(load=(chosen,) if chosen else ())
     args = parser.parse_args(argv)
+    _quiet_libraries()
     try:
         return int(importlib.import_module(args._module).run(args) or 0)
     except InputError as err:

@@ -99,6 +99,36 @@ class SFTConfig:
 
 
 @dataclass
+class RMConfig:
+    """Reward modeling (Bradley-Terry and variants)."""
+
+    seed: int = _f(0, "seed of the head initialisation and data order")
+    lr: float = _f(5e-4, "peak learning rate (AdamW)")
+    batch_size: int = _f(32, "pairs per optimizer step over all processes")
+    epochs: float = _f(2.0, "passes over the comparisons")
+    max_length: int = _f(64, "longest prompt + response in tokens")
+
+
+@dataclass
+class RLConfig:
+    """Online RL: PPO, REINFORCE, RLOO, REINFORCE++, GRPO."""
+
+    seed: int = _f(0, "seed of sampling and data order")
+    beta: float = _f(0.05, "KL coefficient (initial value for adaptive or scheduled control)")
+    lr: float = _f(1e-4, "policy learning rate")
+
+
+@dataclass
+class DPOConfig:
+    """Direct preference optimization and its family."""
+
+    seed: int = _f(0, "seed of data order")
+    loss: str = _f("dpo", "dpo, cdpo, ipo, hinge, kto, simpo or orpo")
+    beta: float = _f(0.1, "temperature of the implicit reward")
+    lr: float = _f(5e-4, "peak learning rate (AdamW)")
+
+
+@dataclass
 class Config:
     """Everything a run needs, one section per stage."""
 
@@ -106,6 +136,9 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
+    rm: RMConfig = field(default_factory=RMConfig)
+    rl: RLConfig = field(default_factory=RLConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
 
 
 # ---------------------------------------------------------------------------------------

@@ -188,3 +188,12 @@ def collate_sft(batch: list[Tokenized], pad_id: int) -> dict[str, torch.Tensor]:
         attn[i, :n] = 1
         resp[i, x.n_prompt : n] = 1
     return {"input_ids": ids, "attention_mask": attn, "response_mask": resp}
+
+
+def tokenize_preference(row: dict, tokenizer, max_length: int) -> tuple[Tokenized, Tokenized]:
+    """(chosen, rejected) for one preference row, rendered like SFT rows and truncated by the
+    same policy; both share the same prompt ids."""
+    p_text, c_text = render(row["prompt"], row["chosen"], tokenizer)
+    _, r_text = render(row["prompt"], row["rejected"], tokenizer)
+    return (tokenize_pair(p_text, c_text, tokenizer, max_length),
+            tokenize_pair(p_text, r_text, tokenizer, max_length))

@@ -20,6 +20,7 @@ import torch
 from accelerate import Accelerator
 
 from rlhflab.data import Tokenized, collate_sft, render, tokenize_pair
+from rlhflab.distributed import make_accelerator
 from rlhflab.logprobs import token_logprobs
 from rlhflab.losses import sft_loss
 from rlhflab.progress import progress_bar
@@ -74,7 +75,7 @@ def evaluate_loss(model, examples: list[Tokenized], pad_id: int, accelerator: Ac
 def train_sft(cfg, model, tokenizer, train: list[Tokenized], held_out: list[Tokenized],
               out_dir: Path | None = None, accelerator: Accelerator | None = None) -> dict:
     """Train ``model`` in place; returns the summary metrics. ``cfg`` is an SFTConfig."""
-    accelerator = accelerator or Accelerator(mixed_precision=cfg.mixed_precision)
+    accelerator = accelerator or make_accelerator(cfg.mixed_precision)
     W, rank = accelerator.num_processes, accelerator.process_index
     B = cfg.batch_size
     micro = cfg.micro_batch_size or B // W

@@ -50,17 +50,17 @@ def load_policy(cfg: Config, world):
 def run_sft(cfg: Config, out: Path, data: str | None = None, eval_data: str | None = None,
             overwrite: bool = False) -> dict:
     """The SFT stage end to end: validate, train, save ``out/model``, measure, summarise."""
-    from accelerate import Accelerator
     from accelerate.utils import set_seed
 
     from rlhflab.algos.sft import tokenize_rows, train_sft
     from rlhflab.artifacts import check_out_dir, prepare_out_dir, write_json
     from rlhflab.commands.sample import print_samples
+    from rlhflab.distributed import make_accelerator
     from rlhflab.instruments.policy_eval import measure_policy_on_world
     from rlhflab.models import count_parameters, save_pretrained_atomic
     from rlhflab.world import World
 
-    accelerator = Accelerator(mixed_precision=cfg.sft.mixed_precision)
+    accelerator = make_accelerator(cfg.sft.mixed_precision)
     check_out_dir(out, overwrite)  # on every process, before anything is written
     world = World(cfg.world)
     train_rows, eval_rows = load_sft_rows(cfg, world, data, eval_data)

@@ -1,0 +1,181 @@
+"""An enumerable problem where the optimum of the KL-regularized objective is known exactly.
+
+A few prompts, K candidate responses each, given rewards R(x, y) and a reference policy
+pi_ref(y | x). For every beta the optimum is pi*(y | x) ∝ pi_ref(y | x) exp(R(x, y) / beta)
+(``rlhflab.optimal``), so any algorithm that claims to optimize
+
+    E_x E_{y ~ pi(.|x)} [R(x, y)] - beta * KL(pi(.|x) || pi_ref(.|x))
+
+can be run here and its distance to pi* measured: ``rlhflab bandit --algo NAME --json``
+prints ``{"algo", "kl_to_optimum", "tv_to_optimum", "steps", ...}``.
+
+The policy is tabular: one logit per (prompt, response), initialised at log pi_ref, so a
+response is one action and its log-prob is one "token" log-prob. Algorithms plug in
+through registries in ``rlhflab.algos.bandit_online`` (PPO, REINFORCE, RLOO, REINFORCE++,
+GRPO) and ``rlhflab.algos.bandit_offline`` (DPO family), each
+``name -> fn(problem, beta, **options) -> BanditResult``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from rlhflab.errors import InputError
+from rlhflab.optimal import kl_divergence, optimal_policy, tv_distance
+
+
+@dataclass
+class BanditProblem:
+    """pi_ref and R, both (P, K): P prompts, K candidate responses each."""
+
+    pi_ref: np.ndarray
+    rewards: np.ndarray
+
+    def __post_init__(self) -> None:
+        self.pi_ref = np.asarray(self.pi_ref, dtype=np.float64)
+        self.rewards = np.asarray(self.rewards, dtype=np.float64)
+        if self.pi_ref.shape != self.rewards.shape or self.pi_ref.ndim != 2:
+            raise ValueError("pi_ref and rewards must both have shape (P, K)")
+        if not np.allclose(self.pi_ref.sum(1), 1.0, atol=1e-6) or (self.pi_ref <= 0).any():
+            raise ValueError("each row of pi_ref must be a positive distribution")
+
+    @property
+    def n_prompts(self) -> int:
+        return self.pi_ref.shape[0]
+
+    @property
+    def n_responses(self) -> int:
+        return self.pi_ref.shape[1]
+
+    def optimum(self, beta: float) -> np.ndarray:
+        """pi* (P, K) for this beta, row by row from ``rlhflab.optimal``."""
+        return np.stack([optimal_policy(p, r, beta).policy for p, r in zip(self.pi_ref, self.rewards)])
+
+
+def default_bandit() -> BanditProblem:
+    """Three prompts, four responses each: a clear winner, a near tie, and a case where the
+    reference policy prefers a poor response (so the optimum must move mass a long way)."""
+    return BanditProblem(
+        pi_ref=[[0.4, 0.3, 0.2, 0.1], [0.25, 0.25, 0.25, 0.25], [0.1, 0.2, 0.3, 0.4]],
+        rewards=[[1.0, 0.0, -0.5, 0.5], [0.2, 0.25, -1.0, 0.0], [1.0, 0.5, 0.0, -0.5]],
+    )
+
+
+class TabularPolicy(torch.nn.Module):
+    """pi_theta(y | x) = softmax(theta[x])[y], theta initialised at log pi_ref."""
+
+    def __init__(self, pi_ref: np.ndarray) -> None:
+        super().__init__()
+        self.logits = torch.nn.Parameter(torch.tensor(np.log(pi_ref), dtype=torch.float32))
+
+    def log_probs(self, prompts: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, K) log-probs of every response for the given prompt indices (all if None)."""
+        lp = torch.log_softmax(self.logits, dim=-1)
+        return lp if prompts is None else lp[prompts]
+
+    def probs(self) -> np.ndarray:
+        with torch.no_grad():
+            return torch.softmax(self.logits.double(), -1).numpy()
+
+    def sample(self, prompts: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """One response index per prompt index: (B,) -> (B,)."""
+        with torch.no_grad():
+            return torch.multinomial(torch.softmax(self.logits[prompts], -1), 1, generator=generator).squeeze(-1)
+
+
+@dataclass
+class BanditResult:
+    policy: np.ndarray  # (P, K) learned pi_theta
+    steps: int
+    extra: dict = field(default_factory=dict)
+
+
+def distance_to_optimum(policy: np.ndarray, target: np.ndarray) -> dict[str, float]:
+    """Mean over prompts of KL(pi_theta || target) and of total variation."""
+    return {
+        "kl_to_optimum": float(np.mean(kl_divergence(policy, target))),
+        "tv_to_optimum": float(np.mean(tv_distance(policy, target))),
+    }
+
+
+REGISTRY_MODULES = ("rlhflab.algos.bandit_online", "rlhflab.algos.bandit_offline")
+
+
+def algorithms() -> dict[str, Callable[..., BanditResult]]:
+    """Every bandit algorithm, from the registries of the modules that exist."""
+    algos: dict[str, Callable[..., BanditResult]] = {}
+    for name in REGISTRY_MODULES:
+        if importlib.util.find_spec(name) is not None:
+            algos.update(importlib.import_module(name).BANDIT_ALGOS)
+    return algos
+
+
+# ---------------------------------------------------------------------------------------
+# CLI: rlhflab bandit
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--algo", required=True, help="algorithm (see the README's bandit table)")
+    p.add_argument("--beta", default="0.5", help="KL coefficient (default 0.5)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=None, help="training steps (default: the algorithm's)")
+    p.add_argument("--kl-estimator", default=None, help="k1, k2 or k3 where the algorithm allows a choice")
+    p.add_argument("--kl-in", choices=("reward", "loss"), default=None, help="where the KL term goes")
+    p.add_argument("--pairs", type=int, default=None, help="preference pairs (offline algorithms)")
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="algorithm-specific option, e.g. --option scale_std=false (repeatable)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def _parse_options(items: list[str]) -> dict:
+    import yaml
+
+    out = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise InputError(f"--option: expected KEY=VALUE, got {item!r}")
+        out[key.replace("-", "_")] = yaml.safe_load(raw)
+    return out
+
+
+def run(args) -> int:
+    algos = algorithms()
+    if args.algo not in algos:
+        raise InputError(f"--algo: unknown {args.algo!r} (available: {', '.join(sorted(algos)) or 'none'})")
+    try:
+        beta = float(args.beta)
+    except ValueError:
+        raise InputError(f"--beta: {args.beta!r} is not a number") from None
+    if not beta > 0 or beta == float("inf"):
+        raise InputError(f"--beta: must be a finite number > 0, got {args.beta}")
+    options = _parse_options(args.option)
+    for key in ("steps", "kl_estimator", "kl_in", "pairs"):
+        if getattr(args, key) is not None:
+            options[key] = getattr(args, key)
+    problem = default_bandit()
+    torch.manual_seed(args.seed)
+    try:
+        result = algos[args.algo](problem, beta, seed=args.seed, **options)
+    except TypeError as err:
+        raise InputError(f"--algo {args.algo}: {err}") from None
+    target = problem.optimum(beta)
+    row = {"algo": args.algo, "beta": beta, **distance_to_optimum(result.policy, target),
+           "steps": result.steps, **result.extra}
+    row["policy"] = np.round(result.policy, 4).tolist()
+    row["optimum"] = np.round(target, 4).tolist()
+    if args.json:
+        print(json.dumps(row))
+    else:
+        print(f"{args.algo} beta={beta:g}: KL(pi||pi*) = {row['kl_to_optimum']:.4f} nats, "
+              f"TV = {row['tv_to_optimum']:.4f}, {row['steps']} steps")
+        for i, (p, t) in enumerate(zip(row["policy"], row["optimum"])):
+            print(f"  prompt {i}: pi_theta {p}  pi* {t}")
+    return 0
