@@ -43,3 +43,53 @@ def measure_policy_on_world(model, tokenizer, world, prompts: list[Prompt], gen,
     metrics.update(reference_levels(world, prompts))
     metrics["gold/headroom"] = metrics["gold/ideal_mean"] - metrics["gold/mean"]
     return metrics, completions
+
+
+def _sequence_logps(model, ids, attn, response_start: int, response_mask, temperature: float = 1.0):
+    """Sum of response-token log-probs per row: ids (B, P+R), response tokens from column P."""
+    import torch
+
+    from rlhflab.logprobs import token_logprobs
+
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=attn).logits
+    lp = token_logprobs(logits, ids, temperature)[:, response_start:]
+    return (lp * response_mask).sum(-1)
+
+
+def sampled_kl(policy, reference, tokenizer, prompts: list[str], *, max_new_tokens: int = 24,
+               batch_size: int = 64, seed: int = 0) -> dict[str, float]:
+    """Sequence-level KL(pi || ref) on held-out prompts, sampled from the policy at T = 1:
+
+        KL ~= mean_i [log pi(y_i | x_i) - log ref(y_i | x_i)],  y_i ~ pi(. | x_i)
+
+    (the k1 estimator summed over tokens: unbiased), with its standard error.
+    """
+    import math
+
+    import torch
+
+    from rlhflab.logprobs import response_mask_after_eos
+    from rlhflab.sampling import generate_ids
+
+    was = policy.training, reference.training
+    policy.eval()
+    reference.eval()
+    values: list[float] = []
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for start in range(0, len(prompts), batch_size):
+            chunk = [tokenizer(p, add_special_tokens=True).input_ids for p in prompts[start:start + batch_size]]
+            p_ids, p_attn, resp, _ = generate_ids(policy, chunk, tokenizer, max_new_tokens=max_new_tokens)
+            mask, _ = response_mask_after_eos(resp, tokenizer.eos_token_id, tokenizer.pad_token_id)
+            ids = torch.cat([p_ids, resp], 1)
+            attn = torch.cat([p_attn, mask], 1)
+            P = p_ids.shape[1]
+            diff = _sequence_logps(policy, ids, attn, P, mask) - _sequence_logps(reference, ids, attn, P, mask)
+            values += diff.tolist()
+    policy.train(was[0])
+    reference.train(was[1])
+    n = len(values)
+    mean = fmean(values)
+    var = sum((v - mean) ** 2 for v in values) / max(1, n - 1)
+    return {"kl/sequence_mean": mean, "kl/sequence_stderr": math.sqrt(var / max(1, n))}
