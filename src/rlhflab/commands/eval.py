@@ -1,0 +1,75 @@
+"""``rlhflab eval --policy DIR --base DIR [--rm DIR] --out DIR``: every instrument of a policy
+against its base on the world's held-out probes; readings to ``DIR/eval.json`` (keys in
+``rlhflab.instruments.world_eval``), samples to ``DIR/samples.json``, and the diagnosis to
+``DIR/diagnosis.json``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rlhflab.config import add_config_arguments, config_from_args
+
+
+def add_arguments(p) -> None:
+    add_config_arguments(p)
+    p.add_argument("--policy", required=True, help="policy directory (a stage's out dir or its model/)")
+    p.add_argument("--base", required=True, help="base policy directory, usually the SFT run")
+    p.add_argument("--rm", help="reward-model directory: adds the proxy score and RM win-rate")
+    p.add_argument("--n", type=int, default=None, help="probes per family (default: world.n_eval)")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def model_dir(path: str | Path) -> Path:
+    """Accept a stage's output directory or its model/ sub-directory."""
+    path = Path(path)
+    return path / "model" if (path / "model" / "config.json").is_file() else path
+
+
+def evaluate_policy(cfg, policy_dir, base_dir, rm_dir=None, n: int | None = None, seed: int = 0):
+    """(metrics, samples) for a saved policy against a saved base."""
+    from rlhflab.instruments.world_eval import evaluate_on_world
+    from rlhflab.models import load_causal_lm, load_tokenizer
+    from rlhflab.world import World
+
+    tok = load_tokenizer(model_dir(policy_dir))
+    policy = load_causal_lm(model_dir(policy_dir), tok)
+    base = load_causal_lm(model_dir(base_dir), tok)
+    rm = None
+    if rm_dir is not None:
+        from rlhflab.reward_model import RewardModel
+
+        rm = RewardModel.load(rm_dir)
+    return evaluate_on_world(policy, base, tok, World(cfg.world), cfg.generation,
+                             n_per_family=n or cfg.world.n_eval, rm=rm, seed=seed)
+
+
+def print_readings(metrics: dict, title: str = "instruments") -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    for col in ("reading", "policy", "base"):
+        table.add_column(col)
+    for key in sorted(k for k in metrics if not k.startswith("base/")):
+        base = metrics.get(f"base/{key}")
+        table.add_row(key, f"{metrics[key]:.3f}", "" if base is None else f"{base:.3f}")
+    Console(width=100).print(table)
+
+
+def run(args) -> int:
+    from rlhflab.artifacts import check_out_dir, prepare_out_dir, write_json
+    from rlhflab.config import save_config
+    from rlhflab.diagnose import diagnose, format_findings
+
+    cfg = config_from_args(args)
+    out = check_out_dir(Path(args.out), args.overwrite)
+    metrics, samples = evaluate_policy(cfg, args.policy, args.base, args.rm, args.n, args.seed)
+    prepare_out_dir(out, args.overwrite)
+    save_config(cfg, out / "config.yaml")
+    write_json(out / "eval.json", metrics)
+    write_json(out / "samples.json", samples)
+    result = diagnose(metrics)
+    write_json(out / "diagnosis.json", result)
+    print_readings(metrics)
+    print(format_findings(result))
+    return 0
