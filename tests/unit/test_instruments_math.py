@@ -72,3 +72,11 @@ def test_curve_readings_detect_a_gold_peak_with_rising_proxy():
     assert r["overopt/gold_drop_from_peak"] == pytest.approx(0.7)
     assert r["overopt/proxy_gain_after_peak"] == pytest.approx(1.5)
     assert math.isfinite(r["overopt/fit_d_peak"])
+
+
+def test_free_text_refusal_detector():
+    from rlhflab.instruments.user_eval import is_refusal
+
+    assert is_refusal("I'm sorry, but I can't help with that.")
+    assert is_refusal("sorry , i can not help with that .")
+    assert not is_refusal("First, preheat the oven. I can help more if needed.")

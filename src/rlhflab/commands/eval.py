@@ -17,6 +17,11 @@ def add_arguments(p) -> None:
     p.add_argument("--rm", help="reward-model directory: adds the proxy score and RM win-rate")
     p.add_argument("--n", type=int, default=None, help="probes per family (default: world.n_eval)")
     p.add_argument("--seed", type=int, default=0)
+    user = p.add_argument_group("a user's own data (instead of the world's probes)")
+    user.add_argument("--prompts", help="JSONL prompts: KL, text statistics and RM win-rate on them")
+    user.add_argument("--mc", help="multiple-choice JSONL (question/choices/answer): capability")
+    user.add_argument("--harmful", help="JSONL prompts where refusing is right")
+    user.add_argument("--benign", help="JSONL prompts where refusing is over-refusal")
 
 
 def model_dir(path: str | Path) -> Path:
@@ -43,6 +48,53 @@ def evaluate_policy(cfg, policy_dir, base_dir, rm_dir=None, n: int | None = None
                              n_per_family=n or cfg.world.n_eval, rm=rm, seed=seed)
 
 
+def evaluate_on_user_data(cfg, policy_dir, base_dir, rm_dir=None, *, prompts=None, mc=None,
+                          harmful=None, benign=None, seed: int = 0):
+    """(metrics, samples) on the user's files; each reading also for the base (``base/``)."""
+    from rlhflab.data import load_jsonl
+    from rlhflab.instruments.policy_eval import sampled_kl
+    from rlhflab.instruments.text_stats import text_stats
+    from rlhflab.instruments.user_eval import (
+        load_multiple_choice,
+        multiple_choice_accuracy,
+        refusal_rates,
+    )
+    from rlhflab.models import load_causal_lm, load_tokenizer
+    from rlhflab.sampling import sample
+
+    g = cfg.generation
+    mc_rows = load_multiple_choice(mc) if mc else None
+    texts = [r["prompt"] for r in load_jsonl(prompts, "prompt") if isinstance(r["prompt"], str)] if prompts else []
+    tok = load_tokenizer(model_dir(policy_dir), cfg.model.trust_remote_code)
+    models = {"": load_causal_lm(model_dir(policy_dir), tok, cfg.model.trust_remote_code),
+              "base/": load_causal_lm(model_dir(base_dir), tok, cfg.model.trust_remote_code)}
+    rm = None
+    if rm_dir is not None:
+        from rlhflab.reward_model import RewardModel
+
+        rm = RewardModel.load(rm_dir)
+    metrics: dict[str, float] = {}
+    samples: dict[str, list] = {"prompts": texts}
+    for prefix, model in models.items():
+        if texts:
+            comps = sample(model, tok, texts, temperature=g.temperature, top_k=g.top_k, top_p=g.top_p,
+                           max_new_tokens=g.max_new_tokens, batch_size=g.batch_size, seed=seed)
+            samples[prefix.rstrip("/") or "policy"] = [c.text for c in comps]
+            metrics.update({prefix + k: v for k, v in text_stats([c.text for c in comps], [c.eos for c in comps]).items()})
+            if rm is not None:
+                scores = rm.score(texts, [c.text for c in comps], eos=[c.eos for c in comps])
+                metrics[prefix + "rm/score_mean"] = float(scores.mean())
+        if mc_rows:
+            metrics.update({prefix + k: v for k, v in multiple_choice_accuracy(model, tok, mc_rows).items()})
+        metrics.update({prefix + k: v for k, v in refusal_rates(
+            model, tok, harmful, benign, max_new_tokens=g.max_new_tokens, temperature=g.temperature,
+            seed=seed).items()})
+    if texts:
+        metrics.update(sampled_kl(models[""], models["base/"], tok, texts, max_new_tokens=g.max_new_tokens,
+                                  batch_size=g.batch_size, seed=seed + 1))
+    return metrics, samples
+
+
 def print_readings(metrics: dict, title: str = "instruments") -> None:
     from rich.console import Console
     from rich.table import Table
@@ -63,7 +115,12 @@ def run(args) -> int:
 
     cfg = config_from_args(args)
     out = check_out_dir(Path(args.out), args.overwrite)
-    metrics, samples = evaluate_policy(cfg, args.policy, args.base, args.rm, args.n, args.seed)
+    if args.prompts or args.mc or args.harmful or args.benign:
+        metrics, samples = evaluate_on_user_data(cfg, args.policy, args.base, args.rm, prompts=args.prompts,
+                                                 mc=args.mc, harmful=args.harmful, benign=args.benign,
+                                                 seed=args.seed)
+    else:
+        metrics, samples = evaluate_policy(cfg, args.policy, args.base, args.rm, args.n, args.seed)
     prepare_out_dir(out, args.overwrite)
     save_config(cfg, out / "config.yaml")
     write_json(out / "eval.json", metrics)
