@@ -34,7 +34,8 @@ def line_plot(series: dict[str, tuple[list[float], list[float]]], *, title: str,
     if x1 == x0:
         x0, x1 = x0 - 1, x1 + 1
     if y1 == y0:
-        y0, y1 = y0 - 1, y1 + 1
+        pad = max(abs(y0) * 0.2, 1e-3)
+        y0, y1 = y0 - pad, y1 + pad
     pad_y = 0.05 * (y1 - y0)
     y0, y1 = y0 - pad_y, y1 + pad_y
     L, R, T, B = 56, 12, 28, 40
