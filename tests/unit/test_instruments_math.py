@@ -33,7 +33,6 @@ def test_text_stats_counts_keywords_fillers_and_duplicates():
 def test_length_controlled_win_rate_removes_a_pure_length_effect():
     """Wins decided by length alone: longer always wins. Raw win-rate 0.5 over a symmetric
     set, and 0.5 at zero length difference; a policy that wins at equal length keeps it."""
-    pytest.importorskip("rlhflab.instruments.win_rate")
     from rlhflab.instruments.world_eval import length_controlled_win_rate
 
     dlen = [-3, -2, -1, 1, 2, 3] * 10
