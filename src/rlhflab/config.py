@@ -102,20 +102,107 @@ class SFTConfig:
 class RMConfig:
     """Reward modeling (Bradley-Terry and variants)."""
 
-    seed: int = _f(0, "seed of the head initialisation and data order")
+    seed: int = _f(0, "seed of the head initialisation and data order (member i uses seed + i)")
     lr: float = _f(5e-4, "peak learning rate (AdamW)")
-    batch_size: int = _f(32, "pairs per optimizer step over all processes")
+    batch_size: int = _f(32, "comparison groups per optimizer step over all processes (a group is "
+                         "one prompt with all its pairs, as InstructGPT batches them; rows of a "
+                         "user's file without a `group` field are groups of one pair)")
     epochs: float = _f(2.0, "passes over the comparisons")
     max_length: int = _f(64, "longest prompt + response in tokens")
+    micro_batch_size: int | None = _f(None, "groups per forward pass per process; empty = all")
+    max_steps: int | None = _f(None, "stop after this many steps (overrides epochs)")
+    weight_decay: float = _f(0.0, "AdamW weight decay")
+    warmup_ratio: float = _f(0.05, "fraction of steps of linear warm-up")
+    lr_schedule: str = _f("cosine", "decay after warm-up: cosine, linear or constant")
+    max_grad_norm: float = _f(1.0, "gradient clipping norm; 0 = off")
+    mixed_precision: str = _f("no", "no, bf16 or fp16 (through accelerate)")
+    eval_every: int = _f(20, "steps between held-out accuracy evaluations")
+    log_every: int = _f(5, "steps between metric lines")
+    loss: str = _f("bradley_terry", "bradley_terry (pairs) or plackett_luce (the raters' K-way "
+                   "rankings; needs data from `rlhflab collect`)")
+    label_smoothing: float = _f(0.0, "BT label smoothing eps in [0, 0.5]")
+    center_coef: float = _f(0.0, "reward centering regularizer: coef * mean((r_w + r_l)^2)")
+    margin_scale: float = _f(1.0, "BT margin m = margin_scale * the row's `margin` field (0 = ignore)")
+    weights: str = _f("none", "per-pair weights: none, or agreement (fraction of votes with the majority)")
+    min_agreement: float = _f(0.0, "drop pairs whose votes agree with the majority less than this")
+    ensemble: int = _f(1, "members trained with different seeds and data orders")
+    train_backbone: bool = _f(True, "false = only the head trains (a linear probe on frozen features)")
+    backbone: str | None = _f(None, "local HF checkpoint for the RM; empty = the SFT policy")
+    k: int = _f(4, "responses sampled per prompt when collecting comparisons")
+    n_prompts: int = _f(256, "prompts to collect comparisons on (each gives up to C(k, 2) pairs)")
+    n_eval_prompts: int = _f(64, "held-out prompts collected for evaluation")
+    n_reference: int = _f(256, "SFT samples whose rewards set the normalization (mean 0, std 1)")
+    eval_fraction: float = _f(0.1, "share of a user's file held out when no --eval-data is given")
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.loss in ("bradley_terry", "plackett_luce"), "loss", "expected bradley_terry or plackett_luce"),
+            (self.weights in ("none", "agreement"), "weights", "expected none or agreement"),
+            (self.lr_schedule in ("cosine", "linear", "constant"), "lr_schedule", "expected cosine, linear or constant"),
+            (self.mixed_precision in ("no", "bf16", "fp16"), "mixed_precision", "expected no, bf16 or fp16"),
+            (0.0 <= self.label_smoothing <= 0.5, "label_smoothing", "must be in [0, 0.5]"),
+            (self.batch_size > 0, "batch_size", "must be positive"),
+            (self.ensemble >= 1, "ensemble", "must be at least 1"),
+            (self.k >= 2, "k", "must be at least 2"),
+            (0.0 <= self.eval_fraction < 1.0, "eval_fraction", "must be in [0, 1)"),
+        ]
+        for ok, name, msg in checks:
+            if not ok:
+                raise InputError(msg, field=f"rm.{name}")
 
 
 @dataclass
 class RLConfig:
-    """Online RL: PPO, REINFORCE, RLOO, REINFORCE++, GRPO."""
+    """Online RL: PPO, REINFORCE, RLOO, REINFORCE++, GRPO.
+
+    Fields left empty (null) take the algorithm's default (``rlhflab.algos.online.ALGO_DEFAULTS``);
+    the resolved values are what ``config.yaml`` of a run records.
+    """
 
     seed: int = _f(0, "seed of sampling and data order")
     beta: float = _f(0.05, "KL coefficient (initial value for adaptive or scheduled control)")
     lr: float = _f(1e-4, "policy learning rate")
+    steps: int = _f(100, "rollout-and-update iterations")
+    batch_size: int = _f(64, "responses per rollout step over all processes (prompts x samples_per_prompt)")
+    samples_per_prompt: int | None = _f(None, "responses per prompt (GRPO group size G, RLOO k); empty = algorithm default")
+    micro_batch_size: int | None = _f(None, "rows per forward pass per process; empty = a whole minibatch")
+    epochs: int | None = _f(None, "passes over each rollout batch (PPO epochs); empty = algorithm default")
+    num_minibatches: int | None = _f(None, "optimizer steps per epoch; empty = algorithm default")
+    clip_eps: float = _f(0.2, "clip range of the policy ratio, [1 - clip_eps, 1 + clip_eps_high]")
+    clip_eps_high: float | None = _f(None, "upper clip range (asymmetric clipping); empty = clip_eps")
+    target_kl: float | None = _f(None, "stop the epoch loop once policy/approxkl exceeds this; empty = off")
+    max_grad_norm: float = _f(1.0, "gradient clipping norm; 0 = off")
+    weight_decay: float = _f(0.0, "AdamW weight decay")
+    lr_schedule: str = _f("constant", "decay over the rollout steps: constant, linear or cosine")
+    warmup_ratio: float = _f(0.0, "fraction of rollout steps of linear warm-up")
+    vf_coef: float = _f(0.1, "PPO: weight of the value loss")
+    value_clip_eps: float = _f(0.2, "PPO: clip range of the value update around the rollout values")
+    value_lr: float | None = _f(None, "PPO: critic learning rate; empty = lr")
+    value_init: str = _f("zero", "PPO critic: zero (SFT backbone, zero-initialised head) or rm (the reward model)")
+    gamma: float = _f(1.0, "PPO: discount")
+    gae_lambda: float = _f(0.95, "PPO: GAE lambda")
+    whiten_rewards: bool = _f(False, "PPO: rescale per-token rewards to unit variance, keeping their mean")
+    whiten_advantages: bool | None = _f(None, "whiten advantages over the batch; empty = algorithm default")
+    kl_in: str | None = _f(None, "where the KL term goes: reward (per token, -beta*k) or loss (beta*k)")
+    kl_estimator: str | None = _f(None, "k1, k2 or k3 (k1 belongs in the reward, k2/k3 in the loss)")
+    kl_controller: str = _f("fixed", "beta control: fixed, linear (beta -> beta_end) or adaptive")
+    beta_end: float | None = _f(None, "linear controller: beta at the last step; empty = beta / 10")
+    kl_target: float = _f(6.0, "adaptive controller: target sequence KL in nats")
+    kl_horizon: int = _f(10000, "adaptive controller: horizon in samples")
+    kl_caution: float = _f(8.0, "sequence KL (nats) above which the run is flagged 'caution'")
+    kl_warning: float = _f(15.0, "sequence KL (nats) above which the run is flagged 'warning'")
+    entropy_coef: float = _f(0.0, "entropy bonus coefficient (a defence against mode collapse)")
+    no_eos_penalty: float = _f(0.0, "added to the score of a response that never emits EOS (e.g. -1)")
+    baseline: str | None = _f(None, "REINFORCE baseline: batch or group (mean of the prompt's samples)")
+    scale_std: bool | None = _f(None, "GRPO: divide advantages by the group std (false = Dr. GRPO)")
+    loss_agg: str | None = _f(None, "token_mean, seq_sum, seq_mean or constant (Dr. GRPO); empty = algorithm default")
+    rm_weight: float = _f(1.0, "weight of the reward model in a weighted sum with reward functions")
+    save_every: int = _f(0, "checkpoint every N steps (atomic, for --resume); 0 = off")
+    eval_every: int = _f(10, "steps between gold evaluations on held-out world prompts; 0 = off")
+    n_eval: int = _f(64, "held-out world prompts per gold evaluation")
+    early_stop_patience: int = _f(0, "stop after this many gold evaluations without a new best, "
+                                     "restoring the best policy; 0 = off")
+    log_every: int = _f(1, "steps between metric lines")
 
 
 @dataclass
@@ -124,8 +211,60 @@ class DPOConfig:
 
     seed: int = _f(0, "seed of data order")
     loss: str = _f("dpo", "dpo, cdpo, ipo, hinge, kto, simpo or orpo")
-    beta: float = _f(0.1, "temperature of the implicit reward")
+    beta: float = _f(0.1, "beta of dpo/cdpo/hinge/kto/simpo; tau of ipo; lambda of orpo")
     lr: float = _f(5e-4, "peak learning rate (AdamW)")
+    label_smoothing: float = _f(0.1, "cdpo: probability eps in [0, 0.5] that a label is flipped")
+    simpo_gamma: float = _f(0.5, "simpo: target reward margin gamma")
+    kto_desirable_weight: float = _f(1.0, "kto: weight of desirable examples")
+    kto_undesirable_weight: float = _f(1.0, "kto: weight of undesirable examples")
+    batch_size: int = _f(32, "global batch: pairs (kto: examples) per optimizer step over all processes")
+    micro_batch_size: int | None = _f(None, "pairs per forward pass per process; empty = all")
+    epochs: float = _f(1.0, "passes over the data (fractions allowed)")
+    max_steps: int | None = _f(None, "stop after this many steps (overrides epochs)")
+    warmup_ratio: float = _f(0.1, "fraction of steps of linear warm-up")
+    lr_schedule: str = _f("cosine", "decay after warm-up: cosine, linear or constant")
+    weight_decay: float = _f(0.0, "AdamW weight decay")
+    max_grad_norm: float = _f(1.0, "gradient clipping norm; 0 = off")
+    max_length: int = _f(64, "longest prompt + response in tokens; longer rows are truncated "
+                         "(prompt start first, then response end; counted in data/truncated)")
+    precompute_ref_logps: bool = _f(True, "compute reference log-probs once before training and "
+                                    "release the reference model; false = reference forward every step")
+    mixed_precision: str = _f("no", "no, bf16 or fp16 (through accelerate)")
+    eval_every: int = _f(25, "steps between held-out preference metrics (eval/...)")
+    log_every: int = _f(5, "steps between metric lines")
+    n_eval_pairs: int | None = _f(None, "held-out world pairs; empty = world.n_preferences // 5")
+    world_eval_every: int = _f(0, "steps between gold utility and sampled KL on the world's "
+                               "held-out prompts (always at start and end); -1 = never")
+    n_world_eval: int = _f(64, "held-out world prompts sampled per world evaluation")
+    n_show: int = _f(4, "sample generations printed after training")
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.loss in ("dpo", "cdpo", "ipo", "hinge", "kto", "simpo", "orpo"), "loss",
+             "expected dpo, cdpo, ipo, hinge, kto, simpo or orpo"),
+            (self.beta > 0, "beta", "must be positive"),
+            (0.0 <= self.label_smoothing <= 0.5, "label_smoothing", "must be in [0, 0.5]"),
+            (self.batch_size > 0, "batch_size", "must be positive"),
+            (self.micro_batch_size is None or self.micro_batch_size > 0, "micro_batch_size", "must be positive"),
+            (self.max_length >= 2, "max_length", "must be at least 2"),
+            (self.lr_schedule in ("cosine", "linear", "constant"), "lr_schedule", "expected cosine, linear or constant"),
+            (self.mixed_precision in ("no", "bf16", "fp16"), "mixed_precision", "expected no, bf16 or fp16"),
+            (self.eval_every > 0 and self.log_every > 0, "eval_every", "eval_every and log_every must be positive"),
+        ]
+        for ok, name, msg in checks:
+            if not ok:
+                raise InputError(msg, field=f"dpo.{name}")
+
+
+@dataclass
+class RunConfig:
+    """The main job (``rlhflab run``): which arms to train beside SFT and the RM."""
+
+    arms: list = _f(["ppo", "dpo", "grpo"], "policies to train from SFT: ppo, grpo, rloo, reinforce, "
+                    "reinforce++, or a DPO-family loss (dpo, cdpo, ipo, hinge, kto, simpo, orpo)")
+    seed: int = _f(0, "seed of the evaluation samples")
+    bandit_algos: list = _f(["ppo", "dpo"], "algorithms drawn against the exact frontier on the bandit; [] = skip")
+    bandit_betas: list = _f([0.1, 0.25, 0.5, 1.0, 2.0], "betas of the bandit frontier")
 
 
 @dataclass
@@ -139,6 +278,7 @@ class Config:
     rm: RMConfig = field(default_factory=RMConfig)
     rl: RLConfig = field(default_factory=RLConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
+    run: RunConfig = field(default_factory=RunConfig)
 
 
 # ---------------------------------------------------------------------------------------

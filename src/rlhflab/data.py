@@ -190,10 +190,55 @@ def collate_sft(batch: list[Tokenized], pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": attn, "response_mask": resp}
 
 
+def tokenize_responses(prompt: str, completions: list[str], tokenizer, max_length: int,
+                       add_eos: bool | list[bool] = True) -> list[Tokenized]:
+    """Several completions of ONE prompt, all keeping the same prompt ids.
+
+    The truncation policy of ``tokenize_pair`` applied jointly: when the prompt plus the
+    longest completion is too long, the prompt loses tokens from its start for every
+    completion alike (keeping at least one), then each completion too long for what is left
+    loses its end. Without truncation this equals ``tokenize_pair`` per completion. (Cut
+    separately, two completions of different lengths could end up answering different
+    prompts, which a comparison must never do.) ``add_eos`` may be one flag per completion:
+    a sampled response cut at the token limit never emitted EOS and must not be scored as
+    if it had.
+    """
+    p_ids = tokenizer(prompt, add_special_tokens=True).input_ids
+    eos_flags = add_eos if isinstance(add_eos, (list, tuple)) else [add_eos] * len(completions)
+    c_ids = [tokenizer(c, add_special_tokens=False).input_ids + ([tokenizer.eos_token_id] if e else [])
+             for c, e in zip(completions, eos_flags)]
+    longest = max(len(c) for c in c_ids)
+    if len(p_ids) + longest <= max_length:
+        return [Tokenized(p_ids + c, len(p_ids), False) for c in c_ids]
+    keep_p = max(1, max_length - longest)
+    p_ids = p_ids[-keep_p:]
+    room = max_length - len(p_ids)
+    return [Tokenized(p_ids + c[:room], len(p_ids), True) for c in c_ids]
+
+
 def tokenize_preference(row: dict, tokenizer, max_length: int) -> tuple[Tokenized, Tokenized]:
     """(chosen, rejected) for one preference row, rendered like SFT rows and truncated by the
-    same policy; both share the same prompt ids."""
+    same policy (jointly, see ``tokenize_responses``): both share the same prompt ids.
+    EOS is appended unless the row says the response never emitted one
+    (``chosen_eos``/``rejected_eos`` false, as ``rlhflab collect`` writes for responses cut
+    at the token limit)."""
     p_text, c_text = render(row["prompt"], row["chosen"], tokenizer)
-    _, r_text = render(row["prompt"], row["rejected"], tokenizer)
-    return (tokenize_pair(p_text, c_text, tokenizer, max_length),
-            tokenize_pair(p_text, r_text, tokenizer, max_length))
+    _, r_text = render(row["prompt"], row["rejected"], tokenizer)  # same prompt text
+    eos = [row.get("chosen_eos", True) is not False, row.get("rejected_eos", True) is not False]
+    chosen, rejected = tokenize_responses(p_text, [c_text, r_text], tokenizer, max_length, add_eos=eos)
+    return chosen, rejected
+
+
+def pairs_to_unpaired(rows: list[dict]) -> list[dict]:
+    """Preference rows -> unpaired rows (KTO): each pair gives its chosen response as a
+    desirable example (``label`` true) and its rejected one as undesirable (``label``
+    false), in that order. ``chosen_eos``/``rejected_eos`` become ``completion_eos``; other
+    fields (``votes``, ``margin``) are dropped."""
+    out = []
+    for r in rows:
+        for side, label in (("chosen", True), ("rejected", False)):
+            row = {"prompt": r["prompt"], "completion": r[side], "label": label}
+            if f"{side}_eos" in r:
+                row["completion_eos"] = r[f"{side}_eos"]
+            out.append(row)
+    return out

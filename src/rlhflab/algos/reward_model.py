@@ -1,0 +1,310 @@
+"""Reward-model training (InstructGPT stage 2): Bradley-Terry on comparisons, or
+Plackett-Luce on the raters' K-way rankings.
+
+    L_BT = sum_i w_i [(1 - eps) softplus(-(r_w,i - r_l,i - m_i)) + eps softplus(r_w,i - r_l,i - m_i)]
+           / sum_i w_i  +  center_coef * sum_i w_i (r_w,i + r_l,i)^2 / sum_i w_i
+    L_PL = -(1/N) sum_n sum_k [r_n,k - logsumexp(r_n,k..K-1)]      (rankings, best first)
+
+(``losses.bradley_terry_loss``, ``losses.plackett_luce_loss``.)
+
+The unit of data is a comparison GROUP: one prompt, its distinct responses, the pairs
+among them, and optionally the raters' rankings. As in InstructGPT, all C(K, 2) pairs of a
+prompt sit in the same batch and each response goes through the model once, instead of
+once per pair: K forward passes instead of K(K - 1), and no response is seen K - 1 times
+per epoch in different batches (which InstructGPT found makes the RM over-fit). A user's
+file whose rows share no ``group`` gives groups of one pair.
+
+Where this departs from the usual trainer, as in SFT: the loss of every micro-batch is
+divided by the total pair weight (BT) or ranking count (PL) of the whole GLOBAL batch
+(divided by the number of processes, since DDP averages gradients), so gradient
+accumulation and data parallelism compute exactly the gradient of one large batch. The
+data order is one seeded permutation of groups shared by every process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+
+from rlhflab.algos.sft import lr_lambda
+from rlhflab.data import render, tokenize_pair
+from rlhflab.distributed import make_accelerator
+from rlhflab.losses import bradley_terry_loss, plackett_luce_loss
+from rlhflab.progress import progress_bar
+from rlhflab.reward_model import collate, forward_scores
+from rlhflab.tracking import MetricsLog
+
+
+@dataclass
+class Group:
+    """One prompt with its distinct responses, the pairs among them and any rankings."""
+
+    prompt: object  # str, or a list of messages (conversational)
+    responses: list  # str or list of messages, distinct
+    eos: list[bool]  # False: the response was truncated without EOS
+    pairs: list[tuple[int, int]] = field(default_factory=list)  # (chosen, rejected) indices
+    margins: list[float] = field(default_factory=list)
+    weights: list[float] = field(default_factory=list)
+    rankings: list[list[int]] = field(default_factory=list)  # one per rater, best first
+    ids: list[list[int]] = field(default_factory=list)  # filled by tokenize_groups
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def agreement(votes: list[int] | None) -> float:
+    """Fraction of the votes that agree with the majority (1.0 when there are none)."""
+    if not votes:
+        return 1.0
+    k = sum(votes)
+    return max(k, len(votes) - k) / len(votes)
+
+
+# How much a pair counts in the loss, from its row. Chosen with ``rm.weights``.
+PAIR_WEIGHTS: dict[str, Callable[[dict], float]] = {
+    "none": lambda row: 1.0,
+    "agreement": lambda row: agreement(row.get("votes")),
+}
+
+
+def _key(value) -> str:
+    import json
+
+    return value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+
+
+def rows_to_groups(rows: list[dict], *, weights: str = "none", margin_scale: float = 1.0,
+                   min_agreement: float = 0.0) -> tuple[list[Group], dict]:
+    """Preference rows -> groups. Rows with the same ``group`` (and prompt) merge; rows
+    without one are groups of their own. ``rankings``/``responses`` fields (written by
+    ``rlhflab collect``) become Plackett-Luce rankings. Returns (groups, counts)."""
+    weight_fn = PAIR_WEIGHTS[weights]
+    groups: dict[tuple, Group] = {}
+    counts = {"data/pairs_in": len(rows), "data/dropped_agreement": 0}
+    for n, row in enumerate(rows):
+        if agreement(row.get("votes")) < min_agreement:
+            counts["data/dropped_agreement"] += 1
+            continue
+        key = (_key(row["prompt"]), row["group"] if "group" in row else f"row{n}")
+        g = groups.get(key)
+        if g is None:
+            g = groups[key] = Group(row["prompt"], [], [])
+            if "responses" in row and "rankings" in row:
+                g.responses = list(row["responses"])
+                g.eos = [bool(e) for e in row.get("responses_eos", [True] * len(g.responses))]
+                g.rankings = [list(r) for r in row["rankings"]]
+        index = {(_key(r), e): i for i, (r, e) in enumerate(zip(g.responses, g.eos))}
+        ends = []
+        for side in ("chosen", "rejected"):
+            k = (_key(row[side]), bool(row.get(f"{side}_eos", True)))
+            if k not in index:
+                index[k] = len(g.responses)
+                g.responses.append(row[side])
+                g.eos.append(k[1])
+            ends.append(index[k])
+        g.pairs.append((ends[0], ends[1]))
+        g.margins.append(float(row.get("margin", 0.0)) * margin_scale)
+        g.weights.append(weight_fn(row))
+    out = list(groups.values())
+    counts["data/pairs"] = sum(len(g.pairs) for g in out)
+    counts["data/groups"] = len(out)
+    counts["data/rankings"] = sum(len(g.rankings) for g in out)
+    return out, counts
+
+
+def tokenize_groups(groups: list[Group], tokenizer, max_length: int) -> int:
+    """Fill ``Group.ids`` (end token appended where the response ended); returns how many
+    sequences were truncated to ``max_length``."""
+    truncated = 0
+    for g in groups:
+        g.ids = []
+        for resp, eos in zip(g.responses, g.eos):
+            p_text, c_text = render(g.prompt, resp, tokenizer)
+            x = tokenize_pair(p_text, c_text, tokenizer, max_length, add_eos=eos)
+            truncated += x.truncated
+            g.ids.append(x.input_ids)
+    return truncated
+
+
+# ---------------------------------------------------------------------------- losses
+
+
+def _group_rewards(model, groups: list[Group], pad_id: int, device) -> list[torch.Tensor]:
+    """One forward pass over every response of ``groups``; rewards split per group."""
+    seqs = [ids for g in groups for ids in g.ids]
+    ids, attn = collate(seqs, pad_id)
+    r = forward_scores(model, ids.to(device), attn.to(device)).float()
+    return list(torch.split(r, [len(g.ids) for g in groups]))
+
+
+def _pairs(groups: list[Group], rewards: list[torch.Tensor]):
+    """Concatenated (chosen, rejected, margin, weight) over the pairs of the groups."""
+    c = torch.cat([r[[i for i, _ in g.pairs]] for g, r in zip(groups, rewards)])
+    rj = torch.cat([r[[j for _, j in g.pairs]] for g, r in zip(groups, rewards)])
+    m = torch.tensor([x for g in groups for x in g.margins], dtype=c.dtype, device=c.device)
+    w = torch.tensor([x for g in groups for x in g.weights], dtype=c.dtype, device=c.device)
+    return c, rj, m, w
+
+
+def bt_objective(groups, rewards, cfg) -> tuple[torch.Tensor, float, dict]:
+    """(weighted-mean BT loss of these groups, their pair weight, metrics)."""
+    c, rj, m, w = _pairs(groups, rewards)
+    loss, metrics = bradley_terry_loss(c, rj, margin=m, weights=w, label_smoothing=cfg.label_smoothing,
+                                       center_coef=cfg.center_coef)
+    return loss, w.sum().item(), metrics
+
+
+def pl_objective(groups, rewards, cfg) -> tuple[torch.Tensor, float, dict]:
+    """(mean PL loss over the raters' rankings of these groups, their count, metrics)."""
+    rows = [(r, rank) for g, r in zip(groups, rewards) for rank in g.rankings]
+    if not rows:
+        raise ValueError("rm.loss=plackett_luce needs rankings (data from `rlhflab collect`)")
+    K = max(len(rank) for _, rank in rows)
+    R = torch.zeros((len(rows), K), device=rewards[0].device)
+    mask = torch.zeros((len(rows), K), dtype=torch.bool, device=rewards[0].device)
+    for n, (r, rank) in enumerate(rows):
+        R[n, : len(rank)] = r[rank]
+        mask[n, : len(rank)] = True
+    loss, metrics = plackett_luce_loss(R, mask=mask)
+    c, rj, _, _ = _pairs(groups, rewards)
+    metrics["rm/accuracy"] = (c > rj).float().mean().item()  # pairwise, comparable with BT
+    return loss, float(len(rows)), metrics
+
+
+# Chosen with ``rm.loss``; each returns (loss as a mean over its units, units, metrics).
+OBJECTIVES = {"bradley_terry": bt_objective, "plackett_luce": pl_objective}
+
+
+def _units(groups: list[Group], loss: str) -> float:
+    if loss == "plackett_luce":
+        return float(sum(len(g.rankings) for g in groups))
+    return float(sum(sum(g.weights) for g in groups))
+
+
+@torch.no_grad()
+def evaluate_pairs(model, groups: list[Group], pad_id: int, accelerator: Accelerator,
+                   batch_size: int = 32) -> dict[str, float]:
+    """Unweighted BT loss and accuracy over every pair; each process takes a shard."""
+    was = model.training
+    model.eval()
+    mine = groups[accelerator.process_index :: accelerator.num_processes]
+    total = torch.zeros(3, dtype=torch.float64, device=accelerator.device)
+    for i in range(0, len(mine), batch_size):
+        chunk = mine[i:i + batch_size]
+        c, rj, _, _ = _pairs(chunk, _group_rewards(model, chunk, pad_id, accelerator.device))
+        d = (c - rj).double()
+        total += torch.stack([torch.nn.functional.softplus(-d).sum(), (d > 0).double().sum(),
+                              torch.tensor(float(len(d)), dtype=torch.float64, device=d.device)])
+    total = accelerator.reduce(total, reduction="sum")
+    model.train(was)
+    n = total[2].clamp(min=1)
+    return {"eval/loss": (total[0] / n).item(), "eval/accuracy": (total[1] / n).item()}
+
+
+# -------------------------------------------------------------------------- the loop
+
+
+def train_reward_model(cfg, model, tokenizer, train: list[Group], held_out: list[Group],
+                       out_dir: Path | None = None, accelerator: Accelerator | None = None,
+                       seed: int | None = None, member: int = 0) -> dict:
+    """Train ``model`` (a one-label sequence-classification model) in place on tokenized
+    groups; returns the summary metrics. ``cfg`` is an RMConfig."""
+    accelerator = accelerator or make_accelerator(cfg.mixed_precision)
+    W, rank = accelerator.num_processes, accelerator.process_index
+    B = cfg.batch_size
+    micro = cfg.micro_batch_size or B // W
+    if B % W or (B // W) % micro:
+        raise ValueError(f"rm.batch_size {B} must split into {W} processes x micro-batches of {micro}")
+    if len(train) < B:
+        raise ValueError(f"{len(train)} comparison groups are fewer than one batch of {B}")
+    objective = OBJECTIVES[cfg.loss]
+    seed = cfg.seed if seed is None else seed
+    total_steps = cfg.max_steps or max(1, int(cfg.epochs * (len(train) // B)))
+    pad_id = tokenizer.pad_token_id
+
+    if not cfg.train_backbone:  # a linear probe on frozen features
+        for p in model.parameters():
+            p.requires_grad_(False)
+        from rlhflab.reward_model import reward_head
+
+        reward_head(model).requires_grad_(True)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    warmup = int(cfg.warmup_ratio * total_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.lr_schedule, warmup, total_steps))
+    model, optimizer = accelerator.prepare(model, optimizer)  # scheduler stepped by hand, as in SFT
+    log = MetricsLog(out_dir / "metrics.jsonl" if out_dir else None, enabled=accelerator.is_main_process)
+
+    gen = torch.Generator().manual_seed(seed)
+    order: list[int] = []
+    start = time.perf_counter()
+    model.train()
+    ev = evaluate_pairs(model, held_out, pad_id, accelerator) if held_out else {}
+    log.log({"rm/member": member, **ev}, step=0)
+    first_eval = dict(ev)
+    last: dict = {}
+    first_loss = float("nan")
+    with progress_bar(total_steps, f"rm {member}" if member else "rm", enabled=accelerator.is_main_process) as bar:
+        for step in range(1, total_steps + 1):
+            if len(order) < B:  # a new epoch: a fresh permutation, the same on every process
+                order = torch.randperm(len(train), generator=gen).tolist()
+            batch_idx, order = order[:B], order[B:]
+            global_batch = [train[i] for i in batch_idx]
+            n_units = _units(global_batch, cfg.loss)  # pair weight (BT) or rankings (PL)
+            shard = global_batch[rank * (B // W):(rank + 1) * (B // W)]
+            sums = torch.zeros(3, dtype=torch.float64, device=accelerator.device)  # loss, correct, pairs
+            for m in range(0, len(shard), micro):
+                chunk = shard[m:m + micro]
+                last_micro = m + micro >= len(shard)
+                with accelerator.no_sync(model) if not last_micro else contextlib.nullcontext():
+                    with accelerator.autocast():
+                        rewards = _group_rewards(model, chunk, pad_id, accelerator.device)
+                    loss, units, metrics = objective(chunk, rewards, cfg)
+                    # A mean over this micro-batch's units, rescaled to a share of the
+                    # global mean; DDP averages over W processes, hence n_units / W.
+                    scaled = loss * (units / (n_units / W))
+                    accelerator.backward(scaled)
+                n_pairs = sum(len(g.pairs) for g in chunk)
+                sums += torch.tensor([scaled.item() * (n_units / W), metrics["rm/accuracy"] * n_pairs,
+                                      n_pairs], dtype=torch.float64, device=accelerator.device)
+            grad_norm = (accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+                         if cfg.max_grad_norm > 0 else torch.tensor(float("nan")))
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            sums = accelerator.reduce(sums, reduction="sum")
+            metrics = {"rm/member": member, "train/loss": sums[0].item() / n_units,
+                       "train/accuracy": sums[1].item() / max(1.0, sums[2].item()),
+                       "train/lr": scheduler.get_last_lr()[0], "train/grad_norm": float(grad_norm),
+                       "train/pairs": int(sums[2].item())}
+            if held_out and (step % cfg.eval_every == 0 or step == total_steps):
+                ev = evaluate_pairs(model, held_out, pad_id, accelerator)
+                metrics.update(ev)
+            if step % cfg.log_every == 0 or "eval/loss" in metrics:
+                log.log(metrics, step=step)
+            last = metrics
+            if step == 1:
+                first_loss = metrics["train/loss"]
+            bar.update(loss=metrics["train/loss"], acc=metrics["train/accuracy"],
+                       **({"eval_acc": ev["eval/accuracy"]} if ev else {}))
+    log.close()
+    summary = {
+        "train/loss": last["train/loss"],
+        "train/loss_first_step": first_loss,
+        "train/accuracy": last["train/accuracy"],
+        "train/steps": total_steps,
+        "train/groups": len(train),
+        "train/seconds": time.perf_counter() - start,
+        "train/processes": W,
+    }
+    if held_out:
+        summary.update({"eval/loss": ev["eval/loss"], "eval/accuracy": ev["eval/accuracy"],
+                        "eval/loss_initial": first_eval["eval/loss"],
+                        "eval/accuracy_initial": first_eval["eval/accuracy"]})
+    return summary

@@ -1,0 +1,247 @@
+"""``rlhflab rm``: train a reward model (or an ensemble), normalize it, save it.
+
+Data, in order of precedence:
+
+1. ``--data FILE``: a preference JSONL (TRL standard or conversational, optional
+   ``margin`` and ``votes``; a file written by ``rlhflab collect`` also carries rankings);
+   held out: ``--eval-data FILE``, else every ``1/rm.eval_fraction``-th group;
+2. ``--world-pairs``: the world's off-policy pairs (two demonstrations of a prompt);
+3. default: comparisons collected from the SFT policy on the fly (``rlhflab collect``
+   with ``rm.k`` samples per prompt on ``rm.n_prompts`` prompts, ``rm.n_eval_prompts``
+   held out), the InstructGPT way.
+
+Writes ``DIR/model`` (see ``rlhflab.reward_model``), ``DIR/metrics.jsonl`` (step metrics,
+``rm/member`` tells ensemble members apart), ``DIR/metrics.json`` (summary),
+``DIR/config.yaml`` and, for world data, ``DIR/data/train.jsonl`` and ``DIR/data/eval.jsonl``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rlhflab.config import Config, add_config_arguments, config_from_args, save_config
+from rlhflab.errors import InputError
+
+
+def add_arguments(p) -> None:
+    add_config_arguments(p)
+    p.add_argument("--sft", help="SFT run directory (or its model/): the default backbone, the policy "
+                   "comparisons are collected from, and the source of the reference samples")
+    p.add_argument("--data", help="preference JSONL (prompt/chosen/rejected, optional votes and margin)")
+    p.add_argument("--eval-data", help="held-out preference JSONL (default: a share of --data)")
+    p.add_argument("--world-pairs", action="store_true",
+                   help="train on the world's off-policy demonstrator pairs instead of collecting")
+    p.add_argument("--backbone", help="local HF checkpoint (encoder or decoder) to build the RM on "
+                   "(default: rm.backbone, else the SFT policy)")
+    p.add_argument("--ensemble", type=int, help="train K members (sets rm.ensemble)")
+    p.add_argument("--min-agreement", type=float, help="drop pairs with less rater agreement (sets rm.min_agreement)")
+    p.add_argument("--loss", choices=("bradley_terry", "plackett_luce"), help="sets rm.loss")
+    p.add_argument("--label-smoothing", type=float, help="sets rm.label_smoothing")
+    p.add_argument("--center-coef", type=float, help="sets rm.center_coef")
+
+
+def run(args) -> int:
+    cfg = config_from_args(args)
+    for flag, name in (("ensemble", "ensemble"), ("min_agreement", "min_agreement"), ("loss", "loss"),
+                       ("label_smoothing", "label_smoothing"), ("center_coef", "center_coef"),
+                       ("backbone", "backbone")):
+        if getattr(args, flag) is not None:
+            setattr(cfg.rm, name, getattr(args, flag))
+    cfg.rm.__post_init__()  # re-check values set from flags
+    run_rm(cfg, Path(args.out), sft=args.sft, data=args.data, eval_data=args.eval_data,
+           world_pairs=args.world_pairs, overwrite=args.overwrite)
+    return 0
+
+
+def _model_dir(path: str | Path, flag: str) -> Path:
+    path = Path(path)
+    if (path / "model" / "config.json").is_file():
+        return path / "model"
+    if not (path / "config.json").is_file():
+        raise InputError(f"{flag}: not a model directory (no config.json)", file=str(path))
+    return path
+
+
+def _positions(path: Path, trust_remote_code: bool) -> int | None:
+    """The backbone's longest input (position embeddings), if its config says."""
+    from transformers import AutoConfig
+
+    c = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    return getattr(c, "n_positions", None) or getattr(c, "max_position_embeddings", None)
+
+
+def _split_held_out(groups: list, fraction: float) -> tuple[list, list]:
+    if fraction <= 0 or len(groups) < 2:
+        return groups, []
+    every = max(2, round(1 / fraction))
+    return ([g for i, g in enumerate(groups) if i % every != every - 1],
+            [g for i, g in enumerate(groups) if i % every == every - 1])
+
+
+def collect_world_data(cfg: Config, world, sft_dir: Path) -> tuple[list[dict], list[dict], dict]:
+    """Comparisons collected from the SFT policy on the world's pref / pref_eval prompts."""
+    from rlhflab.commands.collect import collect, rater_panel
+    from rlhflab.models import load_causal_lm, load_tokenizer
+
+    tok = load_tokenizer(sft_dir)
+    policy = load_causal_lm(sft_dir, tok)
+    train, counts = collect(policy, tok, world, world.prompts(cfg.rm.n_prompts, "pref"), cfg.rm.k,
+                            cfg.generation, rater_panel(world, "pref"), seed=cfg.rm.seed)
+    held, _ = collect(policy, tok, world, world.prompts(cfg.rm.n_eval_prompts, "pref_eval"), cfg.rm.k,
+                      cfg.generation, rater_panel(world, "pref_eval"), seed=cfg.rm.seed + 1)
+    return train, held, counts
+
+
+def reference_texts(cfg: Config, world, sft_dir: Path | None, rows: list[dict], tokenizer,
+                    from_world: bool) -> tuple[list[str], list[str], list[bool], str]:
+    """Reference samples for the normalization: the SFT policy's samples on the world's RL
+    prompts (or on the data's prompts), else the responses of the training data."""
+    from rlhflab.data import render
+
+    n = cfg.rm.n_reference
+    if sft_dir is not None:
+        from rlhflab.models import load_causal_lm, load_tokenizer
+        from rlhflab.sampling import sample
+
+        prompts = ([p.text for p in world.prompts(n, "rl")] if from_world else
+                   [r["prompt"] for r in rows if isinstance(r["prompt"], str)][:n])
+        if prompts:
+            tok = load_tokenizer(sft_dir)
+            g = cfg.generation
+            done = sample(load_causal_lm(sft_dir, tok), tok, prompts, temperature=g.temperature, top_k=g.top_k,
+                          top_p=g.top_p, max_new_tokens=g.max_new_tokens, batch_size=g.batch_size,
+                          seed=cfg.rm.seed + 2)
+            return [c.prompt for c in done], [c.text for c in done], [c.eos for c in done], "sft_samples"
+    ps, rs, es = [], [], []
+    for r in rows[:n]:
+        for side in ("chosen", "rejected"):
+            p_text, c_text = render(r["prompt"], r[side], tokenizer)
+            ps.append(p_text)
+            rs.append(c_text)
+            es.append(bool(r.get(f"{side}_eos", True)))
+    return ps, rs, es, "training_responses"
+
+
+def run_rm(cfg: Config, out: Path, *, sft: str | None = None, data: str | None = None,
+           eval_data: str | None = None, world_pairs: bool = False, overwrite: bool = False) -> dict:
+    """The reward-model stage end to end: validate, (collect,) train, normalize, save."""
+    from accelerate.utils import set_seed
+
+    from rlhflab.algos.reward_model import rows_to_groups, tokenize_groups, train_reward_model
+    from rlhflab.artifacts import check_out_dir, prepare_out_dir, write_json
+    from rlhflab.data import load_jsonl, write_jsonl
+    from rlhflab.distributed import make_accelerator
+    from rlhflab.instruments.rm_eval import pairwise_accuracy
+    from rlhflab.models import count_parameters
+    from rlhflab.reward_model import (
+        RewardModel,
+        create_reward_model,
+        load_rm_tokenizer,
+        normalization,
+    )
+    from rlhflab.world import World
+
+    rm = cfg.rm
+    accelerator = make_accelerator(rm.mixed_precision)
+    check_out_dir(out, overwrite)  # on every process, before anything is written
+    sft_dir = _model_dir(sft, "--sft") if sft else None
+    backbone = _model_dir(rm.backbone, "--backbone") if rm.backbone else sft_dir
+    if backbone is None:
+        raise InputError("give --sft (the default backbone) or --backbone")
+    if data is None and not world_pairs and sft_dir is None:
+        raise InputError("collecting comparisons needs --sft (or give --data or --world-pairs)")
+    world = World(cfg.world)
+    # User files are validated up front: a bad row stops the run before anything is written.
+    train_rows = load_jsonl(data, "preference") if data else None
+    eval_rows = load_jsonl(eval_data, "preference") if eval_data else None
+    tok = load_rm_tokenizer(backbone, cfg.model.trust_remote_code)
+    max_length = min(rm.max_length, _positions(backbone, cfg.model.trust_remote_code) or rm.max_length)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        prepare_out_dir(out, overwrite)
+        save_config(cfg, out / "config.yaml")
+    accelerator.wait_for_everyone()
+
+    counts: dict = {}
+    if train_rows is None:
+        # World data is made on the main process, written, and read back by every process.
+        if accelerator.is_main_process:
+            (out / "data").mkdir()
+            if world_pairs:
+                tr = world.preference_pairs(cfg.world.n_preferences, "pref")
+                ev = world.preference_pairs(max(1, cfg.world.n_preferences // 5), "pref_eval")
+            else:
+                tr, ev, counts = collect_world_data(cfg, world, sft_dir)
+            write_jsonl(out / "data" / "train.jsonl", tr)
+            write_jsonl(out / "data" / "eval.jsonl", ev)
+        accelerator.wait_for_everyone()
+        train_rows = load_jsonl(out / "data" / "train.jsonl", "preference")
+        eval_rows = load_jsonl(out / "data" / "eval.jsonl", "preference")
+    train, data_counts = rows_to_groups(train_rows, weights=rm.weights, margin_scale=rm.margin_scale,
+                                        min_agreement=rm.min_agreement)
+    counts.update(data_counts)
+    if eval_rows is None:
+        train, held = _split_held_out(train, rm.eval_fraction)
+    else:
+        held, _ = rows_to_groups(eval_rows)
+    if not train:
+        raise InputError("no comparisons left to train on", file=data)
+    try:
+        n_trunc = tokenize_groups(train, tok, max_length)
+        tokenize_groups(held, tok, max_length)
+    except InputError as err:
+        raise InputError(err.reason, file=data or err.file) from None
+    if len(train) < rm.batch_size:
+        raise InputError(f"{len(train)} comparison groups are fewer than one batch (rm.batch_size={rm.batch_size})",
+                         file=data)
+
+    members, member_summaries = [], []
+    for i in range(rm.ensemble):
+        set_seed(rm.seed + i)
+        model, tok = create_reward_model(backbone, seed=rm.seed + i, trust_remote_code=cfg.model.trust_remote_code)
+        s = train_reward_model(rm, model, tok, train, held, out, accelerator, seed=rm.seed + i, member=i)
+        members.append(accelerator.unwrap_model(model).cpu())
+        member_summaries.append(s)
+        accelerator.free_memory()
+
+    summary: dict = {"rm/ensemble": rm.ensemble, "data/source": data or ("world_pairs" if world_pairs else "collected"),
+                     "data/truncated": n_trunc, "data/eval_groups": len(held), "data/max_length": max_length,
+                     "model/backbone": str(backbone), "model/parameters": count_parameters(members[0]),
+                     "train/seconds": sum(s["train/seconds"] for s in member_summaries), **counts}
+    if accelerator.is_main_process:
+        reward_model = RewardModel(members, tok, max_length=max_length)
+        ps, rs, es, ref_kind = reference_texts(cfg, world, sft_dir, train_rows, tok,
+                                               from_world=data is None)
+        raw = reward_model.raw_member_scores(ps, rs, eos=es)
+        for m in range(rm.ensemble):
+            reward_model.gains[m], reward_model.biases[m] = normalization(raw[m])
+        reward_model.meta = {"backbone": str(backbone), "loss": rm.loss, "seed": rm.seed,
+                             "normalization": {"reference": ref_kind, "n": len(rs),
+                                               "raw_mean": raw.mean(1).tolist(),
+                                               "raw_std": raw.std(1, unbiased=False).tolist()}}
+        reward_model.save(out / "model")
+        summary.update({"normalization/reference": ref_kind, "normalization/n": len(rs)})
+        if held:
+            summary["eval/accuracy"] = pairwise_accuracy(reward_model, _rows_of(held))
+            summary["eval/accuracy_member_mean"] = sum(s["eval/accuracy"] for s in member_summaries) / rm.ensemble
+        summary["members"] = member_summaries
+        for key in ("train/loss", "train/accuracy", "eval/loss", "eval/loss_initial", "eval/accuracy_initial"):
+            if key in member_summaries[0]:
+                summary[key] = sum(s[key] for s in member_summaries) / rm.ensemble
+        write_json(out / "metrics.json", summary)
+        _print_summary(summary)
+    accelerator.wait_for_everyone()
+    return summary
+
+
+def _rows_of(groups: list) -> list[dict]:
+    """Preference rows back from groups (the held-out share of a user's file)."""
+    return [{"prompt": g.prompt, "chosen": g.responses[i], "rejected": g.responses[j],
+             "chosen_eos": g.eos[i], "rejected_eos": g.eos[j]} for g in groups for i, j in g.pairs]
+
+
+def _print_summary(summary: dict) -> None:
+    keys = ["train/loss", "train/accuracy", "eval/accuracy_initial", "eval/accuracy", "eval/accuracy_member_mean",
+            "data/pairs", "train/seconds"]
+    print("  ".join(f"{k}={summary[k]:.3f}" if isinstance(summary[k], float) else f"{k}={summary[k]}"
+                    for k in keys if k in summary))

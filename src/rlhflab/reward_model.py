@@ -1,0 +1,336 @@
+"""The reward model: a backbone with a scalar head, normalized, single or an ensemble.
+
+A reward model here IS a Hugging Face sequence-classification model with one label
+(``AutoModelForSequenceClassification``), so a saved one loads in plain transformers and
+gives the same raw scores:
+
+- decoders (GPT-2, Llama, ...) read the head at the last non-pad token (the EOS token when
+  the response ended, else the last response token), found through ``config.pad_token_id``
+  as ``GPT2ForSequenceClassification`` does; the pad token is distinct from EOS;
+- encoders (BERT, MiniLM, ...) read it where their class does: the pooled first token
+  ([CLS]), which attends to the whole sequence.
+
+The default backbone is the SFT policy (InstructGPT): ``SFT_DIR/model`` loads as a
+sequence-classification model (the LM head is dropped, a new head added). The head is
+initialised N(0, 1/sqrt(d + 1)) with bias 0 (Stiennon et al. 2020), dropout is off.
+
+Text is tokenized as in SFT (``data.tokenize_pair``): prompt with the tokenizer's special
+tokens, response without, then the end token when the response ended (EOS; for encoder
+tokenizers that have none, their separator [SEP]). A response truncated without EOS is
+scored without it, so the model can tell the two apart.
+
+Normalization: after training, each member gets a gain and bias so that its rewards on
+reference samples (the SFT policy's own samples) have mean 0 and std 1,
+
+    r_norm = gain * r_raw + bias,   gain = 1 / std_ref,   bias = -mean_ref / std_ref,
+
+stored in ``reward_model.json`` next to the weights. Ensembles reduce the members'
+normalized scores with ``mean``, ``min`` or ``mean - k * std`` (an uncertainty penalty).
+
+On-disk layout (``rlhflab rm --out DIR`` writes ``DIR/model``):
+
+    DIR/model/reward_model.json        gains, biases, max_length, metadata
+    DIR/model/config.json, *.safetensors, tokenizer files      (one model)
+    DIR/model/member_0/, member_1/, ...                        (an ensemble)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from rlhflab.errors import InputError
+
+META_FILE = "reward_model.json"
+FORMAT = "rlhflab-reward-model"
+
+
+# ----------------------------------------------------------------------- building blocks
+
+
+def load_rm_tokenizer(path: str | Path, trust_remote_code: bool = False):
+    """A tokenizer from a local directory with an end token and a pad token distinct from it.
+
+    Decoder tokenizers end a response with EOS. Encoder tokenizers usually have no EOS;
+    their separator ([SEP]) becomes the end token. A tokenizer without a pad token (or
+    padding with the end token) gets a new ``<pad>``; the model must then be resized.
+    """
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    if not (path / "config.json").is_file() and not (path / "tokenizer_config.json").is_file():
+        raise InputError("not a local HF directory (no config.json)", file=str(path))
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise InputError(f"cannot load tokenizer: {str(err).splitlines()[0]}", file=str(path)) from None
+    if tok.eos_token_id is None:
+        if tok.sep_token_id is None:
+            raise InputError("tokenizer has neither an EOS nor a separator token", file=str(path))
+        tok.eos_token = tok.sep_token
+    if tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id:
+        tok.add_special_tokens({"pad_token": "<pad>"})
+    return tok
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Dropout off, in the modules and in the saved config (RLHF convention)."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    for key, value in list(model.config.to_dict().items()):
+        if ("dropout" in key or "pdrop" in key) and isinstance(value, float):
+            setattr(model.config, key, 0.0)
+
+
+def reward_head(model: torch.nn.Module) -> torch.nn.Linear:
+    """The scalar head: the last ``Linear`` with one output (``score``, ``classifier``, ...)."""
+    heads = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m.out_features == 1]
+    if not heads:
+        raise ValueError(f"{type(model).__name__} has no scalar head")
+    return heads[-1]
+
+
+def init_head(model: torch.nn.Module, seed: int) -> None:
+    """Head weights ~ N(0, 1/sqrt(d + 1)), bias 0 (Stiennon et al. 2020)."""
+    head = reward_head(model)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        d = head.in_features
+        head.weight.copy_(torch.randn(head.weight.shape, generator=gen) / math.sqrt(d + 1))
+        if head.bias is not None:
+            head.bias.zero_()
+
+
+def create_reward_model(backbone: str | Path, seed: int = 0, trust_remote_code: bool = False):
+    """(model, tokenizer): a local HF checkpoint (causal LM, encoder, or an earlier reward
+    model) as ``AutoModelForSequenceClassification`` with one label and a fresh head."""
+    from transformers import AutoModelForSequenceClassification
+    from transformers.utils import logging as hf_logging
+
+    path = Path(backbone)
+    if (path / "model" / "config.json").is_file():
+        path = path / "model"
+    if not (path / "config.json").is_file():
+        raise InputError("not a local HF model directory (no config.json)", file=str(path))
+    if not list(path.glob("*.safetensors")):
+        raise InputError("no .safetensors weights (pickled checkpoints are not loaded)", file=str(path))
+    tok = load_rm_tokenizer(path, trust_remote_code)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # "newly initialized: score.weight" is the point here
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            str(path), num_labels=1, use_safetensors=True, trust_remote_code=trust_remote_code
+        )
+    except (OSError, ValueError) as err:
+        raise InputError(f"cannot load as a reward model: {str(err).splitlines()[0]}", file=str(path)) from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    if len(tok) > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(len(tok))
+    model.config.pad_token_id = tok.pad_token_id
+    model.config.eos_token_id = tok.eos_token_id
+    model.config.problem_type = "regression"
+    disable_dropout(model)
+    init_head(model, seed)
+    return model, tok
+
+
+def encode(tokenizer, prompt: str, response: str, eos: bool, max_length: int) -> list[int]:
+    """Ids of prompt + response (+ end token if ``eos``), truncated like SFT rows."""
+    from rlhflab.data import tokenize_pair
+
+    return tokenize_pair(prompt, response, tokenizer, max_length, add_eos=eos).input_ids
+
+
+def collate(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ids and attention mask (B, T)."""
+    T = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    attn = torch.zeros((len(seqs), T), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+        attn[i, : len(s)] = 1
+    return ids, attn
+
+
+def forward_scores(model, ids: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+    """Raw scalar rewards (B,) of right-padded sequences (the model pools them itself)."""
+    return model(input_ids=ids, attention_mask=attn).logits[:, 0]
+
+
+# -------------------------------------------------------------------------- reductions
+
+# (M, B) normalized member scores -> (B,). Population std: one member has std 0.
+REDUCTIONS: dict[str, Callable[[torch.Tensor, float], torch.Tensor]] = {
+    "mean": lambda s, k: s.mean(0),
+    "min": lambda s, k: s.min(0).values,
+    "mean_minus_std": lambda s, k: s.mean(0) - k * s.std(0, unbiased=False),
+}
+
+
+# ------------------------------------------------------------------------- the scoring API
+
+
+class RewardModel(torch.nn.Module):
+    """One reward model or an ensemble, with its tokenizer and normalization.
+
+    ``score(prompts, responses)`` is what every later stage calls. It retokenizes text with
+    the reward model's own tokenizer (which may differ from the policy's), batches, and
+    returns normalized rewards (B,) float32 on the CPU. It never builds a graph, so it can
+    run inside another model's training loop; ``.to(device)`` moves the members.
+    """
+
+    def __init__(self, members: list[torch.nn.Module], tokenizer, gains: list[float] | None = None,
+                 biases: list[float] | None = None, max_length: int = 512, meta: dict | None = None):
+        super().__init__()
+        self.members = torch.nn.ModuleList(members)
+        self.tokenizer = tokenizer
+        self.gains = list(gains) if gains is not None else [1.0] * len(members)
+        self.biases = list(biases) if biases is not None else [0.0] * len(members)
+        self.max_length = int(max_length)
+        self.meta = dict(meta or {})
+        for m in self.members:
+            m.eval()
+            m.requires_grad_(False)
+
+    @property
+    def n_members(self) -> int:
+        return len(self.members)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.members[0].parameters()).device
+
+    # ---- scoring
+
+    def _encode_all(self, prompts: list[str], responses: list[str], eos: list[bool] | None) -> list[list[int]]:
+        if len(prompts) != len(responses):
+            raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+        eos = [True] * len(prompts) if eos is None else list(eos)
+        if len(eos) != len(prompts):
+            raise ValueError(f"{len(eos)} eos flags for {len(prompts)} responses")
+        return [encode(self.tokenizer, p, r, bool(e), self.max_length) for p, r, e in zip(prompts, responses, eos)]
+
+    @torch.no_grad()
+    def raw_member_scores(self, prompts: list[str], responses: list[str], *, eos: list[bool] | None = None,
+                          batch_size: int = 64) -> torch.Tensor:
+        """Raw (un-normalized) scores of every member: (M, B) float32 on the CPU."""
+        seqs = self._encode_all(prompts, responses, eos)
+        out = torch.zeros((self.n_members, len(seqs)), dtype=torch.float32)
+        # Sorting by length keeps padding (and wasted compute) small; scores go back in order.
+        order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+        device = self.device
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            ids, attn = collate([seqs[i] for i in idx], self.tokenizer.pad_token_id)
+            ids, attn = ids.to(device), attn.to(device)
+            for m, model in enumerate(self.members):
+                out[m, idx] = forward_scores(model, ids, attn).float().cpu()
+        return out
+
+    def member_scores(self, prompts: list[str], responses: list[str], *, eos: list[bool] | None = None,
+                      batch_size: int = 64) -> torch.Tensor:
+        """Normalized scores of every member: (M, B)."""
+        raw = self.raw_member_scores(prompts, responses, eos=eos, batch_size=batch_size)
+        gains = torch.tensor(self.gains, dtype=torch.float32)[:, None]
+        biases = torch.tensor(self.biases, dtype=torch.float32)[:, None]
+        return gains * raw + biases
+
+    def score(self, prompts: list[str], responses: list[str], *, eos: list[bool] | None = None,
+              batch_size: int = 64, reduce: str = "mean", k: float = 1.0) -> torch.Tensor:
+        """Normalized rewards (B,) float32 on the CPU.
+
+        ``eos[i]`` False means response i was truncated without EOS (no end token is
+        appended for it). ``reduce`` combines ensemble members: "mean", "min" or
+        "mean_minus_std" (mean - k * std over members); one model ignores it.
+        """
+        if reduce not in REDUCTIONS:
+            raise ValueError(f"reduce must be one of {', '.join(REDUCTIONS)}, got {reduce!r}")
+        if not prompts:
+            return torch.zeros(0, dtype=torch.float32)
+        return REDUCTIONS[reduce](self.member_scores(prompts, responses, eos=eos, batch_size=batch_size), k)
+
+    # ---- persistence
+
+    @classmethod
+    def load(cls, path: str | Path, trust_remote_code: bool = False) -> RewardModel:
+        """A directory written by ``rlhflab rm`` (``DIR`` or ``DIR/model``), or any plain HF
+        sequence-classification checkpoint with one label (then gain 1, bias 0)."""
+        from transformers import AutoModelForSequenceClassification
+
+        path = Path(path)
+        if not (path / META_FILE).is_file() and (path / "model").is_dir():
+            path = path / "model"
+        meta: dict = {}
+        if (path / META_FILE).is_file():
+            try:
+                meta = json.loads((path / META_FILE).read_text(encoding="utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError) as err:
+                raise InputError(f"not valid JSON ({err})", file=str(path / META_FILE)) from None
+        elif not (path / "config.json").is_file():
+            raise InputError(f"not a reward model directory (no {META_FILE} or config.json)", file=str(path))
+        entries = meta.get("members") or [{"path": ".", "gain": 1.0, "bias": 0.0}]
+        members, gains, biases = [], [], []
+        for entry in entries:
+            member_dir = path / entry["path"]
+            if not list(member_dir.glob("*.safetensors")):
+                raise InputError("no .safetensors weights", file=str(member_dir))
+            model = AutoModelForSequenceClassification.from_pretrained(
+                str(member_dir), use_safetensors=True, trust_remote_code=trust_remote_code
+            )
+            if model.config.num_labels != 1:
+                raise InputError(f"expected a one-label model, got {model.config.num_labels} labels",
+                                 file=str(member_dir))
+            members.append(model)
+            gains.append(float(entry.get("gain", 1.0)))
+            biases.append(float(entry.get("bias", 0.0)))
+        tok = load_rm_tokenizer(path / entries[0]["path"], trust_remote_code)
+        if members[0].config.pad_token_id != tok.pad_token_id:
+            raise InputError("config pad_token_id differs from the tokenizer's pad token", file=str(path))
+        max_length = meta.get("max_length") or getattr(tok, "model_max_length", 512)
+        return cls(members, tok, gains, biases, max_length=min(int(max_length), 1_000_000), meta=meta)
+
+    def save(self, out: str | Path) -> Path:
+        """Write the layout of the module docstring into a temp dir beside ``out``, then
+        rename it over ``out``: an interrupted save leaves no half-written model."""
+        out = Path(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+        try:
+            entries = []
+            for i, model in enumerate(self.members):
+                rel = "." if self.n_members == 1 else f"member_{i}"
+                model.save_pretrained(str(tmp / rel), safe_serialization=True)
+                self.tokenizer.save_pretrained(str(tmp / rel))
+                entries.append({"path": rel, "gain": self.gains[i], "bias": self.biases[i]})
+            meta = {**self.meta, "format": FORMAT, "version": 1, "members": entries,
+                    "max_length": self.max_length}
+            (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+            if out.exists():
+                old = out.with_name(f".{out.name}.old")
+                shutil.rmtree(old, ignore_errors=True)
+                out.rename(old)
+                tmp.rename(out)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                tmp.rename(out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return out
+
+
+def normalization(raw: torch.Tensor) -> tuple[float, float]:
+    """(gain, bias) mapping raw reference scores to mean 0, std 1 (population std)."""
+    raw = raw.double()
+    mean, std = raw.mean().item(), raw.std(unbiased=False).item()
+    if not math.isfinite(std) or std < 1e-8:
+        return 1.0, -mean  # constant scores: only shift
+    return 1.0 / std, -mean / std
