@@ -1,0 +1,165 @@
+"""The online algorithms on the enumerable bandit (``rlhflab bandit --algo NAME``).
+
+Each prompt is a state, each of its K responses one action, so a response is a one-token
+sequence: the per-token log-probs, masks and advantages are (B, 1) tensors, and the
+advantage estimators and the update are the very functions the language-model loops
+call (``ppo.ppo_advantages``, ``reinforce.reinforce_advantages``,
+``reinforce.reinforce_pp_advantages``, ``grpo.grpo_token_advantages``,
+``online.update_policy``). What converges here to pi* = pi_ref exp(R/beta)/Z
+(``rlhflab.optimal``) is the code that trains the language models.
+
+The only bandit-specific parts: a tabular policy (``bandit.TabularPolicy``), a tabular
+critic for PPO (one value per prompt), and a linearly decaying learning rate so that the
+stochastic iterates settle at the fixed point instead of rattling around it.
+
+Registry: ``BANDIT_ALGOS[name](problem, beta, *, seed, steps=None, kl_estimator=None,
+kl_in=None, pairs=None, **options) -> BanditResult``; options override the defaults in
+``BANDIT_DEFAULTS`` (lr, samples, group_size, epochs, num_minibatches, clip_eps,
+scale_std, loss_agg, baseline, whiten_advantages).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from rlhflab.algos.grpo import grpo_token_advantages
+from rlhflab.algos.online import BatchStats, UpdateBatch, UpdateSettings, update_policy
+from rlhflab.algos.ppo import ppo_advantages
+from rlhflab.algos.reinforce import reinforce_advantages, reinforce_pp_advantages
+from rlhflab.algos.sft import lr_lambda
+from rlhflab.bandit import BanditProblem, BanditResult, TabularPolicy
+
+BANDIT_DEFAULTS: dict[str, dict] = {
+    "ppo": dict(steps=60, lr=0.05, samples=64, group_size=1, epochs=4, num_minibatches=4, kl_in="reward",
+                kl_estimator="k1", whiten_advantages=True),
+    "reinforce": dict(steps=300, lr=0.05, samples=64, group_size=1, epochs=1, num_minibatches=1,
+                      kl_in="reward", kl_estimator="k1", baseline="batch"),
+    "rloo": dict(steps=300, lr=0.05, samples=64, group_size=4, epochs=1, num_minibatches=1, kl_in="reward",
+                 kl_estimator="k1"),
+    "reinforce++": dict(steps=300, lr=0.05, samples=64, group_size=1, epochs=1, num_minibatches=2,
+                        kl_in="reward", kl_estimator="k1"),
+    "grpo": dict(steps=300, lr=0.05, samples=64, group_size=8, epochs=1, num_minibatches=2, kl_in="loss",
+                 kl_estimator="k3", scale_std=True, loss_agg="seq_mean"),
+}
+"""Per-algorithm defaults on the bandit: ``samples`` responses per prompt per step."""
+
+
+# Advantages by algorithm: fn(scores, logprobs, ref_logprobs, values, mask, beta, o, stats)
+# -> (advantages (B, 1), returns (B, 1) or None); ``o`` holds the resolved options.
+def _ppo(scores, lp, ref, values, mask, beta, o, stats):
+    adv, ret, _ = ppo_advantages(scores, lp, ref, values, mask, beta=beta, kl_in_reward=o["kl_in"] == "reward",
+                                 kl_estimator=o["kl_estimator"], whiten_advantages=o["whiten_advantages"],
+                                 stats=stats)
+    return adv, ret
+
+
+def _reinforce(baseline, scores, lp, ref, values, mask, beta, o, stats):
+    adv = reinforce_advantages(scores, lp, ref, mask, baseline=baseline or o["baseline"],
+                               group_size=o["group_size"], beta=beta, kl_in_reward=o["kl_in"] == "reward",
+                               kl_estimator=o["kl_estimator"], stats=stats)
+    return adv, None
+
+
+def _reinforce_pp(scores, lp, ref, values, mask, beta, o, stats):
+    return reinforce_pp_advantages(scores, lp, ref, mask, beta=beta, kl_in_reward=o["kl_in"] == "reward",
+                                   kl_estimator=o["kl_estimator"], stats=stats), None
+
+
+def _grpo(scores, lp, ref, values, mask, beta, o, stats):
+    return grpo_token_advantages(scores, lp, ref, mask, group_size=o["group_size"], scale_std=o["scale_std"],
+                                 beta=beta, kl_in_reward=o["kl_in"] == "reward",
+                                 kl_estimator=o["kl_estimator"]), None
+
+
+ADVANTAGES = {
+    "ppo": _ppo,
+    "reinforce": functools.partial(_reinforce, None),
+    "rloo": functools.partial(_reinforce, "rloo"),
+    "reinforce++": _reinforce_pp,
+    "grpo": _grpo,
+}
+
+
+def train_bandit(algo: str, problem: BanditProblem, beta: float, *, seed: int = 0, steps: int | None = None,
+                 kl_estimator: str | None = None, kl_in: str | None = None, pairs=None,
+                 **options) -> BanditResult:
+    """Train a tabular policy with ``algo`` on ``problem``; returns the learned policy."""
+    o = dict(BANDIT_DEFAULTS[algo])
+    unknown = set(options) - set(o) - {"loss_agg", "scale_std", "baseline", "whiten_advantages", "clip_eps",
+                                       "value_lr"}
+    if unknown:
+        raise TypeError(f"unknown option(s) {', '.join(sorted(unknown))}")
+    o.update(options)
+    o.setdefault("loss_agg", "token_mean" if algo in ("ppo", "reinforce++") else "seq_sum")
+    o.setdefault("whiten_advantages", False)
+    o.setdefault("scale_std", True)
+    o.setdefault("baseline", "batch")
+    if steps is not None:
+        o["steps"] = steps
+    if kl_estimator is not None:
+        o["kl_estimator"] = kl_estimator
+    if kl_in is not None:
+        o["kl_in"] = kl_in
+    if o["samples"] % o["group_size"]:
+        raise TypeError(f"samples {o['samples']} is not a multiple of group_size {o['group_size']}")
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # (B, 1) tensors: threads only add synchronisation
+    try:
+        return _train(algo, problem, beta, seed, o)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(algo: str, problem: BanditProblem, beta: float, seed: int, o: dict) -> BanditResult:
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    P = problem.n_prompts
+    policy = TabularPolicy(problem.pi_ref)
+    critic = torch.nn.Parameter(torch.zeros(P))  # V(x), PPO only
+    ref_logp = torch.tensor(problem.pi_ref, dtype=torch.float32).log()  # (P, K)
+    rewards = torch.tensor(problem.rewards, dtype=torch.float32)        # (P, K)
+    groups = [{"params": [policy.logits], "lr": o["lr"]}]
+    if algo == "ppo":
+        groups.append({"params": [critic], "lr": o.get("value_lr", 0.1)})
+    optimizer = torch.optim.Adam(groups)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda("linear", 0, o["steps"]))
+    hp = UpdateSettings(epochs=o["epochs"], num_minibatches=o["num_minibatches"],
+                        clip_eps=o.get("clip_eps", 0.2), loss_agg=o["loss_agg"], max_len=1,
+                        kl_coef=beta if o["kl_in"] == "loss" else 0.0, kl_estimator=o["kl_estimator"],
+                        vf_coef=1.0, value_clip_eps=10.0)
+    stats = BatchStats()
+
+    def step_fn() -> float:
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return float("nan")
+
+    x = torch.arange(P).repeat_interleave(o["samples"])  # (B,) contiguous groups per prompt
+    mask = torch.ones(len(x), 1)
+    for _ in range(o["steps"]):
+        y = policy.sample(x, gen)                                                # (B,)
+        with torch.no_grad():
+            old = policy.log_probs(x).gather(1, y[:, None])                      # (B, 1)
+            values = critic[x][:, None].clone()                                  # (B, 1)
+        ref = ref_logp[x, y][:, None]                                            # (B, 1)
+        advantages, returns = ADVANTAGES[algo](rewards[x, y], old, ref, values, mask, beta, o, stats)
+        batch = UpdateBatch(old_logprobs=old, advantages=advantages.detach(), mask=mask,
+                            ref_logprobs=ref if o["kl_in"] == "loss" else None,
+                            returns=returns, old_values=values if returns is not None else None)
+
+        def forward(idx, y=y, with_values=returns is not None):
+            lp = policy.log_probs(x[idx]).gather(1, y[idx][:, None])
+            return lp, None, (critic[x[idx]][:, None] if with_values else None)
+
+        update_policy(batch, forward, step_fn, hp, stats, gen)
+        scheduler.step()
+    return BanditResult(policy=policy.probs(), steps=o["steps"],
+                        extra={k: o[k] for k in ("kl_in", "kl_estimator", "group_size", "samples", "lr")}
+                        | ({"scale_std": o["scale_std"], "loss_agg": o["loss_agg"]} if algo == "grpo" else {}))
+
+
+BANDIT_ALGOS = {name: functools.partial(train_bandit, name) for name in BANDIT_DEFAULTS}
+"""``rlhflab bandit --algo NAME``: the online algorithms."""

@@ -1,0 +1,215 @@
+"""``rlhflab ppo | reinforce | rloo | grpo``: online RL from an SFT policy.
+
+    rlhflab ppo --config configs/demo.yaml --sft runs/sft --rm runs/rm --out runs/ppo
+    rlhflab reinforce --variant reinforce++ --sft runs/sft --reward-fn gold --out runs/rpp
+    rlhflab grpo --variant dr-grpo --sft runs/sft --rm runs/rm --out runs/drgrpo
+    rlhflab ppo --resume runs/ppo            # continue from the last checkpoint
+
+The SFT policy is both the starting point and the frozen reference. The reward is the
+reward model (``--rm``), Python reward functions (``--reward-fn``) or their weighted sum.
+Prompts are the world's RL split unless ``--prompts FILE`` (prompt JSONL) is given; on
+world prompts the run also measures the gold utility of held-out samples every
+``rl.eval_every`` steps.
+
+Writes ``OUT/metrics.jsonl`` (per step), ``OUT/metrics.json`` (summary), ``OUT/model/``
+(the trained policy, safetensors), ``OUT/value.safetensors`` (PPO critic),
+``OUT/checkpoint/`` (every ``rl.save_every`` steps), ``OUT/best/`` (with early stopping),
+``OUT/config.yaml`` (resolved) and ``OUT/run.json`` (the inputs, for ``--resume``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rlhflab.config import add_config_arguments, config_from_args, load_config, save_config
+from rlhflab.errors import InputError
+
+# command -> variant -> algorithm; the first variant is the default.
+VARIANTS: dict[str, dict[str, str]] = {
+    "ppo": {"ppo": "ppo"},
+    "reinforce": {"baseline": "reinforce", "reinforce++": "reinforce++"},
+    "rloo": {"rloo": "rloo"},
+    "grpo": {"grpo": "grpo", "dr-grpo": "dr-grpo"},
+}
+
+
+def _trainers() -> dict:
+    from rlhflab.algos.grpo import train_grpo
+    from rlhflab.algos.ppo import train_ppo
+    from rlhflab.algos.reinforce import train_reinforce
+
+    return {"ppo": train_ppo, "reinforce": train_reinforce, "rloo": train_reinforce,
+            "reinforce++": train_reinforce, "grpo": train_grpo, "dr-grpo": train_grpo}
+
+
+def add_arguments(p) -> None:
+    command = p.prog.split()[-1]
+    add_config_arguments(p, out=False)
+    p.add_argument("--out", help="output directory (required unless --resume)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier run in --out")
+    p.add_argument("--sft", help="SFT run or model directory: the initial policy and the frozen reference")
+    p.add_argument("--rm", help="reward model directory written by `rlhflab rm`")
+    p.add_argument("--reward-fn", action="append", default=[], metavar="SPEC",
+                   help="reward function: gold, length, module:function or file.py:function, "
+                        "optionally =WEIGHT (repeatable; summed with the RM)")
+    p.add_argument("--prompts", help="prompt JSONL (field 'prompt'); default: the world's RL prompts")
+    p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint")
+    variants = list(VARIANTS.get(command, {"ppo": "ppo"}))
+    if len(variants) > 1:
+        p.add_argument("--variant", choices=variants, default=variants[0],
+                       help=f"which algorithm (default {variants[0]})")
+
+
+def _model_dir(path: str) -> Path:
+    p = Path(path)
+    if (p / "model" / "config.json").is_file():
+        return p / "model"
+    if not (p / "config.json").is_file():
+        raise InputError("not an SFT run or model directory (no config.json)", file=str(p))
+    return p
+
+
+def _load_prompts(path: str, tokenizer) -> list[str]:
+    from rlhflab.data import load_jsonl
+
+    rows = load_jsonl(path, "prompt")
+    out = []
+    for row in rows:
+        prompt = row["prompt"]
+        if not isinstance(prompt, str):  # conversational: render with the chat template
+            prompt = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+        out.append(prompt)
+    if not out:
+        raise InputError("no prompts", file=path)
+    return out
+
+
+def run(args) -> int:
+    from rlhflab.artifacts import read_json
+
+    command = args.command
+    if args.resume:
+        out = Path(args.resume)
+        if not (out / "run.json").is_file() or not (out / "config.yaml").is_file():
+            raise InputError("not an RL run directory (no run.json / config.yaml)", file=str(out))
+        inputs = read_json(out / "run.json")
+        cfg = load_config(out / "config.yaml", args.overrides)
+        if inputs["algo"] not in VARIANTS.get(command, {}).values():
+            raise InputError(f"this is a {inputs['algo']} run; resume it with the matching command",
+                             file=str(out / "run.json"))
+        run_rl(cfg, inputs["algo"], out, sft=inputs["sft"], rm=inputs.get("rm"),
+               reward_fns=inputs.get("reward_fns", []), prompts=inputs.get("prompts"), resume=True)
+        return 0
+    if not args.out:
+        raise InputError("--out is required (or --resume DIR)")
+    if not args.sft:
+        raise InputError("--sft is required: the SFT policy to start from (and the reference)")
+    algo = VARIANTS[command][getattr(args, "variant", None) or next(iter(VARIANTS[command]))]
+    cfg = config_from_args(args)
+    run_rl(cfg, algo, Path(args.out), sft=args.sft, rm=args.rm, reward_fns=args.reward_fn, prompts=args.prompts,
+           overwrite=args.overwrite)
+    return 0
+
+
+def run_rl(cfg, algo: str, out: Path, *, sft: str, rm: str | None = None, reward_fns=(), prompts: str | None = None,
+           overwrite: bool = False, resume: bool = False) -> dict:
+    """One online RL run end to end; returns the summary (also ``out/metrics.json``)."""
+    from accelerate.utils import set_seed
+
+    from rlhflab.algos.online import OnlineRun, check_layout, resolve_rl_config
+    from rlhflab.artifacts import check_out_dir, prepare_out_dir, write_json
+    from rlhflab.checkpoint import read_state
+    from rlhflab.distributed import make_accelerator
+    from rlhflab.models import load_causal_lm, load_tokenizer
+    from rlhflab.rewards import build_reward
+    from rlhflab.world import World
+
+    accelerator = make_accelerator("no")
+    cfg.rl = resolve_rl_config(cfg.rl, algo)
+    check_layout(cfg.rl, accelerator.num_processes)
+    ckpt_state = None
+    if resume:
+        ckpt = out / "checkpoint"
+        if not ckpt.is_dir():
+            raise InputError("no checkpoint to resume from (set rl.save_every)", file=str(ckpt))
+        ckpt_state = read_state(ckpt)
+    else:
+        check_out_dir(out, overwrite)  # on every process, before anything is written
+    # Validate every input before writing anything.
+    sft_dir = _model_dir(sft)
+    if rm is not None and not Path(rm).is_dir():
+        raise InputError("reward model directory not found", file=rm)
+    reward = build_reward(rm, reward_fns, rm_weight=cfg.rl.rm_weight, device=accelerator.device)
+    for _, source in reward.terms:  # load the reward model now: a bad --rm fails before any write
+        getattr(source, "model", None)
+    tok = load_tokenizer(sft_dir, cfg.model.trust_remote_code)
+    world = World(cfg.world)
+    if prompts is not None:
+        prompt_pool, eval_prompts = _load_prompts(prompts, tok), None
+    else:
+        prompt_pool = [p.text for p in world.prompts(cfg.world.n_prompts, "rl")]
+        eval_prompts = world.prompts(cfg.rl.n_eval, "eval")
+    if cfg.rl.value_init == "rm" and algo == "ppo" and rm is None:
+        raise InputError("value_init rm needs --rm DIR", field="rl.value_init")
+
+    set_seed(cfg.rl.seed)
+    policy = load_causal_lm(sft_dir, tok, cfg.model.trust_remote_code)
+    reference = load_causal_lm(sft_dir, tok, cfg.model.trust_remote_code)
+    value = _make_value_model(cfg, policy, tok, rm) if algo == "ppo" else None
+
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if resume:
+            _truncate_metrics(out / "metrics.jsonl", ckpt_state["step"])
+        else:
+            prepare_out_dir(out, overwrite)
+            save_config(cfg, out / "config.yaml")
+            write_json(out / "run.json", {
+                "algo": algo, "sft": str(Path(sft).resolve()), "rm": str(Path(rm).resolve()) if rm else None,
+                "reward_fns": list(reward_fns), "prompts": str(Path(prompts).resolve()) if prompts else None})
+    accelerator.wait_for_everyone()
+
+    run = OnlineRun(cfg, algo, accelerator, policy, reference, tok, reward, prompt_pool, value_model=value,
+                    out_dir=out, world=world if eval_prompts else None, eval_prompts=eval_prompts)
+    if resume:
+        run.load_checkpoint(out / "checkpoint")
+        if accelerator.is_main_process:
+            print(f"[{algo}] resumed from step {run.state['step']} of {cfg.rl.steps}")
+    summary = _trainers()[algo](run)
+    if accelerator.is_main_process:
+        _print_summary(summary)
+    return summary
+
+
+def _make_value_model(cfg, policy, tokenizer, rm: str | None):
+    from rlhflab.algos.ppo import ValueModel
+
+    if cfg.rl.value_init == "rm":
+        from rlhflab.rewards import ModelReward
+
+        return ValueModel.from_reward_model(ModelReward(rm).model, tokenizer)
+    return ValueModel.from_causal_lm(policy)
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop metric lines written after the checkpoint (they will be recomputed)."""
+    import json
+
+    if not path.is_file():
+        return
+    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    tmp.replace(path)
+
+
+def _print_summary(s: dict) -> None:
+    def f(key):
+        v = s.get(key)
+        return f"{v:.3f}" if isinstance(v, float) else str(v)
+
+    line = (f"[{s['algo']}] {s['steps']} steps: scores {f('objective/scores')}  KL {f('objective/kl')} nats  "
+            f"beta {f('kl/beta')}  eos {f('rollout/eos_rate')}")
+    if s.get("gold/initial") is not None:
+        line += f"  gold {f('gold/initial')} -> {f('gold/final')} (best {f('gold/best')} at {s['gold/best_step']})"
+    print(line)

@@ -1,0 +1,210 @@
+"""Policy-gradient losses, aggregation, batch statistics and the shared update
+(rlhflab.algos.online) against hand-derived numbers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rlhflab.advantages import masked_whiten, reinforce_pp_advantages
+from rlhflab.algos.online import (
+    ALGO_DEFAULTS,
+    LOSS_AGGREGATIONS,
+    BatchStats,
+    Counts,
+    UpdateBatch,
+    UpdateSettings,
+    clipped_surrogate,
+    clipped_value_loss,
+    kl_status,
+    policy_gradient_loss,
+    resolve_rl_config,
+    update_policy,
+)
+from rlhflab.algos.reinforce import reinforce_advantages, sequence_returns
+from rlhflab.algos.reinforce import reinforce_pp_advantages as rpp_global
+from rlhflab.config import RLConfig
+from rlhflab.errors import InputError
+
+
+def test_clipped_surrogate_by_hand():
+    """eps = 0.2, l_t = max(-A r, -A clip(r, 0.8, 1.2)):
+
+    A=+1, r=1.5: max(-1.5, -1.2) = -1.2   clipped (no gradient)
+    A=-1, r=0.5: max( 0.5,  0.8) =  0.8   clipped
+    A=+1, r=0.5: max(-0.5, -0.8) = -0.5   not clipped
+    A=-1, r=1.5: max( 1.5,  1.2) =  1.5   not clipped
+    """
+    ratio = torch.tensor([[1.5, 0.5, 0.5, 1.5]])
+    adv = torch.tensor([[1.0, -1.0, 1.0, -1.0]])
+    old = torch.zeros(1, 4)
+    loss, r, clipped = clipped_surrogate(ratio.log(), old, adv, clip_eps=0.2)
+    torch.testing.assert_close(loss, torch.tensor([[-1.2, 0.8, -0.5, 1.5]]))
+    torch.testing.assert_close(r, ratio)
+    torch.testing.assert_close(clipped, torch.tensor([[1.0, 1.0, 0.0, 0.0]]))
+
+
+def test_asymmetric_clipping():
+    """clip-higher: A=+1, r=1.25 is clipped at 1.2 with eps_high = 0.2 (loss -1.2) but not
+    with eps_high = 0.28 (loss -1.25); the lower bound stays 0.8."""
+    lp = torch.tensor([[1.25, 0.7]]).log()
+    adv = torch.tensor([[1.0, -1.0]])
+    sym, _, _ = clipped_surrogate(lp, torch.zeros(1, 2), adv, clip_eps=0.2)
+    asym, _, _ = clipped_surrogate(lp, torch.zeros(1, 2), adv, clip_eps=0.2, clip_eps_high=0.28)
+    torch.testing.assert_close(sym, torch.tensor([[-1.2, 0.8]]))
+    torch.testing.assert_close(asym, torch.tensor([[-1.25, 0.8]]))
+
+
+def test_on_policy_surrogate_gradient_is_reinforce():
+    """At ratio 1 the gradient of l_t w.r.t. log pi(y_t) is -A_t (the REINFORCE gradient)."""
+    lp = torch.tensor([[-1.0, -2.0, -0.5]], requires_grad=True)
+    adv = torch.tensor([[0.3, -1.2, 2.0]])
+    loss, _, _ = clipped_surrogate(lp, lp.detach(), adv, clip_eps=0.2)
+    loss.sum().backward()
+    torch.testing.assert_close(lp.grad, -adv)
+
+
+def test_clipped_value_loss_by_hand():
+    """V_old = 0, eps = 0.2, R = 1:
+    V = 0.5 -> V_clip = 0.2: 0.5 * max(0.25, 0.64) = 0.32 (clipped branch larger)
+    V = 0.1 -> V_clip = 0.1: 0.5 * 0.81 = 0.405 (equal branches: not counted as clipped)
+    V = 1.5 -> V_clip = 0.2: 0.5 * max(0.25, 0.64) = 0.32
+    """
+    v = torch.tensor([[0.5, 0.1, 1.5]])
+    loss, clipped = clipped_value_loss(v, torch.zeros(1, 3), torch.ones(1, 3), clip_eps=0.2)
+    torch.testing.assert_close(loss, torch.tensor([[0.32, 0.405, 0.32]]))
+    torch.testing.assert_close(clipped, torch.tensor([[1.0, 0.0, 1.0]]))
+
+
+def test_loss_aggregations_by_hand():
+    """x = [[1, 2, 3], [4, 0, 0]], mask = [[1, 1, 1], [1, 0, 0]]: 4 tokens, 2 sequences.
+
+    token_mean = (1+2+3+4)/4 = 2.5;  seq_sum = 10/2 = 5
+    seq_mean   = (6/3 + 4/1)/2 = 3;  constant (L=5) = 10/(2*5) = 1
+    """
+    x = torch.tensor([[1.0, 2.0, 3.0], [4.0, 9.0, 9.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
+    c = Counts(n_seqs=2, n_tokens=4, max_len=5)
+    got = {k: float(f(x, mask, c)) for k, f in LOSS_AGGREGATIONS.items()}
+    assert got == {"token_mean": 2.5, "seq_sum": 5.0, "seq_mean": 3.0, "constant": 1.0}
+
+
+def test_policy_gradient_loss_adds_kl_value_and_entropy_terms():
+    """At ratio 1 with A = 0 the surrogate is 0, so the loss is exactly
+    kl_coef * k3 + vf_coef * value loss - entropy_coef * entropy (all token means)."""
+    lp = torch.tensor([[-1.0, -2.0]])
+    ref = torch.tensor([[-1.5, -1.0]])  # l = ref - lp = (-0.5, 1.0)
+    k3 = (torch.exp(ref - lp) - 1 - (ref - lp)).mean()
+    hp = UpdateSettings(kl_coef=0.1, kl_estimator="k3", entropy_coef=0.01, vf_coef=0.5, value_clip_eps=10.0)
+    ent = torch.tensor([[2.0, 4.0]])
+    values, returns = torch.tensor([[0.0, 1.0]]), torch.tensor([[1.0, 1.0]])
+    loss, sums = policy_gradient_loss(lp, lp, torch.zeros(1, 2), torch.ones(1, 2), Counts(1, 2, 2), hp,
+                                      ref_logprobs=ref, entropy=ent, values=values, old_values=values,
+                                      returns=returns)
+    expected = 0.1 * k3 + 0.5 * (0.5 * 1.0 / 2) - 0.01 * 3.0
+    assert float(loss) == pytest.approx(float(expected), rel=1e-6)
+    assert set(sums) >= {"loss/policy", "loss/kl", "loss/value", "policy/clipfrac", "policy/approxkl"}
+
+
+def test_batch_stats_equal_the_pure_functions_in_one_process():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 7, generator=g)
+    mask = (torch.rand(5, 7, generator=g) > 0.3).float()
+    stats = BatchStats()
+    torch.testing.assert_close(stats.whiten(x, mask), masked_whiten(x, mask))
+    torch.testing.assert_close(stats.whiten(x, mask, shift_mean=False), masked_whiten(x, mask, shift_mean=False))
+    # REINFORCE++ with the global statistics equals the pure single-process function.
+    lp, ref = torch.randn(5, 7, generator=g), torch.randn(5, 7, generator=g)
+    scores = torch.randn(5, generator=g)
+    mask[:, 0] = 1.0
+    from rlhflab.advantages import per_token_rewards
+
+    rewards = per_token_rewards(scores, lp - ref, mask, beta=0.1)
+    torch.testing.assert_close(rpp_global(scores, lp, ref, mask, beta=0.1, stats=stats),
+                               reinforce_pp_advantages(rewards, mask))
+
+
+def test_sequence_returns_and_baselines_by_hand():
+    """score = (1, 3), per-token k1 = (0.5, 0.5 | 1.0, pad): R = (1 - 0.1*1, 3 - 0.1*1) = (0.9, 2.9).
+    Batch mean baseline: A = R - 1.9 = (-1, 1). Broadcast on the response tokens only."""
+    lp = torch.tensor([[0.0, 0.0], [0.0, 0.0]])
+    ref = torch.tensor([[-0.5, -0.5], [-1.0, 7.0]])
+    mask = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
+    scores = torch.tensor([1.0, 3.0])
+    R = sequence_returns(scores, lp, ref, mask, beta=0.1)
+    torch.testing.assert_close(R, torch.tensor([0.9, 2.9]))
+    A = reinforce_advantages(scores, lp, ref, mask, baseline="batch", group_size=1, beta=0.1)
+    torch.testing.assert_close(A, torch.tensor([[-1.0, -1.0], [1.0, 0.0]]))
+
+
+def _tabular_setup(B=8, K=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.nn.Parameter(torch.randn(K, generator=g))
+    actions = torch.randint(0, K, (B,), generator=g)
+    adv = torch.randn(B, 1, generator=g)
+
+    def forward(idx):
+        return torch.log_softmax(logits, -1)[actions[idx]][:, None], None, None
+
+    with torch.no_grad():
+        old = forward(torch.arange(B))[0]
+    return logits, forward, UpdateBatch(old_logprobs=old, advantages=adv, mask=torch.ones(B, 1))
+
+
+def test_update_counts_steps_and_stops_on_target_kl():
+    """epochs x minibatches optimizer steps; a tiny target_kl stops after the first step
+    whose minibatch already moved (the first minibatch is exactly on-policy: approx-KL 0)."""
+    for target, expected in ((None, 6), (1e-12, 2)):
+        logits, forward, batch = _tabular_setup()
+        opt = torch.optim.SGD([logits], lr=0.5)
+
+        def step(opt=opt):
+            opt.step()
+            opt.zero_grad()
+            return 0.0
+
+        hp = UpdateSettings(epochs=3, num_minibatches=2, target_kl=target)
+        out = update_policy(batch, forward, step, hp, BatchStats(), torch.Generator().manual_seed(0))
+        assert out["policy/updates"] == expected
+        assert out["policy/early_stopped"] == float(target is not None)
+
+
+@pytest.mark.parametrize("agg", ["token_mean", "seq_mean", "seq_sum"])
+def test_micro_batches_accumulate_to_the_minibatch_gradient(agg):
+    """Micro-batches of 2 accumulate exactly the gradient of the minibatch of 8: every
+    micro-batch's loss is divided by the minibatch's counts, not its own."""
+    grads = []
+    for micro in (None, 2):
+        logits, forward, batch = _tabular_setup()
+        hp = UpdateSettings(micro_batch_size=micro, loss_agg=agg)
+        captured = []
+
+        def step(logits=logits, captured=captured):
+            captured.append(logits.grad.clone())
+            logits.grad = None
+            return 0.0
+
+        update_policy(batch, forward, step, hp, BatchStats(), torch.Generator().manual_seed(0))
+        grads.append(captured[0])
+    torch.testing.assert_close(grads[0], grads[1])
+
+
+def test_kl_status_thresholds():
+    assert [kl_status(k, 8, 15) for k in (0.5, 8.0, 8.1, 15.0, 15.1)] == \
+        ["ok", "ok", "caution", "caution", "warning"]
+
+
+def test_resolve_fills_algorithm_defaults_and_names_bad_fields():
+    rl = resolve_rl_config(RLConfig(), "grpo")
+    assert (rl.samples_per_prompt, rl.kl_in, rl.kl_estimator, rl.scale_std, rl.loss_agg) == \
+        (8, "loss", "k3", True, "seq_mean")
+    dr = resolve_rl_config(RLConfig(), "dr-grpo")
+    assert (dr.scale_std, dr.loss_agg) == (False, "constant")
+    assert resolve_rl_config(RLConfig(epochs=2), "ppo").epochs == 2  # explicit values win
+    assert set(ALGO_DEFAULTS) == {"ppo", "reinforce", "rloo", "reinforce++", "grpo", "dr-grpo"}
+    with pytest.raises(InputError, match="rl.kl_in"):
+        resolve_rl_config(RLConfig(kl_in="both"), "ppo")
+    with pytest.raises(InputError, match="rl.batch_size"):
+        resolve_rl_config(RLConfig(batch_size=10), "grpo")
+    with pytest.raises(InputError, match="rl.samples_per_prompt"):
+        resolve_rl_config(RLConfig(samples_per_prompt=1), "rloo")
