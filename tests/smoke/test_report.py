@@ -39,9 +39,9 @@ def _fake_run(run):
              "gold/mean": 0.5 + 0.1 * s - 0.008 * s * s} for s in range(1, 15)]
     (run / "ppo" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (run / "rm_eval" / "rm_eval.json").write_text(json.dumps({
-        "accuracy": 0.71, "calibration": {"ece": 0.04, "reliability": [
-            {"confidence": 0.55, "accuracy": 0.52}, {"confidence": 0.75, "accuracy": 0.73},
-            {"confidence": 0.95, "accuracy": 0.9}]}}))
+        "accuracy/labels": 0.71, "calibration/ece": 0.04, "calibration/reliability": [
+            {"p_mean": 0.55, "frequency": 0.52}, {"p_mean": 0.75, "frequency": 0.73},
+            {"p_mean": 0.95, "frequency": 0.9}]}))
     ev = {"gold/mean": 1.1, "base/gold/mean": 0.8, "kl/sequence_mean": 4.2, "win_rate/gold": 0.6,
           "win_rate/gold_ci_low": 0.54, "win_rate/gold_ci_high": 0.66, "length/mean": 9.0, "base/length/mean": 8.0,
           "overopt/fit_alpha": 0.4, "overopt/fit_beta_g": 0.2, "overopt/fit_kl_peak": 5.0, "overopt/fit_r2": 0.9,

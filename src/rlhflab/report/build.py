@@ -65,15 +65,17 @@ def section_reward_model(run: Path) -> str:
     ev = _load(run / "rm_eval" / "rm_eval.json")
     if not ev:
         return "<p><em>no reward-model evaluation in this run</em></p>"
-    flat = {k: v for k, v in ev.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    rows = [[k, v] for k, v in sorted(flat.items())]
+    from rlhflab.commands.eval_rm import SHOWN
+
+    rows = [[label, ev[key]] for key, label in SHOWN if isinstance(ev.get(key), (int, float))]
     parts = [table(["reading", "value"], rows)]
-    rel = ev.get("calibration", {}).get("reliability") if isinstance(ev.get("calibration"), dict) else None
+    rel = ev.get("calibration/reliability")
     if isinstance(rel, list) and rel and isinstance(rel[0], dict):
-        xs = [_num(r.get("confidence", r.get("predicted"))) for r in rel]
-        ys = [_num(r.get("accuracy", r.get("observed"))) for r in rel]
-        parts.append(line_plot({"perfect calibration": ([0.5, 1.0], [0.5, 1.0])}, points={"observed": (xs, ys)},
-                               title="RM calibration", xlabel="predicted P(chosen)", ylabel="observed frequency"))
+        xs = [_num(r.get("p_mean")) for r in rel]
+        ys = [_num(r.get("frequency")) for r in rel]
+        parts.append(line_plot({"perfect calibration": ([0.0, 1.0], [0.0, 1.0])}, points={"observed": (xs, ys)},
+                               title="RM calibration (held-out votes)", xlabel="predicted P(chosen)",
+                               ylabel="observed frequency"))
     return "\n".join(parts)
 
 
