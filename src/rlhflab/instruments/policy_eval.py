@@ -46,13 +46,20 @@ def measure_policy_on_world(model, tokenizer, world, prompts: list[Prompt], gen,
 
 
 def _sequence_logps(model, ids, attn, response_start: int, response_mask, temperature: float = 1.0):
-    """Sum of response-token log-probs per row: ids (B, P+R), response tokens from column P."""
+    """Sum of response-token log-probs per row: ids (B, P+R), response tokens from column P.
+
+    Prompts are left-padded, so positions are counted over attended tokens only, as
+    ``generate`` counts them: with the default 0..T-1 a padded row would be scored by a
+    position-shifted model, not the one that sampled it, and the KL estimate would be biased
+    (even negative).
+    """
     import torch
 
     from rlhflab.logprobs import token_logprobs
 
+    position_ids = (attn.long().cumsum(-1) - 1).clamp(min=0)
     with torch.no_grad():
-        logits = model(input_ids=ids, attention_mask=attn).logits
+        logits = model(input_ids=ids, attention_mask=attn, position_ids=position_ids).logits
     lp = token_logprobs(logits, ids, temperature)[:, response_start:]
     return (lp * response_mask).sum(-1)
 

@@ -1,0 +1,397 @@
+"""Direct preference optimization and its family on a causal LM: one loop for all seven.
+
+Paired losses (DPO, cDPO, IPO, hinge; reference-free SimPO, ORPO) train on (x, y_w, y_l);
+KTO trains on unpaired (x, y, desirable) examples. Every loss is a pure function of
+``rlhflab.losses`` taking per-sequence SUMMED response log-probs; the loop below only
+computes those log-probs and normalizes.
+
+Where this departs from the papers and from TRL:
+
+- Global normalization: the losses return a mean over the pairs they are given; the loss
+  of every micro-batch is rescaled by (its pairs) / (pairs of the whole global batch) and
+  multiplied by the number of processes (DDP averages gradients), so gradient accumulation
+  and data parallelism compute exactly the gradient of one batch of ``batch_size`` pairs.
+  The metrics of a step are computed by calling the same loss function once on the
+  detached log-probs of the whole global batch, gathered from every process.
+- KTO's reference point z0 (the KL estimate from mismatched pairs) is computed over the
+  whole global batch in a no-grad pass before the gradient pass, so it too is the same
+  whatever the micro-batching and the number of processes. Each example's mismatched
+  partner (its prompt with another example's response) is fixed once per dataset by a
+  seeded permutation, so the reference's log-prob of it can be cached like the others.
+- Chosen and rejected go through the model in one forward pass (concatenated along the
+  batch, padded together); ``micro_batch_size`` is the memory knob.
+- Reference log-probs are computed once before training (``precompute_ref_logps``,
+  default) and the reference model is then released, or computed every step by the frozen
+  reference. Either way the reference is a deep copy of the starting policy, never
+  optimized (``requires_grad`` off, eval mode). Held-out and reference log-prob passes are
+  replicated on every process (each needs them all; they are small).
+- Dropout of the policy is switched off: with it the same sequence would get a different
+  log-prob at every pass, and the log-ratio to the reference would be noise at step 0.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+
+from rlhflab.algos.sft import lr_lambda
+from rlhflab.data import Tokenized, collate_sft, render, tokenize_pair, tokenize_preference
+from rlhflab.distributed import make_accelerator
+from rlhflab.logprobs import token_logprobs
+from rlhflab.losses import (
+    PREFERENCE_LOSSES,
+    REFERENCE_FREE_LOSSES,
+    UNPAIRED_LOSSES,
+    kto_reference_point,
+)
+from rlhflab.progress import progress_bar
+from rlhflab.tracking import MetricsLog
+
+# Per loss: its keyword hyper-parameters from a DPOConfig (names as in losses.py).
+LOSS_HPARAMS: dict[str, Callable[..., dict]] = {
+    "dpo": lambda c: {"beta": c.beta},
+    "cdpo": lambda c: {"beta": c.beta, "label_smoothing": c.label_smoothing},
+    "ipo": lambda c: {"tau": c.beta},
+    "hinge": lambda c: {"beta": c.beta},
+    "simpo": lambda c: {"beta": c.beta, "gamma": c.simpo_gamma},
+    "orpo": lambda c: {"lam": c.beta},
+    "kto": lambda c: {"beta": c.beta, "desirable_weight": c.kto_desirable_weight,
+                      "undesirable_weight": c.kto_undesirable_weight},
+}
+LOSSES: tuple[str, ...] = tuple(LOSS_HPARAMS)
+
+
+def needs_reference(loss: str) -> bool:
+    return loss not in REFERENCE_FREE_LOSSES
+
+
+# --------------------------------------------------------------------------- data
+
+
+@dataclass
+class PairExample:
+    """A comparison: chosen and rejected share their prompt ids. ref_* are cached
+    reference log-probs (summed over response tokens), nan until computed."""
+
+    chosen: Tokenized
+    rejected: Tokenized
+    ref_chosen: float = math.nan
+    ref_rejected: float = math.nan
+
+    def sequences(self) -> list[Tokenized]:
+        return [self.chosen, self.rejected]
+
+
+@dataclass
+class UnpairedExample:
+    """A KTO example, with its mismatched partner (this prompt, another example's response)."""
+
+    example: Tokenized
+    mismatched: Tokenized
+    desirable: bool
+    ref: float = math.nan
+    ref_mismatched: float = math.nan
+
+    def sequences(self) -> list[Tokenized]:
+        return [self.example, self.mismatched]
+
+
+def _response(x: Tokenized) -> list[int]:
+    return x.input_ids[x.n_prompt:]
+
+
+def tokenize_pairs(rows: list[dict], tokenizer, max_length: int) -> tuple[list[PairExample], dict]:
+    """Preference rows -> PairExamples, with the truncation counts.
+
+    Truncation (``data.tokenize_responses``): the prompt loses its start, the same for
+    both answers; then an answer too long loses its end. A pair whose two answers are
+    identical after truncation (they differed only past ``max_length``) carries no
+    preference and is dropped. Stats: ``data/pairs``, ``data/truncated`` (pairs cut),
+    ``data/dropped`` (pairs dropped).
+    """
+    out, truncated, dropped = [], 0, 0
+    for row in rows:
+        chosen, rejected = tokenize_preference(row, tokenizer, max_length)
+        truncated += chosen.truncated or rejected.truncated
+        if _response(chosen) == _response(rejected):
+            dropped += 1
+            continue
+        out.append(PairExample(chosen, rejected))
+    return out, {"data/pairs": len(rows), "data/truncated": truncated, "data/dropped": dropped}
+
+
+def tokenize_unpaired(rows: list[dict], tokenizer, max_length: int, seed: int = 0
+                      ) -> tuple[list[UnpairedExample], dict]:
+    """Unpaired rows (``label`` true = desirable) -> UnpairedExamples, with truncation counts.
+    EOS is appended unless the row has ``completion_eos`` false.
+
+    The mismatched partner of example i is example perm[k+1]'s response, where perm[k] = i
+    (a seeded permutation, shifted by one), rendered and truncated like the example.
+    """
+    if len(rows) < 2:
+        raise ValueError("KTO needs at least 2 examples (one to mismatch with another)")
+    perm = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed)).tolist()
+    partner = {perm[k]: perm[(k + 1) % len(perm)] for k in range(len(perm))}
+    out, truncated = [], 0
+    for i, row in enumerate(rows):
+        eos = row.get("completion_eos", True) is not False  # false: cut at the token limit
+        x = tokenize_pair(*render(row["prompt"], row["completion"], tokenizer), tokenizer, max_length, eos)
+        other = rows[partner[i]]
+        m = tokenize_pair(*render(row["prompt"], other["completion"], tokenizer), tokenizer, max_length,
+                          other.get("completion_eos", True) is not False)
+        truncated += x.truncated
+        out.append(UnpairedExample(x, m, bool(row["label"])))
+    n_good = sum(e.desirable for e in out)
+    return out, {"data/examples": len(rows), "data/truncated": truncated, "data/dropped": 0,
+                 "data/desirable": n_good, "data/undesirable": len(out) - n_good}
+
+
+# ------------------------------------------------------------------ log-probs
+
+
+def sequence_logps(model, seqs: list[Tokenized], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed response-token log-probs and response lengths of ``seqs``, one forward pass.
+
+    Returns two (N,) tensors: sum_t log pi(y_t | x, y_<t) over response tokens (EOS
+    included), and the number of response tokens.
+    """
+    batch = collate_sft(seqs, pad_id)
+    ids = batch["input_ids"].to(device)
+    logits = model(input_ids=ids, attention_mask=batch["attention_mask"].to(device)).logits
+    mask = batch["response_mask"].to(device)
+    return (token_logprobs(logits, ids) * mask).sum(-1), mask.sum(-1)
+
+
+def attach_reference_logps(reference, examples: list, pad_id: int, device, batch_size: int = 64) -> None:
+    """Cache the reference's log-probs on every example (both of its sequences).
+
+    Chunked exactly as ``evaluate`` chunks (chosen then rejected of ``batch_size`` pairs per
+    pass), so that at step 0 the held-out log-ratios are exactly 0, not float noise.
+    """
+    was = reference.training
+    reference.eval()
+    with torch.no_grad():
+        for chunk in _chunks(examples, batch_size):
+            n = len(chunk)
+            if isinstance(chunk[0], PairExample):
+                lp = sequence_logps(reference, [e.chosen for e in chunk] + [e.rejected for e in chunk],
+                                    pad_id, device)[0].float().tolist()
+                for e, c, r in zip(chunk, lp[:n], lp[n:]):
+                    e.ref_chosen, e.ref_rejected = c, r
+            else:
+                own = sequence_logps(reference, [e.example for e in chunk], pad_id, device)[0].tolist()
+                mism = sequence_logps(reference, [e.mismatched for e in chunk], pad_id, device)[0].tolist()
+                for e, a, b in zip(chunk, own, mism):
+                    e.ref, e.ref_mismatched = a, b
+    reference.train(was)
+
+
+def freeze(model) -> torch.nn.Module:
+    """The reference: eval mode, no gradients, never handed to an optimizer."""
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def disable_dropout(model) -> None:
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+
+
+# ------------------------------------------------------------ loss on a batch
+
+
+def _has_reference(e) -> bool:
+    return not math.isnan(e.ref_chosen if isinstance(e, PairExample) else e.ref)
+
+
+def _ref_tensor(values: list[float], device) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.float32, device=device)
+
+
+def _paired_terms(loss_name, model, reference, micro: list[PairExample], pad_id, device):
+    """Policy log-probs of chosen and rejected (one forward pass, with gradients) and the
+    loss's third and fourth arguments: reference log-probs, or lengths if reference-free."""
+    n = len(micro)
+    seqs = [e.chosen for e in micro] + [e.rejected for e in micro]
+    logps, lengths = sequence_logps(model, seqs, pad_id, device)
+    if loss_name in REFERENCE_FREE_LOSSES:
+        third, fourth = lengths[:n], lengths[n:]
+    elif reference is not None:
+        with torch.no_grad():
+            ref, _ = sequence_logps(reference, seqs, pad_id, device)
+        third, fourth = ref[:n].float(), ref[n:].float()
+    else:
+        third = _ref_tensor([e.ref_chosen for e in micro], device)
+        fourth = _ref_tensor([e.ref_rejected for e in micro], device)
+    return logps[:n].float(), logps[n:].float(), third, fourth
+
+
+def _unpaired_terms(model, reference, micro: list[UnpairedExample], pad_id, device, mismatched: bool):
+    """Policy and reference log-probs of the examples (or of their mismatched partners)."""
+    seqs = [e.mismatched if mismatched else e.example for e in micro]
+    logps, _ = sequence_logps(model, seqs, pad_id, device)
+    if reference is not None:
+        with torch.no_grad():
+            ref = sequence_logps(reference, seqs, pad_id, device)[0].float()
+    else:
+        ref = _ref_tensor([e.ref_mismatched if mismatched else e.ref for e in micro], device)
+    return logps.float(), ref
+
+
+def _chunks(items: list, size: int):
+    for i in range(0, len(items), size):
+        yield items[i:i + size]
+
+
+@torch.no_grad()
+def evaluate(loss_name: str, hp: dict, model, reference, examples: list, pad_id: int, device,
+             batch_size: int = 64) -> dict[str, float]:
+    """Loss and metrics of ``loss_name`` on held-out examples, keys prefixed ``eval/``."""
+    was = model.training
+    model.eval()
+    if loss_name in UNPAIRED_LOSSES:
+        parts = [(*_unpaired_terms(model, reference, c, pad_id, device, False),
+                  *_unpaired_terms(model, reference, c, pad_id, device, True))
+                 for c in _chunks(examples, batch_size)]
+        pol, ref, pol_m, ref_m = (torch.cat([p[i] for p in parts]) for i in range(4))
+        desirable = torch.tensor([e.desirable for e in examples], device=pol.device)
+        z0 = kto_reference_point(pol_m, ref_m)
+        loss, metrics = UNPAIRED_LOSSES[loss_name](pol, ref, desirable, z0, **hp)
+    else:
+        parts = [_paired_terms(loss_name, model, reference, c, pad_id, device)
+                 for c in _chunks(examples, batch_size)]
+        args = [torch.cat([p[i] for p in parts]) for i in range(4)]
+        loss, metrics = PREFERENCE_LOSSES[loss_name](*args, **hp)
+    model.train(was)
+    return {"eval/loss": loss.item(), **{f"eval/{k}": v for k, v in metrics.items()}}
+
+
+# --------------------------------------------------------------------------- training
+
+
+def train_dpo(cfg, model, reference, tokenizer, train: list, held_out: list,
+              out_dir: Path | None = None, accelerator: Accelerator | None = None,
+              monitor: Callable[[int, torch.nn.Module], dict] | None = None) -> dict:
+    """Train ``model`` in place with ``cfg.loss``; returns the summary metrics.
+
+    ``cfg`` is a DPOConfig. ``reference`` is the frozen reference model, or None when the
+    examples carry cached reference log-probs (``attach_reference_logps``) or the loss is
+    reference-free. ``monitor(step, policy)``, called on the main process at step 0, every
+    ``world_eval_every`` steps and at the end, returns extra metrics to log (the world's
+    gold utility and sampled KL).
+    """
+    accelerator = accelerator or make_accelerator(cfg.mixed_precision)
+    W, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
+    name, hp = cfg.loss, LOSS_HPARAMS[cfg.loss](cfg)
+    unpaired = name in UNPAIRED_LOSSES
+    B = cfg.batch_size
+    micro = cfg.micro_batch_size or B // W
+    if B % W or (B // W) % micro:
+        raise ValueError(f"dpo.batch_size {B} must split into {W} processes x micro-batches of {micro}")
+    if len(train) < B:
+        raise ValueError(f"{len(train)} training examples are fewer than one batch of {B}")
+    cached = reference is None
+    if needs_reference(name) and cached and not all(_has_reference(e) for e in train + held_out):
+        raise ValueError(f"{name} needs a reference model or cached reference log-probs")
+    if reference is not None:
+        reference = freeze(reference).to(device)
+    pad_id = tokenizer.pad_token_id
+    total_steps = cfg.max_steps or max(1, int(cfg.epochs * (len(train) // B)))
+
+    disable_dropout(model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    warmup = int(cfg.warmup_ratio * total_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.lr_schedule, warmup, total_steps))
+    model, optimizer = accelerator.prepare(model, optimizer)  # scheduler stepped by hand
+    policy = accelerator.unwrap_model(model)  # same parameters, for no-grad passes
+    log = MetricsLog(out_dir / "metrics.jsonl" if out_dir else None, enabled=accelerator.is_main_process)
+    loss_fn = UNPAIRED_LOSSES[name] if unpaired else PREFERENCE_LOSSES[name]
+
+    def run_monitor(step: int) -> dict:
+        extra = monitor(step, policy) if monitor is not None and accelerator.is_main_process else {}
+        accelerator.wait_for_everyone()
+        return extra
+
+    gen = torch.Generator().manual_seed(cfg.seed)
+    order: list[int] = []
+    start = time.perf_counter()
+    model.train()
+    eval_metrics = evaluate(name, hp, policy, reference, held_out, pad_id, device) if held_out else {}
+    initial_eval = dict(eval_metrics)
+    log.log({**eval_metrics, **run_monitor(0)}, step=0)
+    metrics: dict = {}
+    with progress_bar(total_steps, name, enabled=accelerator.is_main_process) as bar:
+        for step in range(1, total_steps + 1):
+            if len(order) < B:  # a new epoch: a fresh permutation, the same on every process
+                order = torch.randperm(len(train), generator=gen).tolist()
+            batch_idx, order = order[:B], order[B:]
+            shard = [train[i] for i in batch_idx[rank * (B // W):(rank + 1) * (B // W)]]
+            z0 = None
+            if unpaired:  # KTO's reference point over the whole global batch, no gradient
+                with torch.no_grad():
+                    parts = [_unpaired_terms(policy, reference, c, pad_id, device, True)
+                             for c in _chunks(shard, micro)]
+                z0 = kto_reference_point(accelerator.gather(torch.cat([p[0] for p in parts])),
+                                         accelerator.gather(torch.cat([p[1] for p in parts])))
+            kept: list[list[torch.Tensor]] = []
+            for m in range(0, len(shard), micro):
+                chunk = shard[m:m + micro]
+                last = m + micro >= len(shard)
+                with accelerator.no_sync(model) if not last else contextlib.nullcontext():
+                    with accelerator.autocast():
+                        if unpaired:
+                            pol, ref = _unpaired_terms(model, reference, chunk, pad_id, device, False)
+                            desirable = torch.tensor([e.desirable for e in chunk], device=device)
+                            args = [pol, ref, desirable]
+                            loss, _ = loss_fn(pol, ref, desirable, z0, **hp)
+                        else:
+                            args = list(_paired_terms(name, model, reference, chunk, pad_id, device))
+                            loss, _ = loss_fn(*args, **hp)
+                    # The loss is a mean over this chunk: weight it by the chunk's share of
+                    # the global batch; DDP then averages over W processes, hence * W.
+                    accelerator.backward(loss * (len(chunk) * W / B))
+                kept.append([a.detach().float() for a in args])  # gather() wants no bools
+            grad_norm = (accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                         if cfg.max_grad_norm > 0 else torch.tensor(float("nan")))
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+
+            # Metrics of the whole global batch: the same loss function on gathered values.
+            gathered = [accelerator.gather(torch.cat([k[i] for k in kept])) for i in range(len(kept[0]))]
+            if unpaired:
+                gathered[2] = gathered[2] > 0.5  # is_desirable back to bool
+            with torch.no_grad():
+                step_loss, step_metrics = loss_fn(*gathered, z0, **hp) if unpaired else loss_fn(*gathered, **hp)
+            metrics = {"train/loss": step_loss.item(), **step_metrics,
+                       "train/lr": scheduler.get_last_lr()[0], "train/grad_norm": float(grad_norm)}
+            if step % cfg.eval_every == 0 or step == total_steps:
+                eval_metrics = evaluate(name, hp, policy, reference, held_out, pad_id, device) if held_out else {}
+                metrics.update(eval_metrics)
+            world_every = cfg.world_eval_every
+            measured = step == total_steps or (world_every > 0 and step % world_every == 0)
+            if measured:
+                metrics.update(run_monitor(step))
+            if step % cfg.log_every == 0 or measured or "eval/loss" in metrics:
+                log.log(metrics, step=step)
+            bar.update(loss=metrics["train/loss"], acc=metrics.get("rewards/accuracies", float("nan")),
+                       margin=metrics.get("rewards/margins", float("nan")),
+                       eval_acc=eval_metrics.get("eval/rewards/accuracies", float("nan")))
+    log.close()
+    summary = {k: v for k, v in metrics.items()}
+    summary.update({f"{k}_initial": v for k, v in initial_eval.items() if k in ("eval/loss", "eval/rewards/accuracies")})
+    summary.update({"train/steps": total_steps, "train/examples": len(train),
+                    "train/seconds": time.perf_counter() - start, "train/processes": W,
+                    "dpo/loss": name, "dpo/reference": "none" if not needs_reference(name)
+                    else ("cached" if cached else "on_the_fly")})
+    return summary
