@@ -29,3 +29,13 @@ def subprocess_env() -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(SRC) + os.pathsep + env.get("PYTHONPATH", "")
     return env
+
+
+def free_port() -> str:
+    """A TCP port free on loopback right now, for a 2-process run's rendezvous (a fixed port
+    could clash with another run on the same machine)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])

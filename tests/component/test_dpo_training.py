@@ -22,7 +22,7 @@ from rlhflab.config import load_config
 from rlhflab.data import pairs_to_unpaired
 from rlhflab.models import create_causal_lm, save_pretrained_atomic
 from rlhflab.world import World
-from tests.conftest import subprocess_env
+from tests.conftest import free_port, subprocess_env
 
 
 @pytest.fixture(autouse=True)
@@ -163,7 +163,7 @@ def test_two_process_cpu_run_matches_one_process(setup, tmp_path, tiny_config_pa
               "--set", "dpo.lr=2e-3"]
     accelerate = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                   "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                  "--main_process_port", "29531"]
+                  "--main_process_port", free_port()]
     _run(common + ["--out", str(tmp_path / "dp")], accelerate)
     _run(common + ["--out", str(tmp_path / "sp")], [sys.executable])
 

@@ -23,7 +23,7 @@ from rlhflab.models import load_causal_lm, load_tokenizer
 from rlhflab.rewards import build_reward
 from rlhflab.world import World
 from tests.component.test_rl_rollout import tiny_policy_dir
-from tests.conftest import ROOT, subprocess_env
+from tests.conftest import ROOT, free_port, subprocess_env
 
 TINY = ROOT / "configs" / "tiny.yaml"
 
@@ -138,7 +138,7 @@ def test_two_process_cpu_run_matches_one_process(tmp_path, policy_dir):
               "--set", "rl.lr=3e-3"]
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-              "--main_process_port", "29563", "-m", "rlhflab.cli"]
+              "--main_process_port", free_port(), "-m", "rlhflab.cli"]
     proc = subprocess.run(launch + common + ["--out", str(tmp_path / "dp")], env=_env(),
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

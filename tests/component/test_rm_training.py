@@ -130,7 +130,7 @@ def test_two_process_cpu_run_matches_one_process(setup, tmp_path, tiny_config_pa
     import subprocess
     import sys
 
-    from tests.conftest import subprocess_env
+    from tests.conftest import free_port, subprocess_env
 
     _, _, backbone = setup
     common = ["--config", str(tiny_config_path), "--world-pairs", "--set", f"rm.backbone={backbone}",
@@ -138,7 +138,7 @@ def test_two_process_cpu_run_matches_one_process(setup, tmp_path, tiny_config_pa
     env = {**subprocess_env(), "OMP_NUM_THREADS": "1"}
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-              "--main_process_port", "29541"]
+              "--main_process_port", free_port()]
     for name, launcher in (("dp", launch), ("sp", [sys.executable])):
         proc = subprocess.run(launcher + ["-m", "rlhflab.cli", "rm", *common, "--out", str(tmp_path / name)],
                               env=env, capture_output=True, text=True, timeout=600)

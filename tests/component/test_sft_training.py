@@ -10,7 +10,7 @@ from rlhflab.algos.sft import tokenize_rows, train_sft
 from rlhflab.config import load_config
 from rlhflab.models import create_causal_lm
 from rlhflab.world import World
-from tests.conftest import subprocess_env
+from tests.conftest import free_port, subprocess_env
 
 
 def _train(cfg, micro):
@@ -67,7 +67,7 @@ def test_two_process_cpu_run_matches_one_process(tmp_path, tiny_config_path):
               "--set", "sft.n_samples=8"]
     accelerate = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                   "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                  "--main_process_port", "29517"]
+                  "--main_process_port", free_port()]
     _run_sft(common + ["--out", str(tmp_path / "dp")], accelerate)
     _run_sft(common + ["--out", str(tmp_path / "sp")], [sys.executable])
 
