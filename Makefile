@@ -27,8 +27,10 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
+# Peer benchmarks against TRL (installs it into .venv-bench once); not part of `make test`.
+# e.g. make bench BENCH_ARGS="--stages sft,dpo --repeats 5"
 bench: $(STAMP)
-	$(BIN)/python bench/run.py
+	$(BIN)/python bench/run.py $(BENCH_ARGS)
 
 clean:
 	rm -rf runs build *.egg-info src/*.egg-info

@@ -1,0 +1,172 @@
+"""One rlhflab measurement, run in the project's ``.venv``.
+
+``python bench/children/rlhflab_child.py SPEC.json``; prints ``RESULT {...}``. Calls the
+project's training loops (the functions its commands call) with the settings of the spec,
+timing the training loop only: loading, tokenization and saving are outside the clock, as
+they are for TRL (``trainer.train()`` after the trainer has tokenized its dataset).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common import cpu_seconds, emit, read_jsonl, read_spec, rss_mb, setup  # noqa: E402
+
+spec = read_spec()
+setup(spec["threads"])
+
+from rlhflab.config import Config  # noqa: E402
+from rlhflab.models import load_causal_lm, load_tokenizer, save_pretrained_atomic  # noqa: E402
+
+
+def load(spec: dict):
+    tok = load_tokenizer(spec["model"])
+    return load_causal_lm(spec["model"], tok), tok
+
+
+def run_sft(spec: dict) -> dict:
+    import rlhflab.algos.sft as sft_module
+    from rlhflab.algos.sft import tokenize_rows, train_sft
+
+    if "pass_cost" in spec:  # bench/sft_grouping.py: 1e12 = one pass per batch (no length grouping)
+        sft_module.PASS_COST_TOKENS = spec["pass_cost"]
+
+    cfg = Config().sft
+    cfg.lr, cfg.batch_size, cfg.max_steps = spec["lr"], spec["batch_size"], spec["steps"]
+    cfg.max_length, cfg.seed, cfg.lr_schedule = spec["max_length"], spec["seed"], spec.get("schedule", "cosine")
+    cfg.warmup_ratio, cfg.max_grad_norm = spec.get("warmup_ratio", 0.05), spec.get("max_grad_norm", 1.0)
+    cfg.eval_every = cfg.log_every = 10
+    model, tok = load(spec)
+    rows = read_jsonl(spec["data"])[: spec["steps"] * spec["batch_size"]]
+    train, _ = tokenize_rows(rows, tok, cfg.max_length)
+    rss0 = rss_mb()
+    t0, c0 = time.perf_counter(), cpu_seconds()
+    train_sft(cfg, model, tok, train, [], None)
+    seconds, cpu = time.perf_counter() - t0, cpu_seconds() - c0
+    save_pretrained_atomic(model, tok, Path(spec["out"]) / "model")
+    samples = spec["steps"] * spec["batch_size"]
+    return {"samples": samples, "train_seconds": seconds, "rss_before_train_mb": rss0,
+            "samples_per_s": samples / seconds, "cpu_seconds": cpu}
+
+
+def run_rm(spec: dict) -> dict:
+    from rlhflab.algos.reward_model import rows_to_groups, tokenize_groups, train_reward_model
+    from rlhflab.reward_model import create_reward_model
+
+    cfg = Config().rm
+    cfg.lr, cfg.batch_size, cfg.max_steps = spec["lr"], spec["batch_size"], spec["steps"]
+    cfg.max_length, cfg.seed, cfg.lr_schedule = spec["max_length"], spec["seed"], spec.get("schedule", "cosine")
+    cfg.warmup_ratio, cfg.max_grad_norm = spec.get("warmup_ratio", 0.05), spec.get("max_grad_norm", 1.0)
+    cfg.log_every = 10
+    model, tok = create_reward_model(spec["model"], seed=spec["seed"])
+    groups, _ = rows_to_groups(read_jsonl(spec["data"])[: spec["steps"] * spec["batch_size"]])
+    tokenize_groups(groups, tok, cfg.max_length)
+    rss0 = rss_mb()
+    t0, c0 = time.perf_counter(), cpu_seconds()
+    train_reward_model(cfg, model, tok, groups, [], None)
+    seconds, cpu = time.perf_counter() - t0, cpu_seconds() - c0
+    samples = spec["steps"] * spec["batch_size"]
+    return {"samples": samples, "train_seconds": seconds, "rss_before_train_mb": rss0,
+            "samples_per_s": samples / seconds, "cpu_seconds": cpu}
+
+
+def run_preference(spec: dict) -> dict:
+    """DPO or KTO as ``rlhflab dpo`` runs them: reference log-probs computed once (timed:
+    it is part of the training cost), then the loop without a reference model."""
+    import copy
+
+    from rlhflab.algos.dpo import (
+        attach_reference_logps,
+        tokenize_pairs,
+        tokenize_unpaired,
+        train_dpo,
+    )
+    from rlhflab.data import pairs_to_unpaired
+
+    cfg = Config().dpo
+    cfg.loss = "kto" if spec["stage"] == "kto" else "dpo"
+    cfg.lr, cfg.beta, cfg.batch_size, cfg.max_steps = spec["lr"], spec["beta"], spec["batch_size"], spec["steps"]
+    cfg.max_length, cfg.seed, cfg.lr_schedule = spec["max_length"], spec["seed"], spec.get("schedule", "cosine")
+    cfg.warmup_ratio, cfg.max_grad_norm = spec.get("warmup_ratio", 0.1), spec.get("max_grad_norm", 1.0)
+    cfg.eval_every, cfg.log_every, cfg.world_eval_every = 10**9, 10, -1
+    model, tok = load(spec)
+    n_pairs = spec["steps"] * spec["batch_size"] // (2 if cfg.loss == "kto" else 1)
+    rows = read_jsonl(spec["data"])[:n_pairs]
+    if cfg.loss == "kto":
+        examples, _ = tokenize_unpaired(pairs_to_unpaired(rows), tok, cfg.max_length, cfg.seed)
+    else:
+        examples, _ = tokenize_pairs(rows, tok, cfg.max_length)
+    rss0 = rss_mb()
+    t0, c0 = time.perf_counter(), cpu_seconds()
+    reference = copy.deepcopy(model)
+    attach_reference_logps(reference, examples, tok.pad_token_id, "cpu")
+    del reference
+    t_pre = time.perf_counter() - t0
+    train_dpo(cfg, model, None, tok, examples, [], None)
+    seconds, cpu = time.perf_counter() - t0, cpu_seconds() - c0
+    save_pretrained_atomic(model, tok, Path(spec["out"]) / "model")
+    samples = spec["steps"] * spec["batch_size"]
+    return {"samples": samples, "train_seconds": seconds, "precompute_seconds": t_pre, "rss_before_train_mb": rss0,
+            "samples_per_s": samples / seconds, "cpu_seconds": cpu}
+
+
+def run_online(spec: dict) -> dict:
+    """GRPO, RLOO or PPO through ``OnlineRun`` as ``rlhflab grpo/rloo/ppo`` builds it, with
+    the world's gold utility as the reward (PPO: the reward model of the spec)."""
+    from common import Instrument
+
+    from rlhflab.algos.grpo import train_grpo
+    from rlhflab.algos.online import OnlineRun, resolve_rl_config
+    from rlhflab.algos.ppo import ValueModel, train_ppo
+    from rlhflab.algos.reinforce import train_reinforce
+    from rlhflab.distributed import make_accelerator
+    from rlhflab.rewards import build_reward
+
+    algo = spec["stage"]
+    cfg = Config()
+    g = cfg.generation
+    g.max_new_tokens, g.temperature, g.top_k, g.top_p = spec["max_new_tokens"], 1.0, 0, 1.0
+    g.batch_size = spec["batch_size"]  # one generate call per rollout, as TRL does
+    rl = cfg.rl
+    rl.steps, rl.batch_size, rl.samples_per_prompt = spec["steps"], spec["batch_size"], spec["group_size"]
+    rl.lr, rl.beta, rl.seed, rl.eval_every, rl.log_every = spec["lr"], spec["beta"], spec["seed"], 0, 10
+    rl.epochs, rl.num_minibatches, rl.max_grad_norm = spec["epochs"], spec["num_minibatches"], spec["max_grad_norm"]
+    rl.lr_schedule, rl.warmup_ratio = "constant", 0.0
+    cfg.rl = resolve_rl_config(rl, algo)
+    policy, tok = load(spec)
+    reference = load_causal_lm(spec["model"], tok)
+    value = ValueModel.from_causal_lm(policy) if algo == "ppo" else None
+    rm = spec.get("reward_model")
+    reward = build_reward(rm, [] if rm else ["gold"])  # as `rlhflab ppo --rm` / `--reward-fn gold`
+    scorers = [m for _, src in reward.terms for m in getattr(getattr(src, "model", None), "members", [])]
+    prompts = [r["prompt"] for r in read_jsonl(spec["prompts"])]
+    run = OnlineRun(cfg, algo, make_accelerator(), policy, reference, tok, reward, prompts, value_model=value)
+    inst = Instrument([policy, reference, value, *scorers], tok.eos_token_id)
+    rss0 = rss_mb()
+    t0, c0 = time.perf_counter(), cpu_seconds()
+    {"grpo": train_grpo, "rloo": train_reinforce, "ppo": train_ppo}[algo](run)
+    seconds, cpu = time.perf_counter() - t0, cpu_seconds() - c0
+    inst.close()
+    save_pretrained_atomic(run.policy_module, tok, Path(spec["out"]) / "model")
+    samples = spec["steps"] * spec["batch_size"]
+    out = {"samples": samples, "train_seconds": seconds, "rss_before_train_mb": rss0,
+           "samples_per_s": samples / seconds, "cpu_seconds": cpu, **inst.report(seconds)}
+    return online_rates(out)
+
+
+def online_rates(out: dict) -> dict:
+    gen = out["time/generate"]
+    out["gen_tokens_per_s"] = out["generated_tokens"] / gen if gen else None
+    out["train_tokens_per_s"] = out["generated_tokens"] / (out["train_seconds"] - gen)
+    out["tokens_per_s"] = out["generated_tokens"] / out["train_seconds"]
+    return out
+
+
+STAGES = {"sft": run_sft, "rm": run_rm, "dpo": run_preference, "dpo-precompute": run_preference,
+          "kto": run_preference, "grpo": run_online, "rloo": run_online, "ppo": run_online}
+
+if __name__ == "__main__":
+    emit(STAGES[spec["stage"]](spec), spec)
