@@ -7,9 +7,11 @@ renamed, so an interrupted stage leaves no half-written artifact.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -63,3 +65,28 @@ def read_json(path: str | Path) -> Any:
         raise InputError("not found", file=str(path)) from None
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise InputError(f"not valid JSON ({err})", file=str(path)) from None
+
+
+@contextlib.contextmanager
+def atomic_directory(out: str | Path):
+    """Yield a temp directory beside ``out``; on success it replaces ``out`` by renames.
+
+    An interrupted write leaves no half-written ``out``, and an existing ``out`` is replaced
+    only once the new one is complete.
+    """
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        yield tmp
+        if out.exists():
+            old = out.with_name(f".{out.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -6,8 +6,6 @@ and ``trust_remote_code`` stays off unless the config asks for it.
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -113,25 +111,13 @@ def save_pretrained_atomic(model, tokenizer, out: str | Path) -> Path:
     An interrupted save leaves no half-written model at ``out``; an existing ``out`` is
     replaced only once the new one is complete.
     """
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    from rlhflab.artifacts import atomic_directory
+
+    with atomic_directory(out) as tmp:
         model.save_pretrained(str(tmp), safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
-        if out.exists():
-            old = out.with_name(f".{out.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    return Path(out)
 
 
 def count_parameters(model: torch.nn.Module) -> int:

@@ -38,8 +38,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -300,10 +298,10 @@ class RewardModel(torch.nn.Module):
     def save(self, out: str | Path) -> Path:
         """Write the layout of the module docstring into a temp dir beside ``out``, then
         rename it over ``out``: an interrupted save leaves no half-written model."""
+        from rlhflab.artifacts import atomic_directory
+
         out = Path(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-        try:
+        with atomic_directory(out) as tmp:
             entries = []
             for i, model in enumerate(self.members):
                 rel = "." if self.n_members == 1 else f"member_{i}"
@@ -313,17 +311,6 @@ class RewardModel(torch.nn.Module):
             meta = {**self.meta, "format": FORMAT, "version": 1, "members": entries,
                     "max_length": self.max_length}
             (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-            if out.exists():
-                old = out.with_name(f".{out.name}.old")
-                shutil.rmtree(old, ignore_errors=True)
-                out.rename(old)
-                tmp.rename(out)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                tmp.rename(out)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return out
 
 
