@@ -212,7 +212,7 @@ class DPOConfig:
     seed: int = _f(0, "seed of data order")
     loss: str = _f("dpo", "dpo, cdpo, ipo, hinge, kto, simpo or orpo")
     beta: float = _f(0.1, "beta of dpo/cdpo/hinge/kto/simpo; tau of ipo; lambda of orpo")
-    lr: float = _f(5e-4, "peak learning rate (AdamW)")
+    lr: float = _f(1e-4, "peak learning rate (AdamW); 5e-4 collapses the demo policy (docs/dpo.md)")
     label_smoothing: float = _f(0.1, "cdpo: probability eps in [0, 0.5] that a label is flipped")
     simpo_gamma: float = _f(0.5, "simpo: target reward margin gamma")
     kto_desirable_weight: float = _f(1.0, "kto: weight of desirable examples")

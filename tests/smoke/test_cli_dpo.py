@@ -55,8 +55,8 @@ def test_dpo_on_the_world_writes_a_run_with_trl_metric_names(sft_dir, tmp_path, 
     assert summary["eval/loss"] < summary["eval/loss_initial"] - 0.02
     assert summary["eval/rewards/accuracies"] > 0.5
     assert summary["dpo/reference"] == "cached" and summary["data/source"] == "world"
-    assert summary["win_rate/ci_low"] <= summary["win_rate/gold"] <= summary["win_rate/ci_high"]
-    assert summary["win_rate/n"] == 16 and "gold/mean_sft" in summary
+    assert summary["win_rate/gold_ci_low"] <= summary["win_rate/gold"] <= summary["win_rate/gold_ci_high"]
+    assert summary["win_rate/gold_n"] == 16 and "gold/mean_sft" in summary
     # 3 of the 256 world pairs are longer than tiny's 48 tokens: cut, counted, kept
     assert summary["data/truncated"] == 3 and summary["data/dropped"] == 0
     from transformers import AutoModelForCausalLM

@@ -163,9 +163,9 @@ class WorldMonitor:
             self.sft_golds = golds
         else:
             win = gold_win_rate(golds, self.sft_golds)
-            out.update({"win_rate/gold": win["win_rate"], "win_rate/ci_low": win["ci_low"],
-                        "win_rate/ci_high": win["ci_high"], "win_rate/n": win["n"],
-                        "win_rate/ties": win["ties"]})
+            out.update({"win_rate/gold": win["win_rate"], "win_rate/gold_ci_low": win["ci_low"],
+                        "win_rate/gold_ci_high": win["ci_high"], "win_rate/gold_n": win["n"],
+                        "win_rate/gold_ties": win["ties"]})
         self.levels = {k: measured[k] for k in ("gold/ideal_mean", "gold/demonstrator_mean")}
         self.last = out
         return out
@@ -274,6 +274,6 @@ def run_dpo(cfg: Config, out: Path, sft: Path, data: str | None = None, eval_dat
 
 def _print_summary(summary: dict) -> None:
     keys = ["eval/loss_initial", "eval/loss", "eval/rewards/accuracies", "eval/rewards/margins",
-            "gold/mean_sft", "gold/mean", "kl/sequence_mean", "win_rate/gold", "win_rate/ci_low",
-            "win_rate/ci_high", "data/truncated", "train/seconds"]
+            "gold/mean_sft", "gold/mean", "kl/sequence_mean", "win_rate/gold", "win_rate/gold_ci_low",
+            "win_rate/gold_ci_high", "data/truncated", "train/seconds"]
     print("  ".join(f"{k}={summary[k]:.3f}" for k in keys if isinstance(summary.get(k), (int, float))))
