@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import json
 import random
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -95,10 +93,10 @@ def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict) -> None:
 def save_checkpoint(path: str | Path, *, policy: torch.nn.Module, optimizer, scheduler, state: dict,
                     value: torch.nn.Module | None = None) -> Path:
     """Write a checkpoint atomically (temp dir, then rename over the old one)."""
+    from rlhflab.artifacts import atomic_directory
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
+    with atomic_directory(path) as tmp:
         save_model(policy, str(tmp / "policy.safetensors"))
         if value is not None:
             save_model(value, str(tmp / "value.safetensors"))
@@ -110,17 +108,6 @@ def save_checkpoint(path: str | Path, *, policy: torch.nn.Module, optimizer, sch
         rng_tensors, rng_meta = rng_state()
         save_file(rng_tensors, str(tmp / "rng.safetensors"))
         (tmp / "state.json").write_text(json.dumps({**state, "rng": rng_meta}, indent=1))
-        if path.exists():
-            old = path.with_name(f".{path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            path.rename(old)
-            tmp.rename(path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path
 
 
