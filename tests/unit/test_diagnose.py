@@ -75,3 +75,13 @@ def test_cli_reads_a_metrics_file_and_rejects_bad_ones(tmp_path, capsys):
     assert main(["diagnose", "--metrics", str(path)]) == 2
     assert "not valid JSON" in capsys.readouterr().err
     assert main(["diagnose", "--metrics", str(tmp_path / "m.json"), "--threshold", "nope=1"]) == 2
+
+
+def test_duplicates_are_judged_against_the_base():
+    # World prompts recur, so a base that answers them right already repeats itself.
+    repeats = {**HEALTHY, "diversity/duplicate_rate": 0.55, "base/diversity/duplicate_rate": 0.4}
+    assert "mode_collapse" not in [f["name"] for f in diagnose(repeats)["findings"]]
+    collapsed = {**repeats, "diversity/duplicate_rate": 0.7}
+    assert "mode_collapse" in [f["name"] for f in diagnose(collapsed)["findings"]]
+    no_base = {k: v for k, v in collapsed.items() if k != "base/diversity/duplicate_rate"}
+    assert "mode_collapse" in [f["name"] for f in diagnose(no_base)["findings"]]
