@@ -57,23 +57,36 @@ class GumbelMaxSampler(LogitsProcessor):
     """Adds per-row Gumbel noise so that greedy decoding draws a sample (see module doc).
 
     ``seeds`` holds one seed per row of the batch given to ``generate``; row i's t-th
-    token uses the t-th draw of its own generator, whatever the other rows do. Tokens in
-    ``suppress`` (the pad token) are never drawn: a pad inside a response would read as
+    token uses the t-th draw of V uniforms from its own generator, whatever the other rows
+    do. The draws are taken ``block`` steps at a time (one call per row per block, and
+    the Gumbel transform on the whole block): a CPU generator's stream does not depend on
+    how it is split into calls, so the noise is the same as drawing step by step. Tokens
+    in ``suppress`` (the pad token) are never drawn: a pad inside a response would read as
     a hole in its mask.
     """
 
-    def __init__(self, seeds: Sequence[int], suppress: Sequence[int] = ()) -> None:
+    def __init__(self, seeds: Sequence[int], suppress: Sequence[int] = (), block: int = 32) -> None:
         self.generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
         self.suppress = list(suppress)
+        self.block = max(1, int(block))
+        self._noise: torch.Tensor | None = None  # (B, block, V) Gumbel noise of the current block
+        self._t = 0  # decoding steps taken
+
+    def _draw(self, V: int) -> torch.Tensor:
+        n = self.block * V
+        u = torch.stack([torch.rand(n, generator=g, dtype=torch.float64) for g in self.generators])
+        return (-torch.log(-torch.log(u.clamp(min=1e-300)))).view(len(self.generators), self.block, V)
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         B, V = scores.shape
         if self.suppress:
             scores = scores.clone()
             scores[:, self.suppress] = float("-inf")
-        u = torch.stack([torch.rand(V, generator=g, dtype=torch.float64) for g in self.generators])
-        gumbel = -torch.log(-torch.log(u.clamp(min=1e-300)))
-        return scores + gumbel.to(scores.device, scores.dtype)
+        k = self._t % self.block
+        if k == 0:
+            self._noise = self._draw(V)
+        self._t += 1
+        return scores + self._noise[:, k].to(scores.device, scores.dtype)
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -107,7 +120,8 @@ def generate(policy, tokenizer, prompt_ids: list[list[int]], seeds: Sequence[int
     for start in range(0, len(prompt_ids), batch_size):
         ids = p_ids[start:start + batch_size].to(device)
         attn = p_mask[start:start + batch_size].to(device)
-        processors = LogitsProcessorList([*warpers, GumbelMaxSampler(seeds[start:start + batch_size], suppress=[pad])])
+        sampler = GumbelMaxSampler(seeds[start:start + batch_size], suppress=[pad], block=max_new_tokens)
+        processors = LogitsProcessorList([*warpers, sampler])
         out = policy.generate(input_ids=ids, attention_mask=attn, generation_config=gen_cfg,
                               logits_processor=processors)
         chunks.append(out[:, ids.shape[1]:].cpu())
@@ -119,33 +133,85 @@ def generate(policy, tokenizer, prompt_ids: list[list[int]], seeds: Sequence[int
     return p_ids, p_mask, response, mask, eos
 
 
+def _packed_rows(prompt_ids, prompt_mask, response_ids, response_mask):
+    """Each row's real tokens (prompt without its left padding, then the response up to its
+    mask's end) moved to the left: (B, L) ids with L = the longest row, the lengths of
+    prompts and responses (B,) each. Right padding is never attended by a real token under
+    the causal mask, so positions are 0..L_i-1 as in generation."""
+    P = prompt_ids.shape[1]
+    p_len = prompt_mask.long().sum(-1)
+    r_len = response_mask.long().sum(-1)
+    ids = torch.cat([prompt_ids, response_ids], dim=1)
+    L = int((p_len + r_len).max())
+    cols = (P - p_len)[:, None] + torch.arange(L, device=ids.device)[None]
+    return ids.gather(1, cols.clamp(max=ids.shape[1] - 1)), p_len, r_len
+
+
 def forward_response(model, prompt_ids, prompt_mask, response_ids, response_mask, *, temperature: float = 1.0,
-                     with_entropy: bool = False, values: bool = False):
-    """One forward pass over prompt + response; outputs aligned to the response tokens.
+                     with_entropy: bool = False, values: bool = False, grouped: bool | None = None,
+                     entropy_grad: bool = True):
+    """Forward passes over prompt + response; outputs aligned to the response tokens.
 
     For a causal LM (``values=False``) returns (logprobs, entropy): log pi(y_t | x, y_<t)
     on logits / temperature, (B, R), and the per-token entropy of that distribution (B, R)
     or None; 0 on padding. For a critic (``values=True``) returns V(x, y_<t), (B, R),
     read at the same positions as the logits that predict y_t.
+
+    No compute on padding: each row's real tokens (``prompt_mask`` a suffix, as left
+    padding makes it, ``response_mask`` a prefix) are packed to the left with positions
+    0..L_i-1, the same positions generation used, and rows are cut into runs of similar
+    length (``algos.sft.length_groups``), one pass each; the log-softmax is taken at the
+    response positions only. Row by row this is the same computation as one left-padded
+    pass (up to float rounding). ``grouped=False`` keeps one pass for the whole batch (still
+    trimmed); the default groups unless the model is wrapped in DDP and gradients are on,
+    since DDP expects one forward per backward. ``entropy_grad=False`` computes the entropy
+    on detached logits (a metric, no graph kept for it).
     """
-    P = prompt_ids.shape[1]
-    ids = torch.cat([prompt_ids, response_ids], dim=1)
-    attn = torch.cat([prompt_mask, response_mask.to(prompt_mask.dtype)], dim=1)
-    pos = position_ids_from_mask(attn)
+    from rlhflab.algos.sft import length_groups
+
+    B, R = response_ids.shape
+    packed, p_len, r_len = _packed_rows(prompt_ids, prompt_mask, response_ids, response_mask)
+    if grouped is None:
+        grouped = not (torch.is_grad_enabled() and isinstance(model, torch.nn.parallel.DistributedDataParallel))
+    lengths = (p_len + r_len).tolist()
+    runs = length_groups(lengths) if grouped and B > 1 else [list(range(B))]
+    lp_parts, ent_parts, order = [], [], []
+    for run in runs:
+        idx = torch.tensor(run, device=packed.device)
+        L = max(lengths[i] for i in run)
+        Rg = max(1, int(r_len[idx].max()))
+        # the output at column p_i - 1 + t predicts y_t
+        at = (p_len[idx] - 1)[:, None] + torch.arange(Rg, device=packed.device)[None]
+        at = at.clamp(min=0, max=L - 1)
+        attn = (torch.arange(L, device=packed.device)[None] < (p_len[idx] + r_len[idx])[:, None]).long()
+        out = model(input_ids=packed[idx, :L], attention_mask=attn)
+        if values:
+            part = out.gather(1, at)
+        else:
+            logits = out.logits
+            logits = logits.gather(1, at[..., None].expand(-1, -1, logits.shape[-1]))
+            if temperature != 1.0:
+                logits = logits / temperature
+            part = gather_logprobs(logits, response_ids[idx, :Rg])
+            if with_entropy:
+                with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+                    ent = entropy_from_logits(logits if entropy_grad else logits.detach())
+                ent_parts.append(torch.nn.functional.pad(ent, (0, R - Rg)))
+        lp_parts.append(torch.nn.functional.pad(part, (0, R - Rg)))
+        order.extend(run)
+    inverse = torch.empty(B, dtype=torch.long)
+    inverse[torch.tensor(order)] = torch.arange(B)
+    inverse = inverse.to(packed.device)
     mask = response_mask.bool()
+
+    def assemble(parts):
+        x = parts[0] if len(parts) == 1 else torch.cat(parts)
+        x = x[inverse] if len(parts) > 1 or order != list(range(B)) else x
+        return torch.where(mask, x, torch.zeros_like(x))
+
     if values:
-        v = model(input_ids=ids, attention_mask=attn, position_ids=pos)[:, P - 1:-1]
-        return torch.where(mask, v, torch.zeros_like(v))
-    logits = model(input_ids=ids, attention_mask=attn, position_ids=pos).logits[:, P - 1:-1]
-    if temperature != 1.0:
-        logits = logits / temperature
-    lp = gather_logprobs(logits, response_ids)
-    lp = torch.where(mask, lp, torch.zeros_like(lp))
-    ent = None
-    if with_entropy:
-        ent = entropy_from_logits(logits)
-        ent = torch.where(mask, ent, torch.zeros_like(ent))
-    return lp, ent
+        return assemble(lp_parts)
+    return assemble(lp_parts), (assemble(ent_parts) if with_entropy else None)
 
 
 # ---------------------------------------------------------------------------------------
@@ -193,7 +259,7 @@ class Rollout:
 @torch.no_grad()
 def collect_rollout(policy, reference, tokenizer, prompts: list[str], seeds: Sequence[int], reward, *,
                     generation, group_size: int = 1, value_model=None, no_eos_penalty: float = 0.0,
-                    forward_batch_size: int | None = None) -> Rollout:
+                    forward_batch_size: int | None = None, defer_rows: torch.Tensor | None = None) -> Rollout:
     """Generate, score and measure one batch.
 
     Args:
@@ -209,6 +275,9 @@ def collect_rollout(policy, reference, tokenizer, prompts: list[str], seeds: Seq
         value_model: the PPO critic, or None.
         no_eos_penalty: added to the score of rows without EOS.
         forward_batch_size: rows per scoring forward pass (default generation.batch_size).
+        defer_rows: indices of rows whose policy log-probs and entropy the caller fills in
+            (left at 0 here): the rows of the first update, whose forward pass with
+            gradients gives them at no extra cost (``OnlineRun.rollout``).
     """
     from rlhflab.rewards import score_responses
 
@@ -219,13 +288,22 @@ def collect_rollout(policy, reference, tokenizer, prompts: list[str], seeds: Seq
         max_new_tokens=generation.max_new_tokens, batch_size=generation.batch_size)
     device = next(policy.parameters()).device
     fb = forward_batch_size or generation.batch_size
-    logps, ref_logps, ents, vals = [], [], [], []
-    for s in range(0, len(prompts), fb):
+    B, R = r_ids.shape
+    here = torch.ones(B, dtype=torch.bool)
+    if defer_rows is not None:
+        here[defer_rows.cpu()] = False
+    logps, ents = torch.zeros(B, R), torch.zeros(B, R)
+    ref_logps, vals = [], []
+    for s in range(0, B, fb):
         args = [t[s:s + fb].to(device) for t in (p_ids, p_mask, r_ids, r_mask)]
-        lp, ent = forward_response(policy, *args, temperature=T, with_entropy=True)
+        rows = here[s:s + fb]
+        if rows.all():
+            lp, ent = forward_response(policy, *args, temperature=T, with_entropy=True)
+            logps[s:s + fb], ents[s:s + fb] = lp.cpu(), ent.cpu()
+        elif rows.any():
+            lp, ent = forward_response(policy, *(a[rows.to(device)] for a in args), temperature=T, with_entropy=True)
+            logps[s:s + fb][rows], ents[s:s + fb][rows] = lp.cpu(), ent.cpu()
         ref_lp, _ = forward_response(reference, *args, temperature=T)
-        logps.append(lp.cpu())
-        ents.append(ent.cpu())
         ref_logps.append(ref_lp.cpu())
         if value_model is not None:
             vals.append(forward_response(value_model, *args, values=True).float().cpu())
@@ -235,7 +313,7 @@ def collect_rollout(policy, reference, tokenizer, prompts: list[str], seeds: Seq
     scores = score_responses(reward, list(prompts), texts, eos_list, no_eos_penalty=no_eos_penalty)
     return Rollout(
         prompts=list(prompts), texts=texts, prompt_ids=p_ids, prompt_mask=p_mask, response_ids=r_ids,
-        mask=r_mask.float(), eos=eos.bool(), logprobs=torch.cat(logps), ref_logprobs=torch.cat(ref_logps),
-        entropy=torch.cat(ents), scores=scores, values=torch.cat(vals) if vals else None,
+        mask=r_mask.float(), eos=eos.bool(), logprobs=logps, ref_logprobs=torch.cat(ref_logps),
+        entropy=ents, scores=scores, values=torch.cat(vals) if vals else None,
         group_size=group_size, seeds=list(seeds),
     )
