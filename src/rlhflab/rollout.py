@@ -28,6 +28,7 @@ test meaningful and a resumed run replay the same samples.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -71,6 +72,7 @@ class GumbelMaxSampler(LogitsProcessor):
         self.block = max(1, int(block))
         self._noise: torch.Tensor | None = None  # (B, block, V) Gumbel noise of the current block
         self._t = 0  # decoding steps taken
+        self.rows: torch.Tensor | None = None  # rows of the batch present in ``scores`` (None: all)
 
     def _draw(self, V: int) -> torch.Tensor:
         n = self.block * V
@@ -86,7 +88,54 @@ class GumbelMaxSampler(LogitsProcessor):
         if k == 0:
             self._noise = self._draw(V)
         self._t += 1
-        return scores + self._noise[:, k].to(scores.device, scores.dtype)
+        noise = self._noise[:, k] if self.rows is None else self._noise[self.rows.cpu(), k]
+        return scores + noise.to(scores.device, scores.dtype)
+
+
+def _sample_unfinished_rows(model, input_ids, logits_processor, stopping_criteria, generation_config, *,
+                            sampler: GumbelMaxSampler, **model_kwargs):
+    """The decoding loop ``generate`` runs (its ``custom_generate``): greedy on the
+    processed scores (the Gumbel noise makes it a sample), each step on the rows that have
+    not emitted EOS yet; a finished row leaves the batch and its KV cache. Row by row the
+    same computation as HF's loop, which keeps decoding finished rows and discards their
+    tokens. Returns (B, P + steps) ids, pad after each row's EOS."""
+    eos = generation_config._eos_token_tensor
+    pad = int(generation_config._pad_token_tensor)
+    cache = model_kwargs.get("past_key_values")
+    attn = model_kwargs["attention_mask"]
+    B = input_ids.shape[0]
+    steps = generation_config.max_new_tokens
+    out = input_ids.new_full((B, steps), pad)
+    active = torch.arange(B, device=input_ids.device)
+    pos = (attn.long().cumsum(-1) - 1).clamp(min=0)
+    logits = model(input_ids=input_ids, attention_mask=attn, position_ids=pos, past_key_values=cache,
+                   use_cache=True).logits[:, -1]
+    next_pos = attn.long().sum(-1, keepdim=True)  # (b, 1): real tokens so far = the next position
+    can_drop = cache is not None and hasattr(cache, "batch_select_indices")
+    seq = input_ids
+    t = 0
+    for t in range(steps):
+        sampler.rows = active
+        scores = logits_processor(seq, logits.float())
+        token = scores.argmax(-1)
+        out[active, t] = token
+        done = torch.isin(token, eos)
+        if t == steps - 1 or bool(done.all()):
+            break
+        if can_drop and bool(done.any()):
+            keep = (~done).nonzero().squeeze(1)
+            cache.batch_select_indices(keep)
+            active, token, attn, next_pos = active[keep], token[keep], attn[keep], next_pos[keep]
+            seq = seq[keep]
+        elif not can_drop:
+            token = torch.where(torch.isin(out[active, :t + 1], eos).any(-1), torch.full_like(token, pad), token)
+        seq = torch.cat([seq, token[:, None]], dim=1)
+        attn = torch.cat([attn, attn.new_ones(attn.shape[0], 1)], dim=1)
+        logits = model(input_ids=token[:, None], attention_mask=attn, position_ids=next_pos, past_key_values=cache,
+                       use_cache=True).logits[:, -1]
+        next_pos = next_pos + 1
+    sampler.rows = None
+    return torch.cat([input_ids, out[:, :t + 1]], dim=1)
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -97,8 +146,12 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def generate(policy, tokenizer, prompt_ids: list[list[int]], seeds: Sequence[int], *, temperature: float = 1.0,
-             top_k: int = 0, top_p: float = 1.0, max_new_tokens: int = 24, batch_size: int = 64):
+             top_k: int = 0, top_p: float = 1.0, max_new_tokens: int = 24, batch_size: int = 64,
+             drop_finished: bool = True):
     """Sample one response per prompt, ``batch_size`` prompts per ``generate`` call.
+
+    ``drop_finished`` decodes only the rows without EOS yet (``_sample_unfinished_rows``);
+    False runs HF's own loop, which decodes every row to the end (same samples).
 
     Returns ``prompt_ids`` (B, P) left-padded, ``prompt_mask`` (B, P), ``response_ids``
     (B, R) with pad after the first EOS, ``response_mask`` (B, R) 1 up to and including
@@ -123,7 +176,9 @@ def generate(policy, tokenizer, prompt_ids: list[list[int]], seeds: Sequence[int
         sampler = GumbelMaxSampler(seeds[start:start + batch_size], suppress=[pad], block=max_new_tokens)
         processors = LogitsProcessorList([*warpers, sampler])
         out = policy.generate(input_ids=ids, attention_mask=attn, generation_config=gen_cfg,
-                              logits_processor=processors)
+                              logits_processor=processors,
+                              custom_generate=functools.partial(_sample_unfinished_rows, sampler=sampler)
+                              if drop_finished else None)
         chunks.append(out[:, ids.shape[1]:].cpu())
     policy.train(was_training)
     R = max(c.shape[1] for c in chunks)

@@ -164,3 +164,25 @@ def test_first_update_forward_gives_the_same_training(tmp_path_factory, monkeypa
             if k.startswith("time/"):
                 continue
             assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-5), k
+
+
+@pytest.mark.parametrize("eos_bias", [0.5, 1.5, 2.0])
+def test_decoding_only_unfinished_rows_draws_the_same_samples(policy_and_tok, eos_bias):
+    """Finished rows leave the batch: the same responses as HF's loop that decodes every row
+    to the end, with a policy that does end responses (EOS made likelier; with the largest
+    bias every row ends before the last step)."""
+    model, tok = policy_and_tok
+    ids = [tok(p).input_ids for p in PROMPTS * 2]
+    seeds = [row_seed(5, 1, i) for i in range(len(ids))]
+    bias = model.lm_head.weight.new_zeros(model.config.vocab_size)
+    bias[tok.eos_token_id] = eos_bias
+    handle = model.lm_head.register_forward_hook(lambda m, a, out: out + bias)
+    try:
+        fast = generate(model, tok, ids, seeds, max_new_tokens=10, temperature=0.8, top_k=20, drop_finished=True)
+        slow = generate(model, tok, ids, seeds, max_new_tokens=10, temperature=0.8, top_k=20, drop_finished=False)
+    finally:
+        handle.remove()
+    lengths = fast[3].sum(-1)
+    assert (lengths < 10).sum() >= 3 and len(set(lengths.tolist())) >= 4  # rows finish at different steps
+    for a, b in zip(fast, slow):
+        assert torch.equal(a, b)
