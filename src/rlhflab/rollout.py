@@ -362,8 +362,9 @@ def collect_rollout(policy, reference, tokenizer, prompts: list[str], seeds: Seq
         ref_logps.append(ref_lp.cpu())
         if value_model is not None:
             vals.append(forward_response(value_model, *args, values=True).float().cpu())
-    texts = [tokenizer.decode([t for t in row if t not in (tokenizer.pad_token_id, tokenizer.eos_token_id)],
-                              skip_special_tokens=True) for row in r_ids.tolist()]
+    drop = (tokenizer.pad_token_id, tokenizer.eos_token_id)
+    texts = tokenizer.batch_decode([[t for t in row if t not in drop] for row in r_ids.tolist()],
+                                   skip_special_tokens=True)
     eos_list = [bool(e) for e in eos.tolist()]
     scores = score_responses(reward, list(prompts), texts, eos_list, no_eos_penalty=no_eos_penalty)
     return Rollout(

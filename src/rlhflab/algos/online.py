@@ -486,7 +486,9 @@ class OnlineRun:
         if value_model is not None:
             value_model.eval()
             groups.append({"params": list(value_model.parameters()), "lr": rl.value_lr or rl.lr})
-        self.optimizer_raw = torch.optim.AdamW(groups, lr=rl.lr, weight_decay=rl.weight_decay)
+        # the fused kernel: one pass over each parameter, the same update up to float rounding
+        fused = all(p.device.type in ("cpu", "cuda") for g in groups for p in g["params"])
+        self.optimizer_raw = torch.optim.AdamW(groups, lr=rl.lr, weight_decay=rl.weight_decay, fused=fused or None)
         warmup = int(rl.warmup_ratio * rl.steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer_raw, lr_lambda(rl.lr_schedule, warmup, rl.steps))
