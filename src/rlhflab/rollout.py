@@ -5,10 +5,15 @@ algorithms only consume the ``Rollout``.
 
 1. Generation: HF ``generate`` (KV cache) on left-padded prompts, temperature, top-k,
    top-p and max new tokens; everything after a response's first EOS is padding, and the
-   pad token is distinct from EOS.
+   pad token is distinct from EOS. The decoding loop drops a row from the batch (and
+   from the KV cache) once it has emitted EOS, instead of decoding it to the end.
 2. Log-probs of the policy and of the frozen reference on the sampled tokens, both on the
    logits divided by the sampling temperature (what the sampler drew from), with the same
-   position ids as generation (left padding counted out).
+   position ids as generation (left padding counted out). The policy's come from the
+   sampling pass itself (the logits each token was drawn from, the same model and
+   weights: a separate pass gives them again up to float rounding); the reference's from
+   a forward pass that skips padding: each row's real tokens are packed to the left and
+   rows of similar length share a pass.
 3. Values of the critic (PPO), per-token entropy, and the scores of the reward source
    (``rlhflab.rewards``), with the no-EOS penalty and the NaN guard.
 
@@ -93,12 +98,18 @@ class GumbelMaxSampler(LogitsProcessor):
 
 
 def _sample_unfinished_rows(model, input_ids, logits_processor, stopping_criteria, generation_config, *,
-                            sampler: GumbelMaxSampler, **model_kwargs):
+                            sampler: GumbelMaxSampler, record: dict | None = None, temperature: float = 1.0,
+                            **model_kwargs):
     """The decoding loop ``generate`` runs (its ``custom_generate``): greedy on the
     processed scores (the Gumbel noise makes it a sample), each step on the rows that have
     not emitted EOS yet; a finished row leaves the batch and its KV cache. Row by row the
     same computation as HF's loop, which keeps decoding finished rows and discards their
-    tokens. Returns (B, P + steps) ids, pad after each row's EOS."""
+    tokens. Returns (B, P + steps) ids, pad after each row's EOS.
+
+    With a ``record`` dict, also stores there the log-prob of each drawn token and the
+    entropy, both of softmax(logits / temperature) before any top-k / top-p filter (what
+    ``forward_response`` computes from a full pass): ``record["logprobs"]`` and
+    ``record["entropy"]``, (B, steps), 0 after a row's EOS."""
     eos = generation_config._eos_token_tensor
     pad = int(generation_config._pad_token_tensor)
     cache = model_kwargs.get("past_key_values")
@@ -106,6 +117,9 @@ def _sample_unfinished_rows(model, input_ids, logits_processor, stopping_criteri
     B = input_ids.shape[0]
     steps = generation_config.max_new_tokens
     out = input_ids.new_full((B, steps), pad)
+    if record is not None:
+        lp_out = torch.zeros(B, steps, device=input_ids.device)
+        ent_out = torch.zeros(B, steps, device=input_ids.device)
     active = torch.arange(B, device=input_ids.device)
     pos = (attn.long().cumsum(-1) - 1).clamp(min=0)
     logits = model(input_ids=input_ids, attention_mask=attn, position_ids=pos, past_key_values=cache,
@@ -116,9 +130,13 @@ def _sample_unfinished_rows(model, input_ids, logits_processor, stopping_criteri
     t = 0
     for t in range(steps):
         sampler.rows = active
+        z = logits.float() / temperature if record is not None else None  # a copy: processors may work in place
         scores = logits_processor(seq, logits.float())
         token = scores.argmax(-1)
         out[active, t] = token
+        if record is not None:
+            lp_out[active, t] = gather_logprobs(z[:, None], token[:, None])[:, 0]
+            ent_out[active, t] = entropy_from_logits(z)
         done = torch.isin(token, eos)
         if t == steps - 1 or bool(done.all()):
             break
@@ -135,6 +153,8 @@ def _sample_unfinished_rows(model, input_ids, logits_processor, stopping_criteri
                        use_cache=True).logits[:, -1]
         next_pos = next_pos + 1
     sampler.rows = None
+    if record is not None:
+        record["logprobs"], record["entropy"] = lp_out[:, :t + 1], ent_out[:, :t + 1]
     return torch.cat([input_ids, out[:, :t + 1]], dim=1)
 
 
@@ -147,11 +167,13 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def generate(policy, tokenizer, prompt_ids: list[list[int]], seeds: Sequence[int], *, temperature: float = 1.0,
              top_k: int = 0, top_p: float = 1.0, max_new_tokens: int = 24, batch_size: int = 64,
-             drop_finished: bool = True):
+             drop_finished: bool = True, with_logprobs: bool = False):
     """Sample one response per prompt, ``batch_size`` prompts per ``generate`` call.
 
     ``drop_finished`` decodes only the rows without EOS yet (``_sample_unfinished_rows``);
     False runs HF's own loop, which decodes every row to the end (same samples).
+    ``with_logprobs`` also returns the sampling pass's log-probs and entropies (B, R) of
+    the drawn tokens on logits / temperature, 0 on padding (None with HF's loop).
 
     Returns ``prompt_ids`` (B, P) left-padded, ``prompt_mask`` (B, P), ``response_ids``
     (B, R) with pad after the first EOS, ``response_mask`` (B, R) 1 up to and including
@@ -167,7 +189,7 @@ def generate(policy, tokenizer, prompt_ids: list[list[int]], seeds: Sequence[int
         warpers.append(TopPLogitsWarper(top_p))
     gen_cfg = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=eos_id,
                                pad_token_id=pad, bos_token_id=getattr(tokenizer, "bos_token_id", None))
-    chunks = []
+    chunks, lp_chunks, ent_chunks = [], [], []
     was_training = policy.training
     policy.eval()
     for start in range(0, len(prompt_ids), batch_size):
@@ -175,17 +197,31 @@ def generate(policy, tokenizer, prompt_ids: list[list[int]], seeds: Sequence[int
         attn = p_mask[start:start + batch_size].to(device)
         sampler = GumbelMaxSampler(seeds[start:start + batch_size], suppress=[pad], block=max_new_tokens)
         processors = LogitsProcessorList([*warpers, sampler])
+        record = {} if with_logprobs else None
         out = policy.generate(input_ids=ids, attention_mask=attn, generation_config=gen_cfg,
                               logits_processor=processors,
-                              custom_generate=functools.partial(_sample_unfinished_rows, sampler=sampler)
+                              custom_generate=functools.partial(_sample_unfinished_rows, sampler=sampler,
+                                                                record=record, temperature=temperature)
                               if drop_finished else None)
         chunks.append(out[:, ids.shape[1]:].cpu())
+        if record:
+            lp_chunks.append(record["logprobs"].cpu())
+            ent_chunks.append(record["entropy"].cpu())
     policy.train(was_training)
     R = max(c.shape[1] for c in chunks)
     response = torch.cat([torch.nn.functional.pad(c, (0, R - c.shape[1]), value=pad) for c in chunks])
     mask, eos = response_mask_after_eos(response, eos_id, pad)
     response = torch.where(mask.bool(), response, torch.full_like(response, pad))
-    return p_ids, p_mask, response, mask, eos
+    if not with_logprobs:
+        return p_ids, p_mask, response, mask, eos
+    if len(lp_chunks) != len(chunks):
+        return p_ids, p_mask, response, mask, eos, None, None
+
+    def cat(parts):
+        x = torch.cat([torch.nn.functional.pad(c, (0, R - c.shape[1])) for c in parts])
+        return torch.where(mask.bool(), x, torch.zeros_like(x))
+
+    return p_ids, p_mask, response, mask, eos, cat(lp_chunks), cat(ent_chunks)
 
 
 def _packed_rows(prompt_ids, prompt_mask, response_ids, response_mask):
@@ -330,24 +366,28 @@ def collect_rollout(policy, reference, tokenizer, prompts: list[str], seeds: Seq
         value_model: the PPO critic, or None.
         no_eos_penalty: added to the score of rows without EOS.
         forward_batch_size: rows per scoring forward pass (default generation.batch_size).
-        defer_rows: indices of rows whose policy log-probs and entropy the caller fills in
-            (left at 0 here): the rows of the first update, whose forward pass with
-            gradients gives them at no extra cost (``OnlineRun.rollout``).
+        defer_rows: indices of rows whose policy log-probs and entropy the caller fills in:
+            the rows of the first update, whose forward pass with gradients gives them at
+            no extra cost (``OnlineRun.rollout``). Only used when the sampling pass did not
+            score its tokens (HF's decoding loop); left at 0 then.
     """
     from rlhflab.rewards import score_responses
 
     T = generation.temperature
     encoded = [tokenizer(p, add_special_tokens=True).input_ids for p in prompts]
-    p_ids, p_mask, r_ids, r_mask, eos = generate(
+    p_ids, p_mask, r_ids, r_mask, eos, gen_logps, gen_ents = generate(
         policy, tokenizer, encoded, seeds, temperature=T, top_k=generation.top_k, top_p=generation.top_p,
-        max_new_tokens=generation.max_new_tokens, batch_size=generation.batch_size)
+        max_new_tokens=generation.max_new_tokens, batch_size=generation.batch_size, with_logprobs=True)
     device = next(policy.parameters()).device
     fb = forward_batch_size or generation.batch_size
     B, R = r_ids.shape
     here = torch.ones(B, dtype=torch.bool)
-    if defer_rows is not None:
+    if gen_logps is not None:  # the sampling pass scored its own tokens: no policy pass needed
+        here[:] = False
+    elif defer_rows is not None:
         here[defer_rows.cpu()] = False
-    logps, ents = torch.zeros(B, R), torch.zeros(B, R)
+    logps = gen_logps if gen_logps is not None else torch.zeros(B, R)
+    ents = gen_ents if gen_ents is not None else torch.zeros(B, R)
     ref_logps, vals = [], []
     for s in range(0, B, fb):
         args = [t[s:s + fb].to(device) for t in (p_ids, p_mask, r_ids, r_mask)]

@@ -188,3 +188,25 @@ def test_decoding_only_unfinished_rows_draws_the_same_samples(policy_and_tok, eo
     assert (lengths < 10).sum() >= 3 and len(set(lengths.tolist())) >= 4  # rows finish at different steps
     for a, b in zip(fast, slow):
         assert torch.equal(a, b)
+
+
+def test_sampling_pass_logprobs_equal_a_scoring_pass(policy_and_tok):
+    """The log-probs and entropies the decoding loop records for its own tokens (logits / T,
+    before top-k) equal those of a separate forward pass over prompt + response."""
+    model, tok = policy_and_tok
+    ids = [tok(p).input_ids for p in PROMPTS * 2]
+    seeds = [row_seed(6, 1, i) for i in range(len(ids))]
+    bias = model.lm_head.weight.new_zeros(model.config.vocab_size)
+    bias[tok.eos_token_id] = 1.5
+    handle = model.lm_head.register_forward_hook(lambda m, a, out: out + bias)
+    try:
+        p_ids, p_mask, r_ids, r_mask, _, lp, ent = generate(model, tok, ids, seeds, max_new_tokens=10,
+                                                            temperature=0.7, top_k=20, with_logprobs=True)
+        assert len(set(r_mask.sum(-1).tolist())) >= 4
+        with torch.no_grad():
+            want_lp, want_ent = padded_forward_response(model, p_ids, p_mask, r_ids, r_mask, temperature=0.7)
+    finally:
+        handle.remove()
+    torch.testing.assert_close(lp, want_lp, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ent, want_ent, atol=1e-5, rtol=1e-5)
+    assert (lp[~r_mask.bool()] == 0).all()
