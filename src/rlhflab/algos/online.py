@@ -346,7 +346,7 @@ Forward = Callable[[torch.Tensor], tuple]
 
 def update_policy(batch: UpdateBatch, forward: Forward, optimizer_step: Callable[[], float], hp: UpdateSettings,
                   stats: BatchStats, generator: torch.Generator, *, backward: Callable | None = None,
-                  no_sync: Callable | None = None) -> dict[str, float]:
+                  no_sync: Callable | None = None, first_perm: torch.Tensor | None = None) -> dict[str, float]:
     """Several epochs of shuffled minibatches over one rollout batch; one optimizer step
     per minibatch; optional early stop once the minibatch's approx-KL exceeds
     ``hp.target_kl``.
@@ -363,14 +363,17 @@ def update_policy(batch: UpdateBatch, forward: Forward, optimizer_step: Callable
         backward: ``accelerator.backward`` (default ``loss.backward()``).
         no_sync: context manager that skips the DDP all-reduce on all but the last
             micro-batch of a minibatch.
+        first_perm: the first epoch's shuffle when the caller has drawn it already (as
+            ``torch.randperm(B, generator=generator)``, the generator then past it).
     """
     B = batch.mask.shape[0]
     W = stats.world_size
     sums = _Sums()
     grad_norms = []
     updates, stopped = 0, False
-    for _ in range(hp.epochs):
-        perm = torch.randperm(B, generator=generator).to(batch.mask.device)
+    for epoch in range(hp.epochs):
+        perm = first_perm if (epoch == 0 and first_perm is not None) else torch.randperm(B, generator=generator)
+        perm = perm.to(batch.mask.device)
         for mb in perm.chunk(hp.num_minibatches):
             totals = stats.sum(torch.stack([torch.tensor(float(len(mb)), dtype=torch.float64),
                                             batch.mask[mb].sum().double().cpu()]))
@@ -483,7 +486,9 @@ class OnlineRun:
         if value_model is not None:
             value_model.eval()
             groups.append({"params": list(value_model.parameters()), "lr": rl.value_lr or rl.lr})
-        self.optimizer_raw = torch.optim.AdamW(groups, lr=rl.lr, weight_decay=rl.weight_decay)
+        # the fused kernel: one pass over each parameter, the same update up to float rounding
+        fused = all(p.device.type in ("cpu", "cuda") for g in groups for p in g["params"])
+        self.optimizer_raw = torch.optim.AdamW(groups, lr=rl.lr, weight_decay=rl.weight_decay, fused=fused or None)
         warmup = int(rl.warmup_ratio * rl.steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer_raw, lr_lambda(rl.lr_schedule, warmup, rl.steps))
@@ -507,6 +512,8 @@ class OnlineRun:
         self._bar = None
         self._perm_cache: tuple[int, list[int]] | None = None
         self._t_rollout = 0.0
+        self._shuffle: tuple[int, torch.Generator, torch.Tensor] | None = None  # step, generator, first perm
+        self._primed: tuple | None = None  # rows, log-probs with their graph, entropy (first update)
 
     # -- modules -----------------------------------------------------------------------
 
@@ -544,17 +551,60 @@ class OnlineRun:
                 seeds.append(row_seed(self.rl.seed, step, i * G + g))
         return prompts, seeds
 
+    def _minibatch_shuffle(self, step: int, n_rows: int) -> tuple[torch.Generator, torch.Tensor]:
+        """The generator of this step's minibatch shuffles and the first epoch's permutation."""
+        gen = torch.Generator().manual_seed(step_seed(self.rl.seed, "minibatches", step,
+                                                      self.accelerator.process_index))
+        return gen, torch.randperm(n_rows, generator=gen)
+
+    def _first_update_rows(self, perm: torch.Tensor) -> torch.Tensor | None:
+        """Rows of the first micro-batch of the first update, when their old log-probs can be
+        read off that update's own forward pass (None otherwise).
+
+        Before the first optimizer step the policy is the one that sampled, so its log-probs
+        on these rows, detached, are the old log-probs: one forward pass with gradients
+        serves both (the ratio is exactly 1 there, as it is mathematically). Not with a
+        critic (PPO's values and GAE need every row's log-probs first), and not with DDP
+        when the first micro-batch is not its minibatch's last (its forward must run under
+        no_sync).
+        """
+        if self.value is not None:
+            return None
+        mb = perm.chunk(self.rl.num_minibatches)[0]
+        micro = self.rl.micro_batch_size or len(mb)
+        if micro < len(mb) and self.accelerator.num_processes > 1:
+            return None
+        return mb[:micro]
+
     def rollout(self, step: int):
-        from rlhflab.rollout import collect_rollout
+        from rlhflab.rollout import collect_rollout, forward_response
 
         t = time.perf_counter()
         prompts, seeds = self.local_rows_of(step)
+        gen, perm = self._minibatch_shuffle(step, len(prompts))
+        self._shuffle = (step, gen, perm)
+        first = self._first_update_rows(perm)
         ro = collect_rollout(self.policy_module, self.reference, self.tokenizer, prompts, seeds, self.reward,
                              generation=self.cfg.generation, group_size=self.group_size,
                              value_model=self.value_module, no_eos_penalty=self.rl.no_eos_penalty,
-                             forward_batch_size=self.rl.micro_batch_size)
+                             forward_batch_size=self.rl.micro_batch_size, defer_rows=first)
+        ro = ro.to(self.accelerator.device)
         self._t_rollout = time.perf_counter() - t
-        return ro.to(self.accelerator.device)
+        self._primed = None
+        if first is not None:
+            # the first update's forward pass, with gradients: its detached log-probs and
+            # entropy complete the rollout (counted as update time)
+            t = time.perf_counter()
+            rows = first.to(self.accelerator.device)
+            with_entropy_grad = self.rl.entropy_coef > 0
+            lp, ent = forward_response(self.policy, ro.prompt_ids[rows], ro.prompt_mask[rows], ro.response_ids[rows],
+                                       ro.mask[rows], temperature=self.cfg.generation.temperature,
+                                       with_entropy=True, entropy_grad=with_entropy_grad)
+            ro.logprobs[rows] = lp.detach()
+            ro.entropy[rows] = ent.detach()
+            self._primed = (rows, lp, ent if with_entropy_grad else None)
+            self.state["time_update"] += time.perf_counter() - t
+        return ro
 
     # -- update ------------------------------------------------------------------------
 
@@ -575,6 +625,10 @@ class OnlineRun:
         with_entropy = self.rl.entropy_coef > 0
 
         def forward(idx):
+            if self._primed is not None and torch.equal(idx, self._primed[0]):
+                _, lp, ent = self._primed
+                self._primed = None
+                return lp, ent, None
             args = (ro.prompt_ids[idx], ro.prompt_mask[idx], ro.response_ids[idx], ro.mask[idx])
             lp, ent = forward_response(self.policy, *args, temperature=T, with_entropy=with_entropy)
             v = forward_response(self.value, *args, values=True) if with_values else None
@@ -601,11 +655,17 @@ class OnlineRun:
 
     def update(self, step: int, batch: UpdateBatch, ro) -> dict[str, float]:
         t = time.perf_counter()
-        gen = torch.Generator().manual_seed(step_seed(self.rl.seed, "minibatches", step,
-                                                      self.accelerator.process_index))
-        metrics = update_policy(batch, self._forward(ro, with_values=batch.returns is not None),
-                                self._optimizer_step, self.settings(), self.stats, gen,
-                                backward=self.accelerator.backward, no_sync=self._no_sync)
+        if self._shuffle is not None and self._shuffle[0] == step:
+            _, gen, perm = self._shuffle
+        else:
+            gen, perm = self._minibatch_shuffle(step, batch.mask.shape[0])
+        self._shuffle = None
+        try:
+            metrics = update_policy(batch, self._forward(ro, with_values=batch.returns is not None),
+                                    self._optimizer_step, self.settings(), self.stats, gen,
+                                    backward=self.accelerator.backward, no_sync=self._no_sync, first_perm=perm)
+        finally:
+            self._primed = None
         self.state["time_update"] += time.perf_counter() - t
         return metrics
 
