@@ -18,6 +18,7 @@ row wastes more than half of the compute; grouping removes most of it.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import time
 from pathlib import Path
@@ -85,6 +86,15 @@ def length_groups(lengths: list[int], max_rows: int | None = None, pass_cost: fl
         runs.append(order[cut[j]:j])
         j = cut[j]
     return runs[::-1]
+
+
+def forward_options(model) -> dict[str, bool]:
+    """Which of the keywords that spare work this model's forward takes: ``use_cache``
+    (False: no KV cache is built in a training pass) and ``logits_to_keep`` (the lm head
+    only at the last positions). A DDP wrapper's ``module`` is asked: the wrapper passes
+    its keywords on."""
+    params = inspect.signature(getattr(model, "module", model).forward).parameters
+    return {"use_cache": "use_cache" in params, "logits_to_keep": "logits_to_keep" in params}
 
 
 def _nll_sum(model, batch: dict, device) -> tuple[torch.Tensor, torch.Tensor]:
