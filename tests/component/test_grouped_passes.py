@@ -211,3 +211,30 @@ def test_grouped_training_is_the_same_run_as_before_on_a_copy(setup):
         d.micro_batch_size, d.max_steps, d.batch_size, d.warmup_ratio = micro, 2, 16, 0.0
         out.append(train_dpo(d, copy.deepcopy(model), None, tok, pairs, [])["train/loss"])
     assert out[0] == pytest.approx(out[1], rel=1e-5)
+
+
+def test_fused_gelu_is_the_same_function_and_leaves_the_weights_alone(setup, tmp_path):
+    """``fuse_activations`` swaps GPT-2's ``gelu_new`` modules for torch's fused tanh GELU:
+    one per block, the same log-probs and gradients to float rounding (measured ~1e-7),
+    the same state dict, and the saved model reloads with ``gelu_new``."""
+    from transformers.activations import NewGELUActivation
+
+    from rlhflab.algos.sft import fuse_activations
+    from rlhflab.models import load_causal_lm
+
+    cfg, _, tok, _, rows = setup
+    model = create_causal_lm(cfg.model, tok, seed=0)  # the fixture's may be fused already
+    pairs, _ = tokenize_pairs(rows[:8], tok, cfg.dpo.max_length)
+    seqs = [p.chosen for p in pairs] + [p.rejected for p in pairs]
+    fused = copy.deepcopy(model)
+    assert fuse_activations(fused) == cfg.model.n_layers
+    assert not any(isinstance(m, NewGELUActivation) for m in fused.modules())
+    for (name, a), b in zip(model.state_dict().items(), fused.state_dict().values()):
+        assert torch.equal(a, b), name
+    ref_out, ref_grads = grads_of(model, lambda: sequence_logps(model, seqs, tok.pad_token_id, "cpu")[0].sum())
+    new_out, new_grads = grads_of(fused, lambda: sequence_logps(fused, seqs, tok.pad_token_id, "cpu")[0].sum())
+    assert new_out.item() == pytest.approx(ref_out.item(), rel=1e-6)
+    assert_close_grads(ref_grads, new_grads)
+    save_pretrained_atomic(fused, tok, tmp_path / "m")
+    reloaded = load_causal_lm(tmp_path / "m", tok)
+    assert sum(isinstance(m, NewGELUActivation) for m in reloaded.modules()) == cfg.model.n_layers

@@ -45,7 +45,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
-from rlhflab.algos.sft import forward_options, length_groups, lr_lambda
+from rlhflab.algos.sft import forward_options, fuse_activations, length_groups, lr_lambda
 from rlhflab.data import Tokenized, collate_sft, render, tokenize_pair, tokenize_preference
 from rlhflab.distributed import make_accelerator
 from rlhflab.logprobs import summed_response_logprobs
@@ -204,6 +204,7 @@ def attach_reference_logps(reference, examples: list, pad_id: int, device, batch
         return
     was = reference.training
     reference.eval()
+    fuse_activations(reference)
     rows = 2 * batch_size
     with torch.inference_mode():  # the values become Python floats: no autograd state at all
         if isinstance(examples[0], PairExample):
@@ -327,10 +328,12 @@ def train_dpo(cfg, model, reference, tokenizer, train: list, held_out: list,
         raise ValueError(f"{name} needs a reference model or cached reference log-probs")
     if reference is not None:
         reference = freeze(reference).to(device)
+        fuse_activations(reference)
     pad_id = tokenizer.pad_token_id
     total_steps = cfg.max_steps or max(1, int(cfg.epochs * (len(train) // B)))
 
     disable_dropout(model)
+    fuse_activations(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     warmup = int(cfg.warmup_ratio * total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.lr_schedule, warmup, total_steps))

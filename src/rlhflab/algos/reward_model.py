@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
-from rlhflab.algos.sft import forward_options, length_groups, lr_lambda
+from rlhflab.algos.sft import forward_options, fuse_activations, length_groups, lr_lambda
 from rlhflab.data import render, tokenize_pair
 from rlhflab.distributed import make_accelerator
 from rlhflab.losses import bradley_terry_loss, plackett_luce_loss
@@ -248,6 +248,7 @@ def train_reward_model(cfg, model, tokenizer, train: list[Group], held_out: list
         from rlhflab.reward_model import reward_head
 
         reward_head(model).requires_grad_(True)
+    fuse_activations(model)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     warmup = int(cfg.warmup_ratio * total_steps)

@@ -97,6 +97,26 @@ def forward_options(model) -> dict[str, bool]:
     return {"use_cache": "use_cache" in params, "logits_to_keep": "logits_to_keep" in params}
 
 
+def fuse_activations(model: torch.nn.Module) -> int:
+    """Replace, in place, every ``NewGELUActivation`` (GPT-2's ``gelu_new``, written as eight
+    elementwise tensor ops whose intermediates are all kept for the backward) by
+    transformers' ``GELUTanh`` (torch's fused ``gelu(x, approximate="tanh")``): the same
+    function, 0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3))), in one kernel forward and
+    one backward, equal up to float rounding (transformers documents the two as equivalent).
+    Activations hold no weights: the state dict and the saved config are unchanged, and a
+    saved model reloads with its own activation. The training loops (SFT, reward model, DPO
+    family) and ``dpo.attach_reference_logps`` call it on the models they are given.
+    Returns how many modules were replaced.
+    """
+    from transformers.activations import GELUTanh, NewGELUActivation
+
+    targets = [(parent, name) for parent in model.modules() for name, child in parent.named_children()
+               if type(child) is NewGELUActivation]
+    for parent, name in targets:
+        setattr(parent, name, GELUTanh())
+    return len(targets)
+
+
 def _nll_sum(model, batch: dict, device) -> tuple[torch.Tensor, torch.Tensor]:
     ids = batch["input_ids"].to(device)
     logits = model(input_ids=ids, attention_mask=batch["attention_mask"].to(device)).logits
@@ -136,6 +156,7 @@ def train_sft(cfg, model, tokenizer, train: list[Tokenized], held_out: list[Toke
     total_steps = cfg.max_steps or max(1, int(cfg.epochs * steps_per_epoch))
     pad_id = tokenizer.pad_token_id
 
+    fuse_activations(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     warmup = int(cfg.warmup_ratio * total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.lr_schedule, warmup, total_steps))
