@@ -25,7 +25,7 @@ from rlhflab.algos.reward_model import _group_rewards, bt_objective, rows_to_gro
 from rlhflab.algos.sft import forward_options, length_groups
 from rlhflab.config import load_config
 from rlhflab.data import collate_sft, pairs_to_unpaired
-from rlhflab.logprobs import summed_response_logprobs, token_logprobs
+from rlhflab.logprobs import kept_token_logprobs, token_logprobs
 from rlhflab.models import create_causal_lm, save_pretrained_atomic
 from rlhflab.reward_model import collate, create_reward_model
 from rlhflab.world import World
@@ -66,9 +66,9 @@ def assert_close_grads(a: dict, b: dict):
         assert (a[name] - b[name]).abs().max().item() < 1e-5 * scale, name
 
 
-def test_summed_response_logprobs_from_the_kept_logits_equal_the_full_sum():
-    """Logits of the last K positions only (``logits_to_keep``) give the same sums as the
-    full (B, T, V) logits masked, when every response token is among the kept ones."""
+def test_log_probs_from_the_kept_logits_equal_the_full_masked_sum():
+    """Logits of the last K positions only (``logits_to_keep``) give the same masked sums as
+    the full (B, T, V) logits, when every response token is among the tokens they predict."""
     torch.manual_seed(0)
     B, T, V = 3, 9, 11
     logits = torch.randn(B, T, V)
@@ -77,9 +77,11 @@ def test_summed_response_logprobs_from_the_kept_logits_equal_the_full_sum():
     for b, (start, end) in enumerate([(4, 9), (3, 7), (5, 9)]):  # first response token, end
         mask[b, start:end] = 1
     full = (token_logprobs(logits, ids) * mask).sum(-1)
-    assert torch.allclose(summed_response_logprobs(logits, ids, mask), full, atol=1e-6)
-    keep = T - 3 + 1  # from the position before the earliest response token (3)
-    assert torch.allclose(summed_response_logprobs(logits[:, -keep:], ids, mask), full, atol=1e-6)
+    assert torch.allclose(kept_token_logprobs(logits, ids), token_logprobs(logits, ids)[:, 1:])
+    for keep in (T, T - 3 + 1):  # all, or from the position before the earliest response token (3)
+        lp = kept_token_logprobs(logits[:, -keep:], ids)
+        assert lp.shape == (B, keep - 1)
+        assert torch.allclose((lp * mask[:, T - keep + 1:]).sum(-1), full, atol=1e-6)
 
 
 def test_dpo_grouped_passes_equal_one_padded_pass_with_gradients(setup):
@@ -238,3 +240,25 @@ def test_fused_gelu_is_the_same_function_and_leaves_the_weights_alone(setup, tmp
     save_pretrained_atomic(fused, tok, tmp_path / "m")
     reloaded = load_causal_lm(tmp_path / "m", tok)
     assert sum(isinstance(m, NewGELUActivation) for m in reloaded.modules()) == cfg.model.n_layers
+
+
+def test_sft_log_probs_from_the_first_response_position_equal_the_full_pass(setup):
+    """SFT's passes ask for logits from the first response position on (and no KV cache):
+    the NLL sum and its gradients equal the full-logits computation to float rounding."""
+    from rlhflab.algos.sft import _nll_sum
+
+    cfg, _, tok, model, rows = setup
+    pairs, _ = tokenize_pairs(rows[:8], tok, cfg.dpo.max_length)
+    seqs = [p.chosen for p in pairs]
+    assert len({s.n_prompt for s in seqs}) > 1
+
+    def old():
+        batch = collate_sft(seqs, tok.pad_token_id)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return -(token_logprobs(logits, batch["input_ids"]) * batch["response_mask"]).sum()
+
+    ref_out, ref_grads = grads_of(model, old)
+    new_out, new_grads = grads_of(model, lambda: _nll_sum(model, seqs, tok.pad_token_id, "cpu")[0])
+    assert new_out.item() == pytest.approx(ref_out.item(), rel=1e-6)
+    assert_close_grads(ref_grads, new_grads)
+    assert _nll_sum(model, seqs, tok.pad_token_id, "cpu")[1].item() == sum(len(s.input_ids) - s.n_prompt for s in seqs)

@@ -45,10 +45,15 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
-from rlhflab.algos.sft import forward_options, fuse_activations, length_groups, lr_lambda
+from rlhflab.algos.sft import (
+    forward_options,
+    fuse_activations,
+    length_groups,
+    lr_lambda,
+    response_logprobs,
+)
 from rlhflab.data import Tokenized, collate_sft, render, tokenize_pair, tokenize_preference
 from rlhflab.distributed import make_accelerator
-from rlhflab.logprobs import summed_response_logprobs
 from rlhflab.losses import (
     PREFERENCE_LOSSES,
     REFERENCE_FREE_LOSSES,
@@ -176,18 +181,14 @@ def sequence_logps(model, seqs: list[Tokenized], pad_id: int, device, max_rows: 
     caller's loss and its single backward see one (N,) tensor either way.
     """
     lengths = torch.tensor([len(s.input_ids) - s.n_prompt for s in seqs], device=device)
-    opts = forward_options(model)
+    options = forward_options(model)
     groups = length_groups([len(s.input_ids) for s in seqs], max_rows=max_rows, pass_cost=pass_cost)
     parts = []
     for idx in groups:
         rows = [seqs[i] for i in idx]
-        batch = collate_sft(rows, pad_id)
-        ids = batch["input_ids"].to(device)
-        kwargs = {"use_cache": False} if opts["use_cache"] else {}
-        if opts["logits_to_keep"]:  # positions from the one before the first response token
-            kwargs["logits_to_keep"] = ids.shape[1] - min(x.n_prompt for x in rows) + 1
-        logits = model(input_ids=ids, attention_mask=batch["attention_mask"].to(device), **kwargs).logits
-        parts.append(summed_response_logprobs(logits, ids, batch["response_mask"].to(device)))
+        lp, mask = response_logprobs(model, collate_sft(rows, pad_id), min(x.n_prompt for x in rows), device,
+                                     options)
+        parts.append((lp * mask).sum(-1))
     order = torch.tensor([i for idx in groups for i in idx], device=device)
     return torch.cat(parts)[torch.argsort(order)], lengths
 
