@@ -35,6 +35,18 @@ def token_logprobs(
     return torch.cat([lp.new_zeros(lp.shape[0], 1), lp], dim=1)
 
 
+def kept_token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """Log-probs of the tokens that the kept logits predict: (B, K - 1).
+
+    ``logits`` (B, K, V) are the model's logits at the LAST K positions of ``input_ids``
+    (B, T) (``logits_to_keep=K``; K = T is every position). The logits at position t
+    predict token t + 1, so the result holds tokens T - K + 1 .. T - 1, i.e. it is aligned
+    to ``input_ids[:, T - K + 1:]``; with K = T it is ``token_logprobs`` without column 0.
+    """
+    start = input_ids.shape[1] - logits.shape[1]  # position of the first kept logits
+    return gather_logprobs(logits[:, :-1], input_ids[:, start + 1:])
+
+
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     """H = logsumexp(z) - sum softmax(z) z, per position: (B, T, V) -> (B, T)."""
     logits = logits.float()

@@ -51,8 +51,13 @@ def _train(cfg, backbone, groups, micro):
 def test_gradient_accumulation_4x4_equals_batch_of_16(setup):
     """Each micro-batch's loss is rescaled by its share of the global batch's pair weight,
     so four micro-batches of 4 groups accumulate the gradient of one batch of 16, with
-    per-pair agreement weights and margins that differ between micro-batches. Measured max
-    |weight diff| after 3 steps ~1e-7; tolerance 1e-5."""
+    per-pair agreement weights and margins that differ between micro-batches. The passes
+    are cut by length within each micro-batch, so the two runs add up different float32
+    roundings; AdamW's first steps (update ~ lr * g / (|g| + eps)) turn a rounding in a
+    gradient entry near eps into a weight difference of a fraction of lr (3e-3 here).
+    Measured max |weight diff| after 3 steps 3.4e-5 (1e-5 with one padded pass per
+    micro-batch); tolerance 1e-4 = lr / 30. The gradients themselves agree to 1e-5 of their
+    largest entry (``test_grouped_passes.py``)."""
     cfg, world, backbone = setup
     rows = world.preference_pairs(48, "pref")
     for i, r in enumerate(rows):
@@ -64,7 +69,7 @@ def test_gradient_accumulation_4x4_equals_batch_of_16(setup):
     small, s_small = _train(cfg, backbone, groups, 4)
     assert s_small["train/loss"] == pytest.approx(s_big["train/loss"], rel=1e-5)
     for (name, a), b in zip(big.named_parameters(), small.parameters()):
-        assert torch.allclose(a, b, atol=1e-5), name
+        assert torch.allclose(a, b, atol=1e-4), name
 
 
 def test_plackett_luce_on_rater_rankings_lowers_the_loss(setup):

@@ -18,8 +18,12 @@ Where this departs from the papers and from TRL:
   whatever the micro-batching and the number of processes. Each example's mismatched
   partner (its prompt with another example's response) is fixed once per dataset by a
   seeded permutation, so the reference's log-prob of it can be cached like the others.
-- Chosen and rejected go through the model in one forward pass (concatenated along the
-  batch, padded together); ``micro_batch_size`` is the memory knob.
+- The chosen and rejected sequences of a micro-batch go through the model in passes of
+  similar length (``sequence_logps``: sorted, cut by ``sft.length_groups``, each pass
+  right-padded to its own longest row, logits only from the first response position), and
+  the loss of the micro-batch is one function of all their log-probs with one backward:
+  the same gradient as one padded pass, with about half the tokens on the world's data.
+  ``micro_batch_size`` is the memory knob.
 - Reference log-probs are computed once before training (``precompute_ref_logps``,
   default) and the reference model is then released, or computed every step by the frozen
   reference. Either way the reference is a deep copy of the starting policy, never
@@ -41,10 +45,15 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
-from rlhflab.algos.sft import lr_lambda
+from rlhflab.algos.sft import (
+    forward_options,
+    fuse_activations,
+    length_groups,
+    lr_lambda,
+    response_logprobs,
+)
 from rlhflab.data import Tokenized, collate_sft, render, tokenize_pair, tokenize_preference
 from rlhflab.distributed import make_accelerator
-from rlhflab.logprobs import token_logprobs
 from rlhflab.losses import (
     PREFERENCE_LOSSES,
     REFERENCE_FREE_LOSSES,
@@ -156,40 +165,60 @@ def tokenize_unpaired(rows: list[dict], tokenizer, max_length: int, seed: int = 
 # ------------------------------------------------------------------ log-probs
 
 
-def sequence_logps(model, seqs: list[Tokenized], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed response-token log-probs and response lengths of ``seqs``, one forward pass.
+def sequence_logps(model, seqs: list[Tokenized], pad_id: int, device, max_rows: int | None = None,
+                   pass_cost: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed response-token log-probs and response lengths of ``seqs``.
 
-    Returns two (N,) tensors: sum_t log pi(y_t | x, y_<t) over response tokens (EOS
-    included), and the number of response tokens.
+    Returns two (N,) tensors in the order of ``seqs``: sum_t log pi(y_t | x, y_<t) over
+    response tokens (EOS included), and the number of response tokens.
+
+    The sequences go through the model in passes of similar length (``sft.length_groups``:
+    sorted by length, cut to minimize padded tokens + ``pass_cost`` per pass, at most
+    ``max_rows`` rows each), each right-padded to its own longest row, and the lm head and
+    log-softmax are computed from the first response position on only. With right padding
+    and causal attention a row's log-prob does not depend on the rows it is batched with, so
+    this equals one padded pass up to float rounding (~1e-6 relative), with gradients; the
+    caller's loss and its single backward see one (N,) tensor either way.
     """
-    batch = collate_sft(seqs, pad_id)
-    ids = batch["input_ids"].to(device)
-    logits = model(input_ids=ids, attention_mask=batch["attention_mask"].to(device)).logits
-    mask = batch["response_mask"].to(device)
-    return (token_logprobs(logits, ids) * mask).sum(-1), mask.sum(-1)
+    lengths = torch.tensor([len(s.input_ids) - s.n_prompt for s in seqs], device=device)
+    options = forward_options(model)
+    groups = length_groups([len(s.input_ids) for s in seqs], max_rows=max_rows, pass_cost=pass_cost)
+    parts = []
+    for idx in groups:
+        rows = [seqs[i] for i in idx]
+        lp, mask = response_logprobs(model, collate_sft(rows, pad_id), min(x.n_prompt for x in rows), device,
+                                     options)
+        parts.append((lp * mask).sum(-1))
+    order = torch.tensor([i for idx in groups for i in idx], device=device)
+    return torch.cat(parts)[torch.argsort(order)], lengths
 
 
 def attach_reference_logps(reference, examples: list, pad_id: int, device, batch_size: int = 64) -> None:
     """Cache the reference's log-probs on every example (both of its sequences).
 
-    Chunked exactly as ``evaluate`` chunks (chosen then rejected of ``batch_size`` pairs per
-    pass), so that at step 0 the held-out log-ratios are exactly 0, not float noise.
+    All sequences in one ``sequence_logps`` call (passes of similar length, at most
+    ``2 * batch_size`` rows each: the order of a cache is free, its padding is not), made
+    exactly as ``evaluate`` makes it, so that at step 0 the held-out log-ratios are exactly
+    0, not float noise.
     """
+    if not examples:
+        return
     was = reference.training
     reference.eval()
-    with torch.no_grad():
-        for chunk in _chunks(examples, batch_size):
-            n = len(chunk)
-            if isinstance(chunk[0], PairExample):
-                lp = sequence_logps(reference, [e.chosen for e in chunk] + [e.rejected for e in chunk],
-                                    pad_id, device)[0].float().tolist()
-                for e, c, r in zip(chunk, lp[:n], lp[n:]):
-                    e.ref_chosen, e.ref_rejected = c, r
-            else:
-                own = sequence_logps(reference, [e.example for e in chunk], pad_id, device)[0].tolist()
-                mism = sequence_logps(reference, [e.mismatched for e in chunk], pad_id, device)[0].tolist()
-                for e, a, b in zip(chunk, own, mism):
-                    e.ref, e.ref_mismatched = a, b
+    fuse_activations(reference)
+    rows = 2 * batch_size
+    with torch.inference_mode():  # the values become Python floats: no autograd state at all
+        if isinstance(examples[0], PairExample):
+            n = len(examples)
+            lp = sequence_logps(reference, [e.chosen for e in examples] + [e.rejected for e in examples],
+                                pad_id, device, max_rows=rows)[0].float().tolist()
+            for e, c, r in zip(examples, lp[:n], lp[n:]):
+                e.ref_chosen, e.ref_rejected = c, r
+        else:
+            own = sequence_logps(reference, [e.example for e in examples], pad_id, device, max_rows=rows)[0]
+            mism = sequence_logps(reference, [e.mismatched for e in examples], pad_id, device, max_rows=rows)[0]
+            for e, x, m in zip(examples, own.float().tolist(), mism.float().tolist()):
+                e.ref, e.ref_mismatched = x, m
     reference.train(was)
 
 
@@ -218,17 +247,18 @@ def _ref_tensor(values: list[float], device) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.float32, device=device)
 
 
-def _paired_terms(loss_name, model, reference, micro: list[PairExample], pad_id, device):
-    """Policy log-probs of chosen and rejected (one forward pass, with gradients) and the
-    loss's third and fourth arguments: reference log-probs, or lengths if reference-free."""
+def _paired_terms(loss_name, model, reference, micro: list[PairExample], pad_id, device,
+                  max_rows: int | None = None):
+    """Policy log-probs of chosen and rejected (passes grouped by length, with gradients) and
+    the loss's third and fourth arguments: reference log-probs, or lengths if reference-free."""
     n = len(micro)
     seqs = [e.chosen for e in micro] + [e.rejected for e in micro]
-    logps, lengths = sequence_logps(model, seqs, pad_id, device)
+    logps, lengths = sequence_logps(model, seqs, pad_id, device, max_rows)
     if loss_name in REFERENCE_FREE_LOSSES:
         third, fourth = lengths[:n], lengths[n:]
     elif reference is not None:
         with torch.no_grad():
-            ref, _ = sequence_logps(reference, seqs, pad_id, device)
+            ref, _ = sequence_logps(reference, seqs, pad_id, device, max_rows)
         third, fourth = ref[:n].float(), ref[n:].float()
     else:
         third = _ref_tensor([e.ref_chosen for e in micro], device)
@@ -236,41 +266,35 @@ def _paired_terms(loss_name, model, reference, micro: list[PairExample], pad_id,
     return logps[:n].float(), logps[n:].float(), third, fourth
 
 
-def _unpaired_terms(model, reference, micro: list[UnpairedExample], pad_id, device, mismatched: bool):
+def _unpaired_terms(model, reference, micro: list[UnpairedExample], pad_id, device, mismatched: bool,
+                    max_rows: int | None = None):
     """Policy and reference log-probs of the examples (or of their mismatched partners)."""
     seqs = [e.mismatched if mismatched else e.example for e in micro]
-    logps, _ = sequence_logps(model, seqs, pad_id, device)
+    logps, _ = sequence_logps(model, seqs, pad_id, device, max_rows)
     if reference is not None:
         with torch.no_grad():
-            ref = sequence_logps(reference, seqs, pad_id, device)[0].float()
+            ref = sequence_logps(reference, seqs, pad_id, device, max_rows)[0].float()
     else:
         ref = _ref_tensor([e.ref_mismatched if mismatched else e.ref for e in micro], device)
     return logps.float(), ref
 
 
-def _chunks(items: list, size: int):
-    for i in range(0, len(items), size):
-        yield items[i:i + size]
-
-
 @torch.no_grad()
 def evaluate(loss_name: str, hp: dict, model, reference, examples: list, pad_id: int, device,
              batch_size: int = 64) -> dict[str, float]:
-    """Loss and metrics of ``loss_name`` on held-out examples, keys prefixed ``eval/``."""
+    """Loss and metrics of ``loss_name`` on held-out examples, keys prefixed ``eval/``.
+    Passes of at most ``2 * batch_size`` rows, cut as ``attach_reference_logps`` cuts them."""
     was = model.training
     model.eval()
+    rows = 2 * batch_size
     if loss_name in UNPAIRED_LOSSES:
-        parts = [(*_unpaired_terms(model, reference, c, pad_id, device, False),
-                  *_unpaired_terms(model, reference, c, pad_id, device, True))
-                 for c in _chunks(examples, batch_size)]
-        pol, ref, pol_m, ref_m = (torch.cat([p[i] for p in parts]) for i in range(4))
+        pol, ref = _unpaired_terms(model, reference, examples, pad_id, device, False, rows)
+        pol_m, ref_m = _unpaired_terms(model, reference, examples, pad_id, device, True, rows)
         desirable = torch.tensor([e.desirable for e in examples], device=pol.device)
         z0 = kto_reference_point(pol_m, ref_m)
         loss, metrics = UNPAIRED_LOSSES[loss_name](pol, ref, desirable, z0, **hp)
     else:
-        parts = [_paired_terms(loss_name, model, reference, c, pad_id, device)
-                 for c in _chunks(examples, batch_size)]
-        args = [torch.cat([p[i] for p in parts]) for i in range(4)]
+        args = _paired_terms(loss_name, model, reference, examples, pad_id, device, rows)
         loss, metrics = PREFERENCE_LOSSES[loss_name](*args, **hp)
     model.train(was)
     return {"eval/loss": loss.item(), **{f"eval/{k}": v for k, v in metrics.items()}}
@@ -305,10 +329,12 @@ def train_dpo(cfg, model, reference, tokenizer, train: list, held_out: list,
         raise ValueError(f"{name} needs a reference model or cached reference log-probs")
     if reference is not None:
         reference = freeze(reference).to(device)
+        fuse_activations(reference)
     pad_id = tokenizer.pad_token_id
     total_steps = cfg.max_steps or max(1, int(cfg.epochs * (len(train) // B)))
 
     disable_dropout(model)
+    fuse_activations(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     warmup = int(cfg.warmup_ratio * total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.lr_schedule, warmup, total_steps))
@@ -339,10 +365,8 @@ def train_dpo(cfg, model, reference, tokenizer, train: list, held_out: list,
             z0 = None
             if unpaired:  # KTO's reference point over the whole global batch, no gradient
                 with torch.no_grad():
-                    parts = [_unpaired_terms(policy, reference, c, pad_id, device, True)
-                             for c in _chunks(shard, micro)]
-                z0 = kto_reference_point(accelerator.gather(torch.cat([p[0] for p in parts])),
-                                         accelerator.gather(torch.cat([p[1] for p in parts])))
+                    pol_m, ref_m = _unpaired_terms(policy, reference, shard, pad_id, device, True, micro)
+                z0 = kto_reference_point(accelerator.gather(pol_m), accelerator.gather(ref_m))
             kept: list[list[torch.Tensor]] = []
             for m in range(0, len(shard), micro):
                 chunk = shard[m:m + micro]

@@ -32,12 +32,12 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
-from rlhflab.algos.sft import lr_lambda
+from rlhflab.algos.sft import forward_options, fuse_activations, length_groups, lr_lambda
 from rlhflab.data import render, tokenize_pair
 from rlhflab.distributed import make_accelerator
 from rlhflab.losses import bradley_terry_loss, plackett_luce_loss
 from rlhflab.progress import progress_bar
-from rlhflab.reward_model import collate, forward_scores
+from rlhflab.reward_model import collate
 from rlhflab.tracking import MetricsLog
 
 
@@ -135,11 +135,25 @@ def tokenize_groups(groups: list[Group], tokenizer, max_length: int) -> int:
 # ---------------------------------------------------------------------------- losses
 
 
-def _group_rewards(model, groups: list[Group], pad_id: int, device) -> list[torch.Tensor]:
-    """One forward pass over every response of ``groups``; rewards split per group."""
+def _group_rewards(model, groups: list[Group], pad_id: int, device, max_rows: int | None = None
+                   ) -> list[torch.Tensor]:
+    """Rewards of every response of ``groups``, split per group.
+
+    The responses go through the model in passes of similar length (``sft.length_groups``:
+    sorted, cut to minimize padded tokens + a cost per pass, at most ``max_rows`` rows each),
+    each right-padded to its own longest row. A score reads its own row only (the padding is
+    masked), so this equals one padded pass up to float rounding, with gradients: the loss
+    of the micro-batch and its single backward see the same rewards.
+    """
     seqs = [ids for g in groups for ids in g.ids]
-    ids, attn = collate(seqs, pad_id)
-    r = forward_scores(model, ids.to(device), attn.to(device)).float()
+    kwargs = {"use_cache": False} if forward_options(model)["use_cache"] else {}
+    passes = length_groups([len(s) for s in seqs], max_rows=max_rows)
+    parts = []
+    for idx in passes:
+        ids, attn = collate([seqs[i] for i in idx], pad_id)
+        parts.append(model(input_ids=ids.to(device), attention_mask=attn.to(device), **kwargs).logits[:, 0].float())
+    order = torch.tensor([i for idx in passes for i in idx], device=device)
+    r = torch.cat(parts)[torch.argsort(order)]
     return list(torch.split(r, [len(g.ids) for g in groups]))
 
 
@@ -234,6 +248,7 @@ def train_reward_model(cfg, model, tokenizer, train: list[Group], held_out: list
         from rlhflab.reward_model import reward_head
 
         reward_head(model).requires_grad_(True)
+    fuse_activations(model)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     warmup = int(cfg.warmup_ratio * total_steps)

@@ -18,6 +18,7 @@ row wastes more than half of the compute; grouping removes most of it.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import time
 from pathlib import Path
@@ -27,7 +28,7 @@ from accelerate import Accelerator
 
 from rlhflab.data import Tokenized, collate_sft, render, tokenize_pair
 from rlhflab.distributed import make_accelerator
-from rlhflab.logprobs import token_logprobs
+from rlhflab.logprobs import kept_token_logprobs
 from rlhflab.losses import sft_loss
 from rlhflab.progress import progress_bar
 from rlhflab.tracking import MetricsLog
@@ -87,11 +88,57 @@ def length_groups(lengths: list[int], max_rows: int | None = None, pass_cost: fl
     return runs[::-1]
 
 
-def _nll_sum(model, batch: dict, device) -> tuple[torch.Tensor, torch.Tensor]:
+def forward_options(model) -> dict[str, bool]:
+    """Which of the keywords that spare work this model's forward takes: ``use_cache``
+    (False: no KV cache is built in a training pass) and ``logits_to_keep`` (the lm head
+    only at the last positions). A DDP wrapper's ``module`` is asked: the wrapper passes
+    its keywords on."""
+    params = inspect.signature(getattr(model, "module", model).forward).parameters
+    return {"use_cache": "use_cache" in params, "logits_to_keep": "logits_to_keep" in params}
+
+
+def fuse_activations(model: torch.nn.Module) -> int:
+    """Replace, in place, every ``NewGELUActivation`` (GPT-2's ``gelu_new``, written as eight
+    elementwise tensor ops whose intermediates are all kept for the backward) by
+    transformers' ``GELUTanh`` (torch's fused ``gelu(x, approximate="tanh")``): the same
+    function, 0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3))), in one kernel forward and
+    one backward, equal up to float rounding (transformers documents the two as equivalent).
+    Activations hold no weights: the state dict and the saved config are unchanged, and a
+    saved model reloads with its own activation. The training loops (SFT, reward model, DPO
+    family) and ``dpo.attach_reference_logps`` call it on the models they are given.
+    Returns how many modules were replaced.
+    """
+    from transformers.activations import GELUTanh, NewGELUActivation
+
+    targets = [(parent, name) for parent in model.modules() for name, child in parent.named_children()
+               if type(child) is NewGELUActivation]
+    for parent, name in targets:
+        setattr(parent, name, GELUTanh())
+    return len(targets)
+
+
+def response_logprobs(model, batch: dict, n_prompt_min: int, device, options: dict | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token log-probs of a collated batch from its first response position on, with the
+    matching slice of its response mask: two (B, K - 1) tensors, K = T - n_prompt_min + 1.
+
+    The model is asked for logits at the last K positions only (``logits_to_keep``) and no
+    KV cache, when its forward takes them (``forward_options``); otherwise K = T. Masked
+    sums equal those of ``token_logprobs`` over the whole row (the prompt positions cut
+    off hold no response token).
+    """
+    options = forward_options(model) if options is None else options
     ids = batch["input_ids"].to(device)
-    logits = model(input_ids=ids, attention_mask=batch["attention_mask"].to(device)).logits
-    lp = token_logprobs(logits, ids)
-    mask = batch["response_mask"].to(device)
+    kwargs = {"use_cache": False} if options["use_cache"] else {}
+    if options["logits_to_keep"]:
+        kwargs["logits_to_keep"] = ids.shape[1] - n_prompt_min + 1
+    logits = model(input_ids=ids, attention_mask=batch["attention_mask"].to(device), **kwargs).logits
+    lp = kept_token_logprobs(logits, ids)
+    return lp, batch["response_mask"].to(device)[:, ids.shape[1] - lp.shape[1]:]
+
+
+def _nll_sum(model, rows: list[Tokenized], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    lp, mask = response_logprobs(model, collate_sft(rows, pad_id), min(x.n_prompt for x in rows), device)
     return -(lp * mask).sum(), mask.sum()
 
 
@@ -104,7 +151,7 @@ def evaluate_loss(model, examples: list[Tokenized], pad_id: int, accelerator: Ac
     mine = sorted(mine, key=lambda x: len(x.input_ids))  # a sum: order is free, padding is not
     total = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
     for i in range(0, len(mine), batch_size):
-        nll, n = _nll_sum(model, collate_sft(mine[i : i + batch_size], pad_id), accelerator.device)
+        nll, n = _nll_sum(model, mine[i : i + batch_size], pad_id, accelerator.device)
         total += torch.stack([nll.double(), n.double()])
     total = accelerator.reduce(total, reduction="sum")
     model.train()
@@ -126,12 +173,14 @@ def train_sft(cfg, model, tokenizer, train: list[Tokenized], held_out: list[Toke
     total_steps = cfg.max_steps or max(1, int(cfg.epochs * steps_per_epoch))
     pad_id = tokenizer.pad_token_id
 
+    fuse_activations(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     warmup = int(cfg.warmup_ratio * total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.lr_schedule, warmup, total_steps))
     # The scheduler is stepped by hand once per optimizer step (not prepared: accelerate
     # would step it once per process).
     model, optimizer = accelerator.prepare(model, optimizer)
+    options = forward_options(model)
     log = MetricsLog(out_dir / "metrics.jsonl" if out_dir else None, enabled=accelerator.is_main_process)
 
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -152,15 +201,14 @@ def train_sft(cfg, model, tokenizer, train: list[Tokenized], held_out: list[Toke
             nll_total = torch.zeros((), device=accelerator.device)
             groups = length_groups([len(x.input_ids) for x in shard], max_rows=micro)
             for g, idx in enumerate(groups):
-                batch = collate_sft([shard[i] for i in idx], pad_id)
+                rows = [shard[i] for i in idx]
                 last = g == len(groups) - 1
                 with accelerator.no_sync(model) if not last else contextlib.nullcontext():
-                    with accelerator.autocast():
-                        ids = batch["input_ids"].to(accelerator.device)
-                        logits = model(input_ids=ids, attention_mask=batch["attention_mask"].to(accelerator.device)).logits
-                        lp = token_logprobs(logits, ids)
+                    with accelerator.autocast():  # log-probs from the first response position on
+                        lp, mask = response_logprobs(model, collate_sft(rows, pad_id), min(x.n_prompt for x in rows),
+                                                     accelerator.device, options)
                     # DDP averages gradients over W processes, hence N / W here.
-                    loss, _ = sft_loss(lp, batch["response_mask"].to(accelerator.device), n_tokens=n_tokens / W)
+                    loss, _ = sft_loss(lp, mask, n_tokens=n_tokens / W)
                     accelerator.backward(loss)
                 nll_total += loss.detach() * (n_tokens / W)
             grad_norm = (

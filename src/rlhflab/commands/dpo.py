@@ -142,6 +142,7 @@ class WorldMonitor:
     def __call__(self, step: int, policy) -> dict:
         import gc
 
+        from rlhflab.algos.sft import fuse_activations
         from rlhflab.instruments.policy_eval import measure_policy_on_world, sampled_kl
         from rlhflab.instruments.win_rate import gold_win_rate
         from rlhflab.models import load_causal_lm
@@ -152,6 +153,7 @@ class WorldMonitor:
         reference = self.reference
         if reference is None:  # released after caching its log-probs: reload it for this
             reference = load_causal_lm(self.sft_dir, self.tok).to(next(policy.parameters()).device)
+            fuse_activations(reference)  # as the policy's in train_dpo: step 0's KL is exactly 0
         kl = sampled_kl(policy, reference, self.tok, [p.text for p in self.prompts],
                         max_new_tokens=self.gen.max_new_tokens, batch_size=self.gen.batch_size)
         del reference
