@@ -8,6 +8,7 @@ measure with exactly the same code: threads, the clock, peak RSS and token count
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import resource
@@ -169,6 +170,10 @@ class Instrument:
         inst = self
         orig = m.forward
 
+        # wraps: HF generate reads forward's signature to decide whether to pass
+        # position_ids; a bare (*a, **kw) wrapper would make it sample left-padded prompts
+        # with shifted positions.
+        @functools.wraps(orig)
         def forward(*a, **kw):
             if inst._depth:  # inside generate or another instrumented forward
                 return orig(*a, **kw)
@@ -187,6 +192,7 @@ class Instrument:
         inst = self
         orig = m.generate
 
+        @functools.wraps(orig)
         def generate(*a, **kw):
             t0 = time.perf_counter()
             inst._depth += 1
