@@ -5,7 +5,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench clean install
+.PHONY: demo test test-demo lint bench clean install
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
+
+# The failure-mode demonstrations at the demo's size (about 10 minutes on 2 cores).
+test-demo: $(STAMP)
+	$(BIN)/python -m pytest -q -m demo tests
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
