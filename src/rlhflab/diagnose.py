@@ -138,7 +138,9 @@ def _mode_collapse(m, t):
     dup = m.get("diversity/duplicate_rate", 0.0)
     base_dup = m.get("base/diversity/duplicate_rate")
     too_many = dup - base_dup >= t.duplicate_rise if base_dup is not None else dup >= t.duplicate_rate
-    if r <= t.distinct2_ratio or too_many:
+    # Identical answers to recurring prompts are convergence, not collapse, when the
+    # vocabulary in use did not shrink: duplicates count only with distinct-2 below base's.
+    if r <= t.distinct2_ratio or (too_many and r < 1.0):
         versus = f" (base {base_dup:.0%})" if base_dup is not None else ""
         return f"distinct-2 x{r:.2f} of base, {dup:.0%} duplicate responses{versus}"
     return None

@@ -85,3 +85,6 @@ def test_duplicates_are_judged_against_the_base():
     assert "mode_collapse" in [f["name"] for f in diagnose(collapsed)["findings"]]
     no_base = {k: v for k, v in collapsed.items() if k != "base/diversity/duplicate_rate"}
     assert "mode_collapse" in [f["name"] for f in diagnose(no_base)["findings"]]
+    # More duplicates with a richer vocabulary: the policy converged on the right answers.
+    converged = {**collapsed, "diversity/distinct_2": 0.40}
+    assert "mode_collapse" not in [f["name"] for f in diagnose(converged)["findings"]]
