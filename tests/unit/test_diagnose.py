@@ -88,3 +88,13 @@ def test_duplicates_are_judged_against_the_base():
     # More duplicates with a richer vocabulary: the policy converged on the right answers.
     converged = {**collapsed, "diversity/distinct_2": 0.40}
     assert "mode_collapse" not in [f["name"] for f in diagnose(converged)["findings"]]
+
+
+def test_a_capability_drop_must_stand_out_of_the_probe_noise():
+    # 40 probes at 40% accuracy: a 10-point drop is 1.1 standard errors, 25 points 3.
+    noisy = {**HEALTHY, "capability/accuracy": 0.3, "base/capability/accuracy": 0.4, "capability/n": 40.0}
+    assert "capability_regression" not in [f["name"] for f in diagnose(noisy)["findings"]]
+    real = {**noisy, "capability/accuracy": 0.15}
+    assert "capability_regression" in [f["name"] for f in diagnose(real)["findings"]]
+    unknown_n = {k: v for k, v in noisy.items() if k != "capability/n"}
+    assert "capability_regression" in [f["name"] for f in diagnose(unknown_n)["findings"]]
