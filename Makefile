@@ -24,7 +24,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
 
-# The failure-mode demonstrations at the demo's size (about 10 minutes on 2 cores).
+# The failure-mode demonstrations at the demo's size (about 9 minutes on 2 cores).
 test-demo: $(STAMP)
 	$(BIN)/python -m pytest -q -m demo tests
 

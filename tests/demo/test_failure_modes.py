@@ -1,5 +1,5 @@
 """The demonstration the lab exists for, at the demo's size: the same SFT policy, PPO at
-the demo's beta, and only the raters changed. Opt-in (``make test-demo``, about 10
+the demo's beta, and only the raters changed. Opt-in (``make test-demo``, about 9
 minutes on 2 cores), since it trains three reward models and three policies of the demo
 size; ``make test`` deselects the ``demo`` marker.
 
