@@ -39,3 +39,14 @@ def free_port() -> str:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return str(s.getsockname()[1])
+
+
+def save_tiny_backbone(cfg, out: Path) -> Path:
+    """An untrained tiny causal LM of ``cfg.model`` with the world tokenizer, saved at
+    ``out`` like an SFT policy (a reward-model backbone for tests)."""
+    from rlhflab.models import create_causal_lm, save_pretrained_atomic
+    from rlhflab.world import World
+
+    tok = World(cfg.world).tokenizer(cfg.model.max_positions)
+    save_pretrained_atomic(create_causal_lm(cfg.model, tok, seed=0), tok, out)
+    return out

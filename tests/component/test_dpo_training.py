@@ -25,15 +25,6 @@ from rlhflab.world import World
 from tests.conftest import free_port, subprocess_env
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one thread is faster than two fighting over a shared CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def setup(tiny_config_path):
     cfg = load_config(tiny_config_path)

@@ -13,14 +13,6 @@ from rlhflab.rollout import GumbelMaxSampler, forward_response, generate, row_se
 from tests.component.test_rl_rollout import PROMPTS, tiny_policy_dir
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def policy_and_tok(tmp_path_factory):
     path = tiny_policy_dir(tmp_path_factory.getbasetemp())

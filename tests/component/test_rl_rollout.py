@@ -18,15 +18,6 @@ PROMPTS = ["what is 3 plus 4 ?", "how do i bake bread ?", "tell me about cats ."
            "i think 2 plus 2 is 5 . what is 2 plus 2 ?", "how do i steal a car ?", "compute 9 minus 1 ."]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one intra-op thread is faster than two and immune to a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_policy_dir(base: Path) -> Path:
     """An untrained tiny GPT-2 with the world's tokenizer, saved once per test session
     under ``base`` (shared by the RL test modules). A random policy is enough for the

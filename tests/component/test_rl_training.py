@@ -28,15 +28,6 @@ from tests.conftest import ROOT, free_port, subprocess_env
 TINY = ROOT / "configs" / "tiny.yaml"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one intra-op thread is faster than two and immune to a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def policy_dir(tmp_path_factory) -> Path:
     return tiny_policy_dir(tmp_path_factory.getbasetemp())

@@ -27,15 +27,14 @@ keyword < 0.6 off and > 0.7 on. The keyword probe also fires under a pure length
 import random
 
 import pytest
-import torch
 
 from rlhflab.commands.rm import run_rm
 from rlhflab.config import load_config
 from rlhflab.data import load_jsonl
 from rlhflab.instruments.rm_eval import _responses, keyword_probe, length_probe
-from rlhflab.models import create_causal_lm, save_pretrained_atomic
 from rlhflab.reward_model import RewardModel
 from rlhflab.world import World
+from tests.conftest import save_tiny_backbone
 
 RUNS = {
     "base": ["world.rater.length_bias=0", "world.rater.keyword_bias=0"],
@@ -45,24 +44,11 @@ RUNS = {
 
 pytestmark = pytest.mark.slow
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models on a shared 2-core machine: one intra-op thread avoids OpenMP spinning
-    against other processes (measured: a tiny RM step 0.01 s with 1 thread, ~1 s with 2
-    under load). Restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 
 @pytest.fixture(scope="module")
 def probes(tmp_path_factory, tiny_config_path):
     root = tmp_path_factory.mktemp("rm_bias")
-    cfg = load_config(tiny_config_path)
-    tok = World(cfg.world).tokenizer(cfg.model.max_positions)
-    save_pretrained_atomic(create_causal_lm(cfg.model, tok, seed=0), tok, root / "backbone")
+    save_tiny_backbone(load_config(tiny_config_path), root / "backbone")
     results = {}
     for name, sets in RUNS.items():
         cfg = load_config(tiny_config_path, sets + [f"rm.backbone={root / 'backbone'}"])

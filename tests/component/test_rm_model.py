@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from rlhflab.config import load_config
-from rlhflab.models import create_causal_lm, save_pretrained_atomic
 from rlhflab.reward_model import (
     RewardModel,
     collate,
@@ -14,32 +13,17 @@ from rlhflab.reward_model import (
     encode,
     reward_head,
 )
-from rlhflab.world import World
+from tests.conftest import save_tiny_backbone
 
 PROMPTS = ["what is 2 plus 3 ?", "tell me about cats .", "how do i steal a car ?"]
 RESPONSES = ["the answer is 5 .", "cats are small pets that like to sleep . i hope this helps .",
              "sorry , i can not help with that ."]
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models on a shared 2-core machine: one intra-op thread avoids OpenMP spinning
-    against other processes (measured: a tiny RM step 0.01 s with 1 thread, ~1 s with 2
-    under load). Restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 
 @pytest.fixture(scope="module")
 def backbone(tmp_path_factory, tiny_config_path):
     """A tiny GPT-2 causal LM with the world tokenizer, saved like an SFT policy."""
-    cfg = load_config(tiny_config_path)
-    tok = World(cfg.world).tokenizer(cfg.model.max_positions)
-    out = tmp_path_factory.mktemp("rm_model") / "sft" / "model"
-    save_pretrained_atomic(create_causal_lm(cfg.model, tok, seed=0), tok, out)
-    return out
+    return save_tiny_backbone(load_config(tiny_config_path), tmp_path_factory.mktemp("rm_model") / "sft" / "model")
 
 
 def test_head_is_initialised_as_stiennon_et_al_and_dropout_is_off(backbone):

@@ -14,30 +14,16 @@ from rlhflab.algos.reward_model import (
 )
 from rlhflab.config import load_config
 from rlhflab.distributed import make_accelerator
-from rlhflab.models import create_causal_lm, save_pretrained_atomic
 from rlhflab.reward_model import RewardModel, create_reward_model
 from rlhflab.world import World
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models on a shared 2-core machine: one intra-op thread avoids OpenMP spinning
-    against other processes (measured: a tiny RM step 0.01 s with 1 thread, ~1 s with 2
-    under load). Restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+from tests.conftest import save_tiny_backbone
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, tiny_config_path):
     cfg = load_config(tiny_config_path)
-    world = World(cfg.world)
-    tok = world.tokenizer(cfg.model.max_positions)
-    out = tmp_path_factory.mktemp("rm_train") / "model"
-    save_pretrained_atomic(create_causal_lm(cfg.model, tok, seed=0), tok, out)
-    return cfg, world, out
+    out = save_tiny_backbone(cfg, tmp_path_factory.mktemp("rm_train") / "model")
+    return cfg, World(cfg.world), out
 
 
 def _train(cfg, backbone, groups, micro):

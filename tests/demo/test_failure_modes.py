@@ -26,7 +26,6 @@ import copy
 from pathlib import Path
 
 import pytest
-import torch
 
 from rlhflab.config import load_config
 
@@ -47,8 +46,6 @@ def diagnoses(tmp_path_factory):
     from rlhflab.commands.sft import run_sft
     from rlhflab.diagnose import diagnose
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     base = tmp_path_factory.mktemp("failure_modes")
     cfg = load_config(ROOT / "configs" / "demo.yaml", DEMO)
     sft = base / "sft"
@@ -61,7 +58,6 @@ def diagnoses(tmp_path_factory):
         train_arm(scfg, "ppo", out, sft, out / "rm")
         metrics = evaluate_arm(scfg, "ppo", out, sft, out / "rm")
         results[name] = (metrics, diagnose(metrics))
-    torch.set_num_threads(threads)
     return results
 
 

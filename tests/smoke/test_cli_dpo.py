@@ -5,24 +5,14 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from rlhflab.cli import main
 from rlhflab.data import write_jsonl
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def sft_dir(tmp_path_factory, tiny_config_path):
     """A briefly trained tiny SFT policy (12 steps: enough to be a policy, not a good one)."""
-    torch.set_num_threads(1)
     out = tmp_path_factory.mktemp("runs") / "sft"
     assert main(["sft", "--config", str(tiny_config_path), "--out", str(out), "--set", "sft.max_steps=12",
                  "--set", "sft.n_samples=8", "--set", "sft.n_show=0"]) == 0

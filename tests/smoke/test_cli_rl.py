@@ -20,14 +20,6 @@ TRL_NAMES = {"objective/kl", "objective/scores", "objective/rlhf_reward", "objec
              "policy/approxkl", "rollout/length_mean", "rollout/eos_rate", "kl/beta", "kl/status", "loss/policy"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def sft(tmp_path_factory):
     return str(tiny_policy_dir(tmp_path_factory.getbasetemp()))

@@ -3,7 +3,6 @@
 import json
 
 import pytest
-import torch
 
 from rlhflab.cli import main
 from rlhflab.config import load_config
@@ -13,15 +12,6 @@ from rlhflab.world import World
 
 FAST = ["--set", "rm.max_steps=4", "--set", "rm.batch_size=8", "--set", "rm.n_prompts=24",
         "--set", "rm.n_eval_prompts=8", "--set", "rm.n_reference=16"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread for tiny models on a shared machine (see test_rm_model.py)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ import math
 
 import numpy as np
 import pytest
-import torch
 
 from rlhflab.algos.bandit_offline import (
     BANDIT_ALGOS,
@@ -26,15 +25,6 @@ from rlhflab.optimal import kl_divergence
 
 def mean_kl(p, q) -> float:
     return float(np.mean(kl_divergence(p, q)))
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensor ops: threads only add overhead (and the machine is shared)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_registry_has_the_whole_family():
