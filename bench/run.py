@@ -86,13 +86,16 @@ def run_checked(cmd: list[str], log_path: Path, env: dict | None = None) -> str:
 # OpenMP threads that wait by spinning (libgomp's default) make a multi-threaded run 10-70x
 # slower when other processes share the cores (measured: docs/benchmarks.md); waiting
 # passively keeps the figures meaningful on a shared machine. Same for both libraries.
+# "default" leaves the variable unset: libgomp's own policy (spin a while, then sleep).
 OMP_WAIT_POLICY = os.environ.get("BENCH_OMP_WAIT_POLICY", "PASSIVE")
 
 
 def child_env(threads: int) -> dict:
     env = dict(os.environ)
+    env.pop("OMP_WAIT_POLICY", None)
+    if OMP_WAIT_POLICY != "default":
+        env["OMP_WAIT_POLICY"] = OMP_WAIT_POLICY
     env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false",
-               OMP_WAIT_POLICY=OMP_WAIT_POLICY,
                HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1",
                PYTHONUNBUFFERED="1", TRANSFORMERS_VERBOSITY="error")
     return env

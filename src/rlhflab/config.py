@@ -85,6 +85,9 @@ class SFTConfig:
     weight_decay: float = _f(0.0, "AdamW weight decay")
     batch_size: int = _f(32, "global batch: examples per optimizer step over all processes")
     micro_batch_size: int | None = _f(None, "examples per forward pass per process; empty = all")
+    packing: bool = _f(True, "lay several sequences end to end in each row of a forward pass "
+                       "(block-diagonal attention, no padding) when the model is checked to support "
+                       "it; false = padded passes of similar length")
     epochs: float = _f(3.0, "passes over the data (fractions allowed)")
     max_steps: int | None = _f(None, "stop after this many steps (overrides epochs)")
     warmup_ratio: float = _f(0.05, "fraction of steps of linear warm-up")
@@ -110,6 +113,9 @@ class RMConfig:
     epochs: float = _f(2.0, "passes over the comparisons")
     max_length: int = _f(64, "longest prompt + response in tokens")
     micro_batch_size: int | None = _f(None, "groups per forward pass per process; empty = all")
+    packing: bool = _f(True, "lay several sequences end to end in each row of a forward pass "
+                       "(block-diagonal attention, no padding) when the model is checked to support "
+                       "it; false = padded passes of similar length")
     max_steps: int | None = _f(None, "stop after this many steps (overrides epochs)")
     weight_decay: float = _f(0.0, "AdamW weight decay")
     warmup_ratio: float = _f(0.05, "fraction of steps of linear warm-up")
@@ -219,6 +225,9 @@ class DPOConfig:
     kto_undesirable_weight: float = _f(1.0, "kto: weight of undesirable examples")
     batch_size: int = _f(32, "global batch: pairs (kto: examples) per optimizer step over all processes")
     micro_batch_size: int | None = _f(None, "pairs per forward pass per process; empty = all")
+    packing: bool = _f(True, "lay several sequences end to end in each row of a forward pass "
+                       "(block-diagonal attention, no padding) when the model is checked to support "
+                       "it; false = padded passes of similar length")
     epochs: float = _f(1.0, "passes over the data (fractions allowed)")
     max_steps: int | None = _f(None, "stop after this many steps (overrides epochs)")
     warmup_ratio: float = _f(0.1, "fraction of steps of linear warm-up")

@@ -47,6 +47,7 @@ from transformers.generation.logits_process import (
 )
 
 from rlhflab.logprobs import entropy_from_logits, gather_logprobs, response_mask_after_eos
+from rlhflab.packing import can_pack, pack, packed_logits
 from rlhflab.sampling import left_pad
 
 # ---------------------------------------------------------------------------------------
@@ -238,9 +239,32 @@ def _packed_rows(prompt_ids, prompt_mask, response_ids, response_mask):
     return ids.gather(1, cols.clamp(max=ids.shape[1] - 1)), p_len, r_len
 
 
+def _forward_packed(model, rows, p_len, r_len, response_ids, response_mask, pad_id: int, temperature: float,
+                    with_entropy: bool, entropy_grad: bool):
+    """``forward_response`` for a causal LM in one pass of packed rows (``packing.pack``):
+    the real tokens of every row laid end to end, block-diagonal attention."""
+    B, R = response_ids.shape
+    lengths = (p_len + r_len).tolist()
+    p = pack([rows[b, :n].tolist() for b, n in enumerate(lengths)], pad_id).to(rows.device)
+    logits, targets, seq, t = packed_logits(model, p, p_len)
+    if temperature != 1.0:
+        logits = logits / temperature
+    where = (seq, t)
+
+    def place(x):
+        return torch.zeros(B, R, dtype=x.dtype, device=x.device).index_put(where, x)
+
+    lp = place(gather_logprobs(logits, targets))
+    ent = None
+    if with_entropy:
+        with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+            ent = place(entropy_from_logits(logits if entropy_grad else logits.detach()))
+    return lp, ent
+
+
 def forward_response(model, prompt_ids, prompt_mask, response_ids, response_mask, *, temperature: float = 1.0,
                      with_entropy: bool = False, values: bool = False, grouped: bool | None = None,
-                     entropy_grad: bool = True):
+                     entropy_grad: bool = True, packing: bool = True):
     """Forward passes over prompt + response; outputs aligned to the response tokens.
 
     For a causal LM (``values=False``) returns (logprobs, entropy): log pi(y_t | x, y_<t)
@@ -257,11 +281,21 @@ def forward_response(model, prompt_ids, prompt_mask, response_ids, response_mask
     trimmed); the default groups unless the model is wrapped in DDP and gradients are on,
     since DDP expects one forward per backward. ``entropy_grad=False`` computes the entropy
     on detached logits (a metric, no graph kept for it).
+
+    A causal LM that passes ``packing.can_pack`` (and ``packing`` left on) goes through ONE
+    pass instead, its rows' real tokens laid end to end in rows of the longest one with
+    block-diagonal attention (``packing.pack``): no padding and one large product, the same
+    values up to float rounding. A critic (``values=True``) keeps the passes above.
     """
     from rlhflab.algos.sft import length_groups
 
     B, R = response_ids.shape
     packed, p_len, r_len = _packed_rows(prompt_ids, prompt_mask, response_ids, response_mask)
+    if not values and packing and B > 1:
+        pad = getattr(getattr(model, "module", model).config, "pad_token_id", None) or 0
+        if can_pack(model, pad_id=pad):
+            return _forward_packed(model, packed, p_len, r_len, response_ids, response_mask, pad,
+                                   temperature, with_entropy, entropy_grad)
     if grouped is None:
         grouped = not (torch.is_grad_enabled() and isinstance(model, torch.nn.parallel.DistributedDataParallel))
     lengths = (p_len + r_len).tolist()

@@ -72,22 +72,29 @@ def batch(policy_and_tok):
     return p_ids, p_mask, r_ids, r_mask
 
 
-@pytest.mark.parametrize("grouped", [True, False])
-def test_packed_forward_equals_padded_forward(policy_and_tok, batch, grouped):
-    model, _ = policy_and_tok
+# packing=True: one pass of several rows per packed row (``rlhflab.packing``); otherwise the
+# rows' real tokens moved left, in length groups or in one pass.
+@pytest.mark.parametrize("grouped,packing", [(True, False), (False, False), (None, True)])
+def test_packed_forward_equals_padded_forward(policy_and_tok, batch, grouped, packing):
+    from rlhflab.packing import can_pack
+
+    model, tok = policy_and_tok
+    assert can_pack(model, pad_id=tok.pad_token_id)
     with torch.no_grad():
-        lp, ent = forward_response(model, *batch, temperature=0.7, with_entropy=True, grouped=grouped)
+        lp, ent = forward_response(model, *batch, temperature=0.7, with_entropy=True, grouped=grouped,
+                                   packing=packing)
         ref_lp, ref_ent = padded_forward_response(model, *batch, temperature=0.7)
     torch.testing.assert_close(lp, ref_lp, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(ent, ref_ent, atol=1e-5, rtol=1e-5)
 
 
-def test_packed_forward_gradients_equal_padded_forward(policy_and_tok, batch):
-    """Several passes, one backward: the same gradient as one padded pass."""
+@pytest.mark.parametrize("packing", [True, False])
+def test_packed_forward_gradients_equal_padded_forward(policy_and_tok, batch, packing):
+    """Several passes (or one of packed rows), one backward: the same gradient as one padded pass."""
     model, _ = policy_and_tok
     weights = torch.linspace(-1, 1, batch[2].numel()).view(batch[2].shape)
     grads = []
-    for fn in (lambda: forward_response(model, *batch, temperature=0.7)[0],
+    for fn in (lambda: forward_response(model, *batch, temperature=0.7, packing=packing)[0],
                lambda: padded_forward_response(model, *batch, temperature=0.7)[0]):
         model.zero_grad(set_to_none=True)
         (fn() * weights).sum().backward()

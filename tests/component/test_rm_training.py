@@ -115,8 +115,11 @@ def test_two_process_cpu_run_matches_one_process(setup, tmp_path, tiny_config_pa
     """`accelerate launch --multi_gpu --num_processes 2` on CPU against one process, same
     global batch of 16 groups: each process takes half of every global batch, the loss is
     normalized by the global pair count, so both compute the same updates up to float32
-    reduction order. Measured: held-out and training losses agree to ~1e-7 relative over 6
-    steps; tolerance 1e-5."""
+    reduction order. Measured: before the first update the losses agree to ~3e-8 relative
+    (tolerance 1e-6). After it they agree to ~2e-5: each process packs its half of the batch
+    into its own rows, a different summation order, and AdamW's first step moves every
+    weight by about lr * sign(g), which float rounding flips where g is near 0. Tolerance
+    1e-4; a batch split or normalized wrongly is off by 1e-2 or more."""
     import json
     import subprocess
     import sys
@@ -142,5 +145,6 @@ def test_two_process_cpu_run_matches_one_process(setup, tmp_path, tiny_config_pa
     dp, sp = losses("dp"), losses("sp")
     assert json.loads((tmp_path / "dp" / "metrics.json").read_text())["members"][0]["train/processes"] == 2
     assert len(dp) == len(sp) == 6 + 3
+    assert dp[:2] == pytest.approx(sp[:2], rel=1e-6)  # held-out loss at step 0, training loss of step 1
     for a, b in zip(dp, sp):
-        assert a == pytest.approx(b, rel=1e-5)
+        assert a == pytest.approx(b, rel=1e-4)

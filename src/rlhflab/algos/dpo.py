@@ -60,6 +60,7 @@ from rlhflab.losses import (
     UNPAIRED_LOSSES,
     kto_reference_point,
 )
+from rlhflab.packing import bins_first_fit, pack, packed_response_logps, use_packing
 from rlhflab.progress import progress_bar
 from rlhflab.tracking import MetricsLog
 
@@ -166,7 +167,7 @@ def tokenize_unpaired(rows: list[dict], tokenizer, max_length: int, seed: int = 
 
 
 def sequence_logps(model, seqs: list[Tokenized], pad_id: int, device, max_rows: int | None = None,
-                   pass_cost: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                   pass_cost: float | None = None, packed: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed response-token log-probs and response lengths of ``seqs``.
 
     Returns two (N,) tensors in the order of ``seqs``: sum_t log pi(y_t | x, y_<t) over
@@ -179,8 +180,23 @@ def sequence_logps(model, seqs: list[Tokenized], pad_id: int, device, max_rows: 
     and causal attention a row's log-prob does not depend on the rows it is batched with, so
     this equals one padded pass up to float rounding (~1e-6 relative), with gradients; the
     caller's loss and its single backward see one (N,) tensor either way.
+
+    ``packed`` (the model passed ``packing.can_pack``): the sequences are laid end to end in
+    rows of the longest one instead (``packing.pack``, block-diagonal attention, no padding),
+    at most ``max_rows`` rows a pass; the same values up to float rounding.
     """
     lengths = torch.tensor([len(s.input_ids) - s.n_prompt for s in seqs], device=device)
+    if packed:
+        bins = bins_first_fit([len(s.input_ids) for s in seqs], max(len(s.input_ids) for s in seqs))
+        cap = max_rows or len(bins)
+        parts, order_ = [], []
+        for b in range(0, len(bins), cap):
+            idx = [i for row in bins[b:b + cap] for i in row]
+            p = pack([seqs[i].input_ids for i in idx], pad_id, rows=[
+                list(range(o, o + len(row))) for o, row in zip(_offsets(bins[b:b + cap]), bins[b:b + cap])])
+            parts.append(packed_response_logps(model, p.to(device), [seqs[i].n_prompt for i in idx]))
+            order_ += idx
+        return torch.cat(parts)[torch.argsort(torch.tensor(order_, device=device))], lengths
     options = forward_options(model)
     groups = length_groups([len(s.input_ids) for s in seqs], max_rows=max_rows, pass_cost=pass_cost)
     parts = []
@@ -193,7 +209,17 @@ def sequence_logps(model, seqs: list[Tokenized], pad_id: int, device, max_rows: 
     return torch.cat(parts)[torch.argsort(order)], lengths
 
 
-def attach_reference_logps(reference, examples: list, pad_id: int, device, batch_size: int = 64) -> None:
+def _offsets(rows: list[list[int]]) -> list[int]:
+    """Start of each row's members in the flat list of all rows' members."""
+    out, o = [], 0
+    for row in rows:
+        out.append(o)
+        o += len(row)
+    return out
+
+
+def attach_reference_logps(reference, examples: list, pad_id: int, device, batch_size: int = 64,
+                           packing: bool = True) -> None:
     """Cache the reference's log-probs on every example (both of its sequences).
 
     All sequences in one ``sequence_logps`` call (passes of similar length, at most
@@ -207,16 +233,19 @@ def attach_reference_logps(reference, examples: list, pad_id: int, device, batch
     reference.eval()
     fuse_activations(reference)
     rows = 2 * batch_size
+    packed = use_packing(reference, packing, pad_id)
     with torch.inference_mode():  # the values become Python floats: no autograd state at all
         if isinstance(examples[0], PairExample):
             n = len(examples)
             lp = sequence_logps(reference, [e.chosen for e in examples] + [e.rejected for e in examples],
-                                pad_id, device, max_rows=rows)[0].float().tolist()
+                                pad_id, device, max_rows=rows, packed=packed)[0].float().tolist()
             for e, c, r in zip(examples, lp[:n], lp[n:]):
                 e.ref_chosen, e.ref_rejected = c, r
         else:
-            own = sequence_logps(reference, [e.example for e in examples], pad_id, device, max_rows=rows)[0]
-            mism = sequence_logps(reference, [e.mismatched for e in examples], pad_id, device, max_rows=rows)[0]
+            own = sequence_logps(reference, [e.example for e in examples], pad_id, device, max_rows=rows,
+                                 packed=packed)[0]
+            mism = sequence_logps(reference, [e.mismatched for e in examples], pad_id, device, max_rows=rows,
+                                  packed=packed)[0]
             for e, x, m in zip(examples, own.float().tolist(), mism.float().tolist()):
                 e.ref, e.ref_mismatched = x, m
     reference.train(was)
@@ -248,17 +277,17 @@ def _ref_tensor(values: list[float], device) -> torch.Tensor:
 
 
 def _paired_terms(loss_name, model, reference, micro: list[PairExample], pad_id, device,
-                  max_rows: int | None = None):
+                  max_rows: int | None = None, packed: bool = False):
     """Policy log-probs of chosen and rejected (passes grouped by length, with gradients) and
     the loss's third and fourth arguments: reference log-probs, or lengths if reference-free."""
     n = len(micro)
     seqs = [e.chosen for e in micro] + [e.rejected for e in micro]
-    logps, lengths = sequence_logps(model, seqs, pad_id, device, max_rows)
+    logps, lengths = sequence_logps(model, seqs, pad_id, device, max_rows, packed=packed)
     if loss_name in REFERENCE_FREE_LOSSES:
         third, fourth = lengths[:n], lengths[n:]
     elif reference is not None:
         with torch.no_grad():
-            ref, _ = sequence_logps(reference, seqs, pad_id, device, max_rows)
+            ref, _ = sequence_logps(reference, seqs, pad_id, device, max_rows, packed=packed)
         third, fourth = ref[:n].float(), ref[n:].float()
     else:
         third = _ref_tensor([e.ref_chosen for e in micro], device)
@@ -267,13 +296,13 @@ def _paired_terms(loss_name, model, reference, micro: list[PairExample], pad_id,
 
 
 def _unpaired_terms(model, reference, micro: list[UnpairedExample], pad_id, device, mismatched: bool,
-                    max_rows: int | None = None):
+                    max_rows: int | None = None, packed: bool = False):
     """Policy and reference log-probs of the examples (or of their mismatched partners)."""
     seqs = [e.mismatched if mismatched else e.example for e in micro]
-    logps, _ = sequence_logps(model, seqs, pad_id, device, max_rows)
+    logps, _ = sequence_logps(model, seqs, pad_id, device, max_rows, packed=packed)
     if reference is not None:
         with torch.no_grad():
-            ref = sequence_logps(reference, seqs, pad_id, device, max_rows)[0].float()
+            ref = sequence_logps(reference, seqs, pad_id, device, max_rows, packed=packed)[0].float()
     else:
         ref = _ref_tensor([e.ref_mismatched if mismatched else e.ref for e in micro], device)
     return logps.float(), ref
@@ -281,20 +310,20 @@ def _unpaired_terms(model, reference, micro: list[UnpairedExample], pad_id, devi
 
 @torch.no_grad()
 def evaluate(loss_name: str, hp: dict, model, reference, examples: list, pad_id: int, device,
-             batch_size: int = 64) -> dict[str, float]:
+             batch_size: int = 64, packed: bool = False) -> dict[str, float]:
     """Loss and metrics of ``loss_name`` on held-out examples, keys prefixed ``eval/``.
     Passes of at most ``2 * batch_size`` rows, cut as ``attach_reference_logps`` cuts them."""
     was = model.training
     model.eval()
     rows = 2 * batch_size
     if loss_name in UNPAIRED_LOSSES:
-        pol, ref = _unpaired_terms(model, reference, examples, pad_id, device, False, rows)
-        pol_m, ref_m = _unpaired_terms(model, reference, examples, pad_id, device, True, rows)
+        pol, ref = _unpaired_terms(model, reference, examples, pad_id, device, False, rows, packed)
+        pol_m, ref_m = _unpaired_terms(model, reference, examples, pad_id, device, True, rows, packed)
         desirable = torch.tensor([e.desirable for e in examples], device=pol.device)
         z0 = kto_reference_point(pol_m, ref_m)
         loss, metrics = UNPAIRED_LOSSES[loss_name](pol, ref, desirable, z0, **hp)
     else:
-        args = _paired_terms(loss_name, model, reference, examples, pad_id, device, rows)
+        args = _paired_terms(loss_name, model, reference, examples, pad_id, device, rows, packed)
         loss, metrics = PREFERENCE_LOSSES[loss_name](*args, **hp)
     model.train(was)
     return {"eval/loss": loss.item(), **{f"eval/{k}": v for k, v in metrics.items()}}
@@ -340,6 +369,8 @@ def train_dpo(cfg, model, reference, tokenizer, train: list, held_out: list,
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.lr_schedule, warmup, total_steps))
     model, optimizer = accelerator.prepare(model, optimizer)  # scheduler stepped by hand
     policy = accelerator.unwrap_model(model)  # same parameters, for no-grad passes
+    # Packed passes for the policy and the reference alike, when both support them.
+    packed = use_packing(model, cfg.packing, pad_id) and (reference is None or use_packing(reference, True, pad_id))
     log = MetricsLog(out_dir / "metrics.jsonl" if out_dir else None, enabled=accelerator.is_main_process)
     loss_fn = UNPAIRED_LOSSES[name] if unpaired else PREFERENCE_LOSSES[name]
 
@@ -352,7 +383,7 @@ def train_dpo(cfg, model, reference, tokenizer, train: list, held_out: list,
     order: list[int] = []
     start = time.perf_counter()
     model.train()
-    eval_metrics = evaluate(name, hp, policy, reference, held_out, pad_id, device) if held_out else {}
+    eval_metrics = evaluate(name, hp, policy, reference, held_out, pad_id, device, packed=packed) if held_out else {}
     initial_eval = dict(eval_metrics)
     log.log({**eval_metrics, **run_monitor(0)}, step=0)
     metrics: dict = {}
@@ -365,7 +396,7 @@ def train_dpo(cfg, model, reference, tokenizer, train: list, held_out: list,
             z0 = None
             if unpaired:  # KTO's reference point over the whole global batch, no gradient
                 with torch.no_grad():
-                    pol_m, ref_m = _unpaired_terms(policy, reference, shard, pad_id, device, True, micro)
+                    pol_m, ref_m = _unpaired_terms(policy, reference, shard, pad_id, device, True, micro, packed)
                 z0 = kto_reference_point(accelerator.gather(pol_m), accelerator.gather(ref_m))
             kept: list[list[torch.Tensor]] = []
             for m in range(0, len(shard), micro):
@@ -374,12 +405,14 @@ def train_dpo(cfg, model, reference, tokenizer, train: list, held_out: list,
                 with accelerator.no_sync(model) if not last else contextlib.nullcontext():
                     with accelerator.autocast():
                         if unpaired:
-                            pol, ref = _unpaired_terms(model, reference, chunk, pad_id, device, False)
+                            pol, ref = _unpaired_terms(model, reference, chunk, pad_id, device, False,
+                                                       packed=packed)
                             desirable = torch.tensor([e.desirable for e in chunk], device=device)
                             args = [pol, ref, desirable]
                             loss, _ = loss_fn(pol, ref, desirable, z0, **hp)
                         else:
-                            args = list(_paired_terms(name, model, reference, chunk, pad_id, device))
+                            args = list(_paired_terms(name, model, reference, chunk, pad_id, device,
+                                                      packed=packed))
                             loss, _ = loss_fn(*args, **hp)
                     # The loss is a mean over this chunk: weight it by the chunk's share of
                     # the global batch; DDP then averages over W processes, hence * W.
@@ -400,7 +433,7 @@ def train_dpo(cfg, model, reference, tokenizer, train: list, held_out: list,
             metrics = {"train/loss": step_loss.item(), **step_metrics,
                        "train/lr": scheduler.get_last_lr()[0], "train/grad_norm": float(grad_norm)}
             if step % cfg.eval_every == 0 or step == total_steps:
-                eval_metrics = evaluate(name, hp, policy, reference, held_out, pad_id, device) if held_out else {}
+                eval_metrics = evaluate(name, hp, policy, reference, held_out, pad_id, device, packed=packed) if held_out else {}
                 metrics.update(eval_metrics)
             world_every = cfg.world_eval_every
             measured = step == total_steps or (world_every > 0 and step % world_every == 0)

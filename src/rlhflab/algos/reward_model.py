@@ -36,8 +36,9 @@ from rlhflab.algos.sft import forward_options, fuse_activations, length_groups, 
 from rlhflab.data import render, tokenize_pair
 from rlhflab.distributed import make_accelerator
 from rlhflab.losses import bradley_terry_loss, plackett_luce_loss
+from rlhflab.packing import pack, packed_scores, use_packing
 from rlhflab.progress import progress_bar
-from rlhflab.reward_model import collate
+from rlhflab.reward_model import collate, reward_head
 from rlhflab.tracking import MetricsLog
 
 
@@ -135,17 +136,23 @@ def tokenize_groups(groups: list[Group], tokenizer, max_length: int) -> int:
 # ---------------------------------------------------------------------------- losses
 
 
-def _group_rewards(model, groups: list[Group], pad_id: int, device, max_rows: int | None = None
-                   ) -> list[torch.Tensor]:
+def _group_rewards(model, groups: list[Group], pad_id: int, device, max_rows: int | None = None,
+                   packed: bool = False) -> list[torch.Tensor]:
     """Rewards of every response of ``groups``, split per group.
 
-    The responses go through the model in passes of similar length (``sft.length_groups``:
-    sorted, cut to minimize padded tokens + a cost per pass, at most ``max_rows`` rows each),
-    each right-padded to its own longest row. A score reads its own row only (the padding is
-    masked), so this equals one padded pass up to float rounding, with gradients: the loss
-    of the micro-batch and its single backward see the same rewards.
+    ``packed`` (the model passed ``packing.can_pack``): one pass, the responses laid end to
+    end in rows of the longest one with block-diagonal attention, each scored at its own
+    last token (``packing.packed_scores``). Otherwise the responses go through the model in
+    passes of similar length (``sft.length_groups``: sorted, cut to minimize padded tokens
+    + a cost per pass, at most ``max_rows`` rows each), each right-padded to its own longest
+    row. Either way a score reads its own sequence only, so this equals one padded pass up
+    to float rounding, with gradients: the loss of the micro-batch and its single backward
+    see the same rewards.
     """
     seqs = [ids for g in groups for ids in g.ids]
+    if packed:
+        r = packed_scores(model, pack(seqs, pad_id).to(device), reward_head(model))
+        return list(torch.split(r, [len(g.ids) for g in groups]))
     kwargs = {"use_cache": False} if forward_options(model)["use_cache"] else {}
     passes = length_groups([len(s) for s in seqs], max_rows=max_rows)
     parts = []
@@ -203,7 +210,7 @@ def _units(groups: list[Group], loss: str) -> float:
 
 @torch.no_grad()
 def evaluate_pairs(model, groups: list[Group], pad_id: int, accelerator: Accelerator,
-                   batch_size: int = 32) -> dict[str, float]:
+                   batch_size: int = 32, packed: bool = False) -> dict[str, float]:
     """Unweighted BT loss and accuracy over every pair; each process takes a shard."""
     was = model.training
     model.eval()
@@ -211,7 +218,7 @@ def evaluate_pairs(model, groups: list[Group], pad_id: int, accelerator: Acceler
     total = torch.zeros(3, dtype=torch.float64, device=accelerator.device)
     for i in range(0, len(mine), batch_size):
         chunk = mine[i:i + batch_size]
-        c, rj, _, _ = _pairs(chunk, _group_rewards(model, chunk, pad_id, accelerator.device))
+        c, rj, _, _ = _pairs(chunk, _group_rewards(model, chunk, pad_id, accelerator.device, packed=packed))
         d = (c - rj).double()
         total += torch.stack([torch.nn.functional.softplus(-d).sum(), (d > 0).double().sum(),
                               torch.tensor(float(len(d)), dtype=torch.float64, device=d.device)])
@@ -245,8 +252,6 @@ def train_reward_model(cfg, model, tokenizer, train: list[Group], held_out: list
     if not cfg.train_backbone:  # a linear probe on frozen features
         for p in model.parameters():
             p.requires_grad_(False)
-        from rlhflab.reward_model import reward_head
-
         reward_head(model).requires_grad_(True)
     fuse_activations(model)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -254,13 +259,14 @@ def train_reward_model(cfg, model, tokenizer, train: list[Group], held_out: list
     warmup = int(cfg.warmup_ratio * total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.lr_schedule, warmup, total_steps))
     model, optimizer = accelerator.prepare(model, optimizer)  # scheduler stepped by hand, as in SFT
+    packed = use_packing(model, cfg.packing, pad_id, head=reward_head(model))
     log = MetricsLog(out_dir / "metrics.jsonl" if out_dir else None, enabled=accelerator.is_main_process)
 
     gen = torch.Generator().manual_seed(seed)
     order: list[int] = []
     start = time.perf_counter()
     model.train()
-    ev = evaluate_pairs(model, held_out, pad_id, accelerator) if held_out else {}
+    ev = evaluate_pairs(model, held_out, pad_id, accelerator, packed=packed) if held_out else {}
     log.log({"rm/member": member, **ev}, step=0)
     first_eval = dict(ev)
     last: dict = {}
@@ -279,7 +285,7 @@ def train_reward_model(cfg, model, tokenizer, train: list[Group], held_out: list
                 last_micro = m + micro >= len(shard)
                 with accelerator.no_sync(model) if not last_micro else contextlib.nullcontext():
                     with accelerator.autocast():
-                        rewards = _group_rewards(model, chunk, pad_id, accelerator.device)
+                        rewards = _group_rewards(model, chunk, pad_id, accelerator.device, packed=packed)
                     loss, units, metrics = objective(chunk, rewards, cfg)
                     # A mean over this micro-batch's units, rescaled to a share of the
                     # global mean; DDP averages over W processes, hence n_units / W.
@@ -299,7 +305,7 @@ def train_reward_model(cfg, model, tokenizer, train: list[Group], held_out: list
                        "train/lr": scheduler.get_last_lr()[0], "train/grad_norm": float(grad_norm),
                        "train/pairs": int(sums[2].item())}
             if held_out and (step % cfg.eval_every == 0 or step == total_steps):
-                ev = evaluate_pairs(model, held_out, pad_id, accelerator)
+                ev = evaluate_pairs(model, held_out, pad_id, accelerator, packed=packed)
                 metrics.update(ev)
             if step % cfg.log_every == 0 or "eval/loss" in metrics:
                 log.log(metrics, step=step)

@@ -30,6 +30,7 @@ from rlhflab.data import Tokenized, collate_sft, render, tokenize_pair
 from rlhflab.distributed import make_accelerator
 from rlhflab.logprobs import kept_token_logprobs
 from rlhflab.losses import sft_loss
+from rlhflab.packing import response_logp_sums, use_packing
 from rlhflab.progress import progress_bar
 from rlhflab.tracking import MetricsLog
 
@@ -137,21 +138,23 @@ def response_logprobs(model, batch: dict, n_prompt_min: int, device, options: di
     return lp, batch["response_mask"].to(device)[:, ids.shape[1] - lp.shape[1]:]
 
 
-def _nll_sum(model, rows: list[Tokenized], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    lp, mask = response_logprobs(model, collate_sft(rows, pad_id), min(x.n_prompt for x in rows), device)
-    return -(lp * mask).sum(), mask.sum()
+def _nll_sum(model, rows: list[Tokenized], pad_id: int, device, packed: bool = False
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    lp = response_logp_sums(model, rows, pad_id, device, packed=packed)
+    return -lp.sum(), torch.tensor(sum(len(x.input_ids) - x.n_prompt for x in rows), device=lp.device)
 
 
 @torch.no_grad()
 def evaluate_loss(model, examples: list[Tokenized], pad_id: int, accelerator: Accelerator,
-                  batch_size: int = 64) -> float:
+                  batch_size: int = 64, packing: bool = True) -> float:
     """Token-mean NLL of response tokens; each process takes a shard, sums are reduced."""
+    packed = use_packing(model, packing, pad_id)
     model.eval()
     mine = examples[accelerator.process_index :: accelerator.num_processes]
     mine = sorted(mine, key=lambda x: len(x.input_ids))  # a sum: order is free, padding is not
     total = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
     for i in range(0, len(mine), batch_size):
-        nll, n = _nll_sum(model, mine[i : i + batch_size], pad_id, accelerator.device)
+        nll, n = _nll_sum(model, mine[i : i + batch_size], pad_id, accelerator.device, packed)
         total += torch.stack([nll.double(), n.double()])
     total = accelerator.reduce(total, reduction="sum")
     model.train()
@@ -181,6 +184,7 @@ def train_sft(cfg, model, tokenizer, train: list[Tokenized], held_out: list[Toke
     # would step it once per process).
     model, optimizer = accelerator.prepare(model, optimizer)
     options = forward_options(model)
+    packed = use_packing(model, cfg.packing, pad_id)
     log = MetricsLog(out_dir / "metrics.jsonl" if out_dir else None, enabled=accelerator.is_main_process)
 
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -188,7 +192,7 @@ def train_sft(cfg, model, tokenizer, train: list[Tokenized], held_out: list[Toke
     history: list[dict] = []
     start = time.perf_counter()
     model.train()
-    eval_loss = evaluate_loss(model, held_out, pad_id, accelerator) if held_out else float("nan")
+    eval_loss = evaluate_loss(model, held_out, pad_id, accelerator, packing=cfg.packing) if held_out else float("nan")
     log.log({"eval/loss": eval_loss}, step=0)
     with progress_bar(total_steps, "sft", enabled=accelerator.is_main_process) as bar:
         for step in range(1, total_steps + 1):
@@ -199,14 +203,21 @@ def train_sft(cfg, model, tokenizer, train: list[Tokenized], held_out: list[Toke
             n_tokens = sum(len(x.input_ids) - x.n_prompt for x in global_batch)
             shard = global_batch[rank * (B // W) : (rank + 1) * (B // W)]
             nll_total = torch.zeros((), device=accelerator.device)
-            groups = length_groups([len(x.input_ids) for x in shard], max_rows=micro)
+            if packed:  # micro-batches in data order, each one pass of packed rows
+                groups = [list(range(i, min(i + micro, len(shard)))) for i in range(0, len(shard), micro)]
+            else:
+                groups = length_groups([len(x.input_ids) for x in shard], max_rows=micro)
             for g, idx in enumerate(groups):
                 rows = [shard[i] for i in idx]
                 last = g == len(groups) - 1
                 with accelerator.no_sync(model) if not last else contextlib.nullcontext():
-                    with accelerator.autocast():  # log-probs from the first response position on
-                        lp, mask = response_logprobs(model, collate_sft(rows, pad_id), min(x.n_prompt for x in rows),
-                                                     accelerator.device, options)
+                    with accelerator.autocast():
+                        if packed:
+                            lp = response_logp_sums(model, rows, pad_id, accelerator.device, packed=True)
+                            mask = torch.ones_like(lp)
+                        else:  # log-probs from the first response position on
+                            lp, mask = response_logprobs(model, collate_sft(rows, pad_id),
+                                                         min(x.n_prompt for x in rows), accelerator.device, options)
                     # DDP averages gradients over W processes, hence N / W here.
                     loss, _ = sft_loss(lp, mask, n_tokens=n_tokens / W)
                     accelerator.backward(loss)
@@ -222,7 +233,7 @@ def train_sft(cfg, model, tokenizer, train: list[Tokenized], held_out: list[Toke
             metrics = {"train/loss": train_loss, "train/lr": scheduler.get_last_lr()[0],
                        "train/grad_norm": float(grad_norm), "train/tokens": n_tokens}
             if step % cfg.eval_every == 0 or step == total_steps:
-                eval_loss = evaluate_loss(model, held_out, pad_id, accelerator) if held_out else float("nan")
+                eval_loss = evaluate_loss(model, held_out, pad_id, accelerator, packing=cfg.packing) if held_out else float("nan")
                 metrics["eval/loss"] = eval_loss
             if step % cfg.log_every == 0 or "eval/loss" in metrics:
                 log.log(metrics, step=step)

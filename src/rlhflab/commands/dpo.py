@@ -239,7 +239,7 @@ def run_dpo(cfg: Config, out: Path, sft: Path, data: str | None = None, eval_dat
     reference = freeze(copy.deepcopy(policy)).to(accelerator.device)  # the SFT policy, bit for bit
     if needs_reference(d.loss) and d.precompute_ref_logps:
         for examples in (train, held):  # separately: held-out chunks then match evaluate()
-            attach_reference_logps(reference, examples, tok.pad_token_id, accelerator.device)
+            attach_reference_logps(reference, examples, tok.pad_token_id, accelerator.device, packing=d.packing)
         reference = None  # released: training never runs the reference again
         gc.collect()
     elif not needs_reference(d.loss):
