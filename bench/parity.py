@@ -41,6 +41,7 @@ def rlhflab_dpo(policy_dir: Path, sft: Path, rows: list[dict], beta: float, max_
     from rlhflab.algos.dpo import _paired_terms, disable_dropout, freeze, tokenize_pairs
     from rlhflab.losses import PREFERENCE_LOSSES
     from rlhflab.models import load_causal_lm, load_tokenizer
+    from rlhflab.packing import use_packing
 
     tok = load_tokenizer(sft)
     policy = load_causal_lm(policy_dir, tok)
@@ -48,7 +49,9 @@ def rlhflab_dpo(policy_dir: Path, sft: Path, rows: list[dict], beta: float, max_
     reference = freeze(load_causal_lm(sft, tok))
     examples, _ = tokenize_pairs(rows, tok, max_length)
     policy.train()
-    terms = _paired_terms("dpo", policy, reference, examples, tok.pad_token_id, "cpu")
+    # The passes training takes: packed rows when the model supports them (it does).
+    packed = use_packing(policy, True, tok.pad_token_id) and use_packing(reference, True, tok.pad_token_id)
+    terms = _paired_terms("dpo", policy, reference, examples, tok.pad_token_id, "cpu", packed=packed)
     loss, _ = PREFERENCE_LOSSES["dpo"](*terms, beta=beta)
     loss.backward()
     return loss.item(), grads(policy)
@@ -64,7 +67,8 @@ def rlhflab_rm(rm_init: Path, rows: list[dict], max_length: int) -> tuple[float,
         tokenize_groups,
     )
     from rlhflab.config import Config
-    from rlhflab.reward_model import disable_dropout, load_rm_tokenizer
+    from rlhflab.packing import use_packing
+    from rlhflab.reward_model import disable_dropout, load_rm_tokenizer, reward_head
 
     tok = load_rm_tokenizer(rm_init)
     model = AutoModelForSequenceClassification.from_pretrained(str(rm_init), num_labels=1)
@@ -72,7 +76,9 @@ def rlhflab_rm(rm_init: Path, rows: list[dict], max_length: int) -> tuple[float,
     groups, _ = rows_to_groups(rows)
     tokenize_groups(groups, tok, max_length)
     model.train()
-    loss, _, _ = bt_objective(groups, _group_rewards(model, groups, tok.pad_token_id, "cpu"), Config().rm)
+    packed = use_packing(model, True, tok.pad_token_id, head=reward_head(model))  # as training does
+    loss, _, _ = bt_objective(groups, _group_rewards(model, groups, tok.pad_token_id, "cpu", packed=packed),
+                              Config().rm)
     loss.backward()
     return loss.item(), grads(model)
 

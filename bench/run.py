@@ -83,11 +83,13 @@ def run_checked(cmd: list[str], log_path: Path, env: dict | None = None) -> str:
     return proc.stdout
 
 
-# OpenMP threads that wait by spinning (libgomp's default) make a multi-threaded run 10-70x
-# slower when other processes share the cores (measured: docs/benchmarks.md); waiting
-# passively keeps the figures meaningful on a shared machine. Same for both libraries.
-# "default" leaves the variable unset: libgomp's own policy (spin a while, then sleep).
-OMP_WAIT_POLICY = os.environ.get("BENCH_OMP_WAIT_POLICY", "PASSIVE")
+# The OpenMP wait policy of every child, the same for both libraries. "default" leaves
+# OMP_WAIT_POLICY unset: libgomp's own policy (spin a while, then sleep), what a user gets,
+# and right on an idle machine. On a shared machine spinning threads make a multi-threaded
+# run 10-70x slower (measured: docs/benchmarks.md); BENCH_OMP_WAIT_POLICY=PASSIVE keeps the
+# figures meaningful there, at a cost on an idle machine (every parallel region wakes
+# sleeping threads).
+OMP_WAIT_POLICY = os.environ.get("BENCH_OMP_WAIT_POLICY", "default")
 
 
 def child_env(threads: int) -> dict:

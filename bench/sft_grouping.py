@@ -1,11 +1,12 @@
-"""Before/after of length-grouped micro-batches in rlhflab's SFT loop, and the choice of
-``rlhflab.algos.sft.PASS_COST_TOKENS``.
+"""Before/after of packed rows and of length-grouped micro-batches in rlhflab's SFT loop,
+and the choice of ``rlhflab.algos.sft.PASS_COST_TOKENS`` (used when packing is off).
 
     .venv/bin/python bench/sft_grouping.py [--repeats 3] [--threads 2]
 
-Runs the SFT benchmark stage (the settings of ``bench/run.py``) with the pass cost set to
-1e12 (one forward pass per batch: the loop before grouping) and to 32, 64 and 128 padded
-tokens, alternating, each run in a fresh subprocess; writes
+Runs the SFT benchmark stage (the settings of ``bench/run.py``) with packing (the default),
+and without it with the pass cost set to 1e12 (one forward pass per batch: the loop before
+grouping) and to 32, 64 and 128 padded tokens, alternating, each run in a fresh subprocess;
+writes
 ``bench/results/sft_grouping.json`` with medians.
 """
 
@@ -24,7 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import run  # noqa: E402
 from stages import build_spec  # noqa: E402
 
-VARIANTS = {"one_pass_per_batch (before)": 1e12, "pass_cost_32": 32, "pass_cost_64": 64, "pass_cost_128": 128}
+# name: (pass cost, packing)
+VARIANTS = {"one_pass_per_batch (before)": (1e12, False), "pass_cost_32": (32, False), "pass_cost_64": (64, False),
+            "pass_cost_128": (128, False), "packed (default)": (64, True)}
 
 
 def main() -> int:
@@ -42,9 +45,9 @@ def main() -> int:
     for r in range(args.repeats):
         names = list(VARIANTS) if r % 2 == 0 else list(VARIANTS)[::-1]
         for name in names:
-            spec = dict(spec0, impl="rlhflab", pass_cost=VARIANTS[name],
+            spec = dict(spec0, impl="rlhflab", pass_cost=VARIANTS[name][0], packing=VARIANTS[name][1],
                         out=str(run.WORK / "runs" / "sft_grouping" / f"{r}"))
-            res = run.measure("rlhflab", Path(sys.executable), spec, args.threads, f"sft_grouping-{r}-{VARIANTS[name]:g}")
+            res = run.measure("rlhflab", Path(sys.executable), spec, args.threads, f"sft_grouping-{r}-{name.split()[0]}")
             loads += [res["load_before"], res["load_after"]]
             runs[name].append(res)
             print(f"{name} #{r}: {res['samples_per_s']:.1f} samples/s, {res['samples_per_cpu_s']:.1f} per CPU-s "

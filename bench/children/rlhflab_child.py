@@ -39,6 +39,7 @@ def run_sft(spec: dict) -> dict:
     cfg.max_length, cfg.seed, cfg.lr_schedule = spec["max_length"], spec["seed"], spec.get("schedule", "cosine")
     cfg.warmup_ratio, cfg.max_grad_norm = spec.get("warmup_ratio", 0.05), spec.get("max_grad_norm", 1.0)
     cfg.eval_every = cfg.log_every = 10
+    cfg.packing = spec.get("packing", True)  # bench/sft_grouping.py compares padded passes too
     model, tok = load(spec)
     rows = read_jsonl(spec["data"])[: spec["steps"] * spec["batch_size"]]
     train, _ = tokenize_rows(rows, tok, cfg.max_length)

@@ -33,6 +33,7 @@ test meaningful and a resumed run replay the same samples.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 from collections.abc import Sequence
@@ -98,6 +99,45 @@ class GumbelMaxSampler(LogitsProcessor):
         return scores + noise.to(scores.device, scores.dtype)
 
 
+@contextlib.contextmanager
+def intra_op_threads(n: int):
+    """torch's intra-op thread count set to ``n`` inside the block, restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+# Below this many multiply-adds, rows x d x d, a decode step's products run on one thread when
+# OpenMP threads sleep while they wait (see ``decode_threads``).
+PASSIVE_DECODE_WORK = 4_000_000
+
+
+def decode_threads(rows: int, hidden: int) -> int:
+    """How many intra-op threads the decode steps of a batch of ``rows`` use.
+
+    A decode step of a small model is a chain of small products, (rows, d) x (d, k d), each
+    a fork/join of the OpenMP threads. When the threads sleep while they wait
+    (``OMP_WAIT_POLICY=PASSIVE`` or ``GOMP_SPINCOUNT=0``, the settings for a shared
+    machine), waking them costs more than the split saves: on this project's 2-core
+    benchmark machine a (64, 128) x (128, 384) product took 69 us on one thread and 190 us
+    on two (44 us on two with libgomp's default policy, whose threads spin a while first),
+    and decoding 64 rows of the demo model went from 172 to 117 ms per call on one thread.
+    Splitting pays once a product takes several wake-ups' time, about rows x d^2 = 4e6 at
+    50 GFLOP/s per core. So: one thread under a passive policy below that, all of them
+    otherwise. A rule, not a timing, so that a run repeats bit for bit: the thread count
+    changes float rounding (not the samples' law).
+    """
+    import os
+
+    n = torch.get_num_threads()
+    passive = (os.environ.get("OMP_WAIT_POLICY", "").strip().upper() == "PASSIVE"
+               or os.environ.get("GOMP_SPINCOUNT", "").strip() == "0")
+    return 1 if passive and rows * hidden * hidden < PASSIVE_DECODE_WORK else n
+
+
 def _sample_unfinished_rows(model, input_ids, logits_processor, stopping_criteria, generation_config, *,
                             sampler: GumbelMaxSampler, record: dict | None = None, temperature: float = 1.0,
                             **model_kwargs):
@@ -129,30 +169,33 @@ def _sample_unfinished_rows(model, input_ids, logits_processor, stopping_criteri
     can_drop = cache is not None and hasattr(cache, "batch_select_indices")
     seq = input_ids
     t = 0
-    for t in range(steps):
-        sampler.rows = active
-        z = logits.float() / temperature if record is not None else None  # a copy: processors may work in place
-        scores = logits_processor(seq, logits.float())
-        token = scores.argmax(-1)
-        out[active, t] = token
-        if record is not None:
-            lp_out[active, t] = gather_logprobs(z[:, None], token[:, None])[:, 0]
-            ent_out[active, t] = entropy_from_logits(z)
-        done = torch.isin(token, eos)
-        if t == steps - 1 or bool(done.all()):
-            break
-        if can_drop and bool(done.any()):
-            keep = (~done).nonzero().squeeze(1)
-            cache.batch_select_indices(keep)
-            active, token, attn, next_pos = active[keep], token[keep], attn[keep], next_pos[keep]
-            seq = seq[keep]
-        elif not can_drop:
-            token = torch.where(torch.isin(out[active, :t + 1], eos).any(-1), torch.full_like(token, pad), token)
-        seq = torch.cat([seq, token[:, None]], dim=1)
-        attn = torch.cat([attn, attn.new_ones(attn.shape[0], 1)], dim=1)
-        logits = model(input_ids=token[:, None], attention_mask=attn, position_ids=next_pos, past_key_values=cache,
-                       use_cache=True).logits[:, -1]
-        next_pos = next_pos + 1
+    hidden = int(getattr(model.config, "hidden_size", 0) or 0)
+    # The prompts' pass above keeps every thread; the decode steps take what suits them.
+    with intra_op_threads(decode_threads(B, hidden) if input_ids.device.type == "cpu" else torch.get_num_threads()):
+        for t in range(steps):
+            sampler.rows = active
+            z = logits.float() / temperature if record is not None else None  # a copy: processors may work in place
+            scores = logits_processor(seq, logits.float())
+            token = scores.argmax(-1)
+            out[active, t] = token
+            if record is not None:
+                lp_out[active, t] = gather_logprobs(z[:, None], token[:, None])[:, 0]
+                ent_out[active, t] = entropy_from_logits(z)
+            done = torch.isin(token, eos)
+            if t == steps - 1 or bool(done.all()):
+                break
+            if can_drop and bool(done.any()):
+                keep = (~done).nonzero().squeeze(1)
+                cache.batch_select_indices(keep)
+                active, token, attn, next_pos = active[keep], token[keep], attn[keep], next_pos[keep]
+                seq = seq[keep]
+            elif not can_drop:
+                token = torch.where(torch.isin(out[active, :t + 1], eos).any(-1), torch.full_like(token, pad), token)
+            seq = torch.cat([seq, token[:, None]], dim=1)
+            attn = torch.cat([attn, attn.new_ones(attn.shape[0], 1)], dim=1)
+            logits = model(input_ids=token[:, None], attention_mask=attn, position_ids=next_pos, past_key_values=cache,
+                           use_cache=True).logits[:, -1]
+            next_pos = next_pos + 1
     sampler.rows = None
     if record is not None:
         record["logprobs"], record["entropy"] = lp_out[:, :t + 1], ent_out[:, :t + 1]

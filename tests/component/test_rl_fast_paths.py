@@ -209,3 +209,35 @@ def test_sampling_pass_logprobs_equal_a_scoring_pass(policy_and_tok):
     torch.testing.assert_close(lp, want_lp, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(ent, want_ent, atol=1e-5, rtol=1e-5)
     assert (lp[~r_mask.bool()] == 0).all()
+
+
+def test_decode_threads_follow_the_wait_policy_and_keep_the_samples(policy_and_tok, monkeypatch):
+    """Decode steps run on one thread only when OpenMP threads sleep while they wait and the
+    step's products are small (``decode_threads``); the samples are the same either way
+    (the log-probs to float rounding: the thread count changes the summation order)."""
+    import rlhflab.rollout as rollout
+
+    model, tok = policy_and_tok
+    d = model.config.hidden_size
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+        monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
+        assert rollout.decode_threads(64, d) == 2
+        monkeypatch.setenv("OMP_WAIT_POLICY", "passive")
+        assert rollout.decode_threads(64, d) == 1
+        assert rollout.decode_threads(64, 1024) == 2  # 64 x 1024^2 multiply-adds: worth two threads
+        ids = [tok(p).input_ids for p in PROMPTS * 2]
+        seeds = [row_seed(7, 1, i) for i in range(len(ids))]
+        outs = []
+        for policy in ("passive", "active"):  # one decode thread, then two
+            monkeypatch.setenv("OMP_WAIT_POLICY", policy)
+            outs.append(generate(model, tok, ids, seeds, max_new_tokens=10, temperature=0.8, with_logprobs=True))
+            assert torch.get_num_threads() == 2  # restored after decoding
+    finally:
+        torch.set_num_threads(before)
+    for a, b in zip(outs[0][:5], outs[1][:5]):  # ids, masks, eos
+        assert torch.equal(a, b)
+    for a, b in zip(outs[0][5:], outs[1][5:]):  # log-probs and entropies
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
