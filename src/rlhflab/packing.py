@@ -77,9 +77,11 @@ def bins_first_fit(lengths: Sequence[int], row_len: int) -> list[list[int]]:
 def pack(seqs: Sequence[Sequence[int]], pad_id: int, row_len: int | None = None,
          rows: list[list[int]] | None = None) -> Packed:
     """Lay ``seqs`` (lists of ids) out in rows of ``row_len`` tokens (default: the longest
-    sequence), or in the given ``rows`` of indices."""
+    sequence), or in the given ``rows`` of indices (each sequence exactly once)."""
     lengths = [len(s) for s in seqs]
     rows = rows if rows is not None else bins_first_fit(lengths, row_len or max(lengths))
+    if sorted(i for r in rows for i in r) != list(range(len(seqs))):
+        raise ValueError("rows must hold every sequence exactly once")
     T = max(sum(lengths[i] for i in r) for r in rows)
     R, N = len(rows), len(seqs)
     ids = torch.full((R, T), pad_id, dtype=torch.long)
@@ -136,6 +138,18 @@ def packed_logits(model, packed: Packed, first: Sequence[int] | torch.Tensor
     return logits, packed.input_ids[r, c], seq, c - packed.start[seq] - first[seq]
 
 
+def packed_values(model, packed: Packed, first: Sequence[int] | torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A critic's values V(x, y_<t) read where ``packed_logits`` reads logits (position
+    t - 1 for token t), for every token of sequence i from ``first[i]`` (>= 1) on: (K,),
+    with the sequence (K,) and the token's offset from ``first`` (K,). The critic's forward
+    returns one value per position, (R, T)."""
+    first = torch.as_tensor(first, dtype=torch.long, device=packed.row.device).clamp(min=1)
+    r, c, seq = packed.positions(first)
+    out = model(input_ids=packed.input_ids, position_ids=packed.position_ids, attention_mask=packed.attention_mask)
+    return out[r, c - 1], seq, c - packed.start[seq] - first[seq]
+
+
 def packed_response_logps(model, packed: Packed, n_prompt: Sequence[int]) -> torch.Tensor:
     """Summed log-probs of the response tokens of every packed sequence: (N,). The response
     of sequence i is its tokens from ``n_prompt[i]`` on."""
@@ -168,23 +182,33 @@ def _probe(vocab_size: int, pad_id: int) -> list[list[int]]:
     return [ids[1:9], ids[3:8], ids[9:12], ids[2:9][::-1]]
 
 
+def model_config(model):
+    """The HF config of a model, or of the backbone of a critic (``algos.ppo.ValueModel``)."""
+    return getattr(model, "config", None) or getattr(getattr(model, "backbone", None), "config", None)
+
+
 @torch.no_grad()
-def can_pack(model, *, pad_id: int, head: torch.nn.Module | None = None) -> bool:
-    """Whether packed passes give this model's unpacked results: log-probs (causal LM) or
-    scores at the last token (``head`` given: a reward model). Checked once per model on a
-    probe of four short sequences in two rows, in eval mode (no dropout); cached."""
+def can_pack(model, *, pad_id: int, head: torch.nn.Module | None = None, values: bool = False) -> bool:
+    """Whether packed passes give this model's unpacked results: log-probs (causal LM),
+    scores at the last token (``head`` given: a reward model) or a critic's value at every
+    position (``values``). Checked once per model on a probe of four short sequences in two
+    rows, in eval mode (no dropout); cached."""
     inner = _module(model)
     if inner in _VERDICTS:
         return _VERDICTS[inner]
     was_training = inner.training
     inner.eval()
     try:
-        vocab = inner.config.vocab_size
+        vocab = model_config(inner).vocab_size
         seqs = _probe(vocab, pad_id)
         device = next(inner.parameters()).device
         packed = pack(seqs, pad_id, row_len=13).to(device)
         assert int(packed.row.max()) == 1  # two rows, two sequences in at least one
-        if head is None:
+        if values:
+            v, seq, t = packed_values(inner, packed, [1] * len(seqs))
+            got = torch.cat([v[seq == i] for i in range(len(seqs))])
+            want = torch.cat([inner(input_ids=torch.tensor([s], device=device))[0, :-1].float() for s in seqs])
+        elif head is None:
             got = packed_response_logps(inner, packed, [1] * len(seqs))
             want = torch.stack([
                 torch.log_softmax(inner(input_ids=torch.tensor([s], device=device)).logits[0, :-1].float(), -1)

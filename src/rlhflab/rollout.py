@@ -48,7 +48,7 @@ from transformers.generation.logits_process import (
 )
 
 from rlhflab.logprobs import entropy_from_logits, gather_logprobs, response_mask_after_eos
-from rlhflab.packing import can_pack, pack, packed_logits
+from rlhflab.packing import can_pack, model_config, pack, packed_logits, packed_values
 from rlhflab.sampling import left_pad
 
 # ---------------------------------------------------------------------------------------
@@ -283,25 +283,29 @@ def _packed_rows(prompt_ids, prompt_mask, response_ids, response_mask):
 
 
 def _forward_packed(model, rows, p_len, r_len, response_ids, response_mask, pad_id: int, temperature: float,
-                    with_entropy: bool, entropy_grad: bool):
-    """``forward_response`` for a causal LM in one pass of packed rows (``packing.pack``):
-    the real tokens of every row laid end to end, block-diagonal attention."""
+                    with_entropy: bool, entropy_grad: bool, values: bool = False):
+    """``forward_response`` in one pass of packed rows (``packing.pack``): the real tokens of
+    every row laid end to end, block-diagonal attention."""
     B, R = response_ids.shape
     lengths = (p_len + r_len).tolist()
     p = pack([rows[b, :n].tolist() for b, n in enumerate(lengths)], pad_id).to(rows.device)
+
+    def place(x, where):
+        return torch.zeros(B, R, dtype=x.dtype, device=x.device).index_put(where, x)
+
+    if values:
+        v, seq, t = packed_values(model, p, p_len)
+        return place(v, (seq, t))
     logits, targets, seq, t = packed_logits(model, p, p_len)
     if temperature != 1.0:
         logits = logits / temperature
     where = (seq, t)
 
-    def place(x):
-        return torch.zeros(B, R, dtype=x.dtype, device=x.device).index_put(where, x)
-
-    lp = place(gather_logprobs(logits, targets))
+    lp = place(gather_logprobs(logits, targets), where)
     ent = None
     if with_entropy:
         with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
-            ent = place(entropy_from_logits(logits if entropy_grad else logits.detach()))
+            ent = place(entropy_from_logits(logits if entropy_grad else logits.detach()), where)
     return lp, ent
 
 
@@ -325,20 +329,21 @@ def forward_response(model, prompt_ids, prompt_mask, response_ids, response_mask
     since DDP expects one forward per backward. ``entropy_grad=False`` computes the entropy
     on detached logits (a metric, no graph kept for it).
 
-    A causal LM that passes ``packing.can_pack`` (and ``packing`` left on) goes through ONE
+    A model that passes ``packing.can_pack`` (and ``packing`` left on) goes through ONE
     pass instead, its rows' real tokens laid end to end in rows of the longest one with
     block-diagonal attention (``packing.pack``): no padding and one large product, the same
-    values up to float rounding. A critic (``values=True``) keeps the passes above.
+    values up to float rounding; a critic (``values=True``) likewise when it passes.
     """
     from rlhflab.algos.sft import length_groups
 
     B, R = response_ids.shape
     packed, p_len, r_len = _packed_rows(prompt_ids, prompt_mask, response_ids, response_mask)
-    if not values and packing and B > 1:
-        pad = getattr(getattr(model, "module", model).config, "pad_token_id", None) or 0
-        if can_pack(model, pad_id=pad):
+    if packing and B > 1:
+        config = model_config(getattr(model, "module", model))
+        pad = getattr(config, "pad_token_id", None) or 0
+        if config is not None and can_pack(model, pad_id=pad, values=values):
             return _forward_packed(model, packed, p_len, r_len, response_ids, response_mask, pad,
-                                   temperature, with_entropy, entropy_grad)
+                                   temperature, with_entropy, entropy_grad, values)
     if grouped is None:
         grouped = not (torch.is_grad_enabled() and isinstance(model, torch.nn.parallel.DistributedDataParallel))
     lengths = (p_len + r_len).tolist()

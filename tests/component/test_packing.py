@@ -100,6 +100,8 @@ def test_pack_layout_restarts_positions_and_blocks_attention():
     assert p.attention_mask[1, 0].int().tolist()[3] == [0, 0, 0, 1, 0]  # a pad sees itself only
     r, c, seq = p.positions([1, 1, 1])
     assert list(zip(r.tolist(), c.tolist(), seq.tolist())) == [(0, 1, 0), (0, 2, 0), (0, 4, 1)]
+    with pytest.raises(ValueError, match="exactly once"):
+        pack([[5, 6], [7]], pad_id=0, rows=[[0]])
 
 
 # ------------------------------------------------------------------------- causal LMs

@@ -104,16 +104,28 @@ def test_packed_forward_gradients_equal_padded_forward(policy_and_tok, batch, pa
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
-def test_packed_values_equal_padded_values(policy_and_tok, batch):
+@pytest.mark.parametrize("packing", [True, False])
+def test_packed_values_equal_padded_values(policy_and_tok, batch, packing):
+    """A critic's values, in one pass of packed rows or in length groups, with gradients."""
     from rlhflab.algos.ppo import ValueModel
+    from rlhflab.packing import can_pack
 
-    model, _ = policy_and_tok
+    model, tok = policy_and_tok
     critic = ValueModel.from_causal_lm(model)
     torch.nn.init.normal_(critic.head.weight, std=0.5)
-    with torch.no_grad():
-        got = forward_response(critic, *batch, values=True)
-        want = padded_forward_response(critic, *batch, values=True)
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert can_pack(critic, pad_id=tok.pad_token_id, values=True)
+    weights = torch.linspace(-1, 1, batch[2].numel()).view(batch[2].shape)
+    grads, outs = [], []
+    for fn in (lambda: forward_response(critic, *batch, values=True, packing=packing),
+               lambda: padded_forward_response(critic, *batch, values=True)):
+        critic.zero_grad(set_to_none=True)
+        out = fn()
+        (out * weights).sum().backward()
+        outs.append(out.detach())
+        grads.append([p.grad.clone() for p in critic.parameters()])
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=1e-5)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
 # ---------------------------------------------------------------------------------------

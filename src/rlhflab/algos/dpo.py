@@ -191,9 +191,10 @@ def sequence_logps(model, seqs: list[Tokenized], pad_id: int, device, max_rows: 
         cap = max_rows or len(bins)
         parts, order_ = [], []
         for b in range(0, len(bins), cap):
-            idx = [i for row in bins[b:b + cap] for i in row]
-            p = pack([seqs[i].input_ids for i in idx], pad_id, rows=[
-                list(range(o, o + len(row))) for o, row in zip(_offsets(bins[b:b + cap]), bins[b:b + cap])])
+            chunk = bins[b:b + cap]
+            idx = [i for row in chunk for i in row]  # this pass's sequences, row by row
+            local = iter(range(len(idx)))
+            p = pack([seqs[i].input_ids for i in idx], pad_id, rows=[[next(local) for _ in row] for row in chunk])
             parts.append(packed_response_logps(model, p.to(device), [seqs[i].n_prompt for i in idx]))
             order_ += idx
         return torch.cat(parts)[torch.argsort(torch.tensor(order_, device=device))], lengths
@@ -207,15 +208,6 @@ def sequence_logps(model, seqs: list[Tokenized], pad_id: int, device, max_rows: 
         parts.append((lp * mask).sum(-1))
     order = torch.tensor([i for idx in groups for i in idx], device=device)
     return torch.cat(parts)[torch.argsort(order)], lengths
-
-
-def _offsets(rows: list[list[int]]) -> list[int]:
-    """Start of each row's members in the flat list of all rows' members."""
-    out, o = [], 0
-    for row in rows:
-        out.append(o)
-        o += len(row)
-    return out
 
 
 def attach_reference_logps(reference, examples: list, pad_id: int, device, batch_size: int = 64,
