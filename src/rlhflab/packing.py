@@ -11,8 +11,13 @@ alone would, up to float rounding.
 
 Not every model honours a 4D mask and per-sequence position ids (flash-attention kernels
 read neither; an encoder pools a [CLS] token per row). ``can_pack`` therefore checks the
-model once on a probe: packed log-probs (and, for a reward model, scores) must equal
-unpacked ones. Callers fall back to length-grouped padded passes when it says no.
+model once on a probe: packed log-probs (for a reward model its scores, for a critic its
+values) must equal unpacked ones. Callers fall back to length-grouped padded passes when it
+says no.
+
+Users: SFT, the reward model and the DPO family (``sft.packing``, ``rm.packing``,
+``dpo.packing``), and the online algorithms' log-prob and value passes
+(``rollout.forward_response``).
 """
 
 from __future__ import annotations

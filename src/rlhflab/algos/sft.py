@@ -8,11 +8,13 @@ accumulation and data parallelism give exactly the gradient of one large batch, 
 of a mean of per-micro-batch means. The data order is one seeded permutation shared by
 every process; each process takes its slice of every global batch.
 
-Because the loss is a sum normalized by a global count, how a process splits its slice into
-forward passes does not change the gradient. So the slice is split by length
-(``length_groups``): rows are sorted by length and cut into micro-batches that minimize the
-padded tokens plus a fixed cost per pass. Padding a batch of the world's rows to its longest
-row wastes more than half of the compute; grouping removes most of it.
+Because the loss is a sum normalized by a global count, how a process lays its slice out in
+forward passes does not change the gradient. Padding a batch of the world's rows to its
+longest row wastes more than half of the compute. So each micro-batch is one pass of packed
+rows (``rlhflab.packing``: sequences end to end, block-diagonal attention, no padding) when
+the model supports it (``sft.packing``, checked once per model); otherwise the slice is split
+by length (``length_groups``): rows are sorted by length and cut into micro-batches that
+minimize the padded tokens plus a fixed cost per pass.
 """
 
 from __future__ import annotations
