@@ -36,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -130,8 +131,6 @@ def decode_threads(rows: int, hidden: int) -> int:
     otherwise. A rule, not a timing, so that a run repeats bit for bit: the thread count
     changes float rounding (not the samples' law).
     """
-    import os
-
     n = torch.get_num_threads()
     passive = (os.environ.get("OMP_WAIT_POLICY", "").strip().upper() == "PASSIVE"
                or os.environ.get("GOMP_SPINCOUNT", "").strip() == "0")
