@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
-from rlhflab.data import Tokenized, collate_sft, render, tokenize_pair
+from rlhflab.data import Tokenized, render, tokenize_pair
 from rlhflab.distributed import make_accelerator
 from rlhflab.logprobs import kept_token_logprobs
 from rlhflab.losses import sft_loss
@@ -185,7 +185,6 @@ def train_sft(cfg, model, tokenizer, train: list[Tokenized], held_out: list[Toke
     # The scheduler is stepped by hand once per optimizer step (not prepared: accelerate
     # would step it once per process).
     model, optimizer = accelerator.prepare(model, optimizer)
-    options = forward_options(model)
     packed = use_packing(model, cfg.packing, pad_id)
     log = MetricsLog(out_dir / "metrics.jsonl" if out_dir else None, enabled=accelerator.is_main_process)
 
@@ -213,15 +212,10 @@ def train_sft(cfg, model, tokenizer, train: list[Tokenized], held_out: list[Toke
                 rows = [shard[i] for i in idx]
                 last = g == len(groups) - 1
                 with accelerator.no_sync(model) if not last else contextlib.nullcontext():
-                    with accelerator.autocast():
-                        if packed:
-                            lp = response_logp_sums(model, rows, pad_id, accelerator.device, packed=True)
-                            mask = torch.ones_like(lp)
-                        else:  # log-probs from the first response position on
-                            lp, mask = response_logprobs(model, collate_sft(rows, pad_id),
-                                                         min(x.n_prompt for x in rows), accelerator.device, options)
-                    # DDP averages gradients over W processes, hence N / W here.
-                    loss, _ = sft_loss(lp, mask, n_tokens=n_tokens / W)
+                    with accelerator.autocast():  # one pass: packed rows, or the group padded together
+                        lp = response_logp_sums(model, rows, pad_id, accelerator.device, packed=packed)
+                    # Per-sequence sums, all counted; DDP averages gradients over W processes, hence N / W.
+                    loss, _ = sft_loss(lp, torch.ones_like(lp), n_tokens=n_tokens / W)
                     accelerator.backward(loss)
                 nll_total += loss.detach() * (n_tokens / W)
             grad_norm = (
