@@ -30,6 +30,14 @@ def test_text_stats_counts_keywords_fillers_and_duplicates():
     assert text_stats(["x .", "x ."])["diversity/duplicate_rate"] == 0.5
 
 
+def test_text_stats_counts_empty_and_one_token_responses():
+    """Lengths 0, 1, 0 (whitespace only) and 3: two empty of four, three of at most one token."""
+    s = text_stats(["", " 7 ", "  \n ", "the answer ."])
+    assert s["length/empty_rate"] == pytest.approx(2 / 4) and s["length/short_rate"] == pytest.approx(3 / 4)
+    assert text_stats(["the answer is 7 ."])["length/short_rate"] == 0.0
+    assert math.isnan(text_stats([])["length/empty_rate"])
+
+
 def test_length_controlled_win_rate_removes_a_pure_length_effect():
     """Wins decided by length alone: longer always wins. Raw win-rate 0.5 over a symmetric
     set, and 0.5 at zero length difference; a policy that wins at equal length keeps it."""

@@ -27,8 +27,10 @@ def distinct_n(texts: list[str], n: int) -> float:
 
 def text_stats(texts: list[str], eos: list[bool] | None = None,
                keywords: tuple[str, ...] = KEYWORDS) -> dict[str, float]:
-    """Length percentiles, distinct-1/2, within-response repetition, keyword density (per
-    token), filler sentences per response, EOS rate, and the share of identical responses."""
+    """Length percentiles, the share of empty responses (``length/empty_rate``) and of
+    responses of at most one token (``length/short_rate``, empty included), distinct-1/2,
+    within-response repetition, keyword density (per token), filler sentences per response,
+    EOS rate, and the share of identical responses."""
     lengths = [len(t.split()) for t in texts]
     tokens = max(1, sum(lengths))
     return {
@@ -36,6 +38,8 @@ def text_stats(texts: list[str], eos: list[bool] | None = None,
         "length/p50": percentile(lengths, 50),
         "length/p90": percentile(lengths, 90),
         "length/max": float(max(lengths, default=0)),
+        "length/empty_rate": fmean(n == 0 for n in lengths) if lengths else float("nan"),
+        "length/short_rate": fmean(n <= 1 for n in lengths) if lengths else float("nan"),
         "diversity/distinct_1": distinct_n(texts, 1),
         "diversity/distinct_2": distinct_n(texts, 2),
         "diversity/repetition": fmean(repetition_rate(t.split()) for t in texts) if texts else 0.0,
