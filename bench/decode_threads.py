@@ -1,5 +1,5 @@
 """Why decode steps run on one thread under a passive OpenMP wait policy
-(``rlhflab.rollout.decode_threads``): a decode-sized product and a whole decoding call,
+(``rlhflab.generation.decode_threads``): a decode-sized product and a whole decoding call,
 one thread against two, under the policy this process was started with.
 
     OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/decode_threads.py
@@ -39,19 +39,20 @@ def product_us(threads: int, reps: int = 2000) -> float:
 
 
 def generate_ms(work: int, calls: int = 20) -> float:
-    import rlhflab.rollout as rollout
+    import rlhflab.generation as generation
     from rlhflab.models import load_causal_lm, load_tokenizer
 
     torch.set_num_threads(2)
-    rollout.PASSIVE_DECODE_WORK = work
+    generation.PASSIVE_DECODE_WORK = work
     tok = load_tokenizer(ROOT / "runs/bench/sft/model")
     model = load_causal_lm(ROOT / "runs/bench/sft/model", tok)
     lines = (ROOT / "runs/bench/world/prompts.jsonl").read_text().splitlines()[:64]
     ids = [tok(json.loads(x)["prompt"]).input_ids for x in lines]
 
     def run(k: int):
-        return rollout.generate(model, tok, ids, [rollout.row_seed(0, k, i) for i in range(len(ids))],
-                                max_new_tokens=24, with_logprobs=True)
+        return generation.generate(model, ids, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                                   seeds=[generation.row_seed(0, k, i) for i in range(len(ids))],
+                                   max_new_tokens=24, record_logprobs=True)
 
     for k in range(3):
         run(k)
@@ -62,7 +63,7 @@ def generate_ms(work: int, calls: int = 20) -> float:
 
 
 def main() -> int:
-    from rlhflab.rollout import PASSIVE_DECODE_WORK
+    from rlhflab.generation import PASSIVE_DECODE_WORK
 
     out = {"command": shlex.join(["python", "bench/decode_threads.py", *sys.argv[1:]]),
            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),

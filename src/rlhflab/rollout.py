@@ -3,268 +3,34 @@
 Shared by every online algorithm (PPO, REINFORCE, RLOO, REINFORCE++, GRPO); the
 algorithms only consume the ``Rollout``.
 
-1. Generation: HF ``generate`` (KV cache) on left-padded prompts, temperature, top-k,
-   top-p and max new tokens; everything after a response's first EOS is padding, and the
-   pad token is distinct from EOS. The decoding loop drops a row from the batch (and
-   from the KV cache) once it has emitted EOS, instead of decoding it to the end.
+1. Generation through the engine (``rlhflab.generation``): KV cache, per-row seeded
+   sampling at temperature T with top-k / top-p, everything after a response's first EOS
+   is padding (the pad token is distinct from EOS), finished rows leave the batch. Each
+   row i of step s draws from ``row_seed(seed, s, i)``, i its index in the *global*
+   batch, so a row's response does not depend on how rows are split into chunks or
+   processes (which makes the multi-process test meaningful and a resumed run replay
+   the same samples).
 2. Log-probs of the policy and of the frozen reference on the sampled tokens, both on the
    logits divided by the sampling temperature (what the sampler drew from), with the same
    position ids as generation (left padding counted out). The policy's come from the
    sampling pass itself (the logits each token was drawn from, the same model and
-   weights: a separate pass gives them again up to float rounding); the reference's from
-   a forward pass that skips padding: each row's real tokens are packed to the left and
-   rows of similar length share a pass.
+   weights: a separate pass gives them again up to float rounding, which the update
+   checks: ``rollout/logprob_diff_*``); the reference's from a forward pass that skips
+   padding (packed rows, ``forward_response``).
 3. Values of the critic (PPO), per-token entropy, and the scores of the reward source
    (``rlhflab.rewards``), with the no-EOS penalty and the NaN guard.
-
-Sampling randomness is per row, not per batch. Each row i draws its tokens with the
-Gumbel-max trick from its own generator seeded by ``row_seed(seed, step, i)``, where i is
-the row's index in the *global* batch:
-
-    y_t = argmax_v (z_v / T + G_v),  G_v = -log(-log U_v),  U ~ Uniform(0, 1)
-
-is an exact sample from softmax(z / T) (after the top-k / top-p filters, which set
-filtered z_v to -inf). So a row's response depends only on (seed, step, row index, model)
-and not on how rows are split into generation chunks or across processes: two processes
-each sampling their half of the global batch draw exactly what one process draws for the
-whole batch (up to float rounding of the logits), which is what makes the multi-process
-test meaningful and a resumed run replay the same samples.
 """
 
 from __future__ import annotations
 
-import contextlib
-import functools
-import hashlib
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
-from transformers.generation.logits_process import (
-    TemperatureLogitsWarper,
-    TopKLogitsWarper,
-    TopPLogitsWarper,
-)
 
-from rlhflab.logprobs import entropy_from_logits, gather_logprobs, response_mask_after_eos
+from rlhflab.generation import generate
+from rlhflab.logprobs import entropy_from_logits, gather_logprobs
 from rlhflab.packing import can_pack, model_config, pack, packed_logits, packed_values
-from rlhflab.sampling import left_pad
-
-# ---------------------------------------------------------------------------------------
-# Per-row sampling
-
-
-def row_seed(seed: int, step: int, index: int) -> int:
-    """A 63-bit seed for one row of one rollout step, independent of batch layout."""
-    digest = hashlib.sha256(f"rollout/{seed}/{step}/{index}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
-
-
-class GumbelMaxSampler(LogitsProcessor):
-    """Adds per-row Gumbel noise so that greedy decoding draws a sample (see module doc).
-
-    ``seeds`` holds one seed per row of the batch given to ``generate``; row i's t-th
-    token uses the t-th draw of V uniforms from its own generator, whatever the other rows
-    do. The draws are taken ``block`` steps at a time (one call per row per block, and
-    the Gumbel transform on the whole block): a CPU generator's stream does not depend on
-    how it is split into calls, so the noise is the same as drawing step by step. Tokens
-    in ``suppress`` (the pad token) are never drawn: a pad inside a response would read as
-    a hole in its mask.
-    """
-
-    def __init__(self, seeds: Sequence[int], suppress: Sequence[int] = (), block: int = 32) -> None:
-        self.generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
-        self.suppress = list(suppress)
-        self.block = max(1, int(block))
-        self._noise: torch.Tensor | None = None  # (B, block, V) Gumbel noise of the current block
-        self._t = 0  # decoding steps taken
-        self.rows: torch.Tensor | None = None  # rows of the batch present in ``scores`` (None: all)
-
-    def _draw(self, V: int) -> torch.Tensor:
-        n = self.block * V
-        u = torch.stack([torch.rand(n, generator=g, dtype=torch.float64) for g in self.generators])
-        return (-torch.log(-torch.log(u.clamp(min=1e-300)))).view(len(self.generators), self.block, V)
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        B, V = scores.shape
-        if self.suppress:
-            scores = scores.clone()
-            scores[:, self.suppress] = float("-inf")
-        k = self._t % self.block
-        if k == 0:
-            self._noise = self._draw(V)
-        self._t += 1
-        noise = self._noise[:, k] if self.rows is None else self._noise[self.rows.cpu(), k]
-        return scores + noise.to(scores.device, scores.dtype)
-
-
-@contextlib.contextmanager
-def intra_op_threads(n: int):
-    """torch's intra-op thread count set to ``n`` inside the block, restored after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-# Below this many multiply-adds, rows x d x d, a decode step's products run on one thread when
-# OpenMP threads sleep while they wait (see ``decode_threads``).
-PASSIVE_DECODE_WORK = 4_000_000
-
-
-def decode_threads(rows: int, hidden: int) -> int:
-    """How many intra-op threads the decode steps of a batch of ``rows`` use.
-
-    A decode step of a small model is a chain of small products, (rows, d) x (d, k d), each
-    a fork/join of the OpenMP threads. When the threads sleep while they wait
-    (``OMP_WAIT_POLICY=PASSIVE`` or ``GOMP_SPINCOUNT=0``, the settings for a shared
-    machine), waking them costs more than the split saves: on this project's 2-core
-    benchmark machine a (64, 128) x (128, 384) product took 69 us on one thread and 190 us
-    on two (44 us on two with libgomp's default policy, whose threads spin a while first),
-    and decoding 64 rows of the demo model went from 172 to 117 ms per call on one thread.
-    Splitting pays once a product takes several wake-ups' time, about rows x d^2 = 4e6 at
-    50 GFLOP/s per core. So: one thread under a passive policy below that, all of them
-    otherwise. A rule, not a timing, so that a run repeats bit for bit: the thread count
-    changes float rounding (not the samples' law).
-    """
-    n = torch.get_num_threads()
-    passive = (os.environ.get("OMP_WAIT_POLICY", "").strip().upper() == "PASSIVE"
-               or os.environ.get("GOMP_SPINCOUNT", "").strip() == "0")
-    return 1 if passive and rows * hidden * hidden < PASSIVE_DECODE_WORK else n
-
-
-def _sample_unfinished_rows(model, input_ids, logits_processor, stopping_criteria, generation_config, *,
-                            sampler: GumbelMaxSampler, record: dict | None = None, temperature: float = 1.0,
-                            **model_kwargs):
-    """The decoding loop ``generate`` runs (its ``custom_generate``): greedy on the
-    processed scores (the Gumbel noise makes it a sample), each step on the rows that have
-    not emitted EOS yet; a finished row leaves the batch and its KV cache. Row by row the
-    same computation as HF's loop, which keeps decoding finished rows and discards their
-    tokens. Returns (B, P + steps) ids, pad after each row's EOS.
-
-    With a ``record`` dict, also stores there the log-prob of each drawn token and the
-    entropy, both of softmax(logits / temperature) before any top-k / top-p filter (what
-    ``forward_response`` computes from a full pass): ``record["logprobs"]`` and
-    ``record["entropy"]``, (B, steps), 0 after a row's EOS."""
-    eos = generation_config._eos_token_tensor
-    pad = int(generation_config._pad_token_tensor)
-    cache = model_kwargs.get("past_key_values")
-    attn = model_kwargs["attention_mask"]
-    B = input_ids.shape[0]
-    steps = generation_config.max_new_tokens
-    out = input_ids.new_full((B, steps), pad)
-    if record is not None:
-        lp_out = torch.zeros(B, steps, device=input_ids.device)
-        ent_out = torch.zeros(B, steps, device=input_ids.device)
-    active = torch.arange(B, device=input_ids.device)
-    pos = (attn.long().cumsum(-1) - 1).clamp(min=0)
-    logits = model(input_ids=input_ids, attention_mask=attn, position_ids=pos, past_key_values=cache,
-                   use_cache=True).logits[:, -1]
-    next_pos = attn.long().sum(-1, keepdim=True)  # (b, 1): real tokens so far = the next position
-    can_drop = cache is not None and hasattr(cache, "batch_select_indices")
-    seq = input_ids
-    t = 0
-    hidden = int(getattr(model.config, "hidden_size", 0) or 0)
-    # The prompts' pass above keeps every thread; the decode steps take what suits them.
-    with intra_op_threads(decode_threads(B, hidden) if input_ids.device.type == "cpu" else torch.get_num_threads()):
-        for t in range(steps):
-            sampler.rows = active
-            z = logits.float() / temperature if record is not None else None  # a copy: processors may work in place
-            scores = logits_processor(seq, logits.float())
-            token = scores.argmax(-1)
-            out[active, t] = token
-            if record is not None:
-                lp_out[active, t] = gather_logprobs(z[:, None], token[:, None])[:, 0]
-                ent_out[active, t] = entropy_from_logits(z)
-            done = torch.isin(token, eos)
-            if t == steps - 1 or bool(done.all()):
-                break
-            if can_drop and bool(done.any()):
-                keep = (~done).nonzero().squeeze(1)
-                cache.batch_select_indices(keep)
-                active, token, attn, next_pos = active[keep], token[keep], attn[keep], next_pos[keep]
-                seq = seq[keep]
-            elif not can_drop:
-                token = torch.where(torch.isin(out[active, :t + 1], eos).any(-1), torch.full_like(token, pad), token)
-            seq = torch.cat([seq, token[:, None]], dim=1)
-            attn = torch.cat([attn, attn.new_ones(attn.shape[0], 1)], dim=1)
-            logits = model(input_ids=token[:, None], attention_mask=attn, position_ids=next_pos, past_key_values=cache,
-                           use_cache=True).logits[:, -1]
-            next_pos = next_pos + 1
-    sampler.rows = None
-    if record is not None:
-        record["logprobs"], record["entropy"] = lp_out[:, :t + 1], ent_out[:, :t + 1]
-    return torch.cat([input_ids, out[:, :t + 1]], dim=1)
-
-
-def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions counting only attended tokens, as ``generate`` uses (left padding -> 0)."""
-    pos = attention_mask.long().cumsum(-1) - 1
-    return pos.clamp(min=0)
-
-
-@torch.no_grad()
-def generate(policy, tokenizer, prompt_ids: list[list[int]], seeds: Sequence[int], *, temperature: float = 1.0,
-             top_k: int = 0, top_p: float = 1.0, max_new_tokens: int = 24, batch_size: int = 64,
-             drop_finished: bool = True, with_logprobs: bool = False):
-    """Sample one response per prompt, ``batch_size`` prompts per ``generate`` call.
-
-    ``drop_finished`` decodes only the rows without EOS yet (``_sample_unfinished_rows``);
-    False runs HF's own loop, which decodes every row to the end (same samples).
-    ``with_logprobs`` also returns the sampling pass's log-probs and entropies (B, R) of
-    the drawn tokens on logits / temperature, 0 on padding (None with HF's loop).
-
-    Returns ``prompt_ids`` (B, P) left-padded, ``prompt_mask`` (B, P), ``response_ids``
-    (B, R) with pad after the first EOS, ``response_mask`` (B, R) 1 up to and including
-    the first EOS, and ``eos`` (B,) bool.
-    """
-    pad, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
-    device = next(policy.parameters()).device
-    p_ids, p_mask = left_pad(prompt_ids, pad)
-    warpers = [TemperatureLogitsWarper(temperature)] if temperature != 1.0 else []
-    if top_k:
-        warpers.append(TopKLogitsWarper(top_k))
-    if top_p < 1.0:
-        warpers.append(TopPLogitsWarper(top_p))
-    gen_cfg = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=eos_id,
-                               pad_token_id=pad, bos_token_id=getattr(tokenizer, "bos_token_id", None))
-    chunks, lp_chunks, ent_chunks = [], [], []
-    was_training = policy.training
-    policy.eval()
-    for start in range(0, len(prompt_ids), batch_size):
-        ids = p_ids[start:start + batch_size].to(device)
-        attn = p_mask[start:start + batch_size].to(device)
-        sampler = GumbelMaxSampler(seeds[start:start + batch_size], suppress=[pad], block=max_new_tokens)
-        processors = LogitsProcessorList([*warpers, sampler])
-        record = {} if with_logprobs else None
-        out = policy.generate(input_ids=ids, attention_mask=attn, generation_config=gen_cfg,
-                              logits_processor=processors,
-                              custom_generate=functools.partial(_sample_unfinished_rows, sampler=sampler,
-                                                                record=record, temperature=temperature)
-                              if drop_finished else None)
-        chunks.append(out[:, ids.shape[1]:].cpu())
-        if record:
-            lp_chunks.append(record["logprobs"].cpu())
-            ent_chunks.append(record["entropy"].cpu())
-    policy.train(was_training)
-    R = max(c.shape[1] for c in chunks)
-    response = torch.cat([torch.nn.functional.pad(c, (0, R - c.shape[1]), value=pad) for c in chunks])
-    mask, eos = response_mask_after_eos(response, eos_id, pad)
-    response = torch.where(mask.bool(), response, torch.full_like(response, pad))
-    if not with_logprobs:
-        return p_ids, p_mask, response, mask, eos
-    if len(lp_chunks) != len(chunks):
-        return p_ids, p_mask, response, mask, eos, None, None
-
-    def cat(parts):
-        x = torch.cat([torch.nn.functional.pad(c, (0, R - c.shape[1])) for c in parts])
-        return torch.where(mask.bool(), x, torch.zeros_like(x))
-
-    return p_ids, p_mask, response, mask, eos, cat(lp_chunks), cat(ent_chunks)
 
 
 def _packed_rows(prompt_ids, prompt_mask, response_ids, response_mask):
@@ -407,6 +173,7 @@ class Rollout:
     mask: torch.Tensor             # (B, R) float, 1 on response tokens up to and incl. EOS
     eos: torch.Tensor              # (B,) bool, the response emitted EOS
     logprobs: torch.Tensor         # (B, R) log pi_theta(y_t), the "old" log-probs of the update
+    sampler_logprobs: torch.Tensor  # (B, R) log-probs the sampler drew y_t with (= logprobs unless rescored)
     ref_logprobs: torch.Tensor     # (B, R) log pi_ref(y_t)
     entropy: torch.Tensor          # (B, R) entropy of pi_theta(. | x, y_<t)
     scores: torch.Tensor           # (B,) reward source + no-EOS penalty
@@ -431,7 +198,7 @@ class Rollout:
 @torch.no_grad()
 def collect_rollout(policy, reference, tokenizer, prompts: list[str], seeds: Sequence[int], reward, *,
                     generation, group_size: int = 1, value_model=None, no_eos_penalty: float = 0.0,
-                    forward_batch_size: int | None = None, defer_rows: torch.Tensor | None = None) -> Rollout:
+                    forward_batch_size: int | None = None, rescore: bool = False) -> Rollout:
     """Generate, score and measure one batch.
 
     Args:
@@ -439,7 +206,7 @@ def collect_rollout(policy, reference, tokenizer, prompts: list[str], seeds: Seq
         reference: the frozen reference model.
         tokenizer: the policy's tokenizer (pad distinct from EOS).
         prompts: B prompt texts, already repeated G times (contiguous groups).
-        seeds: B per-row sampling seeds (``row_seed``).
+        seeds: B per-row sampling seeds (``generation.row_seed``).
         reward: a reward source (``rlhflab.rewards``).
         generation: a GenerationConfig section (temperature, top_k, top_p, max_new_tokens,
             batch_size).
@@ -447,38 +214,31 @@ def collect_rollout(policy, reference, tokenizer, prompts: list[str], seeds: Seq
         value_model: the PPO critic, or None.
         no_eos_penalty: added to the score of rows without EOS.
         forward_batch_size: rows per scoring forward pass (default generation.batch_size).
-        defer_rows: indices of rows whose policy log-probs and entropy the caller fills in:
-            the rows of the first update, whose forward pass with gradients gives them at
-            no extra cost (``OnlineRun.rollout``). Only used when the sampling pass did not
-            score its tokens (HF's decoding loop); left at 0 then.
+        rescore: also score the sampled tokens with a forward pass of the policy (the
+            trainer's view) and make those the update's old log-probs; the sampler's stay in
+            ``sampler_logprobs``. What truncated importance sampling needs when sampler and
+            trainer legitimately differ. Without it the sampler's log-probs are the old
+            log-probs (one in-process engine: equal to float precision).
     """
     from rlhflab.rewards import score_responses
 
     T = generation.temperature
     encoded = [tokenizer(p, add_special_tokens=True).input_ids for p in prompts]
-    p_ids, p_mask, r_ids, r_mask, eos, gen_logps, gen_ents = generate(
-        policy, tokenizer, encoded, seeds, temperature=T, top_k=generation.top_k, top_p=generation.top_p,
-        max_new_tokens=generation.max_new_tokens, batch_size=generation.batch_size, with_logprobs=True)
+    gen = generate(policy, encoded, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                   seeds=seeds, temperature=T, top_k=generation.top_k, top_p=generation.top_p,
+                   max_new_tokens=generation.max_new_tokens, batch_size=generation.batch_size,
+                   record_logprobs=True)
+    p_ids, p_mask, r_ids, r_mask, eos = gen.prompt_ids, gen.prompt_mask, gen.response_ids, gen.response_mask, gen.eos
     device = next(policy.parameters()).device
     fb = forward_batch_size or generation.batch_size
     B, R = r_ids.shape
-    here = torch.ones(B, dtype=torch.bool)
-    if gen_logps is not None:  # the sampling pass scored its own tokens: no policy pass needed
-        here[:] = False
-    elif defer_rows is not None:
-        here[defer_rows.cpu()] = False
-    logps = gen_logps if gen_logps is not None else torch.zeros(B, R)
-    ents = gen_ents if gen_ents is not None else torch.zeros(B, R)
+    logps = gen.logprobs.clone() if rescore else gen.logprobs
     ref_logps, vals = [], []
     for s in range(0, B, fb):
         args = [t[s:s + fb].to(device) for t in (p_ids, p_mask, r_ids, r_mask)]
-        rows = here[s:s + fb]
-        if rows.all():
-            lp, ent = forward_response(policy, *args, temperature=T, with_entropy=True)
-            logps[s:s + fb], ents[s:s + fb] = lp.cpu(), ent.cpu()
-        elif rows.any():
-            lp, ent = forward_response(policy, *(a[rows.to(device)] for a in args), temperature=T, with_entropy=True)
-            logps[s:s + fb][rows], ents[s:s + fb][rows] = lp.cpu(), ent.cpu()
+        if rescore:
+            lp, _ = forward_response(policy, *args, temperature=T)
+            logps[s:s + fb] = lp.cpu()
         ref_lp, _ = forward_response(reference, *args, temperature=T)
         ref_logps.append(ref_lp.cpu())
         if value_model is not None:
@@ -490,7 +250,7 @@ def collect_rollout(policy, reference, tokenizer, prompts: list[str], seeds: Seq
     scores = score_responses(reward, list(prompts), texts, eos_list, no_eos_penalty=no_eos_penalty)
     return Rollout(
         prompts=list(prompts), texts=texts, prompt_ids=p_ids, prompt_mask=p_mask, response_ids=r_ids,
-        mask=r_mask.float(), eos=eos.bool(), logprobs=logps, ref_logprobs=torch.cat(ref_logps),
-        entropy=ents, scores=scores, values=torch.cat(vals) if vals else None,
-        group_size=group_size, seeds=list(seeds),
+        mask=r_mask.float(), eos=eos.bool(), logprobs=logps, sampler_logprobs=gen.logprobs,
+        ref_logprobs=torch.cat(ref_logps), entropy=gen.entropy, scores=scores,
+        values=torch.cat(vals) if vals else None, group_size=group_size, seeds=list(seeds),
     )

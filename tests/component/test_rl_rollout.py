@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from rlhflab.config import load_config
+from rlhflab.generation import row_seed
 from rlhflab.models import create_causal_lm, load_causal_lm, load_tokenizer, save_pretrained_atomic
 from rlhflab.rewards import FunctionReward
-from rlhflab.rollout import GumbelMaxSampler, collect_rollout, generate, row_seed
+from rlhflab.rollout import collect_rollout
 from rlhflab.world import World
 from tests.conftest import ROOT
 
@@ -37,42 +38,6 @@ def policy_and_tok(tmp_path_factory):
     return load_causal_lm(path, tok), tok
 
 
-def test_gumbel_max_sampler_draws_from_the_softmax():
-    """4000 rows with their own seeds, one step each, on fixed logits: the frequencies match
-    softmax(z) within 4 standard errors (sd <= 0.008 here)."""
-    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]]).repeat(4000, 1)
-    sampler = GumbelMaxSampler([row_seed(0, 1, i) for i in range(4000)])
-    draws = sampler(None, logits).argmax(-1)
-    freq = torch.bincount(draws, minlength=4).float() / 4000
-    p = torch.softmax(logits[0], -1)
-    assert torch.all((freq - p).abs() <= 4 * (p * (1 - p) / 4000).sqrt())
-
-
-def test_sampler_never_draws_suppressed_tokens():
-    logits = torch.zeros(500, 3)
-    draws = GumbelMaxSampler(range(500), suppress=[0])(None, logits).argmax(-1)
-    assert (draws != 0).all() and set(draws.tolist()) == {1, 2}
-
-
-def test_samples_do_not_depend_on_batch_layout(policy_and_tok):
-    """Row i is drawn from its own seed: one batch of 6, batches of 2, or the rows in reverse
-    order give the same responses row by row."""
-    model, tok = policy_and_tok
-    ids = [tok(p).input_ids for p in PROMPTS]
-    seeds = [row_seed(3, 1, i) for i in range(len(PROMPTS))]
-
-    def responses(order, batch_size):
-        _, _, resp, mask, _ = generate(model, tok, [ids[i] for i in order], [seeds[i] for i in order],
-                                       max_new_tokens=12, batch_size=batch_size)
-        rows = {i: resp[k][mask[k].bool()].tolist() for k, i in enumerate(order)}
-        return [rows[i] for i in range(len(PROMPTS))]
-
-    forward = list(range(len(PROMPTS)))
-    one = responses(forward, 6)
-    assert one == responses(forward, 2) == responses(forward[::-1], 4)
-    assert len({tuple(r) for r in one}) > 1  # and different rows differ
-
-
 def test_rollout_fields_masks_and_logprobs(policy_and_tok):
     """Log-probs on logits / T from the left-padded batch equal those of each row run alone
     without padding (position ids count attended tokens only); the reference with the same
@@ -87,6 +52,7 @@ def test_rollout_fields_masks_and_logprobs(policy_and_tok):
     B, R = ro.response_ids.shape
     assert ro.prompt_ids.shape[0] == ro.prompt_mask.shape[0] == B == len(PROMPTS)
     assert ro.mask.shape == ro.logprobs.shape == ro.ref_logprobs.shape == ro.entropy.shape == (B, R)
+    assert ro.sampler_logprobs is ro.logprobs  # not rescored: the sampler's are the old log-probs
     assert ro.values is None and ro.scores.shape == (B,)
     for i in range(B):
         n = int(ro.mask[i].sum())
@@ -103,3 +69,6 @@ def test_rollout_fields_masks_and_logprobs(policy_and_tok):
         torch.testing.assert_close(ro.logprobs[i, :n], alone, atol=1e-5, rtol=1e-5)
         assert (ro.logprobs[i, n:] == 0).all()
     torch.testing.assert_close(ro.ref_logprobs, ro.logprobs)
+    rescored = collect_rollout(model, reference, tok, PROMPTS, seeds, reward, generation=gen, rescore=True)
+    assert torch.equal(rescored.response_ids, ro.response_ids)
+    torch.testing.assert_close(rescored.logprobs, rescored.sampler_logprobs, atol=1e-5, rtol=1e-5)

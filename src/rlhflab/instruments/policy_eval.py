@@ -76,24 +76,22 @@ def sampled_kl(policy, reference, tokenizer, prompts: list[str], *, max_new_toke
 
     import torch
 
-    from rlhflab.logprobs import response_mask_after_eos
-    from rlhflab.sampling import generate_ids
+    from rlhflab.sampling import sample_ids
 
     was = policy.training, reference.training
     policy.eval()
     reference.eval()
+    encoded = [tokenizer(p, add_special_tokens=True).input_ids for p in prompts]
+    gen = sample_ids(policy, tokenizer, encoded, max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed)
+    ids = torch.cat([gen.prompt_ids, gen.response_ids], 1)
+    attn = torch.cat([gen.prompt_mask, gen.response_mask], 1)
+    P, mask = gen.prompt_ids.shape[1], gen.response_mask
     values: list[float] = []
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        for start in range(0, len(prompts), batch_size):
-            chunk = [tokenizer(p, add_special_tokens=True).input_ids for p in prompts[start:start + batch_size]]
-            p_ids, p_attn, resp, _ = generate_ids(policy, chunk, tokenizer, max_new_tokens=max_new_tokens)
-            mask, _ = response_mask_after_eos(resp, tokenizer.eos_token_id, tokenizer.pad_token_id)
-            ids = torch.cat([p_ids, resp], 1)
-            attn = torch.cat([p_attn, mask], 1)
-            P = p_ids.shape[1]
-            diff = _sequence_logps(policy, ids, attn, P, mask) - _sequence_logps(reference, ids, attn, P, mask)
-            values += diff.tolist()
+    for s in range(0, len(prompts), batch_size):
+        rows = slice(s, s + batch_size)
+        diff = (_sequence_logps(policy, ids[rows], attn[rows], P, mask[rows])
+                - _sequence_logps(reference, ids[rows], attn[rows], P, mask[rows]))
+        values += diff.tolist()
     policy.train(was[0])
     reference.train(was[1])
     n = len(values)
