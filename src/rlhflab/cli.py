@@ -11,7 +11,7 @@ import importlib
 import importlib.util
 import sys
 
-from rlhflab.errors import InputError
+from rlhflab.errors import InputError, RunError
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -86,6 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as err:
         print(f"rlhflab {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except RunError as err:
+        print(f"rlhflab {args.command}: error: {err}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"rlhflab {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -209,6 +209,12 @@ class RLConfig:
     early_stop_patience: int = _f(0, "stop after this many gold evaluations without a new best, "
                                      "restoring the best policy; 0 = off")
     log_every: int = _f(1, "steps between metric lines")
+    tis_cap: float | None = _f(None, "truncated importance sampling (Yao et al. 2025): score the samples with "
+                               "the trainer too and weight each token's policy-gradient term by "
+                               "min(pi_train / pi_sampler, tis_cap); empty = off (sampler and trainer agree)")
+    mismatch_tolerance: float = _f(1e-3, "largest |log pi_train - log pi_sampler| (nats, any token of the first "
+                                   "update) allowed before the run stops; without tis_cap the two come from "
+                                   "the same weights and must agree to float precision")
 
 
 @dataclass

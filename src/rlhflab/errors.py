@@ -1,4 +1,5 @@
-"""Errors that reach the user as one line and exit code 2."""
+"""Errors that reach the user as one line: bad input (exit code 2) and a run that cannot go on
+(exit code 1)."""
 
 from __future__ import annotations
 
@@ -23,3 +24,11 @@ class InputError(ValueError):
             where = str(file) + (f":{line}" if line is not None else "") + ": "
         what = f"field '{field}': " if field is not None else ""
         super().__init__(f"{where}{what}{message}".replace("\n", " "))
+
+
+class RunError(RuntimeError):
+    """A run that must stop because its numbers would be wrong (for instance the sampler and
+    the trainer disagree). The CLI prints ``str(err)`` on one line and exits with code 1."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message.replace("\n", " "))

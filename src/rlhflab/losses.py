@@ -9,12 +9,15 @@ as in the papers. Losses average over the batch. Every form is numerically stabl
 
 Contents, top to bottom:
 
-1. reward-model losses (SPEC section 3): ``bradley_terry_loss``, ``plackett_luce_loss``;
-2. paired preference losses on sequence log-probs (SPEC section 5): ``dpo_loss``,
+1. reward-model losses (Bradley and Terry 1952; Ouyang et al. 2022):
+   ``bradley_terry_loss``, ``plackett_luce_loss``;
+2. paired preference losses on sequence log-probs (Rafailov et al. 2023 and its variants): ``dpo_loss``,
    ``cdpo_loss``, ``ipo_loss``, ``hinge_loss`` (use a frozen reference) and
    ``simpo_loss``, ``orpo_loss`` (reference-free, take response lengths instead);
 3. the unpaired KTO loss: ``kto_reference_point``, ``kto_loss``;
-4. registries: ``PREFERENCE_LOSSES``, ``REFERENCE_FREE_LOSSES``, ``UNPAIRED_LOSSES``.
+4. registries: ``PREFERENCE_LOSSES``, ``REFERENCE_FREE_LOSSES``, ``UNPAIRED_LOSSES``;
+5. the supervised loss ``sft_loss``, and the token weights of truncated importance sampling
+   for online RL whose sampler and trainer differ, ``truncated_importance_weights``.
 
 Conventions for the DPO family: every ``*_logps`` input is the per-sequence SUM of token
 log-probs over response tokens, shape ``(B,)``; ``*_lengths`` is the number of response
@@ -557,3 +560,29 @@ def sft_loss(
     denom = count if n_tokens is None else torch.as_tensor(n_tokens, dtype=token_logps.dtype)
     loss = nll_sum / denom.clamp(min=1)
     return loss, {"sft/nll_sum": nll_sum.item(), "sft/tokens": count.item()}
+
+
+def truncated_importance_weights(train_logprobs: torch.Tensor, sampler_logprobs: torch.Tensor, *,
+                                 cap: float) -> torch.Tensor:
+    """Truncated importance sampling (TIS; Yao et al. 2025, "Your efficient RL framework
+    secretly brings you off-policy RL training"), per token:
+
+        w_t = min(pi_train(y_t) / pi_sampler(y_t), C) = min(exp(log pi_train - log pi_sampler), C)
+
+    detached. Samples drawn from pi_sampler but trained as if drawn from pi_train bias the
+    policy gradient E_sampler[A grad log pi] away from E_train[A grad log pi]; weighting each
+    token's policy-gradient term by w_t removes the bias up to the truncation at C, which
+    bounds the variance. The log-ratio is clamped to [-20, 20] before exp.
+
+    Args:
+        train_logprobs: log pi_train of the sampled tokens (the trainer's old log-probs).  # (B, T)
+        sampler_logprobs: log pi_sampler of the same tokens.                           # (B, T)
+        cap: C > 0.
+
+    Returns:
+        w_t, (B, T), no gradient.
+    """
+    if not cap > 0:
+        raise ValueError(f"cap must be > 0, got {cap}")
+    log_ratio = (train_logprobs - sampler_logprobs).detach().clamp(-20.0, 20.0)
+    return torch.exp(log_ratio).clamp(max=cap)

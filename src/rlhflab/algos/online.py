@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from rlhflab.errors import InputError
+from rlhflab.errors import InputError, RunError
 from rlhflab.kl import KL_ESTIMATORS, kl_k1, make_kl_controller, sequence_kl
 
 # ---------------------------------------------------------------------------------------
@@ -208,11 +208,19 @@ class UpdateSettings:
 
 
 def policy_gradient_loss(logprobs, old_logprobs, advantages, mask, counts: Counts, hp: UpdateSettings, *,
-                         ref_logprobs=None, entropy=None, values=None, old_values=None, returns=None):
+                         ref_logprobs=None, entropy=None, values=None, old_values=None, returns=None,
+                         is_weights=None):
     """The loss of one micro-batch: clipped surrogate + KL + value - entropy bonus.
 
-        L = agg(l^clip) + kl_coef * agg(k(log pi_theta, log pi_ref))
+        L = agg(w * l^clip) + kl_coef * agg(w * k(log pi_theta, log pi_ref))
             + vf_coef * token_mean(l^V) - entropy_coef * agg(H)
+
+    ``w`` is 1, or the detached truncated importance weights of a sampler that differs from
+    the trainer (``is_weights``, ``losses.truncated_importance_weights``). Both the
+    surrogate and the KL term are expectations under pi_theta estimated on the sampler's
+    tokens, so both are weighted (as TRL weights its whole per-token loss): weighting the
+    surrogate alone leaves the KL term's gradient off-policy and, with the KL in the loss,
+    moves the fixed point away from pi*.
 
     ``agg`` is ``LOSS_AGGREGATIONS[hp.loss_agg]``; the KL term uses the estimator
     ``hp.kl_estimator`` on the current log-probs (k3: GRPO; k2: the reverse-KL gradient),
@@ -225,6 +233,8 @@ def policy_gradient_loss(logprobs, old_logprobs, advantages, mask, counts: Count
     agg = LOSS_AGGREGATIONS[hp.loss_agg]
     pg_t, ratio, clipped = clipped_surrogate(logprobs, old_logprobs, advantages,
                                              clip_eps=hp.clip_eps, clip_eps_high=hp.clip_eps_high)
+    if is_weights is not None:
+        pg_t = is_weights * pg_t
     loss = agg(pg_t, mask, counts)
     n = mask.sum()
     log_ratio = (logprobs - old_logprobs).detach()
@@ -236,7 +246,7 @@ def policy_gradient_loss(logprobs, old_logprobs, advantages, mask, counts: Count
             "policy/ratio_mean": s(ratio)}
     if hp.kl_coef and ref_logprobs is not None:
         kl_t = KL_ESTIMATORS[hp.kl_estimator](logprobs, ref_logprobs)
-        loss = loss + hp.kl_coef * agg(kl_t, mask, counts)
+        loss = loss + hp.kl_coef * agg(kl_t if is_weights is None else is_weights * kl_t, mask, counts)
         sums["loss/kl"] = s(kl_t)
     if entropy is not None:
         if hp.entropy_coef:
@@ -270,6 +280,13 @@ class BatchStats:
         if self.world_size == 1:
             return x
         return self.accelerator.reduce(x.clone().to(self.accelerator.device), reduction="sum").to(x.device)
+
+    def max(self, x: torch.Tensor) -> torch.Tensor:
+        """Elementwise maximum of ``x`` over processes."""
+        if self.world_size == 1:
+            return x
+        gathered = self.accelerator.gather(x.reshape(1, *x.shape).to(self.accelerator.device))
+        return gathered.max(0).values.to(x.device)
 
     def mean(self, x: torch.Tensor) -> torch.Tensor:
         """Mean of all entries of x over the global batch."""
@@ -338,6 +355,8 @@ class UpdateBatch:
     ref_logprobs: torch.Tensor | None = None  # (B, T) for a KL term in the loss
     returns: torch.Tensor | None = None    # (B, T) PPO value targets
     old_values: torch.Tensor | None = None  # (B, T) PPO values at sampling time
+    sampler_logprobs: torch.Tensor | None = None  # (B, T) log pi_sampler; None: old_logprobs are the sampler's
+    is_weights: torch.Tensor | None = None  # (B, T) truncated importance weights (TIS), or None
 
 
 # forward(idx) -> (logprobs (b, T), entropy (b, T) | None, values (b, T) | None)
@@ -346,10 +365,20 @@ Forward = Callable[[torch.Tensor], tuple]
 
 def update_policy(batch: UpdateBatch, forward: Forward, optimizer_step: Callable[[], float], hp: UpdateSettings,
                   stats: BatchStats, generator: torch.Generator, *, backward: Callable | None = None,
-                  no_sync: Callable | None = None, first_perm: torch.Tensor | None = None) -> dict[str, float]:
+                  no_sync: Callable | None = None, first_perm: torch.Tensor | None = None,
+                  mismatch_guard: Callable[[dict], None] | None = None) -> dict[str, float]:
     """Several epochs of shuffled minibatches over one rollout batch; one optimizer step
     per minibatch; optional early stop once the minibatch's approx-KL exceeds
     ``hp.target_kl``.
+
+    Sampler/trainer mismatch: the first minibatch's forward passes run before any
+    optimizer step, with the weights that sampled, so there the trainer's log-probs of the
+    sampled tokens must equal the sampler's (``batch.sampler_logprobs``, or the old
+    log-probs when those are the sampler's). Their distance is returned as
+    ``rollout/logprob_diff_mean`` and ``rollout/logprob_diff_max`` (nats, over the first
+    minibatch's tokens of all processes), with ``rollout/first_ratio_mean``, the mean of
+    pi_theta / pi_old there (1 when the old log-probs are right), and handed to
+    ``mismatch_guard`` before the first optimizer step.
 
     Args:
         batch: per-token log-probs, advantages and masks of this process's rows.
@@ -365,16 +394,21 @@ def update_policy(batch: UpdateBatch, forward: Forward, optimizer_step: Callable
             micro-batch of a minibatch.
         first_perm: the first epoch's shuffle when the caller has drawn it already (as
             ``torch.randperm(B, generator=generator)``, the generator then past it).
+        mismatch_guard: called with the mismatch readings before the first optimizer step
+            (it may raise to stop the run).
     """
     B = batch.mask.shape[0]
     W = stats.world_size
     sums = _Sums()
     grad_norms = []
     updates, stopped = 0, False
+    mismatch: dict[str, float] = {}
     for epoch in range(hp.epochs):
         perm = first_perm if (epoch == 0 and first_perm is not None) else torch.randperm(B, generator=generator)
         perm = perm.to(batch.mask.device)
         for mb in perm.chunk(hp.num_minibatches):
+            first = updates == 0
+            diff_sums, diff_max = _Sums(), torch.zeros((), dtype=torch.float64)
             totals = stats.sum(torch.stack([torch.tensor(float(len(mb)), dtype=torch.float64),
                                             batch.mask[mb].sum().double().cpu()]))
             counts = Counts(n_seqs=(totals[0] / W).item(), n_tokens=max(totals[1].item(), 1.0) / W,
@@ -392,10 +426,24 @@ def update_policy(batch: UpdateBatch, forward: Forward, optimizer_step: Callable
                         ref_logprobs=None if batch.ref_logprobs is None else batch.ref_logprobs[idx],
                         entropy=entropy, values=values,
                         old_values=None if batch.old_values is None else batch.old_values[idx],
-                        returns=None if batch.returns is None else batch.returns[idx])
+                        returns=None if batch.returns is None else batch.returns[idx],
+                        is_weights=None if batch.is_weights is None else batch.is_weights[idx])
                     (backward or torch.Tensor.backward)(loss)
                 sums.add(micro_sums)
                 mb_sums.add({"policy/approxkl": micro_sums["policy/approxkl"]})
+                if first:
+                    sampler = batch.old_logprobs if batch.sampler_logprobs is None else batch.sampler_logprobs
+                    m = batch.mask[idx].bool()
+                    d = (logprobs.detach().double() - sampler[idx].double()).abs()[m]
+                    diff_sums.add({"rollout/logprob_diff_mean": (d.sum(), d.numel()),
+                                   "rollout/first_ratio_mean": micro_sums["policy/ratio_mean"]})
+                    if d.numel():
+                        diff_max = torch.maximum(diff_max, d.max().cpu())
+            if first:
+                mismatch = diff_sums.result(stats)
+                mismatch["rollout/logprob_diff_max"] = stats.max(diff_max).item()
+                if mismatch_guard is not None:
+                    mismatch_guard(mismatch)
             grad_norms.append(float(optimizer_step()))
             updates += 1
             if hp.target_kl is not None and mb_sums.result(stats)["policy/approxkl"] > hp.target_kl:
@@ -404,6 +452,7 @@ def update_policy(batch: UpdateBatch, forward: Forward, optimizer_step: Callable
         if stopped:
             break
     out = sums.result(stats)
+    out.update(mismatch)
     finite = [g for g in grad_norms if math.isfinite(g)]
     out.update({"policy/updates": float(updates), "policy/early_stopped": float(stopped),
                 "policy/grad_norm": sum(finite) / len(finite) if finite else float("nan")})
@@ -538,7 +587,7 @@ class OnlineRun:
 
     def local_rows_of(self, step: int) -> tuple[list[str], list[int]]:
         """This process's prompts (each repeated G times) and per-row seeds for ``step``."""
-        from rlhflab.rollout import row_seed
+        from rlhflab.generation import row_seed
 
         G, W, r = self.group_size, self.accelerator.num_processes, self.accelerator.process_index
         n_prompts = self.rl.batch_size // G
@@ -558,15 +607,13 @@ class OnlineRun:
         return gen, torch.randperm(n_rows, generator=gen)
 
     def _first_update_rows(self, perm: torch.Tensor) -> torch.Tensor | None:
-        """Rows of the first micro-batch of the first update, when their old log-probs can be
-        read off that update's own forward pass (None otherwise).
+        """Rows of the first micro-batch of the first update, whose forward pass with
+        gradients runs right after the rollout (None when it cannot).
 
-        Before the first optimizer step the policy is the one that sampled, so its log-probs
-        on these rows, detached, are the old log-probs: one forward pass with gradients
-        serves both (the ratio is exactly 1 there, as it is mathematically). Not with a
-        critic (PPO's values and GAE need every row's log-probs first), and not with DDP
-        when the first micro-batch is not its minibatch's last (its forward must run under
-        no_sync).
+        That pass is the update's own, done early so that its entropy completes the
+        rollout's metrics without a pass of its own. Not with a critic (PPO's values and
+        GAE need the rollout first), and not with DDP when the first micro-batch is not its
+        minibatch's last (its forward must run under no_sync).
         """
         if self.value is not None:
             return None
@@ -587,21 +634,18 @@ class OnlineRun:
         ro = collect_rollout(self.policy_module, self.reference, self.tokenizer, prompts, seeds, self.reward,
                              generation=self.cfg.generation, group_size=self.group_size,
                              value_model=self.value_module, no_eos_penalty=self.rl.no_eos_penalty,
-                             forward_batch_size=self.rl.micro_batch_size, defer_rows=first)
+                             forward_batch_size=self.rl.micro_batch_size, rescore=self.rl.tis_cap is not None)
         ro = ro.to(self.accelerator.device)
         self._t_rollout = time.perf_counter() - t
         self._primed = None
         if first is not None:
-            # the first update's forward pass, with gradients: its detached log-probs and
-            # entropy complete the rollout (counted as update time)
+            # the first update's forward pass, with gradients (counted as update time)
             t = time.perf_counter()
             rows = first.to(self.accelerator.device)
             with_entropy_grad = self.rl.entropy_coef > 0
             lp, ent = forward_response(self.policy, ro.prompt_ids[rows], ro.prompt_mask[rows], ro.response_ids[rows],
                                        ro.mask[rows], temperature=self.cfg.generation.temperature,
                                        with_entropy=True, entropy_grad=with_entropy_grad)
-            ro.logprobs[rows] = lp.detach()
-            ro.entropy[rows] = ent.detach()
             self._primed = (rows, lp, ent if with_entropy_grad else None)
             self.state["time_update"] += time.perf_counter() - t
         return ro
@@ -653,8 +697,41 @@ class OnlineRun:
                     stack.enter_context(self.accelerator.no_sync(m))
             yield
 
+    def _mismatch_guard(self, step: int):
+        """Stops the run when the trainer's log-probs of the sampled tokens are not the
+        sampler's (``update_policy``'s first-minibatch readings). Without TIS both come from
+        the same weights in this process and agree to float precision (about 1e-5 nats in
+        float32), so a larger gap means the two compute different models."""
+        rl = self.rl
+
+        def guard(readings: dict) -> None:
+            gap = readings.get("rollout/logprob_diff_max", 0.0)
+            if rl.tis_cap is not None or not gap > rl.mismatch_tolerance:
+                return
+            raise RunError(
+                f"step {step}: the sampler's log-probs are not the trainer's: max |log pi_train - log pi_sampler| = "
+                f"{gap:.3g} nats (mean {readings.get('rollout/logprob_diff_mean', float('nan')):.3g}, first-update "
+                f"ratio {readings.get('rollout/first_ratio_mean', float('nan')):.4g}) above rl.mismatch_tolerance = "
+                f"{rl.mismatch_tolerance:g}; the decoding loop and the training forward disagree (a KV cache, mask "
+                f"or position ids the installed transformers handles differently, or a sampler in another "
+                f"precision: then set rl.tis_cap)")
+
+        return guard
+
     def update(self, step: int, batch: UpdateBatch, ro) -> dict[str, float]:
+        from rlhflab.losses import truncated_importance_weights
+
         t = time.perf_counter()
+        extra: dict[str, float] = {}
+        if batch.sampler_logprobs is None and ro.sampler_logprobs is not ro.logprobs:
+            batch = dataclasses.replace(batch, sampler_logprobs=ro.sampler_logprobs)
+        if self.rl.tis_cap is not None and batch.sampler_logprobs is not None:
+            w = truncated_importance_weights(batch.old_logprobs, batch.sampler_logprobs, cap=self.rl.tis_cap)
+            batch = dataclasses.replace(batch, is_weights=w)
+            m = batch.mask.bool()
+            extra = {"rollout/tis_weight_mean": self.stats.masked_mean(w, batch.mask).item(),
+                     "rollout/tis_clipfrac": self.stats.masked_mean((w >= self.rl.tis_cap).float() * m,
+                                                                    batch.mask).item()}
         if self._shuffle is not None and self._shuffle[0] == step:
             _, gen, perm = self._shuffle
         else:
@@ -663,9 +740,11 @@ class OnlineRun:
         try:
             metrics = update_policy(batch, self._forward(ro, with_values=batch.returns is not None),
                                     self._optimizer_step, self.settings(), self.stats, gen,
-                                    backward=self.accelerator.backward, no_sync=self._no_sync, first_perm=perm)
+                                    backward=self.accelerator.backward, no_sync=self._no_sync, first_perm=perm,
+                                    mismatch_guard=self._mismatch_guard(step))
         finally:
             self._primed = None
+        metrics.update(extra)
         self.state["time_update"] += time.perf_counter() - t
         return metrics
 
