@@ -12,10 +12,17 @@ The only bandit-specific parts: a tabular policy (``bandit.TabularPolicy``), a t
 critic for PPO (one value per prompt), and a linearly decaying learning rate so that the
 stochastic iterates settle at the fixed point instead of rattling around it.
 
+A sampler/trainer mismatch can be injected: with ``sampler_temperature`` T_s != 1 the
+responses are drawn from softmax(theta / T_s) while the update treats them as drawn from
+pi_theta = softmax(theta) (its old log-probs are the trainer's, as when an inference engine
+samples in another precision). ``tis_cap`` C then weights each token's policy-gradient term
+by min(pi_theta / pi_sampler, C) (``losses.truncated_importance_weights``), the correction
+the language-model loops apply with ``rl.tis_cap``.
+
 Registry: ``BANDIT_ALGOS[name](problem, beta, *, seed, steps=None, kl_estimator=None,
 kl_in=None, pairs=None, **options) -> BanditResult``; options override the defaults in
 ``BANDIT_DEFAULTS`` (lr, samples, group_size, epochs, num_minibatches, clip_eps,
-scale_std, loss_agg, baseline, whiten_advantages).
+scale_std, loss_agg, baseline, whiten_advantages, sampler_temperature, tis_cap).
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ from rlhflab.algos.ppo import ppo_advantages
 from rlhflab.algos.reinforce import reinforce_advantages, reinforce_pp_advantages
 from rlhflab.algos.sft import lr_lambda
 from rlhflab.bandit import BanditProblem, BanditResult, TabularPolicy
+from rlhflab.losses import truncated_importance_weights
 
 BANDIT_DEFAULTS: dict[str, dict] = {
     "ppo": dict(steps=60, lr=0.05, samples=64, group_size=1, epochs=4, num_minibatches=4, kl_in="reward",
@@ -88,7 +96,7 @@ def train_bandit(algo: str, problem: BanditProblem, beta: float, *, seed: int = 
     """Train a tabular policy with ``algo`` on ``problem``; returns the learned policy."""
     o = dict(BANDIT_DEFAULTS[algo])
     unknown = set(options) - set(o) - {"loss_agg", "scale_std", "baseline", "whiten_advantages", "clip_eps",
-                                       "value_lr"}
+                                       "value_lr", "sampler_temperature", "tis_cap"}
     if unknown:
         raise TypeError(f"unknown option(s) {', '.join(sorted(unknown))}")
     o.update(options)
@@ -96,6 +104,12 @@ def train_bandit(algo: str, problem: BanditProblem, beta: float, *, seed: int = 
     o.setdefault("whiten_advantages", False)
     o.setdefault("scale_std", True)
     o.setdefault("baseline", "batch")
+    o.setdefault("sampler_temperature", 1.0)
+    o.setdefault("tis_cap", None)
+    if not o["sampler_temperature"] > 0:
+        raise TypeError(f"sampler_temperature must be > 0, got {o['sampler_temperature']}")
+    if o["tis_cap"] is not None and not o["tis_cap"] > 0:
+        raise TypeError(f"tis_cap must be > 0, got {o['tis_cap']}")
     if steps is not None:
         o["steps"] = steps
     if kl_estimator is not None:
@@ -139,26 +153,39 @@ def _train(algo: str, problem: BanditProblem, beta: float, seed: int, o: dict) -
 
     x = torch.arange(P).repeat_interleave(o["samples"])  # (B,) contiguous groups per prompt
     mask = torch.ones(len(x), 1)
+    T_s = float(o["sampler_temperature"])
+    last: dict[str, float] = {}
     for _ in range(o["steps"]):
-        y = policy.sample(x, gen)                                                # (B,)
         with torch.no_grad():
-            old = policy.log_probs(x).gather(1, y[:, None])                      # (B, 1)
+            sampler = torch.log_softmax(policy.logits[x] / T_s, -1)               # (B, K) the sampler's law
+            y = (policy.sample(x, gen) if T_s == 1.0                             # (B,)
+                 else torch.multinomial(sampler.exp(), 1, generator=gen).squeeze(-1))
+            sampler_lp = sampler.gather(1, y[:, None])                           # (B, 1)
+            old = policy.log_probs(x).gather(1, y[:, None])                      # (B, 1) the trainer's
             values = critic[x][:, None].clone()                                  # (B, 1)
         ref = ref_logp[x, y][:, None]                                            # (B, 1)
         advantages, returns = ADVANTAGES[algo](rewards[x, y], old, ref, values, mask, beta, o, stats)
+        weights = None if o["tis_cap"] is None else truncated_importance_weights(old, sampler_lp, cap=o["tis_cap"])
         batch = UpdateBatch(old_logprobs=old, advantages=advantages.detach(), mask=mask,
                             ref_logprobs=ref if o["kl_in"] == "loss" else None,
-                            returns=returns, old_values=values if returns is not None else None)
+                            returns=returns, old_values=values if returns is not None else None,
+                            sampler_logprobs=sampler_lp, is_weights=weights)
 
         def forward(idx, y=y, with_values=returns is not None):
             lp = policy.log_probs(x[idx]).gather(1, y[idx][:, None])
             return lp, None, (critic[x[idx]][:, None] if with_values else None)
 
-        update_policy(batch, forward, step_fn, hp, stats, gen)
+        last = update_policy(batch, forward, step_fn, hp, stats, gen)
         scheduler.step()
+    mismatch = {}
+    if T_s != 1.0 or o["tis_cap"] is not None:
+        mismatch = {"sampler_temperature": T_s, "tis_cap": o["tis_cap"],
+                    "logprob_diff_mean": last["rollout/logprob_diff_mean"],
+                    "logprob_diff_max": last["rollout/logprob_diff_max"]}
     return BanditResult(policy=policy.probs(), steps=o["steps"],
                         extra={k: o[k] for k in ("kl_in", "kl_estimator", "group_size", "samples", "lr")}
-                        | ({"scale_std": o["scale_std"], "loss_agg": o["loss_agg"]} if algo == "grpo" else {}))
+                        | ({"scale_std": o["scale_std"], "loss_agg": o["loss_agg"]} if algo == "grpo" else {})
+                        | mismatch)
 
 
 BANDIT_ALGOS = {name: functools.partial(train_bandit, name) for name in BANDIT_DEFAULTS}
