@@ -18,6 +18,7 @@ FAST = ["--set", "rl.steps=2", "--set", "rl.batch_size=16", "--set", "generation
         "--set", "rl.eval_every=2", "--set", "rl.n_eval=8"]
 TRL_NAMES = {"objective/kl", "objective/scores", "objective/rlhf_reward", "objective/entropy", "policy/clipfrac",
              "policy/approxkl", "rollout/length_mean", "rollout/eos_rate", "kl/beta", "kl/status", "loss/policy"}
+MISMATCH = {"rollout/logprob_diff_mean", "rollout/logprob_diff_max", "rollout/first_ratio_mean"}
 
 
 @pytest.fixture(scope="module")
@@ -47,6 +48,10 @@ def test_each_command_runs_and_writes_its_outputs(command, extra, sft, tmp_path)
     rows = _rows(out / "metrics.jsonl")
     assert [r["step"] for r in rows] == [0, 1, 2]
     assert TRL_NAMES <= set(rows[-1])
+    for r in rows[1:]:  # the sampler's log-probs are the trainer's to float precision (measured <= 1e-6)
+        assert MISMATCH <= set(r)
+        assert r["rollout/logprob_diff_max"] < 1e-4 and r["rollout/first_ratio_mean"] == pytest.approx(1, abs=1e-4)
+    assert rows[1]["objective/kl"] == pytest.approx(0, abs=1e-4)  # step 1: the policy is the reference
     assert {"gold/mean", "eval/proxy_mean"} <= set(rows[0]) and "gold/mean" in rows[-1]
     summary = json.loads((out / "metrics.json").read_text())
     assert summary["steps"] == 2 and summary["gold/initial"] == rows[0]["gold/mean"]
@@ -155,3 +160,47 @@ def test_resume_needs_a_checkpoint_and_out_must_be_empty(sft, tmp_path, capsys):
     assert "--overwrite" in capsys.readouterr().err
     assert main(["grpo", "--resume", str(out)]) == 2
     assert "rloo run" in capsys.readouterr().err
+
+
+def _perturbed_sampler(monkeypatch, shift: float):
+    """The engine's recorded log-probs moved by ``shift`` nats: a sampler that disagrees with
+    the trainer, as a broken KV cache or a sampler in another precision would."""
+    import dataclasses
+
+    import rlhflab.rollout as rollout
+
+    original = rollout.generate
+
+    def generate(*args, **kwargs):
+        g = original(*args, **kwargs)
+        return dataclasses.replace(g, logprobs=g.logprobs + shift * g.response_mask)
+
+    monkeypatch.setattr(rollout, "generate", generate)
+
+
+def test_a_sampler_that_disagrees_with_the_trainer_stops_the_run(sft, tmp_path, monkeypatch, capsys):
+    """0.01 nats on every token (10 x rl.mismatch_tolerance): the run stops at step 1 with one
+    line naming the readings and the setting, exit code 1, no model written."""
+    _perturbed_sampler(monkeypatch, 0.01)
+    out = tmp_path / "run"
+    assert main(["grpo", "--config", TINY, "--sft", sft, "--reward-fn", "length", "--out", str(out), *FAST]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len([line for line in err if "error:" in line]) == 1
+    line = next(line for line in err if "error:" in line)
+    assert "step 1" in line and "rl.mismatch_tolerance" in line and "0.01" in line
+    assert not (out / "model").exists()
+
+
+def test_tis_trains_through_a_sampler_mismatch_and_logs_its_weights(sft, tmp_path, monkeypatch):
+    """With rl.tis_cap the trainer scores the samples itself: the guard stands down, the old
+    log-probs are the trainer's (first-update ratio 1) and the weights exp(-0.05) ~ 0.951 are
+    logged."""
+    _perturbed_sampler(monkeypatch, 0.05)
+    out = tmp_path / "run"
+    assert main(["grpo", "--config", TINY, "--sft", sft, "--reward-fn", "length", "--out", str(out), *FAST,
+                 "--set", "rl.tis_cap=2"]) == 0
+    for r in _rows(out / "metrics.jsonl")[1:]:
+        assert r["rollout/logprob_diff_mean"] == pytest.approx(0.05, abs=1e-4)
+        assert r["rollout/first_ratio_mean"] == pytest.approx(1, abs=1e-4)
+        assert r["rollout/tis_weight_mean"] == pytest.approx(float(torch.exp(torch.tensor(-0.05))), abs=1e-4)
+        assert r["rollout/tis_clipfrac"] == 0

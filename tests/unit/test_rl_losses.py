@@ -208,3 +208,56 @@ def test_resolve_fills_algorithm_defaults_and_names_bad_fields():
         resolve_rl_config(RLConfig(batch_size=10), "grpo")
     with pytest.raises(InputError, match="rl.samples_per_prompt"):
         resolve_rl_config(RLConfig(samples_per_prompt=1), "rloo")
+
+
+def test_truncated_importance_weights_by_hand():
+    """pi_train / pi_sampler = 0.5/0.25 = 2, 0.2/0.4 = 0.5, 0.9/0.3 = 3 (capped at C = 2.5),
+    and a log-ratio of 50 nats clamped to 20 before exp, then capped."""
+    from rlhflab.losses import truncated_importance_weights
+
+    train = torch.log(torch.tensor([[0.5, 0.2, 0.9]]))
+    sampler = torch.log(torch.tensor([[0.25, 0.4, 0.3]]))
+    w = truncated_importance_weights(train, sampler, cap=2.5)
+    torch.testing.assert_close(w, torch.tensor([[2.0, 0.5, 2.5]]))
+    big = truncated_importance_weights(torch.tensor([0.0]), torch.tensor([-50.0]), cap=1e12)
+    assert big.item() == pytest.approx(float(torch.exp(torch.tensor(20.0))), rel=1e-6)
+    assert not truncated_importance_weights(train.requires_grad_(), sampler, cap=2.0).requires_grad
+    with pytest.raises(ValueError):
+        truncated_importance_weights(train, sampler, cap=0.0)
+
+
+def test_importance_weights_scale_each_tokens_surrogate_and_kl_term():
+    """With w = (2, 0.5) on two tokens, A = (1, 1), ratio 1, no clipping and k2 = 0.5 l^2
+    with l = (0.2, -0.4) from the reference: token_mean of w * (-A) = (-2 - 0.5)/2 = -1.25,
+    plus beta 0.1 x token_mean of w * k2 = 0.1 x (2 x 0.02 + 0.5 x 0.08)/2 = 0.004."""
+    lp = torch.zeros(1, 2)
+    ref = torch.tensor([[-0.2, 0.4]])
+    mask = torch.ones(1, 2)
+    hp = UpdateSettings(loss_agg="token_mean", kl_coef=0.1, kl_estimator="k2")
+    counts = Counts(n_seqs=1, n_tokens=2, max_len=2)
+    loss, _ = policy_gradient_loss(lp, lp, torch.ones(1, 2), mask, counts, hp, ref_logprobs=ref,
+                                   is_weights=torch.tensor([[2.0, 0.5]]))
+    assert loss.item() == pytest.approx(-1.25 + 0.004, abs=1e-6)
+
+
+def test_update_reports_the_first_minibatch_mismatch_and_calls_the_guard():
+    """The first minibatch's forward runs before any optimizer step: its log-probs against
+    the sampler's give rollout/logprob_diff_mean and _max; the guard sees them first."""
+    B = 4
+    sampler = torch.tensor([[-1.0], [-1.0], [-2.0], [-2.0]])
+    batch = UpdateBatch(old_logprobs=sampler.clone(), advantages=torch.zeros(B, 1), mask=torch.ones(B, 1),
+                        sampler_logprobs=sampler)
+    offset = torch.tensor([[0.1], [0.0], [-0.3], [0.0]])
+    theta = torch.nn.Parameter(torch.zeros(()))
+
+    def forward(idx):
+        return sampler[idx] + offset[idx] + 0 * theta, None, None
+
+    seen = []
+    out = update_policy(batch, forward, lambda: 0.0, UpdateSettings(num_minibatches=1), BatchStats(),
+                        torch.Generator().manual_seed(0), mismatch_guard=seen.append)
+    assert out["rollout/logprob_diff_mean"] == pytest.approx(0.1, abs=1e-6)  # (0.1 + 0.3) / 4
+    assert out["rollout/logprob_diff_max"] == pytest.approx(0.3, abs=1e-6)
+    want_ratio = (torch.exp(offset).sum() / B).item()
+    assert out["rollout/first_ratio_mean"] == pytest.approx(want_ratio, abs=1e-6)
+    assert len(seen) == 1 and seen[0]["rollout/logprob_diff_max"] == pytest.approx(0.3, abs=1e-6)
