@@ -100,10 +100,17 @@ def forward_options(model) -> dict[str, bool]:
     return {"use_cache": "use_cache" in params, "logits_to_keep": "logits_to_keep" in params}
 
 
+class FusedGELUTanh(torch.nn.Module):
+    """GELU with the tanh approximation in torch's one fused kernel."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.gelu(x, approximate="tanh")
+
+
 def fuse_activations(model: torch.nn.Module) -> int:
     """Replace, in place, every ``NewGELUActivation`` (GPT-2's ``gelu_new``, written as eight
     elementwise tensor ops whose intermediates are all kept for the backward) by
-    transformers' ``GELUTanh`` (torch's fused ``gelu(x, approximate="tanh")``): the same
+    ``FusedGELUTanh`` (torch's fused ``gelu(x, approximate="tanh")``): the same
     function, 0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3))), in one kernel forward and
     one backward, equal up to float rounding (transformers documents the two as equivalent).
     Activations hold no weights: the state dict and the saved config are unchanged, and a
@@ -111,12 +118,12 @@ def fuse_activations(model: torch.nn.Module) -> int:
     family) and ``dpo.attach_reference_logps`` call it on the models they are given.
     Returns how many modules were replaced.
     """
-    from transformers.activations import GELUTanh, NewGELUActivation
+    from transformers.activations import NewGELUActivation
 
     targets = [(parent, name) for parent in model.modules() for name, child in parent.named_children()
                if type(child) is NewGELUActivation]
     for parent, name in targets:
-        setattr(parent, name, GELUTanh())
+        setattr(parent, name, FusedGELUTanh())
     return len(targets)
 
 
