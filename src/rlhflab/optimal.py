@@ -1,4 +1,4 @@
-"""Closed-form optimum of the KL-regularized objective (SPEC section 2).
+"""Closed-form optimum of the KL-regularized objective (Rafailov et al. 2023, eq. 4).
 
 For one prompt with responses y, reference policy pi_ref and reward R, the policy that
 maximizes  E_pi[R] - beta * KL(pi || pi_ref)  is
@@ -14,7 +14,8 @@ the policy: exp(R/beta) does overflow for tiny beta (beta=1e-4, R=100 is exp(1e6
 
 Limits: beta -> inf returns pi_ref; beta -> 0 puts all mass on argmax_y R over the support
 of pi_ref. Tied maxima share that mass *in proportion to pi_ref* (the exact limit of the
-formula; the SPEC's "ties share it"), so equal shares only when pi_ref is equal on them.
+formula; "ties share it" in the loose statement of the limit), so equal shares only when pi_ref
+is equal on them.
 
 This is the yardstick: an algorithm that claims to optimize the KL-regularized objective
 must reach pi* (compare with ``kl_divergence`` / ``tv_distance``) on an enumerable problem.

@@ -1,4 +1,4 @@
-"""Closed-form pi* (SPEC section 2) against numbers derived by hand, and the CLI."""
+"""Closed-form pi* against numbers derived by hand, and the CLI."""
 
 from __future__ import annotations
 
@@ -59,7 +59,7 @@ def test_worked_example():
     ],
 )
 def test_other_betas(beta, pi1):
-    """The SPEC's companions of the worked example: beta = 1, 0.1, inf."""
+    """The companions of the worked example: beta = 1, 0.1, inf."""
     res = optimal_policy([0.6, 0.4], [1.0, 0.0], beta)
     assert res.policy[0] == pytest.approx(pi1, abs=1e-6)
     assert res.policy.sum() == pytest.approx(1.0)

@@ -9,7 +9,7 @@ On the bandit: ``rlhflab sweep --bandit --algo ppo,dpo --beta ... --out DIR`` tr
 tabular policy per beta and draws the measured (KL(pi || pi_ref), E[R]) points beside the
 exact frontier of ``rlhflab.optimal`` (``bandit_frontier.json``, ``frontier.html``).
 Beta is the only knob that moves along the frontier: rewards are defined up to a per-prompt
-constant, so beta is calibrated by the KL it achieves (SPEC section 1).
+constant, so beta is calibrated by the KL it achieves, never by feel.
 """
 
 from __future__ import annotations

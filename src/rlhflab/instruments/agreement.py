@@ -1,4 +1,4 @@
-"""Rater agreement of a preference file with votes (SPEC section 3, "labeler agreement").
+"""Rater agreement of a preference file with votes ("labeler agreement", as Stiennon et al. 2020 and Ouyang et al. 2022 report it).
 
 For a pair with n votes of which k favour ``chosen``:
 
