@@ -1,7 +1,6 @@
 """The rollout's fast paths compute what the plain ones did: packed, length-grouped forward
-passes give the log-probs, entropies, values and gradients of one left-padded pass, and the
-first update's forward pass done early gives the same training. (The decoding engine's own
-checks are in test_generation.py.)"""
+passes give the log-probs, entropies, values and gradients of one left-padded pass. (The
+decoding engine's own checks are in test_generation.py.)"""
 
 from __future__ import annotations
 
@@ -109,54 +108,3 @@ def test_packed_values_equal_padded_values(policy_and_tok, batch, packing):
     torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=1e-5)
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
-
-
-# ---------------------------------------------------------------------------------------
-# The first update's forward pass, run early
-
-
-def _one_step(policy_dir, algo: str, defer: bool, monkeypatch, overrides=()):
-    from rlhflab.algos.grpo import train_grpo
-    from rlhflab.algos.online import OnlineRun, resolve_rl_config
-    from rlhflab.algos.reinforce import train_reinforce
-    from rlhflab.config import load_config
-    from rlhflab.distributed import make_accelerator
-    from rlhflab.rewards import build_reward
-    from rlhflab.world import World
-    from tests.conftest import ROOT
-
-    cfg = load_config(ROOT / "configs" / "tiny.yaml", ["rl.steps=2", "rl.batch_size=16", "rl.lr=1e-2",
-                                                       "rl.eval_every=0", "generation.max_new_tokens=8",
-                                                       *overrides])
-    cfg.rl = resolve_rl_config(cfg.rl, algo)
-    tok = load_tokenizer(policy_dir)
-    policy, reference = load_causal_lm(policy_dir, tok), load_causal_lm(policy_dir, tok)
-    if not defer:
-        monkeypatch.setattr(OnlineRun, "_first_update_rows", lambda self, perm: None)
-    run = OnlineRun(cfg, algo, make_accelerator(), policy, reference, tok, build_reward(None, ["length"]),
-                    [p.text for p in World(cfg.world).prompts(32, "rl")])
-    (train_grpo if algo == "grpo" else train_reinforce)(run)
-    monkeypatch.undo()
-    return policy.state_dict(), run.log.rows
-
-
-@pytest.mark.parametrize("algo,overrides", [("grpo", ()), ("rloo", ()), ("reinforce++", ()),
-                                            ("grpo", ("rl.entropy_coef=0.01", "rl.micro_batch_size=4"))])
-def test_first_update_forward_gives_the_same_training(tmp_path_factory, monkeypatch, algo, overrides):
-    """Two steps with the first update's first forward pass run right after the rollout (its
-    entropy then completes the rollout's metrics), or inside the update: the same metrics
-    and the same weights (float tolerance)."""
-    policy_dir = tiny_policy_dir(tmp_path_factory.getbasetemp())
-    fast, fast_rows = _one_step(policy_dir, algo, True, monkeypatch, overrides)
-    slow, slow_rows = _one_step(policy_dir, algo, False, monkeypatch, overrides)
-    # Adam divides by sqrt(v): on coordinates whose gradient is ~0 float rounding of the
-    # log-probs moves the step by up to ~1e-3 of lr (1e-2 here)
-    for name in slow:
-        torch.testing.assert_close(fast[name], slow[name], atol=1e-4, rtol=1e-4)
-    assert len(fast_rows) == len(slow_rows) == 2
-    for a, b in zip(fast_rows, slow_rows):
-        assert a.keys() == b.keys()
-        for k in a:
-            if k.startswith("time/"):
-                continue
-            assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-5), k
