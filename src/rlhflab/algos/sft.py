@@ -118,8 +118,10 @@ def fuse_activations(model: torch.nn.Module) -> int:
     family) and ``dpo.attach_reference_logps`` call it on the models they are given.
     Returns how many modules were replaced.
     """
-    from transformers.activations import NewGELUActivation
-
+    try:
+        from transformers.activations import NewGELUActivation
+    except ImportError:  # a release without it has no gelu_new modules to replace
+        return 0
     targets = [(parent, name) for parent in model.modules() for name, child in parent.named_children()
                if type(child) is NewGELUActivation]
     for parent, name in targets:
