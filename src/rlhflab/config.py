@@ -11,6 +11,9 @@ every output directory.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -22,28 +25,165 @@ import yaml
 from rlhflab.errors import InputError
 from rlhflab.world.demonstrator import DemonstratorConfig
 from rlhflab.world.labeler import RaterConfig
+from rlhflab.world.tasks import FAMILIES
 
 
-def _f(default: Any, help: str) -> Any:  # noqa: A002 - "help" reads best here
+@dataclass(frozen=True)
+class Domain:
+    """The values a config field accepts beyond its type, declared next to its help text as a
+    short spec (``_f(1e-3, "peak learning rate", "> 0")``):
+
+    - ``finite``: any finite number; ``> 0``, ``>= 0``, ``< 1``, ...: a finite number so bounded;
+      ``[0, 1]``, ``(0, 1]``, ``[0, 0.5]``: a finite number in the interval;
+    - ``int``, ``int >= 1``, ``int in [0, 2147483647]``: an integer (never a bool), so bounded;
+    - ``one of a, b, c``: one of these strings;
+    - ``each <spec>``: every item of a list (or value of a mapping) is in ``<spec>``.
+
+    ``None`` is allowed exactly where the field's type allows it (its default is empty); the
+    domain applies to every other value. Checked by :func:`check_value` when the config is
+    loaded, so bad values fail before any command writes anything.
+    """
+
+    spec: str
+    integer: bool = False
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+    choices: tuple[str, ...] = ()
+    item: Domain | None = None
+
+    @classmethod
+    def parse(cls, spec: str) -> Domain:
+        text = spec.strip()
+        if text.startswith("each "):
+            return cls(spec, item=cls.parse(text[5:]))
+        if text.startswith("one of "):
+            return cls(spec, choices=tuple(c.strip() for c in text[7:].split(",")))
+        integer = text == "int" or text.startswith("int ")
+        rest = text[3:].strip() if integer else text
+        rest = rest[3:].strip() if rest.startswith("in ") else rest
+        if rest in ("", "finite") and (integer or rest):
+            return cls(spec, integer=integer)
+        m = re.fullmatch(r"(>=|>|<=|<)\s*(\S+)", rest)
+        if m:
+            op, x = m.group(1), float(m.group(2))
+            if op.startswith(">"):
+                return cls(spec, integer=integer, lo=x, lo_open=op == ">")
+            return cls(spec, integer=integer, hi=x, hi_open=op == "<")
+        m = re.fullmatch(r"([\[(])\s*([^,]+?)\s*,\s*([^\])]+?)\s*([\])])", rest)
+        if m:
+            return cls(spec, integer=integer, lo=float(m.group(2)), hi=float(m.group(3)),
+                       lo_open=m.group(1) == "(", hi_open=m.group(4) == ")")
+        raise ValueError(f"not a domain spec: {spec!r}")
+
+    def describe(self) -> str:
+        """The domain in words: 'a finite number > 0', 'an integer >= 1', 'one of a, b'."""
+        if self.item is not None:
+            return f"a list of items each {self.item.describe()}"
+        if self.choices:
+            return "one of " + ", ".join(self.choices)
+        noun = "an integer" if self.integer else "a finite number"
+        lo, hi = _num(self.lo), _num(self.hi)
+        if self.lo is not None and self.hi is not None:
+            return f"{noun} in {'(' if self.lo_open else '['}{lo}, {hi}{')' if self.hi_open else ']'}"
+        if self.lo is not None:
+            return f"{noun} {'>' if self.lo_open else '>='} {lo}"
+        if self.hi is not None:
+            return f"{noun} {'<' if self.hi_open else '<='} {hi}"
+        return noun
+
+    def contains(self, value: Any) -> bool:
+        if self.item is not None:
+            items = value.values() if isinstance(value, dict) else value
+            return isinstance(value, (list, tuple, dict)) and all(self.item.contains(v) for v in items)
+        if self.choices:
+            return isinstance(value, str) and value in self.choices
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return False
+        if self.integer and not isinstance(value, int):
+            return False
+        if not math.isfinite(value):
+            return False
+        if self.lo is not None and (value < self.lo or (self.lo_open and value == self.lo)):
+            return False
+        return not (self.hi is not None and (value > self.hi or (self.hi_open and value == self.hi)))
+
+    def problem(self, value: Any) -> str | None:
+        """None if ``value`` is in the domain, else why not (for an error message)."""
+        if self.contains(value):
+            return None
+        if self.item is not None and isinstance(value, (list, tuple, dict)):
+            pairs = value.items() if isinstance(value, dict) else enumerate(value)
+            key, bad = next((k, v) for k, v in pairs if not self.item.contains(v))
+            at = f"key {key!r}" if isinstance(value, dict) else f"index {key}"
+            return f"every item must be {self.item.describe()}, got {bad!r} at {at}"
+        return f"must be {self.describe()}, got {value!r}"
+
+
+def _num(x: float | None) -> str:
+    return "" if x is None else str(int(x)) if float(x).is_integer() else repr(x)
+
+
+@functools.cache
+def _parse_domain(spec: str) -> Domain:
+    return Domain.parse(spec)
+
+
+def field_domain(f: dataclasses.Field) -> Domain | None:
+    """The :class:`Domain` declared in a dataclass field's metadata, or None."""
+    spec = f.metadata.get("domain")
+    return _parse_domain(spec) if spec else None
+
+
+def check_value(f: dataclasses.Field, value: Any) -> str | None:
+    """None if ``value`` (already of the field's type) is allowed in field ``f``, else why not."""
+    dom = field_domain(f)
+    if value is None or dom is None:
+        return None
+    return dom.problem(value)
+
+
+def check_section(obj: Any, prefix: str) -> None:
+    """Check every field of a config dataclass instance (and nested ones) against its domain;
+    raises InputError naming the first bad field (for configs built in code, not from a file)."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            check_section(value, f"{prefix}.{f.name}")
+            continue
+        problem = check_value(f, value)
+        if problem:
+            raise InputError(problem, field=f"{prefix}.{f.name}")
+
+
+_SEED = "int in [0, 2147483647]"
+_SCHEDULES = "one of cosine, linear, constant"
+_PRECISIONS = "one of no, bf16, fp16"  # what numpy (through accelerate's set_seed) accepts, with headroom
+
+
+def _f(default: Any, help: str, domain: str | None = None) -> Any:  # noqa: A002 - "help" reads best here
+    """A config field: its default, its help text and its domain (see :class:`Domain`)."""
+    meta = {"help": help, "domain": domain}
     if isinstance(default, (dict, list)):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
-    return field(default=default, metadata={"help": help})
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
 
 
 @dataclass
 class WorldConfig:
     """The simulated-human world: sizes, prompt mix, raters and demonstrator."""
 
-    seed: int = _f(0, "seed of every draw in the world")
-    max_operand: int = _f(9, "arithmetic operands are drawn from 0..max_operand")
-    n_sft: int = _f(2000, "SFT demonstrations")
-    n_sft_eval: int = _f(200, "held-out demonstrations for SFT loss")
-    n_preferences: int = _f(1000, "off-policy preference pairs from the demonstrator")
-    n_prompts: int = _f(512, "prompts for online RL")
-    n_eval: int = _f(40, "held-out evaluation prompts per family")
+    seed: int = _f(0, "seed of every draw in the world", _SEED)
+    max_operand: int = _f(9, "arithmetic operands are drawn from 0..max_operand", "int >= 1")
+    n_sft: int = _f(2000, "SFT demonstrations", "int >= 1")
+    n_sft_eval: int = _f(200, "held-out demonstrations for SFT loss", "int >= 1")
+    n_preferences: int = _f(1000, "off-policy preference pairs from the demonstrator", "int >= 1")
+    n_prompts: int = _f(512, "prompts for online RL", "int >= 1")
+    n_eval: int = _f(40, "held-out evaluation prompts per family", "int >= 1")
     family_weights: dict = _f(
         {"arithmetic": 0.3, "sycophancy": 0.2, "harmful": 0.15, "benign": 0.2, "open": 0.15},
-        "mix of prompt families",
+        "mix of prompt families (weights >= 0, some positive)", "each >= 0",
     )
     rater: RaterConfig = field(default_factory=RaterConfig, metadata={"help": "simulated raters"})
     demonstrator: DemonstratorConfig = field(
@@ -56,12 +196,12 @@ class ModelConfig:
     """The policy model: a local HF checkpoint, or a tiny one created from a config."""
 
     path: str | None = _f(None, "local HF causal-LM directory; empty = create a tiny model")
-    arch: str = _f("gpt2", "architecture of a created model: gpt2 or llama")
-    d_model: int = _f(64, "hidden size of a created model")
-    n_layers: int = _f(2, "layers of a created model")
-    n_heads: int = _f(4, "attention heads of a created model")
-    max_positions: int = _f(128, "position embeddings of a created model")
-    dropout: float = _f(0.0, "dropout of a created model (off by default, as usual in RLHF)")
+    arch: str = _f("gpt2", "architecture of a created model: gpt2 or llama", "one of gpt2, llama")
+    d_model: int = _f(64, "hidden size of a created model", "int >= 1")
+    n_layers: int = _f(2, "layers of a created model", "int >= 1")
+    n_heads: int = _f(4, "attention heads of a created model", "int >= 1")
+    max_positions: int = _f(128, "position embeddings of a created model", "int >= 2")
+    dropout: float = _f(0.0, "dropout of a created model (off by default, as usual in RLHF)", "[0, 1)")
     trust_remote_code: bool = _f(False, "allow custom model code from a local checkpoint")
 
 
@@ -69,92 +209,77 @@ class ModelConfig:
 class GenerationConfig:
     """Sampling for samples, rollouts and evaluation."""
 
-    temperature: float = _f(1.0, "sampling temperature")
-    top_k: int = _f(0, "top-k filter; 0 = off")
-    top_p: float = _f(1.0, "nucleus filter; 1 = off")
-    max_new_tokens: int = _f(24, "longest response; one without EOS by then is truncated")
-    batch_size: int = _f(64, "prompts per generate call")
+    temperature: float = _f(1.0, "sampling temperature", "> 0")
+    top_k: int = _f(0, "top-k filter; 0 = off", "int >= 0")
+    top_p: float = _f(1.0, "nucleus filter; 1 = off", "(0, 1]")
+    max_new_tokens: int = _f(24, "longest response; one without EOS by then is truncated", "int >= 1")
+    batch_size: int = _f(64, "prompts per generate call", "int >= 1")
 
 
 @dataclass
 class SFTConfig:
     """Supervised fine-tuning: NLL on response tokens only."""
 
-    seed: int = _f(0, "seed of initialisation and data order")
-    lr: float = _f(1e-3, "peak learning rate (AdamW)")
-    weight_decay: float = _f(0.0, "AdamW weight decay")
-    batch_size: int = _f(32, "global batch: examples per optimizer step over all processes")
-    micro_batch_size: int | None = _f(None, "examples per forward pass per process; empty = all")
+    seed: int = _f(0, "seed of initialisation and data order", _SEED)
+    lr: float = _f(1e-3, "peak learning rate (AdamW)", "> 0")
+    weight_decay: float = _f(0.0, "AdamW weight decay", ">= 0")
+    batch_size: int = _f(32, "global batch: examples per optimizer step over all processes", "int >= 1")
+    micro_batch_size: int | None = _f(None, "examples per forward pass per process; empty = all", "int >= 1")
     packing: bool = _f(True, "lay several sequences end to end in each row of a forward pass "
                        "(block-diagonal attention, no padding) when the model is checked to support "
                        "it; false = padded passes of similar length")
-    epochs: float = _f(3.0, "passes over the data (fractions allowed)")
-    max_steps: int | None = _f(None, "stop after this many steps (overrides epochs)")
-    warmup_ratio: float = _f(0.05, "fraction of steps of linear warm-up")
-    lr_schedule: str = _f("cosine", "decay after warm-up: cosine, linear or constant")
-    max_grad_norm: float = _f(1.0, "gradient clipping norm; 0 = off")
-    max_length: int = _f(64, "longest prompt + response in tokens; longer rows are truncated")
-    eval_every: int = _f(50, "steps between held-out loss evaluations")
-    log_every: int = _f(10, "steps between metric lines")
-    mixed_precision: str = _f("no", "no, bf16 or fp16 (through accelerate)")
-    n_samples: int = _f(64, "held-out prompts sampled after training to measure the policy")
-    n_show: int = _f(6, "sample generations printed after training")
+    epochs: float = _f(3.0, "passes over the data (fractions allowed)", "> 0")
+    max_steps: int | None = _f(None, "stop after this many steps (overrides epochs)", "int >= 1")
+    warmup_ratio: float = _f(0.05, "fraction of steps of linear warm-up", "[0, 1]")
+    lr_schedule: str = _f("cosine", "decay after warm-up: cosine, linear or constant", _SCHEDULES)
+    max_grad_norm: float = _f(1.0, "gradient clipping norm; 0 = off", ">= 0")
+    max_length: int = _f(64, "longest prompt + response in tokens; longer rows are truncated", "int >= 2")
+    eval_every: int = _f(50, "steps between held-out loss evaluations", "int >= 1")
+    log_every: int = _f(10, "steps between metric lines", "int >= 1")
+    mixed_precision: str = _f("no", "no, bf16 or fp16 (through accelerate)", _PRECISIONS)
+    n_samples: int = _f(64, "held-out prompts sampled after training to measure the policy", "int >= 1")
+    n_show: int = _f(6, "sample generations printed after training", "int >= 0")
 
 
 @dataclass
 class RMConfig:
     """Reward modeling (Bradley-Terry and variants)."""
 
-    seed: int = _f(0, "seed of the head initialisation and data order (member i uses seed + i)")
-    lr: float = _f(5e-4, "peak learning rate (AdamW)")
+    seed: int = _f(0, "seed of the head initialisation and data order (member i uses seed + i)", _SEED)
+    lr: float = _f(5e-4, "peak learning rate (AdamW)", "> 0")
     batch_size: int = _f(32, "comparison groups per optimizer step over all processes (a group is "
                          "one prompt with all its pairs, as InstructGPT batches them; rows of a "
-                         "user's file without a `group` field are groups of one pair)")
-    epochs: float = _f(2.0, "passes over the comparisons")
-    max_length: int = _f(64, "longest prompt + response in tokens")
-    micro_batch_size: int | None = _f(None, "groups per forward pass per process; empty = all")
+                         "user's file without a `group` field are groups of one pair)", "int >= 1")
+    epochs: float = _f(2.0, "passes over the comparisons", "> 0")
+    max_length: int = _f(64, "longest prompt + response in tokens", "int >= 2")
+    micro_batch_size: int | None = _f(None, "groups per forward pass per process; empty = all", "int >= 1")
     packing: bool = _f(True, "lay several sequences end to end in each row of a forward pass "
                        "(block-diagonal attention, no padding) when the model is checked to support "
                        "it; false = padded passes of similar length")
-    max_steps: int | None = _f(None, "stop after this many steps (overrides epochs)")
-    weight_decay: float = _f(0.0, "AdamW weight decay")
-    warmup_ratio: float = _f(0.05, "fraction of steps of linear warm-up")
-    lr_schedule: str = _f("cosine", "decay after warm-up: cosine, linear or constant")
-    max_grad_norm: float = _f(1.0, "gradient clipping norm; 0 = off")
-    mixed_precision: str = _f("no", "no, bf16 or fp16 (through accelerate)")
-    eval_every: int = _f(20, "steps between held-out accuracy evaluations")
-    log_every: int = _f(5, "steps between metric lines")
+    max_steps: int | None = _f(None, "stop after this many steps (overrides epochs)", "int >= 1")
+    weight_decay: float = _f(0.0, "AdamW weight decay", ">= 0")
+    warmup_ratio: float = _f(0.05, "fraction of steps of linear warm-up", "[0, 1]")
+    lr_schedule: str = _f("cosine", "decay after warm-up: cosine, linear or constant", _SCHEDULES)
+    max_grad_norm: float = _f(1.0, "gradient clipping norm; 0 = off", ">= 0")
+    mixed_precision: str = _f("no", "no, bf16 or fp16 (through accelerate)", _PRECISIONS)
+    eval_every: int = _f(20, "steps between held-out accuracy evaluations", "int >= 1")
+    log_every: int = _f(5, "steps between metric lines", "int >= 1")
     loss: str = _f("bradley_terry", "bradley_terry (pairs) or plackett_luce (the raters' K-way "
-                   "rankings; needs data from `rlhflab collect`)")
-    label_smoothing: float = _f(0.0, "BT label smoothing eps in [0, 0.5]")
-    center_coef: float = _f(0.0, "reward centering regularizer: coef * mean((r_w + r_l)^2)")
-    margin_scale: float = _f(1.0, "BT margin m = margin_scale * the row's `margin` field (0 = ignore)")
-    weights: str = _f("none", "per-pair weights: none, or agreement (fraction of votes with the majority)")
-    min_agreement: float = _f(0.0, "drop pairs whose votes agree with the majority less than this")
-    ensemble: int = _f(1, "members trained with different seeds and data orders")
+                   "rankings; needs data from `rlhflab collect`)", "one of bradley_terry, plackett_luce")
+    label_smoothing: float = _f(0.0, "BT label smoothing eps in [0, 0.5]", "[0, 0.5]")
+    center_coef: float = _f(0.0, "reward centering regularizer: coef * mean((r_w + r_l)^2)", ">= 0")
+    margin_scale: float = _f(1.0, "BT margin m = margin_scale * the row's `margin` field (0 = ignore)", ">= 0")
+    weights: str = _f("none", "per-pair weights: none, or agreement (fraction of votes with the majority)",
+                      "one of none, agreement")
+    min_agreement: float = _f(0.0, "drop pairs whose votes agree with the majority less than this", "[0, 1]")
+    ensemble: int = _f(1, "members trained with different seeds and data orders", "int >= 1")
     train_backbone: bool = _f(True, "false = only the head trains (a linear probe on frozen features)")
     backbone: str | None = _f(None, "local HF checkpoint for the RM; empty = the SFT policy")
-    k: int = _f(4, "responses sampled per prompt when collecting comparisons")
-    n_prompts: int = _f(256, "prompts to collect comparisons on (each gives up to C(k, 2) pairs)")
-    n_eval_prompts: int = _f(64, "held-out prompts collected for evaluation")
-    n_reference: int = _f(256, "SFT samples whose rewards set the normalization (mean 0, std 1)")
-    eval_fraction: float = _f(0.1, "share of a user's file held out when no --eval-data is given")
-
-    def __post_init__(self) -> None:
-        checks = [
-            (self.loss in ("bradley_terry", "plackett_luce"), "loss", "expected bradley_terry or plackett_luce"),
-            (self.weights in ("none", "agreement"), "weights", "expected none or agreement"),
-            (self.lr_schedule in ("cosine", "linear", "constant"), "lr_schedule", "expected cosine, linear or constant"),
-            (self.mixed_precision in ("no", "bf16", "fp16"), "mixed_precision", "expected no, bf16 or fp16"),
-            (0.0 <= self.label_smoothing <= 0.5, "label_smoothing", "must be in [0, 0.5]"),
-            (self.batch_size > 0, "batch_size", "must be positive"),
-            (self.ensemble >= 1, "ensemble", "must be at least 1"),
-            (self.k >= 2, "k", "must be at least 2"),
-            (0.0 <= self.eval_fraction < 1.0, "eval_fraction", "must be in [0, 1)"),
-        ]
-        for ok, name, msg in checks:
-            if not ok:
-                raise InputError(msg, field=f"rm.{name}")
+    k: int = _f(4, "responses sampled per prompt when collecting comparisons", "int >= 2")
+    n_prompts: int = _f(256, "prompts to collect comparisons on (each gives up to C(k, 2) pairs)", "int >= 1")
+    n_eval_prompts: int = _f(64, "held-out prompts collected for evaluation", "int >= 1")
+    n_reference: int = _f(256, "SFT samples whose rewards set the normalization (mean 0, std 1)", "int >= 2")
+    eval_fraction: float = _f(0.1, "share of a user's file held out when no --eval-data is given", "[0, 1)")
 
 
 @dataclass
@@ -165,110 +290,93 @@ class RLConfig:
     the resolved values are what ``config.yaml`` of a run records.
     """
 
-    seed: int = _f(0, "seed of sampling and data order")
-    beta: float = _f(0.05, "KL coefficient (initial value for adaptive or scheduled control)")
-    lr: float = _f(1e-4, "policy learning rate")
-    steps: int = _f(100, "rollout-and-update iterations")
-    batch_size: int = _f(64, "responses per rollout step over all processes (prompts x samples_per_prompt)")
-    samples_per_prompt: int | None = _f(None, "responses per prompt (GRPO group size G, RLOO k); empty = algorithm default")
-    micro_batch_size: int | None = _f(None, "rows per forward pass per process; empty = a whole minibatch")
-    epochs: int | None = _f(None, "passes over each rollout batch (PPO epochs); empty = algorithm default")
-    num_minibatches: int | None = _f(None, "optimizer steps per epoch; empty = algorithm default")
-    clip_eps: float = _f(0.2, "clip range of the policy ratio, [1 - clip_eps, 1 + clip_eps_high]")
-    clip_eps_high: float | None = _f(None, "upper clip range (asymmetric clipping); empty = clip_eps")
-    target_kl: float | None = _f(None, "stop the epoch loop once policy/approxkl exceeds this; empty = off")
-    max_grad_norm: float = _f(1.0, "gradient clipping norm; 0 = off")
-    weight_decay: float = _f(0.0, "AdamW weight decay")
-    lr_schedule: str = _f("constant", "decay over the rollout steps: constant, linear or cosine")
-    warmup_ratio: float = _f(0.0, "fraction of rollout steps of linear warm-up")
-    vf_coef: float = _f(0.1, "PPO: weight of the value loss")
-    value_clip_eps: float = _f(0.2, "PPO: clip range of the value update around the rollout values")
-    value_lr: float | None = _f(None, "PPO: critic learning rate; empty = lr")
-    value_init: str = _f("zero", "PPO critic: zero (SFT backbone, zero-initialised head) or rm (the reward model)")
-    gamma: float = _f(1.0, "PPO: discount")
-    gae_lambda: float = _f(0.95, "PPO: GAE lambda")
+    seed: int = _f(0, "seed of sampling and data order", _SEED)
+    beta: float = _f(0.05, "KL coefficient (initial value for adaptive or scheduled control)", ">= 0")
+    lr: float = _f(1e-4, "policy learning rate", "> 0")
+    steps: int = _f(100, "rollout-and-update iterations", "int >= 1")
+    batch_size: int = _f(64, "responses per rollout step over all processes (prompts x samples_per_prompt)", "int >= 1")
+    samples_per_prompt: int | None = _f(None, "responses per prompt (GRPO group size G, RLOO k); empty = algorithm default", "int >= 1")
+    micro_batch_size: int | None = _f(None, "rows per forward pass per process; empty = a whole minibatch", "int >= 1")
+    epochs: int | None = _f(None, "passes over each rollout batch (PPO epochs); empty = algorithm default", "int >= 1")
+    num_minibatches: int | None = _f(None, "optimizer steps per epoch; empty = algorithm default", "int >= 1")
+    clip_eps: float = _f(0.2, "clip range of the policy ratio, [1 - clip_eps, 1 + clip_eps_high]", "> 0")
+    clip_eps_high: float | None = _f(None, "upper clip range (asymmetric clipping); empty = clip_eps", "> 0")
+    target_kl: float | None = _f(None, "stop the epoch loop once policy/approxkl exceeds this; empty = off", "> 0")
+    max_grad_norm: float = _f(1.0, "gradient clipping norm; 0 = off", ">= 0")
+    weight_decay: float = _f(0.0, "AdamW weight decay", ">= 0")
+    lr_schedule: str = _f("constant", "decay over the rollout steps: constant, linear or cosine", _SCHEDULES)
+    warmup_ratio: float = _f(0.0, "fraction of rollout steps of linear warm-up", "[0, 1]")
+    vf_coef: float = _f(0.1, "PPO: weight of the value loss", ">= 0")
+    value_clip_eps: float = _f(0.2, "PPO: clip range of the value update around the rollout values", "> 0")
+    value_lr: float | None = _f(None, "PPO: critic learning rate; empty = lr", "> 0")
+    value_init: str = _f("zero", "PPO critic: zero (SFT backbone, zero-initialised head) or rm (the reward model)", "one of zero, rm")
+    gamma: float = _f(1.0, "PPO: discount", "[0, 1]")
+    gae_lambda: float = _f(0.95, "PPO: GAE lambda", "[0, 1]")
     whiten_rewards: bool = _f(False, "PPO: rescale per-token rewards to unit variance, keeping their mean")
     whiten_advantages: bool | None = _f(None, "whiten advantages over the batch; empty = algorithm default")
-    kl_in: str | None = _f(None, "where the KL term goes: reward (per token, -beta*k) or loss (beta*k)")
-    kl_estimator: str | None = _f(None, "k1, k2 or k3 (k1 belongs in the reward, k2/k3 in the loss)")
-    kl_controller: str = _f("fixed", "beta control: fixed, linear (beta -> beta_end) or adaptive")
-    beta_end: float | None = _f(None, "linear controller: beta at the last step; empty = beta / 10")
-    kl_target: float = _f(6.0, "adaptive controller: target sequence KL in nats")
-    kl_horizon: int = _f(10000, "adaptive controller: horizon in samples")
-    kl_caution: float = _f(8.0, "sequence KL (nats) above which the run is flagged 'caution'")
-    kl_warning: float = _f(15.0, "sequence KL (nats) above which the run is flagged 'warning'")
-    entropy_coef: float = _f(0.0, "entropy bonus coefficient (a defence against mode collapse)")
-    no_eos_penalty: float = _f(0.0, "added to the score of a response that never emits EOS (e.g. -1)")
-    baseline: str | None = _f(None, "REINFORCE baseline: batch or group (mean of the prompt's samples)")
+    kl_in: str | None = _f(None, "where the KL term goes: reward (per token, -beta*k) or loss (beta*k)", "one of reward, loss")
+    kl_estimator: str | None = _f(None, "k1, k2 or k3 (k1 belongs in the reward, k2/k3 in the loss)", "one of k1, k2, k3")
+    kl_controller: str = _f("fixed", "beta control: fixed, linear (beta -> beta_end) or adaptive", "one of fixed, linear, adaptive")
+    beta_end: float | None = _f(None, "linear controller: beta at the last step; empty = beta / 10", ">= 0")
+    kl_target: float = _f(6.0, "adaptive controller: target sequence KL in nats", "> 0")
+    kl_horizon: int = _f(10000, "adaptive controller: horizon in samples", "int >= 1")
+    kl_caution: float = _f(8.0, "sequence KL (nats) above which the run is flagged 'caution'", ">= 0")
+    kl_warning: float = _f(15.0, "sequence KL (nats) above which the run is flagged 'warning'", ">= 0")
+    entropy_coef: float = _f(0.0, "entropy bonus coefficient (a defence against mode collapse)", "finite")
+    no_eos_penalty: float = _f(0.0, "added to the score of a response that never emits EOS (e.g. -1)", "finite")
+    baseline: str | None = _f(None, "REINFORCE baseline: batch or group (mean of the prompt's samples)", "one of batch, group")
     scale_std: bool | None = _f(None, "GRPO: divide advantages by the group std (false = Dr. GRPO)")
-    loss_agg: str | None = _f(None, "token_mean, seq_sum, seq_mean or constant (Dr. GRPO); empty = algorithm default")
-    rm_weight: float = _f(1.0, "weight of the reward model in a weighted sum with reward functions")
-    save_every: int = _f(0, "checkpoint every N steps (atomic, for --resume); 0 = off")
-    eval_every: int = _f(10, "steps between gold evaluations on held-out world prompts; 0 = off")
-    n_eval: int = _f(64, "held-out world prompts per gold evaluation")
+    loss_agg: str | None = _f(None, "token_mean, seq_sum, seq_mean or constant (Dr. GRPO); empty = algorithm default", "one of token_mean, seq_sum, seq_mean, constant")
+    rm_weight: float = _f(1.0, "weight of the reward model in a weighted sum with reward functions", "finite")
+    save_every: int = _f(0, "checkpoint every N steps (atomic, for --resume); 0 = off", "int >= 0")
+    eval_every: int = _f(10, "steps between gold evaluations on held-out world prompts; 0 = off", "int >= 0")
+    n_eval: int = _f(64, "held-out world prompts per gold evaluation", "int >= 1")
     early_stop_patience: int = _f(0, "stop after this many gold evaluations without a new best, "
-                                     "restoring the best policy; 0 = off")
-    log_every: int = _f(1, "steps between metric lines")
+                                     "restoring the best policy; 0 = off", "int >= 0")
+    log_every: int = _f(1, "steps between metric lines", "int >= 1")
     tis_cap: float | None = _f(None, "truncated importance sampling (Yao et al. 2025): score the samples with "
                                "the trainer too and weight each token's policy-gradient term by "
-                               "min(pi_train / pi_sampler, tis_cap); empty = off (sampler and trainer agree)")
+                               "min(pi_train / pi_sampler, tis_cap); empty = off (sampler and trainer agree)", "> 0")
     mismatch_tolerance: float = _f(1e-3, "largest |log pi_train - log pi_sampler| (nats, any token of the first "
                                    "update) allowed before the run stops; without tis_cap the two come from "
-                                   "the same weights and must agree to float precision")
+                                   "the same weights and must agree to float precision", ">= 0")
 
 
 @dataclass
 class DPOConfig:
     """Direct preference optimization and its family."""
 
-    seed: int = _f(0, "seed of data order")
-    loss: str = _f("dpo", "dpo, cdpo, ipo, hinge, kto, simpo or orpo")
-    beta: float = _f(0.1, "beta of dpo/cdpo/hinge/kto/simpo; tau of ipo; lambda of orpo")
-    lr: float = _f(1e-4, "peak learning rate (AdamW); 5e-4 collapses the demo policy (docs/dpo.md)")
-    label_smoothing: float = _f(0.1, "cdpo: probability eps in [0, 0.5] that a label is flipped")
-    simpo_gamma: float = _f(0.5, "simpo: target reward margin gamma")
-    kto_desirable_weight: float = _f(1.0, "kto: weight of desirable examples")
-    kto_undesirable_weight: float = _f(1.0, "kto: weight of undesirable examples")
-    batch_size: int = _f(32, "global batch: pairs (kto: examples) per optimizer step over all processes")
-    micro_batch_size: int | None = _f(None, "pairs per forward pass per process; empty = all")
+    seed: int = _f(0, "seed of data order", _SEED)
+    loss: str = _f("dpo", "dpo, cdpo, ipo, hinge, kto, simpo or orpo", "one of dpo, cdpo, ipo, hinge, kto, simpo, orpo")
+    beta: float = _f(0.1, "beta of dpo/cdpo/hinge/kto/simpo; tau of ipo; lambda of orpo", "> 0")
+    lr: float = _f(1e-4, "peak learning rate (AdamW); 5e-4 collapses the demo policy (docs/dpo.md)", "> 0")
+    label_smoothing: float = _f(0.1, "cdpo: probability eps in [0, 0.5] that a label is flipped", "[0, 0.5]")
+    simpo_gamma: float = _f(0.5, "simpo: target reward margin gamma", ">= 0")
+    kto_desirable_weight: float = _f(1.0, "kto: weight of desirable examples", ">= 0")
+    kto_undesirable_weight: float = _f(1.0, "kto: weight of undesirable examples", ">= 0")
+    batch_size: int = _f(32, "global batch: pairs (kto: examples) per optimizer step over all processes", "int >= 1")
+    micro_batch_size: int | None = _f(None, "pairs per forward pass per process; empty = all", "int >= 1")
     packing: bool = _f(True, "lay several sequences end to end in each row of a forward pass "
                        "(block-diagonal attention, no padding) when the model is checked to support "
                        "it; false = padded passes of similar length")
-    epochs: float = _f(1.0, "passes over the data (fractions allowed)")
-    max_steps: int | None = _f(None, "stop after this many steps (overrides epochs)")
-    warmup_ratio: float = _f(0.1, "fraction of steps of linear warm-up")
-    lr_schedule: str = _f("cosine", "decay after warm-up: cosine, linear or constant")
-    weight_decay: float = _f(0.0, "AdamW weight decay")
-    max_grad_norm: float = _f(1.0, "gradient clipping norm; 0 = off")
+    epochs: float = _f(1.0, "passes over the data (fractions allowed)", "> 0")
+    max_steps: int | None = _f(None, "stop after this many steps (overrides epochs)", "int >= 1")
+    warmup_ratio: float = _f(0.1, "fraction of steps of linear warm-up", "[0, 1]")
+    lr_schedule: str = _f("cosine", "decay after warm-up: cosine, linear or constant", _SCHEDULES)
+    weight_decay: float = _f(0.0, "AdamW weight decay", ">= 0")
+    max_grad_norm: float = _f(1.0, "gradient clipping norm; 0 = off", ">= 0")
     max_length: int = _f(64, "longest prompt + response in tokens; longer rows are truncated "
-                         "(prompt start first, then response end; counted in data/truncated)")
+                         "(prompt start first, then response end; counted in data/truncated)", "int >= 2")
     precompute_ref_logps: bool = _f(True, "compute reference log-probs once before training and "
                                     "release the reference model; false = reference forward every step")
-    mixed_precision: str = _f("no", "no, bf16 or fp16 (through accelerate)")
-    eval_every: int = _f(25, "steps between held-out preference metrics (eval/...)")
-    log_every: int = _f(5, "steps between metric lines")
-    n_eval_pairs: int | None = _f(None, "held-out world pairs; empty = world.n_preferences // 5")
+    mixed_precision: str = _f("no", "no, bf16 or fp16 (through accelerate)", _PRECISIONS)
+    eval_every: int = _f(25, "steps between held-out preference metrics (eval/...)", "int >= 1")
+    log_every: int = _f(5, "steps between metric lines", "int >= 1")
+    n_eval_pairs: int | None = _f(None, "held-out world pairs; empty = world.n_preferences // 5", "int >= 1")
     world_eval_every: int = _f(0, "steps between gold utility and sampled KL on the world's "
-                               "held-out prompts (always at start and end); -1 = never")
-    n_world_eval: int = _f(64, "held-out world prompts sampled per world evaluation")
-    n_show: int = _f(4, "sample generations printed after training")
-
-    def __post_init__(self) -> None:
-        checks = [
-            (self.loss in ("dpo", "cdpo", "ipo", "hinge", "kto", "simpo", "orpo"), "loss",
-             "expected dpo, cdpo, ipo, hinge, kto, simpo or orpo"),
-            (self.beta > 0, "beta", "must be positive"),
-            (0.0 <= self.label_smoothing <= 0.5, "label_smoothing", "must be in [0, 0.5]"),
-            (self.batch_size > 0, "batch_size", "must be positive"),
-            (self.micro_batch_size is None or self.micro_batch_size > 0, "micro_batch_size", "must be positive"),
-            (self.max_length >= 2, "max_length", "must be at least 2"),
-            (self.lr_schedule in ("cosine", "linear", "constant"), "lr_schedule", "expected cosine, linear or constant"),
-            (self.mixed_precision in ("no", "bf16", "fp16"), "mixed_precision", "expected no, bf16 or fp16"),
-            (self.eval_every > 0 and self.log_every > 0, "eval_every", "eval_every and log_every must be positive"),
-        ]
-        for ok, name, msg in checks:
-            if not ok:
-                raise InputError(msg, field=f"dpo.{name}")
+                               "held-out prompts (always at start and end); -1 = never", "int >= -1")
+    n_world_eval: int = _f(64, "held-out world prompts sampled per world evaluation", "int >= 1")
+    n_show: int = _f(4, "sample generations printed after training", "int >= 0")
 
 
 @dataclass
@@ -277,9 +385,9 @@ class RunConfig:
 
     arms: list = _f(["ppo", "dpo", "grpo"], "policies to train from SFT: ppo, grpo, rloo, reinforce, "
                     "reinforce++, or a DPO-family loss (dpo, cdpo, ipo, hinge, kto, simpo, orpo)")
-    seed: int = _f(0, "seed of the evaluation samples")
+    seed: int = _f(0, "seed of the evaluation samples", _SEED)
     bandit_algos: list = _f(["ppo", "dpo"], "algorithms drawn against the exact frontier on the bandit; [] = skip")
-    bandit_betas: list = _f([0.1, 0.25, 0.5, 1.0, 2.0], "betas of the bandit frontier")
+    bandit_betas: list = _f([0.1, 0.25, 0.5, 1.0, 2.0], "betas of the bandit frontier", "each > 0")
 
 
 @dataclass
@@ -300,19 +408,32 @@ class Config:
 # Loading, overriding, saving
 
 
-def _key_lines(text: str) -> dict[str, int]:
-    """Dotted key -> 1-based line in a YAML text, for error messages."""
+def _key_lines(text: str, source: str | None = None, prefix: str = "", numbered: bool = True) -> dict[str, int]:
+    """Dotted key -> 1-based line in a YAML text, for error messages.
+
+    With ``source``, a key given twice in one mapping (a second ``sft:`` section, a field
+    repeated inside one) is an InputError naming the source, the line and the key, where plain
+    YAML would silently keep the last one. ``numbered=False`` leaves lines out of the error
+    (for a ``--set`` value, whose lines mean nothing to the user)."""
     lines: dict[str, int] = {}
 
-    def walk(node: Any, prefix: str) -> None:
-        if isinstance(node, yaml.MappingNode):
-            for k, v in node.value:
-                key = f"{prefix}{k.value}"
-                lines[key] = k.start_mark.line + 1
-                walk(v, key + ".")
+    def walk(node: Any, prefix: str, path: frozenset) -> None:
+        if not isinstance(node, yaml.MappingNode) or id(node) in path:  # an alias loop ends here
+            return
+        path = path | {id(node)}
+        here: dict[str, int] = {}
+        for k, v in node.value:
+            if not isinstance(k, yaml.ScalarNode) or k.tag == "tag:yaml.org,2002:merge":
+                continue
+            key, line = f"{prefix}{k.value}", k.start_mark.line + 1
+            if source is not None and k.value in here:
+                raise InputError(f"duplicate key (first at line {here[k.value]})" if numbered else "duplicate key",
+                                 file=source, line=line if numbered else None, field=key)
+            here[k.value] = lines[key] = line
+            walk(v, key + ".", path)
 
     try:
-        walk(yaml.compose(text), "")
+        walk(yaml.compose(text), prefix, frozenset())
     except yaml.YAMLError:
         pass
     return lines
@@ -334,7 +455,10 @@ def _check_type(value: Any, tp: Any) -> Any:
                 pass
         raise TypeError(" or ".join(getattr(a, "__name__", str(a)) for a in args))
     if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:  # an integer too large for a float: the domain rejects it
+            return math.inf if value > 0 else -math.inf
     if tp is float and isinstance(value, str):  # YAML 1.1 reads "5e-4" as a string
         try:
             return float(value)
@@ -348,27 +472,33 @@ def _check_type(value: Any, tp: Any) -> Any:
 
 
 def _build(cls: type, data: Any, prefix: str, source: str, lines: dict[str, int]) -> Any:
+    """An instance of config dataclass ``cls`` from a mapping: every key known, every value of
+    its field's type and in its field's domain; errors name ``source``, the line and the field."""
     if not isinstance(data, dict):
         raise InputError("expected a mapping", file=source, line=lines.get(prefix[:-1]), field=prefix[:-1] or None)
     hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls)}
+    fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in data.items():
         name = f"{prefix}{key}"
-        if key not in known:
+        if key not in fields:
             raise InputError(
-                f"unknown key (known: {', '.join(sorted(known))})", file=source, line=lines.get(name), field=name
+                f"unknown key (known: {', '.join(sorted(fields))})", file=source, line=lines.get(name), field=name
             )
         tp = hints[key]
         if dataclasses.is_dataclass(tp):
             kwargs[key] = _build(tp, value, name + ".", source, lines)
             continue
         try:
-            kwargs[key] = _check_type(value, tp)
+            value = _check_type(value, tp)
         except TypeError as err:
             raise InputError(
                 f"expected {err}, got {value!r}", file=source, line=lines.get(name), field=name
             ) from None
+        problem = check_value(fields[key], value)
+        if problem:
+            raise InputError(problem, file=source, line=lines.get(name), field=name)
+        kwargs[key] = value
     return cls(**kwargs)
 
 
@@ -384,9 +514,15 @@ def to_dict(cfg: Any) -> dict:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Defaults, then the preset at ``path``, then ``section.field=value`` overrides."""
+    """Defaults, then the preset at ``path``, then ``section.field=value`` overrides.
+
+    Every value is checked against its field's type and domain, and the fields against each
+    other (:func:`validate`), before this returns: nothing a command writes comes first.
+    Errors name the file and line, or the ``--set`` item, and the field.
+    """
     data: dict = to_dict(Config())
     lines: dict[str, int] = {}
+    origin: dict[str, tuple[str, int | None]] = {}  # dotted key -> where it was set last, in order
     source = "defaults"
     if path is not None:
         source = str(path)
@@ -401,45 +537,77 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             raise InputError("not valid YAML", file=source, line=mark.line + 1 if mark else None) from None
         if not isinstance(preset, dict):
             raise InputError("expected a mapping of sections", file=source)
-        lines = _key_lines(text)
+        lines = _key_lines(text, source)
         _build(Config, preset, "", source, lines)  # validate the file on its own first
         data = _merge(data, preset)
+        origin.update((key, (source, line)) for key, line in lines.items())
     for item in overrides:
+        where = f"--set {item if len(item) <= 80 else item[:77] + '...'}"
         key, sep, raw = item.partition("=")
+        key = key.strip()
         if not sep or not key:
             raise InputError(f"expected section.field=value, got {item!r}", file="--set")
         try:
             value = yaml.safe_load(raw) if raw.strip() else None
         except yaml.YAMLError:
             value = raw
+        else:
+            if isinstance(value, dict):
+                _key_lines(raw, where, key + ".", numbered=False)
         node: dict = {}
         cursor = node
-        *parents, leaf = key.strip().split(".")
+        *parents, leaf = key.split(".")
         for p in parents:
             cursor = cursor.setdefault(p, {})
         cursor[leaf] = value
-        _build(Config, _merge(data, node), "", "--set", {})
+        _build(Config, _merge(data, node), "", where, {})
         data = _merge(data, node)
+        origin.pop(key, None)
+        origin[key] = (where, None)
     cfg = _build(Config, data, "", source, lines)
-    validate(cfg)
+    validate(cfg, origin)
     return cfg
 
 
-def validate(cfg: Config) -> None:
-    """Cross-field checks that a type cannot express."""
-    checks = [
-        (cfg.model.arch in ("gpt2", "llama"), "model.arch", "expected gpt2 or llama"),
-        (cfg.sft.lr_schedule in ("cosine", "linear", "constant"), "sft.lr_schedule", "expected cosine, linear or constant"),
-        (cfg.sft.mixed_precision in ("no", "bf16", "fp16"), "sft.mixed_precision", "expected no, bf16 or fp16"),
-        (cfg.sft.batch_size > 0, "sft.batch_size", "must be positive"),
-        (cfg.generation.temperature > 0, "generation.temperature", "must be positive"),
-        (cfg.world.rater.noise > 0, "world.rater.noise", "must be positive"),
-        (set(cfg.world.family_weights) <= {"arithmetic", "sycophancy", "harmful", "benign", "open"},
-         "world.family_weights", "unknown family"),
-    ]
-    for ok, name, msg in checks:
-        if not ok:
-            raise InputError(msg, field=name)
+def validate(cfg: Config, origin: dict[str, tuple[str, int | None]] | None = None) -> None:
+    """Checks across fields, which no one field's domain can express.
+
+    ``origin`` maps dotted keys to where they were set (file and line, or the ``--set``
+    item), in the order they were set; an error names the place of the field involved that
+    was set last.
+    """
+    origin = origin or {}
+    order = {key: i for i, key in enumerate(origin)}
+
+    def place(name: str) -> tuple[int, tuple[str | None, int | None]]:
+        parts = name.split(".")
+        for n in range(len(parts), 0, -1):  # the field itself, else the section that set it
+            key = ".".join(parts[:n])
+            if key in origin:
+                return order[key], origin[key]
+        return -1, (None, None)
+
+    def fail(message: str, *names: str) -> None:
+        name = max(names, key=lambda n: place(n)[0])
+        file, line = place(name)[1]
+        raise InputError(message, file=file, line=line, field=name)
+
+    m = cfg.model
+    if m.d_model % m.n_heads:
+        fail(f"model.d_model ({m.d_model}) must be a multiple of model.n_heads ({m.n_heads})",
+             "model.n_heads", "model.d_model")
+    if m.arch == "llama" and (m.d_model // m.n_heads) % 2:
+        fail(f"llama needs an even head size (rotary embeddings), got model.d_model / model.n_heads "
+             f"= {m.d_model // m.n_heads}", "model.n_heads", "model.d_model", "model.arch")
+    weights = cfg.world.family_weights
+    unknown = [k for k in weights if k not in FAMILIES]
+    if unknown:
+        fail(f"unknown family {unknown[0]!r} (known: {', '.join(FAMILIES)})", "world.family_weights")
+    if not sum(weights.values()) > 0:
+        fail("must give some family a positive weight", "world.family_weights")
+    if cfg.rl.kl_caution > cfg.rl.kl_warning:
+        fail(f"rl.kl_caution ({cfg.rl.kl_caution:g}) must not exceed rl.kl_warning ({cfg.rl.kl_warning:g})",
+             "rl.kl_caution", "rl.kl_warning")
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

@@ -58,19 +58,24 @@ ALGO_DEFAULTS: dict[str, dict] = {
 }
 """Per-algorithm values of the RLConfig fields a user may leave empty."""
 
-CHOICES = {
-    "kl_in": ("reward", "loss"),
-    "kl_estimator": tuple(KL_ESTIMATORS),
-    "kl_controller": ("fixed", "linear", "adaptive"),
-    "lr_schedule": ("constant", "linear", "cosine"),
-    "value_init": ("zero", "rm"),
-    "baseline": ("batch", "group"),
-}
+def _rl_choices() -> dict[str, tuple[str, ...]]:
+    from rlhflab.config import RLConfig, field_domain
+
+    return {f.name: field_domain(f).choices for f in dataclasses.fields(RLConfig)
+            if field_domain(f) is not None and field_domain(f).choices}
+
+
+CHOICES = _rl_choices()
+"""The RLConfig fields that take one of a few words, and those words (declared once, as the
+fields' domains in ``rlhflab.config``)."""
 
 
 def resolve_rl_config(rl, algo: str):
     """A copy of ``rl`` (an RLConfig) with empty fields filled from ``ALGO_DEFAULTS[algo]``,
-    validated; errors name the field."""
+    validated: every field in its domain (``rlhflab.config``), then the checks that depend on
+    the algorithm; errors name the field."""
+    from rlhflab.config import check_section
+
     rl = dataclasses.replace(rl)
     defaults = dict(ALGO_DEFAULTS[algo])
     if algo == "reinforce" and (rl.baseline or defaults["baseline"]) == "group":
@@ -78,25 +83,16 @@ def resolve_rl_config(rl, algo: str):
     for key, value in defaults.items():
         if getattr(rl, key) is None:
             setattr(rl, key, value)
+    check_section(rl, "rl")  # before beta_end is derived from beta
     if rl.beta_end is None:
         rl.beta_end = rl.beta / 10
-    for key, allowed in CHOICES.items():
-        value = getattr(rl, key)
-        if value is not None and value not in allowed:
-            raise InputError(f"expected one of {', '.join(allowed)}, got {value!r}", field=f"rl.{key}")
     if rl.loss_agg not in LOSS_AGGREGATIONS:
         raise InputError(f"expected one of {', '.join(LOSS_AGGREGATIONS)}", field="rl.loss_agg")
-    positive = ("steps", "batch_size", "samples_per_prompt", "epochs", "num_minibatches")
-    for key in positive:
-        if getattr(rl, key) <= 0:
-            raise InputError("must be positive", field=f"rl.{key}")
     if rl.batch_size % rl.samples_per_prompt:
         raise InputError(f"batch_size {rl.batch_size} is not a multiple of samples_per_prompt "
                          f"{rl.samples_per_prompt}", field="rl.batch_size")
     if algo in ("rloo", "grpo", "dr-grpo") and rl.samples_per_prompt < 2:
         raise InputError(f"{algo} needs at least 2 samples per prompt", field="rl.samples_per_prompt")
-    if rl.beta < 0 or rl.clip_eps <= 0:
-        raise InputError("beta must be >= 0 and clip_eps > 0", field="rl.beta" if rl.beta < 0 else "rl.clip_eps")
     return rl
 
 
@@ -561,6 +557,7 @@ class OnlineRun:
         self._bar = None
         self._perm_cache: tuple[int, list[int]] | None = None
         self._t_rollout = 0.0
+        self._update_step = 0
 
     # -- modules -----------------------------------------------------------------------
 
@@ -644,10 +641,20 @@ class OnlineRun:
         return forward
 
     def _optimizer_step(self) -> float:
+        from rlhflab.algos.sft import grad_norm_of, stop_if_non_finite
+        from rlhflab.artifacts import is_staging
+
         params = [p for g in self.optimizer_raw.param_groups for p in g["params"]]
         norm = float("nan")
         if self.rl.max_grad_norm > 0:
             norm = float(self.accelerator.clip_grad_norm_(params, self.rl.max_grad_norm))
+        if self.accelerator.scaler is None:  # fp16's loss scaler expects (and skips) overflows
+            # A non-finite loss, advantage or reward shows here: stop before the weights take it.
+            ckpt = self.out_dir / "checkpoint" if self.out_dir is not None else None
+            stop_if_non_finite(self.algo, self._update_step, lr=self.rl.lr, lr_field="rl.lr",
+                               grad_norm=norm if self.rl.max_grad_norm > 0 else float(grad_norm_of(params)),
+                               kept=str(ckpt) if ckpt is not None and ckpt.is_dir() and not is_staging(ckpt.parent)
+                               else None)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return norm
@@ -696,6 +703,7 @@ class OnlineRun:
                      "rollout/tis_clipfrac": self.stats.masked_mean((w >= self.rl.tis_cap).float() * m,
                                                                     batch.mask).item()}
         gen, perm = self._minibatch_shuffle(step, batch.mask.shape[0])
+        self._update_step = step
         metrics = update_policy(batch, self._forward(ro, with_values=batch.returns is not None),
                                 self._optimizer_step, self.settings(), self.stats, gen,
                                 backward=self.accelerator.backward, no_sync=self._no_sync, first_perm=perm,
@@ -872,6 +880,9 @@ class OnlineRun:
             if self.value_module is not None:
                 from safetensors.torch import save_model
 
+                from rlhflab.artifacts import check_finite_weights
+
+                check_finite_weights(self.value_module, "the value model", self.out_dir / "value.safetensors")
                 save_model(self.value_module, str(self.out_dir / "value.safetensors"))
             write_json(self.out_dir / "metrics.json", summary)
         self.accelerator.wait_for_everyone()

@@ -23,14 +23,15 @@ from rlhflab.world.tasks import Prompt
 
 @dataclass
 class RaterConfig:
-    """How the simulated raters judge (biases are per unit of the feature)."""
+    """How the simulated raters judge (biases are per unit of the feature). Each field's
+    ``domain`` is the values it accepts (``rlhflab.config.Domain``)."""
 
-    noise: float = field(default=0.25, metadata={"help": "Gumbel noise scale of a vote; sets rater-rater agreement"})
-    length_bias: float = field(default=0.1, metadata={"help": "utility per response token the raters add"})
-    agreement_bias: float = field(default=0.0, metadata={"help": "utility for agreeing with the user (sycophancy)"})
-    keyword_bias: float = field(default=0.0, metadata={"help": "utility per keyword such as 'certainly'"})
-    refusal_bias: float = field(default=0.0, metadata={"help": "utility for refusing, whatever the request"})
-    votes: int = field(default=3, metadata={"help": "independent votes per comparison"})
+    noise: float = field(default=0.25, metadata={"help": "Gumbel noise scale of a vote; sets rater-rater agreement", "domain": "> 0"})
+    length_bias: float = field(default=0.1, metadata={"help": "utility per response token the raters add", "domain": "finite"})
+    agreement_bias: float = field(default=0.0, metadata={"help": "utility for agreeing with the user (sycophancy)", "domain": "finite"})
+    keyword_bias: float = field(default=0.0, metadata={"help": "utility per keyword such as 'certainly'", "domain": "finite"})
+    refusal_bias: float = field(default=0.0, metadata={"help": "utility for refusing, whatever the request", "domain": "finite"})
+    votes: int = field(default=3, metadata={"help": "independent votes per comparison", "domain": "int >= 1"})
 
 
 def rater_utility(prompt: Prompt, response: str, eos: bool, cfg: RaterConfig,
