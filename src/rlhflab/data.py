@@ -5,19 +5,26 @@ Formats, one JSON object per line:
 | format      | fields                                                                 |
 |-------------|------------------------------------------------------------------------|
 | sft         | ``prompt``, ``completion``                                             |
-| preference  | ``prompt``, ``chosen``, ``rejected``; optional ``votes`` (list of 0/1, 1 = a vote for chosen), ``margin`` (number) |
-| unpaired    | ``prompt``, ``completion``, ``label`` (bool: desirable or not)         |
+| preference  | ``prompt``, ``chosen``, ``rejected``; optional ``votes`` (list of 0/1, 1 = a vote for chosen), ``margin`` (number), ``chosen_eos``/``rejected_eos`` (bool), ``group``, ``responses``/``responses_eos``/``rankings`` (as ``rlhflab collect`` writes them) |
+| unpaired    | ``prompt``, ``completion``, ``label`` (bool: desirable or not); optional ``completion_eos`` (bool) |
 | prompt      | ``prompt`` (other fields are kept, e.g. the world's ``family``)        |
 
 Each text field is a non-empty string ("standard" format) or, in the conversational
-format, a list of ``{"role": ..., "content": ...}`` messages, rendered with the
-tokenizer's chat template. Every problem is an :class:`InputError` naming the file, the
-line and the field, and nothing is read past the first bad line.
+format, a list of ``{"role": ..., "content": ...}`` messages (roles ``system``, ``user``,
+``assistant``), rendered with the tokenizer's chat template. Every problem is an
+:class:`InputError` naming the file, the line and the field, and nothing is read past the
+first bad line. Besides the formats' own fields, every row is checked for what JSON lets
+through but nothing downstream can use: ``NaN``/``Infinity`` (and numbers too large for a
+float), and unpaired surrogates in strings (``"\\ud800"``). A pair whose chosen and
+rejected texts are equal up to white space (and end alike) is an error, like an identical
+pair.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +40,44 @@ FORMATS: dict[str, tuple[str, ...]] = {
     "unpaired": ("prompt", "completion", "label"),
     "prompt": ("prompt",),
 }
+
+ROLES = ("system", "user", "assistant")
+# Optional fields that must be true or false when present, per format.
+FLAGS: dict[str, tuple[str, ...]] = {
+    "preference": ("chosen_eos", "rejected_eos"),
+    "unpaired": ("completion_eos",),
+}
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+class Messages(list):
+    """A conversational text field as read from a file: a list of messages that remembers
+    where it came from (``where``: file, line, field), so that rendering it with a chat
+    template can name the row when the template fails. Equal to, and serialized as, a
+    plain list."""
+
+    def __init__(self, messages=(), where: dict | None = None) -> None:
+        super().__init__(messages)
+        self.where = dict(where or {})
+
+
+def _bad_value(obj: Any) -> str | None:
+    """What JSON accepts that no row may hold: a non-finite number or a lone surrogate."""
+    if isinstance(obj, float):
+        return None if math.isfinite(obj) else f"not a finite number ({obj!r}; JSON has no NaN or Infinity)"
+    if isinstance(obj, str):
+        return "holds an unpaired surrogate (\\ud800-\\udfff), not valid Unicode" if _SURROGATE.search(obj) else None
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            bad = _bad_value(k) or _bad_value(v)
+            if bad:
+                return bad
+    elif isinstance(obj, list):
+        for v in obj:
+            bad = _bad_value(v)
+            if bad:
+                return bad
+    return None
 
 
 def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
@@ -56,26 +101,67 @@ def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
                 raise InputError(f"not valid JSON ({err.msg})", file=str(path), line=lineno) from None
             if not isinstance(obj, dict):
                 raise InputError("expected a JSON object", file=str(path), line=lineno)
+            for key, value in obj.items():
+                bad = _bad_value(key) or _bad_value(value)
+                if bad:
+                    field = key if not _SURROGATE.search(key) else ascii(key)[1:-1]
+                    raise InputError(bad, file=str(path), line=lineno, field=field)
             yield lineno, obj
 
 
-def _check_text(value: Any, where: dict, name: str) -> None:
+def _check_text(value: Any, where: dict, name: str) -> Any:
+    """The text field, checked: a string as it is, a message list as ``Messages``."""
     if isinstance(value, str):
         if not value.strip():
             raise InputError("empty text", field=name, **where)
-        return
+        return value
     if isinstance(value, list) and value:
         for i, msg in enumerate(value):
             if not (isinstance(msg, dict) and isinstance(msg.get("role"), str) and isinstance(msg.get("content"), str)):
                 raise InputError(f"message {i}: expected {{'role': str, 'content': str}}", field=name, **where)
-        return
+            if msg["role"] not in ROLES:
+                raise InputError(f"message {i}: unknown role {msg['role']!r} (expected one of {', '.join(ROLES)})",
+                                 field=name, **where)
+        return value if isinstance(value, Messages) else Messages(value, {**where, "field": name})
     raise InputError(
         f"expected a non-empty string or list of messages, got {type(value).__name__}", field=name, **where
     )
 
 
+def _squeezed(value: Any) -> Any:
+    """A text field with runs of white space made one space and the ends stripped."""
+    if isinstance(value, str):
+        return " ".join(value.split())
+    return [(m["role"], " ".join(m["content"].split())) for m in value]
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check_rankings(row: dict, where: dict) -> None:
+    """``responses``, ``responses_eos`` and ``rankings`` of a row written by ``rlhflab collect``."""
+    responses = row.get("responses")
+    if not isinstance(responses, list) or len(responses) < 2:
+        raise InputError("expected a list of at least two responses", field="responses", **where)
+    row["responses"] = [_check_text(r, where, "responses") for r in responses]
+    n = len(responses)
+    eos = row.get("responses_eos")
+    if eos is not None and not (isinstance(eos, list) and len(eos) == n and all(isinstance(e, bool) for e in eos)):
+        raise InputError(f"expected a list of {n} true/false flags, one per response", field="responses_eos", **where)
+    rankings = row["rankings"]
+    if not isinstance(rankings, list) or not rankings:
+        raise InputError("expected a non-empty list of rankings", field="rankings", **where)
+    for r in rankings:
+        if not (isinstance(r, list) and len(r) >= 2 and all(_is_int(i) and 0 <= i < n for i in r)
+                and len(set(r)) == len(r)):
+            raise InputError(f"expected each ranking to list distinct response indices 0..{n - 1}, got {r!r}",
+                             field="rankings", **where)
+
+
 def validate_row(row: dict, fmt: str, where: dict) -> dict:
-    """Check one row of ``fmt``; returns the row. ``where`` = {"file": ..., "line": ...}."""
+    """Check one row of ``fmt``; returns the row (conversational fields as ``Messages``).
+    ``where`` = {"file": ..., "line": ...}."""
     for name in FORMATS[fmt]:
         if name not in row:
             raise InputError("missing", field=name, **where)
@@ -83,10 +169,16 @@ def validate_row(row: dict, fmt: str, where: dict) -> dict:
             if not isinstance(row[name], bool):
                 raise InputError(f"expected true or false, got {row[name]!r}", field=name, **where)
         else:
-            _check_text(row[name], where, name)
+            row[name] = _check_text(row[name], where, name)
+    for name in FLAGS.get(fmt, ()):
+        if name in row and not isinstance(row[name], bool):
+            raise InputError(f"expected true or false, got {row[name]!r}", field=name, **where)
     if fmt == "preference":
-        if row["chosen"] == row["rejected"]:
+        same_end = row.get("chosen_eos", True) == row.get("rejected_eos", True)
+        if same_end and row["chosen"] == row["rejected"]:
             raise InputError("chosen and rejected are identical", field="chosen", **where)
+        if same_end and _squeezed(row["chosen"]) == _squeezed(row["rejected"]):
+            raise InputError("chosen and rejected are identical up to white space", field="chosen", **where)
         votes = row.get("votes")
         if votes is not None and not (
             isinstance(votes, list) and votes and all(v in (0, 1) and not isinstance(v, float) for v in votes)
@@ -95,6 +187,11 @@ def validate_row(row: dict, fmt: str, where: dict) -> dict:
         margin = row.get("margin")
         if margin is not None and (isinstance(margin, bool) or not isinstance(margin, (int, float))):
             raise InputError(f"expected a number, got {margin!r}", field="margin", **where)
+        group = row.get("group")
+        if "group" in row and not (isinstance(group, str) or _is_int(group)):
+            raise InputError(f"expected a string or an integer, got {group!r}", field="group", **where)
+        if "rankings" in row:
+            _check_rankings(row, where)
     return row
 
 
@@ -122,24 +219,49 @@ def write_jsonl(path: str | Path, rows: list[dict]) -> None:
 # Rendering and tokenization
 
 
-def render(prompt: Any, completion: Any, tokenizer) -> tuple[str, str]:
+def _row_place(*values: Any) -> dict:
+    """file and line of the row a conversational field came from, if known."""
+    for v in values:
+        where = getattr(v, "where", None)
+        if where:
+            return {k: where[k] for k in ("file", "line") if k in where}
+    return {}
+
+
+def apply_template(messages: list, tokenizer, *, add_generation_prompt: bool = False,
+                   where: dict | None = None) -> str:
+    """``tokenizer.apply_chat_template`` as text; a tokenizer without a template, or a
+    template that raises, is an InputError naming the row (``where``, else the place the
+    messages were read from) and the tokenizer's directory."""
+    where = where or _row_place(messages)
+    source = getattr(tokenizer, "name_or_path", "") or "the tokenizer"
+    if not getattr(tokenizer, "chat_template", None):
+        raise InputError(f"conversational rows need a tokenizer with a chat template ({source} has none)", **where)
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    except Exception as err:  # a user's Jinja template can raise anything
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise InputError(f"the chat template of {source} failed on this row: {first}", **where) from None
+
+
+def render(prompt: Any, completion: Any, tokenizer, where: dict | None = None) -> tuple[str, str]:
     """(prompt text, completion text); conversational rows go through the chat template.
 
     The completion text is what the template adds after the prompt's generation prompt,
-    so prompt + completion tokenizes as the template would.
+    so prompt + completion tokenizes as the template would. Errors name the row's file and
+    line (``where``, else where ``load_jsonl`` read the messages).
     """
     if isinstance(prompt, str) and isinstance(completion, str):
         return prompt, completion
-    if not getattr(tokenizer, "chat_template", None):
-        raise InputError("conversational rows need a tokenizer with a chat template")
-    prompt_msgs = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+    where = where or _row_place(prompt, completion)
+    prompt_msgs = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
     completion_msgs = (
-        [{"role": "assistant", "content": completion}] if isinstance(completion, str) else completion
+        [{"role": "assistant", "content": completion}] if isinstance(completion, str) else list(completion)
     )
-    p = tokenizer.apply_chat_template(prompt_msgs, tokenize=False, add_generation_prompt=True)
-    full = tokenizer.apply_chat_template(prompt_msgs + completion_msgs, tokenize=False)
-    if not full.startswith(p):
-        raise InputError("chat template does not extend the prompt; cannot split the completion")
+    p = apply_template(prompt_msgs, tokenizer, add_generation_prompt=True, where=where)
+    full = apply_template(prompt_msgs + completion_msgs, tokenizer, where=where)
+    if not isinstance(p, str) or not isinstance(full, str) or not full.startswith(p):
+        raise InputError("chat template does not extend the prompt; cannot split the completion", **where)
     return p, full[len(p):]
 
 
