@@ -67,17 +67,60 @@ def _check_dir(path: str | Path, what: str) -> Path:
     return path
 
 
+# What ``from_pretrained`` raises on a directory it cannot use: unreadable or inconsistent
+# files (a config that is not JSON, weights whose shapes the config contradicts, a missing
+# tokenizer file). The message's first line is passed on, naming the directory.
+LOAD_ERRORS = (OSError, ValueError, KeyError, TypeError, RuntimeError)
+
+
+def first_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else type(err).__name__
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                   "spiece.model", "sentencepiece.bpe.model")
+
+
+def check_tokenizer_files(path: str | Path) -> Path:
+    """A directory without any tokenizer file would load as an empty default tokenizer of
+    its model type (two tokens): refused, naming the directory."""
+    path = Path(path)
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise InputError(f"no tokenizer files (none of {', '.join(TOKENIZER_FILES[:2])}, ...)", file=str(path))
+    return path
+
+
+def check_weights(path: str | Path) -> list[Path]:
+    """The directory's ``*.safetensors`` files, each one's header read (cheap: no tensor is
+    loaded). A missing, empty, truncated or foreign file is an InputError naming it, before
+    any model is built; pickled checkpoints are never loaded."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise InputError("no .safetensors weights (pickled checkpoints are not loaded)", file=str(path))
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt") as handle:
+                handle.keys()
+        except Exception as err:  # SafetensorError, OSError: not a readable safetensors file
+            raise InputError(f"not a readable safetensors file ({first_line(err)})", file=str(f)) from None
+    return files
+
+
 def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
     """A tokenizer from a local directory, with a pad token distinct from EOS.
 
     If the tokenizer has no pad token (or pads with EOS), a new ``<pad>`` token is added;
     the model's embeddings must then be resized (``load_causal_lm`` does this).
     """
-    path = _check_dir(path, "tokenizer")
+    path = check_tokenizer_files(_check_dir(path, "tokenizer"))
     try:
         tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as err:
-        raise InputError(f"cannot load tokenizer: {str(err).splitlines()[0]}", file=str(path)) from None
+    except Exception as err:  # a corrupt tokenizer.json raises the tokenizers library's bare Exception
+        raise InputError(f"cannot load tokenizer: {first_line(err)}", file=str(path)) from None
     if tok.eos_token_id is None:
         raise InputError("tokenizer has no EOS token", file=str(path))
     if tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id:
@@ -88,14 +131,13 @@ def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
 def load_causal_lm(path: str | Path, tokenizer=None, trust_remote_code: bool = False) -> torch.nn.Module:
     """A causal LM from a local directory; safetensors weights only."""
     path = _check_dir(path, "model")
-    if not list(path.glob("*.safetensors")):
-        raise InputError("no .safetensors weights (pickled checkpoints are not loaded)", file=str(path))
+    check_weights(path)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             str(path), trust_remote_code=trust_remote_code, use_safetensors=True
         )
-    except (OSError, ValueError) as err:
-        raise InputError(f"cannot load model: {str(err).splitlines()[0]}", file=str(path)) from None
+    except LOAD_ERRORS as err:
+        raise InputError(f"cannot load model: {first_line(err)}", file=str(path)) from None
     if tokenizer is not None:
         if len(tokenizer) > model.get_input_embeddings().num_embeddings:
             model.resize_token_embeddings(len(tokenizer))
@@ -109,10 +151,12 @@ def save_pretrained_atomic(model, tokenizer, out: str | Path) -> Path:
     """``save_pretrained`` (safetensors) into a temp dir beside ``out``, then rename.
 
     An interrupted save leaves no half-written model at ``out``; an existing ``out`` is
-    replaced only once the new one is complete.
+    replaced only once the new one is complete. A model with a non-finite weight is refused
+    (``InputError``): nothing NaN is ever saved as a model.
     """
-    from rlhflab.artifacts import atomic_directory
+    from rlhflab.artifacts import atomic_directory, check_finite_weights
 
+    check_finite_weights(model, "the model", out)
     with atomic_directory(out) as tmp:
         model.save_pretrained(str(tmp), safe_serialization=True)
         if tokenizer is not None:

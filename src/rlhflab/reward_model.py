@@ -61,13 +61,16 @@ def load_rm_tokenizer(path: str | Path, trust_remote_code: bool = False):
     """
     from transformers import AutoTokenizer
 
+    from rlhflab.models import check_tokenizer_files, first_line
+
     path = Path(path)
     if not (path / "config.json").is_file() and not (path / "tokenizer_config.json").is_file():
         raise InputError("not a local HF directory (no config.json)", file=str(path))
+    check_tokenizer_files(path)
     try:
         tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as err:
-        raise InputError(f"cannot load tokenizer: {str(err).splitlines()[0]}", file=str(path)) from None
+    except Exception as err:  # a corrupt tokenizer.json raises the tokenizers library's bare Exception
+        raise InputError(f"cannot load tokenizer: {first_line(err)}", file=str(path)) from None
     if tok.eos_token_id is None:
         if tok.sep_token_id is None:
             raise InputError("tokenizer has neither an EOS nor a separator token", file=str(path))
@@ -112,13 +115,14 @@ def create_reward_model(backbone: str | Path, seed: int = 0, trust_remote_code: 
     from transformers import AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
+    from rlhflab.models import LOAD_ERRORS, check_weights, first_line
+
     path = Path(backbone)
     if (path / "model" / "config.json").is_file():
         path = path / "model"
     if not (path / "config.json").is_file():
         raise InputError("not a local HF model directory (no config.json)", file=str(path))
-    if not list(path.glob("*.safetensors")):
-        raise InputError("no .safetensors weights (pickled checkpoints are not loaded)", file=str(path))
+    check_weights(path)
     tok = load_rm_tokenizer(path, trust_remote_code)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # "newly initialized: score.weight" is the point here
@@ -126,8 +130,8 @@ def create_reward_model(backbone: str | Path, seed: int = 0, trust_remote_code: 
         model = AutoModelForSequenceClassification.from_pretrained(
             str(path), num_labels=1, use_safetensors=True, trust_remote_code=trust_remote_code
         )
-    except (OSError, ValueError) as err:
-        raise InputError(f"cannot load as a reward model: {str(err).splitlines()[0]}", file=str(path)) from None
+    except LOAD_ERRORS as err:
+        raise InputError(f"cannot load as a reward model: {first_line(err)}", file=str(path)) from None
     finally:
         hf_logging.set_verbosity(verbosity)
     if len(tok) > model.get_input_embeddings().num_embeddings:
@@ -263,26 +267,31 @@ class RewardModel(torch.nn.Module):
         sequence-classification checkpoint with one label (then gain 1, bias 0)."""
         from transformers import AutoModelForSequenceClassification
 
+        from rlhflab.models import LOAD_ERRORS, check_weights, first_line
+
         path = Path(path)
         if not (path / META_FILE).is_file() and (path / "model").is_dir():
             path = path / "model"
         meta: dict = {}
         if (path / META_FILE).is_file():
-            try:
-                meta = json.loads((path / META_FILE).read_text(encoding="utf-8"))
-            except (json.JSONDecodeError, UnicodeDecodeError) as err:
-                raise InputError(f"not valid JSON ({err})", file=str(path / META_FILE)) from None
+            meta = _read_meta(path / META_FILE)
         elif not (path / "config.json").is_file():
             raise InputError(f"not a reward model directory (no {META_FILE} or config.json)", file=str(path))
         entries = meta.get("members") or [{"path": ".", "gain": 1.0, "bias": 0.0}]
+        for entry in entries:  # every member's files are checked before any is loaded
+            member_dir = path / entry["path"]
+            if not (member_dir / "config.json").is_file():
+                raise InputError("not a reward model member (no config.json)", file=str(member_dir))
+            check_weights(member_dir)
         members, gains, biases = [], [], []
         for entry in entries:
             member_dir = path / entry["path"]
-            if not list(member_dir.glob("*.safetensors")):
-                raise InputError("no .safetensors weights", file=str(member_dir))
-            model = AutoModelForSequenceClassification.from_pretrained(
-                str(member_dir), use_safetensors=True, trust_remote_code=trust_remote_code
-            )
+            try:
+                model = AutoModelForSequenceClassification.from_pretrained(
+                    str(member_dir), use_safetensors=True, trust_remote_code=trust_remote_code
+                )
+            except LOAD_ERRORS as err:
+                raise InputError(f"cannot load as a reward model: {first_line(err)}", file=str(member_dir)) from None
             if model.config.num_labels != 1:
                 raise InputError(f"expected a one-label model, got {model.config.num_labels} labels",
                                  file=str(member_dir))
@@ -312,6 +321,38 @@ class RewardModel(torch.nn.Module):
                     "max_length": self.max_length}
             (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
         return out
+
+
+def _read_meta(file: Path) -> dict:
+    """``reward_model.json``, checked: members with a relative path inside the directory and
+    finite gains and biases, a positive integer max_length."""
+    try:
+        meta = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise InputError(f"not valid JSON ({err})", file=str(file)) from None
+    except OSError as err:
+        raise InputError(f"cannot read: {err.strerror or err}", file=str(file)) from None
+    if not isinstance(meta, dict):
+        raise InputError("expected a JSON object", file=str(file))
+    members = meta.get("members")
+    if members is not None and not (isinstance(members, list) and members):
+        raise InputError("expected a non-empty list of members", file=str(file), field="members")
+    for i, entry in enumerate(members or []):
+        name = f"members[{i}]"
+        if not isinstance(entry, dict) or not isinstance(entry.get("path"), str):
+            raise InputError("expected an object with a 'path' string", file=str(file), field=name)
+        rel = Path(entry["path"])
+        if rel.is_absolute() or ".." in rel.parts:
+            raise InputError(f"path {entry['path']!r} leaves the reward model directory", file=str(file),
+                             field=f"{name}.path")
+        for key in ("gain", "bias"):
+            v = entry.get(key, 0.0)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise InputError(f"expected a finite number, got {v!r}", file=str(file), field=f"{name}.{key}")
+    max_length = meta.get("max_length")
+    if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1):
+        raise InputError(f"expected an integer >= 1, got {max_length!r}", file=str(file), field="max_length")
+    return meta
 
 
 def normalization(raw: torch.Tensor) -> tuple[float, float]:
