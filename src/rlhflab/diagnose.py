@@ -23,9 +23,17 @@ keys are missing is reported as not measured):
 | ``overopt/gold_drop_from_peak``, ``overopt/proxy_gain_after_peak`` | from the training curve: how far gold fell after its best point while the proxy kept rising |
 | ``rollout/logprob_diff_max`` | from the training log, if given: the largest gap between the sampler's and the trainer's log-prob of a sampled token; quoted in a regression's evidence |
 
-A reading that is missing, ``null`` or NaN counts as not measured; the strings
-``"inf"``, ``"-inf"`` and ``"nan"`` (how ``eval.json`` writes non-finite numbers) are read back
-as numbers.
+A reading that is missing counts as not measured; the strings ``"inf"``, ``"-inf"`` and
+``"nan"`` (how ``eval.json`` writes non-finite numbers) are read back as numbers, and a NaN
+reading counts as not measured. A file is checked before any rule runs, and each problem
+is an error naming the file and the key: a reading that is not a number (``null``, true or
+false, any other string, a list or an object, or a bare ``NaN``/``Infinity``, which JSON
+has not) for a key of the table or any key shaped like one (``PREFIX/...`` with a prefix
+of the table); a rate or share (``*_rate``, ``win_rate/*``, ``*/accuracy``,
+``diversity/distinct_*``, ``diversity/repetition``, ``capability/answer_share``) outside
+[0, 1]; a count or length (``length/*``, ``capability/n``, ``keywords/density``) below 0;
+a file with no readings at all. Keys outside those prefixes are kept as they are
+(numbers) or ignored (anything else).
 
 Thresholds (``Thresholds``) come from the literature where it gives numbers and are
 otherwise our own calibration on the built-in world, said so per field; all can be set
@@ -423,39 +431,109 @@ def add_arguments(p) -> None:
 
 
 _NON_FINITE = ("inf", "-inf", "nan")
+# Readings are grouped by prefix; a key under one of these is a reading and must be a number.
+READING_PREFIXES = ("kl", "gold", "rm", "win_rate", "length", "refusal", "sycophancy", "keywords", "diversity",
+                    "capability", "overopt", "rollout", "filler")
+_SHARES = ("diversity/distinct_1", "diversity/distinct_2", "diversity/repetition", "capability/answer_share")
+_NON_NEGATIVE_PREFIXES = ("length/",)
+_NON_NEGATIVE = ("capability/n", "keywords/density", "kl/sequence_stderr", "filler/per_response",
+                 "sycophancy/n_steady")
+
+
+def reading_domain(key: str) -> str:
+    """"rate" (in [0, 1]), "non_negative" or "real" for a reading's key (``base/`` or not)."""
+    k = key[len("base/"):] if key.startswith("base/") else key
+    if k.endswith("_rate") or k.startswith("win_rate/") or k.endswith("/accuracy") or k in _SHARES:
+        return "rate"
+    if k.startswith(_NON_NEGATIVE_PREFIXES) or k in _NON_NEGATIVE:
+        return "non_negative"
+    return "real"
+
+
+def _is_reading(key: str) -> bool:
+    k = key[len("base/"):] if key.startswith("base/") else key
+    return k.partition("/")[0] in READING_PREFIXES and "/" in k
+
+
+def _reject_constant(name: str):
+    spelled = {"NaN": "nan", "Infinity": "inf", "-Infinity": "-inf"}.get(name, name)
+    raise ValueError(f"bare {name}: JSON has no such number; write the string \"{spelled}\"")
+
+
+def _printable(key: str) -> str:
+    """A key as it can be printed (an unpaired surrogate is written as its escape)."""
+    return key.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _reading(key: str, value, where: dict) -> float | None:
+    """One reading as a float, or None for a non-reading key whose value is not a number."""
+    if isinstance(value, str) and value.strip().lower() in _NON_FINITE:
+        x = float(value.strip().lower())  # how eval.json writes non-finite numbers
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        x = float(value)
+    elif _is_reading(key):
+        raise InputError(f"expected a number, got {value!r}", field=_printable(key), **where)
+    else:
+        return None  # metadata of some other tool: not a reading
+    if math.isnan(x):
+        return x  # not measured
+    domain = reading_domain(key)
+    if domain == "rate" and not 0.0 <= x <= 1.0:
+        raise InputError(f"a rate must lie in [0, 1], got {x:g}", field=_printable(key), **where)
+    if domain == "non_negative" and x < 0:
+        raise InputError(f"must be >= 0, got {x:g}", field=_printable(key), **where)
+    return x
 
 
 def load_readings(run_dir: str | None, metrics: str | None) -> dict:
+    """The readings of ``--metrics FILE`` or ``RUN_DIR/eval.json``, checked (module docstring)."""
     if bool(run_dir) == bool(metrics):
         raise InputError("give a RUN_DIR or --metrics FILE (one of them)")
     path = Path(metrics) if metrics else Path(run_dir) / "eval.json"
+    if path.is_dir():
+        raise InputError("is a directory; expected a JSON file of readings"
+                         + (" (give the directory as RUN_DIR)" if metrics else ""), file=str(path))
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"), parse_constant=_reject_constant)
     except FileNotFoundError:
         raise InputError("not found", file=str(path)) from None
+    except OSError as err:
+        raise InputError(f"cannot read: {err.strerror or err}", file=str(path)) from None
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise InputError(f"not valid JSON ({err})", file=str(path)) from None
+    except ValueError as err:  # a bare NaN or Infinity
         raise InputError(f"not valid JSON ({err})", file=str(path)) from None
     if not isinstance(data, dict):
         raise InputError("expected a JSON object of readings", file=str(path))
+    where = {"file": str(path)}
+    readings = {}
     for k, v in data.items():
-        if not isinstance(v, (int, float, str, list, dict)) or isinstance(v, bool):
-            raise InputError(f"expected a number, got {v!r}", file=str(path), field=k)
-    # eval.json writes non-finite numbers as strings (JSON has none): read them back.
-    return {k: float(v) for k, v in data.items()
-            if isinstance(v, (int, float)) or (isinstance(v, str) and v.lower() in _NON_FINITE)}
+        x = _reading(k, v, where)
+        if x is not None:
+            readings[k] = x
+    if not readings:
+        raise InputError("no readings (expected numbers under keys such as kl/sequence_mean, win_rate/gold)",
+                         file=str(path))
+    return readings
 
 
 def thresholds_from(items: list[str]) -> Thresholds:
+    """``--threshold NAME=VALUE`` items over the defaults; a value is a number >= 0 (``inf``
+    switches a bar off), never NaN."""
     t = Thresholds()
     names = {f.name for f in dataclasses.fields(t)}
     for item in items:
         name, sep, raw = item.partition("=")
+        name = name.strip()
         if not sep or name not in names:
-            raise InputError(f"--threshold: expected NAME=VALUE with NAME one of {', '.join(sorted(names))}")
+            raise InputError(f"--threshold {item!r}: expected NAME=VALUE with NAME one of {', '.join(sorted(names))}")
         try:
-            setattr(t, name, float(raw))
+            value = float(raw)
         except ValueError:
             raise InputError(f"--threshold {name}: {raw!r} is not a number") from None
+        if math.isnan(value) or value < 0:
+            raise InputError(f"--threshold {name}: expected a number >= 0, got {raw!r}")
+        setattr(t, name, value)
     return t
 
 
