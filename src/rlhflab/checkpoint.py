@@ -92,10 +92,14 @@ def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict) -> None:
 
 def save_checkpoint(path: str | Path, *, policy: torch.nn.Module, optimizer, scheduler, state: dict,
                     value: torch.nn.Module | None = None) -> Path:
-    """Write a checkpoint atomically (temp dir, then rename over the old one)."""
-    from rlhflab.artifacts import atomic_directory
+    """Write a checkpoint atomically (temp dir, then rename over the old one). Weights with
+    a non-finite value are refused, so the last checkpoint is always a good one."""
+    from rlhflab.artifacts import atomic_directory, check_finite_weights
 
     path = Path(path)
+    check_finite_weights(policy, "a checkpoint of the policy", path)
+    if value is not None:
+        check_finite_weights(value, "a checkpoint of the value model", path)
     with atomic_directory(path) as tmp:
         save_model(policy, str(tmp / "policy.safetensors"))
         if value is not None:

@@ -151,10 +151,12 @@ def save_pretrained_atomic(model, tokenizer, out: str | Path) -> Path:
     """``save_pretrained`` (safetensors) into a temp dir beside ``out``, then rename.
 
     An interrupted save leaves no half-written model at ``out``; an existing ``out`` is
-    replaced only once the new one is complete.
+    replaced only once the new one is complete. A model with a non-finite weight is refused
+    (``InputError``): nothing NaN is ever saved as a model.
     """
-    from rlhflab.artifacts import atomic_directory
+    from rlhflab.artifacts import atomic_directory, check_finite_weights
 
+    check_finite_weights(model, "the model", out)
     with atomic_directory(out) as tmp:
         model.save_pretrained(str(tmp), safe_serialization=True)
         if tokenizer is not None:

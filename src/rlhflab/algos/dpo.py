@@ -48,9 +48,11 @@ from accelerate import Accelerator
 from rlhflab.algos.sft import (
     forward_options,
     fuse_activations,
+    grad_norm_of,
     length_groups,
     lr_lambda,
     response_logprobs,
+    stop_if_non_finite,
 )
 from rlhflab.data import Tokenized, collate_sft, render, tokenize_pair, tokenize_preference
 from rlhflab.distributed import make_accelerator
@@ -412,16 +414,19 @@ def train_dpo(cfg, model, reference, tokenizer, train: list, held_out: list,
                 kept.append([a.detach().float() for a in args])  # gather() wants no bools
             grad_norm = (accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
                          if cfg.max_grad_norm > 0 else torch.tensor(float("nan")))
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-
             # Metrics of the whole global batch: the same loss function on gathered values.
             gathered = [accelerator.gather(torch.cat([k[i] for k in kept])) for i in range(len(kept[0]))]
             if unpaired:
                 gathered[2] = gathered[2] > 0.5  # is_desirable back to bool
             with torch.no_grad():
                 step_loss, step_metrics = loss_fn(*gathered, z0, **hp) if unpaired else loss_fn(*gathered, **hp)
+            checked_norm = None if accelerator.scaler is not None else float(  # fp16: see train_sft
+                grad_norm if cfg.max_grad_norm > 0 else grad_norm_of(model.parameters()))
+            stop_if_non_finite(name if name == "dpo" else f"dpo ({name})", step, loss=step_loss.item(),
+                               grad_norm=checked_norm, lr=cfg.lr, lr_field="dpo.lr")
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
             metrics = {"train/loss": step_loss.item(), **step_metrics,
                        "train/lr": scheduler.get_last_lr()[0], "train/grad_norm": float(grad_norm)}
             if step % cfg.eval_every == 0 or step == total_steps:

@@ -32,7 +32,14 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
-from rlhflab.algos.sft import forward_options, fuse_activations, length_groups, lr_lambda
+from rlhflab.algos.sft import (
+    forward_options,
+    fuse_activations,
+    grad_norm_of,
+    length_groups,
+    lr_lambda,
+    stop_if_non_finite,
+)
 from rlhflab.data import render, tokenize_pair
 from rlhflab.distributed import make_accelerator
 from rlhflab.losses import bradley_terry_loss, plackett_luce_loss
@@ -296,10 +303,13 @@ def train_reward_model(cfg, model, tokenizer, train: list[Group], held_out: list
                                       n_pairs], dtype=torch.float64, device=accelerator.device)
             grad_norm = (accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
                          if cfg.max_grad_norm > 0 else torch.tensor(float("nan")))
+            sums = accelerator.reduce(sums, reduction="sum")
+            checked_norm = None if accelerator.scaler is not None else float(  # fp16: see train_sft
+                grad_norm if cfg.max_grad_norm > 0 else grad_norm_of(params))
+            stop_if_non_finite("rm", step, loss=sums[0].item() / n_units, grad_norm=checked_norm, lr=cfg.lr)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            sums = accelerator.reduce(sums, reduction="sum")
             metrics = {"rm/member": member, "train/loss": sums[0].item() / n_units,
                        "train/accuracy": sums[1].item() / max(1.0, sums[2].item()),
                        "train/lr": scheduler.get_last_lr()[0], "train/grad_norm": float(grad_norm),

@@ -30,6 +30,7 @@ from accelerate import Accelerator
 
 from rlhflab.data import Tokenized, render, tokenize_pair
 from rlhflab.distributed import make_accelerator
+from rlhflab.errors import InputError
 from rlhflab.logprobs import kept_token_logprobs
 from rlhflab.losses import sft_loss
 from rlhflab.packing import response_logp_sums, use_packing
@@ -51,6 +52,33 @@ def lr_lambda(schedule: str, warmup_steps: int, total_steps: int):
         }[schedule]
 
     return f
+
+
+class NonFiniteError(InputError):
+    """Training met a non-finite loss or gradient and stopped before the optimizer step
+    (so the weights are those of the last good step; nothing is saved). Exit code 2."""
+
+
+def grad_norm_of(params) -> torch.Tensor:
+    """The global L2 norm of the gradients of ``params`` (0 when none has one), unclipped."""
+    norms = [torch.linalg.vector_norm(p.grad.detach().float()) for p in params if p.grad is not None]
+    return torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
+
+
+def stop_if_non_finite(stage: str, step: int, *, loss: float | None = None, grad_norm: float | None = None,
+                       lr: float | None = None, lr_field: str | None = None, kept: str | None = None) -> None:
+    """Raise ``NonFiniteError`` (one line: the step, what went non-finite, the likely cause)
+    if ``loss`` or ``grad_norm`` is nan or infinite. Called after the backward and before
+    the optimizer step, on values every process shares, so all processes stop together."""
+    for what, value in (("loss", loss), ("gradient norm", grad_norm)):
+        if value is None or math.isfinite(value):
+            continue
+        cause = ("a non-finite input value (a margin, weight, reward or score of the data) or a learning "
+                 f"rate too high ({lr_field or stage + '.lr'}={lr:g})" if lr is not None else
+                 "a non-finite input value or a learning rate too high")
+        saved = f"; the last good checkpoint is kept in {kept}" if kept else "; no model was saved"
+        raise NonFiniteError(f"{stage} step {step}: the {what} is {value} (non-finite); training stopped "
+                             f"before the optimizer step{saved}. Likely cause: {cause}")
 
 
 def tokenize_rows(rows: list[dict], tokenizer, max_length: int) -> tuple[list[Tokenized], int]:
@@ -231,10 +259,14 @@ def train_sft(cfg, model, tokenizer, train: list[Tokenized], held_out: list[Toke
                 accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
                 if cfg.max_grad_norm > 0 else torch.tensor(float("nan"))
             )
+            train_loss = accelerator.reduce(nll_total, reduction="sum").item() / n_tokens
+            # fp16's loss scaler expects (and skips) overflowing gradients: check the loss only.
+            checked_norm = None if accelerator.scaler is not None else float(
+                grad_norm if cfg.max_grad_norm > 0 else grad_norm_of(model.parameters()))
+            stop_if_non_finite("sft", step, loss=train_loss, grad_norm=checked_norm, lr=cfg.lr)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            train_loss = accelerator.reduce(nll_total, reduction="sum").item() / n_tokens
             metrics = {"train/loss": train_loss, "train/lr": scheduler.get_last_lr()[0],
                        "train/grad_norm": float(grad_norm), "train/tokens": n_tokens}
             if step % cfg.eval_every == 0 or step == total_steps:
