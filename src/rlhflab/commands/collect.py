@@ -129,6 +129,7 @@ def policy_dir(path: str | Path) -> Path:
 
 
 def run(args) -> int:
+    from rlhflab.artifacts import check_out_file
     from rlhflab.data import write_jsonl
     from rlhflab.errors import InputError
     from rlhflab.models import load_causal_lm, load_tokenizer
@@ -138,6 +139,7 @@ def run(args) -> int:
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         raise InputError("exists; pass --overwrite to replace it", file=str(out))
+    check_out_file(out)  # under a regular file, or not writable: before the policy is loaded
     k = args.k or cfg.rm.k
     n = args.n_prompts or cfg.rm.n_prompts
     if k < 2 or n < 1:

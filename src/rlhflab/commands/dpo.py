@@ -198,7 +198,7 @@ def run_dpo(cfg: Config, out: Path, sft: Path, data: str | None = None, eval_dat
         tokenize_unpaired,
         train_dpo,
     )
-    from rlhflab.artifacts import check_out_dir, prepare_out_dir, write_json
+    from rlhflab.artifacts import check_out_dir, run_directory, write_json
     from rlhflab.commands.sample import print_samples
     from rlhflab.distributed import make_accelerator
     from rlhflab.errors import InputError
@@ -249,27 +249,27 @@ def run_dpo(cfg: Config, out: Path, sft: Path, data: str | None = None, eval_dat
                if on_world else None)
 
     accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        prepare_out_dir(out, overwrite)
-        save_config(cfg, out / "config.yaml")
-    accelerator.wait_for_everyone()
+    with run_directory(out, overwrite, accelerator) as work:  # the earlier run stays until the end
+        if accelerator.is_main_process:
+            save_config(cfg, work / "config.yaml")
+        accelerator.wait_for_everyone()
 
-    summary = train_dpo(d, policy, reference, tok, train, held, out, accelerator, monitor)
-    summary.update(stats)
-    summary.update({f"{k}_eval": v for k, v in held_stats.items()})
-    summary["data/source"] = source
-    if accelerator.is_main_process:
-        model = accelerator.unwrap_model(policy)
-        save_pretrained_atomic(model, tok, out / "model")
-        if monitor is not None:
-            summary.update(monitor.last)
-            summary.update(monitor.levels)
-            summary["gold/mean_sft"] = sum(monitor.sft_golds) / len(monitor.sft_golds)
-            if d.n_show > 0:
-                print_samples(monitor.completions[: d.n_show], monitor.prompts[: d.n_show],
-                              title=f"{d.loss} samples")
-        write_json(out / "metrics.json", summary)
-        _print_summary(summary)
+        summary = train_dpo(d, policy, reference, tok, train, held, work, accelerator, monitor)
+        summary.update(stats)
+        summary.update({f"{k}_eval": v for k, v in held_stats.items()})
+        summary["data/source"] = source
+        if accelerator.is_main_process:
+            model = accelerator.unwrap_model(policy)
+            save_pretrained_atomic(model, tok, work / "model")
+            if monitor is not None:
+                summary.update(monitor.last)
+                summary.update(monitor.levels)
+                summary["gold/mean_sft"] = sum(monitor.sft_golds) / len(monitor.sft_golds)
+                if d.n_show > 0:
+                    print_samples(monitor.completions[: d.n_show], monitor.prompts[: d.n_show],
+                                  title=f"{d.loss} samples")
+            write_json(work / "metrics.json", summary)
+            _print_summary(summary)
     accelerator.wait_for_everyone()
     return summary
 

@@ -109,7 +109,7 @@ def print_readings(metrics: dict, title: str = "instruments") -> None:
 
 
 def run(args) -> int:
-    from rlhflab.artifacts import check_out_dir, prepare_out_dir, write_json
+    from rlhflab.artifacts import check_out_dir, run_directory, write_json
     from rlhflab.config import save_config
     from rlhflab.diagnose import diagnose, format_findings
 
@@ -121,12 +121,12 @@ def run(args) -> int:
                                                  seed=args.seed)
     else:
         metrics, samples = evaluate_policy(cfg, args.policy, args.base, args.rm, args.n, args.seed)
-    prepare_out_dir(out, args.overwrite)
-    save_config(cfg, out / "config.yaml")
-    write_json(out / "eval.json", metrics)
-    write_json(out / "samples.json", samples)
     result = diagnose(metrics)
-    write_json(out / "diagnosis.json", result)
+    with run_directory(out, args.overwrite) as work:  # the earlier result stays until the new one is written
+        save_config(cfg, work / "config.yaml")
+        write_json(work / "eval.json", metrics)
+        write_json(work / "samples.json", samples)
+        write_json(work / "diagnosis.json", result)
     print_readings(metrics)
     print(format_findings(result))
     return 0

@@ -50,7 +50,7 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from rlhflab.artifacts import prepare_out_dir, write_json
+    from rlhflab.artifacts import check_out_dir, run_directory, write_json
     from rlhflab.config import save_config
     from rlhflab.data import load_jsonl
     from rlhflab.instruments.rm_eval import DEFAULT_KEYWORDS, evaluate_reward_model
@@ -61,20 +61,17 @@ def run(args) -> int:
     run_config = rm_dir / "config.yaml" if (rm_dir / "config.yaml").is_file() else rm_dir.parent / "config.yaml"
     config_path = args.config or (str(run_config) if run_config.is_file() else None)
     cfg = load_config(config_path, args.overrides)
+    out = check_out_dir(Path(args.out), args.overwrite)  # before any data is loaded
     rows = load_jsonl(args.data, "preference")
     votes_rows = load_jsonl(args.votes, "preference") if args.votes else None
     keywords = tuple(dict.fromkeys([*DEFAULT_KEYWORDS, *(w.strip() for w in args.keywords.split(",") if w.strip())]))
-    out = Path(args.out)
-    from rlhflab.artifacts import check_out_dir
-
-    check_out_dir(out, args.overwrite)
     rm = RewardModel.load(rm_dir)
     world = None if args.no_world else World(cfg.world)
     result = evaluate_reward_model(rm, rows, world=world, keywords=keywords, votes_rows=votes_rows, seed=args.seed)
     result = {"rm": str(rm_dir), "data": str(args.data), **result}
-    prepare_out_dir(out, args.overwrite)
-    save_config(cfg, out / "config.yaml")
-    write_json(out / "rm_eval.json", result)
+    with run_directory(out, args.overwrite) as work:  # the earlier result stays until the new one is written
+        save_config(cfg, work / "config.yaml")
+        write_json(work / "rm_eval.json", result)
     print_table(result)
     return 0
 

@@ -116,8 +116,8 @@ def run_rl(cfg, algo: str, out: Path, *, sft: str, rm: str | None = None, reward
     """One online RL run end to end; returns the summary (also ``out/metrics.json``)."""
     from accelerate.utils import set_seed
 
-    from rlhflab.algos.online import OnlineRun, check_layout, resolve_rl_config
-    from rlhflab.artifacts import check_out_dir, prepare_out_dir, write_json
+    from rlhflab.algos.online import check_layout, resolve_rl_config
+    from rlhflab.artifacts import check_out_dir, run_directory, write_json
     from rlhflab.checkpoint import read_state
     from rlhflab.distributed import make_accelerator
     from rlhflab.models import load_causal_lm, load_tokenizer
@@ -158,16 +158,28 @@ def run_rl(cfg, algo: str, out: Path, *, sft: str, rm: str | None = None, reward
     value = _make_value_model(cfg, policy, tok, rm) if algo == "ppo" else None
 
     accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        if resume:
+    if resume:  # continue in place: the checkpoint is this run's own
+        if accelerator.is_main_process:
             _truncate_metrics(out / "metrics.jsonl", ckpt_state["step"])
-        else:
-            prepare_out_dir(out, overwrite)
-            save_config(cfg, out / "config.yaml")
-            write_json(out / "run.json", {
+        accelerator.wait_for_everyone()
+        return _train(cfg, algo, accelerator, policy, reference, tok, reward, prompt_pool, value, out, world,
+                      eval_prompts, resume=True)
+    # A first run writes in place (killed, it can be resumed; failed, it is kept only if it holds
+    # a checkpoint); a replacement is written beside the earlier run, which stays until the end.
+    with run_directory(out, overwrite, accelerator, keep="checkpoint") as work:
+        if accelerator.is_main_process:
+            save_config(cfg, work / "config.yaml")
+            write_json(work / "run.json", {
                 "algo": algo, "sft": str(Path(sft).resolve()), "rm": str(Path(rm).resolve()) if rm else None,
                 "reward_fns": list(reward_fns), "prompts": str(Path(prompts).resolve()) if prompts else None})
-    accelerator.wait_for_everyone()
+        accelerator.wait_for_everyone()
+        return _train(cfg, algo, accelerator, policy, reference, tok, reward, prompt_pool, value, work, world,
+                      eval_prompts)
+
+
+def _train(cfg, algo, accelerator, policy, reference, tok, reward, prompt_pool, value, out: Path, world,
+           eval_prompts, resume: bool = False) -> dict:
+    from rlhflab.algos.online import OnlineRun
 
     run = OnlineRun(cfg, algo, accelerator, policy, reference, tok, reward, prompt_pool, value_model=value,
                     out_dir=out, world=world if eval_prompts else None, eval_prompts=eval_prompts)

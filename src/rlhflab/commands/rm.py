@@ -19,7 +19,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from rlhflab.config import Config, add_config_arguments, config_from_args, save_config
+from rlhflab.config import (
+    Config,
+    add_config_arguments,
+    check_section,
+    config_from_args,
+    save_config,
+)
 from rlhflab.errors import InputError
 
 
@@ -47,7 +53,7 @@ def run(args) -> int:
                        ("backbone", "backbone")):
         if getattr(args, flag) is not None:
             setattr(cfg.rm, name, getattr(args, flag))
-    cfg.rm.__post_init__()  # re-check values set from flags
+    check_section(cfg.rm, "rm")  # re-check values set from flags
     run_rm(cfg, Path(args.out), sft=args.sft, data=args.data, eval_data=args.eval_data,
            world_pairs=args.world_pairs, overwrite=args.overwrite)
     return 0
@@ -128,7 +134,7 @@ def run_rm(cfg: Config, out: Path, *, sft: str | None = None, data: str | None =
     from accelerate.utils import set_seed
 
     from rlhflab.algos.reward_model import rows_to_groups, tokenize_groups, train_reward_model
-    from rlhflab.artifacts import check_out_dir, prepare_out_dir, write_json
+    from rlhflab.artifacts import check_out_dir, run_directory, write_json
     from rlhflab.data import load_jsonl, write_jsonl
     from rlhflab.distributed import make_accelerator
     from rlhflab.instruments.rm_eval import pairwise_accuracy
@@ -157,79 +163,79 @@ def run_rm(cfg: Config, out: Path, *, sft: str | None = None, data: str | None =
     tok = load_rm_tokenizer(backbone, cfg.model.trust_remote_code)
     max_length = min(rm.max_length, _positions(backbone, cfg.model.trust_remote_code) or rm.max_length)
     accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        prepare_out_dir(out, overwrite)
-        save_config(cfg, out / "config.yaml")
-    accelerator.wait_for_everyone()
-
-    counts: dict = {}
-    if train_rows is None:
-        # World data is made on the main process, written, and read back by every process.
+    with run_directory(out, overwrite, accelerator) as work:  # the earlier run stays until the end
         if accelerator.is_main_process:
-            (out / "data").mkdir()
-            if world_pairs:
-                tr = world.preference_pairs(cfg.world.n_preferences, "pref")
-                ev = world.preference_pairs(max(1, cfg.world.n_preferences // 5), "pref_eval")
-            else:
-                tr, ev, counts = collect_world_data(cfg, world, sft_dir)
-            write_jsonl(out / "data" / "train.jsonl", tr)
-            write_jsonl(out / "data" / "eval.jsonl", ev)
+            save_config(cfg, work / "config.yaml")
         accelerator.wait_for_everyone()
-        train_rows = load_jsonl(out / "data" / "train.jsonl", "preference")
-        eval_rows = load_jsonl(out / "data" / "eval.jsonl", "preference")
-    train, data_counts = rows_to_groups(train_rows, weights=rm.weights, margin_scale=rm.margin_scale,
-                                        min_agreement=rm.min_agreement)
-    counts.update(data_counts)
-    if eval_rows is None:
-        train, held = _split_held_out(train, rm.eval_fraction)
-    else:
-        held, _ = rows_to_groups(eval_rows)
-    if not train:
-        raise InputError("no comparisons left to train on", file=data)
-    try:
-        n_trunc = tokenize_groups(train, tok, max_length)
-        tokenize_groups(held, tok, max_length)
-    except InputError as err:
-        raise InputError(err.reason, file=data or err.file) from None
-    if len(train) < rm.batch_size:
-        raise InputError(f"{len(train)} comparison groups are fewer than one batch (rm.batch_size={rm.batch_size})",
-                         file=data)
 
-    members, member_summaries = [], []
-    for i in range(rm.ensemble):
-        set_seed(rm.seed + i)
-        model, tok = create_reward_model(backbone, seed=rm.seed + i, trust_remote_code=cfg.model.trust_remote_code)
-        s = train_reward_model(rm, model, tok, train, held, out, accelerator, seed=rm.seed + i, member=i)
-        members.append(accelerator.unwrap_model(model).cpu())
-        member_summaries.append(s)
-        accelerator.free_memory()
+        counts: dict = {}
+        if train_rows is None:
+            # World data is made on the main process, written, and read back by every process.
+            if accelerator.is_main_process:
+                (work / "data").mkdir()
+                if world_pairs:
+                    tr = world.preference_pairs(cfg.world.n_preferences, "pref")
+                    ev = world.preference_pairs(max(1, cfg.world.n_preferences // 5), "pref_eval")
+                else:
+                    tr, ev, counts = collect_world_data(cfg, world, sft_dir)
+                write_jsonl(work / "data" / "train.jsonl", tr)
+                write_jsonl(work / "data" / "eval.jsonl", ev)
+            accelerator.wait_for_everyone()
+            train_rows = load_jsonl(work / "data" / "train.jsonl", "preference")
+            eval_rows = load_jsonl(work / "data" / "eval.jsonl", "preference")
+        train, data_counts = rows_to_groups(train_rows, weights=rm.weights, margin_scale=rm.margin_scale,
+                                            min_agreement=rm.min_agreement)
+        counts.update(data_counts)
+        if eval_rows is None:
+            train, held = _split_held_out(train, rm.eval_fraction)
+        else:
+            held, _ = rows_to_groups(eval_rows)
+        if not train:
+            raise InputError("no comparisons left to train on", file=data)
+        try:
+            n_trunc = tokenize_groups(train, tok, max_length)
+            tokenize_groups(held, tok, max_length)
+        except InputError as err:
+            raise InputError(err.reason, file=data or err.file) from None
+        if len(train) < rm.batch_size:
+            raise InputError(f"{len(train)} comparison groups are fewer than one batch (rm.batch_size={rm.batch_size})",
+                             file=data)
 
-    summary: dict = {"rm/ensemble": rm.ensemble, "data/source": data or ("world_pairs" if world_pairs else "collected"),
-                     "data/truncated": n_trunc, "data/eval_groups": len(held), "data/max_length": max_length,
-                     "model/backbone": str(backbone), "model/parameters": count_parameters(members[0]),
-                     "train/seconds": sum(s["train/seconds"] for s in member_summaries), **counts}
-    if accelerator.is_main_process:
-        reward_model = RewardModel(members, tok, max_length=max_length)
-        ps, rs, es, ref_kind = reference_texts(cfg, world, sft_dir, train_rows, tok,
-                                               from_world=data is None)
-        raw = reward_model.raw_member_scores(ps, rs, eos=es)
-        for m in range(rm.ensemble):
-            reward_model.gains[m], reward_model.biases[m] = normalization(raw[m])
-        reward_model.meta = {"backbone": str(backbone), "loss": rm.loss, "seed": rm.seed,
-                             "normalization": {"reference": ref_kind, "n": len(rs),
-                                               "raw_mean": raw.mean(1).tolist(),
-                                               "raw_std": raw.std(1, unbiased=False).tolist()}}
-        reward_model.save(out / "model")
-        summary.update({"normalization/reference": ref_kind, "normalization/n": len(rs)})
-        if held:
-            summary["eval/accuracy"] = pairwise_accuracy(reward_model, _rows_of(held))
-            summary["eval/accuracy_member_mean"] = sum(s["eval/accuracy"] for s in member_summaries) / rm.ensemble
-        summary["members"] = member_summaries
-        for key in ("train/loss", "train/accuracy", "eval/loss", "eval/loss_initial", "eval/accuracy_initial"):
-            if key in member_summaries[0]:
-                summary[key] = sum(s[key] for s in member_summaries) / rm.ensemble
-        write_json(out / "metrics.json", summary)
-        _print_summary(summary)
+        members, member_summaries = [], []
+        for i in range(rm.ensemble):
+            set_seed(rm.seed + i)
+            model, tok = create_reward_model(backbone, seed=rm.seed + i, trust_remote_code=cfg.model.trust_remote_code)
+            s = train_reward_model(rm, model, tok, train, held, work, accelerator, seed=rm.seed + i, member=i)
+            members.append(accelerator.unwrap_model(model).cpu())
+            member_summaries.append(s)
+            accelerator.free_memory()
+
+        summary: dict = {"rm/ensemble": rm.ensemble, "data/source": data or ("world_pairs" if world_pairs else "collected"),
+                         "data/truncated": n_trunc, "data/eval_groups": len(held), "data/max_length": max_length,
+                         "model/backbone": str(backbone), "model/parameters": count_parameters(members[0]),
+                         "train/seconds": sum(s["train/seconds"] for s in member_summaries), **counts}
+        if accelerator.is_main_process:
+            reward_model = RewardModel(members, tok, max_length=max_length)
+            ps, rs, es, ref_kind = reference_texts(cfg, world, sft_dir, train_rows, tok,
+                                                   from_world=data is None)
+            raw = reward_model.raw_member_scores(ps, rs, eos=es)
+            for m in range(rm.ensemble):
+                reward_model.gains[m], reward_model.biases[m] = normalization(raw[m])
+            reward_model.meta = {"backbone": str(backbone), "loss": rm.loss, "seed": rm.seed,
+                                 "normalization": {"reference": ref_kind, "n": len(rs),
+                                                   "raw_mean": raw.mean(1).tolist(),
+                                                   "raw_std": raw.std(1, unbiased=False).tolist()}}
+            reward_model.save(work / "model")
+            summary.update({"normalization/reference": ref_kind, "normalization/n": len(rs)})
+            if held:
+                summary["eval/accuracy"] = pairwise_accuracy(reward_model, _rows_of(held))
+                summary["eval/accuracy_member_mean"] = sum(s["eval/accuracy"] for s in member_summaries) / rm.ensemble
+            summary["members"] = member_summaries
+            for key in ("train/loss", "train/accuracy", "eval/loss", "eval/loss_initial", "eval/accuracy_initial"):
+                if key in member_summaries[0]:
+                    summary[key] = sum(s[key] for s in member_summaries) / rm.ensemble
+            write_json(work / "metrics.json", summary)
+            _print_summary(summary)
     accelerator.wait_for_everyone()
     return summary
 

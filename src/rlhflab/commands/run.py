@@ -94,8 +94,30 @@ def print_final_table(evals: dict[str, dict]) -> None:
     Console(width=130).print(table)
 
 
+def retarget_paths(work: Path, final: Path) -> None:
+    """Before a job written in ``work`` is renamed to ``final``: the paths its stages
+    recorded under ``work`` (run.json's inputs, metrics, the report's title) are rewritten to
+    ``final``, so resuming an arm or reading a record finds them."""
+    if Path(work) == Path(final):
+        return
+    pairs = sorted({(str(Path(work).resolve()), str(Path(final).resolve())),
+                    (str(Path(work).absolute()), str(Path(final).absolute())),
+                    (str(work), str(final))}, key=lambda x: -len(x[0]))
+    for path in Path(work).rglob("*"):
+        if path.suffix not in (".json", ".html", ".yaml") or not path.is_file():
+            continue
+        text = path.read_text(encoding="utf-8")
+        new = text
+        for a, b in pairs:
+            new = new.replace(a, b)
+        if new != text:
+            tmp = path.with_name(f".{path.name}.tmp")
+            tmp.write_text(new, encoding="utf-8")
+            tmp.replace(path)
+
+
 def run(args) -> int:
-    from rlhflab.artifacts import prepare_out_dir, write_json
+    from rlhflab.artifacts import check_out_dir, run_directory, write_json
     from rlhflab.commands.rm import run_rm
     from rlhflab.commands.sft import run_sft
     from rlhflab.config import save_config
@@ -110,41 +132,46 @@ def run(args) -> int:
         unknown = set(cfg.run.bandit_algos) - set(algorithms())
         if unknown:
             raise InputError(f"unknown bandit algorithm(s): {', '.join(sorted(unknown))}", field="run.bandit_algos")
-    out = prepare_out_dir(Path(args.out), args.overwrite)
-    save_config(cfg, out / "config.yaml")
-    seconds: dict[str, float] = {}
-    summary: dict = {"seconds": seconds}
+    final = Path(args.out)
+    check_out_dir(final, args.overwrite)
+    # A first run writes in place (its finished stages stay if a later one fails); with
+    # --overwrite the whole job is written beside the earlier run, which stays until the end.
+    with run_directory(final, args.overwrite, keep="summary.json") as out:
+        save_config(cfg, out / "config.yaml")
+        seconds: dict[str, float] = {}
+        summary: dict = {"seconds": seconds}
 
-    def stage(name: str, fn):
-        t = time.perf_counter()
-        print(f"[run] {name} ...", flush=True)
-        result = fn()
-        seconds[name] = time.perf_counter() - t
-        summary[name] = result
-        write_json(out / "summary.json", summary)  # progress survives an interruption
-        return result
+        def stage(name: str, fn):
+            t = time.perf_counter()
+            print(f"[run] {name} ...", flush=True)
+            result = fn()
+            seconds[name] = time.perf_counter() - t
+            summary[name] = result
+            write_json(out / "summary.json", summary)  # progress survives an interruption
+            return result
 
-    stage("world", lambda: export_world(cfg, out / "world"))
-    stage("sft", lambda: run_sft(copy.deepcopy(cfg), out / "sft"))
-    stage("rm", lambda: run_rm(copy.deepcopy(cfg), out / "rm", sft=str(out / "sft")))
-    stage("rm_eval", lambda: _eval_rm(cfg, out))
-    for arm in cfg.run.arms:
-        stage(arm, lambda arm=arm: train_arm(cfg, arm, out, out / "sft", out / "rm"))
-    evals = {}
-    for arm in cfg.run.arms:
-        evals[arm] = stage(f"eval_{arm}", lambda arm=arm: evaluate_arm(cfg, arm, out, out / "sft", out / "rm"))
-    if cfg.run.bandit_algos:
-        from rlhflab.commands.sweep import bandit_frontier
+        stage("world", lambda: export_world(cfg, out / "world"))
+        stage("sft", lambda: run_sft(copy.deepcopy(cfg), out / "sft"))
+        stage("rm", lambda: run_rm(copy.deepcopy(cfg), out / "rm", sft=str(out / "sft")))
+        stage("rm_eval", lambda: _eval_rm(cfg, out))
+        for arm in cfg.run.arms:
+            stage(arm, lambda arm=arm: train_arm(cfg, arm, out, out / "sft", out / "rm"))
+        evals = {}
+        for arm in cfg.run.arms:
+            evals[arm] = stage(f"eval_{arm}", lambda arm=arm: evaluate_arm(cfg, arm, out, out / "sft", out / "rm"))
+        if cfg.run.bandit_algos:
+            from rlhflab.commands.sweep import bandit_frontier
 
-        def frontier() -> dict:
-            result = bandit_frontier(list(cfg.run.bandit_algos), [float(b) for b in cfg.run.bandit_betas])
-            write_json(out / "bandit_frontier.json", result)
-            return result["measured"]
+            def frontier() -> dict:
+                result = bandit_frontier(list(cfg.run.bandit_algos), [float(b) for b in cfg.run.bandit_betas])
+                write_json(out / "bandit_frontier.json", result)
+                return result["measured"]
 
-        stage("bandit_frontier", frontier)
-    path = stage("report", lambda: str(build_run_report(out, list(cfg.run.arms))))
+            stage("bandit_frontier", frontier)
+        path = stage("report", lambda: str(build_run_report(out, list(cfg.run.arms))))
+        retarget_paths(out, final)
     print_final_table(evals)
-    print(f"[run] done in {sum(seconds.values()):.0f}s; report: {path}")
+    print(f"[run] done in {sum(seconds.values()):.0f}s; report: {final / Path(path).name}")
     return 0
 
 

@@ -53,7 +53,7 @@ def run_sft(cfg: Config, out: Path, data: str | None = None, eval_data: str | No
     from accelerate.utils import set_seed
 
     from rlhflab.algos.sft import tokenize_rows, train_sft
-    from rlhflab.artifacts import check_out_dir, prepare_out_dir, write_json
+    from rlhflab.artifacts import check_out_dir, run_directory, write_json
     from rlhflab.commands.sample import print_samples
     from rlhflab.distributed import make_accelerator
     from rlhflab.instruments.policy_eval import measure_policy_on_world
@@ -69,33 +69,33 @@ def run_sft(cfg: Config, out: Path, data: str | None = None, eval_data: str | No
     train, n_trunc = tokenize_rows(train_rows, tok, cfg.sft.max_length)
     held, n_trunc_eval = tokenize_rows(eval_rows, tok, cfg.sft.max_length)
     accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        prepare_out_dir(out, overwrite)
-        save_config(cfg, out / "config.yaml")
-    accelerator.wait_for_everyone()
+    with run_directory(out, overwrite, accelerator) as work:  # the earlier run stays until the end
+        if accelerator.is_main_process:
+            save_config(cfg, work / "config.yaml")
+        accelerator.wait_for_everyone()
 
-    summary = train_sft(cfg.sft, model, tok, train, held, out, accelerator)
-    summary.update({"data/truncated": n_trunc, "data/truncated_eval": n_trunc_eval,
-                    "model/parameters": count_parameters(model),
-                    "data/source": data or "world"})
-    if accelerator.is_main_process:
-        policy = accelerator.unwrap_model(model)
-        save_pretrained_atomic(policy, tok, out / "model")
-        if data is None:
-            prompts = world.prompts(cfg.sft.n_samples, "eval")
-            measured, completions = measure_policy_on_world(policy, tok, world, prompts, cfg.generation)
-            summary.update(measured)
-            print_samples(completions[: cfg.sft.n_show], prompts[: cfg.sft.n_show], title="SFT samples")
-        else:
-            from rlhflab.sampling import sample
+        summary = train_sft(cfg.sft, model, tok, train, held, work, accelerator)
+        summary.update({"data/truncated": n_trunc, "data/truncated_eval": n_trunc_eval,
+                        "model/parameters": count_parameters(model),
+                        "data/source": data or "world"})
+        if accelerator.is_main_process:
+            policy = accelerator.unwrap_model(model)
+            save_pretrained_atomic(policy, tok, work / "model")
+            if data is None:
+                prompts = world.prompts(cfg.sft.n_samples, "eval")
+                measured, completions = measure_policy_on_world(policy, tok, world, prompts, cfg.generation)
+                summary.update(measured)
+                print_samples(completions[: cfg.sft.n_show], prompts[: cfg.sft.n_show], title="SFT samples")
+            else:
+                from rlhflab.sampling import sample
 
-            g = cfg.generation
-            completions = sample(policy, tok, [r["prompt"] for r in eval_rows[: cfg.sft.n_show]
-                                               if isinstance(r["prompt"], str)],
-                                 temperature=g.temperature, max_new_tokens=g.max_new_tokens)
-            print_samples(completions, None, title="SFT samples")
-        write_json(out / "metrics.json", summary)
-        _print_summary(summary)
+                g = cfg.generation
+                completions = sample(policy, tok, [r["prompt"] for r in eval_rows[: cfg.sft.n_show]
+                                                   if isinstance(r["prompt"], str)],
+                                     temperature=g.temperature, max_new_tokens=g.max_new_tokens)
+                print_samples(completions, None, title="SFT samples")
+            write_json(work / "metrics.json", summary)
+            _print_summary(summary)
     accelerator.wait_for_everyone()
     return summary
 

@@ -81,7 +81,7 @@ def frontier_page(title: str, series: dict, points: dict, xlabel: str, ylabel: s
 
 
 def run(args) -> int:
-    from rlhflab.artifacts import check_out_dir, prepare_out_dir, write_json
+    from rlhflab.artifacts import check_out_dir, run_directory, write_json
     from rlhflab.report.html import write_page
 
     cfg = config_from_args(args)
@@ -90,19 +90,26 @@ def run(args) -> int:
     out = check_out_dir(Path(args.out), args.overwrite)
     if args.bandit:
         result = bandit_frontier(algos, betas, args.seed)
-        prepare_out_dir(out, args.overwrite)
-        write_json(out / "bandit_frontier.json", result)
-        series = {"exact pi* frontier": ([r["kl"] for r in result["exact"]], [r["reward"] for r in result["exact"]])}
-        points = {a: ([r["kl"] for r in rs], [r["reward"] for r in rs]) for a, rs in result["measured"].items()}
-        rows = [[a, r["beta"], r["kl"], r["reward"]] for a, rs in result["measured"].items() for r in rs]
-        write_page(out / "frontier.html", frontier_page("bandit: reward-KL frontier", series, points,
-                                                        "KL(pi || pi_ref)", "expected reward", rows,
-                                                        ["algo", "beta", "KL", "E[R]"]))
+        with run_directory(out, args.overwrite) as work:
+            write_json(work / "bandit_frontier.json", result)
+            series = {"exact pi* frontier": ([r["kl"] for r in result["exact"]], [r["reward"] for r in result["exact"]])}
+            points = {a: ([r["kl"] for r in rs], [r["reward"] for r in rs]) for a, rs in result["measured"].items()}
+            rows = [[a, r["beta"], r["kl"], r["reward"]] for a, rs in result["measured"].items() for r in rs]
+            write_page(work / "frontier.html", frontier_page("bandit: reward-KL frontier", series, points,
+                                                            "KL(pi || pi_ref)", "expected reward", rows,
+                                                            ["algo", "beta", "KL", "E[R]"]))
         for a, r in ((a, r) for a, rs in result["measured"].items() for r in rs):
             print(f"{a:12s} beta={r['beta']:<8g} KL={r['kl']:.4f}  E[R]={r['reward']:.4f}")
         return 0
 
-    from rlhflab.commands.run import OFFLINE, ONLINE, check_arms, evaluate_arm, train_arm
+    from rlhflab.commands.run import (
+        OFFLINE,
+        ONLINE,
+        check_arms,
+        evaluate_arm,
+        retarget_paths,
+        train_arm,
+    )
 
     check_arms(algos)
     if not args.sft or not args.rm:
@@ -111,34 +118,36 @@ def run(args) -> int:
     for path, flag in ((sft, "--sft"), (rm, "--rm")):
         if not path.is_dir():
             raise InputError(f"{flag}: directory not found", file=str(path))
-    prepare_out_dir(out, args.overwrite)
-    rows = []
-    for algo in algos:
-        for beta in betas:
-            arm_cfg = copy.deepcopy(cfg)
-            if algo in ONLINE:
-                arm_cfg.rl.beta = beta
-            elif algo in OFFLINE:
-                arm_cfg.dpo.beta = beta
-            name = f"{algo}_beta{beta:g}"
-            arm_dir = out / name
-            arm_dir.mkdir()
-            train_arm(arm_cfg, algo, arm_dir, sft, rm)
-            # train_arm writes into arm_dir / algo; evaluate it there.
-            m = evaluate_arm(arm_cfg, algo, arm_dir, sft, rm)
-            rows.append({"algo": algo, "beta": beta, "kl": m.get("kl/sequence_mean"), "gold": m.get("gold/mean"),
-                         "proxy": m.get("rm/score_mean"), "win_rate": m.get("win_rate/gold"),
-                         "length": m.get("length/mean"), "dir": str(arm_dir / algo)})
-            write_json(out / "frontier.json", rows)
-    series = {}
-    points = {f"{a} gold": ([r["kl"] for r in rows if r["algo"] == a], [r["gold"] for r in rows if r["algo"] == a])
-              for a in algos}
-    points.update({f"{a} proxy": ([r["kl"] for r in rows if r["algo"] == a],
-                                  [r["proxy"] for r in rows if r["algo"] == a]) for a in algos})
-    table_rows = [[r["algo"], r["beta"], r["kl"], r["gold"], r["proxy"], r["win_rate"], r["length"]] for r in rows]
-    write_page(out / "frontier.html", frontier_page("world: gold and proxy against KL", series, points,
-                                                    "KL from SFT (nats)", "score", table_rows,
-                                                    ["algo", "beta", "KL", "gold", "RM score", "win-rate", "length"]))
+    # The earlier sweep stays until this one is complete; a first one keeps its finished arms.
+    with run_directory(out, args.overwrite, keep="frontier.json") as work:
+        rows = []
+        for algo in algos:
+            for beta in betas:
+                arm_cfg = copy.deepcopy(cfg)
+                if algo in ONLINE:
+                    arm_cfg.rl.beta = beta
+                elif algo in OFFLINE:
+                    arm_cfg.dpo.beta = beta
+                name = f"{algo}_beta{beta:g}"
+                arm_dir = work / name
+                arm_dir.mkdir()
+                train_arm(arm_cfg, algo, arm_dir, sft, rm)
+                # train_arm writes into arm_dir / algo; evaluate it there.
+                m = evaluate_arm(arm_cfg, algo, arm_dir, sft, rm)
+                rows.append({"algo": algo, "beta": beta, "kl": m.get("kl/sequence_mean"), "gold": m.get("gold/mean"),
+                             "proxy": m.get("rm/score_mean"), "win_rate": m.get("win_rate/gold"),
+                             "length": m.get("length/mean"), "dir": str(arm_dir / algo)})
+                write_json(work / "frontier.json", rows)
+        series = {}
+        points = {f"{a} gold": ([r["kl"] for r in rows if r["algo"] == a], [r["gold"] for r in rows if r["algo"] == a])
+                  for a in algos}
+        points.update({f"{a} proxy": ([r["kl"] for r in rows if r["algo"] == a],
+                                      [r["proxy"] for r in rows if r["algo"] == a]) for a in algos})
+        table_rows = [[r["algo"], r["beta"], r["kl"], r["gold"], r["proxy"], r["win_rate"], r["length"]] for r in rows]
+        write_page(work / "frontier.html", frontier_page("world: gold and proxy against KL", series, points,
+                                                        "KL from SFT (nats)", "score", table_rows,
+                                                        ["algo", "beta", "KL", "gold", "RM score", "win-rate", "length"]))
+        retarget_paths(work, out)  # the arms' recorded paths, as they will be after the rename
     for r in rows:
         print(f"{r['algo']:8s} beta={r['beta']:<8g} KL={r['kl']:.2f}  gold={r['gold']:.3f}  proxy={r['proxy']:.3f}")
     return 0
