@@ -30,6 +30,9 @@ import torch
 
 # Models that passed (True) or failed (False) the check of ``can_pack``, by module.
 _VERDICTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# model -> False once its forward has refused a boolean (R, T) ``logits_to_keep`` (transformers
+# before 5.21 slices with it as an index: only an int or 1-D indices)
+_BOOL_KEEP: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 # Relative tolerance of the check: float32 rounding of a different summation order.
 CHECK_RTOL = 1e-4
 
@@ -120,26 +123,29 @@ def packed_logits(model, packed: Packed, first: Sequence[int] | torch.Tensor
     with the token ids (K,), the sequence (K,) and the token's offset from ``first`` (K,).
 
     The logits at position t predict token t + 1; they are computed only where they are
-    read (a boolean ``logits_to_keep`` when the model's forward takes it), and no KV cache
-    is built."""
+    read (a boolean ``logits_to_keep`` when the model's forward takes one: transformers 5.21
+    and later; before, every position's, then read), and no KV cache is built."""
     from rlhflab.algos.sft import forward_options
 
     options = forward_options(model)
     first = torch.as_tensor(first, dtype=torch.long, device=packed.row.device).clamp(min=1)
     r, c, seq = packed.positions(first)
     kwargs = {"use_cache": False} if options["use_cache"] else {}
-    if options["logits_to_keep"]:
+    inputs = dict(input_ids=packed.input_ids, position_ids=packed.position_ids, attention_mask=packed.attention_mask)
+    if options["logits_to_keep"] and _BOOL_KEEP.get(_module(model), True):
         keep = torch.zeros_like(packed.input_ids, dtype=torch.bool)
         keep[r, c - 1] = True
-        kwargs["logits_to_keep"] = keep
-    logits = model(input_ids=packed.input_ids, position_ids=packed.position_ids,
-                   attention_mask=packed.attention_mask, **kwargs).logits
-    if options["logits_to_keep"]:
-        # The kept logits come flat, in row-major order of ``keep``: rank each needed position.
-        rank = keep.flatten().cumsum(0) - 1
-        logits = logits.reshape(-1, logits.shape[-1])[rank[r * keep.shape[1] + c - 1]]
-    else:
-        logits = logits[r, c - 1]
+        try:
+            logits = model(**inputs, **kwargs, logits_to_keep=keep).logits
+        except (IndexError, TypeError, RuntimeError):
+            _BOOL_KEEP[_module(model)] = False  # this release takes no boolean mask: every position
+        else:
+            _BOOL_KEEP[_module(model)] = True
+            # The kept logits come flat, in row-major order of ``keep``: rank each needed position.
+            rank = keep.flatten().cumsum(0) - 1
+            logits = logits.reshape(-1, logits.shape[-1])[rank[r * keep.shape[1] + c - 1]]
+            return logits, packed.input_ids[r, c], seq, c - packed.start[seq] - first[seq]
+    logits = model(**inputs, **kwargs).logits[r, c - 1]
     return logits, packed.input_ids[r, c], seq, c - packed.start[seq] - first[seq]
 
 

@@ -147,6 +147,37 @@ def test_packed_pass_without_logits_to_keep_gives_the_same(setup, monkeypatch):
     assert_close(kept.detach(), full.detach(), tol=1e-5)
 
 
+class IntKeepOnly(torch.nn.Module):
+    """A causal LM whose ``logits_to_keep`` takes an int or 1-D indices only, as
+    transformers' models before 5.21 (a boolean (R, T) mask raises IndexError there)."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.config = inner, inner.config
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, use_cache=None, logits_to_keep=0):
+        if isinstance(logits_to_keep, torch.Tensor) and logits_to_keep.dim() > 1:
+            raise IndexError("too many indices for tensor of dimension 3")
+        return self.inner(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                          use_cache=use_cache, logits_to_keep=logits_to_keep)
+
+
+def test_a_model_that_refuses_a_boolean_logits_to_keep_still_packs(setup):
+    """The first packed pass finds out and reads every position's logits from then on: the
+    same log-probs, and the model still passes the packing check."""
+    from rlhflab.packing import _BOOL_KEEP, can_pack
+
+    cfg, _, tok, _, seqs = setup
+    inner = models(cfg, tok)["gpt2"]
+    model = IntKeepOnly(inner)
+    p = pack([s.input_ids for s in seqs], tok.pad_token_id)
+    got = packed_response_logps(model, p, [s.n_prompt for s in seqs])
+    assert _BOOL_KEEP[model] is False
+    want = packed_response_logps(inner, p, [s.n_prompt for s in seqs])
+    assert_close(got.detach(), want.detach(), tol=1e-5)
+    assert can_pack(model, pad_id=tok.pad_token_id)
+
+
 class IgnoresMask(torch.nn.Module):
     """A causal LM that drops the attention mask and position ids (as flash-attention
     kernels without varlen support do): packing would leak attention across sequences."""
