@@ -408,6 +408,25 @@ class Config:
 # Loading, overriding, saving
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML as a preset means it: only true and false are booleans (as in YAML 1.2), so
+    ``mixed_precision: no`` is the word "no", not False; bool fields still take the YAML 1.1
+    words yes/no/on/off (``_check_type``)."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                              list("tTfF"))
+_BOOL_WORDS = {"yes": True, "on": True, "no": False, "off": False}
+
+
+def _yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)
+
+
 def _key_lines(text: str, source: str | None = None, prefix: str = "", numbered: bool = True) -> dict[str, int]:
     """Dotted key -> 1-based line in a YAML text, for error messages.
 
@@ -433,7 +452,7 @@ def _key_lines(text: str, source: str | None = None, prefix: str = "", numbered:
             walk(v, key + ".", path)
 
     try:
-        walk(yaml.compose(text), prefix, frozenset())
+        walk(yaml.compose(text, Loader=_Loader), prefix, frozenset())
     except yaml.YAMLError:
         pass
     return lines
@@ -464,6 +483,8 @@ def _check_type(value: Any, tp: Any) -> Any:
             return float(value)
         except ValueError:
             raise TypeError("float") from None
+    if tp is bool and isinstance(value, str) and value.lower() in _BOOL_WORDS:
+        return _BOOL_WORDS[value.lower()]
     if tp is int and isinstance(value, int) and not isinstance(value, bool):
         return value
     if tp in (str, bool, dict, list) and isinstance(value, tp):
@@ -471,13 +492,18 @@ def _check_type(value: Any, tp: Any) -> Any:
     raise TypeError(getattr(tp, "__name__", str(tp)))
 
 
+@functools.cache
+def _fields_of(cls: type) -> tuple[dict[str, Any], dict[str, dataclasses.Field]]:
+    """(type hints, fields) of a config dataclass: resolved once, not on every load."""
+    return typing.get_type_hints(cls), {f.name: f for f in dataclasses.fields(cls)}
+
+
 def _build(cls: type, data: Any, prefix: str, source: str, lines: dict[str, int]) -> Any:
     """An instance of config dataclass ``cls`` from a mapping: every key known, every value of
     its field's type and in its field's domain; errors name ``source``, the line and the field."""
     if not isinstance(data, dict):
         raise InputError("expected a mapping", file=source, line=lines.get(prefix[:-1]), field=prefix[:-1] or None)
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints, fields = _fields_of(cls)
     kwargs = {}
     for key, value in data.items():
         name = f"{prefix}{key}"
@@ -531,7 +557,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         except (OSError, UnicodeDecodeError) as err:
             raise InputError(f"cannot read config: {err.__class__.__name__}", file=source) from None
         try:
-            preset = yaml.safe_load(text) or {}
+            preset = _yaml(text) or {}
         except yaml.YAMLError as err:
             mark = getattr(err, "problem_mark", None)
             raise InputError("not valid YAML", file=source, line=mark.line + 1 if mark else None) from None
@@ -548,7 +574,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         if not sep or not key:
             raise InputError(f"expected section.field=value, got {item!r}", file="--set")
         try:
-            value = yaml.safe_load(raw) if raw.strip() else None
+            value = _yaml(raw) if raw.strip() else None
         except yaml.YAMLError:
             value = raw
         else:

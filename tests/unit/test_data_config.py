@@ -121,6 +121,9 @@ def test_config_presets_and_overrides(tiny_config_path):
     ("sft:\n  batch_size: many\n", "c.yaml:2: field 'sft.batch_size': expected int"),
     ("world:\n  rater:\n    noise: [1]\n", "c.yaml:3: field 'world.rater.noise': expected float"),
     ("sft: [\n", "c.yaml:2: not valid YAML"),
+    ("sft:\n  lr: .nan\n", "c.yaml:2: field 'sft.lr': must be a finite number > 0, got nan"),
+    ("sft:\n  lr: 1\nsft:\n  epochs: 1\n", "c.yaml:3: field 'sft': duplicate key (first at line 1)"),
+    ("model:\n  n_heads: 3\n", "c.yaml:2: field 'model.n_heads': model.d_model (64) must be a multiple"),
 ])
 def test_config_errors_name_file_line_and_field(tmp_path, text, expect):
     path = tmp_path / "c.yaml"
@@ -130,8 +133,17 @@ def test_config_errors_name_file_line_and_field(tmp_path, text, expect):
     assert expect in str(err.value)
 
 
+def test_yaml_no_is_a_word_for_words_and_false_for_booleans(tmp_path):
+    """YAML 1.1 reads `no` as False; a preset means the word where the field takes words."""
+    path = tmp_path / "c.yaml"
+    path.write_text("sft:\n  mixed_precision: no\n  packing: no\nrm:\n  packing: off\n")
+    cfg = load_config(path, ["dpo.mixed_precision=no", "dpo.packing=no"])
+    assert (cfg.sft.mixed_precision, cfg.sft.packing, cfg.rm.packing) == ("no", False, False)
+    assert (cfg.dpo.mixed_precision, cfg.dpo.packing) == ("no", False)
+
+
 def test_bad_override_is_an_input_error():
-    with pytest.raises(InputError, match="sft.nope"):
+    with pytest.raises(InputError, match=r"^--set sft\.nope=1: field 'sft\.nope': unknown key"):
         load_config(None, ["sft.nope=1"])
     with pytest.raises(InputError, match="expected section.field=value"):
         load_config(None, ["sft.lr"])
