@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import subprocess
+import sys
 import typing
 from pathlib import Path
 
@@ -34,6 +36,7 @@ from rlhflab.config import (
     save_config,
 )
 from rlhflab.errors import InputError
+from tests.conftest import subprocess_env
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "configs" / "tiny.yaml"
@@ -416,4 +419,16 @@ def test_cli_rl_layout_error_exits_2_before_writing(tmp_path, capsys):
                "--set", "rl.batch_size=10"])
     lines = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(lines) == 1 and "field 'rl.batch_size'" in lines[0]
+    assert not out.exists()
+
+
+@pytest.mark.slow
+def test_the_installed_command_exits_2_with_one_line(tmp_path):
+    """The real process: exit status 2, one line on stderr, nothing on stdout, no directory."""
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "rlhflab.cli", "sft", "--config", str(TINY), "--out", str(out),
+                           "--set", "sft.lr=nan"], capture_output=True, text=True, env=subprocess_env(), timeout=300)
+    assert proc.returncode == 2 and proc.stdout == "", proc.stderr
+    assert proc.stderr.splitlines() == [
+        "rlhflab sft: error: --set sft.lr=nan: field 'sft.lr': must be a finite number > 0, got nan"]
     assert not out.exists()
