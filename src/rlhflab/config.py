@@ -103,7 +103,7 @@ class Domain:
             return False
         if self.integer and not isinstance(value, int):
             return False
-        if not math.isfinite(value):
+        if isinstance(value, float) and not math.isfinite(value):  # (an int is finite, however large)
             return False
         if self.lo is not None and (value < self.lo or (self.lo_open and value == self.lo)):
             return False

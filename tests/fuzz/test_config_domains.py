@@ -89,6 +89,10 @@ def bad_values(dom: Domain, base: typing.Any, optional: bool) -> list[str]:
         out.append("null")
     if dom.integer:
         out += ["1.5", "2.0"]
+        if dom.hi is not None:
+            out.append("1" + "0" * 400)  # an integer past the bound, too large for a float
+    else:
+        out += ["1" + "0" * 400, "-1" + "0" * 400]  # integers too large for a float
     if dom.lo is not None:
         out += [_num(dom.lo - 1), _num(dom.lo - 1000)]
         if dom.lo_open:
@@ -135,7 +139,7 @@ GOOD = {name: good_values(field_domain(f), base) for name, f, base, _ in CHECKED
 
 
 def test_the_table_is_large():
-    """Several values per field: 142 fields give 1819 bad and 423 good cases today."""
+    """Several values per field: 142 fields give 1949 bad and 423 good cases today."""
     assert sum(map(len, BAD.values())) >= 10 * len(CHECKED) and all(len(v) >= 6 for v in BAD.values())
     assert all(len(v) >= 2 for v in GOOD.values())
 
@@ -170,7 +174,8 @@ def test_bad_values_by_set_name_the_item_and_field(name):
             wrong.append(f"{item}: accepted")
         except InputError as err:
             msg = str(err)
-            if not msg.startswith(f"--set {item}: field '{name}") or "\n" in msg:
+            shown = item if len(item) <= 80 else item[:77] + "..."  # a long item is shortened
+            if not msg.startswith(f"--set {shown}: field '{name}") or "\n" in msg:
                 wrong.append(f"{item}: {msg!r}")
     assert not wrong, wrong
 
@@ -363,6 +368,12 @@ def test_a_duplicate_key_in_a_set_value():
     with pytest.raises(InputError, match=r"^--set world\.family_weights=\{open: 1, open: 2\}: field "
                                          r"'world\.family_weights\.open': duplicate key$"):
         load_config(None, ["world.family_weights={open: 1, open: 2}"])
+
+
+def test_an_integer_too_large_for_a_float_is_a_plain_value():
+    assert load_config(None, ["rl.kl_horizon=1" + "0" * 400]).rl.kl_horizon == 10**400
+    with pytest.raises(InputError, match="field 'sft.seed': must be an integer in"):
+        load_config(None, ["sft.seed=1" + "0" * 400])
 
 
 def test_a_long_set_item_is_shortened_in_the_message():
