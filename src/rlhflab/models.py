@@ -91,6 +91,21 @@ def check_tokenizer_files(path: str | Path) -> Path:
     return path
 
 
+def check_config(path: str | Path, trust_remote_code: bool = False) -> None:
+    """The directory's ``config.json``, if it has one, loads as a transformers config (the
+    tokenizer and every later reader of the directory rely on it): else an InputError
+    naming the file."""
+    from transformers import AutoConfig
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        return
+    try:
+        AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    except LOAD_ERRORS as err:
+        raise InputError(f"not a usable model config ({first_line(err)})", file=str(path / "config.json")) from None
+
+
 def check_weights(path: str | Path) -> list[Path]:
     """The directory's ``*.safetensors`` files, each one's header read (cheap: no tensor is
     loaded). A missing, empty, truncated or foreign file is an InputError naming it, before
@@ -117,6 +132,7 @@ def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
     the model's embeddings must then be resized (``load_causal_lm`` does this).
     """
     path = check_tokenizer_files(_check_dir(path, "tokenizer"))
+    check_config(path, trust_remote_code)
     try:
         tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     except Exception as err:  # a corrupt tokenizer.json raises the tokenizers library's bare Exception

@@ -61,12 +61,13 @@ def load_rm_tokenizer(path: str | Path, trust_remote_code: bool = False):
     """
     from transformers import AutoTokenizer
 
-    from rlhflab.models import check_tokenizer_files, first_line
+    from rlhflab.models import check_config, check_tokenizer_files, first_line
 
     path = Path(path)
     if not (path / "config.json").is_file() and not (path / "tokenizer_config.json").is_file():
         raise InputError("not a local HF directory (no config.json)", file=str(path))
     check_tokenizer_files(path)
+    check_config(path, trust_remote_code)
     try:
         tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     except Exception as err:  # a corrupt tokenizer.json raises the tokenizers library's bare Exception
