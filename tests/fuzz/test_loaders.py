@@ -322,30 +322,44 @@ def test_the_first_bad_line_is_the_one_named(assets, tmp_path, capsys):
 CONVERSATIONAL = {
     "sft": {"prompt": USER, "completion": [{"role": "assistant", "content": "yo"}]},
     "preference": {"prompt": USER, "chosen": "the answer is 7 .", "rejected": "8 ."},
+    "prompt": {"prompt": USER},
+}
+# Every command that renders rows with the tokenizer of MODEL, and the format it reads.
+TEMPLATE_READERS = {
+    "sft": ("sft", ["sft", "--config", TINY, "--model", "{model}", "--data", "{data}", "--out", "{out}"]),
+    "dpo": ("preference", ["dpo", "--config", TINY, "--sft", "{model}", "--data", "{data}", "--out", "{out}"]),
+    "rm": ("preference", ["rm", "--config", TINY, "--set", "rm.batch_size=2", "--backbone", "{model}",
+                          "--data", "{data}", "--out", "{out}"]),
+    "ppo": ("prompt", ["ppo", "--config", TINY, "--sft", "{model}", "--reward-fn", "length", "--prompts", "{data}",
+                       "--out", "{out}"]),
 }
 
 
-@pytest.mark.parametrize("command", ["sft", "dpo"])
-def test_a_chat_template_that_raises_names_the_row_and_the_tokenizer(command, assets, tmp_path, capsys):
-    d = _case_dir(tmp_path)
+def _conversational_file(d: Path, fmt: str) -> Path:
+    """Two standard rows, then a conversational one at line 3, then enough rows for a batch."""
     data = d / "data.jsonl"
-    fmt = "sft" if command == "sft" else "preference"
-    data.write_text("\n".join([_dumps(GOOD[fmt]), _dumps(GOOD[fmt]), _dumps(CONVERSATIONAL[fmt])]) + "\n")
-    out = d / "out"
-    raising = assets["raising"]
-    argv = (["sft", "--config", TINY, "--model", str(raising)] if command == "sft" else
-            ["dpo", "--config", TINY, "--sft", str(raising)]) + ["--data", str(data), "--out", str(out)]
-    expect_input_error(argv, capsys, [d, assets["base"]], out, f"{data}:3: ", str(raising),
+    rows = [GOOD[fmt]] * 2 + [CONVERSATIONAL[fmt]] + [GOOD[fmt]] * 8
+    data.write_text("\n".join(_dumps(r) for r in rows) + "\n")
+    return data
+
+
+@pytest.mark.parametrize("reader", list(TEMPLATE_READERS))
+def test_a_chat_template_that_raises_names_the_row_and_the_tokenizer(reader, assets, tmp_path, capsys):
+    d = _case_dir(tmp_path)
+    fmt, argv = TEMPLATE_READERS[reader]
+    data, out = _conversational_file(d, fmt), d / "out"
+    argv = _fill(argv, model=assets["raising"], data=data, out=out)
+    expect_input_error(argv, capsys, [d, assets["base"]], out, f"{data}:3: ", str(assets["raising"]),
                        "the template refuses user")
 
 
-def test_conversational_rows_without_a_chat_template_name_the_row(assets, tmp_path, capsys):
+@pytest.mark.parametrize("reader", list(TEMPLATE_READERS))
+def test_conversational_rows_without_a_chat_template_name_the_row(reader, assets, tmp_path, capsys):
     d = _case_dir(tmp_path)
-    data = d / "data.jsonl"
-    data.write_text("\n".join([_dumps(GOOD["sft"])] * 3 + [_dumps(CONVERSATIONAL["sft"])]) + "\n")
-    out = d / "out"
-    argv = ["sft", "--config", TINY, "--model", str(assets["policy"]), "--data", str(data), "--out", str(out)]
-    expect_input_error(argv, capsys, [d, assets["base"]], out, f"{data}:4: ", "need a tokenizer with a chat template",
+    fmt, argv = TEMPLATE_READERS[reader]
+    data, out = _conversational_file(d, fmt), d / "out"
+    argv = _fill(argv, model=assets["policy"], data=data, out=out)
+    expect_input_error(argv, capsys, [d, assets["base"]], out, f"{data}:3: ", "need a tokenizer with a chat template",
                        str(assets["policy"]))
 
 

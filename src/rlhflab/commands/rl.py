@@ -70,14 +70,14 @@ def _model_dir(path: str) -> Path:
 
 
 def _load_prompts(path: str, tokenizer) -> list[str]:
-    from rlhflab.data import load_jsonl
+    from rlhflab.data import apply_template, load_jsonl
 
     rows = load_jsonl(path, "prompt")
     out = []
     for row in rows:
         prompt = row["prompt"]
         if not isinstance(prompt, str):  # conversational: render with the chat template
-            prompt = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+            prompt = apply_template(prompt, tokenizer, add_generation_prompt=True)
         out.append(prompt)
     if not out:
         raise InputError("no prompts", file=path)

@@ -196,7 +196,7 @@ def run_rm(cfg: Config, out: Path, *, sft: str | None = None, data: str | None =
             n_trunc = tokenize_groups(train, tok, max_length)
             tokenize_groups(held, tok, max_length)
         except InputError as err:
-            raise InputError(err.reason, file=data or err.file) from None
+            raise InputError(err.reason, file=err.file or data, line=err.line) from None
         if len(train) < rm.batch_size:
             raise InputError(f"{len(train)} comparison groups are fewer than one batch (rm.batch_size={rm.batch_size})",
                              file=data)
