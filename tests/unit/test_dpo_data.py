@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 
 from rlhflab.algos.dpo import tokenize_pairs, tokenize_unpaired
@@ -89,3 +91,41 @@ def test_kto_partners_are_other_examples_responses(tok):
     assert used == list(range(6))
     with pytest.raises(ValueError, match="at least 2"):
         tokenize_unpaired(rows[:1], tok, 64)
+
+
+def test_conversational_fields_remember_their_row_and_stay_plain_lists(tmp_path):
+    import json
+
+    from rlhflab.data import Messages, load_jsonl
+
+    msgs = [{"role": "user", "content": "hi"}]
+    row = {"prompt": msgs, "chosen": "a", "rejected": "b"}
+    (tmp_path / "p.jsonl").write_text(json.dumps({"prompt": "q", "chosen": "a", "rejected": "b"}) + "\n"
+                                      + json.dumps(row) + "\n")
+    got = load_jsonl(tmp_path / "p.jsonl", "preference")[1]
+    assert isinstance(got["prompt"], Messages) and got["prompt"] == msgs and got == row
+    assert got["prompt"].where == {"file": str(tmp_path / "p.jsonl"), "line": 2, "field": "prompt"}
+    assert json.dumps(got) == json.dumps(row)
+    assert pairs_to_unpaired([got])[0]["prompt"].where["line"] == 2
+
+
+def test_a_raising_chat_template_names_the_row_and_the_tokenizer(tok):
+    from rlhflab.data import Messages, render
+    from rlhflab.errors import InputError
+
+    prompt = Messages([{"role": "user", "content": "hi"}], {"file": "d.jsonl", "line": 7, "field": "prompt"})
+    with pytest.raises(InputError, match=r"^d\.jsonl:7: conversational rows need a tokenizer with a chat template"):
+        render(prompt, "yo", tok)
+    templated = copy.deepcopy(tok)
+    templated.chat_template = "{{ raise_exception('no system turns') }}"
+    templated.name_or_path = "models/tok"
+    with pytest.raises(InputError, match=r"^d\.jsonl:7: the chat template of models/tok failed on this row: "
+                                         r"no system turns$"):
+        render(prompt, "yo", templated)
+    # A template that renders the prompt but not as a prefix of the full conversation.
+    templated.chat_template = "{% if add_generation_prompt %}A{% else %}B{% endif %}"
+    with pytest.raises(InputError, match=r"^d\.jsonl:7: chat template does not extend the prompt"):
+        render(prompt, "yo", templated)
+    templated.chat_template = ("{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}"
+                               "{% if add_generation_prompt %}<assistant>{% endif %}")
+    assert render(prompt, "yo", templated) == ("<user>hi<assistant>", "yo")

@@ -135,3 +135,44 @@ def test_rater_agreement_by_hand():
     assert a["agreement/rater_rater"] == pytest.approx((1 + 1 / 3 + 0.4) / 3)
     assert a["agreement/chosen_is_majority_frac"] == 1.0
     assert rater_agreement([{"prompt": "x"}]) == {"agreement/pairs": 0}
+
+
+def test_what_collect_writes_reads_back_through_the_checked_loader(tmp_path):
+    """Every field ``rlhflab collect`` writes passes ``load_jsonl``'s checks and gives the
+    same groups as the rows in memory, including a text sampled both with and without EOS
+    (two responses to the reward model, so not an identical pair)."""
+    import random
+
+    from rlhflab.data import load_jsonl, write_jsonl
+
+    prompt = make_prompt(random.Random(0), "open")
+    group = SampledGroup(prompt, ["a", "c", "c", "b"], [True, True, False, True])
+    panel = FixedPanel([[2, 1, 0, 3], [1, 2, 0, 3], [2, 0, 1, 3]])
+    rows, _ = rate_groups([group], panel)
+    assert any(r["chosen"] == r["rejected"] for r in rows)  # "c" with and without EOS
+    write_jsonl(tmp_path / "c.jsonl", rows)
+    back = load_jsonl(tmp_path / "c.jsonl", "preference")
+    assert back == rows
+    (g_mem,), _ = rows_to_groups(rows)
+    (g_file,), _ = rows_to_groups(back)
+    assert (g_file.responses, g_file.eos, g_file.pairs, g_file.rankings) == \
+        (g_mem.responses, g_mem.eos, g_mem.pairs, g_mem.rankings)
+
+
+@pytest.mark.parametrize("changes,field", [
+    ({"rankings": [[0, 3]]}, "rankings"),  # an index past the responses: an IndexError later
+    ({"responses_eos": [True]}, "responses_eos"),
+    ({"group": [0]}, "group"),  # unhashable: a TypeError when groups are merged
+    ({"margin": float("nan")}, "margin"),  # a NaN margin makes the whole loss NaN
+])
+def test_fields_that_would_break_grouping_are_refused_on_load(tmp_path, changes, field):
+    import json
+
+    from rlhflab.data import load_jsonl
+    from rlhflab.errors import InputError
+
+    row = {"prompt": "p", "chosen": "x", "rejected": "y", "group": 0, "responses": ["x", "y"],
+           "responses_eos": [True, True], "rankings": [[0, 1]], **changes}
+    (tmp_path / "r.jsonl").write_text(json.dumps(row) + "\n")
+    with pytest.raises(InputError, match=rf"r\.jsonl:1: field '{field}'"):
+        load_jsonl(tmp_path / "r.jsonl", "preference")
