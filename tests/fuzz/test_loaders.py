@@ -169,11 +169,17 @@ def _format_rows(fmt: str) -> list[tuple[str, str, str]]:
 # Where each format is read, and the command line around the bad file (DATA, OUT and the
 # shared models are filled in per case).
 READERS = {
-    "sft": [("sft", ["sft", "--config", TINY, "--data", "{data}", "--out", "{out}"])],
+    "sft": [("sft", ["sft", "--config", TINY, "--data", "{data}", "--out", "{out}"]),
+            ("sft-eval-data", ["sft", "--config", TINY, "--data", "{good_sft}", "--eval-data", "{data}",
+                               "--out", "{out}"])],
     "preference": [
         ("rm", ["rm", "--config", TINY, "--backbone", "{policy}", "--data", "{data}", "--out", "{out}"]),
+        ("rm-eval-data", ["rm", "--config", TINY, "--backbone", "{policy}", "--data", "{good_preference}",
+                          "--eval-data", "{data}", "--out", "{out}"]),
         ("dpo", ["dpo", "--config", TINY, "--sft", "{policy}", "--data", "{data}", "--out", "{out}"]),
         ("eval-rm", ["eval-rm", "--config", TINY, "--rm", "{rm}", "--data", "{data}", "--out", "{out}"]),
+        ("eval-rm-votes", ["eval-rm", "--config", TINY, "--rm", "{rm}", "--data", "{good_preference}",
+                           "--votes", "{data}", "--out", "{out}"]),
     ],
     "unpaired": [("dpo-kto", ["dpo", "--config", TINY, "--set", "dpo.loss=kto", "--sft", "{policy}",
                               "--data", "{data}", "--out", "{out}"])],
@@ -275,7 +281,8 @@ def test_bad_row_is_one_line_naming_file_and_line(fmt, argv, line, expect, asset
     raw = line if isinstance(line, bytes) else line.encode("utf-8", "surrogatepass")
     data.write_bytes(_dumps(GOOD[fmt]).encode() + b"\n" + raw + b"\n" + _dumps(GOOD[fmt]).encode() + b"\n")
     out = d / "out"
-    argv = _fill(argv, data=data, out=out, policy=assets["policy"], rm=assets["rm"])
+    argv = _fill(argv, data=data, out=out, policy=assets["policy"], rm=assets["rm"], good_sft=assets["good"]["sft"],
+                 good_preference=assets["good"]["preference"])
     expect_input_error(argv, capsys, [d, assets["base"]], out, f"{data}:2: ", expect)
 
 
