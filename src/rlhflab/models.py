@@ -106,6 +106,15 @@ def check_config(path: str | Path, trust_remote_code: bool = False) -> None:
         raise InputError(f"not a usable model config ({first_line(err)})", file=str(path / "config.json")) from None
 
 
+def check_complete(info: dict, path: str | Path) -> None:
+    """A checkpoint that lacks some of its model's weights loads with those weights freshly
+    initialised, silently; refused here, naming the directory and a missing weight."""
+    missing = sorted(info.get("missing_keys") or ())
+    if missing:
+        raise InputError(f"{len(missing)} weight(s) missing from the checkpoint (e.g. {missing[0]}); it would "
+                         "load with random values in their place", file=str(path))
+
+
 def check_weights(path: str | Path) -> list[Path]:
     """The directory's ``*.safetensors`` files, each one's header read (cheap: no tensor is
     loaded). A missing, empty, truncated or foreign file is an InputError naming it, before
@@ -149,11 +158,12 @@ def load_causal_lm(path: str | Path, tokenizer=None, trust_remote_code: bool = F
     path = _check_dir(path, "model")
     check_weights(path)
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            str(path), trust_remote_code=trust_remote_code, use_safetensors=True
+        model, info = AutoModelForCausalLM.from_pretrained(
+            str(path), trust_remote_code=trust_remote_code, use_safetensors=True, output_loading_info=True
         )
     except LOAD_ERRORS as err:
         raise InputError(f"cannot load model: {first_line(err)}", file=str(path)) from None
+    check_complete(info, path)
     if tokenizer is not None:
         if len(tokenizer) > model.get_input_embeddings().num_embeddings:
             model.resize_token_embeddings(len(tokenizer))

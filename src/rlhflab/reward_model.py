@@ -268,7 +268,7 @@ class RewardModel(torch.nn.Module):
         sequence-classification checkpoint with one label (then gain 1, bias 0)."""
         from transformers import AutoModelForSequenceClassification
 
-        from rlhflab.models import LOAD_ERRORS, check_weights, first_line
+        from rlhflab.models import LOAD_ERRORS, check_complete, check_weights, first_line
 
         path = Path(path)
         if not (path / META_FILE).is_file() and (path / "model").is_dir():
@@ -288,11 +288,13 @@ class RewardModel(torch.nn.Module):
         for entry in entries:
             member_dir = path / entry["path"]
             try:
-                model = AutoModelForSequenceClassification.from_pretrained(
-                    str(member_dir), use_safetensors=True, trust_remote_code=trust_remote_code
+                model, info = AutoModelForSequenceClassification.from_pretrained(
+                    str(member_dir), use_safetensors=True, trust_remote_code=trust_remote_code,
+                    output_loading_info=True,
                 )
             except LOAD_ERRORS as err:
                 raise InputError(f"cannot load as a reward model: {first_line(err)}", file=str(member_dir)) from None
+            check_complete(info, member_dir)  # a checkpoint without its head would score at random
             if model.config.num_labels != 1:
                 raise InputError(f"expected a one-label model, got {model.config.num_labels} labels",
                                  file=str(member_dir))
