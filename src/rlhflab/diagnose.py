@@ -32,8 +32,9 @@ has not) for a key of the table or any key shaped like one (``PREFIX/...`` with 
 of the table); a rate or share (``*_rate``, ``win_rate/*``, ``*/accuracy``,
 ``diversity/distinct_*``, ``diversity/repetition``, ``capability/answer_share``) outside
 [0, 1]; a count or length (``length/*``, ``capability/n``, ``keywords/density``) below 0;
-a file with no readings at all. Keys outside those prefixes are kept as they are
-(numbers) or ignored (anything else).
+a file with no measured reading at all (nothing, only NaN, or only keys outside the
+table's prefixes). Keys outside those prefixes are kept as they are (numbers) or ignored
+(anything else).
 
 Thresholds (``Thresholds``) come from the literature where it gives numbers and are
 otherwise our own calibration on the built-in world, said so per field; all can be set
@@ -511,9 +512,9 @@ def load_readings(run_dir: str | None, metrics: str | None) -> dict:
         x = _reading(k, v, where)
         if x is not None:
             readings[k] = x
-    if not readings:
-        raise InputError("no readings (expected numbers under keys such as kl/sequence_mean, win_rate/gold)",
-                         file=str(path))
+    if not any(_is_reading(k) and not math.isnan(v) for k, v in readings.items()):
+        raise InputError("no readings (expected numbers under keys such as kl/sequence_mean, win_rate/gold; "
+                         "NaN is not measured)", file=str(path))
     return readings
 
 

@@ -546,6 +546,8 @@ HEALTHY = {"kl/sequence_mean": 3.0, "gold/mean": 1.2, "base/gold/mean": 0.8, "wi
 BAD_METRICS = [
     ("empty_object", "{}", "no readings"),
     ("only_metadata", '{"note": "from another tool", "run": "a"}', "no readings"),
+    ("only_nan", '{"kl/sequence_mean": "nan", "win_rate/gold": "nan"}', "no readings"),
+    ("only_other_numbers", '{"objective/kl": 3.0, "step": 12}', "no readings"),
     ("array", "[1, 2]", "expected a JSON object"),
     ("number", "3", "expected a JSON object"),
     ("not_json", "{kl", "not valid JSON"),
