@@ -238,7 +238,8 @@ def apply_template(messages: list, tokenizer, *, add_generation_prompt: bool = F
     if not getattr(tokenizer, "chat_template", None):
         raise InputError(f"conversational rows need a tokenizer with a chat template ({source} has none)", **where)
     try:
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        return tokenizer.apply_chat_template(list(messages), tokenize=False,
+                                             add_generation_prompt=add_generation_prompt)
     except Exception as err:  # a user's Jinja template can raise anything
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise InputError(f"the chat template of {source} failed on this row: {first}", **where) from None

@@ -634,3 +634,14 @@ def test_what_rlhflab_writes_still_reads(tmp_path, capsys):
                  "--threshold", "kl_caution=inf"]) == 0
     assert "kl_high" not in [f["name"] for f in json.loads(capsys.readouterr().out)["findings"]]
 
+
+
+@pytest.mark.parametrize("reader", list(RM_READERS))
+def test_a_policy_given_as_the_reward_model_is_refused(reader, assets, tmp_path, capsys):
+    """A causal LM has no scalar head: loaded as a reward model it would score with a random
+    one. Named, with the missing head."""
+    d = _case_dir(tmp_path)
+    out = d / "out"
+    argv = _fill(RM_READERS[reader], bad=assets["policy"], out=out, policy=assets["policy"],
+                 pref_data=assets["good"]["preference"])
+    expect_input_error(argv, capsys, [d, assets["base"]], out, str(assets["policy"]), "score.weight")
