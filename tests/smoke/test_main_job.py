@@ -63,3 +63,16 @@ def test_online_arms_sampler_and_trainer_agree(run_dir, arm):
     assert max(r["rollout/logprob_diff_max"] for r in steps) < 1e-4
     assert all(r["rollout/first_ratio_mean"] == pytest.approx(1, abs=1e-4) for r in steps)
     assert steps[0]["objective/kl"] == pytest.approx(0, abs=1e-4)
+
+
+def test_an_online_arms_bad_setting_stops_the_job_before_anything_is_written(tmp_path, capsys):
+    """An RL setting that only an arm's resolution can judge (GRPO's groups of 3 do not divide
+    a batch of 16) is caught before SFT trains, not after: one line, exit 2, no directory."""
+    from rlhflab.cli import main
+
+    out = tmp_path / "run"
+    assert main(["run", "--config", str(ROOT / "configs" / "tiny.yaml"), "--out", str(out),
+                 "--set", "rl.samples_per_prompt=3"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "rl.batch_size" in err[0]
+    assert not out.exists()

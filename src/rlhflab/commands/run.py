@@ -32,13 +32,22 @@ def add_arguments(p) -> None:
     add_config_arguments(p)
 
 
-def check_arms(arms: list) -> None:
+def check_arms(arms: list, cfg=None) -> None:
+    """Known arms, each once; with ``cfg``, each online arm's resolved RL settings are
+    checked too (``resolve_rl_config``, the one-process layout), before anything is written
+    or trained."""
     for arm in arms:
         if arm not in ONLINE and arm not in OFFLINE:
             raise InputError(f"unknown arm {arm!r} (online: {', '.join(ONLINE)}; offline: {', '.join(OFFLINE)})",
                              field="run.arms")
     if len(set(arms)) != len(arms):
         raise InputError("each arm may appear once", field="run.arms")
+    if cfg is not None:
+        from rlhflab.algos.online import check_layout, resolve_rl_config
+
+        for arm in arms:
+            if arm in ONLINE:
+                check_layout(resolve_rl_config(copy.deepcopy(cfg.rl), ONLINE[arm]), 1)
 
 
 def train_arm(cfg, arm: str, out: Path, sft: Path, rm: Path) -> dict:
@@ -125,7 +134,7 @@ def run(args) -> int:
     from rlhflab.world.export import export_world
 
     cfg = config_from_args(args)
-    check_arms(cfg.run.arms)
+    check_arms(cfg.run.arms, cfg)
     if cfg.run.bandit_algos:
         from rlhflab.bandit import algorithms
 

@@ -111,7 +111,7 @@ def run(args) -> int:
         train_arm,
     )
 
-    check_arms(algos)
+    check_arms(algos, cfg)
     if not args.sft or not args.rm:
         raise InputError("a world sweep needs --sft DIR and --rm DIR (or pass --bandit)")
     sft, rm = Path(args.sft), Path(args.rm)
