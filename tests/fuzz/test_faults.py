@@ -240,6 +240,31 @@ def test_a_completed_overwrite_replaces_the_run_and_leaves_nothing_beside_it(tmp
     assert stat.S_IMODE((out / "model" / "model.safetensors").stat().st_mode) == 0o666 & ~mask
 
 
+def test_world_export_overwrite_keeps_the_earlier_export_until_the_new_one_is_written(tmp_path, monkeypatch, capsys):
+    """``rlhflab world --overwrite`` that fails half-way (a write raising after the first
+    file) leaves the earlier export exactly as it was, and nothing beside it."""
+    import rlhflab.data as data
+
+    out = tmp_path / "world"
+    assert main(["world", "--config", str(ROOT / "configs" / "tiny.yaml"), "--out", str(out)]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    calls = []
+    original = data.write_jsonl
+
+    def failing(path, rows):
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        return original(path, rows)
+
+    monkeypatch.setattr(data, "write_jsonl", failing)
+    with pytest.raises(OSError):
+        main(["world", "--config", str(ROOT / "configs" / "tiny.yaml"), "--out", str(out), "--overwrite",
+              "--set", "world.seed=1"])
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["world"]
+
+
 @pytest.mark.parametrize("command", ["sft", "rm", "dpo", "ppo", "eval", "eval-rm", "collect"])
 def test_out_under_a_regular_file_fails_before_any_data_is_loaded(tmp_path, monkeypatch, capsys, policy, command):
     import rlhflab.data

@@ -26,11 +26,12 @@ def add_arguments(p) -> None:
 
 
 def export_world(cfg, out: Path, overwrite: bool = False) -> dict[str, int]:
-    from rlhflab.artifacts import prepare_out_dir
+    from rlhflab.artifacts import check_out_dir, run_directory
     from rlhflab.config import save_config
     from rlhflab.data import write_jsonl
     from rlhflab.world import FAMILIES, World
 
+    check_out_dir(out, overwrite)
     world = World(cfg.world)
     w = cfg.world
     files = {
@@ -41,11 +42,12 @@ def export_world(cfg, out: Path, overwrite: bool = False) -> dict[str, int]:
         "prompts.jsonl": [{"prompt": p.text, "family": p.family} for p in world.prompts(w.n_prompts, "rl")],
         "probes.jsonl": [p.to_json() for f in FAMILIES for p in world.prompts(w.n_eval, "eval", f)],
     }
-    prepare_out_dir(out, overwrite)
-    for name, rows in files.items():
-        write_jsonl(out / name, rows)
-    world.tokenizer().save_pretrained(str(out / "tokenizer"))
-    save_config(cfg, out / "config.yaml")
+    # An earlier export stays until this one is complete, then is replaced in one rename.
+    with run_directory(out, overwrite) as work:
+        for name, rows in files.items():
+            write_jsonl(work / name, rows)
+        world.tokenizer().save_pretrained(str(work / "tokenizer"))
+        save_config(cfg, work / "config.yaml")
     return {name: len(rows) for name, rows in files.items()}
 
 
