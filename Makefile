@@ -64,7 +64,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python $(PYTEST)
 
-# The failure-mode demonstrations at the demo's size (about 9 minutes on 2 cores).
+# The demo-size demonstrations: three failure modes and the main job (about 19 minutes on 2 cores).
 test-demo: $(STAMP)
 	$(BIN)/python -m pytest -q -m demo tests
 
