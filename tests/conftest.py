@@ -50,3 +50,14 @@ def save_tiny_backbone(cfg, out: Path) -> Path:
     tok = World(cfg.world).tokenizer(cfg.model.max_positions)
     save_pretrained_atomic(create_causal_lm(cfg.model, tok, seed=0), tok, out)
     return out
+
+
+def run_main_job(preset: str, out: Path, timeout: int) -> Path:
+    """``rlhflab run --config configs/<preset>.yaml --out OUT`` in a fresh process, as a user
+    runs it, with no overrides; fails the test with the job's stderr if it does not exit 0."""
+    import subprocess
+
+    proc = subprocess.run([sys.executable, "-m", "rlhflab.cli", "run", "--config", str(ROOT / "configs" / f"{preset}.yaml"),
+                           "--out", str(out)], env=subprocess_env(), capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out

@@ -12,12 +12,10 @@ about +-0.07, so its lower end sits near 0.55.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 
-from tests.conftest import ROOT, subprocess_env
+from tests.conftest import run_main_job
 
 pytestmark = pytest.mark.demo
 ARMS = ("ppo", "dpo", "grpo")
@@ -26,11 +24,7 @@ ONLINE = ("ppo", "grpo")
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("demo_main_job") / "run"
-    proc = subprocess.run([sys.executable, "-m", "rlhflab.cli", "run", "--config", str(ROOT / "configs" / "demo.yaml"),
-                           "--out", str(out)], env=subprocess_env(), capture_output=True, text=True, timeout=1800)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return out
+    return run_main_job("demo", tmp_path_factory.mktemp("demo_main_job") / "run", timeout=1800)
 
 
 @pytest.mark.parametrize("arm", ARMS)

@@ -17,18 +17,14 @@ import sys
 
 import pytest
 
-from tests.conftest import ROOT, subprocess_env
+from tests.conftest import ROOT, run_main_job, subprocess_env
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("main_job") / "run"
-    proc = subprocess.run([sys.executable, "-m", "rlhflab.cli", "run", "--config", str(ROOT / "configs" / "tiny.yaml"),
-                           "--out", str(out)], env=subprocess_env(), capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return out
+    return run_main_job("tiny", tmp_path_factory.mktemp("main_job") / "run", timeout=900)
 
 
 def test_every_stage_writes_its_artifacts_and_the_report(run_dir):
