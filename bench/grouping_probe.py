@@ -38,7 +38,7 @@ def main() -> int:
     from common import read_jsonl
 
     from rlhflab.algos.dpo import sequence_logps, tokenize_pairs
-    from rlhflab.algos.sft import length_groups
+    from rlhflab.forward import length_groups
     from rlhflab.models import load_causal_lm, load_tokenizer
 
     paths = run.prepare(argparse.Namespace(config=str(run.ROOT / "configs" / "demo.yaml"), threads=args.threads,

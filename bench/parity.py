@@ -38,10 +38,11 @@ def grads(model) -> dict[str, torch.Tensor]:
 
 def rlhflab_dpo(policy_dir: Path, sft: Path, rows: list[dict], beta: float, max_length: int
                 ) -> tuple[float, dict]:
-    from rlhflab.algos.dpo import _paired_terms, disable_dropout, freeze, tokenize_pairs
+    from rlhflab.algos.dpo import _paired_terms, freeze, tokenize_pairs
     from rlhflab.losses import PREFERENCE_LOSSES
     from rlhflab.models import load_causal_lm, load_tokenizer
     from rlhflab.packing import use_packing
+    from rlhflab.training import disable_dropout
 
     tok = load_tokenizer(sft)
     policy = load_causal_lm(policy_dir, tok)
@@ -68,7 +69,8 @@ def rlhflab_rm(rm_init: Path, rows: list[dict], max_length: int) -> tuple[float,
     )
     from rlhflab.config import Config
     from rlhflab.packing import use_packing
-    from rlhflab.reward_model import disable_dropout, load_rm_tokenizer, reward_head
+    from rlhflab.reward_model import load_rm_tokenizer, reward_head
+    from rlhflab.training import disable_dropout
 
     tok = load_rm_tokenizer(rm_init)
     model = AutoModelForSequenceClassification.from_pretrained(str(rm_init), num_labels=1)

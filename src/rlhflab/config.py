@@ -23,6 +23,7 @@ from typing import Any
 import yaml
 
 from rlhflab.errors import InputError
+from rlhflab.registry import KL_CAUTION_NATS, KL_WARNING_NATS, LR_SCHEDULES
 from rlhflab.world.demonstrator import DemonstratorConfig
 from rlhflab.world.labeler import RaterConfig
 from rlhflab.world.tasks import FAMILIES
@@ -158,7 +159,7 @@ def check_section(obj: Any, prefix: str) -> None:
 
 
 _SEED = "int in [0, 2147483647]"
-_SCHEDULES = "one of cosine, linear, constant"
+_SCHEDULES = LR_SCHEDULES.domain()
 _PRECISIONS = "one of no, bf16, fp16"  # what numpy (through accelerate's set_seed) accepts, with headroom
 
 
@@ -320,8 +321,8 @@ class RLConfig:
     beta_end: float | None = _f(None, "linear controller: beta at the last step; empty = beta / 10", ">= 0")
     kl_target: float = _f(6.0, "adaptive controller: target sequence KL in nats", "> 0")
     kl_horizon: int = _f(10000, "adaptive controller: horizon in samples", "int >= 1")
-    kl_caution: float = _f(8.0, "sequence KL (nats) above which the run is flagged 'caution'", ">= 0")
-    kl_warning: float = _f(15.0, "sequence KL (nats) above which the run is flagged 'warning'", ">= 0")
+    kl_caution: float = _f(KL_CAUTION_NATS, "sequence KL (nats) above which the run is flagged 'caution'", ">= 0")
+    kl_warning: float = _f(KL_WARNING_NATS, "sequence KL (nats) above which the run is flagged 'warning'", ">= 0")
     entropy_coef: float = _f(0.0, "entropy bonus coefficient (a defence against mode collapse)", "finite")
     no_eos_penalty: float = _f(0.0, "added to the score of a response that never emits EOS (e.g. -1)", "finite")
     baseline: str | None = _f(None, "REINFORCE baseline: batch or group (mean of the prompt's samples)", "one of batch, group")

@@ -51,6 +51,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rlhflab.errors import InputError
+from rlhflab.registry import KL_CAUTION_NATS, KL_WARNING_NATS
 
 
 def _t(default: float, source: str) -> float:
@@ -61,12 +62,11 @@ def _t(default: float, source: str) -> float:
 class Thresholds:
     """Decision thresholds; ``source`` metadata says where each number comes from."""
 
-    kl_caution: float = _t(8.0, "Ziegler et al. 2019: PPO's adaptive KL controller targeted 6 nats on the stylistic "
-                                "tasks (target 6.0 in their released launch.py); 8 is beyond that; own calibration: "
-                                "healthy world runs sit at 0.4-1 nat")
-    kl_warning: float = _t(15.0, "Stiennon et al. 2020 (Fig. 5): as KL from the SFT policy grows, the humans' "
-                                 "preference peaks and then falls while the RM's keeps rising; 15 nats is our own "
-                                 "cut, where the world's over-optimized runs land (14.3 nats at beta 0.005)")
+    kl_caution: float = _t(KL_CAUTION_NATS, "rlhflab.kl.KL_CAUTION_NATS: Ziegler et al. 2019's adaptive KL "
+                                            "controller targeted 6 nats; 8 is beyond that")
+    kl_warning: float = _t(KL_WARNING_NATS, "rlhflab.kl.KL_WARNING_NATS: Stiennon et al. 2020 (Fig. 5), human "
+                                            "preference peaks and falls as KL grows; where the world's "
+                                            "over-optimized runs land")
     kl_too_low: float = _t(0.5, "own: below 0.5 nats the policy has barely moved from its base")
     length_ratio: float = _t(1.3, "own: 30% longer than base on the same prompts")
     gold_flat: float = _t(0.05, "own: gold gain below this counts as no improvement (gold units ~ +-2)")

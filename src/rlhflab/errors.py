@@ -32,3 +32,8 @@ class RunError(RuntimeError):
 
     def __init__(self, message: str) -> None:
         super().__init__(message.replace("\n", " "))
+
+
+class NonFiniteError(InputError):
+    """Training met a non-finite loss or gradient and stopped before the optimizer step
+    (so the weights are those of the last good step; nothing is saved). Exit code 2."""

@@ -34,7 +34,6 @@ of the cache keyword of a model's forward (``past_key_values`` until 5.23, ``cac
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import inspect
 import os
 from collections.abc import Sequence
@@ -43,6 +42,7 @@ from dataclasses import dataclass
 import torch
 
 from rlhflab.logprobs import entropy_from_logits, gather_logprobs
+from rlhflab.seeds import derive_seed
 
 
 @dataclass
@@ -70,8 +70,7 @@ class Generation:
 
 def row_seed(seed: int, step: int | str, index: int) -> int:
     """A 63-bit seed for one row of one sampling call, independent of batch layout."""
-    digest = hashlib.sha256(f"rollout/{seed}/{step}/{index}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+    return derive_seed("rollout", seed, step, index)
 
 
 # Gumbel noise is drawn this many float64 values at a time per call at most (128 MiB), so

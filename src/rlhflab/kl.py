@@ -34,6 +34,8 @@ from typing import Any
 
 import torch
 
+from rlhflab.registry import KL_CAUTION_NATS, KL_WARNING_NATS
+
 __all__ = [
     "KL_CONTROLLERS",
     "KL_ESTIMATORS",
@@ -46,6 +48,10 @@ __all__ = [
     "kl_k3",
     "make_kl_controller",
     "sequence_kl",
+    "KL_CAUTION_NATS",
+    "KL_WARNING_NATS",
+    "KL_STATUS",
+    "kl_status",
 ]
 
 # ---------------------------------------------------------------------------------------
@@ -271,3 +277,16 @@ def make_kl_controller(kind: str, **kwargs: Any) -> KLController:
             f"unknown KL controller {kind!r}; expected one of {sorted(KL_CONTROLLERS)}"
         ) from None
     return ctor(**kwargs)
+
+
+# ---------------------------------------------------------------------------------------
+# How far is too far
+# ---------------------------------------------------------------------------------------
+
+KL_STATUS = ("ok", "caution", "warning")
+
+
+def kl_status(kl: float, caution: float = KL_CAUTION_NATS, warning: float = KL_WARNING_NATS) -> str:
+    """'ok', 'caution' (KL > caution) or 'warning' (KL > warning), for a sequence-level KL
+    from the reference, in nats."""
+    return "warning" if kl > warning else "caution" if kl > caution else "ok"

@@ -125,7 +125,7 @@ def packed_logits(model, packed: Packed, first: Sequence[int] | torch.Tensor
     The logits at position t predict token t + 1; they are computed only where they are
     read (a boolean ``logits_to_keep`` when the model's forward takes one: transformers 5.21
     and later; before, every position's, then read), and no KV cache is built."""
-    from rlhflab.algos.sft import forward_options
+    from rlhflab.forward import forward_options
 
     options = forward_options(model)
     first = torch.as_tensor(first, dtype=torch.long, device=packed.row.device).clamp(min=1)
@@ -249,8 +249,8 @@ def response_logp_sums(model, seqs: list, pad_id: int, device, packed: bool, row
     if packed:
         p = pack([s.input_ids for s in seqs], pad_id, row_len).to(device)
         return packed_response_logps(model, p, [s.n_prompt for s in seqs])
-    from rlhflab.algos.sft import response_logprobs
     from rlhflab.data import collate_sft
+    from rlhflab.forward import response_logprobs
 
     lp, mask = response_logprobs(model, collate_sft(seqs, pad_id), min(s.n_prompt for s in seqs), device)
     return (lp * mask).sum(-1)

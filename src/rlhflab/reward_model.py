@@ -44,6 +44,7 @@ from pathlib import Path
 import torch
 
 from rlhflab.errors import InputError
+from rlhflab.training import disable_dropout
 
 META_FILE = "reward_model.json"
 FORMAT = "rlhflab-reward-model"
@@ -79,16 +80,6 @@ def load_rm_tokenizer(path: str | Path, trust_remote_code: bool = False):
     if tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id:
         tok.add_special_tokens({"pad_token": "<pad>"})
     return tok
-
-
-def disable_dropout(model: torch.nn.Module) -> None:
-    """Dropout off, in the modules and in the saved config (RLHF convention)."""
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
-    for key, value in list(model.config.to_dict().items()):
-        if ("dropout" in key or "pdrop" in key) and isinstance(value, float):
-            setattr(model.config, key, 0.0)
 
 
 def reward_head(model: torch.nn.Module) -> torch.nn.Linear:

@@ -99,7 +99,7 @@ def forward_response(model, prompt_ids, prompt_mask, response_ids, response_mask
     block-diagonal attention (``packing.pack``): no padding and one large product, the same
     values up to float rounding; a critic (``values=True``) likewise when it passes.
     """
-    from rlhflab.algos.sft import length_groups
+    from rlhflab.forward import length_groups
 
     B, R = response_ids.shape
     packed, p_len, r_len = _packed_rows(prompt_ids, prompt_mask, response_ids, response_mask)

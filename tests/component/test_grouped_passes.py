@@ -22,9 +22,9 @@ from rlhflab.algos.dpo import (
     tokenize_unpaired,
 )
 from rlhflab.algos.reward_model import _group_rewards, bt_objective, rows_to_groups, tokenize_groups
-from rlhflab.algos.sft import forward_options, length_groups
 from rlhflab.config import load_config
 from rlhflab.data import collate_sft, pairs_to_unpaired
+from rlhflab.forward import forward_options, length_groups
 from rlhflab.logprobs import kept_token_logprobs, token_logprobs
 from rlhflab.models import create_causal_lm, save_pretrained_atomic
 from rlhflab.reward_model import collate, create_reward_model
@@ -221,7 +221,7 @@ def test_fused_gelu_is_the_same_function_and_leaves_the_weights_alone(setup, tmp
     the same state dict, and the saved model reloads with ``gelu_new``."""
     from transformers.activations import NewGELUActivation
 
-    from rlhflab.algos.sft import fuse_activations
+    from rlhflab.forward import fuse_activations
     from rlhflab.models import load_causal_lm
 
     cfg, _, tok, _, rows = setup

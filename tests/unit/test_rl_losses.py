@@ -16,7 +16,6 @@ from rlhflab.algos.online import (
     UpdateSettings,
     clipped_surrogate,
     clipped_value_loss,
-    kl_status,
     policy_gradient_loss,
     resolve_rl_config,
     update_policy,
@@ -25,6 +24,7 @@ from rlhflab.algos.reinforce import reinforce_advantages, sequence_returns
 from rlhflab.algos.reinforce import reinforce_pp_advantages as rpp_global
 from rlhflab.config import RLConfig
 from rlhflab.errors import InputError
+from rlhflab.kl import kl_status
 
 
 def test_clipped_surrogate_by_hand():

@@ -7,7 +7,7 @@ so these tests only check that the cut is a partition, respects the cap, and pad
 
 import math
 
-from rlhflab.algos.sft import length_groups
+from rlhflab.forward import length_groups
 
 
 def padded(lengths, groups):

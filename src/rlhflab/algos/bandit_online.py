@@ -35,9 +35,9 @@ from rlhflab.algos.grpo import grpo_token_advantages
 from rlhflab.algos.online import BatchStats, UpdateBatch, UpdateSettings, update_policy
 from rlhflab.algos.ppo import ppo_advantages
 from rlhflab.algos.reinforce import reinforce_advantages, reinforce_pp_advantages
-from rlhflab.algos.sft import lr_lambda
 from rlhflab.bandit import BanditProblem, BanditResult, TabularPolicy
 from rlhflab.losses import truncated_importance_weights
+from rlhflab.training import lr_lambda
 
 BANDIT_DEFAULTS: dict[str, dict] = {
     "ppo": dict(steps=60, lr=0.05, samples=64, group_size=1, epochs=4, num_minibatches=4, kl_in="reward",

@@ -45,17 +45,9 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
-from rlhflab.algos.sft import (
-    forward_options,
-    fuse_activations,
-    grad_norm_of,
-    length_groups,
-    lr_lambda,
-    response_logprobs,
-    stop_if_non_finite,
-)
 from rlhflab.data import Tokenized, collate_sft, render, tokenize_pair, tokenize_preference
 from rlhflab.distributed import make_accelerator
+from rlhflab.forward import forward_options, fuse_activations, length_groups, response_logprobs
 from rlhflab.losses import (
     PREFERENCE_LOSSES,
     REFERENCE_FREE_LOSSES,
@@ -65,6 +57,7 @@ from rlhflab.losses import (
 from rlhflab.packing import bins_first_fit, pack, packed_response_logps, use_packing
 from rlhflab.progress import progress_bar
 from rlhflab.tracking import MetricsLog
+from rlhflab.training import disable_dropout, grad_norm_of, lr_lambda, stop_if_non_finite
 
 # Per loss: its keyword hyper-parameters from a DPOConfig (names as in losses.py).
 LOSS_HPARAMS: dict[str, Callable[..., dict]] = {
@@ -251,12 +244,6 @@ def freeze(model) -> torch.nn.Module:
     for p in model.parameters():
         p.requires_grad_(False)
     return model
-
-
-def disable_dropout(model) -> None:
-    for m in model.modules():
-        if isinstance(m, torch.nn.Dropout):
-            m.p = 0.0
 
 
 # ------------------------------------------------------------ loss on a batch

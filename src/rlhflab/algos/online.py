@@ -36,7 +36,8 @@ from pathlib import Path
 import torch
 
 from rlhflab.errors import InputError, RunError
-from rlhflab.kl import KL_ESTIMATORS, kl_k1, make_kl_controller, sequence_kl
+from rlhflab.kl import KL_ESTIMATORS, KL_STATUS, kl_k1, kl_status, make_kl_controller, sequence_kl
+from rlhflab.seeds import derive_seed
 
 # ---------------------------------------------------------------------------------------
 # Algorithm defaults (fields of RLConfig left empty)
@@ -456,29 +457,8 @@ def update_policy(batch: UpdateBatch, forward: Forward, optimizer_step: Callable
 
 
 # ---------------------------------------------------------------------------------------
-# KL status
-# ---------------------------------------------------------------------------------------
-
-KL_STATUS = ("ok", "caution", "warning")
-
-
-def kl_status(kl: float, caution: float = 8.0, warning: float = 15.0) -> str:
-    """'ok', 'caution' (KL > caution) or 'warning' (KL > warning), the literature's
-    heuristics for a sequence-level KL from the reference, in nats."""
-    return "warning" if kl > warning else "caution" if kl > caution else "ok"
-
-
-# ---------------------------------------------------------------------------------------
 # The run context
 # ---------------------------------------------------------------------------------------
-
-
-def step_seed(*parts: object) -> int:
-    """A 63-bit seed from a run seed and names/numbers (prompt order, minibatches, eval)."""
-    import hashlib
-
-    digest = hashlib.sha256("/".join(str(p) for p in parts).encode()).digest()
-    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
 def check_layout(rl, num_processes: int) -> None:
@@ -507,8 +487,8 @@ class OnlineRun:
 
     def __init__(self, cfg, algo: str, accelerator, policy, reference, tokenizer, reward, prompt_pool: list[str], *,
                  value_model=None, out_dir: Path | None = None, world=None, eval_prompts=None) -> None:
-        from rlhflab.algos.sft import lr_lambda
         from rlhflab.tracking import MetricsLog
+        from rlhflab.training import lr_lambda
 
         self.cfg, self.rl, self.algo = cfg, cfg.rl, algo
         self.accelerator = accelerator
@@ -576,7 +556,7 @@ class OnlineRun:
         N = len(self.prompt_pool)
         epoch = j // N
         if self._perm_cache is None or self._perm_cache[0] != epoch:
-            gen = torch.Generator().manual_seed(step_seed(self.rl.seed, "prompts", epoch))
+            gen = torch.Generator().manual_seed(derive_seed(self.rl.seed, "prompts", epoch))
             self._perm_cache = (epoch, torch.randperm(N, generator=gen).tolist())
         return self.prompt_pool[self._perm_cache[1][j % N]]
 
@@ -597,7 +577,7 @@ class OnlineRun:
 
     def _minibatch_shuffle(self, step: int, n_rows: int) -> tuple[torch.Generator, torch.Tensor]:
         """The generator of this step's minibatch shuffles and the first epoch's permutation."""
-        gen = torch.Generator().manual_seed(step_seed(self.rl.seed, "minibatches", step,
+        gen = torch.Generator().manual_seed(derive_seed(self.rl.seed, "minibatches", step,
                                                       self.accelerator.process_index))
         return gen, torch.randperm(n_rows, generator=gen)
 
@@ -641,8 +621,8 @@ class OnlineRun:
         return forward
 
     def _optimizer_step(self) -> float:
-        from rlhflab.algos.sft import grad_norm_of, stop_if_non_finite
         from rlhflab.artifacts import is_staging
+        from rlhflab.training import grad_norm_of, stop_if_non_finite
 
         params = [p for g in self.optimizer_raw.param_groups for p in g["params"]]
         norm = float("nan")
@@ -787,7 +767,7 @@ class OnlineRun:
         if self.is_main:
             measured, completions = measure_policy_on_world(
                 self.policy_module, self.tokenizer, self.world, self.eval_prompts, self.cfg.generation,
-                seed=step_seed(self.rl.seed, "eval"))
+                seed=derive_seed(self.rl.seed, "eval"))
             from rlhflab.rewards import score_responses
 
             proxy = score_responses(self.reward, [p.text for p in self.eval_prompts],

@@ -32,21 +32,15 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
-from rlhflab.algos.sft import (
-    forward_options,
-    fuse_activations,
-    grad_norm_of,
-    length_groups,
-    lr_lambda,
-    stop_if_non_finite,
-)
 from rlhflab.data import render, tokenize_pair
 from rlhflab.distributed import make_accelerator
+from rlhflab.forward import forward_options, fuse_activations, length_groups
 from rlhflab.losses import bradley_terry_loss, plackett_luce_loss
 from rlhflab.packing import pack, packed_scores, use_packing
 from rlhflab.progress import progress_bar
 from rlhflab.reward_model import collate, reward_head
 from rlhflab.tracking import MetricsLog
+from rlhflab.training import grad_norm_of, lr_lambda, stop_if_non_finite
 
 
 @dataclass

@@ -20,7 +20,6 @@ minimize the padded tokens plus a fixed cost per pass.
 from __future__ import annotations
 
 import contextlib
-import inspect
 import math
 import time
 from pathlib import Path
@@ -30,151 +29,18 @@ from accelerate import Accelerator
 
 from rlhflab.data import Tokenized, render, tokenize_pair
 from rlhflab.distributed import make_accelerator
-from rlhflab.errors import InputError
-from rlhflab.logprobs import kept_token_logprobs
+from rlhflab.forward import fuse_activations, length_groups
 from rlhflab.losses import sft_loss
 from rlhflab.packing import response_logp_sums, use_packing
 from rlhflab.progress import progress_bar
 from rlhflab.tracking import MetricsLog
-
-
-def lr_lambda(schedule: str, warmup_steps: int, total_steps: int):
-    """Multiplier of the peak LR at each step: linear warm-up, then cosine/linear/constant."""
-
-    def f(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return {
-            "cosine": 0.5 * (1 + math.cos(math.pi * min(1.0, progress))),
-            "linear": max(0.0, 1 - progress),
-            "constant": 1.0,
-        }[schedule]
-
-    return f
-
-
-class NonFiniteError(InputError):
-    """Training met a non-finite loss or gradient and stopped before the optimizer step
-    (so the weights are those of the last good step; nothing is saved). Exit code 2."""
-
-
-def grad_norm_of(params) -> torch.Tensor:
-    """The global L2 norm of the gradients of ``params`` (0 when none has one), unclipped."""
-    norms = [torch.linalg.vector_norm(p.grad.detach().float()) for p in params if p.grad is not None]
-    return torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
-
-
-def stop_if_non_finite(stage: str, step: int, *, loss: float | None = None, grad_norm: float | None = None,
-                       lr: float | None = None, lr_field: str | None = None, kept: str | None = None) -> None:
-    """Raise ``NonFiniteError`` (one line: the step, what went non-finite, the likely cause)
-    if ``loss`` or ``grad_norm`` is nan or infinite. Called after the backward and before
-    the optimizer step, on values every process shares, so all processes stop together."""
-    for what, value in (("loss", loss), ("gradient norm", grad_norm)):
-        if value is None or math.isfinite(value):
-            continue
-        cause = ("a non-finite input value (a margin, weight, reward or score of the data) or a learning "
-                 f"rate too high ({lr_field or stage + '.lr'}={lr:g})" if lr is not None else
-                 "a non-finite input value or a learning rate too high")
-        saved = f"; the last good checkpoint is kept in {kept}" if kept else "; no model was saved"
-        raise NonFiniteError(f"{stage} step {step}: the {what} is {value} (non-finite); training stopped "
-                             f"before the optimizer step{saved}. Likely cause: {cause}")
+from rlhflab.training import grad_norm_of, lr_lambda, stop_if_non_finite
 
 
 def tokenize_rows(rows: list[dict], tokenizer, max_length: int) -> tuple[list[Tokenized], int]:
     """Tokenize prompt/completion rows; returns the examples and how many were truncated."""
     out = [tokenize_pair(*render(r["prompt"], r["completion"], tokenizer), tokenizer, max_length) for r in rows]
     return out, sum(x.truncated for x in out)
-
-
-# The fixed cost of one more forward + backward pass, in padded tokens: on a 2-core CPU a
-# pass of the demo model costs about as much as 64 extra tokens (bench/results/sft_grouping.json).
-PASS_COST_TOKENS = 64
-
-
-def length_groups(lengths: list[int], max_rows: int | None = None, pass_cost: float | None = None
-                  ) -> list[list[int]]:
-    """Indices of ``lengths`` cut into micro-batches of similar length.
-
-    Sorted by length, the rows are cut into contiguous runs minimizing
-    sum over runs of (rows x longest row) + pass_cost per run (dynamic programming,
-    O(n * max_rows)); ``max_rows`` caps a run (the memory knob). ``pass_cost`` defaults to
-    ``PASS_COST_TOKENS``; ``math.inf`` keeps the rows in as few passes as ``max_rows`` allows.
-    """
-    pass_cost = min(PASS_COST_TOKENS if pass_cost is None else pass_cost, 1e12)  # finite: sums compare
-    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-    L = [lengths[i] for i in order]
-    n, cap = len(L), max_rows or len(L)
-    best = [0.0] + [math.inf] * n  # best[j]: cost of the j shortest rows
-    cut = [0] * (n + 1)
-    for j in range(1, n + 1):
-        for i in range(max(0, j - cap), j):
-            cost = best[i] + (j - i) * L[j - 1] + pass_cost
-            if cost < best[j]:
-                best[j], cut[j] = cost, i
-    runs, j = [], n
-    while j > 0:
-        runs.append(order[cut[j]:j])
-        j = cut[j]
-    return runs[::-1]
-
-
-def forward_options(model) -> dict[str, bool]:
-    """Which of the keywords that spare work this model's forward takes: ``use_cache``
-    (False: no KV cache is built in a training pass) and ``logits_to_keep`` (the lm head
-    only at the last positions). A DDP wrapper's ``module`` is asked: the wrapper passes
-    its keywords on."""
-    params = inspect.signature(getattr(model, "module", model).forward).parameters
-    return {"use_cache": "use_cache" in params, "logits_to_keep": "logits_to_keep" in params}
-
-
-class FusedGELUTanh(torch.nn.Module):
-    """GELU with the tanh approximation in torch's one fused kernel."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.gelu(x, approximate="tanh")
-
-
-def fuse_activations(model: torch.nn.Module) -> int:
-    """Replace, in place, every ``NewGELUActivation`` (GPT-2's ``gelu_new``, written as eight
-    elementwise tensor ops whose intermediates are all kept for the backward) by
-    ``FusedGELUTanh`` (torch's fused ``gelu(x, approximate="tanh")``): the same
-    function, 0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3))), in one kernel forward and
-    one backward, equal up to float rounding (transformers documents the two as equivalent).
-    Activations hold no weights: the state dict and the saved config are unchanged, and a
-    saved model reloads with its own activation. The training loops (SFT, reward model, DPO
-    family) and ``dpo.attach_reference_logps`` call it on the models they are given.
-    Returns how many modules were replaced.
-    """
-    try:
-        from transformers.activations import NewGELUActivation
-    except ImportError:  # a release without it has no gelu_new modules to replace
-        return 0
-    targets = [(parent, name) for parent in model.modules() for name, child in parent.named_children()
-               if type(child) is NewGELUActivation]
-    for parent, name in targets:
-        setattr(parent, name, FusedGELUTanh())
-    return len(targets)
-
-
-def response_logprobs(model, batch: dict, n_prompt_min: int, device, options: dict | None = None
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token log-probs of a collated batch from its first response position on, with the
-    matching slice of its response mask: two (B, K - 1) tensors, K = T - n_prompt_min + 1.
-
-    The model is asked for logits at the last K positions only (``logits_to_keep``) and no
-    KV cache, when its forward takes them (``forward_options``); otherwise K = T. Masked
-    sums equal those of ``token_logprobs`` over the whole row (the prompt positions cut
-    off hold no response token).
-    """
-    options = forward_options(model) if options is None else options
-    ids = batch["input_ids"].to(device)
-    kwargs = {"use_cache": False} if options["use_cache"] else {}
-    if options["logits_to_keep"]:
-        kwargs["logits_to_keep"] = ids.shape[1] - n_prompt_min + 1
-    logits = model(input_ids=ids, attention_mask=batch["attention_mask"].to(device), **kwargs).logits
-    lp = kept_token_logprobs(logits, ids)
-    return lp, batch["response_mask"].to(device)[:, ids.shape[1] - lp.shape[1]:]
 
 
 def _nll_sum(model, rows: list[Tokenized], pad_id: int, device, packed: bool = False

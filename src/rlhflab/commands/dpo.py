@@ -142,7 +142,7 @@ class WorldMonitor:
     def __call__(self, step: int, policy) -> dict:
         import gc
 
-        from rlhflab.algos.sft import fuse_activations
+        from rlhflab.forward import fuse_activations
         from rlhflab.instruments.policy_eval import measure_policy_on_world, sampled_kl
         from rlhflab.instruments.win_rate import gold_win_rate
         from rlhflab.models import load_causal_lm

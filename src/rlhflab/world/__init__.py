@@ -14,9 +14,9 @@ stream, so growing one split never changes another.
 
 from __future__ import annotations
 
-import hashlib
 import random
 
+from rlhflab.seeds import derive_seed
 from rlhflab.world.demonstrator import demonstrate
 from rlhflab.world.gold import gold_utility, is_well_formed
 from rlhflab.world.labeler import RaterPanel
@@ -27,7 +27,7 @@ __all__ = ["World", "Prompt", "gold_utility", "is_well_formed", "parse_prompt", 
 
 
 def _stream_seed(seed: int, name: str) -> int:
-    return int.from_bytes(hashlib.sha256(f"{seed}/{name}".encode()).digest()[:8], "little")
+    return derive_seed(seed, name, bits=64)
 
 
 class World:

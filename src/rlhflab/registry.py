@@ -1,0 +1,216 @@
+"""Every name a user can write, registered once: the online algorithms with their defaults,
+the preference losses, the loss aggregations, the KL estimators and controllers, the
+learning-rate schedules and the REINFORCE baselines.
+
+Each family is one ``Registry``: name -> an ``Entry`` whose ``target`` ("module:attribute")
+is imported on first use. The CLI's choices, the ``rlhflab run`` arms, the tabular bandits
+and the config's field domains all read these tables, so a name is spelled here and nowhere
+else, and reading a name costs no torch import (the CLI checks its arguments before it
+loads torch and transformers). ``tests/unit/test_registry.py`` resolves every target.
+
+The pattern is verl's ``register_adv_est`` / ``register_policy_loss``, with the table in
+one torch-free module instead of decorators spread over the modules that need torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One registered name: where its implementation lives, what it is, and the family's
+    own attributes (an algorithm's defaults, whether a loss needs a reference, ...)."""
+
+    name: str
+    target: str  # "module:attribute", imported on first use
+    doc: str  # one line: what it is, after which paper
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+
+class Registry(Mapping):
+    """name -> implementation, resolved lazily; ``entry(name)`` gives the ``Entry``."""
+
+    def __init__(self, family: str, entries: list[Entry]) -> None:
+        self.family = family
+        self._entries = {e.name: e for e in entries}
+        if len(self._entries) != len(entries):
+            raise ValueError(f"{family}: a name is registered twice")
+        self._resolved: dict[str, Any] = {}
+
+    def entry(self, name: str) -> Entry:
+        try:
+            return self._entries[name]
+        except KeyError:
+            raise KeyError(f"unknown {self.family} {name!r}; expected one of {', '.join(self)}") from None
+
+    def __getitem__(self, name: str) -> Any:
+        if name not in self._resolved:
+            module, _, attribute = self.entry(name).target.partition(":")
+            self._resolved[name] = getattr(importlib.import_module(module), attribute)
+        return self._resolved[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries
+
+    def names(self) -> tuple[str, ...]:
+        return tuple(self._entries)
+
+    def domain(self) -> str:
+        """The config field domain "one of a, b, c" (``rlhflab.config``)."""
+        return "one of " + ", ".join(self._entries)
+
+    def where(self, **options: Any) -> tuple[str, ...]:
+        """The names whose options include all of ``options``."""
+        return tuple(n for n, e in self._entries.items() if all(e.options.get(k) == v for k, v in options.items()))
+
+    def __repr__(self) -> str:
+        return f"Registry({self.family!r}, {list(self._entries)})"
+
+
+# ---------------------------------------------------------------------------------------
+# Online RL algorithms
+# ---------------------------------------------------------------------------------------
+# options:
+#   trainer   the loop ("module:function", called with an OnlineRun)
+#   command   the CLI command that trains it (``rlhflab ppo|reinforce|rloo|grpo``), and
+#   variant   its ``--variant`` there (None: the command's only algorithm)
+#   defaults  the RLConfig fields a user may leave empty
+#   min_samples_per_prompt   group estimators need at least two samples of a prompt
+
+ONLINE_ALGORITHMS = Registry("online algorithm", [
+    Entry("ppo", "rlhflab.algos.ppo:train_ppo",
+          "PPO with a KL penalty and a critic (Ouyang et al. 2022; Huang et al. 2022)",
+          dict(command="ppo", variant=None, min_samples_per_prompt=1,
+               defaults=dict(samples_per_prompt=1, epochs=4, num_minibatches=4, kl_in="reward", kl_estimator="k1",
+                             whiten_advantages=True, loss_agg="token_mean"))),
+    Entry("reinforce", "rlhflab.algos.reinforce:train_reinforce",
+          "REINFORCE with a batch or group baseline (Williams 1992; Ahmadian et al. 2024)",
+          dict(command="reinforce", variant="baseline", min_samples_per_prompt=1,
+               defaults=dict(samples_per_prompt=1, epochs=1, num_minibatches=1, kl_in="reward", kl_estimator="k1",
+                             whiten_advantages=False, loss_agg="seq_sum", baseline="batch"))),
+    Entry("rloo", "rlhflab.algos.reinforce:train_reinforce",
+          "REINFORCE leave-one-out (Ahmadian et al. 2024)",
+          dict(command="rloo", variant=None, min_samples_per_prompt=2,
+               defaults=dict(samples_per_prompt=4, epochs=1, num_minibatches=1, kl_in="reward", kl_estimator="k1",
+                             whiten_advantages=False, loss_agg="seq_sum"))),
+    Entry("reinforce++", "rlhflab.algos.reinforce:train_reinforce",
+          "REINFORCE++: token returns whitened over the global batch (Hu 2025)",
+          dict(command="reinforce", variant="reinforce++", min_samples_per_prompt=1,
+               defaults=dict(samples_per_prompt=1, epochs=1, num_minibatches=2, kl_in="reward", kl_estimator="k1",
+                             whiten_advantages=True, loss_agg="token_mean"))),
+    Entry("grpo", "rlhflab.algos.grpo:train_grpo",
+          "GRPO: group-normalized advantages, k3 in the loss (Shao et al. 2024)",
+          dict(command="grpo", variant="grpo", min_samples_per_prompt=2,
+               defaults=dict(samples_per_prompt=8, epochs=1, num_minibatches=2, kl_in="loss", kl_estimator="k3",
+                             whiten_advantages=False, loss_agg="seq_mean", scale_std=True))),
+    Entry("dr-grpo", "rlhflab.algos.grpo:train_grpo",
+          "Dr. GRPO: no std scaling, no length bias (Liu et al. 2025)",
+          dict(command="grpo", variant="dr-grpo", min_samples_per_prompt=2,
+               defaults=dict(samples_per_prompt=8, epochs=1, num_minibatches=2, kl_in="loss", kl_estimator="k3",
+                             whiten_advantages=False, loss_agg="constant", scale_std=False))),
+])
+
+
+def online_commands() -> dict[str, dict[str, str]]:
+    """CLI command -> {variant: algorithm}; the first variant is the command's default."""
+    out: dict[str, dict[str, str]] = {}
+    for name, e in ONLINE_ALGORITHMS._entries.items():
+        out.setdefault(e.options["command"], {})[e.options["variant"] or name] = name
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# Preference losses (the DPO family)
+# ---------------------------------------------------------------------------------------
+# options:
+#   reference_free  needs no reference model (takes response lengths instead)
+#   unpaired        trains on single labelled responses (KTO) rather than pairs
+#   hparams         the loss's keyword -> the DPOConfig field it reads
+
+PREFERENCE_LOSSES = Registry("preference loss", [
+    Entry("dpo", "rlhflab.losses:dpo_loss", "DPO, the sigmoid loss (Rafailov et al. 2023)",
+          dict(reference_free=False, unpaired=False, hparams={"beta": "beta"})),
+    Entry("cdpo", "rlhflab.losses:cdpo_loss", "conservative DPO: label smoothing eps (Mitchell 2023)",
+          dict(reference_free=False, unpaired=False, hparams={"beta": "beta", "label_smoothing": "label_smoothing"})),
+    Entry("ipo", "rlhflab.losses:ipo_loss", "IPO: squared loss to 1/(2 tau) (Azar et al. 2023)",
+          dict(reference_free=False, unpaired=False, hparams={"tau": "beta"})),
+    Entry("hinge", "rlhflab.losses:hinge_loss", "SLiC-HF's hinge on the log-ratio margin (Zhao et al. 2023)",
+          dict(reference_free=False, unpaired=False, hparams={"beta": "beta"})),
+    Entry("kto", "rlhflab.losses:kto_loss", "KTO: unpaired desirable/undesirable rows (Ethayarajh et al. 2024)",
+          dict(reference_free=False, unpaired=True,
+               hparams={"beta": "beta", "desirable_weight": "kto_desirable_weight",
+                        "undesirable_weight": "kto_undesirable_weight"})),
+    Entry("simpo", "rlhflab.losses:simpo_loss", "SimPO: length-normalized, no reference (Meng et al. 2024)",
+          dict(reference_free=True, unpaired=False, hparams={"beta": "beta", "gamma": "simpo_gamma"})),
+    Entry("orpo", "rlhflab.losses:orpo_loss", "ORPO: NLL plus an odds-ratio term, no reference (Hong et al. 2024)",
+          dict(reference_free=True, unpaired=False, hparams={"lam": "beta"})),
+])
+
+
+def loss_hparams(name: str, values: Any) -> dict[str, Any]:
+    """The keyword hyper-parameters of preference loss ``name``, read from ``values`` (a
+    DPOConfig, or any object or mapping with those field names)."""
+    get = values.get if isinstance(values, Mapping) else lambda k: getattr(values, k)
+    return {kw: get(f) for kw, f in PREFERENCE_LOSSES.entry(name).options["hparams"].items()}
+
+
+# ---------------------------------------------------------------------------------------
+# Online-RL loss aggregation, KL, baselines, learning-rate schedules
+# ---------------------------------------------------------------------------------------
+
+LOSS_AGGREGATIONS = Registry("loss aggregation", [
+    Entry("token_mean", "rlhflab.losses:token_mean", "sum over tokens / tokens (PPO, REINFORCE++, DAPO)"),
+    Entry("seq_sum", "rlhflab.losses:seq_sum", "sum over tokens / sequences (REINFORCE)"),
+    Entry("seq_mean", "rlhflab.losses:seq_mean", "mean per sequence, then over sequences (GRPO)"),
+    Entry("constant", "rlhflab.losses:constant_normalizer", "sum / (sequences x max length) (Dr. GRPO)"),
+])
+
+KL_ESTIMATORS = Registry("KL estimator", [
+    Entry("k1", "rlhflab.kl:kl_k1", "-log r: unbiased, noisy; belongs in the reward (Schulman 2020)"),
+    Entry("k2", "rlhflab.kl:kl_k2", "(log r)^2 / 2: its gradient is the reverse KL's (Schulman 2020)"),
+    Entry("k3", "rlhflab.kl:kl_k3", "(r - 1) - log r: unbiased, >= 0; GRPO's (Schulman 2020)"),
+])
+
+KL_CONTROLLERS = Registry("KL controller", [
+    Entry("fixed", "rlhflab.kl:FixedKLController", "a constant beta"),
+    Entry("linear", "rlhflab.kl:LinearKLController", "beta moved linearly to beta_end"),
+    Entry("adaptive", "rlhflab.kl:AdaptiveKLController", "beta steered to a target KL (Ziegler et al. 2019)"),
+])
+
+SEQUENCE_BASELINES = Registry("REINFORCE baseline", [
+    Entry("batch", "rlhflab.advantages:batch_mean_baseline", "A = R - mean over the global batch"),
+    Entry("group", "rlhflab.advantages:group_mean_baseline", "A = R - mean of the prompt's samples"),
+    Entry("rloo", "rlhflab.advantages:rloo_advantages", "A = R - mean of the prompt's other samples"),
+])
+
+LR_SCHEDULES = Registry("learning-rate schedule", [
+    Entry("cosine", "rlhflab.training:cosine_decay", "half a cosine from 1 to 0 after warm-up"),
+    Entry("linear", "rlhflab.training:linear_decay", "a straight line from 1 to 0 after warm-up"),
+    Entry("constant", "rlhflab.training:constant_rate", "1 after warm-up"),
+])
+
+
+# ---------------------------------------------------------------------------------------
+# How far from the reference is too far
+# ---------------------------------------------------------------------------------------
+
+KL_CAUTION_NATS = 8.0
+"""Sequence KL from the reference (nats) above which a run is flagged 'caution'. Ziegler et
+al. 2019's adaptive controller targeted 6 nats on their stylistic tasks (target 6.0 in
+their released launch.py); 8 is beyond that. Healthy world runs sit at 0.4-1 nat."""
+
+KL_WARNING_NATS = 15.0
+"""Sequence KL (nats) above which a run is flagged 'warning'. Stiennon et al. 2020 (Fig. 5):
+as the KL from the SFT policy grows, the humans' preference peaks and then falls while the
+reward model's keeps rising; 15 nats is this project's cut, where the world's over-optimized
+runs land (14.3 nats at beta 0.005)."""
