@@ -136,13 +136,13 @@ def test_packing_fills_rows(setup):
 
 def test_packed_pass_without_logits_to_keep_gives_the_same(setup, monkeypatch):
     """Models whose forward lacks ``logits_to_keep`` get full logits, indexed afterwards."""
-    import rlhflab.algos.sft as sft_module
+    import rlhflab.forward as forward_module
 
     cfg, _, tok, _, seqs = setup
     model = models(cfg, tok)["gpt2"]
     p = pack([s.input_ids for s in seqs], tok.pad_token_id)
     kept = packed_response_logps(model, p, [s.n_prompt for s in seqs])
-    monkeypatch.setattr(sft_module, "forward_options", lambda m: {"use_cache": True, "logits_to_keep": False})
+    monkeypatch.setattr(forward_module, "forward_options", lambda m: {"use_cache": True, "logits_to_keep": False})
     full = packed_response_logps(model, p, [s.n_prompt for s in seqs])
     assert_close(kept.detach(), full.detach(), tol=1e-5)
 
