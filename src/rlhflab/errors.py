@@ -5,7 +5,8 @@ from __future__ import annotations
 
 
 class InputError(ValueError):
-    """Bad input from the user: a file, a line, a field, what was expected.
+    """Bad input from the user: a file, a line (or, with ``unit="row"``, a row of a
+    Parquet / Arrow table), a field, what was expected.
 
     The CLI prints ``str(err)`` on one line to stderr and exits with code 2.
     """
@@ -17,11 +18,13 @@ class InputError(ValueError):
         file: str | None = None,
         line: int | None = None,
         field: str | None = None,
+        unit: str = "line",
     ) -> None:
         self.file, self.line, self.field, self.reason = file, line, field, message
         where = ""
         if file is not None:
-            where = str(file) + (f":{line}" if line is not None else "") + ": "
+            at = "" if line is None else f":{line}" if unit == "line" else f":{unit} {line}"
+            where = str(file) + at + ": "
         what = f"field '{field}': " if field is not None else ""
         super().__init__(f"{where}{what}{message}".replace("\n", " "))
 
