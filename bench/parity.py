@@ -5,7 +5,7 @@ gradients, the same weights and the same rows.
 
 TRL's side runs in ``.venv-bench`` (``children/parity_trl.py``) and saves its loss and
 every parameter's gradient; this script computes rlhflab's with the functions its loops
-use (``algos.dpo._paired_terms`` + ``losses.PREFERENCE_LOSSES["dpo"]``;
+use (``algos.dpo._paired_terms`` + ``registry.PREFERENCE_LOSSES["dpo"]``;
 ``algos.reward_model._group_rewards`` + ``bt_objective``) and compares.
 """
 
@@ -39,9 +39,9 @@ def grads(model) -> dict[str, torch.Tensor]:
 def rlhflab_dpo(policy_dir: Path, sft: Path, rows: list[dict], beta: float, max_length: int
                 ) -> tuple[float, dict]:
     from rlhflab.algos.dpo import _paired_terms, freeze, tokenize_pairs
-    from rlhflab.losses import PREFERENCE_LOSSES
     from rlhflab.models import load_causal_lm, load_tokenizer
     from rlhflab.packing import use_packing
+    from rlhflab.registry import PREFERENCE_LOSSES
     from rlhflab.training import disable_dropout
 
     tok = load_tokenizer(sft)

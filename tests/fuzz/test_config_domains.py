@@ -315,11 +315,17 @@ def test_rl_resolution_checks_domains_of_configs_built_in_code():
 
 
 def test_dpo_loss_choices_match_the_command():
-    from rlhflab.commands.dpo import LOSS_CHOICES
+    import argparse
+
+    from rlhflab.commands.dpo import add_arguments
     from rlhflab.config import DPOConfig
+    from rlhflab.registry import PREFERENCE_LOSSES
 
     f = next(f for f in dataclasses.fields(DPOConfig) if f.name == "loss")
-    assert field_domain(f).choices == LOSS_CHOICES
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    choices = next(a.choices for a in parser._actions if a.dest == "loss")
+    assert field_domain(f).choices == tuple(choices) == PREFERENCE_LOSSES.names()
 
 
 def test_a_resolved_config_loads_back(tmp_path):

@@ -15,9 +15,6 @@ import pytest
 import torch
 
 from rlhflab.losses import (
-    PREFERENCE_LOSSES,
-    REFERENCE_FREE_LOSSES,
-    UNPAIRED_LOSSES,
     bradley_terry_loss,
     cdpo_loss,
     dpo_loss,
@@ -30,6 +27,7 @@ from rlhflab.losses import (
     plackett_luce_loss,
     simpo_loss,
 )
+from rlhflab.registry import PREFERENCE_LOSSES
 
 SP_M1 = math.log1p(math.exp(-1.0))  # softplus(-1) = 0.313262
 SIG_M1 = 1.0 / (1.0 + math.e)  # sigmoid(-1) = 0.268941
@@ -461,7 +459,7 @@ def test_orpo_probability_one_stays_finite():
 
 
 @pytest.mark.parametrize(
-    ("name", "sign"), list(itertools.product(sorted(PREFERENCE_LOSSES), [1, -1]))
+    ("name", "sign"), list(itertools.product(sorted(PREFERENCE_LOSSES.where(unpaired=False)), [1, -1]))
 )
 def test_paired_losses_stable_for_huge_margins(name, sign):
     """Log-ratio differences of +-1e4 (and log-probs of -1e4 for the reference-free losses)
@@ -469,7 +467,7 @@ def test_paired_losses_stable_for_huge_margins(name, sign):
     big = 1e4
     pc = t(-1.0 if sign > 0 else -big, grad=True)
     pr = t(-big if sign > 0 else -1.0, grad=True)
-    if name in REFERENCE_FREE_LOSSES:
+    if PREFERENCE_LOSSES.entry(name).options["reference_free"]:
         third, fourth = torch.tensor([1]), torch.tensor([1])
     else:
         third, fourth = t(-1.0), t(-1.0)
@@ -483,14 +481,16 @@ def test_paired_losses_stable_for_huge_margins(name, sign):
 def test_registry_contract():
     """Every registered loss returns a scalar tensor with a grad and a flat dict of floats
     containing the DPO-family keys; KTO is kept apart because its inputs are unpaired."""
-    assert set(PREFERENCE_LOSSES) == {"dpo", "cdpo", "ipo", "hinge", "simpo", "orpo"}
-    assert set(UNPAIRED_LOSSES) == {"kto"}
-    assert REFERENCE_FREE_LOSSES <= set(PREFERENCE_LOSSES)
+    paired = PREFERENCE_LOSSES.where(unpaired=False)
+    assert set(paired) == {"dpo", "cdpo", "ipo", "hinge", "simpo", "orpo"}
+    assert PREFERENCE_LOSSES.where(unpaired=True) == ("kto",)
+    assert set(PREFERENCE_LOSSES.where(reference_free=True)) == {"simpo", "orpo"}
     gen = torch.Generator().manual_seed(9)
     pc = (-5 * torch.rand(3, generator=gen)).requires_grad_(True)
     pr = (-5 * torch.rand(3, generator=gen)).requires_grad_(True)
-    for name, fn in PREFERENCE_LOSSES.items():
-        if name in REFERENCE_FREE_LOSSES:
+    for name in paired:
+        fn = PREFERENCE_LOSSES[name]
+        if PREFERENCE_LOSSES.entry(name).options["reference_free"]:
             extra = (torch.tensor([2, 3, 4]), torch.tensor([3, 3, 3]))
         else:
             extra = (-5 * torch.rand(3, generator=gen), -5 * torch.rand(3, generator=gen))

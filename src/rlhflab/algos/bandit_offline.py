@@ -41,13 +41,9 @@ import numpy as np
 import torch
 
 from rlhflab.bandit import BanditProblem, BanditResult, TabularPolicy
-from rlhflab.losses import (
-    PREFERENCE_LOSSES,
-    REFERENCE_FREE_LOSSES,
-    UNPAIRED_LOSSES,
-    kto_reference_point,
-)
+from rlhflab.losses import kto_reference_point
 from rlhflab.optimal import kl_divergence
+from rlhflab.registry import PREFERENCE_LOSSES
 
 DEFAULT_PAIRS = 20000
 DEFAULT_STEPS = 500
@@ -146,27 +142,26 @@ def ipo_population_optimum(problem: BanditProblem, tau: float, deterministic: bo
 
 # --------------------------------------------------------------------------- training
 
-# Per algorithm: the losses.py hyper-parameters from the bandit's beta and the options.
-HPARAMS: dict[str, Callable[[float, dict], dict]] = {
-    "dpo": lambda beta, o: {"beta": beta},
-    "cdpo": lambda beta, o: {"beta": beta, "label_smoothing": float(o.get("label_smoothing", 0.1))},
-    "ipo": lambda beta, o: {"tau": beta},
-    "hinge": lambda beta, o: {"beta": beta},
-    "simpo": lambda beta, o: {"beta": beta, "gamma": float(o.get("gamma", 0.5))},
-    "orpo": lambda beta, o: {"lam": beta},
-    "kto": lambda beta, o: {"beta": beta,
-                            "desirable_weight": float(o.get("desirable_weight", 1.0)),
-                            "undesirable_weight": float(o.get("undesirable_weight", 1.0))},
-}
-KNOWN_OPTIONS = {"label_smoothing", "gamma", "desirable_weight", "undesirable_weight", "lr",
-                 "deterministic"}
+# The bandit's options named after the losses' own keywords, with their defaults; ``beta``
+# fills the keyword the registry maps to ``dpo.beta`` (beta, tau or lam).
+LOSS_OPTIONS: dict[str, float] = {"label_smoothing": 0.1, "gamma": 0.5, "desirable_weight": 1.0,
+                                  "undesirable_weight": 1.0}
+KNOWN_OPTIONS = {*LOSS_OPTIONS, "lr", "deterministic"}
+
+
+def bandit_hparams(name: str, beta: float, options: dict) -> dict:
+    """The keyword hyper-parameters of loss ``name`` (``registry.PREFERENCE_LOSSES``) from the
+    bandit's ``beta`` and options."""
+    table = PREFERENCE_LOSSES.entry(name).options["hparams"]
+    return {kw: beta if field == "beta" else float(options.get(kw, LOSS_OPTIONS[kw]))
+            for kw, field in table.items()}
 
 
 def _paired_objective(name: str, data: PairData, ref_logps: torch.Tensor, hp: dict):
     """policy log-probs (P, K) -> (loss, metrics) for a paired loss of ``losses.py``."""
     fn = PREFERENCE_LOSSES[name]
     x, w, l_ = data.prompts, data.chosen, data.rejected
-    if name in REFERENCE_FREE_LOSSES:
+    if PREFERENCE_LOSSES.entry(name).options["reference_free"]:
         ones = torch.ones(len(x))
         third, fourth = ones, ones  # every response is one action: length 1
     else:
@@ -191,7 +186,7 @@ def _kto_objective(data: PairData, ref_logps: torch.Tensor, hp: dict):
 
     def objective(logps: torch.Tensor):
         z0 = kto_reference_point(logps[x, y_mismatched], ref_mismatched)
-        return UNPAIRED_LOSSES["kto"](logps[x, y], ref_logps[x, y], desirable, z0, **hp)
+        return PREFERENCE_LOSSES["kto"](logps[x, y], ref_logps[x, y], desirable, z0, **hp)
 
     return objective
 
@@ -211,8 +206,8 @@ def train_offline(problem: BanditProblem, name: str, beta: float, *, seed: int =
     if len(data.prompts) == 0:
         raise TypeError(f"all {n_pairs} sampled pairs had y1 == y2; sample more pairs")
     ref_logps = torch.log(torch.as_tensor(problem.pi_ref, dtype=torch.float32))
-    hp = HPARAMS[name](beta, options)
-    objective = (_kto_objective(data, ref_logps, hp) if name in UNPAIRED_LOSSES
+    hp = bandit_hparams(name, beta, options)
+    objective = (_kto_objective(data, ref_logps, hp) if PREFERENCE_LOSSES.entry(name).options["unpaired"]
                  else _paired_objective(name, data, ref_logps, hp))
 
     torch.manual_seed(seed)
@@ -262,5 +257,5 @@ def _algo(name: str):
 
 
 BANDIT_ALGOS: dict[str, Callable[..., BanditResult]] = {
-    name: _algo(name) for name in ("dpo", "cdpo", "ipo", "hinge", "kto", "simpo", "orpo")
+    name: _algo(name) for name in PREFERENCE_LOSSES
 }

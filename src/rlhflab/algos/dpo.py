@@ -19,7 +19,7 @@ Where this departs from the papers and from TRL:
   partner (its prompt with another example's response) is fixed once per dataset by a
   seeded permutation, so the reference's log-prob of it can be cached like the others.
 - The chosen and rejected sequences of a micro-batch go through the model in passes of
-  similar length (``sequence_logps``: sorted, cut by ``sft.length_groups``, each pass
+  similar length (``sequence_logps``: sorted, cut by ``forward.length_groups``, each pass
   right-padded to its own longest row, logits only from the first response position), and
   the loss of the micro-batch is one function of all their log-probs with one backward:
   the same gradient as one padded pass, with about half the tokens on the world's data.
@@ -48,33 +48,23 @@ from accelerate import Accelerator
 from rlhflab.data import Tokenized, collate_sft, render, tokenize_pair, tokenize_preference
 from rlhflab.distributed import make_accelerator
 from rlhflab.forward import forward_options, fuse_activations, length_groups, response_logprobs
-from rlhflab.losses import (
-    PREFERENCE_LOSSES,
-    REFERENCE_FREE_LOSSES,
-    UNPAIRED_LOSSES,
-    kto_reference_point,
-)
+from rlhflab.losses import kto_reference_point
 from rlhflab.packing import bins_first_fit, pack, packed_response_logps, use_packing
 from rlhflab.progress import progress_bar
+from rlhflab.registry import PREFERENCE_LOSSES, loss_hparams
 from rlhflab.tracking import MetricsLog
 from rlhflab.training import disable_dropout, grad_norm_of, lr_lambda, stop_if_non_finite
 
-# Per loss: its keyword hyper-parameters from a DPOConfig (names as in losses.py).
-LOSS_HPARAMS: dict[str, Callable[..., dict]] = {
-    "dpo": lambda c: {"beta": c.beta},
-    "cdpo": lambda c: {"beta": c.beta, "label_smoothing": c.label_smoothing},
-    "ipo": lambda c: {"tau": c.beta},
-    "hinge": lambda c: {"beta": c.beta},
-    "simpo": lambda c: {"beta": c.beta, "gamma": c.simpo_gamma},
-    "orpo": lambda c: {"lam": c.beta},
-    "kto": lambda c: {"beta": c.beta, "desirable_weight": c.kto_desirable_weight,
-                      "undesirable_weight": c.kto_undesirable_weight},
-}
-LOSSES: tuple[str, ...] = tuple(LOSS_HPARAMS)
+# The losses and their hyper-parameters are registered in ``rlhflab.registry.PREFERENCE_LOSSES``.
+# A paired loss is called fn(policy_chosen_logps, policy_rejected_logps, a, b, **hparams) with
+# (a, b) the reference's log-probs, or for a reference-free loss the response lengths; an
+# unpaired one (KTO) fn(policy_logps, ref_logps, is_desirable, kl_ref_point, **hparams).
+REFERENCE_FREE: tuple[str, ...] = PREFERENCE_LOSSES.where(reference_free=True)
+UNPAIRED: tuple[str, ...] = PREFERENCE_LOSSES.where(unpaired=True)
 
 
 def needs_reference(loss: str) -> bool:
-    return loss not in REFERENCE_FREE_LOSSES
+    return loss not in REFERENCE_FREE
 
 
 # --------------------------------------------------------------------------- data
@@ -90,9 +80,6 @@ class PairExample:
     ref_chosen: float = math.nan
     ref_rejected: float = math.nan
 
-    def sequences(self) -> list[Tokenized]:
-        return [self.chosen, self.rejected]
-
 
 @dataclass
 class UnpairedExample:
@@ -103,9 +90,6 @@ class UnpairedExample:
     desirable: bool
     ref: float = math.nan
     ref_mismatched: float = math.nan
-
-    def sequences(self) -> list[Tokenized]:
-        return [self.example, self.mismatched]
 
 
 def _response(x: Tokenized) -> list[int]:
@@ -168,7 +152,7 @@ def sequence_logps(model, seqs: list[Tokenized], pad_id: int, device, max_rows: 
     Returns two (N,) tensors in the order of ``seqs``: sum_t log pi(y_t | x, y_<t) over
     response tokens (EOS included), and the number of response tokens.
 
-    The sequences go through the model in passes of similar length (``sft.length_groups``:
+    The sequences go through the model in passes of similar length (``forward.length_groups``:
     sorted by length, cut to minimize padded tokens + ``pass_cost`` per pass, at most
     ``max_rows`` rows each), each right-padded to its own longest row, and the lm head and
     log-softmax are computed from the first response position on only. With right padding
@@ -264,7 +248,7 @@ def _paired_terms(loss_name, model, reference, micro: list[PairExample], pad_id,
     n = len(micro)
     seqs = [e.chosen for e in micro] + [e.rejected for e in micro]
     logps, lengths = sequence_logps(model, seqs, pad_id, device, max_rows, packed=packed)
-    if loss_name in REFERENCE_FREE_LOSSES:
+    if loss_name in REFERENCE_FREE:
         third, fourth = lengths[:n], lengths[n:]
     elif reference is not None:
         with torch.no_grad():
@@ -297,12 +281,12 @@ def evaluate(loss_name: str, hp: dict, model, reference, examples: list, pad_id:
     was = model.training
     model.eval()
     rows = 2 * batch_size
-    if loss_name in UNPAIRED_LOSSES:
+    if loss_name in UNPAIRED:
         pol, ref = _unpaired_terms(model, reference, examples, pad_id, device, False, rows, packed)
         pol_m, ref_m = _unpaired_terms(model, reference, examples, pad_id, device, True, rows, packed)
         desirable = torch.tensor([e.desirable for e in examples], device=pol.device)
         z0 = kto_reference_point(pol_m, ref_m)
-        loss, metrics = UNPAIRED_LOSSES[loss_name](pol, ref, desirable, z0, **hp)
+        loss, metrics = PREFERENCE_LOSSES[loss_name](pol, ref, desirable, z0, **hp)
     else:
         args = _paired_terms(loss_name, model, reference, examples, pad_id, device, rows, packed)
         loss, metrics = PREFERENCE_LOSSES[loss_name](*args, **hp)
@@ -326,8 +310,8 @@ def train_dpo(cfg, model, reference, tokenizer, train: list, held_out: list,
     """
     accelerator = accelerator or make_accelerator(cfg.mixed_precision)
     W, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
-    name, hp = cfg.loss, LOSS_HPARAMS[cfg.loss](cfg)
-    unpaired = name in UNPAIRED_LOSSES
+    name, hp = cfg.loss, loss_hparams(cfg.loss, cfg)
+    unpaired = name in UNPAIRED
     B = cfg.batch_size
     micro = cfg.micro_batch_size or B // W
     if B % W or (B // W) % micro:
@@ -353,7 +337,7 @@ def train_dpo(cfg, model, reference, tokenizer, train: list, held_out: list,
     # Packed passes for the policy and the reference alike, when both support them.
     packed = use_packing(model, cfg.packing, pad_id) and (reference is None or use_packing(reference, True, pad_id))
     log = MetricsLog(out_dir / "metrics.jsonl" if out_dir else None, enabled=accelerator.is_main_process)
-    loss_fn = UNPAIRED_LOSSES[name] if unpaired else PREFERENCE_LOSSES[name]
+    loss_fn = PREFERENCE_LOSSES[name]
 
     def run_monitor(step: int) -> dict:
         extra = monitor(step, policy) if monitor is not None and accelerator.is_main_process else {}

@@ -17,13 +17,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from rlhflab.config import Config, add_config_arguments, config_from_args, save_config
-
-LOSS_CHOICES = ("dpo", "cdpo", "ipo", "hinge", "kto", "simpo", "orpo")
+from rlhflab.registry import PREFERENCE_LOSSES
 
 
 def add_arguments(p) -> None:
     add_config_arguments(p)
-    p.add_argument("--loss", choices=LOSS_CHOICES, help="the objective (default: dpo.loss of the config)")
+    p.add_argument("--loss", choices=PREFERENCE_LOSSES.names(),
+                   help="the objective (default: dpo.loss of the config)")
     p.add_argument("--sft", required=True, help="SFT run directory or any local HF causal-LM directory: "
                    "the starting policy and the frozen reference")
     p.add_argument("--data", help="preference JSONL (prompt/chosen/rejected), or for --loss kto unpaired "
