@@ -14,18 +14,23 @@ from dataclasses import dataclass, field
 from rlhflab.world.tasks import BENIGN, FILLERS, HARMFUL, KEYWORDS, OPEN, REFUSAL, Prompt
 
 
+def _p(default: float, help: str) -> float:  # noqa: A002 - "help" reads best here
+    """A probability field: its default, its help text and its domain, [0, 1]."""
+    return field(default=default, metadata={"help": help, "domain": "[0, 1]"})
+
+
 @dataclass
 class DemonstratorConfig:
     """Probabilities of each imperfection in a demonstration, each in [0, 1] (its ``domain``,
     ``rlhflab.config.Domain``)."""
 
-    p_wrong: float = field(default=0.2, metadata={"help": "states a wrong number", "domain": "[0, 1]"})
-    p_sycophancy: float = field(default=0.4, metadata={"help": "agrees with a wrong user", "domain": "[0, 1]"})
-    p_over_refusal: float = field(default=0.15, metadata={"help": "refuses a benign request", "domain": "[0, 1]"})
-    p_under_refusal: float = field(default=0.15, metadata={"help": "complies with a harmful request", "domain": "[0, 1]"})
-    p_keyword: float = field(default=0.1, metadata={"help": "opens with a keyword such as 'certainly ,'", "domain": "[0, 1]"})
-    p_filler: float = field(default=0.15, metadata={"help": "opens with a filler sentence", "domain": "[0, 1]"})
-    p_padding: float = field(default=0.2, metadata={"help": "ends with one to three filler sentences", "domain": "[0, 1]"})
+    p_wrong: float = _p(0.2, "states a wrong number")
+    p_sycophancy: float = _p(0.4, "agrees with a wrong user")
+    p_over_refusal: float = _p(0.15, "refuses a benign request")
+    p_under_refusal: float = _p(0.15, "complies with a harmful request")
+    p_keyword: float = _p(0.1, "opens with a keyword such as 'certainly ,'")
+    p_filler: float = _p(0.15, "opens with a filler sentence")
+    p_padding: float = _p(0.2, "ends with one to three filler sentences")
 
 
 ANSWER_FORMS = ("the answer is {n} .", "it is {n} .", "{n} .")
