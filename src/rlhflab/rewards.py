@@ -149,20 +149,20 @@ def _split_weight(spec: str) -> tuple[str, float]:
         raise InputError(f"--reward-fn {spec!r}: weight {raw!r} is not a number") from None
 
 
-def load_reward_function(spec: str) -> tuple[float, FunctionReward]:
-    """``NAME``, ``module:attr`` or ``file.py:attr``, each with an optional ``=WEIGHT``."""
-    target, weight = _split_weight(spec)
-    if target in REWARD_FUNCTIONS:
-        return weight, FunctionReward(REWARD_FUNCTIONS[target], target)
+def load_callable(target: str, *, flag: str, what: str, spec: str | None = None) -> Callable:
+    """The function ``module:attr`` or ``file.py:attr`` names (a ``what``: "reward function",
+    "judge"); errors name ``flag`` and the
+    ``spec`` as the user wrote it (``target`` by default). A file is imported as a module of
+    its own; its import errors are reported, not raised as tracebacks."""
+    spec = target if spec is None else spec
     where, sep, attr = target.rpartition(":")
     if not sep or not where or not attr:
-        raise InputError(f"--reward-fn {spec!r}: expected one of {', '.join(REWARD_FUNCTIONS)}, "
-                         "module:function or file.py:function")
+        raise InputError(f"{flag} {spec!r}: expected module:function or file.py:function")
     if where.endswith(".py"):
         path = Path(where)
         if not path.is_file():
-            raise InputError("reward function file not found", file=where)
-        module_spec = importlib.util.spec_from_file_location(f"rlhflab_user_reward_{path.stem}", path)
+            raise InputError(f"{what} file not found", file=where)
+        module_spec = importlib.util.spec_from_file_location(f"rlhflab_user_{path.stem}", path)
         module = importlib.util.module_from_spec(module_spec)
         try:
             module_spec.loader.exec_module(module)
@@ -172,11 +172,23 @@ def load_reward_function(spec: str) -> tuple[float, FunctionReward]:
         try:
             module = importlib.import_module(where)
         except ImportError as err:
-            raise InputError(f"--reward-fn {spec!r}: cannot import {where!r} ({err})") from None
+            raise InputError(f"{flag} {spec!r}: cannot import {where!r} ({err})") from None
     fn = getattr(module, attr, None)
     if not callable(fn):
-        raise InputError(f"--reward-fn {spec!r}: {where} has no function {attr!r}")
-    return weight, FunctionReward(fn, target)
+        raise InputError(f"{flag} {spec!r}: {where} has no function {attr!r}")
+    return fn
+
+
+def load_reward_function(spec: str) -> tuple[float, FunctionReward]:
+    """``NAME``, ``module:attr`` or ``file.py:attr``, each with an optional ``=WEIGHT``."""
+    target, weight = _split_weight(spec)
+    if target in REWARD_FUNCTIONS:
+        return weight, FunctionReward(REWARD_FUNCTIONS[target], target)
+    where, sep, attr = target.rpartition(":")
+    if not sep or not where or not attr:
+        raise InputError(f"--reward-fn {spec!r}: expected one of {', '.join(REWARD_FUNCTIONS)}, "
+                         "module:function or file.py:function")
+    return weight, FunctionReward(load_callable(target, flag="--reward-fn", what="reward function", spec=spec), target)
 
 
 def build_reward(rm_path: str | None = None, reward_fns: Sequence[str] = (), *, rm_weight: float = 1.0,

@@ -1,0 +1,81 @@
+"""A user's own setup, built inside a test: byte-level BPE tokenizers trained here, chat
+templates (ChatML as Qwen2 has it, Llama 2's [INST]), and tiny Qwen2 / Llama / GPT-2 models
+created from their transformers configs (nothing from a hub)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+LLAMA2 = (
+    "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] "
+    "+ ' [/INST]' }}{% elif message['role'] == 'assistant' %}{{ ' ' + message['content'] + eos_token }}"
+    "{% else %}{{ '<<SYS>>' + message['content'] + '<</SYS>>' }}{% endif %}{% endfor %}"
+)
+
+CORPUS = [
+    "the quick brown fox jumps over the lazy dog", "hello there, how are you today?",
+    "which response is more helpful? (A) or (B) The answer is: (A) (B)", "A) B) yes no maybe",
+    "please write a short poem about the sea", "i can't help with that request, sorry",
+    "the capital of france is paris", "two plus two is four", "how do i kill a process ?",
+    "Human: Assistant: system user assistant", "1 2 3 4 5 6 7 8 9 0 . , ! ? : ; ( ) [ ] { }",
+]
+
+
+def bpe_tokenizer(out: Path | None = None, *, template: str | None = CHATML, vocab_size: int = 400,
+                  eos: str = "<|im_end|>", bos: str | None = None, pad: str | None = None,
+                  corpus: list[str] | None = None):
+    """A byte-level BPE ``PreTrainedTokenizerFast`` trained on a small corpus, with ChatML's
+    markers as special tokens; ``pad=None`` leaves it without a pad token (as Qwen2's and
+    Llama's often are), ``pad=eos`` pads with EOS (GPT-2's habit). Saved to ``out`` if given."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"] + ([bos] if bos and bos not in
+                                                                   ("<|endoftext|>",) else [])
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator((corpus or CORPUS) * 4, trainer)
+    kwargs = dict(eos_token=eos, unk_token=None)
+    if bos:
+        kwargs["bos_token"] = bos
+    if pad:
+        kwargs["pad_token"] = pad
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, **kwargs)
+    if template:
+        fast.chat_template = template
+    if out is not None:
+        fast.save_pretrained(str(out))
+    return fast
+
+
+def tiny_causal_lm(tokenizer, arch: str = "qwen2", *, seed: int = 0, hidden: int = 32, layers: int = 2):
+    """A randomly initialised tiny causal LM of ``arch`` (qwen2, llama, gpt2) sized to the
+    tokenizer's vocabulary."""
+    import torch
+    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, Qwen2Config
+
+    torch.manual_seed(seed)
+    vocab = len(tokenizer)
+    common = dict(vocab_size=vocab, eos_token_id=tokenizer.eos_token_id,
+                  bos_token_id=tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id,
+                  pad_token_id=tokenizer.pad_token_id)
+    if arch == "qwen2":
+        cfg = Qwen2Config(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                          tie_word_embeddings=True, **common)
+    elif arch == "llama":
+        cfg = LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, **common)
+    elif arch == "gpt2":
+        cfg = GPT2Config(n_embd=hidden, n_layer=layers, n_head=4, n_positions=512, **common)
+    else:
+        raise ValueError(arch)
+    return AutoModelForCausalLM.from_config(cfg)
