@@ -16,6 +16,7 @@ import math
 import re
 import types
 import typing
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,17 @@ from typing import Any
 import yaml
 
 from rlhflab.errors import InputError
-from rlhflab.registry import KL_CAUTION_NATS, KL_WARNING_NATS, LR_SCHEDULES
+from rlhflab.registry import (
+    KL_CAUTION_NATS,
+    KL_CONTROLLERS,
+    KL_ESTIMATORS,
+    KL_WARNING_NATS,
+    LOSS_AGGREGATIONS,
+    LR_SCHEDULES,
+    ONLINE_ALGORITHMS,
+    PREFERENCE_LOSSES,
+    SEQUENCE_BASELINES,
+)
 from rlhflab.world.demonstrator import DemonstratorConfig
 from rlhflab.world.labeler import RaterConfig
 from rlhflab.world.tasks import FAMILIES
@@ -146,8 +157,9 @@ def check_value(f: dataclasses.Field, value: Any) -> str | None:
 
 
 def check_section(obj: Any, prefix: str) -> None:
-    """Check every field of a config dataclass instance (and nested ones) against its domain;
-    raises InputError naming the first bad field (for configs built in code, not from a file)."""
+    """Check every field of a config dataclass instance (and nested ones) against its domain,
+    then the section's checks across fields (:func:`cross_field_problems`); raises InputError
+    naming the first bad field (for configs built in code, not from a file)."""
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
         if dataclasses.is_dataclass(value):
@@ -156,11 +168,29 @@ def check_section(obj: Any, prefix: str) -> None:
         problem = check_value(f, value)
         if problem:
             raise InputError(problem, field=f"{prefix}.{f.name}")
+    for message, names in cross_field_problems(obj, prefix):
+        raise InputError(message, field=names[0])
+
+
+def cross_field_problems(obj: Any, prefix: str) -> Iterator[tuple[str, tuple[str, ...]]]:
+    """(message, dotted names of the fields involved) for each check of section ``obj`` that
+    no one field's domain can express. A section declares them in a ``cross_check(prefix)``
+    method; this is the one hook, read by :func:`check_section` and :func:`validate`."""
+    hook = getattr(obj, "cross_check", None)
+    return iter(hook(prefix)) if hook is not None else iter(())
 
 
 _SEED = "int in [0, 2147483647]"
 _SCHEDULES = LR_SCHEDULES.domain()
 _PRECISIONS = "one of no, bf16, fp16"  # what numpy (through accelerate's set_seed) accepts, with headroom
+# A baseline that is an algorithm of its own (rloo) is chosen by naming that algorithm.
+_BASELINES = "one of " + ", ".join(n for n in SEQUENCE_BASELINES if n not in ONLINE_ALGORITHMS)
+
+
+def _words(names: Iterable[str]) -> str:
+    """"a, b or c": registered names in a help text."""
+    *rest, last = names
+    return f"{', '.join(rest)} or {last}" if rest else last
 
 
 def _f(default: Any, help: str, domain: str | None = None) -> Any:  # noqa: A002 - "help" reads best here
@@ -191,6 +221,13 @@ class WorldConfig:
         default_factory=DemonstratorConfig, metadata={"help": "SFT demonstrator imperfections"}
     )
 
+    def cross_check(self, at: str) -> Iterator[tuple[str, tuple[str, ...]]]:
+        unknown = [k for k in self.family_weights if k not in FAMILIES]
+        if unknown:
+            yield f"unknown family {unknown[0]!r} (known: {', '.join(FAMILIES)})", (f"{at}.family_weights",)
+        elif not sum(self.family_weights.values()) > 0:
+            yield "must give some family a positive weight", (f"{at}.family_weights",)
+
 
 @dataclass
 class ModelConfig:
@@ -205,6 +242,14 @@ class ModelConfig:
     dropout: float = _f(0.0, "dropout of a created model (off by default, as usual in RLHF)", "[0, 1)")
     trust_remote_code: bool = _f(False, "allow custom model code from a local checkpoint")
 
+    def cross_check(self, at: str) -> Iterator[tuple[str, tuple[str, ...]]]:
+        heads, width = (f"{at}.n_heads", f"{at}.d_model")
+        if self.d_model % self.n_heads:
+            yield (f"{width} ({self.d_model}) must be a multiple of {heads} ({self.n_heads})", (heads, width))
+        elif self.arch == "llama" and (self.d_model // self.n_heads) % 2:
+            yield (f"llama needs an even head size (rotary embeddings), got {width} / {heads} "
+                   f"= {self.d_model // self.n_heads}", (heads, width, f"{at}.arch"))
+
 
 @dataclass
 class GenerationConfig:
@@ -218,8 +263,16 @@ class GenerationConfig:
 
 
 @dataclass
-class SFTConfig:
-    """Supervised fine-tuning: NLL on response tokens only."""
+class TrainConfig:
+    """How an offline stage (SFT, the reward model, the DPO family) trains: AdamW with a linear
+    warm-up and a decay (``rlhflab.training.make_optimizer``), global batches cut into shards and
+    micro-batches (``training.batch_plan``), clipping, precision, evaluation and logging.
+
+    SFTConfig, RMConfig and DPOConfig inherit these fields rather than hold them in a
+    sub-section, so that a section stays flat and users keep writing ``sft.lr`` and ``dpo.lr``
+    as before. The defaults are SFT's; a stage whose default or help differs restates the field
+    with ``_restate`` (same domain), and a restated field keeps its place in the section.
+    """
 
     seed: int = _f(0, "seed of initialisation and data order", _SEED)
     lr: float = _f(1e-3, "peak learning rate (AdamW)", "> 0")
@@ -232,50 +285,56 @@ class SFTConfig:
     epochs: float = _f(3.0, "passes over the data (fractions allowed)", "> 0")
     max_steps: int | None = _f(None, "stop after this many steps (overrides epochs)", "int >= 1")
     warmup_ratio: float = _f(0.05, "fraction of steps of linear warm-up", "[0, 1]")
-    lr_schedule: str = _f("cosine", "decay after warm-up: cosine, linear or constant", _SCHEDULES)
+    lr_schedule: str = _f("cosine", f"decay after warm-up: {_words(LR_SCHEDULES)}", _SCHEDULES)
     max_grad_norm: float = _f(1.0, "gradient clipping norm; 0 = off", ">= 0")
     max_length: int = _f(64, "longest prompt + response in tokens; longer rows are truncated", "int >= 2")
+    mixed_precision: str = _f("no", "no, bf16 or fp16 (through accelerate)", _PRECISIONS)
     eval_every: int = _f(50, "steps between held-out loss evaluations", "int >= 1")
     log_every: int = _f(10, "steps between metric lines", "int >= 1")
-    mixed_precision: str = _f("no", "no, bf16 or fp16 (through accelerate)", _PRECISIONS)
+
+
+def _restate(name: str, default: Any = dataclasses.MISSING, help: str | None = None) -> Any:  # noqa: A002
+    """Field ``name`` of :class:`TrainConfig` with a stage's own default and/or help; its
+    domain stays the shared one."""
+    base = next(f for f in dataclasses.fields(TrainConfig) if f.name == name)
+    return _f(base.default if default is dataclasses.MISSING else default,
+              base.metadata["help"] if help is None else help, base.metadata["domain"])
+
+
+@dataclass
+class SFTConfig(TrainConfig):
+    """Supervised fine-tuning: NLL on response tokens only (training fields: :class:`TrainConfig`)."""
+
     n_samples: int = _f(64, "held-out prompts sampled after training to measure the policy", "int >= 1")
     n_show: int = _f(6, "sample generations printed after training", "int >= 0")
 
 
 @dataclass
-class RMConfig:
-    """Reward modeling (Bradley-Terry and variants)."""
+class RMConfig(TrainConfig):
+    """Reward modeling (Bradley-Terry and variants; training fields: :class:`TrainConfig`)."""
 
-    seed: int = _f(0, "seed of the head initialisation and data order (member i uses seed + i)", _SEED)
-    lr: float = _f(5e-4, "peak learning rate (AdamW)", "> 0")
-    batch_size: int = _f(32, "comparison groups per optimizer step over all processes (a group is "
-                         "one prompt with all its pairs, as InstructGPT batches them; rows of a "
-                         "user's file without a `group` field are groups of one pair)", "int >= 1")
-    epochs: float = _f(2.0, "passes over the comparisons", "> 0")
-    max_length: int = _f(64, "longest prompt + response in tokens", "int >= 2")
-    micro_batch_size: int | None = _f(None, "groups per forward pass per process; empty = all", "int >= 1")
-    packing: bool = _f(True, "lay several sequences end to end in each row of a forward pass "
-                       "(block-diagonal attention, no padding) when the model is checked to support "
-                       "it; false = padded passes of similar length")
-    max_steps: int | None = _f(None, "stop after this many steps (overrides epochs)", "int >= 1")
-    weight_decay: float = _f(0.0, "AdamW weight decay", ">= 0")
-    warmup_ratio: float = _f(0.05, "fraction of steps of linear warm-up", "[0, 1]")
-    lr_schedule: str = _f("cosine", "decay after warm-up: cosine, linear or constant", _SCHEDULES)
-    max_grad_norm: float = _f(1.0, "gradient clipping norm; 0 = off", ">= 0")
-    mixed_precision: str = _f("no", "no, bf16 or fp16 (through accelerate)", _PRECISIONS)
-    eval_every: int = _f(20, "steps between held-out accuracy evaluations", "int >= 1")
-    log_every: int = _f(5, "steps between metric lines", "int >= 1")
+    seed: int = _restate("seed", help="seed of the head initialisation and data order (member i uses seed + i)")
+    lr: float = _restate("lr", 5e-4)
+    batch_size: int = _restate("batch_size", help="comparison groups per optimizer step over all processes "
+                               "(a group is one prompt with all its pairs, as InstructGPT batches them; rows "
+                               "of a user's file without a `group` field are groups of one pair)")
     loss: str = _f("bradley_terry", "bradley_terry (pairs) or plackett_luce (the raters' K-way "
                    "rankings; needs data from `rlhflab collect`)", "one of bradley_terry, plackett_luce")
     label_smoothing: float = _f(0.0, "BT label smoothing eps in [0, 0.5]", "[0, 0.5]")
     center_coef: float = _f(0.0, "reward centering regularizer: coef * mean((r_w + r_l)^2)", ">= 0")
+    epochs: float = _restate("epochs", 2.0, "passes over the comparisons")
+    micro_batch_size: int | None = _restate("micro_batch_size", help="groups per forward pass per process; "
+                                            "empty = all")
     margin_scale: float = _f(1.0, "BT margin m = margin_scale * the row's `margin` field (0 = ignore)", ">= 0")
     weights: str = _f("none", "per-pair weights: none, or agreement (fraction of votes with the majority)",
                       "one of none, agreement")
     min_agreement: float = _f(0.0, "drop pairs whose votes agree with the majority less than this", "[0, 1]")
+    eval_every: int = _restate("eval_every", 20, "steps between held-out accuracy evaluations")
+    log_every: int = _restate("log_every", 5)
     ensemble: int = _f(1, "members trained with different seeds and data orders", "int >= 1")
     train_backbone: bool = _f(True, "false = only the head trains (a linear probe on frozen features)")
     backbone: str | None = _f(None, "local HF checkpoint for the RM; empty = the SFT policy")
+    max_length: int = _restate("max_length", help="longest prompt + response in tokens")
     k: int = _f(4, "responses sampled per prompt when collecting comparisons", "int >= 2")
     n_prompts: int = _f(256, "prompts to collect comparisons on (each gives up to C(k, 2) pairs)", "int >= 1")
     n_eval_prompts: int = _f(64, "held-out prompts collected for evaluation", "int >= 1")
@@ -287,8 +346,9 @@ class RMConfig:
 class RLConfig:
     """Online RL: PPO, REINFORCE, RLOO, REINFORCE++, GRPO.
 
-    Fields left empty (null) take the algorithm's default (``rlhflab.algos.online.ALGO_DEFAULTS``);
-    the resolved values are what ``config.yaml`` of a run records.
+    Fields left empty (null) take the algorithm's default (its ``defaults`` in
+    ``rlhflab.registry.ONLINE_ALGORITHMS``); the resolved values are what ``config.yaml`` of a
+    run records.
     """
 
     seed: int = _f(0, "seed of sampling and data order", _SEED)
@@ -305,7 +365,7 @@ class RLConfig:
     target_kl: float | None = _f(None, "stop the epoch loop once policy/approxkl exceeds this; empty = off", "> 0")
     max_grad_norm: float = _f(1.0, "gradient clipping norm; 0 = off", ">= 0")
     weight_decay: float = _f(0.0, "AdamW weight decay", ">= 0")
-    lr_schedule: str = _f("constant", "decay over the rollout steps: constant, linear or cosine", _SCHEDULES)
+    lr_schedule: str = _f("constant", f"decay over the rollout steps: {_words(LR_SCHEDULES)}", _SCHEDULES)
     warmup_ratio: float = _f(0.0, "fraction of rollout steps of linear warm-up", "[0, 1]")
     vf_coef: float = _f(0.1, "PPO: weight of the value loss", ">= 0")
     value_clip_eps: float = _f(0.2, "PPO: clip range of the value update around the rollout values", "> 0")
@@ -316,8 +376,10 @@ class RLConfig:
     whiten_rewards: bool = _f(False, "PPO: rescale per-token rewards to unit variance, keeping their mean")
     whiten_advantages: bool | None = _f(None, "whiten advantages over the batch; empty = algorithm default")
     kl_in: str | None = _f(None, "where the KL term goes: reward (per token, -beta*k) or loss (beta*k)", "one of reward, loss")
-    kl_estimator: str | None = _f(None, "k1, k2 or k3 (k1 belongs in the reward, k2/k3 in the loss)", "one of k1, k2, k3")
-    kl_controller: str = _f("fixed", "beta control: fixed, linear (beta -> beta_end) or adaptive", "one of fixed, linear, adaptive")
+    kl_estimator: str | None = _f(None, f"{_words(KL_ESTIMATORS)} (k1 belongs in the reward, k2/k3 in the loss)",
+                                  KL_ESTIMATORS.domain())
+    kl_controller: str = _f("fixed", f"beta control: {_words(KL_CONTROLLERS)} (linear: beta -> beta_end)",
+                            KL_CONTROLLERS.domain())
     beta_end: float | None = _f(None, "linear controller: beta at the last step; empty = beta / 10", ">= 0")
     kl_target: float = _f(6.0, "adaptive controller: target sequence KL in nats", "> 0")
     kl_horizon: int = _f(10000, "adaptive controller: horizon in samples", "int >= 1")
@@ -325,9 +387,10 @@ class RLConfig:
     kl_warning: float = _f(KL_WARNING_NATS, "sequence KL (nats) above which the run is flagged 'warning'", ">= 0")
     entropy_coef: float = _f(0.0, "entropy bonus coefficient (a defence against mode collapse)", "finite")
     no_eos_penalty: float = _f(0.0, "added to the score of a response that never emits EOS (e.g. -1)", "finite")
-    baseline: str | None = _f(None, "REINFORCE baseline: batch or group (mean of the prompt's samples)", "one of batch, group")
+    baseline: str | None = _f(None, "REINFORCE baseline: batch or group (mean of the prompt's samples)", _BASELINES)
     scale_std: bool | None = _f(None, "GRPO: divide advantages by the group std (false = Dr. GRPO)")
-    loss_agg: str | None = _f(None, "token_mean, seq_sum, seq_mean or constant (Dr. GRPO); empty = algorithm default", "one of token_mean, seq_sum, seq_mean, constant")
+    loss_agg: str | None = _f(None, f"how the loss is normalized: {_words(LOSS_AGGREGATIONS)}; "
+                              "empty = algorithm default", LOSS_AGGREGATIONS.domain())
     rm_weight: float = _f(1.0, "weight of the reward model in a weighted sum with reward functions", "finite")
     save_every: int = _f(0, "checkpoint every N steps (atomic, for --resume); 0 = off", "int >= 0")
     eval_every: int = _f(10, "steps between gold evaluations on held-out world prompts; 0 = off", "int >= 0")
@@ -342,37 +405,36 @@ class RLConfig:
                                    "update) allowed before the run stops; without tis_cap the two come from "
                                    "the same weights and must agree to float precision", ">= 0")
 
+    def cross_check(self, at: str) -> Iterator[tuple[str, tuple[str, ...]]]:
+        if self.kl_caution > self.kl_warning:
+            yield (f"{at}.kl_caution ({self.kl_caution:g}) must not exceed {at}.kl_warning ({self.kl_warning:g})",
+                   (f"{at}.kl_caution", f"{at}.kl_warning"))
+
 
 @dataclass
-class DPOConfig:
-    """Direct preference optimization and its family."""
+class DPOConfig(TrainConfig):
+    """Direct preference optimization and its family (training fields: :class:`TrainConfig`)."""
 
-    seed: int = _f(0, "seed of data order", _SEED)
-    loss: str = _f("dpo", "dpo, cdpo, ipo, hinge, kto, simpo or orpo", "one of dpo, cdpo, ipo, hinge, kto, simpo, orpo")
+    seed: int = _restate("seed", help="seed of data order")
+    loss: str = _f("dpo", _words(PREFERENCE_LOSSES), PREFERENCE_LOSSES.domain())
     beta: float = _f(0.1, "beta of dpo/cdpo/hinge/kto/simpo; tau of ipo; lambda of orpo", "> 0")
-    lr: float = _f(1e-4, "peak learning rate (AdamW); 5e-4 collapses the demo policy (docs/dpo.md)", "> 0")
+    lr: float = _restate("lr", 1e-4, "peak learning rate (AdamW); 5e-4 collapses the demo policy (docs/dpo.md)")
     label_smoothing: float = _f(0.1, "cdpo: probability eps in [0, 0.5] that a label is flipped", "[0, 0.5]")
     simpo_gamma: float = _f(0.5, "simpo: target reward margin gamma", ">= 0")
     kto_desirable_weight: float = _f(1.0, "kto: weight of desirable examples", ">= 0")
     kto_undesirable_weight: float = _f(1.0, "kto: weight of undesirable examples", ">= 0")
-    batch_size: int = _f(32, "global batch: pairs (kto: examples) per optimizer step over all processes", "int >= 1")
-    micro_batch_size: int | None = _f(None, "pairs per forward pass per process; empty = all", "int >= 1")
-    packing: bool = _f(True, "lay several sequences end to end in each row of a forward pass "
-                       "(block-diagonal attention, no padding) when the model is checked to support "
-                       "it; false = padded passes of similar length")
-    epochs: float = _f(1.0, "passes over the data (fractions allowed)", "> 0")
-    max_steps: int | None = _f(None, "stop after this many steps (overrides epochs)", "int >= 1")
-    warmup_ratio: float = _f(0.1, "fraction of steps of linear warm-up", "[0, 1]")
-    lr_schedule: str = _f("cosine", "decay after warm-up: cosine, linear or constant", _SCHEDULES)
-    weight_decay: float = _f(0.0, "AdamW weight decay", ">= 0")
-    max_grad_norm: float = _f(1.0, "gradient clipping norm; 0 = off", ">= 0")
-    max_length: int = _f(64, "longest prompt + response in tokens; longer rows are truncated "
-                         "(prompt start first, then response end; counted in data/truncated)", "int >= 2")
+    batch_size: int = _restate("batch_size", help="global batch: pairs (kto: examples) per optimizer step "
+                               "over all processes")
+    micro_batch_size: int | None = _restate("micro_batch_size", help="pairs per forward pass per process; "
+                                            "empty = all")
+    epochs: float = _restate("epochs", 1.0)
+    warmup_ratio: float = _restate("warmup_ratio", 0.1)
+    max_length: int = _restate("max_length", help="longest prompt + response in tokens; longer rows are "
+                               "truncated (prompt start first, then response end; counted in data/truncated)")
     precompute_ref_logps: bool = _f(True, "compute reference log-probs once before training and "
                                     "release the reference model; false = reference forward every step")
-    mixed_precision: str = _f("no", "no, bf16 or fp16 (through accelerate)", _PRECISIONS)
-    eval_every: int = _f(25, "steps between held-out preference metrics (eval/...)", "int >= 1")
-    log_every: int = _f(5, "steps between metric lines", "int >= 1")
+    eval_every: int = _restate("eval_every", 25, "steps between held-out preference metrics (eval/...)")
+    log_every: int = _restate("log_every", 5)
     n_eval_pairs: int | None = _f(None, "held-out world pairs; empty = world.n_preferences // 5", "int >= 1")
     world_eval_every: int = _f(0, "steps between gold utility and sampled KL on the world's "
                                "held-out prompts (always at start and end); -1 = never", "int >= -1")
@@ -384,8 +446,8 @@ class DPOConfig:
 class RunConfig:
     """The main job (``rlhflab run``): which arms to train beside SFT and the RM."""
 
-    arms: list = _f(["ppo", "dpo", "grpo"], "policies to train from SFT: ppo, grpo, rloo, reinforce, "
-                    "reinforce++, or a DPO-family loss (dpo, cdpo, ipo, hinge, kto, simpo, orpo)")
+    arms: list = _f(["ppo", "dpo", "grpo"], f"policies to train from SFT: {', '.join(ONLINE_ALGORITHMS)}, "
+                    f"or a DPO-family loss ({', '.join(PREFERENCE_LOSSES)})")
     seed: int = _f(0, "seed of the evaluation samples", _SEED)
     bandit_algos: list = _f(["ppo", "dpo"], "algorithms drawn against the exact frontier on the bandit; [] = skip")
     bandit_betas: list = _f([0.1, 0.25, 0.5, 1.0, 2.0], "betas of the bandit frontier", "each > 0")
@@ -597,7 +659,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 
 
 def validate(cfg: Config, origin: dict[str, tuple[str, int | None]] | None = None) -> None:
-    """Checks across fields, which no one field's domain can express.
+    """Checks across fields, which no one field's domain can express: each section's
+    ``cross_check`` (:func:`cross_field_problems`).
 
     ``origin`` maps dotted keys to where they were set (file and line, or the ``--set``
     item), in the order they were set; an error names the place of the field involved that
@@ -619,22 +682,9 @@ def validate(cfg: Config, origin: dict[str, tuple[str, int | None]] | None = Non
         file, line = place(name)[1]
         raise InputError(message, file=file, line=line, field=name)
 
-    m = cfg.model
-    if m.d_model % m.n_heads:
-        fail(f"model.d_model ({m.d_model}) must be a multiple of model.n_heads ({m.n_heads})",
-             "model.n_heads", "model.d_model")
-    if m.arch == "llama" and (m.d_model // m.n_heads) % 2:
-        fail(f"llama needs an even head size (rotary embeddings), got model.d_model / model.n_heads "
-             f"= {m.d_model // m.n_heads}", "model.n_heads", "model.d_model", "model.arch")
-    weights = cfg.world.family_weights
-    unknown = [k for k in weights if k not in FAMILIES]
-    if unknown:
-        fail(f"unknown family {unknown[0]!r} (known: {', '.join(FAMILIES)})", "world.family_weights")
-    if not sum(weights.values()) > 0:
-        fail("must give some family a positive weight", "world.family_weights")
-    if cfg.rl.kl_caution > cfg.rl.kl_warning:
-        fail(f"rl.kl_caution ({cfg.rl.kl_caution:g}) must not exceed rl.kl_warning ({cfg.rl.kl_warning:g})",
-             "rl.kl_caution", "rl.kl_warning")
+    for section in dataclasses.fields(cfg):
+        for message, names in cross_field_problems(getattr(cfg, section.name), section.name):
+            fail(message, *names)
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

@@ -300,18 +300,22 @@ def test_a_bad_spec_fails_loudly():
 
 
 def test_rl_resolution_checks_domains_of_configs_built_in_code():
-    from rlhflab.algos.online import ALGO_DEFAULTS, CHOICES, LOSS_AGGREGATIONS, resolve_rl_config
-    from rlhflab.kl import KL_ESTIMATORS
+    from rlhflab.algos.online import resolve_rl_config
+    from rlhflab.registry import KL_CONTROLLERS, KL_ESTIMATORS, LOSS_AGGREGATIONS, ONLINE_ALGORITHMS
 
     for bad, name in [(dict(beta=math.nan), "rl.beta"), (dict(gamma=2.0), "rl.gamma"),
                       (dict(lr=-1.0), "rl.lr"), (dict(kl_estimator="k4"), "rl.kl_estimator")]:
         with pytest.raises(InputError, match=f"field '{name}'"):
             resolve_rl_config(RLConfig(**bad), "ppo")
-    # Every algorithm's defaults are in the domains; the choices are the ones the code knows.
-    for algo in ALGO_DEFAULTS:
+    with pytest.raises(InputError, match="field 'rl.kl_caution'"):  # and the checks across fields
+        resolve_rl_config(RLConfig(kl_caution=20.0, kl_warning=10.0), "ppo")
+    # Every algorithm's defaults are in the domains; the choices are the registered names.
+    for algo in ONLINE_ALGORITHMS:
         resolve_rl_config(RLConfig(batch_size=64), algo)
-    assert set(CHOICES["kl_estimator"]) == set(KL_ESTIMATORS)
-    assert set(CHOICES["loss_agg"]) == set(LOSS_AGGREGATIONS)
+    domains = {f.name: field_domain(f) for f in dataclasses.fields(RLConfig)}
+    assert domains["kl_estimator"].choices == KL_ESTIMATORS.names()
+    assert domains["kl_controller"].choices == KL_CONTROLLERS.names()
+    assert domains["loss_agg"].choices == LOSS_AGGREGATIONS.names()
 
 
 def test_dpo_loss_choices_match_the_command():
@@ -449,3 +453,17 @@ def test_the_installed_command_exits_2_with_one_line(tmp_path):
     assert proc.stderr.splitlines() == [
         "rlhflab sft: error: --set sft.lr=nan: field 'sft.lr': must be a finite number > 0, got nan"]
     assert not out.exists()
+
+
+def test_offline_stages_share_their_training_fields():
+    """SFT, the reward model and DPO inherit TrainConfig's fields: one domain each, a default
+    per stage, and the keys stay flat in their sections."""
+    from rlhflab.config import DPOConfig, RMConfig, SFTConfig, TrainConfig
+
+    shared = {f.name: f.metadata["domain"] for f in dataclasses.fields(TrainConfig)}
+    for cls in (SFTConfig, RMConfig, DPOConfig):
+        assert {f.name: f.metadata["domain"] for f in dataclasses.fields(cls) if f.name in shared} == shared
+    assert (SFTConfig().lr, RMConfig().lr, DPOConfig().lr) == (1e-3, 5e-4, 1e-4)
+    assert (SFTConfig().warmup_ratio, DPOConfig().warmup_ratio) == (0.05, 0.1)
+    cfg = load_config(TINY, ["dpo.lr=3e-4", "rm.warmup_ratio=0.2"])
+    assert cfg.dpo.lr == 3e-4 and cfg.rm.warmup_ratio == 0.2 and cfg.sft.lr != 3e-4
