@@ -60,6 +60,19 @@ def create_causal_lm(cfg, tokenizer, seed: int = 0) -> torch.nn.Module:
     return model
 
 
+def resolve_model_dir(path: str | Path, flag: str | None = None) -> Path:
+    """The model directory a user names: a stage's output (its ``model/`` holds the model)
+    or a model directory itself. One with no ``config.json`` either way is an InputError
+    naming it and ``flag``, the option it came from."""
+    path = Path(path)
+    if (path / "model" / "config.json").is_file():
+        return path / "model"
+    if not (path / "config.json").is_file():
+        said = f"{flag}: " if flag else ""
+        raise InputError(f"{said}not a run or model directory (no config.json)", file=str(path))
+    return path
+
+
 def _check_dir(path: str | Path, what: str) -> Path:
     path = Path(path)
     if not path.is_dir() or not (path / "config.json").is_file():
@@ -134,23 +147,35 @@ def check_weights(path: str | Path) -> list[Path]:
     return files
 
 
-def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
-    """A tokenizer from a local directory, with a pad token distinct from EOS.
-
-    If the tokenizer has no pad token (or pads with EOS), a new ``<pad>`` token is added;
-    the model's embeddings must then be resized (``load_causal_lm`` does this).
-    """
-    path = check_tokenizer_files(_check_dir(path, "tokenizer"))
+def tokenizer_from_dir(path: str | Path, trust_remote_code: bool = False):
+    """``AutoTokenizer.from_pretrained`` on a local directory whose tokenizer files and
+    config were checked first; a file it cannot load is an InputError naming the directory.
+    The tokenizer is returned as it is (``load_tokenizer``, ``reward_model.load_rm_tokenizer``
+    then settle its end and pad tokens)."""
+    path = check_tokenizer_files(path)
     check_config(path, trust_remote_code)
     try:
-        tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+        return AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     except Exception as err:  # a corrupt tokenizer.json raises the tokenizers library's bare Exception
         raise InputError(f"cannot load tokenizer: {first_line(err)}", file=str(path)) from None
-    if tok.eos_token_id is None:
-        raise InputError("tokenizer has no EOS token", file=str(path))
+
+
+def with_distinct_pad(tok):
+    """``tok`` with a pad token distinct from its end token: a new ``<pad>`` where it has none
+    or pads with EOS (a model's embeddings must then be resized; ``load_causal_lm`` does)."""
     if tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id:
         tok.add_special_tokens({"pad_token": "<pad>"})
     return tok
+
+
+def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
+    """A tokenizer from a local directory, with a pad token distinct from EOS
+    (``with_distinct_pad``)."""
+    path = _check_dir(path, "tokenizer")
+    tok = tokenizer_from_dir(path, trust_remote_code)
+    if tok.eos_token_id is None:
+        raise InputError("tokenizer has no EOS token", file=str(path))
+    return with_distinct_pad(tok)
 
 
 def load_causal_lm(path: str | Path, tokenizer=None, trust_remote_code: bool = False) -> torch.nn.Module:

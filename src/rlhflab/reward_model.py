@@ -60,26 +60,17 @@ def load_rm_tokenizer(path: str | Path, trust_remote_code: bool = False):
     their separator ([SEP]) becomes the end token. A tokenizer without a pad token (or
     padding with the end token) gets a new ``<pad>``; the model must then be resized.
     """
-    from transformers import AutoTokenizer
-
-    from rlhflab.models import check_config, check_tokenizer_files, first_line
+    from rlhflab.models import tokenizer_from_dir, with_distinct_pad
 
     path = Path(path)
     if not (path / "config.json").is_file() and not (path / "tokenizer_config.json").is_file():
         raise InputError("not a local HF directory (no config.json)", file=str(path))
-    check_tokenizer_files(path)
-    check_config(path, trust_remote_code)
-    try:
-        tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
-    except Exception as err:  # a corrupt tokenizer.json raises the tokenizers library's bare Exception
-        raise InputError(f"cannot load tokenizer: {first_line(err)}", file=str(path)) from None
+    tok = tokenizer_from_dir(path, trust_remote_code)
     if tok.eos_token_id is None:
         if tok.sep_token_id is None:
             raise InputError("tokenizer has neither an EOS nor a separator token", file=str(path))
         tok.eos_token = tok.sep_token
-    if tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id:
-        tok.add_special_tokens({"pad_token": "<pad>"})
-    return tok
+    return with_distinct_pad(tok)
 
 
 def reward_head(model: torch.nn.Module) -> torch.nn.Linear:
@@ -107,13 +98,9 @@ def create_reward_model(backbone: str | Path, seed: int = 0, trust_remote_code: 
     from transformers import AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
-    from rlhflab.models import LOAD_ERRORS, check_weights, first_line
+    from rlhflab.models import LOAD_ERRORS, check_weights, first_line, resolve_model_dir
 
-    path = Path(backbone)
-    if (path / "model" / "config.json").is_file():
-        path = path / "model"
-    if not (path / "config.json").is_file():
-        raise InputError("not a local HF model directory (no config.json)", file=str(path))
+    path = resolve_model_dir(backbone)
     check_weights(path)
     tok = load_rm_tokenizer(path, trust_remote_code)
     verbosity = hf_logging.get_verbosity()

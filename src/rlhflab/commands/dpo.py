@@ -177,10 +177,6 @@ class WorldMonitor:
 # The stage
 
 
-def resolve_model_dir(path: Path) -> Path:
-    return path / "model" if (path / "model" / "config.json").is_file() else path
-
-
 def run_dpo(cfg: Config, out: Path, sft: Path, data: str | None = None, eval_data: str | None = None,
             unpaired_from_pairs: bool = False, overwrite: bool = False) -> dict:
     """The DPO-family stage end to end: validate, tokenize, cache the reference, train, save,
@@ -202,7 +198,12 @@ def run_dpo(cfg: Config, out: Path, sft: Path, data: str | None = None, eval_dat
     from rlhflab.commands.sample import print_samples
     from rlhflab.distributed import make_accelerator
     from rlhflab.errors import InputError
-    from rlhflab.models import load_causal_lm, load_tokenizer, save_pretrained_atomic
+    from rlhflab.models import (
+        load_causal_lm,
+        load_tokenizer,
+        resolve_model_dir,
+        save_pretrained_atomic,
+    )
     from rlhflab.world import World
 
     d = cfg.dpo
@@ -210,7 +211,7 @@ def run_dpo(cfg: Config, out: Path, sft: Path, data: str | None = None, eval_dat
     check_out_dir(out, overwrite)  # on every process, before anything is written
     world = World(cfg.world)
     train_rows, eval_rows = load_dpo_rows(cfg, world, data, eval_data, unpaired_from_pairs)
-    sft_dir = resolve_model_dir(sft)
+    sft_dir = resolve_model_dir(sft, "--sft")
     tok = load_tokenizer(sft_dir, cfg.model.trust_remote_code)
     policy = load_causal_lm(sft_dir, tok, cfg.model.trust_remote_code)
     positions = getattr(policy.config, "max_position_embeddings", None) or getattr(policy.config, "n_positions", None)

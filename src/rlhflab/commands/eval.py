@@ -24,21 +24,16 @@ def add_arguments(p) -> None:
     user.add_argument("--benign", help="JSONL prompts where refusing is over-refusal")
 
 
-def model_dir(path: str | Path) -> Path:
-    """Accept a stage's output directory or its model/ sub-directory."""
-    path = Path(path)
-    return path / "model" if (path / "model" / "config.json").is_file() else path
-
-
 def evaluate_policy(cfg, policy_dir, base_dir, rm_dir=None, n: int | None = None, seed: int = 0):
     """(metrics, samples) for a saved policy against a saved base."""
     from rlhflab.instruments.world_eval import evaluate_on_world
-    from rlhflab.models import load_causal_lm, load_tokenizer
+    from rlhflab.models import load_causal_lm, load_tokenizer, resolve_model_dir
     from rlhflab.world import World
 
-    tok = load_tokenizer(model_dir(policy_dir))
-    policy = load_causal_lm(model_dir(policy_dir), tok)
-    base = load_causal_lm(model_dir(base_dir), tok)
+    policy_dir, base_dir = resolve_model_dir(policy_dir), resolve_model_dir(base_dir)
+    tok = load_tokenizer(policy_dir)
+    policy = load_causal_lm(policy_dir, tok)
+    base = load_causal_lm(base_dir, tok)
     rm = None
     if rm_dir is not None:
         from rlhflab.reward_model import RewardModel
@@ -59,15 +54,16 @@ def evaluate_on_user_data(cfg, policy_dir, base_dir, rm_dir=None, *, prompts=Non
         multiple_choice_accuracy,
         refusal_rates,
     )
-    from rlhflab.models import load_causal_lm, load_tokenizer
+    from rlhflab.models import load_causal_lm, load_tokenizer, resolve_model_dir
     from rlhflab.sampling import sample
 
     g = cfg.generation
     mc_rows = load_multiple_choice(mc) if mc else None
     texts = [r["prompt"] for r in load_jsonl(prompts, "prompt") if isinstance(r["prompt"], str)] if prompts else []
-    tok = load_tokenizer(model_dir(policy_dir), cfg.model.trust_remote_code)
-    models = {"": load_causal_lm(model_dir(policy_dir), tok, cfg.model.trust_remote_code),
-              "base/": load_causal_lm(model_dir(base_dir), tok, cfg.model.trust_remote_code)}
+    policy_dir, base_dir = resolve_model_dir(policy_dir), resolve_model_dir(base_dir)
+    tok = load_tokenizer(policy_dir, cfg.model.trust_remote_code)
+    models = {"": load_causal_lm(policy_dir, tok, cfg.model.trust_remote_code),
+              "base/": load_causal_lm(base_dir, tok, cfg.model.trust_remote_code)}
     rm = None
     if rm_dir is not None:
         from rlhflab.reward_model import RewardModel

@@ -60,15 +60,6 @@ def add_arguments(p) -> None:
                        help=f"which algorithm (default {variants[0]})")
 
 
-def _model_dir(path: str) -> Path:
-    p = Path(path)
-    if (p / "model" / "config.json").is_file():
-        return p / "model"
-    if not (p / "config.json").is_file():
-        raise InputError("not an SFT run or model directory (no config.json)", file=str(p))
-    return p
-
-
 def _load_prompts(path: str, tokenizer) -> list[str]:
     from rlhflab.data import apply_template, load_jsonl
 
@@ -120,7 +111,7 @@ def run_rl(cfg, algo: str, out: Path, *, sft: str, rm: str | None = None, reward
     from rlhflab.artifacts import check_out_dir, run_directory, write_json
     from rlhflab.checkpoint import read_state
     from rlhflab.distributed import make_accelerator
-    from rlhflab.models import load_causal_lm, load_tokenizer
+    from rlhflab.models import load_causal_lm, load_tokenizer, resolve_model_dir
     from rlhflab.rewards import build_reward
     from rlhflab.world import World
 
@@ -136,7 +127,7 @@ def run_rl(cfg, algo: str, out: Path, *, sft: str, rm: str | None = None, reward
     else:
         check_out_dir(out, overwrite)  # on every process, before anything is written
     # Validate every input before writing anything.
-    sft_dir = _model_dir(sft)
+    sft_dir = resolve_model_dir(sft, "--sft")
     if rm is not None and not Path(rm).is_dir():
         raise InputError("reward model directory not found", file=rm)
     reward = build_reward(rm, reward_fns, rm_weight=cfg.rl.rm_weight, device=accelerator.device)

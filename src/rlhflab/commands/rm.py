@@ -59,15 +59,6 @@ def run(args) -> int:
     return 0
 
 
-def _model_dir(path: str | Path, flag: str) -> Path:
-    path = Path(path)
-    if (path / "model" / "config.json").is_file():
-        return path / "model"
-    if not (path / "config.json").is_file():
-        raise InputError(f"{flag}: not a model directory (no config.json)", file=str(path))
-    return path
-
-
 def _positions(path: Path, trust_remote_code: bool) -> int | None:
     """The backbone's longest input (position embeddings), if its config says."""
     from transformers import AutoConfig
@@ -138,7 +129,7 @@ def run_rm(cfg: Config, out: Path, *, sft: str | None = None, data: str | None =
     from rlhflab.data import load_jsonl, write_jsonl
     from rlhflab.distributed import make_accelerator
     from rlhflab.instruments.rm_eval import pairwise_accuracy
-    from rlhflab.models import count_parameters
+    from rlhflab.models import count_parameters, resolve_model_dir
     from rlhflab.reward_model import (
         RewardModel,
         create_reward_model,
@@ -150,8 +141,8 @@ def run_rm(cfg: Config, out: Path, *, sft: str | None = None, data: str | None =
     rm = cfg.rm
     accelerator = make_accelerator(rm.mixed_precision)
     check_out_dir(out, overwrite)  # on every process, before anything is written
-    sft_dir = _model_dir(sft, "--sft") if sft else None
-    backbone = _model_dir(rm.backbone, "--backbone") if rm.backbone else sft_dir
+    sft_dir = resolve_model_dir(sft, "--sft") if sft else None
+    backbone = resolve_model_dir(rm.backbone, "--backbone") if rm.backbone else sft_dir
     if backbone is None:
         raise InputError("give --sft (the default backbone) or --backbone")
     if data is None and not world_pairs and sft_dir is None:
