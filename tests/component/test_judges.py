@@ -13,10 +13,10 @@ from rlhflab.instruments.judges import (
     CallableJudge,
     LanguageModelJudge,
     RewardModelJudge,
-    length_controlled_win_rate,
     parse_judge,
     win_rate,
 )
+from rlhflab.instruments.win_rate import length_controlled_win_rate
 from tests.user_models import bpe_tokenizer, tiny_causal_lm
 
 
@@ -28,21 +28,15 @@ def test_win_rate_is_the_mean_with_a_wilson_interval():
         win_rate([])
 
 
-def test_length_controlled_win_rate_recovers_the_preference_at_equal_length():
-    # Soft labels drawn exactly from logit p = theta + phi * tanh(d / sd(d)): the cross-entropy
-    # is minimised at (theta, phi) itself, so the fit returns sigmoid(theta) (up to the ridge).
-    d = torch.linspace(-40, 60, 41, dtype=torch.float64)  # a is longer on average
-    x = torch.tanh(d / d.std())
-    theta, phi = -0.5, 2.0
-    p = torch.sigmoid(theta + phi * x)
-    plain = float(p.mean())
-    lc = length_controlled_win_rate(p.tolist(), (100 + d).tolist(), [100.0] * len(d), ridge=1e-9)
-    assert abs(lc - 1 / (1 + math.exp(0.5))) < 1e-6  # sigmoid(-0.5) = 0.37754
-    assert plain > lc + 0.1  # the raw win-rate (0.484 here) credits the length of a's answers
-    # No length difference: the plain mean, shrunk toward 1/2 by the ridge only.
-    # 4 sigmoid(t) - 3 + 0.004 t = 0 -> sigmoid(t) = 0.75 - 0.001 t, t ~ 1.0986: 0.74890
-    lc0 = length_controlled_win_rate([1, 0, 1, 1], [5, 5, 5, 5], [5, 5, 5, 5])
-    assert 0.7485 < lc0 < 0.7493
+def test_length_controlled_win_rate_of_soft_labels_recovers_the_preference_at_equal_length():
+    # Soft labels drawn exactly from logit p = a + b * d / rms(d): the cross-entropy is
+    # minimised at (a, b) itself, so the fit returns sigmoid(a) = sigmoid(-0.5) = 0.37754.
+    d = torch.linspace(-40, 60, 41, dtype=torch.float64)  # the judged answers are longer on average
+    x = d / d.square().mean().sqrt()
+    p = torch.sigmoid(-0.5 + 2.0 * x)
+    lc = length_controlled_win_rate(p.tolist(), d.tolist())
+    assert abs(lc - 1 / (1 + math.exp(0.5))) < 1e-5
+    assert win_rate(p.tolist())["win_rate"] > lc + 0.1  # the raw mean (0.52 here) credits length
 
 
 class _ScoreRM:

@@ -41,7 +41,7 @@ def test_text_stats_counts_empty_and_one_token_responses():
 def test_length_controlled_win_rate_removes_a_pure_length_effect():
     """Wins decided by length alone: longer always wins. Raw win-rate 0.5 over a symmetric
     set, and 0.5 at zero length difference; a policy that wins at equal length keeps it."""
-    from rlhflab.instruments.world_eval import length_controlled_win_rate
+    from rlhflab.instruments.win_rate import length_controlled_win_rate
 
     dlen = [-3, -2, -1, 1, 2, 3] * 10
     wins = [1.0 if d > 0 else 0.0 for d in dlen]
@@ -87,3 +87,15 @@ def test_free_text_refusal_detector():
     assert is_refusal("I'm sorry, but I can't help with that.")
     assert is_refusal("sorry , i can not help with that .")
     assert not is_refusal("First, preheat the oven. I can help more if needed.")
+
+
+def test_gao_fit_says_when_its_peak_is_an_extrapolation():
+    """A curve still rising at the last point: the formula's d* lies past the measured d, so
+    the fit flags no peak within the measured KL (whatever large number d* is)."""
+    d = [0.1 * i for i in range(1, 10)]
+    gold = [x * (3 - 0.1 * math.log(x)) for x in d]  # d* = e^(3 / 0.1 - 1) = e^29, far beyond 0.9
+    fit = fit_gao(d, gold, "rl")
+    assert fit["d_peak"] > 1e12 and fit["peak_in_range"] == 0.0 and fit["d_max"] == pytest.approx(0.9)
+    within = fit_gao([0.2 * i for i in range(1, 30)], [x * (1 - 0.5 * math.log(x)) for x in
+                                                       [0.2 * i for i in range(1, 30)]], "rl")
+    assert within["peak_in_range"] == 1.0  # d* = e = 2.72 inside (0.2, 5.8)

@@ -27,11 +27,8 @@ Every judge answers ``compare(prompts, completions_a, completions_b)`` with a
   ``fn(prompts, completions_a, completions_b, **columns) -> list[float]`` of P(a better).
 
 ``win_rate`` is the mean of p_i with the Wilson interval of ``instruments.win_rate`` (each
-p_i in [0, 1], so the interval is conservative). ``length_controlled_win_rate`` follows
-Dubois et al. 2024 (AlpacaEval LC): a logistic model of the preference on the standardized
-length difference, logit P(a better) = theta + phi * tanh((len_a - len_b) / sd), fitted to
-the soft labels; the length-controlled win-rate is sigmoid(theta), the preference at equal
-lengths.
+p_i in [0, 1], so the interval is conservative); the length-controlled win-rate is
+``instruments.win_rate.length_controlled_win_rate`` on the same p_i.
 """
 
 from __future__ import annotations
@@ -67,34 +64,6 @@ def win_rate(prob_a: Sequence[float]) -> dict[str, float]:
     p = float(sum(prob_a) / n)
     low, high = wilson_interval(p, n)
     return {"win_rate": p, "ci_low": low, "ci_high": high, "n": float(n)}
-
-
-def length_controlled_win_rate(prob_a: Sequence[float], len_a: Sequence[float], len_b: Sequence[float], *,
-                               ridge: float = 1e-3, iters: int = 50) -> float:
-    """sigmoid(theta) of the fit logit p = theta + phi * tanh(d / sd(d)), d = len_a - len_b,
-    by Newton's method on the cross-entropy to the soft labels p_i, with a ridge penalty
-    ``ridge`` * n * (theta^2 + phi^2) / 2 so that a clean sweep (every p_i = 1) has a finite
-    fit. With no length difference at all the feature is 0 and the result is the plain
-    win-rate (up to the ridge)."""
-    y = torch.tensor(list(prob_a), dtype=torch.float64)
-    d = torch.tensor(list(len_a), dtype=torch.float64) - torch.tensor(list(len_b), dtype=torch.float64)
-    n = len(y)
-    if n == 0:
-        raise ValueError("no pairs to compare")
-    sd = float(d.std()) if n > 1 else 0.0
-    x = torch.tanh(d / sd) if sd > 0 else torch.zeros_like(d)
-    X = torch.stack([torch.ones_like(x), x], 1)  # (n, 2)
-    w = torch.zeros(2, dtype=torch.float64)
-    lam = ridge * n
-    for _ in range(iters):
-        p = torch.sigmoid(X @ w)
-        grad = X.T @ (p - y) + lam * w
-        hess = X.T @ (X * (p * (1 - p))[:, None]) + lam * torch.eye(2, dtype=torch.float64)
-        step = torch.linalg.solve(hess, grad)
-        w = w - step
-        if float(step.abs().max()) < 1e-12:
-            break
-    return float(torch.sigmoid(w[0]))
 
 
 def _text(value: Any) -> str:

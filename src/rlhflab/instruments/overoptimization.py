@@ -19,8 +19,11 @@ import numpy as np
 def fit_gao(d: list[float], gold_gain: list[float], form: str = "rl") -> dict[str, float]:
     """Least-squares fit of R(d) to ``gold_gain`` (gold minus its value at d = 0).
 
-    Returns alpha, beta_g, the fitted peak d*, KL* = d*^2 and R*, and the fit's R^2.
-    Points with d <= 0 carry no information about the shape and are dropped.
+    Returns alpha, beta_g, the fitted peak d*, KL* = d*^2 and R*, the fit's R^2, and
+    ``peak_in_range``: 1 when d* lies within the measured d (a peak the data show), 0 when
+    it is an extrapolation (or there is no turning point): then the curve has no peak
+    within the measured KL, whatever number the formula gives. ``d_max`` is the largest
+    measured d. Points with d <= 0 carry no information about the shape and are dropped.
     """
     x = np.asarray(d, dtype=np.float64)
     y = np.asarray(gold_gain, dtype=np.float64)
@@ -28,7 +31,8 @@ def fit_gao(d: list[float], gold_gain: list[float], form: str = "rl") -> dict[st
     x, y = x[keep], y[keep]
     if len(x) < 3:
         return {"alpha": float("nan"), "beta_g": float("nan"), "d_peak": float("nan"),
-                "kl_peak": float("nan"), "gold_gain_peak": float("nan"), "r2": float("nan"), "n": float(len(x))}
+                "kl_peak": float("nan"), "gold_gain_peak": float("nan"), "r2": float("nan"), "n": float(len(x)),
+                "peak_in_range": 0.0, "d_max": float(x.max()) if len(x) else float("nan")}
     second = -x * np.log(x) if form == "rl" else -x * x
     A = np.stack([x, second], 1)
     (alpha, beta_g), *_ = np.linalg.lstsq(A, y, rcond=None)
@@ -44,7 +48,8 @@ def fit_gao(d: list[float], gold_gain: list[float], form: str = "rl") -> dict[st
         peak = alpha * d_peak - beta_g * d_peak**2
     return {"alpha": float(alpha), "beta_g": float(beta_g), "d_peak": float(d_peak),
             "kl_peak": float(d_peak) ** 2, "gold_gain_peak": float(peak),
-            "r2": 1 - ss_res / ss_tot if ss_tot > 0 else float("nan"), "n": float(len(x))}
+            "r2": 1 - ss_res / ss_tot if ss_tot > 0 else float("nan"), "n": float(len(x)),
+            "peak_in_range": float(bool(x.min() <= d_peak <= x.max())), "d_max": float(x.max())}
 
 
 def curve_readings(kl: list[float], gold: list[float], proxy: list[float]) -> dict[str, float]:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from statistics import fmean
 
 Z_95 = 1.959963984540054  # standard normal quantile at 0.975
 
@@ -61,3 +62,29 @@ def gold_win_rate(golds_a: Sequence[float], golds_b: Sequence[float], *,
     low, high = wilson_interval(rate, n)
     return {"win_rate": rate, "ci_low": low, "ci_high": high, "n": n,
             "wins": wins, "ties": ties, "losses": n - wins - ties}
+
+
+def length_controlled_win_rate(wins: list[float], length_diff: list[float], iters: int = 50) -> float:
+    """Win-rate at zero length difference: fit P(win) = sigmoid(a + b * dlen) by Newton's
+    method (ties count as half a win, i.e. a fractional label) and return sigmoid(a), as in
+    length-controlled AlpacaEval (Dubois et al. 2024). dlen is in tokens, standardized."""
+    n = len(wins)
+    if n == 0:
+        return float("nan")
+    sd = math.sqrt(fmean(d * d for d in length_diff)) or 1.0
+    xs = [d / sd for d in length_diff]
+    a = b = 0.0
+    for _ in range(iters):
+        ps = [1 / (1 + math.exp(-(a + b * x))) for x in xs]
+        ga = sum(w - p for w, p in zip(wins, ps))
+        gb = sum((w - p) * x for w, p, x in zip(wins, ps, xs))
+        haa = sum(p * (1 - p) for p in ps) + 1e-6
+        hab = sum(p * (1 - p) * x for p, x in zip(ps, xs))
+        hbb = sum(p * (1 - p) * x * x for p, x in zip(ps, xs)) + 1e-6
+        det = haa * hbb - hab * hab
+        if det <= 0:
+            break
+        a += (hbb * ga - hab * gb) / det
+        b += (haa * gb - hab * ga) / det
+        a, b = max(-20.0, min(20.0, a)), max(-20.0, min(20.0, b))
+    return 1 / (1 + math.exp(-a))

@@ -29,13 +29,12 @@ not", "i refuse") anywhere in the response.
 
 from __future__ import annotations
 
-import math
 import re
 from statistics import fmean
 
 from rlhflab.instruments.policy_eval import sampled_kl
 from rlhflab.instruments.text_stats import text_stats
-from rlhflab.instruments.win_rate import gold_win_rate
+from rlhflab.instruments.win_rate import gold_win_rate, length_controlled_win_rate
 from rlhflab.sampling import sample
 from rlhflab.world.gold import features, gold_utility
 from rlhflab.world.labeler import RaterPanel
@@ -78,32 +77,6 @@ def behaviour(prompts: list[Prompt], texts: list[str], eos: list[bool],
     out["refusal/risky_benign_rate"] = rate(risky, lambda i: fs[i].refuses)
     out.update(text_stats(texts, eos))
     return out
-
-
-def length_controlled_win_rate(wins: list[float], length_diff: list[float], iters: int = 50) -> float:
-    """Win-rate at zero length difference: fit P(win) = sigmoid(a + b * dlen) by Newton's
-    method (ties count as half a win, i.e. a fractional label) and return sigmoid(a), as in
-    length-controlled AlpacaEval (Dubois et al. 2024). dlen is in tokens, standardized."""
-    n = len(wins)
-    if n == 0:
-        return float("nan")
-    sd = math.sqrt(fmean(d * d for d in length_diff)) or 1.0
-    xs = [d / sd for d in length_diff]
-    a = b = 0.0
-    for _ in range(iters):
-        ps = [1 / (1 + math.exp(-(a + b * x))) for x in xs]
-        ga = sum(w - p for w, p in zip(wins, ps))
-        gb = sum((w - p) * x for w, p, x in zip(wins, ps, xs))
-        haa = sum(p * (1 - p) for p in ps) + 1e-6
-        hab = sum(p * (1 - p) * x for p, x in zip(ps, xs))
-        hbb = sum(p * (1 - p) * x * x for p, x in zip(ps, xs)) + 1e-6
-        det = haa * hbb - hab * hab
-        if det <= 0:
-            break
-        a += (hbb * ga - hab * gb) / det
-        b += (haa * gb - hab * ga) / det
-        a, b = max(-20.0, min(20.0, a)), max(-20.0, min(20.0, b))
-    return 1 / (1 + math.exp(-a))
 
 
 def _win_rates(prefix: str, a: list[float], b: list[float]) -> dict[str, float]:
