@@ -2,13 +2,16 @@
 
 Every source is a callable
 
-    source(prompts: list[str], responses: list[str], eos: list[bool]) -> torch.Tensor  # (B,) float32
+    source(prompts: list[str], responses: list[str], eos: list[bool][, rows]) -> torch.Tensor  # (B,) float32
+
+(``rows``, when given, are the prompts' data rows: Python functions read their columns.)
 
 - ``ModelReward(path)``: a reward model trained by ``rlhflab rm``, loaded lazily on first
   use. It scores text, so a policy whose tokenizer differs from the reward model's is
   retokenized for free: the reward model tokenizes the decoded response itself.
-- ``FunctionReward(f)``: any ``f(prompts, completions) -> list[float]``; if ``f`` accepts a
-  keyword ``eos``, it also receives the EOS flags. ``REWARD_FUNCTIONS`` names built-ins:
+- ``FunctionReward(f)``: ``f(prompts, completions, **kwargs) -> list[float]``, TRL's
+  signature: the rows' prompts (text or messages), the completions, and the rows' other
+  columns as keywords (``eos`` too); ``f(prompts, completions)`` works as well. ``REWARD_FUNCTIONS`` names built-ins:
   ``gold`` is the world's gold utility (a legitimate reward when the world is the task,
   and the upper bound of what a learned reward model can teach).
 - ``WeightedSum([(w, source), ...])``: sum_i w_i * source_i.
@@ -69,19 +72,47 @@ REWARD_FUNCTIONS: dict[str, Callable[..., list[float]]] = {
 
 
 class FunctionReward:
-    """Wraps ``f(prompts, completions[, eos=...]) -> list[float]``."""
+    """Wraps a Python reward function, called the way TRL calls one::
+
+        f(prompts, completions, **kwargs) -> list[float]
+
+    ``prompts`` are the rows' prompts as the data holds them (text, or a list of messages
+    for a conversational row), ``completions`` the responses (text, or
+    ``[{"role": "assistant", "content": text}]`` after a conversational prompt), and the
+    keywords are the rows' other columns, one list each (a verifiable reward reads
+    ``answer``), plus ``eos`` (whether each response ended with EOS). A function receives
+    the keywords it names, or all of them if it takes ``**kwargs``; rlhflab's older
+    ``f(prompts, completions[, eos])`` functions work unchanged. Without rows (the world,
+    or a caller with only texts) prompts are the rendered prompt texts."""
 
     def __init__(self, fn: Callable[..., Sequence[float]], name: str | None = None) -> None:
         self.fn = fn
         self.name = name or getattr(fn, "__name__", "function")
         try:
             params = inspect.signature(fn).parameters
-            self.takes_eos = "eos" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+            self.takes_all = any(p.kind is p.VAR_KEYWORD for p in params.values())
+            self.names = {n for n, p in params.items() if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
         except (TypeError, ValueError):
-            self.takes_eos = False
+            self.takes_all, self.names = False, set()
 
-    def __call__(self, prompts: list[str], responses: list[str], eos: list[bool]) -> torch.Tensor:
-        out = self.fn(prompts, responses, eos=eos) if self.takes_eos else self.fn(prompts, responses)
+    def _keywords(self, eos: list[bool], rows: Sequence[dict] | None) -> dict:
+        kwargs: dict = {"eos": eos}
+        if rows:
+            for key in dict.fromkeys(k for r in rows for k in r):
+                if key not in ("prompt", "prompts", "completions"):
+                    kwargs[key] = [r.get(key) for r in rows]
+        return {k: v for k, v in kwargs.items() if self.takes_all or k in self.names}
+
+    def __call__(self, prompts: list[str], responses: list[str], eos: list[bool],
+                 rows: Sequence[dict] | None = None) -> torch.Tensor:
+        if rows is not None and len(rows) != len(prompts):
+            raise ValueError(f"{len(rows)} rows for {len(prompts)} prompts")
+        completions: list = list(responses)
+        if rows:
+            prompts = [r["prompt"] for r in rows]
+            completions = [[{"role": "assistant", "content": c}] if not isinstance(p, str) else c
+                           for p, c in zip(prompts, responses)]
+        out = self.fn(prompts, completions, **self._keywords(eos, rows))
         try:
             values = [float(v) for v in out]
         except (TypeError, ValueError):
@@ -114,7 +145,7 @@ class ModelReward:
                 self._model.to(self.device)
         return self._model
 
-    def __call__(self, prompts: list[str], responses: list[str], eos: list[bool]) -> torch.Tensor:
+    def __call__(self, prompts: list[str], responses: list[str], eos: list[bool], rows=None) -> torch.Tensor:
         scores = self.model.score(prompts, responses, eos=eos, batch_size=self.batch_size)
         return torch.as_tensor(scores, dtype=torch.float32).detach().cpu().reshape(-1)
 
@@ -128,10 +159,11 @@ class WeightedSum:
         self.terms = terms
         self.name = " + ".join(f"{w:g}*{getattr(s, 'name', 'reward')}" for w, s in terms)
 
-    def __call__(self, prompts: list[str], responses: list[str], eos: list[bool]) -> torch.Tensor:
+    def __call__(self, prompts: list[str], responses: list[str], eos: list[bool], rows=None) -> torch.Tensor:
         total = torch.zeros(len(prompts), dtype=torch.float32)
         for weight, source in self.terms:
-            total = total + weight * source(prompts, responses, eos).float()
+            scores = source(prompts, responses, eos, rows) if rows is not None else source(prompts, responses, eos)
+            total = total + weight * scores.float()
         return total
 
 
@@ -191,13 +223,23 @@ def load_reward_function(spec: str) -> tuple[float, FunctionReward]:
     return weight, FunctionReward(load_callable(target, flag="--reward-fn", what="reward function", spec=spec), target)
 
 
-def build_reward(rm_path: str | None = None, reward_fns: Sequence[str] = (), *, rm_weight: float = 1.0,
+def build_reward(rm_path: str | None = None, reward_fns: Sequence = (), *, rm_weight: float = 1.0,
                  rm_batch_size: int = 64, device=None) -> WeightedSum:
-    """The reward of a run: ``rm_weight`` * RM (if any) + the weighted functions."""
+    """The reward of a run: ``rm_weight`` * RM (if any) + the weighted functions. Each of
+    ``reward_fns`` is a spec string (``gold``, ``module:function=0.5``, ...), a callable
+    (weight 1), or a ``(weight, callable)`` pair."""
     terms: list[tuple[float, RewardSource]] = []
     if rm_path:
         terms.append((rm_weight, ModelReward(rm_path, rm_batch_size, device)))
-    terms += [load_reward_function(s) for s in reward_fns]
+    for fn in reward_fns:
+        if isinstance(fn, str):
+            terms.append(load_reward_function(fn))
+        elif callable(fn):
+            terms.append((1.0, FunctionReward(fn)))
+        elif isinstance(fn, tuple) and len(fn) == 2 and callable(fn[1]):
+            terms.append((float(fn[0]), FunctionReward(fn[1])))
+        else:
+            raise InputError(f"reward function {fn!r}: expected a spec string, a callable or (weight, callable)")
     return WeightedSum(terms)
 
 
@@ -206,14 +248,17 @@ def build_reward(rm_path: str | None = None, reward_fns: Sequence[str] = (), *, 
 
 
 def score_responses(source: RewardSource, prompts: list[str], responses: list[str], eos: list[bool], *,
-                    no_eos_penalty: float = 0.0) -> torch.Tensor:
+                    no_eos_penalty: float = 0.0, rows: Sequence[dict] | None = None) -> torch.Tensor:
     """Scores (B,) float32: the source's reward plus ``no_eos_penalty`` where no EOS was emitted.
+    ``rows`` (the prompts' data rows, one per response) reach Python reward functions as
+    their prompts and columns (``FunctionReward``).
 
     Raises:
         NonFiniteRewardError: a reward is NaN or infinite; the message names the prompt and
             the response, so the run stops before any update.
     """
-    scores = source(prompts, responses, eos).float().reshape(-1)
+    scores = (source(prompts, responses, eos, rows) if rows is not None else source(prompts, responses, eos))
+    scores = scores.float().reshape(-1)
     if scores.numel() != len(prompts):
         raise InputError(f"reward source returned {scores.numel()} scores for {len(prompts)} responses")
     bad = (~torch.isfinite(scores)).nonzero().flatten().tolist()

@@ -83,3 +83,29 @@ def test_reward_function_specs(tmp_path):
 def test_build_reward_needs_a_source():
     with pytest.raises(InputError, match="no reward source"):
         build_reward(None, [])
+
+
+def test_reward_functions_get_trl_arguments_from_the_rows():
+    from rlhflab.rewards import FunctionReward, build_reward, score_responses
+
+    seen = {}
+
+    def accuracy(prompts, completions, answer, **kwargs):  # TRL's signature for a verifiable reward
+        seen.update(prompts=prompts, completions=completions, kwargs=sorted(kwargs))
+        text = [c if isinstance(c, str) else c[0]["content"] for c in completions]
+        return [1.0 if t.strip() == a else 0.0 for t, a in zip(text, answer)]
+
+    chat = [{"role": "user", "content": "2+2?"}]
+    rows = [{"prompt": chat, "answer": "4", "level": 1}, {"prompt": "3+3?", "answer": "6", "level": 2}]
+    got = FunctionReward(accuracy)(["<rendered 1>", "<rendered 2>"], ["4", "7"], [True, False], rows)
+    assert got.tolist() == [1.0, 0.0]
+    assert seen["prompts"] == [chat, "3+3?"]  # the rows' prompts, messages as messages
+    assert seen["completions"] == [[{"role": "assistant", "content": "4"}], "7"]
+    assert seen["kwargs"] == ["eos", "level"]
+    # A function naming only what it needs gets only that; plain two-argument functions still work.
+    only = FunctionReward(lambda prompts, completions, level: [float(v) for v in level])
+    assert only(["a", "b"], ["x", "y"], [True, True], rows).tolist() == [1.0, 2.0]
+    two = build_reward(reward_fns=[lambda p, c: [len(x) for x in c], (0.5, accuracy)])
+    assert score_responses(two, ["a", "b"], ["4", "7"], [True, True], rows=rows).tolist() == [1.5, 1.0]
+    assert score_responses(build_reward(reward_fns=[lambda p, c: [len(x) for x in c]]), ["a"], ["abc"],
+                           [True]).tolist() == [3.0]
