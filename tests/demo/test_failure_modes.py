@@ -41,8 +41,8 @@ SCENARIOS = {
 
 @pytest.fixture(scope="module")
 def diagnoses(tmp_path_factory):
+    from rlhflab.commands.arms import evaluate_arm, train_arm
     from rlhflab.commands.rm import run_rm
-    from rlhflab.commands.run import evaluate_arm, train_arm
     from rlhflab.commands.sft import run_sft
     from rlhflab.diagnose import diagnose
 

@@ -118,10 +118,10 @@ def test_sft_nan_during_overwrite_keeps_the_earlier_run(tmp_path, monkeypatch, c
 
 def test_sft_stops_at_an_infinite_gradient_without_clipping(tmp_path, monkeypatch, capsys):
     """With sft.max_grad_norm=0 nothing clips; the norm is still measured and checked."""
-    import rlhflab.algos.sft as sft
+    import rlhflab.training as training
 
-    real = sft.grad_norm_of
-    monkeypatch.setattr(sft, "grad_norm_of", lambda params: real(params) * float("inf"))
+    real = training.grad_norm_of
+    monkeypatch.setattr(training, "grad_norm_of", lambda params: real(params) * float("inf"))
     out = tmp_path / "sft"
     assert main(["sft", "--config", TINY, "--out", str(out), *SFT_FAST, "--set", "sft.max_grad_norm=0"]) == 2
     line = _one_error_line(capsys)
@@ -173,10 +173,10 @@ def test_dpo_family_stops_at_a_nan_loss(tmp_path, monkeypatch, capsys, policy, l
 
 
 def test_online_rl_stops_at_a_nan_loss_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys, policy):
-    import rlhflab.algos.online as online
+    import rlhflab.algos.update as update
 
     # rl.epochs=1 x 1 minibatch: one policy-loss call per step; step 3's goes NaN.
-    monkeypatch.setattr(online, "policy_gradient_loss", _nan_after(2)(online.policy_gradient_loss))
+    monkeypatch.setattr(update, "policy_gradient_loss", _nan_after(2)(update.policy_gradient_loss))
     out = tmp_path / "grpo"
     assert main(["grpo", "--config", TINY, "--sft", policy, "--reward-fn", "length", "--out", str(out), *RL_FAST,
                  "--set", "rl.save_every=1", "--set", "rl.epochs=1", "--set", "rl.num_minibatches=1"]) == 2
@@ -192,9 +192,9 @@ def test_online_rl_stops_at_a_nan_loss_and_keeps_the_last_good_checkpoint(tmp_pa
 
 
 def test_online_rl_nan_without_a_checkpoint_leaves_nothing(tmp_path, monkeypatch, capsys, policy):
-    import rlhflab.algos.online as online
+    import rlhflab.algos.update as update
 
-    monkeypatch.setattr(online, "policy_gradient_loss", _nan_after(0)(online.policy_gradient_loss))
+    monkeypatch.setattr(update, "policy_gradient_loss", _nan_after(0)(update.policy_gradient_loss))
     out = tmp_path / "ppo"
     assert main(["ppo", "--config", TINY, "--sft", policy, "--reward-fn", "length", "--out", str(out), *RL_FAST]) == 2
     line = _one_error_line(capsys)
@@ -459,7 +459,7 @@ def test_kill_mid_save_leaves_no_temp_directory_after_the_next_run(tmp_path):
 def test_a_replaced_main_job_records_its_final_paths(tmp_path):
     """``rlhflab run --overwrite`` is written beside the earlier job; the paths its stages
     recorded (an arm's run.json, the report's title) name the final directory."""
-    from rlhflab.commands.run import retarget_paths
+    from rlhflab.commands.arms import retarget_paths
 
     work, final = tmp_path / ".job.new-1", tmp_path / "job"
     (work / "ppo").mkdir(parents=True)

@@ -13,31 +13,6 @@ from pathlib import Path
 
 from rlhflab.config import add_config_arguments, load_config
 
-SHOWN = [
-    ("accuracy/labels", "accuracy vs labels"),
-    ("accuracy/votes", "accuracy vs single votes"),
-    ("accuracy/rater_rater", "rater-rater agreement (ceiling)"),
-    ("accuracy/oracle_votes", "noise-free raters vs votes"),
-    ("accuracy/gold", "accuracy vs gold"),
-    ("accuracy/labels_vs_gold", "labels vs gold"),
-    ("accuracy/oracle_vs_gold", "noise-free raters vs gold"),
-    ("calibration/ece", "calibration error (ECE)"),
-    ("calibration/auc", "ROC AUC"),
-    ("margin/correct_abs_mean", "|margin| correct"),
-    ("margin/incorrect_abs_mean", "|margin| incorrect"),
-    ("probe/length/win_rate", "padding wins"),
-    ("probe/length/corr_reward_length", "corr(reward, length)"),
-    ("probe/keyword/win_rate", "keyword wins"),
-    ("probe/sycophancy/win_rate", "agreeing with a wrong user wins"),
-    ("ensemble/member_accuracy_mean", "member accuracy (mean)"),
-    ("ensemble/member_ece_mean", "member ECE (mean)"),
-    ("ensemble/std_held_out", "member std, held-out"),
-    ("ensemble/std_shifted", "member std, shifted"),
-    ("agreement/majority_mean", "votes with the majority"),
-    ("agreement/unanimous_frac", "unanimous pairs"),
-    ("agreement/below_0.6_frac", "pairs below 0.6 agreement"),
-]
-
 
 def add_arguments(p) -> None:
     add_config_arguments(p)
@@ -80,10 +55,12 @@ def print_table(result: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from rlhflab.instruments.rm_eval import HEADLINE
+
     table = Table(title=f"reward model on {result.get('pairs')} pairs", show_lines=False)
     table.add_column("instrument")
     table.add_column("value", justify="right")
-    for key, label in SHOWN:
+    for key, label in HEADLINE:
         if isinstance(result.get(key), (int, float)):
             table.add_row(label, f"{result[key]:.3f}")
     Console(width=100).print(table)

@@ -16,12 +16,10 @@ import copy
 import time
 from pathlib import Path
 
+from rlhflab.commands.arms import check_arms, evaluate_arm, retarget_paths, train_arm
 from rlhflab.config import add_config_arguments, config_from_args
 from rlhflab.errors import InputError
 
-ONLINE = {"ppo": "ppo", "grpo": "grpo", "dr-grpo": "dr-grpo", "rloo": "rloo", "reinforce": "reinforce",
-          "reinforce++": "reinforce++"}
-OFFLINE = ("dpo", "cdpo", "ipo", "hinge", "kto", "simpo", "orpo")
 TABLE = (("gold/mean", "gold"), ("rm/score_mean", "RM"), ("kl/sequence_mean", "KL"),
          ("win_rate/gold", "win vs SFT"), ("refusal/harmful_rate", "harm ref."),
          ("refusal/benign_rate", "over-ref."), ("sycophancy/agree_rate", "syco."),
@@ -30,61 +28,6 @@ TABLE = (("gold/mean", "gold"), ("rm/score_mean", "RM"), ("kl/sequence_mean", "K
 
 def add_arguments(p) -> None:
     add_config_arguments(p)
-
-
-def check_arms(arms: list, cfg=None) -> None:
-    """Known arms, each once; with ``cfg``, each online arm's resolved RL settings are
-    checked too (``resolve_rl_config``, the one-process layout), before anything is written
-    or trained."""
-    for arm in arms:
-        if arm not in ONLINE and arm not in OFFLINE:
-            raise InputError(f"unknown arm {arm!r} (online: {', '.join(ONLINE)}; offline: {', '.join(OFFLINE)})",
-                             field="run.arms")
-    if len(set(arms)) != len(arms):
-        raise InputError("each arm may appear once", field="run.arms")
-    if cfg is not None:
-        from rlhflab.algos.online import check_layout, resolve_rl_config
-
-        for arm in arms:
-            if arm in ONLINE:
-                check_layout(resolve_rl_config(copy.deepcopy(cfg.rl), ONLINE[arm]), 1)
-
-
-def train_arm(cfg, arm: str, out: Path, sft: Path, rm: Path) -> dict:
-    """Train one arm from SFT into ``out/arm`` (a private copy of the config per arm)."""
-    cfg = copy.deepcopy(cfg)
-    if arm in ONLINE:
-        from rlhflab.commands.rl import run_rl
-
-        return run_rl(cfg, ONLINE[arm], out / arm, sft=str(sft), rm=str(rm))
-    from rlhflab.commands.dpo import run_dpo
-
-    cfg.dpo.loss = arm
-    return run_dpo(cfg, out / arm, sft, data=str(rm / "data" / "train.jsonl"),
-                   eval_data=str(rm / "data" / "eval.jsonl"), unpaired_from_pairs=arm == "kto")
-
-
-def evaluate_arm(cfg, arm: str, out: Path, sft: Path, rm: Path) -> dict:
-    """Instruments, curve readings and diagnosis of one arm into ``out/eval/<arm>/``."""
-    import json
-
-    from rlhflab.artifacts import prepare_out_dir, write_json
-    from rlhflab.commands.eval import evaluate_policy
-    from rlhflab.diagnose import diagnose
-    from rlhflab.instruments.overoptimization import curve_readings
-
-    metrics, samples = evaluate_policy(cfg, out / arm, sft, rm, seed=cfg.run.seed)
-    curve = out / arm / "metrics.jsonl"
-    rows = [json.loads(x) for x in curve.read_text().splitlines() if x.strip()] if curve.is_file() else []
-    pts = [r for r in rows if "gold/mean" in r and "objective/kl" in r]
-    if pts:
-        metrics.update(curve_readings([r["objective/kl"] for r in pts], [r["gold/mean"] for r in pts],
-                                      [r.get("objective/scores", float("nan")) for r in pts]))
-    d = prepare_out_dir(out / "eval" / arm, overwrite=True)
-    write_json(d / "eval.json", metrics)
-    write_json(d / "samples.json", samples)
-    write_json(d / "diagnosis.json", diagnose(metrics))
-    return metrics
 
 
 def print_final_table(evals: dict[str, dict]) -> None:
@@ -101,28 +44,6 @@ def print_final_table(evals: dict[str, dict]) -> None:
     for arm, m in evals.items():
         table.add_row(arm, *[f"{m[k]:.2f}" if k in m else "" for k, _ in TABLE])
     Console(width=130).print(table)
-
-
-def retarget_paths(work: Path, final: Path) -> None:
-    """Before a job written in ``work`` is renamed to ``final``: the paths its stages
-    recorded under ``work`` (run.json's inputs, metrics, the report's title) are rewritten to
-    ``final``, so resuming an arm or reading a record finds them."""
-    if Path(work) == Path(final):
-        return
-    pairs = sorted({(str(Path(work).resolve()), str(Path(final).resolve())),
-                    (str(Path(work).absolute()), str(Path(final).absolute())),
-                    (str(work), str(final))}, key=lambda x: -len(x[0]))
-    for path in Path(work).rglob("*"):
-        if path.suffix not in (".json", ".html", ".yaml") or not path.is_file():
-            continue
-        text = path.read_text(encoding="utf-8")
-        new = text
-        for a, b in pairs:
-            new = new.replace(a, b)
-        if new != text:
-            tmp = path.with_name(f".{path.name}.tmp")
-            tmp.write_text(new, encoding="utf-8")
-            tmp.replace(path)
 
 
 def run(args) -> int:

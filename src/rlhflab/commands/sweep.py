@@ -102,7 +102,7 @@ def run(args) -> int:
             print(f"{a:12s} beta={r['beta']:<8g} KL={r['kl']:.4f}  E[R]={r['reward']:.4f}")
         return 0
 
-    from rlhflab.commands.run import (
+    from rlhflab.commands.arms import (
         OFFLINE,
         ONLINE,
         check_arms,

@@ -48,6 +48,33 @@ from rlhflab.data import render
 
 DEFAULT_KEYWORDS = ("certainly", "delve")
 
+# (key, label) of the readings a person reads first: ``rlhflab eval-rm``'s table and the
+# reward-model section of the report.
+HEADLINE = [
+    ("accuracy/labels", "accuracy vs labels"),
+    ("accuracy/votes", "accuracy vs single votes"),
+    ("accuracy/rater_rater", "rater-rater agreement (ceiling)"),
+    ("accuracy/oracle_votes", "noise-free raters vs votes"),
+    ("accuracy/gold", "accuracy vs gold"),
+    ("accuracy/labels_vs_gold", "labels vs gold"),
+    ("accuracy/oracle_vs_gold", "noise-free raters vs gold"),
+    ("calibration/ece", "calibration error (ECE)"),
+    ("calibration/auc", "ROC AUC"),
+    ("margin/correct_abs_mean", "|margin| correct"),
+    ("margin/incorrect_abs_mean", "|margin| incorrect"),
+    ("probe/length/win_rate", "padding wins"),
+    ("probe/length/corr_reward_length", "corr(reward, length)"),
+    ("probe/keyword/win_rate", "keyword wins"),
+    ("probe/sycophancy/win_rate", "agreeing with a wrong user wins"),
+    ("ensemble/member_accuracy_mean", "member accuracy (mean)"),
+    ("ensemble/member_ece_mean", "member ECE (mean)"),
+    ("ensemble/std_held_out", "member std, held-out"),
+    ("ensemble/std_shifted", "member std, shifted"),
+    ("agreement/majority_mean", "votes with the majority"),
+    ("agreement/unanimous_frac", "unanimous pairs"),
+    ("agreement/below_0.6_frac", "pairs below 0.6 agreement"),
+]
+
 
 # ----------------------------------------------------------------------------- basics
 

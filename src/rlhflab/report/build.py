@@ -65,9 +65,9 @@ def section_reward_model(run: Path) -> str:
     ev = _load(run / "rm_eval" / "rm_eval.json")
     if not ev:
         return "<p><em>no reward-model evaluation in this run</em></p>"
-    from rlhflab.commands.eval_rm import SHOWN
+    from rlhflab.instruments.rm_eval import HEADLINE
 
-    rows = [[label, ev[key]] for key, label in SHOWN if isinstance(ev.get(key), (int, float))]
+    rows = [[label, ev[key]] for key, label in HEADLINE if isinstance(ev.get(key), (int, float))]
     parts = [table(["reading", "value"], rows)]
     rel = ev.get("calibration/reliability")
     if isinstance(rel, list) and rel and isinstance(rel[0], dict):
