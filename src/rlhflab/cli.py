@@ -12,6 +12,13 @@ import importlib.util
 import sys
 
 from rlhflab.errors import InputError, RunError
+from rlhflab.registry import ONLINE_ALGORITHMS, online_commands
+
+
+def _online_help(variants: dict[str, str]) -> str:
+    """An online command's help: its default algorithm's line, and its other variants."""
+    default, *others = variants
+    return ONLINE_ALGORITHMS.entry(variants[default]).doc + (f"; --variant {', '.join(others)}" if others else "")
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -20,10 +27,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "collect": ("rlhflab.commands.collect", "sample K responses per prompt and have raters rank them"),
     "rm": ("rlhflab.commands.rm", "train a Bradley-Terry reward model (or an ensemble)"),
     "eval-rm": ("rlhflab.commands.eval_rm", "reward-model instruments: accuracy, calibration, bias probes"),
-    "ppo": ("rlhflab.commands.rl", "PPO with a KL penalty (InstructGPT)"),
-    "reinforce": ("rlhflab.commands.rl", "REINFORCE with a baseline, or REINFORCE++"),
-    "rloo": ("rlhflab.commands.rl", "REINFORCE leave-one-out"),
-    "grpo": ("rlhflab.commands.rl", "group relative policy optimization (and Dr. GRPO)"),
+    # the online RL commands, one per ``registry.online_commands()``: ppo, reinforce, rloo, grpo
+    **{command: ("rlhflab.commands.rl", _online_help(variants)) for command, variants in online_commands().items()},
     "dpo": ("rlhflab.commands.dpo", "direct preference optimization and its family"),
     "bandit": ("rlhflab.bandit", "train on an enumerable bandit and measure the distance to pi*"),
     "eval": ("rlhflab.commands.eval", "every instrument on a policy against its base"),

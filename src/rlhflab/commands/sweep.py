@@ -25,7 +25,10 @@ from rlhflab.errors import InputError
 
 def add_arguments(p) -> None:
     add_config_arguments(p)
-    p.add_argument("--algo", required=True, help="arm(s), comma-separated: ppo, grpo, rloo, reinforce, dpo, ipo, ...")
+    from rlhflab.commands.arms import OFFLINE, ONLINE
+
+    p.add_argument("--algo", required=True, help=f"arm(s), comma-separated, of {', '.join(ONLINE + OFFLINE)}; "
+                                                 "with --bandit, of the bandit's algorithms")
     p.add_argument("--beta", required=True, help="comma-separated betas, e.g. 0.01,0.05,0.1,0.5")
     p.add_argument("--sft", help="SFT run directory (world sweeps)")
     p.add_argument("--rm", help="reward model directory (world sweeps)")
