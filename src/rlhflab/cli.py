@@ -22,7 +22,7 @@ def _online_help(variants: dict[str, str]) -> str:
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "world": ("rlhflab.world.export", "write the simulated-human world as TRL-format JSONL"),
+    "world": ("rlhflab.commands.world", "write the simulated-human world as TRL-format JSONL"),
     "sft": ("rlhflab.commands.sft", "supervised fine-tuning on (prompt, completion) data"),
     "collect": ("rlhflab.commands.collect", "sample K responses per prompt and have raters rank them"),
     "rm": ("rlhflab.commands.rm", "train a Bradley-Terry reward model (or an ensemble)"),

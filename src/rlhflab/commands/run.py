@@ -50,9 +50,9 @@ def run(args) -> int:
     from rlhflab.artifacts import check_out_dir, run_directory, write_json
     from rlhflab.commands.rm import run_rm
     from rlhflab.commands.sft import run_sft
+    from rlhflab.commands.world import export_world
     from rlhflab.config import save_config
     from rlhflab.report.build import build_run_report
-    from rlhflab.world.export import export_world
 
     cfg = config_from_args(args)
     check_arms(cfg.run.arms, cfg)
