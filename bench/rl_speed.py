@@ -5,7 +5,7 @@
 Each algorithm runs in a fresh subprocess (so peak RSS is its own) on the demo-size model
 (``configs/demo.yaml``: GPT-2, d=128, 4 layers) for ``--warmup`` untimed steps and then
 ``--steps`` timed rollout-and-update steps at the algorithm's defaults
-(``rlhflab.algos.online.ALGO_DEFAULTS``), 64 responses per step, gold utility as the
+(``rlhflab.registry.ONLINE_ALGORITHMS``), 64 responses per step, gold utility as the
 reward unless ``--rm`` is given. Without ``--sft`` the policy is a freshly initialised
 demo-size model, whose responses all run to ``max_new_tokens`` (the worst case); with an
 SFT policy they end at its EOS.
@@ -30,8 +30,10 @@ import sys
 import time
 from pathlib import Path
 
+from rlhflab.registry import ONLINE_ALGORITHMS  # torch-free
+
 ROOT = Path(__file__).resolve().parents[1]
-ALGOS = ("ppo", "reinforce", "rloo", "reinforce++", "grpo", "dr-grpo")
+ALGOS = tuple(ONLINE_ALGORITHMS)
 
 
 def child(args) -> dict:
@@ -39,10 +41,9 @@ def child(args) -> dict:
     import torch
 
     import rlhflab.rollout as rollout_mod
-    from rlhflab.algos.grpo import train_grpo
-    from rlhflab.algos.online import OnlineRun, resolve_rl_config
-    from rlhflab.algos.ppo import ValueModel, train_ppo
-    from rlhflab.algos.reinforce import train_reinforce
+    from rlhflab.algos.online import OnlineRun
+    from rlhflab.algos.ppo import ValueModel
+    from rlhflab.algos.rl_config import resolve_rl_config
     from rlhflab.config import load_config
     from rlhflab.distributed import make_accelerator
     from rlhflab.models import (
@@ -69,7 +70,7 @@ def child(args) -> dict:
             save_pretrained_atomic(create_causal_lm(cfg.model, tok, seed=0), tok, path)
     tok = load_tokenizer(path)
     policy, reference = load_causal_lm(path, tok), load_causal_lm(path, tok)
-    value = ValueModel.from_causal_lm(policy) if args.child == "ppo" else None
+    value = ValueModel.from_causal_lm(policy) if ONLINE_ALGORITHMS.entry(args.child).options["critic"] else None
     reward = build_reward(args.rm, [] if args.rm else ["gold"])
     run = OnlineRun(cfg, args.child, make_accelerator(), policy, reference, tok, reward,
                     [p.text for p in world.prompts(cfg.world.n_prompts, "rl")], value_model=value)
@@ -90,12 +91,11 @@ def child(args) -> dict:
 
     def end_step(step, ro, metrics, extra=None):
         per_step.append({"step": step, "tokens": float(ro.mask.sum()), "generate": gen_time[0],
-                         "rollout": run._t_rollout, "update": run.state["time_update"], "t": time.perf_counter()})
+                         "rollout": ro.seconds, "update": run.state["time_update"], "t": time.perf_counter()})
         return original_end_step(step, ro, metrics, extra)
 
     run.end_step = end_step
-    trainer = {"ppo": train_ppo, "reinforce": train_reinforce, "rloo": train_reinforce,
-               "reinforce++": train_reinforce, "grpo": train_grpo, "dr-grpo": train_grpo}[args.child]
+    trainer = ONLINE_ALGORITHMS[args.child]
     t0 = time.perf_counter()
     trainer(run)
     total = time.perf_counter() - t0

@@ -98,5 +98,5 @@ def build_spec(stage: str, paths: dict, args) -> dict:
 
 
 # online algorithm -> (samples per prompt, minibatches per rollout, epochs per rollout): the
-# defaults of rlhflab.algos.online.ALGO_DEFAULTS, given to TRL explicitly
+# defaults of rlhflab.registry.ONLINE_ALGORITHMS, given to TRL explicitly
 ONLINE = {"grpo": (8, 2, 1), "rloo": (4, 1, 1), "ppo": (1, 4, 4)}

@@ -119,11 +119,11 @@ def run_online(spec: dict) -> dict:
     the world's gold utility as the reward (PPO: the reward model of the spec)."""
     from common import Instrument
 
-    from rlhflab.algos.grpo import train_grpo
-    from rlhflab.algos.online import OnlineRun, resolve_rl_config
-    from rlhflab.algos.ppo import ValueModel, train_ppo
-    from rlhflab.algos.reinforce import train_reinforce
+    from rlhflab.algos.online import OnlineRun
+    from rlhflab.algos.ppo import ValueModel
+    from rlhflab.algos.rl_config import resolve_rl_config
     from rlhflab.distributed import make_accelerator
+    from rlhflab.registry import ONLINE_ALGORITHMS
     from rlhflab.rewards import build_reward
 
     algo = spec["stage"]
@@ -139,7 +139,7 @@ def run_online(spec: dict) -> dict:
     cfg.rl = resolve_rl_config(rl, algo)
     policy, tok = load(spec)
     reference = load_causal_lm(spec["model"], tok)
-    value = ValueModel.from_causal_lm(policy) if algo == "ppo" else None
+    value = ValueModel.from_causal_lm(policy) if ONLINE_ALGORITHMS.entry(algo).options["critic"] else None
     rm = spec.get("reward_model")
     reward = build_reward(rm, [] if rm else ["gold"])  # as `rlhflab ppo --rm` / `--reward-fn gold`
     scorers = [m for _, src in reward.terms for m in getattr(getattr(src, "model", None), "members", [])]
@@ -148,7 +148,7 @@ def run_online(spec: dict) -> dict:
     inst = Instrument([policy, reference, value, *scorers], tok.eos_token_id)
     rss0 = rss_mb()
     t0, c0 = time.perf_counter(), cpu_seconds()
-    {"grpo": train_grpo, "rloo": train_reinforce, "ppo": train_ppo}[algo](run)
+    ONLINE_ALGORITHMS[algo](run)  # the algorithm's training loop
     seconds, cpu = time.perf_counter() - t0, cpu_seconds() - c0
     inst.close()
     save_pretrained_atomic(run.policy_module, tok, Path(spec["out"]) / "model")

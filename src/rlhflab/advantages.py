@@ -15,6 +15,8 @@ Conventions shared by every function here:
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 __all__ = [
@@ -85,7 +87,13 @@ def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> to
 
 
 def masked_whiten(
-    x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8
+    x: torch.Tensor,
+    mask: torch.Tensor,
+    shift_mean: bool = True,
+    eps: float = 1e-8,
+    *,
+    mean: torch.Tensor | None = None,
+    var: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Normalize x over its valid entries to unit variance (and zero mean).
 
@@ -93,23 +101,27 @@ def masked_whiten(
         out = (x - mean) / sqrt(var + eps) + mean     shift_mean=False (reward whitening)
 
     mean and the unbiased var are taken over all valid entries of the batch (masked_mean,
-    masked_var). shift_mean=False rescales without moving the mean, the "reward whitening
-    without shifting the mean" of Huang et al. 2022, "The N+ implementation details of
-    RLHF with PPO": subtracting the mean from rewards would change the incentive for
-    response length. Padded positions are 0 in the output.
+    masked_var) unless given: ``distributed.BatchStats.whiten`` passes those of the global
+    batch of all processes. shift_mean=False rescales without moving the mean, the "reward
+    whitening without shifting the mean" of Huang et al. 2022, "The N+ implementation
+    details of RLHF with PPO": subtracting the mean from rewards would change the
+    incentive for response length. Padded positions are 0 in the output.
 
     Args:
         x: values.                                        # (B, T)
         mask: 1/True on valid entries.                    # (B, T)
         shift_mean: subtract the mean (True) or keep it (False).
         eps: added to the variance.
+        mean, var: the statistics to whiten with (default: x's own over ``mask``).  # ()
 
     Returns:
         Whitened values, 0 at padded positions.           # (B, T)
     """
     valid = mask.bool()
-    mean = masked_mean(x, valid)
-    var = masked_var(x, valid, unbiased=True)
+    if mean is None:
+        mean = masked_mean(x, valid)
+    if var is None:
+        var = masked_var(x, valid, unbiased=True)
     out = (x - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         out = out + mean
@@ -237,7 +249,9 @@ def _grouped(returns: torch.Tensor, group_size: int) -> torch.Tensor:
     return returns.view(-1, group_size)
 
 
-def batch_mean_baseline(returns: torch.Tensor) -> torch.Tensor:
+def batch_mean_baseline(
+    returns: torch.Tensor, *, mean: Callable[[torch.Tensor], torch.Tensor] = torch.mean
+) -> torch.Tensor:
     """REINFORCE with the batch mean as baseline: A_i = R_i - mean_j R_j.
 
     Williams 1992; the simplest variance reduction, as in the REINFORCE baselines of
@@ -245,11 +259,12 @@ def batch_mean_baseline(returns: torch.Tensor) -> torch.Tensor:
 
     Args:
         returns: sequence-level returns R.                # (B,)
+        mean: the batch mean; ``distributed.BatchStats.mean`` spans every process's rows.
 
     Returns:
         Advantages.                                       # (B,)
     """
-    return returns - returns.mean()
+    return returns - mean(returns)
 
 
 def group_mean_baseline(returns: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -330,6 +345,7 @@ def reinforce_pp_advantages(
     *,
     gamma: float = 1.0,
     eps: float = 1e-8,
+    whiten: Callable[..., torch.Tensor] = masked_whiten,
 ) -> torch.Tensor:
     """REINFORCE++ advantages (Hu 2025, "REINFORCE++: A Simple and Efficient Approach for
     Aligning Large Language Models").
@@ -346,6 +362,8 @@ def reinforce_pp_advantages(
         mask: 1/True on response tokens.                  # (B, T)
         gamma: discount (1 in the paper).
         eps: added to the variance in the whitening.
+        whiten: ``masked_whiten``, or ``distributed.BatchStats.whiten`` for the statistics
+            of every process's tokens.
 
     Returns:
         Advantages, 0 at padded positions.                # (B, T)
@@ -354,4 +372,4 @@ def reinforce_pp_advantages(
     returns_to_go, _ = gae(
         token_rewards, torch.zeros_like(token_rewards), mask, gamma=gamma, lam=1.0
     )
-    return masked_whiten(returns_to_go, mask, shift_mean=True, eps=eps)
+    return whiten(returns_to_go, mask, shift_mean=True, eps=eps)

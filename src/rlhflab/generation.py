@@ -259,6 +259,8 @@ def _decode_batch(model, ids: torch.Tensor, attn: torch.Tensor, noise: GumbelNoi
     hidden = int(getattr(getattr(model, "config", None), "hidden_size", 0) or 0)
     threads = decode_threads(B, hidden) if device.type == "cpu" else torch.get_num_threads()
     t = 0
+    # torch's thread count is process-wide: changed for the decode loop only, and restored
+    # when the block ends (also on an exception), so the caller's setting is what it was.
     with intra_op_threads(threads):
         for t in range(max_new_tokens):
             z = logits.float()

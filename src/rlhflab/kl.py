@@ -29,12 +29,14 @@ rollout batch (``update(current_kl, n_steps)``) and round-trips its state throug
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from rlhflab.registry import KL_CAUTION_NATS, KL_WARNING_NATS
+from rlhflab.registry import KL_CAUTION_NATS, KL_CONTROLLERS, KL_ESTIMATORS, KL_WARNING_NATS
+
+# KL_ESTIMATORS: name -> fn(logprobs, ref_logprobs) -> (B, T), the estimators below;
+# KL_CONTROLLERS: name -> controller class. Both are registered in ``rlhflab.registry``.
 
 __all__ = [
     "KL_CONTROLLERS",
@@ -131,14 +133,6 @@ def kl_k3(
     if log_ratio_clip is not None:
         log_ratio = log_ratio.clamp(-log_ratio_clip, log_ratio_clip)
     return torch.expm1(log_ratio) - log_ratio
-
-
-KL_ESTIMATORS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
-    "k1": kl_k1,
-    "k2": kl_k2,
-    "k3": kl_k3,
-}
-"""Per-token estimators by name, each ``fn(logprobs, ref_logprobs) -> (B, T)``."""
 
 
 def sequence_kl(per_token_kl: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -258,14 +252,6 @@ class AdaptiveKLController:
 
 
 KLController = FixedKLController | LinearKLController | AdaptiveKLController
-
-KL_CONTROLLERS: dict[str, Callable[..., KLController]] = {
-    "fixed": FixedKLController,
-    "linear": LinearKLController,
-    "adaptive": AdaptiveKLController,
-}
-"""Controller constructors by name."""
-
 
 def make_kl_controller(kind: str, **kwargs: Any) -> KLController:
     """Build a controller by name: ``make_kl_controller("adaptive", init_beta=0.1,

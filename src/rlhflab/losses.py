@@ -11,26 +11,37 @@ Contents, top to bottom:
 
 1. reward-model losses (Bradley and Terry 1952; Ouyang et al. 2022):
    ``bradley_terry_loss``, ``plackett_luce_loss``;
-2. paired preference losses on sequence log-probs (Rafailov et al. 2023 and its variants): ``dpo_loss``,
-   ``cdpo_loss``, ``ipo_loss``, ``hinge_loss`` (use a frozen reference) and
+2. paired preference losses on sequence log-probs (Rafailov et al. 2023 and its variants):
+   ``dpo_loss``, ``cdpo_loss``, ``ipo_loss``, ``hinge_loss`` (use a frozen reference) and
    ``simpo_loss``, ``orpo_loss`` (reference-free, take response lengths instead);
 3. the unpaired KTO loss: ``kto_reference_point``, ``kto_loss``;
-4. registries: ``PREFERENCE_LOSSES``, ``REFERENCE_FREE_LOSSES``, ``UNPAIRED_LOSSES``;
-5. the supervised loss ``sft_loss``, and the token weights of truncated importance sampling
-   for online RL whose sampler and trainer differ, ``truncated_importance_weights``.
+4. the supervised loss ``sft_loss``;
+5. online RL, per token on (B, T) tensors: PPO's ``clipped_surrogate`` and
+   ``clipped_value_loss``, the aggregations ``token_mean``, ``seq_sum``, ``seq_mean`` and
+   ``constant_normalizer`` (``rlhflab.registry.LOSS_AGGREGATIONS``), the whole micro-batch
+   loss ``policy_gradient_loss`` (surrogate + KL + value - entropy), and the token weights
+   of truncated importance sampling for a sampler that differs from the trainer,
+   ``truncated_importance_weights``. Online-RL losses return ``(loss, sums)``: token sums
+   for metrics that the update reduces over micro-batches and processes.
+
+The names users write for these (``dpo.loss``, ``rl.loss_agg``), with each loss's
+hyper-parameters and whether it needs a reference, are registered in ``rlhflab.registry``.
 
 Conventions for the DPO family: every ``*_logps`` input is the per-sequence SUM of token
 log-probs over response tokens, shape ``(B,)``; ``*_lengths`` is the number of response
-tokens, shape ``(B,)``. The SFT loss lives in ``logprobs.py``.
+tokens, shape ``(B,)``.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from rlhflab.registry import KL_ESTIMATORS, LOSS_AGGREGATIONS
 
 Metrics = dict[str, float]
 LossOutput = tuple[torch.Tensor, Metrics]
@@ -227,6 +238,27 @@ def _logratios(
     return policy_chosen_logps - ref_chosen_logps, policy_rejected_logps - ref_rejected_logps
 
 
+def _reference_pair_loss(
+    per_pair: Callable[[torch.Tensor], torch.Tensor],
+    reward_scale: float,
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+) -> LossOutput:
+    """What DPO, cDPO, IPO and the hinge loss share: L = mean_i per_pair(h_i) with
+    h = log pi(y_w)/pi_ref(y_w) - log pi(y_l)/pi_ref(y_l), and the metrics of
+    ``_pair_metrics`` with the implicit rewards reward_scale * log pi/pi_ref."""
+    chosen_lr, rejected_lr = _logratios(
+        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps
+    )
+    loss = per_pair(chosen_lr - rejected_lr).mean()
+    metrics = _pair_metrics(
+        reward_scale * chosen_lr, reward_scale * rejected_lr, policy_chosen_logps, policy_rejected_logps
+    )
+    return loss, metrics
+
+
 def dpo_loss(
     policy_chosen_logps: torch.Tensor,
     policy_rejected_logps: torch.Tensor,
@@ -245,14 +277,10 @@ def dpo_loss(
     pairs whose chosen reward is strictly higher (rewards/accuracies), and the mean summed
     policy log-probs logps/chosen and logps/rejected.
     """
-    chosen_lr, rejected_lr = _logratios(
-        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps
+    return _reference_pair_loss(
+        lambda h: -F.logsigmoid(beta * h), beta,
+        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
     )
-    loss = -F.logsigmoid(beta * (chosen_lr - rejected_lr)).mean()
-    metrics = _pair_metrics(
-        beta * chosen_lr, beta * rejected_lr, policy_chosen_logps, policy_rejected_logps
-    )
-    return loss, metrics
 
 
 def cdpo_loss(
@@ -271,17 +299,13 @@ def cdpo_loss(
 
     eps = 0 is DPO; eps = 0.5 is symmetric in h (no preference). Metrics as ``dpo_loss``.
     """
-    chosen_lr, rejected_lr = _logratios(
-        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps
+    def per_pair(h: torch.Tensor) -> torch.Tensor:
+        logits = beta * h
+        return -(1.0 - label_smoothing) * F.logsigmoid(logits) - label_smoothing * F.logsigmoid(-logits)
+
+    return _reference_pair_loss(
+        per_pair, beta, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps
     )
-    logits = beta * (chosen_lr - rejected_lr)
-    per_pair = -(1.0 - label_smoothing) * F.logsigmoid(logits) - label_smoothing * F.logsigmoid(
-        -logits
-    )
-    metrics = _pair_metrics(
-        beta * chosen_lr, beta * rejected_lr, policy_chosen_logps, policy_rejected_logps
-    )
-    return per_pair.mean(), metrics
 
 
 def ipo_loss(
@@ -302,14 +326,10 @@ def ipo_loss(
     two. The regularizer is tau * KL, so metrics report rewards as tau * log pi/pi_ref
     (keys as ``dpo_loss``).
     """
-    chosen_lr, rejected_lr = _logratios(
-        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps
+    return _reference_pair_loss(
+        lambda h: (h - 1.0 / (2.0 * tau)).pow(2), tau,
+        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
     )
-    loss = ((chosen_lr - rejected_lr) - 1.0 / (2.0 * tau)).pow(2).mean()
-    metrics = _pair_metrics(
-        tau * chosen_lr, tau * rejected_lr, policy_chosen_logps, policy_rejected_logps
-    )
-    return loss, metrics
 
 
 def hinge_loss(
@@ -328,14 +348,10 @@ def hinge_loss(
     i.e. SLiC's calibration margin delta = 1/beta. Pairs already beyond the margin give no
     gradient. Metrics as ``dpo_loss``.
     """
-    chosen_lr, rejected_lr = _logratios(
-        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps
+    return _reference_pair_loss(
+        lambda h: torch.relu(1.0 - beta * h), beta,
+        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
     )
-    loss = torch.relu(1.0 - beta * (chosen_lr - rejected_lr)).mean()
-    metrics = _pair_metrics(
-        beta * chosen_lr, beta * rejected_lr, policy_chosen_logps, policy_rejected_logps
-    )
-    return loss, metrics
 
 
 def simpo_loss(
@@ -537,8 +553,7 @@ REFERENCE_FREE_LOSSES: frozenset[str] = frozenset({"simpo", "orpo"})
 UNPAIRED_LOSSES: dict[str, PreferenceLoss] = {"kto": kto_loss}
 
 
-# ---------------------------------------------------------------------------------------
-# Supervised fine-tuning
+# ------------------------------------------------------------ 4. supervised fine-tuning
 
 
 def sft_loss(
@@ -560,6 +575,167 @@ def sft_loss(
     denom = count if n_tokens is None else torch.as_tensor(n_tokens, dtype=token_logps.dtype)
     loss = nll_sum / denom.clamp(min=1)
     return loss, {"sft/nll_sum": nll_sum.item(), "sft/tokens": count.item()}
+
+
+
+# ------------------------------------------------- 5. online RL: the policy-gradient loss
+
+LOG_RATIO_CLAMP = 20.0
+"""|log pi_theta - log pi_old| is clamped to this before exp (as OpenRLHF's policy loss and
+``kl.kl_k3`` do): e^20 ~ 5e8 is far beyond any ratio the clip lets through, and float32's
+exp overflows at 88.7. Every |log ratio| < 20 is untouched."""
+
+
+def clipped_surrogate(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, *,
+                      clip_eps: float = 0.2, clip_eps_high: float | None = None):
+    """PPO's clipped surrogate per token (Schulman et al. 2017), as a loss to minimise:
+
+        rho_t = exp(clamp(log pi_theta(y_t) - log pi_old(y_t), -20, 20))
+        l_t   = max(-A_t * rho_t,  -A_t * clip(rho_t, 1 - eps_low, 1 + eps_high))
+
+    eps_high = eps_low = clip_eps unless ``clip_eps_high`` is given (asymmetric clipping,
+    "clip-higher" of DAPO, Yu et al. 2025). With one update per rollout rho = 1 and the
+    gradient is the plain policy gradient -A_t * grad log pi(y_t). The clamp
+    (``LOG_RATIO_CLAMP``) keeps rho finite; where it acts the gradient is 0, as it is on the
+    clipped branch.
+
+    Args:
+        logprobs: log pi_theta of the sampled tokens.     # (B, T)
+        old_logprobs: log pi_old at sampling time.        # (B, T)
+        advantages: A_t, detached.                        # (B, T)
+
+    Returns:
+        (l_t, rho_t, clipped_t): per-token loss, ratio and a 0/1 float telling where the
+        clipped branch is the larger one (and so the gradient is 0).  # (B, T) each
+    """
+    high = clip_eps if clip_eps_high is None else clip_eps_high
+    ratio = torch.exp((logprobs - old_logprobs).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1.0 - clip_eps, 1.0 + high)
+    return torch.maximum(unclipped, clipped), ratio, (clipped > unclipped).float()
+
+
+def clipped_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, *,
+                       clip_eps: float = 0.2):
+    """PPO's clipped value loss per token (Huang et al. 2022, "The 37 implementation details
+    of PPO"):
+
+        V_clip = V_old + clip(V - V_old, -eps, eps)
+        l_t    = 0.5 * max((V - R)^2, (V_clip - R)^2)
+
+    Returns:
+        (l_t, clipped_t) per token.                       # (B, T) each
+    """
+    v_clipped = old_values + (values - old_values).clamp(-clip_eps, clip_eps)
+    unclipped = (values - returns).square()
+    clipped = (v_clipped - returns).square()
+    return 0.5 * torch.maximum(unclipped, clipped), (clipped > unclipped).float()
+
+
+@dataclass
+class Counts:
+    """Normalisers of one minibatch: its global counts (all processes) divided by the number
+    of processes W, because DDP averages gradients over W."""
+
+    n_seqs: float
+    n_tokens: float
+    max_len: int
+
+
+# How per-token losses x (B, T) become one number (``rl.loss_agg``, registry.LOSS_AGGREGATIONS).
+# Each sums over this process's rows and divides by a count of the global minibatch, so
+# micro-batches and processes add up to the gradient of the whole minibatch.
+
+
+def token_mean(x: torch.Tensor, mask: torch.Tensor, c: Counts) -> torch.Tensor:
+    """sum_{i,t} m_it x_it / N_tokens  (PPO, REINFORCE++, DAPO's token-level loss)"""
+    return (x * mask).sum() / c.n_tokens
+
+
+def seq_sum(x: torch.Tensor, mask: torch.Tensor, c: Counts) -> torch.Tensor:
+    """(1/N_seqs) sum_i sum_t m_it x_it  (REINFORCE: the score function of a whole sequence)"""
+    return (x * mask).sum() / c.n_seqs
+
+
+def seq_mean(x: torch.Tensor, mask: torch.Tensor, c: Counts) -> torch.Tensor:
+    """(1/N_seqs) sum_i (1/|y_i|) sum_t m_it x_it  (GRPO, Shao et al. 2024)"""
+    per_seq = (x * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+    return per_seq.sum() / c.n_seqs
+
+
+def constant_normalizer(x: torch.Tensor, mask: torch.Tensor, c: Counts) -> torch.Tensor:
+    """(1/(N_seqs * L_max)) sum_{i,t} m_it x_it  (Dr. GRPO, Liu et al. 2025: no length bias)"""
+    return (x * mask).sum() / (c.n_seqs * c.max_len)
+
+
+@dataclass
+class PolicyLossSettings:
+    """Hyper-parameters of ``policy_gradient_loss`` (RLConfig's names)."""
+
+    clip_eps: float = 0.2
+    clip_eps_high: float | None = None
+    loss_agg: str = "token_mean"
+    kl_coef: float = 0.0  # beta when the KL is in the loss, else 0
+    kl_estimator: str = "k3"
+    entropy_coef: float = 0.0
+    vf_coef: float = 0.1
+    value_clip_eps: float = 0.2
+
+
+def policy_gradient_loss(logprobs, old_logprobs, advantages, mask, counts: Counts, hp: PolicyLossSettings, *,
+                         ref_logprobs=None, entropy=None, values=None, old_values=None, returns=None,
+                         is_weights=None):
+    """The loss of one micro-batch: clipped surrogate + KL + value - entropy bonus.
+
+        L = agg(w * l^clip) + kl_coef * agg(w * k(log pi_theta, log pi_ref))
+            + vf_coef * token_mean(l^V) - entropy_coef * agg(H)
+
+    ``w`` is 1, or the detached truncated importance weights of a sampler that differs from
+    the trainer (``is_weights``, ``truncated_importance_weights``). Both the surrogate and
+    the KL term are expectations under pi_theta estimated on the sampler's tokens, so both
+    are weighted (as TRL weights its whole per-token loss): weighting the surrogate alone
+    leaves the KL term's gradient off-policy and, with the KL in the loss, moves the fixed
+    point away from pi*.
+
+    ``agg`` is ``registry.LOSS_AGGREGATIONS[hp.loss_agg]``; the KL term uses the estimator
+    ``hp.kl_estimator`` on the current log-probs (k3: GRPO; k2: the reverse-KL gradient),
+    the value term is there only when ``values`` is given (PPO).
+
+    Args:
+        logprobs, old_logprobs, advantages, mask: (b, T) each; ref_logprobs, entropy,
+        values, old_values, returns, is_weights: (b, T) or None.
+
+    Returns:
+        (loss, sums): the scalar loss and, for metrics, name -> (sum over tokens,
+        token count) of this micro-batch, to be reduced over micro-batches and processes.
+    """
+    agg = LOSS_AGGREGATIONS[hp.loss_agg]
+    pg_t, ratio, clipped = clipped_surrogate(logprobs, old_logprobs, advantages,
+                                             clip_eps=hp.clip_eps, clip_eps_high=hp.clip_eps_high)
+    if is_weights is not None:
+        pg_t = is_weights * pg_t
+    loss = agg(pg_t, mask, counts)
+    n = mask.sum()
+    log_ratio = (logprobs - old_logprobs).detach()
+
+    def s(x):
+        return ((x.detach() * mask).sum(), n)
+
+    sums = {"loss/policy": s(pg_t), "policy/clipfrac": s(clipped), "policy/approxkl": s(0.5 * log_ratio.square()),
+            "policy/ratio_mean": s(ratio)}
+    if hp.kl_coef and ref_logprobs is not None:
+        kl_t = KL_ESTIMATORS[hp.kl_estimator](logprobs, ref_logprobs)
+        loss = loss + hp.kl_coef * agg(kl_t if is_weights is None else is_weights * kl_t, mask, counts)
+        sums["loss/kl"] = s(kl_t)
+    if entropy is not None:
+        if hp.entropy_coef:
+            loss = loss - hp.entropy_coef * agg(entropy, mask, counts)
+        sums["policy/entropy"] = s(entropy)
+    if values is not None:
+        v_t, v_clipped = clipped_value_loss(values, old_values, returns, clip_eps=hp.value_clip_eps)
+        loss = loss + hp.vf_coef * token_mean(v_t, mask, counts)
+        sums.update({"loss/value": s(v_t), "val/clipfrac": s(v_clipped), "val/vpred": s(values)})
+    return loss, sums
 
 
 def truncated_importance_weights(train_logprobs: torch.Tensor, sampler_logprobs: torch.Tensor, *,

@@ -80,42 +80,52 @@ class Registry(Mapping):
 # ---------------------------------------------------------------------------------------
 # Online RL algorithms
 # ---------------------------------------------------------------------------------------
-# options:
-#   trainer   the loop ("module:function", called with an OnlineRun)
-#   command   the CLI command that trains it (``rlhflab ppo|reinforce|rloo|grpo``), and
-#   variant   its ``--variant`` there (None: the command's only algorithm)
-#   defaults  the RLConfig fields a user may leave empty
+# The target is the training loop, called with an ``algos.online.OnlineRun``. options:
+#   command    the CLI command that trains it (``rlhflab ppo|reinforce|rloo|grpo``), and
+#   variant    its ``--variant`` there (None: the command's only algorithm)
+#   estimator  its advantages: gae (a critic), sequence_baseline (R - a baseline),
+#              token_returns (returns-to-go whitened over the batch), group_relative
+#   baseline   the SEQUENCE_BASELINES name a sequence_baseline estimator always uses
+#              (absent: ``rl.baseline``)
+#   critic     trains a value model alongside the policy
+#   defaults   the RLConfig fields a user may leave empty
 #   min_samples_per_prompt   group estimators need at least two samples of a prompt
+#   bandit     the tabular bandit's settings where they differ from its own defaults
+#              (``algos.bandit_online.BANDIT_DEFAULTS``)
 
 ONLINE_ALGORITHMS = Registry("online algorithm", [
     Entry("ppo", "rlhflab.algos.ppo:train_ppo",
           "PPO with a KL penalty and a critic (Ouyang et al. 2022; Huang et al. 2022)",
-          dict(command="ppo", variant=None, min_samples_per_prompt=1,
+          dict(command="ppo", variant=None, estimator="gae", critic=True, min_samples_per_prompt=1,
                defaults=dict(samples_per_prompt=1, epochs=4, num_minibatches=4, kl_in="reward", kl_estimator="k1",
-                             whiten_advantages=True, loss_agg="token_mean"))),
+                             whiten_advantages=True, loss_agg="token_mean"),
+               bandit=dict(steps=60))),
     Entry("reinforce", "rlhflab.algos.reinforce:train_reinforce",
           "REINFORCE with a batch or group baseline (Williams 1992; Ahmadian et al. 2024)",
-          dict(command="reinforce", variant="baseline", min_samples_per_prompt=1,
+          dict(command="reinforce", variant="baseline", estimator="sequence_baseline", critic=False,
+               min_samples_per_prompt=1,
                defaults=dict(samples_per_prompt=1, epochs=1, num_minibatches=1, kl_in="reward", kl_estimator="k1",
                              whiten_advantages=False, loss_agg="seq_sum", baseline="batch"))),
     Entry("rloo", "rlhflab.algos.reinforce:train_reinforce",
           "REINFORCE leave-one-out (Ahmadian et al. 2024)",
-          dict(command="rloo", variant=None, min_samples_per_prompt=2,
+          dict(command="rloo", variant=None, estimator="sequence_baseline", baseline="rloo", critic=False,
+               min_samples_per_prompt=2,
                defaults=dict(samples_per_prompt=4, epochs=1, num_minibatches=1, kl_in="reward", kl_estimator="k1",
                              whiten_advantages=False, loss_agg="seq_sum"))),
     Entry("reinforce++", "rlhflab.algos.reinforce:train_reinforce",
           "REINFORCE++: token returns whitened over the global batch (Hu 2025)",
-          dict(command="reinforce", variant="reinforce++", min_samples_per_prompt=1,
+          dict(command="reinforce", variant="reinforce++", estimator="token_returns", critic=False,
+               min_samples_per_prompt=1,
                defaults=dict(samples_per_prompt=1, epochs=1, num_minibatches=2, kl_in="reward", kl_estimator="k1",
                              whiten_advantages=True, loss_agg="token_mean"))),
     Entry("grpo", "rlhflab.algos.grpo:train_grpo",
           "GRPO: group-normalized advantages, k3 in the loss (Shao et al. 2024)",
-          dict(command="grpo", variant="grpo", min_samples_per_prompt=2,
+          dict(command="grpo", variant="grpo", estimator="group_relative", critic=False, min_samples_per_prompt=2,
                defaults=dict(samples_per_prompt=8, epochs=1, num_minibatches=2, kl_in="loss", kl_estimator="k3",
                              whiten_advantages=False, loss_agg="seq_mean", scale_std=True))),
     Entry("dr-grpo", "rlhflab.algos.grpo:train_grpo",
           "Dr. GRPO: no std scaling, no length bias (Liu et al. 2025)",
-          dict(command="grpo", variant="dr-grpo", min_samples_per_prompt=2,
+          dict(command="grpo", variant="dr-grpo", estimator="group_relative", critic=False, min_samples_per_prompt=2,
                defaults=dict(samples_per_prompt=8, epochs=1, num_minibatches=2, kl_in="loss", kl_estimator="k3",
                              whiten_advantages=False, loss_agg="constant", scale_std=False))),
 ])
@@ -187,10 +197,17 @@ KL_CONTROLLERS = Registry("KL controller", [
     Entry("adaptive", "rlhflab.kl:AdaptiveKLController", "beta steered to a target KL (Ziegler et al. 2019)"),
 ])
 
+# options: grouped (called as fn(R, G) on the samples of each prompt; else fn(R, mean=the
+# mean over every process's rows)); defaults (RLConfig fields the baseline needs, such as
+# several samples per prompt); rl.baseline offers the ones with user=True (rloo is its own
+# algorithm, ``rlhflab rloo``).
 SEQUENCE_BASELINES = Registry("REINFORCE baseline", [
-    Entry("batch", "rlhflab.advantages:batch_mean_baseline", "A = R - mean over the global batch"),
-    Entry("group", "rlhflab.advantages:group_mean_baseline", "A = R - mean of the prompt's samples"),
-    Entry("rloo", "rlhflab.advantages:rloo_advantages", "A = R - mean of the prompt's other samples"),
+    Entry("batch", "rlhflab.advantages:batch_mean_baseline", "A = R - mean over the global batch",
+          dict(grouped=False, user=True)),
+    Entry("group", "rlhflab.advantages:group_mean_baseline", "A = R - mean of the prompt's samples",
+          dict(grouped=True, user=True, defaults=dict(samples_per_prompt=4))),
+    Entry("rloo", "rlhflab.advantages:rloo_advantages", "A = R - mean of the prompt's other samples",
+          dict(grouped=True, user=False)),
 ])
 
 LR_SCHEDULES = Registry("learning-rate schedule", [

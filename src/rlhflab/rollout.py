@@ -49,7 +49,7 @@ def _packed_rows(prompt_ids, prompt_mask, response_ids, response_mask):
 
 def _forward_packed(model, rows, p_len, r_len, response_ids, response_mask, pad_id: int, temperature: float,
                     with_entropy: bool, entropy_grad: bool, values: bool = False):
-    """``forward_response`` in one pass of packed rows (``packing.pack``): the real tokens of
+    """``_forward_rows`` in one pass of packed rows (``packing.pack``): the real tokens of
     every row laid end to end, block-diagonal attention."""
     B, R = response_ids.shape
     lengths = (p_len + r_len).tolist()
@@ -60,7 +60,7 @@ def _forward_packed(model, rows, p_len, r_len, response_ids, response_mask, pad_
 
     if values:
         v, seq, t = packed_values(model, p, p_len)
-        return place(v, (seq, t))
+        return place(v, (seq, t)), None
     logits, targets, seq, t = packed_logits(model, p, p_len)
     if temperature != 1.0:
         logits = logits / temperature
@@ -75,24 +75,43 @@ def _forward_packed(model, rows, p_len, r_len, response_ids, response_mask, pad_
 
 
 def forward_response(model, prompt_ids, prompt_mask, response_ids, response_mask, *, temperature: float = 1.0,
-                     with_entropy: bool = False, values: bool = False, grouped: bool | None = None,
-                     entropy_grad: bool = True, packing: bool = True):
-    """Forward passes over prompt + response; outputs aligned to the response tokens.
+                     with_entropy: bool = False, grouped: bool | None = None, entropy_grad: bool = True,
+                     packing: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-probs (and entropy) of a causal LM on the response tokens of prompt + response.
 
-    For a causal LM (``values=False``) returns (logprobs, entropy): log pi(y_t | x, y_<t)
-    on logits / temperature, (B, R), and the per-token entropy of that distribution (B, R)
-    or None; 0 on padding. For a critic (``values=True``) returns V(x, y_<t), (B, R),
-    read at the same positions as the logits that predict y_t.
+    Returns (logprobs, entropy): log pi(y_t | x, y_<t) on logits / temperature, (B, R), and
+    the per-token entropy of that distribution (B, R), or None without ``with_entropy``;
+    0 on padding. ``entropy_grad=False`` computes the entropy on detached logits (a metric,
+    no graph kept for it). How the passes skip padding: ``_forward_rows``.
+    """
+    return _forward_rows(model, prompt_ids, prompt_mask, response_ids, response_mask, temperature=temperature,
+                         with_entropy=with_entropy, values=False, grouped=grouped, entropy_grad=entropy_grad,
+                         packing=packing)
+
+
+def forward_values(model, prompt_ids, prompt_mask, response_ids, response_mask, *, grouped: bool | None = None,
+                   packing: bool = True) -> torch.Tensor:
+    """A critic's V(x, y_<t) on the response tokens of prompt + response, (B, R), read at the
+    same positions as the logits that predict y_t; 0 on padding."""
+    values, _ = _forward_rows(model, prompt_ids, prompt_mask, response_ids, response_mask, values=True,
+                              grouped=grouped, packing=packing)
+    return values
+
+
+def _forward_rows(model, prompt_ids, prompt_mask, response_ids, response_mask, *, temperature: float = 1.0,
+                  with_entropy: bool = False, values: bool = False, grouped: bool | None = None,
+                  entropy_grad: bool = True, packing: bool = True):
+    """Forward passes over prompt + response; (out, entropy) aligned to the response tokens,
+    out the log-probs of a causal LM or, with ``values``, a critic's values (entropy None).
 
     No compute on padding: each row's real tokens (``prompt_mask`` a suffix, as left
     padding makes it, ``response_mask`` a prefix) are packed to the left with positions
     0..L_i-1, the same positions generation used, and rows are cut into runs of similar
-    length (``algos.sft.length_groups``), one pass each; the log-softmax is taken at the
+    length (``forward.length_groups``), one pass each; the log-softmax is taken at the
     response positions only. Row by row this is the same computation as one left-padded
     pass (up to float rounding). ``grouped=False`` keeps one pass for the whole batch (still
     trimmed); the default groups unless the model is wrapped in DDP and gradients are on,
-    since DDP expects one forward per backward. ``entropy_grad=False`` computes the entropy
-    on detached logits (a metric, no graph kept for it).
+    since DDP expects one forward per backward.
 
     A model that passes ``packing.can_pack`` (and ``packing`` left on) goes through ONE
     pass instead, its rows' real tokens laid end to end in rows of the longest one with
@@ -147,8 +166,6 @@ def forward_response(model, prompt_ids, prompt_mask, response_ids, response_mask
         x = x[inverse] if len(parts) > 1 or order != list(range(B)) else x
         return torch.where(mask, x, torch.zeros_like(x))
 
-    if values:
-        return assemble(lp_parts)
     return assemble(lp_parts), (assemble(ent_parts) if with_entropy else None)
 
 
@@ -180,6 +197,7 @@ class Rollout:
     values: torch.Tensor | None    # (B, R) critic V(x, y_<t), PPO only
     group_size: int                # G samples per prompt
     seeds: list[int]               # B per-row sampling seeds
+    seconds: float = 0.0           # wall time the batch took to collect (set by OnlineRun.rollout)
 
     @property
     def batch_size(self) -> int:
@@ -242,7 +260,7 @@ def collect_rollout(policy, reference, tokenizer, prompts: list[str], seeds: Seq
         ref_lp, _ = forward_response(reference, *args, temperature=T)
         ref_logps.append(ref_lp.cpu())
         if value_model is not None:
-            vals.append(forward_response(value_model, *args, values=True).float().cpu())
+            vals.append(forward_values(value_model, *args).float().cpu())
     drop = (tokenizer.pad_token_id, tokenizer.eos_token_id)
     texts = tokenizer.batch_decode([[t for t in row if t not in drop] for row in r_ids.tolist()],
                                    skip_special_tokens=True)

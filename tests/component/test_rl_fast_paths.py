@@ -10,7 +10,7 @@ import torch
 from rlhflab.generation import generate, row_seed
 from rlhflab.logprobs import entropy_from_logits, gather_logprobs
 from rlhflab.models import load_causal_lm, load_tokenizer
-from rlhflab.rollout import forward_response
+from rlhflab.rollout import forward_response, forward_values
 from tests.component.test_rl_rollout import PROMPTS, tiny_policy_dir
 
 
@@ -98,7 +98,7 @@ def test_packed_values_equal_padded_values(policy_and_tok, batch, packing):
     assert can_pack(critic, pad_id=tok.pad_token_id, values=True)
     weights = torch.linspace(-1, 1, batch[2].numel()).view(batch[2].shape)
     grads, outs = [], []
-    for fn in (lambda: forward_response(critic, *batch, values=True, packing=packing),
+    for fn in (lambda: forward_values(critic, *batch, packing=packing),
                lambda: padded_forward_response(critic, *batch, values=True)):
         critic.zero_grad(set_to_none=True)
         out = fn()

@@ -16,7 +16,8 @@ import torch
 from safetensors.torch import load_file
 
 from rlhflab.algos.grpo import train_grpo
-from rlhflab.algos.online import OnlineRun, resolve_rl_config
+from rlhflab.algos.online import OnlineRun
+from rlhflab.algos.rl_config import resolve_rl_config
 from rlhflab.config import load_config
 from rlhflab.distributed import make_accelerator
 from rlhflab.models import load_causal_lm, load_tokenizer

@@ -300,7 +300,7 @@ def test_a_bad_spec_fails_loudly():
 
 
 def test_rl_resolution_checks_domains_of_configs_built_in_code():
-    from rlhflab.algos.online import resolve_rl_config
+    from rlhflab.algos.rl_config import resolve_rl_config
     from rlhflab.registry import KL_CONTROLLERS, KL_ESTIMATORS, LOSS_AGGREGATIONS, ONLINE_ALGORITHMS
 
     for bad, name in [(dict(beta=math.nan), "rl.beta"), (dict(gamma=2.0), "rl.gamma"),
@@ -333,7 +333,7 @@ def test_dpo_loss_choices_match_the_command():
 
 
 def test_a_resolved_config_loads_back(tmp_path):
-    from rlhflab.algos.online import resolve_rl_config
+    from rlhflab.algos.rl_config import resolve_rl_config
 
     cfg = load_config(TINY)
     for algo in ("ppo", "grpo"):

@@ -4,8 +4,8 @@ Each prompt is a state, each of its K responses one action, so a response is a o
 sequence: the per-token log-probs, masks and advantages are (B, 1) tensors, and the
 advantage estimators and the update are the very functions the language-model loops
 call (``ppo.ppo_advantages``, ``reinforce.reinforce_advantages``,
-``reinforce.reinforce_pp_advantages``, ``grpo.grpo_token_advantages``,
-``online.update_policy``). What converges here to pi* = pi_ref exp(R/beta)/Z
+``reinforce.reinforce_pp_token_advantages``, ``grpo.grpo_token_advantages``,
+``update.update_policy``). What converges here to pi* = pi_ref exp(R/beta)/Z
 (``rlhflab.optimal``) is the code that trains the language models.
 
 The only bandit-specific parts: a tabular policy (``bandit.TabularPolicy``), a tabular
@@ -20,9 +20,12 @@ by min(pi_theta / pi_sampler, C) (``losses.truncated_importance_weights``), the 
 the language-model loops apply with ``rl.tis_cap``.
 
 Registry: ``BANDIT_ALGOS[name](problem, beta, *, seed, steps=None, kl_estimator=None,
-kl_in=None, pairs=None, **options) -> BanditResult``; options override the defaults in
-``BANDIT_DEFAULTS`` (lr, samples, group_size, epochs, num_minibatches, clip_eps,
-scale_std, loss_agg, baseline, whiten_advantages, sampler_temperature, tis_cap).
+kl_in=None, pairs=None, **options) -> BanditResult``, one per online algorithm of
+``rlhflab.registry.ONLINE_ALGORITHMS``; options override its defaults there (group_size is
+their samples_per_prompt; epochs, num_minibatches, scale_std, loss_agg, baseline,
+whiten_advantages, kl_in, kl_estimator) and the bandit's own ``BANDIT_DEFAULTS`` (steps,
+lr, samples; an entry's ``bandit`` option where it differs), and clip_eps, value_lr,
+sampler_temperature, tis_cap.
 """
 
 from __future__ import annotations
@@ -32,75 +35,82 @@ import functools
 import torch
 
 from rlhflab.algos.grpo import grpo_token_advantages
-from rlhflab.algos.online import BatchStats, UpdateBatch, UpdateSettings, update_policy
 from rlhflab.algos.ppo import ppo_advantages
-from rlhflab.algos.reinforce import reinforce_advantages, reinforce_pp_advantages
+from rlhflab.algos.reinforce import reinforce_advantages, reinforce_pp_token_advantages
+from rlhflab.algos.update import UpdateBatch, UpdateSettings, update_policy
 from rlhflab.bandit import BanditProblem, BanditResult, TabularPolicy
+from rlhflab.distributed import BatchStats
 from rlhflab.losses import truncated_importance_weights
+from rlhflab.registry import ONLINE_ALGORITHMS
 from rlhflab.training import lr_lambda
 
-BANDIT_DEFAULTS: dict[str, dict] = {
-    "ppo": dict(steps=60, lr=0.05, samples=64, group_size=1, epochs=4, num_minibatches=4, kl_in="reward",
-                kl_estimator="k1", whiten_advantages=True),
-    "reinforce": dict(steps=300, lr=0.05, samples=64, group_size=1, epochs=1, num_minibatches=1,
-                      kl_in="reward", kl_estimator="k1", baseline="batch"),
-    "rloo": dict(steps=300, lr=0.05, samples=64, group_size=4, epochs=1, num_minibatches=1, kl_in="reward",
-                 kl_estimator="k1"),
-    "reinforce++": dict(steps=300, lr=0.05, samples=64, group_size=1, epochs=1, num_minibatches=2,
-                        kl_in="reward", kl_estimator="k1"),
-    "grpo": dict(steps=300, lr=0.05, samples=64, group_size=8, epochs=1, num_minibatches=2, kl_in="loss",
-                 kl_estimator="k3", scale_std=True, loss_agg="seq_mean"),
-}
-"""Per-algorithm defaults on the bandit: ``samples`` responses per prompt per step."""
+BANDIT_DEFAULTS: dict = dict(steps=300, lr=0.05, samples=64)
+"""The bandit's own settings: training steps, learning rate and ``samples`` responses per
+prompt per step. An algorithm's ``bandit`` option in the registry overrides them."""
+
+# RLConfig fields the bandit reads from an algorithm's registry defaults (as group_size,
+# kl_in, ...), and the options a caller may set besides.
+_FROM_REGISTRY = ("samples_per_prompt", "epochs", "num_minibatches", "kl_in", "kl_estimator", "whiten_advantages",
+                  "loss_agg", "baseline", "scale_std")
+_OTHER_OPTIONS = {"clip_eps", "value_lr", "sampler_temperature", "tis_cap"}
 
 
-# Advantages by algorithm: fn(scores, logprobs, ref_logprobs, values, mask, beta, o, stats)
-# -> (advantages (B, 1), returns (B, 1) or None); ``o`` holds the resolved options.
-def _ppo(scores, lp, ref, values, mask, beta, o, stats):
+def bandit_defaults(algo: str) -> dict:
+    """``algo``'s settings on the bandit: its registry defaults and the bandit's own."""
+    entry = ONLINE_ALGORITHMS.entry(algo)
+    registered = entry.options["defaults"]
+    o = {k: registered[k] for k in _FROM_REGISTRY if k in registered}
+    o["group_size"] = o.pop("samples_per_prompt")
+    return {**BANDIT_DEFAULTS, **entry.options.get("bandit", {}), **o}
+
+
+# Advantages by registry estimator: fn(scores, logprobs, ref_logprobs, values, mask, beta, o,
+# stats) -> (advantages (B, 1), returns (B, 1) or None); ``o`` holds the resolved options.
+def _gae(scores, lp, ref, values, mask, beta, o, stats):
     adv, ret, _ = ppo_advantages(scores, lp, ref, values, mask, beta=beta, kl_in_reward=o["kl_in"] == "reward",
                                  kl_estimator=o["kl_estimator"], whiten_advantages=o["whiten_advantages"],
                                  stats=stats)
     return adv, ret
 
 
-def _reinforce(baseline, scores, lp, ref, values, mask, beta, o, stats):
-    adv = reinforce_advantages(scores, lp, ref, mask, baseline=baseline or o["baseline"],
-                               group_size=o["group_size"], beta=beta, kl_in_reward=o["kl_in"] == "reward",
-                               kl_estimator=o["kl_estimator"], stats=stats)
+def _sequence_baseline(scores, lp, ref, values, mask, beta, o, stats):
+    adv = reinforce_advantages(scores, lp, ref, mask, baseline=o["baseline"], group_size=o["group_size"], beta=beta,
+                               kl_in_reward=o["kl_in"] == "reward", kl_estimator=o["kl_estimator"], stats=stats)
     return adv, None
 
 
-def _reinforce_pp(scores, lp, ref, values, mask, beta, o, stats):
-    return reinforce_pp_advantages(scores, lp, ref, mask, beta=beta, kl_in_reward=o["kl_in"] == "reward",
-                                   kl_estimator=o["kl_estimator"], stats=stats), None
+def _token_returns(scores, lp, ref, values, mask, beta, o, stats):
+    return reinforce_pp_token_advantages(scores, lp, ref, mask, beta=beta, kl_in_reward=o["kl_in"] == "reward",
+                                         kl_estimator=o["kl_estimator"], stats=stats), None
 
 
-def _grpo(scores, lp, ref, values, mask, beta, o, stats):
+def _group_relative(scores, lp, ref, values, mask, beta, o, stats):
     return grpo_token_advantages(scores, lp, ref, mask, group_size=o["group_size"], scale_std=o["scale_std"],
                                  beta=beta, kl_in_reward=o["kl_in"] == "reward",
                                  kl_estimator=o["kl_estimator"]), None
 
 
-ADVANTAGES = {
-    "ppo": _ppo,
-    "reinforce": functools.partial(_reinforce, None),
-    "rloo": functools.partial(_reinforce, "rloo"),
-    "reinforce++": _reinforce_pp,
-    "grpo": _grpo,
+ESTIMATORS = {
+    "gae": _gae,
+    "sequence_baseline": _sequence_baseline,
+    "token_returns": _token_returns,
+    "group_relative": _group_relative,
 }
+"""The registry's ``estimator`` option -> the bandit's advantage function."""
 
 
 def train_bandit(algo: str, problem: BanditProblem, beta: float, *, seed: int = 0, steps: int | None = None,
                  kl_estimator: str | None = None, kl_in: str | None = None, pairs=None,
                  **options) -> BanditResult:
     """Train a tabular policy with ``algo`` on ``problem``; returns the learned policy."""
-    o = dict(BANDIT_DEFAULTS[algo])
-    unknown = set(options) - set(o) - {"loss_agg", "scale_std", "baseline", "whiten_advantages", "clip_eps",
-                                       "value_lr", "sampler_temperature", "tis_cap"}
+    o = bandit_defaults(algo)
+    unknown = set(options) - set(o) - (set(_FROM_REGISTRY) - {"samples_per_prompt"}) - _OTHER_OPTIONS
     if unknown:
         raise TypeError(f"unknown option(s) {', '.join(sorted(unknown))}")
     o.update(options)
-    o.setdefault("loss_agg", "token_mean" if algo in ("ppo", "reinforce++") else "seq_sum")
+    registered = ONLINE_ALGORITHMS.entry(algo).options
+    if registered.get("baseline"):  # RLOO: the algorithm is its baseline
+        o["baseline"] = registered["baseline"]
     o.setdefault("whiten_advantages", False)
     o.setdefault("scale_std", True)
     o.setdefault("baseline", "batch")
@@ -136,7 +146,8 @@ def _train(algo: str, problem: BanditProblem, beta: float, seed: int, o: dict) -
     ref_logp = torch.tensor(problem.pi_ref, dtype=torch.float32).log()  # (P, K)
     rewards = torch.tensor(problem.rewards, dtype=torch.float32)        # (P, K)
     groups = [{"params": [policy.logits], "lr": o["lr"]}]
-    if algo == "ppo":
+    options = ONLINE_ALGORITHMS.entry(algo).options
+    if options["critic"]:
         groups.append({"params": [critic], "lr": o.get("value_lr", 0.1)})
     optimizer = torch.optim.Adam(groups)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda("linear", 0, o["steps"]))
@@ -164,16 +175,19 @@ def _train(algo: str, problem: BanditProblem, beta: float, seed: int, o: dict) -
             old = policy.log_probs(x).gather(1, y[:, None])                      # (B, 1) the trainer's
             values = critic[x][:, None].clone()                                  # (B, 1)
         ref = ref_logp[x, y][:, None]                                            # (B, 1)
-        advantages, returns = ADVANTAGES[algo](rewards[x, y], old, ref, values, mask, beta, o, stats)
+        advantages, returns = ESTIMATORS[options["estimator"]](rewards[x, y], old, ref, values, mask, beta, o, stats)
         weights = None if o["tis_cap"] is None else truncated_importance_weights(old, sampler_lp, cap=o["tis_cap"])
-        batch = UpdateBatch(old_logprobs=old, advantages=advantages.detach(), mask=mask,
+        # one-token responses: the prompt's index is its "token id", the action the response's
+        batch = UpdateBatch(prompt_ids=x[:, None], prompt_mask=mask, response_ids=y[:, None], mask=mask,
+                            old_logprobs=old, advantages=advantages.detach(),
                             ref_logprobs=ref if o["kl_in"] == "loss" else None,
                             returns=returns, old_values=values if returns is not None else None,
                             sampler_logprobs=sampler_lp, is_weights=weights)
 
-        def forward(idx, y=y, with_values=returns is not None):
-            lp = policy.log_probs(x[idx]).gather(1, y[idx][:, None])
-            return lp, None, (critic[x[idx]][:, None] if with_values else None)
+        def forward(rows: UpdateBatch, with_values=returns is not None):
+            states = rows.prompt_ids[:, 0]
+            lp = policy.log_probs(states).gather(1, rows.response_ids)
+            return lp, None, (critic[states][:, None] if with_values else None)
 
         last = update_policy(batch, forward, step_fn, hp, stats, gen)
         scheduler.step()
@@ -184,9 +198,10 @@ def _train(algo: str, problem: BanditProblem, beta: float, seed: int, o: dict) -
                     "logprob_diff_max": last["rollout/logprob_diff_max"]}
     return BanditResult(policy=policy.probs(), steps=o["steps"],
                         extra={k: o[k] for k in ("kl_in", "kl_estimator", "group_size", "samples", "lr")}
-                        | ({"scale_std": o["scale_std"], "loss_agg": o["loss_agg"]} if algo == "grpo" else {})
+                        | ({"scale_std": o["scale_std"], "loss_agg": o["loss_agg"]}
+                           if options["estimator"] == "group_relative" else {})
                         | mismatch)
 
 
-BANDIT_ALGOS = {name: functools.partial(train_bandit, name) for name in BANDIT_DEFAULTS}
+BANDIT_ALGOS = {name: functools.partial(train_bandit, name) for name in ONLINE_ALGORITHMS}
 """``rlhflab bandit --algo NAME``: the online algorithms."""

@@ -25,8 +25,9 @@ from __future__ import annotations
 import torch
 
 from rlhflab.advantages import grpo_advantages
-from rlhflab.algos.online import OnlineRun, UpdateBatch
+from rlhflab.algos.online import OnlineRun
 from rlhflab.algos.reinforce import sequence_returns
+from rlhflab.algos.update import UpdateBatch
 
 
 def grpo_token_advantages(scores, logprobs, ref_logprobs, mask, *, group_size: int, scale_std: bool = True,
@@ -47,9 +48,9 @@ def train_grpo(run: OnlineRun) -> dict:
         advantages = grpo_token_advantages(
             ro.scores, ro.logprobs, ro.ref_logprobs, ro.mask, group_size=ro.group_size, scale_std=rl.scale_std,
             beta=beta, kl_in_reward=rl.kl_in == "reward", kl_estimator=rl.kl_estimator)
-        batch = UpdateBatch(old_logprobs=ro.logprobs, advantages=advantages, mask=ro.mask,
-                            ref_logprobs=ro.ref_logprobs if rl.kl_in == "loss" else None)
-        metrics = run.update(step, batch, ro)
+        batch = UpdateBatch.from_rollout(ro, advantages=advantages,
+                                         ref_logprobs=ro.ref_logprobs if rl.kl_in == "loss" else None)
+        metrics = run.update(step, batch)
         groups = ro.scores.view(-1, ro.group_size)
         solved = (groups.std(dim=1) == 0).float()  # groups with no learning signal
         run.end_step(step, ro, metrics, {"grpo/zero_std_frac": float(run.stats.mean(solved))})

@@ -1,481 +1,40 @@
-"""What the online RL loops share: the policy-gradient loss, the one update function that
-every algorithm (and the tabular bandit) calls, batch statistics over all processes, and
-the run context (models, optimizer, KL controller, monitoring, checkpoints).
+"""The run an online RL loop drives: ``OnlineRun`` holds the models, the optimizer and
+schedule, the KL controller, the prompt stream, gold evaluation with early stopping and
+best-model saving, checkpoints and the summary.
 
-The algorithms themselves (``ppo.py``, ``reinforce.py``, ``grpo.py``) are short loops:
+The algorithms (``ppo.py``, ``reinforce.py``, ``grpo.py``) are short loops over it:
 
     for step in run.steps():
-        ro = run.rollout(step)                       # rlhflab.rollout.Rollout
-        advantages = <the algorithm's estimator>(ro)  # pure functions, advantages.py
-        metrics = run.update(ro, UpdateBatch(...))   # update_policy below
-        run.end_step(step, ro, metrics)              # KL control, logs, eval, checkpoint
+        ro = run.rollout(step)                                   # rlhflab.rollout.Rollout
+        advantages = <the algorithm's estimator>(ro)              # pure functions, advantages.py
+        batch = UpdateBatch.from_rollout(ro, advantages=advantages)
+        metrics = run.update(step, batch)                        # algos.update.update_policy
+        run.end_step(step, ro, metrics)                          # KL control, logs, eval, checkpoint
 
-``update_policy`` consumes per-token log-probs and advantages only, so the bandit
-(``bandit_online.py``) feeds it one-token responses and checks the very same code
-against the closed-form optimum.
-
-Normalisation across processes: every loss is a sum over the local rows divided by a
-count of the *global* minibatch (tokens or sequences) times the number of processes W,
-because DDP averages gradients over W. So W processes compute exactly the gradient of
-one process holding the whole batch (up to float summation order), and statistics that
-span the batch (whitening, the batch-mean baseline, metrics) are reduced over processes
-(``BatchStats``).
+Elsewhere: the settings each algorithm fills in and checks (``algos.rl_config``), the
+update and the batch it consumes (``algos.update``), the losses (``losses``), statistics
+over processes (``distributed.BatchStats``), KL estimators, controllers and the KL status
+(``kl``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
+import functools
 import sys
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
-from rlhflab.errors import InputError, RunError
-from rlhflab.kl import KL_ESTIMATORS, KL_STATUS, kl_k1, kl_status, make_kl_controller, sequence_kl
+from rlhflab.algos.rl_config import check_layout
+from rlhflab.algos.update import UpdateBatch, UpdateSettings, update_policy
+from rlhflab.distributed import BatchStats
+from rlhflab.errors import RunError
+from rlhflab.kl import KL_STATUS, kl_k1, kl_status, make_kl_controller, sequence_kl
 from rlhflab.seeds import derive_seed
-
-# ---------------------------------------------------------------------------------------
-# Algorithm defaults (fields of RLConfig left empty)
-# ---------------------------------------------------------------------------------------
-
-ALGO_DEFAULTS: dict[str, dict] = {
-    "ppo": dict(samples_per_prompt=1, epochs=4, num_minibatches=4, kl_in="reward", kl_estimator="k1",
-                whiten_advantages=True, loss_agg="token_mean"),
-    "reinforce": dict(samples_per_prompt=1, epochs=1, num_minibatches=1, kl_in="reward", kl_estimator="k1",
-                      whiten_advantages=False, loss_agg="seq_sum", baseline="batch"),
-    "rloo": dict(samples_per_prompt=4, epochs=1, num_minibatches=1, kl_in="reward", kl_estimator="k1",
-                 whiten_advantages=False, loss_agg="seq_sum"),
-    "reinforce++": dict(samples_per_prompt=1, epochs=1, num_minibatches=2, kl_in="reward", kl_estimator="k1",
-                        whiten_advantages=True, loss_agg="token_mean"),
-    "grpo": dict(samples_per_prompt=8, epochs=1, num_minibatches=2, kl_in="loss", kl_estimator="k3",
-                 whiten_advantages=False, loss_agg="seq_mean", scale_std=True),
-    "dr-grpo": dict(samples_per_prompt=8, epochs=1, num_minibatches=2, kl_in="loss", kl_estimator="k3",
-                    whiten_advantages=False, loss_agg="constant", scale_std=False),
-}
-"""Per-algorithm values of the RLConfig fields a user may leave empty."""
-
-def _rl_choices() -> dict[str, tuple[str, ...]]:
-    from rlhflab.config import RLConfig, field_domain
-
-    return {f.name: field_domain(f).choices for f in dataclasses.fields(RLConfig)
-            if field_domain(f) is not None and field_domain(f).choices}
-
-
-CHOICES = _rl_choices()
-"""The RLConfig fields that take one of a few words, and those words (declared once, as the
-fields' domains in ``rlhflab.config``)."""
-
-
-def resolve_rl_config(rl, algo: str):
-    """A copy of ``rl`` (an RLConfig) with empty fields filled from ``ALGO_DEFAULTS[algo]``,
-    validated: every field in its domain (``rlhflab.config``), then the checks that depend on
-    the algorithm; errors name the field."""
-    from rlhflab.config import check_section
-
-    rl = dataclasses.replace(rl)
-    defaults = dict(ALGO_DEFAULTS[algo])
-    if algo == "reinforce" and (rl.baseline or defaults["baseline"]) == "group":
-        defaults["samples_per_prompt"] = 4
-    for key, value in defaults.items():
-        if getattr(rl, key) is None:
-            setattr(rl, key, value)
-    check_section(rl, "rl")  # before beta_end is derived from beta
-    if rl.beta_end is None:
-        rl.beta_end = rl.beta / 10
-    if rl.loss_agg not in LOSS_AGGREGATIONS:
-        raise InputError(f"expected one of {', '.join(LOSS_AGGREGATIONS)}", field="rl.loss_agg")
-    if rl.batch_size % rl.samples_per_prompt:
-        raise InputError(f"batch_size {rl.batch_size} is not a multiple of samples_per_prompt "
-                         f"{rl.samples_per_prompt}", field="rl.batch_size")
-    if algo in ("rloo", "grpo", "dr-grpo") and rl.samples_per_prompt < 2:
-        raise InputError(f"{algo} needs at least 2 samples per prompt", field="rl.samples_per_prompt")
-    return rl
-
-
-# ---------------------------------------------------------------------------------------
-# Pure losses
-# ---------------------------------------------------------------------------------------
-
-
-def clipped_surrogate(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, *,
-                      clip_eps: float = 0.2, clip_eps_high: float | None = None):
-    """PPO's clipped surrogate per token (Schulman et al. 2017), as a loss to minimise:
-
-        rho_t = exp(log pi_theta(y_t) - log pi_old(y_t))
-        l_t   = max(-A_t * rho_t,  -A_t * clip(rho_t, 1 - eps_low, 1 + eps_high))
-
-    eps_high = eps_low = clip_eps unless ``clip_eps_high`` is given (asymmetric clipping,
-    "clip-higher" of DAPO, Yu et al. 2025). With one update per rollout rho = 1 and the
-    gradient is the plain policy gradient -A_t * grad log pi(y_t).
-
-    Args:
-        logprobs: log pi_theta of the sampled tokens.     # (B, T)
-        old_logprobs: log pi_old at sampling time.        # (B, T)
-        advantages: A_t, detached.                        # (B, T)
-
-    Returns:
-        (l_t, rho_t, clipped_t): per-token loss, ratio and a 0/1 float telling where the
-        clipped branch is the larger one (and so the gradient is 0).  # (B, T) each
-    """
-    high = clip_eps if clip_eps_high is None else clip_eps_high
-    ratio = torch.exp(logprobs - old_logprobs)
-    unclipped = -advantages * ratio
-    clipped = -advantages * ratio.clamp(1.0 - clip_eps, 1.0 + high)
-    return torch.maximum(unclipped, clipped), ratio, (clipped > unclipped).float()
-
-
-def clipped_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, *,
-                       clip_eps: float = 0.2):
-    """PPO's clipped value loss per token (Huang et al. 2022, "The 37 implementation details
-    of PPO"):
-
-        V_clip = V_old + clip(V - V_old, -eps, eps)
-        l_t    = 0.5 * max((V - R)^2, (V_clip - R)^2)
-
-    Returns:
-        (l_t, clipped_t) per token.                       # (B, T) each
-    """
-    v_clipped = old_values + (values - old_values).clamp(-clip_eps, clip_eps)
-    unclipped = (values - returns).square()
-    clipped = (v_clipped - returns).square()
-    return 0.5 * torch.maximum(unclipped, clipped), (clipped > unclipped).float()
-
-
-@dataclass
-class Counts:
-    """Normalisers of one minibatch: global counts divided by the number of processes."""
-
-    n_seqs: float
-    n_tokens: float
-    max_len: int
-
-
-def _token_mean(x, mask, c: Counts):
-    """sum_{i,t} m_it x_it / N_tokens  (PPO, REINFORCE++, DAPO's token-level loss)"""
-    return (x * mask).sum() / c.n_tokens
-
-
-def _seq_sum(x, mask, c: Counts):
-    """(1/N_seqs) sum_i sum_t m_it x_it  (REINFORCE: the score function of a whole sequence)"""
-    return (x * mask).sum() / c.n_seqs
-
-
-def _seq_mean(x, mask, c: Counts):
-    """(1/N_seqs) sum_i (1/|y_i|) sum_t m_it x_it  (GRPO, Shao et al. 2024)"""
-    per_seq = (x * mask).sum(-1) / mask.sum(-1).clamp(min=1)
-    return per_seq.sum() / c.n_seqs
-
-
-def _constant(x, mask, c: Counts):
-    """(1/(N_seqs * L_max)) sum_{i,t} m_it x_it  (Dr. GRPO, Liu et al. 2025: no length bias)"""
-    return (x * mask).sum() / (c.n_seqs * c.max_len)
-
-
-LOSS_AGGREGATIONS: dict[str, Callable] = {
-    "token_mean": _token_mean,
-    "seq_sum": _seq_sum,
-    "seq_mean": _seq_mean,
-    "constant": _constant,
-}
-"""How per-token losses become one number (``rl.loss_agg``)."""
-
-
-@dataclass
-class UpdateSettings:
-    """Hyper-parameters of ``update_policy`` (from RLConfig, or the bandit's own)."""
-
-    epochs: int = 1
-    num_minibatches: int = 1
-    micro_batch_size: int | None = None
-    clip_eps: float = 0.2
-    clip_eps_high: float | None = None
-    loss_agg: str = "token_mean"
-    max_len: int = 1
-    kl_coef: float = 0.0  # beta when the KL is in the loss, else 0
-    kl_estimator: str = "k3"
-    entropy_coef: float = 0.0
-    vf_coef: float = 0.1
-    value_clip_eps: float = 0.2
-    target_kl: float | None = None
-
-
-def policy_gradient_loss(logprobs, old_logprobs, advantages, mask, counts: Counts, hp: UpdateSettings, *,
-                         ref_logprobs=None, entropy=None, values=None, old_values=None, returns=None,
-                         is_weights=None):
-    """The loss of one micro-batch: clipped surrogate + KL + value - entropy bonus.
-
-        L = agg(w * l^clip) + kl_coef * agg(w * k(log pi_theta, log pi_ref))
-            + vf_coef * token_mean(l^V) - entropy_coef * agg(H)
-
-    ``w`` is 1, or the detached truncated importance weights of a sampler that differs from
-    the trainer (``is_weights``, ``losses.truncated_importance_weights``). Both the
-    surrogate and the KL term are expectations under pi_theta estimated on the sampler's
-    tokens, so both are weighted (as TRL weights its whole per-token loss): weighting the
-    surrogate alone leaves the KL term's gradient off-policy and, with the KL in the loss,
-    moves the fixed point away from pi*.
-
-    ``agg`` is ``LOSS_AGGREGATIONS[hp.loss_agg]``; the KL term uses the estimator
-    ``hp.kl_estimator`` on the current log-probs (k3: GRPO; k2: the reverse-KL gradient),
-    the value term is there only when ``values`` is given (PPO).
-
-    Returns:
-        (loss, sums): the scalar loss and, for metrics, name -> (sum over tokens,
-        token count) of this micro-batch, to be reduced over micro-batches and processes.
-    """
-    agg = LOSS_AGGREGATIONS[hp.loss_agg]
-    pg_t, ratio, clipped = clipped_surrogate(logprobs, old_logprobs, advantages,
-                                             clip_eps=hp.clip_eps, clip_eps_high=hp.clip_eps_high)
-    if is_weights is not None:
-        pg_t = is_weights * pg_t
-    loss = agg(pg_t, mask, counts)
-    n = mask.sum()
-    log_ratio = (logprobs - old_logprobs).detach()
-
-    def s(x):
-        return ((x.detach() * mask).sum(), n)
-
-    sums = {"loss/policy": s(pg_t), "policy/clipfrac": s(clipped), "policy/approxkl": s(0.5 * log_ratio.square()),
-            "policy/ratio_mean": s(ratio)}
-    if hp.kl_coef and ref_logprobs is not None:
-        kl_t = KL_ESTIMATORS[hp.kl_estimator](logprobs, ref_logprobs)
-        loss = loss + hp.kl_coef * agg(kl_t if is_weights is None else is_weights * kl_t, mask, counts)
-        sums["loss/kl"] = s(kl_t)
-    if entropy is not None:
-        if hp.entropy_coef:
-            loss = loss - hp.entropy_coef * agg(entropy, mask, counts)
-        sums["policy/entropy"] = s(entropy)
-    if values is not None:
-        v_t, v_clipped = clipped_value_loss(values, old_values, returns, clip_eps=hp.value_clip_eps)
-        loss = loss + hp.vf_coef * _token_mean(v_t, mask, counts)
-        sums.update({"loss/value": s(v_t), "val/clipfrac": s(v_clipped), "val/vpred": s(values)})
-    return loss, sums
-
-
-# ---------------------------------------------------------------------------------------
-# Batch statistics over all processes
-# ---------------------------------------------------------------------------------------
-
-
-class BatchStats:
-    """Sums, means and whitening over the global batch (all processes).
-
-    With one process (or ``accelerator=None``) every method is the plain local formula;
-    ``whiten`` then equals ``advantages.masked_whiten`` exactly.
-    """
-
-    def __init__(self, accelerator=None) -> None:
-        self.accelerator = accelerator
-        self.world_size = accelerator.num_processes if accelerator is not None else 1
-
-    def sum(self, x: torch.Tensor) -> torch.Tensor:
-        """Elementwise sum of ``x`` over processes (x itself with one process)."""
-        if self.world_size == 1:
-            return x
-        return self.accelerator.reduce(x.clone().to(self.accelerator.device), reduction="sum").to(x.device)
-
-    def max(self, x: torch.Tensor) -> torch.Tensor:
-        """Elementwise maximum of ``x`` over processes."""
-        if self.world_size == 1:
-            return x
-        gathered = self.accelerator.gather(x.reshape(1, *x.shape).to(self.accelerator.device))
-        return gathered.max(0).values.to(x.device)
-
-    def mean(self, x: torch.Tensor) -> torch.Tensor:
-        """Mean of all entries of x over the global batch."""
-        total = self.sum(torch.stack([x.sum().double(), torch.tensor(float(x.numel()), dtype=torch.float64)]))
-        return (total[0] / total[1]).to(x.dtype)
-
-    def masked_mean(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        valid = mask.bool()
-        local = torch.stack([torch.where(valid, x, torch.zeros_like(x)).sum().double(), valid.sum().double()])
-        total = self.sum(local)
-        return (total[0] / total[1].clamp(min=1)).to(x.dtype)
-
-    def masked_var(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Unbiased variance over valid entries (as ``advantages.masked_var``)."""
-        valid = mask.bool()
-        mean = self.masked_mean(x, mask)
-        sq = torch.where(valid, (x - mean).square(), torch.zeros_like(x)).sum().double()
-        total = self.sum(torch.stack([sq, valid.sum().double()]))
-        return (total[0] / (total[1] - 1).clamp(min=1)).to(x.dtype)
-
-    def whiten(self, x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8):
-        """(x - mean) / sqrt(var + eps) [+ mean if not shift_mean], 0 on padding."""
-        valid = mask.bool()
-        mean = self.masked_mean(x, mask)
-        var = self.masked_var(x, mask)
-        out = (x - mean) * torch.rsqrt(var + eps)
-        if not shift_mean:
-            out = out + mean
-        return torch.where(valid, out, torch.zeros_like(out))
-
-
-class _Sums:
-    """name -> [sum, count], reduced over processes at the end."""
-
-    def __init__(self) -> None:
-        self.data: dict[str, list] = {}
-
-    def add(self, sums: dict[str, tuple]) -> None:
-        for k, (total, n) in sums.items():
-            entry = self.data.setdefault(k, [0.0, 0.0])
-            entry[0] = entry[0] + total.double()
-            entry[1] = entry[1] + torch.as_tensor(n).double()
-
-    def result(self, stats: BatchStats) -> dict[str, float]:
-        if not self.data:
-            return {}
-        keys = sorted(self.data)
-        flat = torch.stack([torch.stack([torch.as_tensor(self.data[k][0]), torch.as_tensor(self.data[k][1])])
-                            for k in keys]).double()
-        flat = stats.sum(flat)
-        return {k: (flat[i, 0] / flat[i, 1].clamp(min=1)).item() for i, k in enumerate(keys)}
-
-
-# ---------------------------------------------------------------------------------------
-# The shared update
-# ---------------------------------------------------------------------------------------
-
-
-@dataclass
-class UpdateBatch:
-    """What one rollout batch gives the optimizer. Token tensors are (B, T)."""
-
-    old_logprobs: torch.Tensor             # (B, T) log pi at sampling time
-    advantages: torch.Tensor               # (B, T) detached; sequence advantages broadcast
-    mask: torch.Tensor                     # (B, T) float, 1 on response tokens
-    ref_logprobs: torch.Tensor | None = None  # (B, T) for a KL term in the loss
-    returns: torch.Tensor | None = None    # (B, T) PPO value targets
-    old_values: torch.Tensor | None = None  # (B, T) PPO values at sampling time
-    sampler_logprobs: torch.Tensor | None = None  # (B, T) log pi_sampler; None: old_logprobs are the sampler's
-    is_weights: torch.Tensor | None = None  # (B, T) truncated importance weights (TIS), or None
-
-
-# forward(idx) -> (logprobs (b, T), entropy (b, T) | None, values (b, T) | None)
-Forward = Callable[[torch.Tensor], tuple]
-
-
-def update_policy(batch: UpdateBatch, forward: Forward, optimizer_step: Callable[[], float], hp: UpdateSettings,
-                  stats: BatchStats, generator: torch.Generator, *, backward: Callable | None = None,
-                  no_sync: Callable | None = None, first_perm: torch.Tensor | None = None,
-                  mismatch_guard: Callable[[dict], None] | None = None) -> dict[str, float]:
-    """Several epochs of shuffled minibatches over one rollout batch; one optimizer step
-    per minibatch; optional early stop once the minibatch's approx-KL exceeds
-    ``hp.target_kl``.
-
-    Sampler/trainer mismatch: the first minibatch's forward passes run before any
-    optimizer step, with the weights that sampled, so there the trainer's log-probs of the
-    sampled tokens must equal the sampler's (``batch.sampler_logprobs``, or the old
-    log-probs when those are the sampler's). Their distance is returned as
-    ``rollout/logprob_diff_mean`` and ``rollout/logprob_diff_max`` (nats, over the first
-    minibatch's tokens of all processes), with ``rollout/first_ratio_mean``, the mean of
-    pi_theta / pi_old there (1 when the old log-probs are right), and handed to
-    ``mismatch_guard`` before the first optimizer step.
-
-    Args:
-        batch: per-token log-probs, advantages and masks of this process's rows.
-        forward: recomputes (logprobs, entropy, values) for row indices with gradients.
-        optimizer_step: clips gradients, steps and zeroes the optimizer; returns the
-            gradient norm (or nan).
-        hp: loss and loop hyper-parameters.
-        stats: reductions over processes (normalisers and metrics are global).
-        generator: shuffles the rows of each epoch (seeded per rollout step, so a resumed
-            run shuffles the same way).
-        backward: ``accelerator.backward`` (default ``loss.backward()``).
-        no_sync: context manager that skips the DDP all-reduce on all but the last
-            micro-batch of a minibatch.
-        first_perm: the first epoch's shuffle when the caller has drawn it already (as
-            ``torch.randperm(B, generator=generator)``, the generator then past it).
-        mismatch_guard: called with the mismatch readings before the first optimizer step
-            (it may raise to stop the run).
-    """
-    B = batch.mask.shape[0]
-    W = stats.world_size
-    sums = _Sums()
-    grad_norms = []
-    updates, stopped = 0, False
-    mismatch: dict[str, float] = {}
-    for epoch in range(hp.epochs):
-        perm = first_perm if (epoch == 0 and first_perm is not None) else torch.randperm(B, generator=generator)
-        perm = perm.to(batch.mask.device)
-        for mb in perm.chunk(hp.num_minibatches):
-            first = updates == 0
-            diff_sums, diff_max = _Sums(), torch.zeros((), dtype=torch.float64)
-            totals = stats.sum(torch.stack([torch.tensor(float(len(mb)), dtype=torch.float64),
-                                            batch.mask[mb].sum().double().cpu()]))
-            counts = Counts(n_seqs=(totals[0] / W).item(), n_tokens=max(totals[1].item(), 1.0) / W,
-                            max_len=hp.max_len)
-            micro = hp.micro_batch_size or len(mb)
-            mb_sums = _Sums()
-            for start in range(0, len(mb), micro):
-                idx = mb[start:start + micro]
-                last = start + micro >= len(mb)
-                ctx = no_sync() if (no_sync is not None and not last) else contextlib.nullcontext()
-                with ctx:
-                    logprobs, entropy, values = forward(idx)
-                    loss, micro_sums = policy_gradient_loss(
-                        logprobs, batch.old_logprobs[idx], batch.advantages[idx], batch.mask[idx], counts, hp,
-                        ref_logprobs=None if batch.ref_logprobs is None else batch.ref_logprobs[idx],
-                        entropy=entropy, values=values,
-                        old_values=None if batch.old_values is None else batch.old_values[idx],
-                        returns=None if batch.returns is None else batch.returns[idx],
-                        is_weights=None if batch.is_weights is None else batch.is_weights[idx])
-                    (backward or torch.Tensor.backward)(loss)
-                sums.add(micro_sums)
-                mb_sums.add({"policy/approxkl": micro_sums["policy/approxkl"]})
-                if first:
-                    sampler = batch.old_logprobs if batch.sampler_logprobs is None else batch.sampler_logprobs
-                    m = batch.mask[idx].bool()
-                    d = (logprobs.detach().double() - sampler[idx].double()).abs()[m]
-                    diff_sums.add({"rollout/logprob_diff_mean": (d.sum(), d.numel()),
-                                   "rollout/first_ratio_mean": micro_sums["policy/ratio_mean"]})
-                    if d.numel():
-                        diff_max = torch.maximum(diff_max, d.max().cpu())
-            if first:
-                mismatch = diff_sums.result(stats)
-                mismatch["rollout/logprob_diff_max"] = stats.max(diff_max).item()
-                if mismatch_guard is not None:
-                    mismatch_guard(mismatch)
-            grad_norms.append(float(optimizer_step()))
-            updates += 1
-            if hp.target_kl is not None and mb_sums.result(stats)["policy/approxkl"] > hp.target_kl:
-                stopped = True
-                break
-        if stopped:
-            break
-    out = sums.result(stats)
-    out.update(mismatch)
-    finite = [g for g in grad_norms if math.isfinite(g)]
-    out.update({"policy/updates": float(updates), "policy/early_stopped": float(stopped),
-                "policy/grad_norm": sum(finite) / len(finite) if finite else float("nan")})
-    return out
-
-
-# ---------------------------------------------------------------------------------------
-# The run context
-# ---------------------------------------------------------------------------------------
-
-
-def check_layout(rl, num_processes: int) -> None:
-    """The global batch must split into whole prompt groups per process, minibatches and
-    micro-batches; errors name the field."""
-    n_prompts = rl.batch_size // rl.samples_per_prompt
-    if n_prompts % num_processes:
-        raise InputError(f"{n_prompts} prompts per step do not split over {num_processes} processes",
-                         field="rl.batch_size")
-    local_rows = rl.batch_size // num_processes
-    if local_rows % rl.num_minibatches:
-        raise InputError(f"{local_rows} rows per process do not split into {rl.num_minibatches} minibatches",
-                         field="rl.num_minibatches")
-    mb = local_rows // rl.num_minibatches
-    if rl.micro_batch_size and mb % rl.micro_batch_size:
-        raise InputError(f"minibatches of {mb} rows do not split into micro-batches of {rl.micro_batch_size}",
-                         field="rl.micro_batch_size")
 
 
 class OnlineRun:
@@ -536,8 +95,6 @@ class OnlineRun:
         self.last_metrics: dict = {}
         self._bar = None
         self._perm_cache: tuple[int, list[int]] | None = None
-        self._t_rollout = 0.0
-        self._update_step = 0
 
     # -- modules -----------------------------------------------------------------------
 
@@ -582,6 +139,8 @@ class OnlineRun:
         return gen, torch.randperm(n_rows, generator=gen)
 
     def rollout(self, step: int):
+        """This process's rows of ``step``, sampled, scored and on the device; the wall time
+        it took is ``seconds`` on the Rollout."""
         from rlhflab.rollout import collect_rollout
 
         t = time.perf_counter()
@@ -591,8 +150,7 @@ class OnlineRun:
                              value_model=self.value_module, no_eos_penalty=self.rl.no_eos_penalty,
                              forward_batch_size=self.rl.micro_batch_size, rescore=self.rl.tis_cap is not None)
         ro = ro.to(self.accelerator.device)
-        self._t_rollout = time.perf_counter() - t
-        return ro
+        return dataclasses.replace(ro, seconds=time.perf_counter() - t)
 
     # -- update ------------------------------------------------------------------------
 
@@ -606,21 +164,23 @@ class OnlineRun:
             entropy_coef=rl.entropy_coef, vf_coef=rl.vf_coef, value_clip_eps=rl.value_clip_eps,
             target_kl=rl.target_kl)
 
-    def _forward(self, ro, with_values: bool):
-        from rlhflab.rollout import forward_response
+    def _forward(self, with_values: bool):
+        """forward(rows) for ``update_policy``: the policy's log-probs (and entropy when it
+        is in the loss) and the critic's values of the rows' response tokens."""
+        from rlhflab.rollout import forward_response, forward_values
 
         T = self.cfg.generation.temperature
         with_entropy = self.rl.entropy_coef > 0
 
-        def forward(idx):
-            args = (ro.prompt_ids[idx], ro.prompt_mask[idx], ro.response_ids[idx], ro.mask[idx])
+        def forward(rows: UpdateBatch):
+            args = (rows.prompt_ids, rows.prompt_mask, rows.response_ids, rows.mask)
             lp, ent = forward_response(self.policy, *args, temperature=T, with_entropy=with_entropy)
-            v = forward_response(self.value, *args, values=True) if with_values else None
+            v = forward_values(self.value, *args) if with_values else None
             return lp, ent, v
 
         return forward
 
-    def _optimizer_step(self) -> float:
+    def _optimizer_step(self, step: int) -> float:
         from rlhflab.artifacts import is_staging
         from rlhflab.training import grad_norm_of, stop_if_non_finite
 
@@ -631,7 +191,7 @@ class OnlineRun:
         if self.accelerator.scaler is None:  # fp16's loss scaler expects (and skips) overflows
             # A non-finite loss, advantage or reward shows here: stop before the weights take it.
             ckpt = self.out_dir / "checkpoint" if self.out_dir is not None else None
-            stop_if_non_finite(self.algo, self._update_step, lr=self.rl.lr, lr_field="rl.lr",
+            stop_if_non_finite(self.algo, step, lr=self.rl.lr, lr_field="rl.lr",
                                grad_norm=norm if self.rl.max_grad_norm > 0 else float(grad_norm_of(params)),
                                kept=str(ckpt) if ckpt is not None and ckpt.is_dir() and not is_staging(ckpt.parent)
                                else None)
@@ -668,13 +228,14 @@ class OnlineRun:
 
         return guard
 
-    def update(self, step: int, batch: UpdateBatch, ro) -> dict[str, float]:
+    def update(self, step: int, batch: UpdateBatch) -> dict[str, float]:
+        """``update_policy`` on this process's rows of ``step`` (``UpdateBatch.from_rollout``,
+        or any selection of its rows), with truncated importance weights when
+        ``rl.tis_cap`` is set; returns the update's metrics."""
         from rlhflab.losses import truncated_importance_weights
 
         t = time.perf_counter()
         extra: dict[str, float] = {}
-        if batch.sampler_logprobs is None and ro.sampler_logprobs is not ro.logprobs:
-            batch = dataclasses.replace(batch, sampler_logprobs=ro.sampler_logprobs)
         if self.rl.tis_cap is not None and batch.sampler_logprobs is not None:
             w = truncated_importance_weights(batch.old_logprobs, batch.sampler_logprobs, cap=self.rl.tis_cap)
             batch = dataclasses.replace(batch, is_weights=w)
@@ -682,10 +243,9 @@ class OnlineRun:
             extra = {"rollout/tis_weight_mean": self.stats.masked_mean(w, batch.mask).item(),
                      "rollout/tis_clipfrac": self.stats.masked_mean((w >= self.rl.tis_cap).float() * m,
                                                                     batch.mask).item()}
-        gen, perm = self._minibatch_shuffle(step, batch.mask.shape[0])
-        self._update_step = step
-        metrics = update_policy(batch, self._forward(ro, with_values=batch.returns is not None),
-                                self._optimizer_step, self.settings(), self.stats, gen,
+        gen, perm = self._minibatch_shuffle(step, batch.batch_size)
+        metrics = update_policy(batch, self._forward(with_values=batch.returns is not None),
+                                functools.partial(self._optimizer_step, step), self.settings(), self.stats, gen,
                                 backward=self.accelerator.backward, no_sync=self._no_sync, first_perm=perm,
                                 mismatch_guard=self._mismatch_guard(step))
         metrics.update(extra)
@@ -736,9 +296,9 @@ class OnlineRun:
             print(f"[{self.algo}] step {step}: KL {metrics['objective/kl']:.2f} nats -> {status} "
                   f"(caution > {rl.kl_caution:g}, warning > {rl.kl_warning:g})", file=sys.stderr)
         self.state["last_status"] = status
-        self.state["time_rollout"] += self._t_rollout
+        self.state["time_rollout"] += ro.seconds
         metrics.update({"kl/status": float(KL_STATUS.index(status)), "lr": self.scheduler.get_last_lr()[0],
-                        "time/rollout": self._t_rollout})
+                        "time/rollout": ro.seconds})
         self.state["step"] = step
         if rl.eval_every and (step % rl.eval_every == 0 or step == rl.steps):
             metrics.update(self._gold_eval(step))

@@ -9,7 +9,7 @@ Per rollout step:
     A, R  = GAE(r, V; gamma, lambda)                                 advantages.gae
     A    <- (A - mean) / std                                         BatchStats.whiten
     epochs x minibatches of  clipped surrogate + vf_coef * clipped value loss
-                             (- entropy bonus), gradient clipping    online.update_policy
+                             (- entropy bonus), gradient clipping    update.update_policy
 
 Where this departs from the papers:
 
@@ -30,7 +30,9 @@ import copy
 import torch
 
 from rlhflab.advantages import gae, per_token_rewards
-from rlhflab.algos.online import BatchStats, OnlineRun, UpdateBatch
+from rlhflab.algos.online import OnlineRun
+from rlhflab.algos.update import UpdateBatch
+from rlhflab.distributed import BatchStats
 from rlhflab.kl import KL_ESTIMATORS
 
 
@@ -127,10 +129,10 @@ def train_ppo(run: OnlineRun) -> dict:
             ro.scores, ro.logprobs, ro.ref_logprobs, ro.values, ro.mask, beta=beta,
             kl_in_reward=rl.kl_in == "reward", kl_estimator=rl.kl_estimator, gamma=rl.gamma, lam=rl.gae_lambda,
             whiten_rewards=rl.whiten_rewards, whiten_advantages=rl.whiten_advantages, stats=run.stats)
-        batch = UpdateBatch(old_logprobs=ro.logprobs, advantages=advantages, mask=ro.mask,
-                            ref_logprobs=ro.ref_logprobs if rl.kl_in == "loss" else None,
-                            returns=returns, old_values=ro.values)
-        metrics = run.update(step, batch, ro)
+        batch = UpdateBatch.from_rollout(ro, advantages=advantages,
+                                         ref_logprobs=ro.ref_logprobs if rl.kl_in == "loss" else None,
+                                         returns=returns, old_values=ro.values)
+        metrics = run.update(step, batch)
         run.end_step(step, ro, metrics, {
             "val/explained_var": explained_variance(ro.values, returns, ro.mask, run.stats),
             "val/mean": float(run.stats.masked_mean(ro.values, ro.mask)),

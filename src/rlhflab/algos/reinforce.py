@@ -13,8 +13,11 @@
         A_t = (G_t - mean(G)) / std(G) over all tokens of the global batch
         clipped surrogate over minibatches (loss_agg token_mean)
 
+Which one a run trains is its registry entry's ``estimator`` (and, for RLOO, ``baseline``)
+in ``rlhflab.registry.ONLINE_ALGORITHMS``.
+
 Where this departs from the papers: every variant goes through the same PPO-style update
-(``online.update_policy``). With one epoch and one minibatch (the REINFORCE and RLOO
+(``update.update_policy``). With one epoch and one minibatch (the REINFORCE and RLOO
 defaults) the ratio is exactly 1 and the clipped surrogate's gradient is the plain
 REINFORCE gradient -A * grad log pi; REINFORCE++ defaults to two minibatches, so its
 clipping is active on the second. The batch-mean baseline includes the sample itself,
@@ -26,9 +29,12 @@ from __future__ import annotations
 
 import torch
 
-from rlhflab.advantages import gae, group_mean_baseline, per_token_rewards, rloo_advantages
-from rlhflab.algos.online import BatchStats, OnlineRun, UpdateBatch
+from rlhflab.advantages import per_token_rewards, reinforce_pp_advantages
+from rlhflab.algos.online import OnlineRun
+from rlhflab.algos.update import UpdateBatch
+from rlhflab.distributed import BatchStats
 from rlhflab.kl import KL_ESTIMATORS
+from rlhflab.registry import ONLINE_ALGORITHMS, SEQUENCE_BASELINES
 
 
 def sequence_returns(scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
@@ -38,67 +44,53 @@ def sequence_returns(scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs:
     return per_token_rewards(scores, kl, mask, beta=beta).sum(-1)
 
 
-SEQUENCE_BASELINES = {
-    "batch": lambda R, G, stats: R - stats.mean(R),
-    "group": lambda R, G, stats: group_mean_baseline(R, G),
-    "rloo": lambda R, G, stats: rloo_advantages(R, G),
-}
-"""Sequence advantage A = R - baseline, by name: fn(R (B,), group_size, stats) -> (B,)."""
+def sequence_advantages(R: torch.Tensor, baseline: str, group_size: int, stats: BatchStats) -> torch.Tensor:
+    """A = R - baseline (``registry.SEQUENCE_BASELINES``): a grouped baseline reads the G
+    samples of each prompt, which sit on one process; the batch mean spans every process.  # (B,)"""
+    fn = SEQUENCE_BASELINES[baseline]
+    if SEQUENCE_BASELINES.entry(baseline).options["grouped"]:
+        return fn(R, group_size)
+    return fn(R, mean=stats.mean)
 
 
 def reinforce_advantages(scores, logprobs, ref_logprobs, mask, *, baseline: str, group_size: int, beta: float,
                          kl_in_reward: bool = True, kl_estimator: str = "k1",
                          stats: BatchStats | None = None) -> torch.Tensor:
     """Sequence advantages broadcast over each response's tokens.   # (B, T)"""
-    stats = stats or BatchStats()
     R = sequence_returns(scores, logprobs, ref_logprobs, mask, beta=beta if kl_in_reward else 0.0,
                          kl_estimator=kl_estimator)
-    A = SEQUENCE_BASELINES[baseline](R, group_size, stats)
-    return A[:, None] * mask
+    return sequence_advantages(R, baseline, group_size, stats or BatchStats())[:, None] * mask
 
 
-def reinforce_pp_advantages(scores, logprobs, ref_logprobs, mask, *, beta: float, kl_in_reward: bool = True,
-                            kl_estimator: str = "k1", gamma: float = 1.0,
-                            stats: BatchStats | None = None) -> torch.Tensor:
-    """REINFORCE++ token advantages, whitened over the global batch.   # (B, T)
-
-    With one process this is ``advantages.reinforce_pp_advantages`` on the per-token
-    rewards; with several, mean and variance span every process's tokens.
-    """
-    stats = stats or BatchStats()
+def reinforce_pp_token_advantages(scores, logprobs, ref_logprobs, mask, *, beta: float, kl_in_reward: bool = True,
+                                  kl_estimator: str = "k1", gamma: float = 1.0,
+                                  stats: BatchStats | None = None) -> torch.Tensor:
+    """REINFORCE++ token advantages of a batch: ``advantages.reinforce_pp_advantages`` on
+    the per-token rewards, whitened with the mean and variance of every process's tokens.  # (B, T)"""
     kl = KL_ESTIMATORS[kl_estimator](logprobs, ref_logprobs)
     rewards = per_token_rewards(scores, kl, mask, beta=beta if kl_in_reward else 0.0)
-    returns_to_go, _ = gae(rewards, torch.zeros_like(rewards), mask, gamma=gamma, lam=1.0)
-    return stats.whiten(returns_to_go, mask)
-
-
-def _kl_kwargs(rl, beta: float, stats: BatchStats) -> dict:
-    return dict(beta=beta, kl_in_reward=rl.kl_in == "reward", kl_estimator=rl.kl_estimator, stats=stats)
-
-
-VARIANTS = {
-    "reinforce": lambda ro, rl, beta, stats: reinforce_advantages(
-        ro.scores, ro.logprobs, ro.ref_logprobs, ro.mask, baseline=rl.baseline, group_size=ro.group_size,
-        **_kl_kwargs(rl, beta, stats)),
-    "rloo": lambda ro, rl, beta, stats: reinforce_advantages(
-        ro.scores, ro.logprobs, ro.ref_logprobs, ro.mask, baseline="rloo", group_size=ro.group_size,
-        **_kl_kwargs(rl, beta, stats)),
-    "reinforce++": lambda ro, rl, beta, stats: reinforce_pp_advantages(
-        ro.scores, ro.logprobs, ro.ref_logprobs, ro.mask, gamma=rl.gamma, **_kl_kwargs(rl, beta, stats)),
-}
-"""Token advantages (B, T) of a Rollout by algorithm name."""
+    return reinforce_pp_advantages(rewards, mask, gamma=gamma, whiten=(stats or BatchStats()).whiten)
 
 
 def train_reinforce(run: OnlineRun) -> dict:
-    """REINFORCE (``run.algo == "reinforce"``), RLOO (``"rloo"``) or REINFORCE++."""
+    """REINFORCE, RLOO or REINFORCE++, as ``run.algo``'s registry entry says."""
     rl = run.rl
+    options = ONLINE_ALGORITHMS.entry(run.algo).options
+    token_returns = options["estimator"] == "token_returns"   # REINFORCE++
+    baseline = options.get("baseline") or rl.baseline         # RLOO's own, or rl.baseline
+    kl = dict(kl_in_reward=rl.kl_in == "reward", kl_estimator=rl.kl_estimator, stats=run.stats)
     for step in run.steps():
         ro = run.rollout(step)
         beta = run.kl_ctl.value
-        advantages = VARIANTS[run.algo](ro, rl, beta, run.stats)
-        batch = UpdateBatch(old_logprobs=ro.logprobs, advantages=advantages, mask=ro.mask,
-                            ref_logprobs=ro.ref_logprobs if rl.kl_in == "loss" else None)
-        metrics = run.update(step, batch, ro)
+        if token_returns:
+            advantages = reinforce_pp_token_advantages(ro.scores, ro.logprobs, ro.ref_logprobs, ro.mask, beta=beta,
+                                                       gamma=rl.gamma, **kl)
+        else:
+            advantages = reinforce_advantages(ro.scores, ro.logprobs, ro.ref_logprobs, ro.mask, baseline=baseline,
+                                              group_size=ro.group_size, beta=beta, **kl)
+        batch = UpdateBatch.from_rollout(ro, advantages=advantages,
+                                         ref_logprobs=ro.ref_logprobs if rl.kl_in == "loss" else None)
+        metrics = run.update(step, batch)
         seq_adv = advantages.sum(-1) / ro.mask.sum(-1).clamp(min=1)
         run.end_step(step, ro, metrics, {"objective/advantage_abs_mean": float(run.stats.mean(seq_adv.abs()))})
     return run.finish()

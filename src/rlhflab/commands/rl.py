@@ -23,23 +23,10 @@ from pathlib import Path
 
 from rlhflab.config import add_config_arguments, config_from_args, load_config, save_config
 from rlhflab.errors import InputError
+from rlhflab.registry import ONLINE_ALGORITHMS, online_commands
 
-# command -> variant -> algorithm; the first variant is the default.
-VARIANTS: dict[str, dict[str, str]] = {
-    "ppo": {"ppo": "ppo"},
-    "reinforce": {"baseline": "reinforce", "reinforce++": "reinforce++"},
-    "rloo": {"rloo": "rloo"},
-    "grpo": {"grpo": "grpo", "dr-grpo": "dr-grpo"},
-}
-
-
-def _trainers() -> dict:
-    from rlhflab.algos.grpo import train_grpo
-    from rlhflab.algos.ppo import train_ppo
-    from rlhflab.algos.reinforce import train_reinforce
-
-    return {"ppo": train_ppo, "reinforce": train_reinforce, "rloo": train_reinforce,
-            "reinforce++": train_reinforce, "grpo": train_grpo, "dr-grpo": train_grpo}
+VARIANTS: dict[str, dict[str, str]] = online_commands()
+"""command -> variant -> algorithm (``registry.ONLINE_ALGORITHMS``); the first variant is the default."""
 
 
 def add_arguments(p) -> None:
@@ -54,7 +41,7 @@ def add_arguments(p) -> None:
                         "optionally =WEIGHT (repeatable; summed with the RM)")
     p.add_argument("--prompts", help="prompt JSONL (field 'prompt'); default: the world's RL prompts")
     p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint")
-    variants = list(VARIANTS.get(command, {"ppo": "ppo"}))
+    variants = list(VARIANTS.get(command, {}))
     if len(variants) > 1:
         p.add_argument("--variant", choices=variants, default=variants[0],
                        help=f"which algorithm (default {variants[0]})")
@@ -107,7 +94,7 @@ def run_rl(cfg, algo: str, out: Path, *, sft: str, rm: str | None = None, reward
     """One online RL run end to end; returns the summary (also ``out/metrics.json``)."""
     from accelerate.utils import set_seed
 
-    from rlhflab.algos.online import check_layout, resolve_rl_config
+    from rlhflab.algos.rl_config import check_layout, resolve_rl_config
     from rlhflab.artifacts import check_out_dir, run_directory, write_json
     from rlhflab.checkpoint import read_state
     from rlhflab.distributed import make_accelerator
@@ -140,13 +127,14 @@ def run_rl(cfg, algo: str, out: Path, *, sft: str, rm: str | None = None, reward
     else:
         prompt_pool = [p.text for p in world.prompts(cfg.world.n_prompts, "rl")]
         eval_prompts = world.prompts(cfg.rl.n_eval, "eval")
-    if cfg.rl.value_init == "rm" and algo == "ppo" and rm is None:
+    critic = ONLINE_ALGORITHMS.entry(algo).options["critic"]
+    if cfg.rl.value_init == "rm" and critic and rm is None:
         raise InputError("value_init rm needs --rm DIR", field="rl.value_init")
 
     set_seed(cfg.rl.seed)
     policy = load_causal_lm(sft_dir, tok, cfg.model.trust_remote_code)
     reference = load_causal_lm(sft_dir, tok, cfg.model.trust_remote_code)
-    value = _make_value_model(cfg, policy, tok, rm) if algo == "ppo" else None
+    value = _make_value_model(cfg, policy, tok, rm) if critic else None
 
     accelerator.wait_for_everyone()
     if resume:  # continue in place: the checkpoint is this run's own
@@ -178,7 +166,7 @@ def _train(cfg, algo, accelerator, policy, reference, tok, reward, prompt_pool, 
         run.load_checkpoint(out / "checkpoint")
         if accelerator.is_main_process:
             print(f"[{algo}] resumed from step {run.state['step']} of {cfg.rl.steps}")
-    summary = _trainers()[algo](run)
+    summary = ONLINE_ALGORITHMS[algo](run)  # the algorithm's training loop
     if accelerator.is_main_process:
         _print_summary(summary)
     return summary
