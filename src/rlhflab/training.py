@@ -1,5 +1,6 @@
-"""What every training loop shares: the learning-rate schedules, dropout off,
-the gradient norm, and the stop on a non-finite loss or gradient.
+"""What every training loop shares: the learning-rate schedules, the optimizer and its
+step (clip, check, step, zero), how a global batch is split and drawn, dropout off, the
+gradient norm, and the stop on a non-finite loss or gradient.
 
 The loops themselves (``rlhflab.algos``) stay readable top to bottom; what they would
 otherwise each write again lives here.
@@ -8,7 +9,7 @@ otherwise each write again lives here.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 
@@ -42,6 +43,71 @@ def lr_lambda(schedule: str, warmup_steps: int, total_steps: int) -> Callable[[i
         return decay((step - warmup_steps) / max(1, total_steps - warmup_steps))
 
     return f
+
+
+def make_optimizer(params: Iterable[torch.nn.Parameter], cfg, total_steps: int
+                   ) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW at ``cfg.lr`` with ``cfg.weight_decay``, and its schedule over ``total_steps``
+    optimizer steps: a linear warm-up over int(cfg.warmup_ratio * total_steps) steps, then
+    the decay ``cfg.lr_schedule`` (``lr_lambda``). ``cfg`` is a ``config.TrainConfig`` (or has
+    its optimizer fields). The schedule is stepped by hand once per optimizer step
+    (``optimizer_step``), not handed to ``accelerator.prepare``, which would step it once per
+    process."""
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    warmup = int(cfg.warmup_ratio * total_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.lr_schedule, warmup, total_steps))
+    return optimizer, scheduler
+
+
+def optimizer_step(accelerator, params: Iterable[torch.nn.Parameter], optimizer, scheduler, cfg, *,
+                   stage: str, step: int, loss: float, lr_field: str | None = None) -> torch.Tensor:
+    """The end of a global batch, after its backward passes: clip the gradients to
+    ``cfg.max_grad_norm`` (0: no clipping), stop on a non-finite ``loss`` or gradient norm
+    (``stop_if_non_finite``, naming ``stage``, ``step`` and ``lr_field``), step the optimizer
+    and the schedule, zero the gradients.
+
+    Returns the gradient norm before clipping (nan when clipping is off: ``train/grad_norm``).
+    Under fp16 the loss scaler expects overflowing gradients (it skips those steps), so then
+    only the loss is checked; otherwise the norm is, measured even when nothing clips.
+    """
+    params = list(params)
+    clip = cfg.max_grad_norm > 0
+    grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm) if clip else torch.tensor(float("nan"))
+    checked = None if accelerator.scaler is not None else float(grad_norm if clip else grad_norm_of(params))
+    stop_if_non_finite(stage, step, loss=loss, grad_norm=checked, lr=cfg.lr, lr_field=lr_field)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
+
+
+def batch_plan(stage: str, cfg, processes: int, n_examples: int, unit: str = "training examples"
+               ) -> tuple[int, int]:
+    """(micro-batch size, optimizer steps) of an offline stage (``cfg`` a ``config.TrainConfig``).
+
+    A global batch of B = ``cfg.batch_size`` examples is split into ``processes`` equal shards,
+    each cut into micro-batches of ``cfg.micro_batch_size`` (empty: the whole shard); training
+    lasts ``cfg.max_steps`` steps, else ``cfg.epochs`` passes of n_examples // B steps (at
+    least one). Raises ValueError when B does not split so, or there is not one batch.
+    """
+    B = cfg.batch_size
+    micro = cfg.micro_batch_size or B // processes
+    if B % processes or (B // processes) % micro:
+        raise ValueError(f"{stage}.batch_size {B} must split into {processes} processes x micro-batches of {micro}")
+    if n_examples < B:
+        raise ValueError(f"{n_examples} {unit} are fewer than one batch of {B}")
+    return micro, cfg.max_steps or max(1, int(cfg.epochs * (n_examples // B)))
+
+
+def global_batches(n: int, batch_size: int, seed: int) -> Iterator[list[int]]:
+    """Indices of the successive global batches of ``n`` examples, without end: each epoch is
+    a fresh permutation drawn from one generator seeded with ``seed`` (the same on every
+    process), cut into batches; a tail shorter than a batch is left out."""
+    gen = torch.Generator().manual_seed(seed)
+    while True:
+        order = torch.randperm(n, generator=gen).tolist()
+        for i in range(0, len(order) - batch_size + 1, batch_size):
+            yield order[i:i + batch_size]
 
 
 def disable_dropout(model: torch.nn.Module) -> None:

@@ -53,7 +53,13 @@ from rlhflab.packing import bins_first_fit, pack, packed_response_logps, use_pac
 from rlhflab.progress import progress_bar
 from rlhflab.registry import PREFERENCE_LOSSES, loss_hparams
 from rlhflab.tracking import MetricsLog
-from rlhflab.training import disable_dropout, grad_norm_of, lr_lambda, stop_if_non_finite
+from rlhflab.training import (
+    batch_plan,
+    disable_dropout,
+    global_batches,
+    make_optimizer,
+    optimizer_step,
+)
 
 # The losses and their hyper-parameters are registered in ``rlhflab.registry.PREFERENCE_LOSSES``.
 # A paired loss is called fn(policy_chosen_logps, policy_rejected_logps, a, b, **hparams) with
@@ -313,11 +319,7 @@ def train_dpo(cfg, model, reference, tokenizer, train: list, held_out: list,
     name, hp = cfg.loss, loss_hparams(cfg.loss, cfg)
     unpaired = name in UNPAIRED
     B = cfg.batch_size
-    micro = cfg.micro_batch_size or B // W
-    if B % W or (B // W) % micro:
-        raise ValueError(f"dpo.batch_size {B} must split into {W} processes x micro-batches of {micro}")
-    if len(train) < B:
-        raise ValueError(f"{len(train)} training examples are fewer than one batch of {B}")
+    micro, total_steps = batch_plan("dpo", cfg, W, len(train))
     cached = reference is None
     if needs_reference(name) and cached and not all(_has_reference(e) for e in train + held_out):
         raise ValueError(f"{name} needs a reference model or cached reference log-probs")
@@ -325,14 +327,11 @@ def train_dpo(cfg, model, reference, tokenizer, train: list, held_out: list,
         reference = freeze(reference).to(device)
         fuse_activations(reference)
     pad_id = tokenizer.pad_token_id
-    total_steps = cfg.max_steps or max(1, int(cfg.epochs * (len(train) // B)))
 
     disable_dropout(model)
     fuse_activations(model)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    warmup = int(cfg.warmup_ratio * total_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.lr_schedule, warmup, total_steps))
-    model, optimizer = accelerator.prepare(model, optimizer)  # scheduler stepped by hand
+    optimizer, scheduler = make_optimizer(model.parameters(), cfg, total_steps)
+    model, optimizer = accelerator.prepare(model, optimizer)  # the scheduler is stepped by hand
     policy = accelerator.unwrap_model(model)  # same parameters, for no-grad passes
     # Packed passes for the policy and the reference alike, when both support them.
     packed = use_packing(model, cfg.packing, pad_id) and (reference is None or use_packing(reference, True, pad_id))
@@ -344,8 +343,7 @@ def train_dpo(cfg, model, reference, tokenizer, train: list, held_out: list,
         accelerator.wait_for_everyone()
         return extra
 
-    gen = torch.Generator().manual_seed(cfg.seed)
-    order: list[int] = []
+    batches = global_batches(len(train), B, cfg.seed)
     start = time.perf_counter()
     model.train()
     eval_metrics = evaluate(name, hp, policy, reference, held_out, pad_id, device, packed=packed) if held_out else {}
@@ -354,10 +352,7 @@ def train_dpo(cfg, model, reference, tokenizer, train: list, held_out: list,
     metrics: dict = {}
     with progress_bar(total_steps, name, enabled=accelerator.is_main_process) as bar:
         for step in range(1, total_steps + 1):
-            if len(order) < B:  # a new epoch: a fresh permutation, the same on every process
-                order = torch.randperm(len(train), generator=gen).tolist()
-            batch_idx, order = order[:B], order[B:]
-            shard = [train[i] for i in batch_idx[rank * (B // W):(rank + 1) * (B // W)]]
+            shard = [train[i] for i in next(batches)[rank * (B // W):(rank + 1) * (B // W)]]
             z0 = None
             if unpaired:  # KTO's reference point over the whole global batch, no gradient
                 with torch.no_grad():
@@ -383,21 +378,15 @@ def train_dpo(cfg, model, reference, tokenizer, train: list, held_out: list,
                     # the global batch; DDP then averages over W processes, hence * W.
                     accelerator.backward(loss * (len(chunk) * W / B))
                 kept.append([a.detach().float() for a in args])  # gather() wants no bools
-            grad_norm = (accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-                         if cfg.max_grad_norm > 0 else torch.tensor(float("nan")))
             # Metrics of the whole global batch: the same loss function on gathered values.
             gathered = [accelerator.gather(torch.cat([k[i] for k in kept])) for i in range(len(kept[0]))]
             if unpaired:
                 gathered[2] = gathered[2] > 0.5  # is_desirable back to bool
             with torch.no_grad():
                 step_loss, step_metrics = loss_fn(*gathered, z0, **hp) if unpaired else loss_fn(*gathered, **hp)
-            checked_norm = None if accelerator.scaler is not None else float(  # fp16: see train_sft
-                grad_norm if cfg.max_grad_norm > 0 else grad_norm_of(model.parameters()))
-            stop_if_non_finite(name if name == "dpo" else f"dpo ({name})", step, loss=step_loss.item(),
-                               grad_norm=checked_norm, lr=cfg.lr, lr_field="dpo.lr")
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            grad_norm = optimizer_step(accelerator, model.parameters(), optimizer, scheduler, cfg,
+                                       stage=name if name == "dpo" else f"dpo ({name})", step=step,
+                                       loss=step_loss.item(), lr_field="dpo.lr")
             metrics = {"train/loss": step_loss.item(), **step_metrics,
                        "train/lr": scheduler.get_last_lr()[0], "train/grad_norm": float(grad_norm)}
             if step % cfg.eval_every == 0 or step == total_steps:

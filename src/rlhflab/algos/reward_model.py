@@ -40,7 +40,7 @@ from rlhflab.packing import pack, packed_scores, use_packing
 from rlhflab.progress import progress_bar
 from rlhflab.reward_model import collate, reward_head
 from rlhflab.tracking import MetricsLog
-from rlhflab.training import grad_norm_of, lr_lambda, stop_if_non_finite
+from rlhflab.training import batch_plan, global_batches, make_optimizer, optimizer_step
 
 
 @dataclass
@@ -144,7 +144,7 @@ def _group_rewards(model, groups: list[Group], pad_id: int, device, max_rows: in
     ``packed`` (the model passed ``packing.can_pack``): one pass, the responses laid end to
     end in rows of the longest one with block-diagonal attention, each scored at its own
     last token (``packing.packed_scores``). Otherwise the responses go through the model in
-    passes of similar length (``sft.length_groups``: sorted, cut to minimize padded tokens
+    passes of similar length (``forward.length_groups``: sorted, cut to minimize padded tokens
     + a cost per pass, at most ``max_rows`` rows each), each right-padded to its own longest
     row. Either way a score reads its own sequence only, so this equals one padded pass up
     to float rounding, with gradients: the loss of the micro-batch and its single backward
@@ -240,14 +240,9 @@ def train_reward_model(cfg, model, tokenizer, train: list[Group], held_out: list
     accelerator = accelerator or make_accelerator(cfg.mixed_precision)
     W, rank = accelerator.num_processes, accelerator.process_index
     B = cfg.batch_size
-    micro = cfg.micro_batch_size or B // W
-    if B % W or (B // W) % micro:
-        raise ValueError(f"rm.batch_size {B} must split into {W} processes x micro-batches of {micro}")
-    if len(train) < B:
-        raise ValueError(f"{len(train)} comparison groups are fewer than one batch of {B}")
+    micro, total_steps = batch_plan("rm", cfg, W, len(train), "comparison groups")
     objective = OBJECTIVES[cfg.loss]
     seed = cfg.seed if seed is None else seed
-    total_steps = cfg.max_steps or max(1, int(cfg.epochs * (len(train) // B)))
     pad_id = tokenizer.pad_token_id
 
     if not cfg.train_backbone:  # a linear probe on frozen features
@@ -256,15 +251,12 @@ def train_reward_model(cfg, model, tokenizer, train: list[Group], held_out: list
         reward_head(model).requires_grad_(True)
     fuse_activations(model)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    warmup = int(cfg.warmup_ratio * total_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.lr_schedule, warmup, total_steps))
-    model, optimizer = accelerator.prepare(model, optimizer)  # scheduler stepped by hand, as in SFT
+    optimizer, scheduler = make_optimizer(params, cfg, total_steps)
+    model, optimizer = accelerator.prepare(model, optimizer)  # the scheduler is stepped by hand
     packed = use_packing(model, cfg.packing, pad_id, head=reward_head(model))
     log = MetricsLog(out_dir / "metrics.jsonl" if out_dir else None, enabled=accelerator.is_main_process)
 
-    gen = torch.Generator().manual_seed(seed)
-    order: list[int] = []
+    batches = global_batches(len(train), B, seed)
     start = time.perf_counter()
     model.train()
     ev = evaluate_pairs(model, held_out, pad_id, accelerator, packed=packed) if held_out else {}
@@ -274,10 +266,7 @@ def train_reward_model(cfg, model, tokenizer, train: list[Group], held_out: list
     first_loss = float("nan")
     with progress_bar(total_steps, f"rm {member}" if member else "rm", enabled=accelerator.is_main_process) as bar:
         for step in range(1, total_steps + 1):
-            if len(order) < B:  # a new epoch: a fresh permutation, the same on every process
-                order = torch.randperm(len(train), generator=gen).tolist()
-            batch_idx, order = order[:B], order[B:]
-            global_batch = [train[i] for i in batch_idx]
+            global_batch = [train[i] for i in next(batches)]
             n_units = _units(global_batch, cfg.loss)  # pair weight (BT) or rankings (PL)
             shard = global_batch[rank * (B // W):(rank + 1) * (B // W)]
             sums = torch.zeros(3, dtype=torch.float64, device=accelerator.device)  # loss, correct, pairs
@@ -295,15 +284,9 @@ def train_reward_model(cfg, model, tokenizer, train: list[Group], held_out: list
                 n_pairs = sum(len(g.pairs) for g in chunk)
                 sums += torch.tensor([scaled.item() * (n_units / W), metrics["rm/accuracy"] * n_pairs,
                                       n_pairs], dtype=torch.float64, device=accelerator.device)
-            grad_norm = (accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
-                         if cfg.max_grad_norm > 0 else torch.tensor(float("nan")))
             sums = accelerator.reduce(sums, reduction="sum")
-            checked_norm = None if accelerator.scaler is not None else float(  # fp16: see train_sft
-                grad_norm if cfg.max_grad_norm > 0 else grad_norm_of(params))
-            stop_if_non_finite("rm", step, loss=sums[0].item() / n_units, grad_norm=checked_norm, lr=cfg.lr)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            grad_norm = optimizer_step(accelerator, params, optimizer, scheduler, cfg,
+                                       stage="rm", step=step, loss=sums[0].item() / n_units)
             metrics = {"rm/member": member, "train/loss": sums[0].item() / n_units,
                        "train/accuracy": sums[1].item() / max(1.0, sums[2].item()),
                        "train/lr": scheduler.get_last_lr()[0], "train/grad_norm": float(grad_norm),

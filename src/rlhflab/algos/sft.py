@@ -34,7 +34,7 @@ from rlhflab.losses import sft_loss
 from rlhflab.packing import response_logp_sums, use_packing
 from rlhflab.progress import progress_bar
 from rlhflab.tracking import MetricsLog
-from rlhflab.training import grad_norm_of, lr_lambda, stop_if_non_finite
+from rlhflab.training import batch_plan, global_batches, make_optimizer, optimizer_step
 
 
 def tokenize_rows(rows: list[dict], tokenizer, max_length: int) -> tuple[list[Tokenized], int]:
@@ -72,27 +72,16 @@ def train_sft(cfg, model, tokenizer, train: list[Tokenized], held_out: list[Toke
     accelerator = accelerator or make_accelerator(cfg.mixed_precision)
     W, rank = accelerator.num_processes, accelerator.process_index
     B = cfg.batch_size
-    micro = cfg.micro_batch_size or B // W
-    if B % W or (B // W) % micro:
-        raise ValueError(f"sft.batch_size {B} must split into {W} processes x micro-batches of {micro}")
-    if len(train) < B:
-        raise ValueError(f"{len(train)} training examples are fewer than one batch of {B}")
-    steps_per_epoch = len(train) // B
-    total_steps = cfg.max_steps or max(1, int(cfg.epochs * steps_per_epoch))
+    micro, total_steps = batch_plan("sft", cfg, W, len(train))
     pad_id = tokenizer.pad_token_id
 
     fuse_activations(model)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    warmup = int(cfg.warmup_ratio * total_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.lr_schedule, warmup, total_steps))
-    # The scheduler is stepped by hand once per optimizer step (not prepared: accelerate
-    # would step it once per process).
-    model, optimizer = accelerator.prepare(model, optimizer)
+    optimizer, scheduler = make_optimizer(model.parameters(), cfg, total_steps)
+    model, optimizer = accelerator.prepare(model, optimizer)  # the scheduler is stepped by hand
     packed = use_packing(model, cfg.packing, pad_id)
     log = MetricsLog(out_dir / "metrics.jsonl" if out_dir else None, enabled=accelerator.is_main_process)
 
-    gen = torch.Generator().manual_seed(cfg.seed)
-    order: list[int] = []
+    batches = global_batches(len(train), B, cfg.seed)
     history: list[dict] = []
     start = time.perf_counter()
     model.train()
@@ -100,10 +89,7 @@ def train_sft(cfg, model, tokenizer, train: list[Tokenized], held_out: list[Toke
     log.log({"eval/loss": eval_loss}, step=0)
     with progress_bar(total_steps, "sft", enabled=accelerator.is_main_process) as bar:
         for step in range(1, total_steps + 1):
-            if len(order) < B:  # a new epoch: a fresh permutation, the same on every process
-                order = torch.randperm(len(train), generator=gen).tolist()
-            batch_idx, order = order[:B], order[B:]
-            global_batch = [train[i] for i in batch_idx]
+            global_batch = [train[i] for i in next(batches)]
             n_tokens = sum(len(x.input_ids) - x.n_prompt for x in global_batch)
             shard = global_batch[rank * (B // W) : (rank + 1) * (B // W)]
             nll_total = torch.zeros((), device=accelerator.device)
@@ -121,18 +107,9 @@ def train_sft(cfg, model, tokenizer, train: list[Tokenized], held_out: list[Toke
                     loss, _ = sft_loss(lp, torch.ones_like(lp), n_tokens=n_tokens / W)
                     accelerator.backward(loss)
                 nll_total += loss.detach() * (n_tokens / W)
-            grad_norm = (
-                accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-                if cfg.max_grad_norm > 0 else torch.tensor(float("nan"))
-            )
             train_loss = accelerator.reduce(nll_total, reduction="sum").item() / n_tokens
-            # fp16's loss scaler expects (and skips) overflowing gradients: check the loss only.
-            checked_norm = None if accelerator.scaler is not None else float(
-                grad_norm if cfg.max_grad_norm > 0 else grad_norm_of(model.parameters()))
-            stop_if_non_finite("sft", step, loss=train_loss, grad_norm=checked_norm, lr=cfg.lr)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            grad_norm = optimizer_step(accelerator, model.parameters(), optimizer, scheduler, cfg,
+                                       stage="sft", step=step, loss=train_loss)
             metrics = {"train/loss": train_loss, "train/lr": scheduler.get_last_lr()[0],
                        "train/grad_norm": float(grad_norm), "train/tokens": n_tokens}
             if step % cfg.eval_every == 0 or step == total_steps:
