@@ -334,12 +334,12 @@ class RMConfig(TrainConfig):
     ensemble: int = _f(1, "members trained with different seeds and data orders", "int >= 1")
     train_backbone: bool = _f(True, "false = only the head trains (a linear probe on frozen features)")
     backbone: str | None = _f(None, "local HF checkpoint for the RM; empty = the SFT policy")
-    max_length: int = _restate("max_length", help="longest prompt + response in tokens")
     k: int = _f(4, "responses sampled per prompt when collecting comparisons", "int >= 2")
     n_prompts: int = _f(256, "prompts to collect comparisons on (each gives up to C(k, 2) pairs)", "int >= 1")
     n_eval_prompts: int = _f(64, "held-out prompts collected for evaluation", "int >= 1")
     n_reference: int = _f(256, "SFT samples whose rewards set the normalization (mean 0, std 1)", "int >= 2")
     eval_fraction: float = _f(0.1, "share of a user's file held out when no --eval-data is given", "[0, 1)")
+    max_length: int = _restate("max_length", help="longest prompt + response in tokens")
 
 
 @dataclass

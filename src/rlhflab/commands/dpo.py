@@ -206,9 +206,9 @@ def run_dpo(cfg: Config, out: Path, sft: Path, data: str | None = None, eval_dat
     )
     from rlhflab.world import World
 
-    d = cfg.dpo
-    accelerator = make_accelerator(d.mixed_precision)
+    accelerator = make_accelerator(cfg.dpo.mixed_precision)
     check_out_dir(out, overwrite)  # on every process, before anything is written
+    d = cfg.dpo
     world = World(cfg.world)
     train_rows, eval_rows = load_dpo_rows(cfg, world, data, eval_data, unpaired_from_pairs)
     sft_dir = resolve_model_dir(sft, "--sft")
