@@ -29,7 +29,10 @@ hyper-parameters and whether it needs a reference, are registered in ``rlhflab.r
 
 Conventions for the DPO family: every ``*_logps`` input is the per-sequence SUM of token
 log-probs over response tokens, shape ``(B,)``; ``*_lengths`` is the number of response
-tokens, shape ``(B,)``.
+tokens, shape ``(B,)``. A paired loss is called ``fn(policy_chosen_logps,
+policy_rejected_logps, a, b, **hparams)`` with (a, b) the reference's log-probs or, for the
+reference-free ones, the lengths; KTO as ``fn(policy_logps, ref_logps, is_desirable,
+kl_ref_point, **hparams)``.
 """
 
 from __future__ import annotations
@@ -222,12 +225,9 @@ def plackett_luce_loss(rewards: torch.Tensor, *, mask: torch.Tensor | None = Non
 # ------------------------------------------------ 2. paired preference losses (DPO family)
 
 
-def _logratios(
-    policy_chosen_logps: torch.Tensor,
-    policy_rejected_logps: torch.Tensor,
-    ref_chosen_logps: torch.Tensor,
-    ref_rejected_logps: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _logratios(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
+               ref_chosen_logps: torch.Tensor,
+               ref_rejected_logps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """log pi(y_w)/pi_ref(y_w) and log pi(y_l)/pi_ref(y_l), each (B,); h is their difference."""
     _check_same_shape(
         policy_chosen_logps=policy_chosen_logps,
@@ -238,14 +238,10 @@ def _logratios(
     return policy_chosen_logps - ref_chosen_logps, policy_rejected_logps - ref_rejected_logps
 
 
-def _reference_pair_loss(
-    per_pair: Callable[[torch.Tensor], torch.Tensor],
-    reward_scale: float,
-    policy_chosen_logps: torch.Tensor,
-    policy_rejected_logps: torch.Tensor,
-    ref_chosen_logps: torch.Tensor,
-    ref_rejected_logps: torch.Tensor,
-) -> LossOutput:
+def _reference_pair_loss(per_pair: Callable[[torch.Tensor], torch.Tensor], reward_scale: float,
+                         policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
+                         ref_chosen_logps: torch.Tensor,
+                         ref_rejected_logps: torch.Tensor) -> LossOutput:
     """What DPO, cDPO, IPO and the hinge loss share: L = mean_i per_pair(h_i) with
     h = log pi(y_w)/pi_ref(y_w) - log pi(y_l)/pi_ref(y_l), and the metrics of
     ``_pair_metrics`` with the implicit rewards reward_scale * log pi/pi_ref."""
@@ -253,20 +249,14 @@ def _reference_pair_loss(
         policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps
     )
     loss = per_pair(chosen_lr - rejected_lr).mean()
-    metrics = _pair_metrics(
-        reward_scale * chosen_lr, reward_scale * rejected_lr, policy_chosen_logps, policy_rejected_logps
-    )
+    metrics = _pair_metrics(reward_scale * chosen_lr, reward_scale * rejected_lr,
+                            policy_chosen_logps, policy_rejected_logps)
     return loss, metrics
 
 
-def dpo_loss(
-    policy_chosen_logps: torch.Tensor,
-    policy_rejected_logps: torch.Tensor,
-    ref_chosen_logps: torch.Tensor,
-    ref_rejected_logps: torch.Tensor,
-    *,
-    beta: float = 0.1,
-) -> LossOutput:
+def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
+             ref_chosen_logps: torch.Tensor, ref_rejected_logps: torch.Tensor, *,
+             beta: float = 0.1) -> LossOutput:
     """Direct Preference Optimization (Rafailov et al. 2023).
 
         h = [log pi(y_w) - log pi_ref(y_w)] - [log pi(y_l) - log pi_ref(y_l)]
@@ -283,15 +273,9 @@ def dpo_loss(
     )
 
 
-def cdpo_loss(
-    policy_chosen_logps: torch.Tensor,
-    policy_rejected_logps: torch.Tensor,
-    ref_chosen_logps: torch.Tensor,
-    ref_rejected_logps: torch.Tensor,
-    *,
-    beta: float = 0.1,
-    label_smoothing: float = 0.0,
-) -> LossOutput:
+def cdpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
+              ref_chosen_logps: torch.Tensor, ref_rejected_logps: torch.Tensor, *,
+              beta: float = 0.1, label_smoothing: float = 0.0) -> LossOutput:
     """Conservative DPO: DPO with labels flipped with probability eps (Mitchell 2023,
     "A note on DPO with noisy preferences and relationship to IPO").
 
@@ -301,21 +285,18 @@ def cdpo_loss(
     """
     def per_pair(h: torch.Tensor) -> torch.Tensor:
         logits = beta * h
-        return -(1.0 - label_smoothing) * F.logsigmoid(logits) - label_smoothing * F.logsigmoid(-logits)
+        return (-(1.0 - label_smoothing) * F.logsigmoid(logits)
+                - label_smoothing * F.logsigmoid(-logits))
 
     return _reference_pair_loss(
-        per_pair, beta, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps
+        per_pair, beta,
+        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
     )
 
 
-def ipo_loss(
-    policy_chosen_logps: torch.Tensor,
-    policy_rejected_logps: torch.Tensor,
-    ref_chosen_logps: torch.Tensor,
-    ref_rejected_logps: torch.Tensor,
-    *,
-    tau: float = 0.1,
-) -> LossOutput:
+def ipo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
+             ref_chosen_logps: torch.Tensor, ref_rejected_logps: torch.Tensor, *,
+             tau: float = 0.1) -> LossOutput:
     """Identity Preference Optimization (Azar et al. 2023, "A General Theoretical Paradigm
     to Understand Learning from Human Preferences"), the IPO loss of eq. (17):
 
@@ -332,14 +313,9 @@ def ipo_loss(
     )
 
 
-def hinge_loss(
-    policy_chosen_logps: torch.Tensor,
-    policy_rejected_logps: torch.Tensor,
-    ref_chosen_logps: torch.Tensor,
-    ref_rejected_logps: torch.Tensor,
-    *,
-    beta: float = 0.1,
-) -> LossOutput:
+def hinge_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
+               ref_chosen_logps: torch.Tensor, ref_rejected_logps: torch.Tensor, *,
+               beta: float = 0.1) -> LossOutput:
     """Hinge (SLiC) loss on the DPO log-ratio (Zhao et al. 2023, "SLiC-HF"; with the
     reference log-ratio as in Liu et al. 2023, "Statistical Rejection Sampling"):
 
@@ -354,15 +330,24 @@ def hinge_loss(
     )
 
 
-def simpo_loss(
-    policy_chosen_logps: torch.Tensor,
-    policy_rejected_logps: torch.Tensor,
-    chosen_lengths: torch.Tensor,
-    rejected_lengths: torch.Tensor,
-    *,
-    beta: float = 2.0,
-    gamma: float = 0.5,
-) -> LossOutput:
+def _lengths(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
+             chosen_lengths: torch.Tensor,
+             rejected_lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The response lengths of a reference-free loss in the log-probs' dtype, each (B,),
+    after checking that all four are (B,)."""
+    _check_same_shape(
+        policy_chosen_logps=policy_chosen_logps,
+        policy_rejected_logps=policy_rejected_logps,
+        chosen_lengths=chosen_lengths,
+        rejected_lengths=rejected_lengths,
+    )
+    dtype = policy_chosen_logps.dtype
+    return chosen_lengths.to(dtype), rejected_lengths.to(dtype)
+
+
+def simpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
+               chosen_lengths: torch.Tensor, rejected_lengths: torch.Tensor, *, beta: float = 2.0,
+               gamma: float = 0.5) -> LossOutput:
     """Simple Preference Optimization, reference-free (Meng et al. 2024, "SimPO"):
 
         L = mean_i -log sigmoid( beta/|y_w| log pi(y_w) - beta/|y_l| log pi(y_l) - gamma )
@@ -372,15 +357,11 @@ def simpo_loss(
     Rewards in the metrics are the length-normalized beta * log pi(y) / |y| (no reference);
     logps/* are the mean summed log-probs, as for DPO.
     """
-    _check_same_shape(
-        policy_chosen_logps=policy_chosen_logps,
-        policy_rejected_logps=policy_rejected_logps,
-        chosen_lengths=chosen_lengths,
-        rejected_lengths=rejected_lengths,
+    chosen_len, rejected_len = _lengths(
+        policy_chosen_logps, policy_rejected_logps, chosen_lengths, rejected_lengths
     )
-    dtype = policy_chosen_logps.dtype
-    chosen_rewards = beta * policy_chosen_logps / chosen_lengths.to(dtype)
-    rejected_rewards = beta * policy_rejected_logps / rejected_lengths.to(dtype)
+    chosen_rewards = beta * policy_chosen_logps / chosen_len
+    rejected_rewards = beta * policy_rejected_logps / rejected_len
     loss = -F.logsigmoid(chosen_rewards - rejected_rewards - gamma).mean()
     metrics = _pair_metrics(
         chosen_rewards, rejected_rewards, policy_chosen_logps, policy_rejected_logps
@@ -401,14 +382,9 @@ def log1mexp(a: torch.Tensor) -> torch.Tensor:
     return torch.where(a < cut, far, near)
 
 
-def orpo_loss(
-    policy_chosen_logps: torch.Tensor,
-    policy_rejected_logps: torch.Tensor,
-    chosen_lengths: torch.Tensor,
-    rejected_lengths: torch.Tensor,
-    *,
-    lam: float = 0.1,
-) -> LossOutput:
+def orpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
+              chosen_lengths: torch.Tensor, rejected_lengths: torch.Tensor, *,
+              lam: float = 0.1) -> LossOutput:
     """Odds-Ratio Preference Optimization, reference-free (Hong et al. 2024, "ORPO").
 
     With the mean-token log-prob a(y) = log pi(y) / |y| (the paper's length-normalized
@@ -425,16 +401,12 @@ def orpo_loss(
     log-probs, plus orpo/nll_loss, orpo/log_odds_ratio (mean log sigmoid of the log-odds
     difference) and orpo/log_odds_chosen (mean log-odds difference).
     """
-    _check_same_shape(
-        policy_chosen_logps=policy_chosen_logps,
-        policy_rejected_logps=policy_rejected_logps,
-        chosen_lengths=chosen_lengths,
-        rejected_lengths=rejected_lengths,
+    chosen_len, rejected_len = _lengths(
+        policy_chosen_logps, policy_rejected_logps, chosen_lengths, rejected_lengths
     )
-    dtype = policy_chosen_logps.dtype
-    top = -torch.finfo(dtype).eps
-    chosen_mean = (policy_chosen_logps / chosen_lengths.to(dtype)).clamp(max=top)
-    rejected_mean = (policy_rejected_logps / rejected_lengths.to(dtype)).clamp(max=top)
+    top = -torch.finfo(policy_chosen_logps.dtype).eps
+    chosen_mean = (policy_chosen_logps / chosen_len).clamp(max=top)
+    rejected_mean = (policy_rejected_logps / rejected_len).clamp(max=top)
     log_odds = (chosen_mean - log1mexp(chosen_mean)) - (rejected_mean - log1mexp(rejected_mean))
     ratio_term = F.logsigmoid(log_odds)
     nll = -chosen_mean
@@ -528,29 +500,6 @@ def kto_loss(
     if is_desirable.any() and undesirable.any():
         metrics["rewards/margins"] = metrics["rewards/chosen"] - metrics["rewards/rejected"]
     return loss, metrics
-
-
-# ------------------------------------------------------------------ 4. registries
-
-PreferenceLoss = Callable[..., LossOutput]
-
-# Paired losses, called as fn(policy_chosen_logps, policy_rejected_logps, a, b, **hparams)
-# where (a, b) are (ref_chosen_logps, ref_rejected_logps), or, for the names in
-# REFERENCE_FREE_LOSSES, (chosen_lengths, rejected_lengths): those need no reference
-# forward pass. Hyper-parameter names differ per loss (beta, label_smoothing, tau, gamma,
-# lam); see each function.
-PREFERENCE_LOSSES: dict[str, PreferenceLoss] = {
-    "dpo": dpo_loss,
-    "cdpo": cdpo_loss,
-    "ipo": ipo_loss,
-    "hinge": hinge_loss,
-    "simpo": simpo_loss,
-    "orpo": orpo_loss,
-}
-REFERENCE_FREE_LOSSES: frozenset[str] = frozenset({"simpo", "orpo"})
-
-# Unpaired losses: fn(policy_logps, ref_logps, is_desirable, kl_ref_point, **hparams).
-UNPAIRED_LOSSES: dict[str, PreferenceLoss] = {"kto": kto_loss}
 
 
 # ------------------------------------------------------------ 4. supervised fine-tuning
