@@ -148,6 +148,11 @@ def field_domain(f: dataclasses.Field) -> Domain | None:
     return _parse_domain(spec) if spec else None
 
 
+def field_choices(cls: type, name: str) -> tuple[str, ...]:
+    """The words field ``name`` of config dataclass ``cls`` accepts (a CLI flag's choices)."""
+    return _parse_domain(next(f for f in dataclasses.fields(cls) if f.name == name).metadata["domain"]).choices
+
+
 def check_value(f: dataclasses.Field, value: Any) -> str | None:
     """None if ``value`` (already of the field's type) is allowed in field ``f``, else why not."""
     dom = field_domain(f)

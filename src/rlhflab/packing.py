@@ -1,7 +1,7 @@
 """Packed passes: several sequences share one row of a forward pass.
 
 A batch of the world's rows padded to its longest row is more than half padding; cutting it
-into passes of similar length (``algos.sft.length_groups``) removes the padding but leaves
+into passes of similar length (``forward.length_groups``) removes the padding but leaves
 small matrix products that keep a second CPU thread idle. Packing removes the padding AND
 keeps one large product: sequences are laid end to end in rows of ``row_len`` tokens
 (first-fit decreasing), each attends only to itself (a block-diagonal causal mask, passed as

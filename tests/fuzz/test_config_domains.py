@@ -231,7 +231,7 @@ def test_values_at_the_edges_of_a_domain_load(name):
     assert not wrong, wrong
 
 
-# The issue's own list, written out by hand (independent of the declared domains).
+# Bad values written out by hand, independent of the declared domains.
 REPORTED = [
     "rl.beta=nan", "rl.gamma=nan", "dpo.beta=.inf", "sft.lr=.inf", "sft.lr=-1", "sft.lr=nan", "rm.lr=-1",
     "rm.lr=nan", "dpo.lr=-1", "dpo.lr=nan", "rl.lr=-1", "rl.lr=nan", "sft.max_steps=-1", "sft.eval_every=0",

@@ -19,6 +19,13 @@ from pathlib import Path
 from rlhflab.config import Config, add_config_arguments, config_from_args, save_config
 from rlhflab.registry import PREFERENCE_LOSSES
 
+# The losses that train on single labelled responses (KTO) rather than on pairs.
+UNPAIRED = " or ".join(PREFERENCE_LOSSES.where(unpaired=True))
+
+
+def is_unpaired(loss: str) -> bool:
+    return PREFERENCE_LOSSES.entry(loss).options["unpaired"]
+
 
 def add_arguments(p) -> None:
     add_config_arguments(p)
@@ -67,17 +74,17 @@ def _load(path: str, loss: str, unpaired_from_pairs: bool) -> list[dict]:
     from rlhflab.errors import InputError
 
     fmt = detect_format(path)
-    if loss == "kto":
+    if is_unpaired(loss):
         if fmt == "unpaired":
             return load_jsonl(path, "unpaired")
         if not unpaired_from_pairs:
-            raise InputError("kto trains on unpaired rows (prompt/completion/label) and this file holds "
+            raise InputError(f"{loss} trains on unpaired rows (prompt/completion/label) and this file holds "
                              "preference pairs; pass --unpaired-from-pairs to split each pair into a "
                              "desirable and an undesirable example", file=str(path))
         return load_jsonl(path, "preference")
     if fmt == "unpaired":
         raise InputError(f"{loss} trains on preference rows (prompt/chosen/rejected) and this file holds "
-                         "unpaired rows (prompt/completion/label); use --loss kto", file=str(path))
+                         f"unpaired rows (prompt/completion/label); use --loss {UNPAIRED}", file=str(path))
     return load_jsonl(path, "preference")
 
 
@@ -92,15 +99,15 @@ def load_dpo_rows(cfg: Config, world, data: str | None, eval_data: str | None,
     from rlhflab.errors import InputError
 
     loss = cfg.dpo.loss
-    if unpaired_from_pairs and loss != "kto":
-        raise InputError("--unpaired-from-pairs applies to --loss kto only")
+    if unpaired_from_pairs and not is_unpaired(loss):
+        raise InputError(f"--unpaired-from-pairs applies to --loss {UNPAIRED} only")
 
     def as_needed(rows: list[dict]) -> list[dict]:
-        return pairs_to_unpaired(rows) if loss == "kto" and "chosen" in rows[0] else rows
+        return pairs_to_unpaired(rows) if is_unpaired(loss) and "chosen" in rows[0] else rows
 
     if data is None:
-        if loss == "kto" and not unpaired_from_pairs:
-            raise InputError("kto trains on unpaired rows and the world's comparisons are pairs; pass "
+        if is_unpaired(loss) and not unpaired_from_pairs:
+            raise InputError(f"{loss} trains on unpaired rows and the world's comparisons are pairs; pass "
                              "--unpaired-from-pairs (or --data with prompt/completion/label rows)")
         n_eval = cfg.dpo.n_eval_pairs or max(1, cfg.world.n_preferences // 5)
         return (as_needed(world.preference_pairs(cfg.world.n_preferences, "pref")),
@@ -219,10 +226,10 @@ def run_dpo(cfg: Config, out: Path, sft: Path, data: str | None = None, eval_dat
         raise InputError(f"{d.max_length} is longer than the model's {positions} positions", field="dpo.max_length")
 
     def tokenize(rows, what):
-        if d.loss != "kto":
+        if not is_unpaired(d.loss):
             return tokenize_pairs(rows, tok, d.max_length)
         if len(rows) < 2:  # each example needs another one to mismatch with
-            raise InputError(f"kto needs at least 2 {what} examples, got {len(rows)}", file=data)
+            raise InputError(f"{d.loss} needs at least 2 {what} examples, got {len(rows)}", file=data)
         return tokenize_unpaired(rows, tok, d.max_length, seed=d.seed)
 
     train, stats = tokenize(train_rows, "training")

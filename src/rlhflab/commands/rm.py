@@ -21,9 +21,11 @@ from pathlib import Path
 
 from rlhflab.config import (
     Config,
+    RMConfig,
     add_config_arguments,
     check_section,
     config_from_args,
+    field_choices,
     save_config,
 )
 from rlhflab.errors import InputError
@@ -41,7 +43,7 @@ def add_arguments(p) -> None:
                    "(default: rm.backbone, else the SFT policy)")
     p.add_argument("--ensemble", type=int, help="train K members (sets rm.ensemble)")
     p.add_argument("--min-agreement", type=float, help="drop pairs with less rater agreement (sets rm.min_agreement)")
-    p.add_argument("--loss", choices=("bradley_terry", "plackett_luce"), help="sets rm.loss")
+    p.add_argument("--loss", choices=field_choices(RMConfig, "loss"), help="sets rm.loss")
     p.add_argument("--label-smoothing", type=float, help="sets rm.label_smoothing")
     p.add_argument("--center-coef", type=float, help="sets rm.center_coef")
 
