@@ -76,8 +76,8 @@ class UpdateBatch:
 
     def select(self, rows: torch.Tensor) -> UpdateBatch:
         """The batch of ``rows`` (indices or a bool mask over B): every field filtered together."""
-        return dataclasses.replace(self, **{f.name: None if getattr(self, f.name) is None else getattr(self, f.name)[rows]
-                                            for f in dataclasses.fields(self)})
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return dataclasses.replace(self, **{k: None if v is None else v[rows] for k, v in fields.items()})
 
 
 @dataclass
