@@ -6,7 +6,7 @@
 Times the policy passes of DPO (summed response log-probs of chosen + rejected, forward +
 backward, ``algos.dpo.sequence_logps``) on random batches of 32 of the world's pairs with
 the SFT policy: one pass per batch (what the loop does) against passes cut by
-``algos.sft.length_groups`` over each pair's longer sequence. The gradient is the same
+``forward.length_groups`` over each pair's longer sequence. The gradient is the same
 either way (the losses are normalized by the global batch). Writes
 ``bench/results/grouping_probe.json``.
 """

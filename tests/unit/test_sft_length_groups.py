@@ -1,4 +1,4 @@
-"""``algos.sft.length_groups``: how one process's slice of a batch is cut into passes.
+"""``forward.length_groups``: how one process's slice of a batch is cut into passes.
 
 The gradient does not depend on the cut (every pass's loss is divided by the global token
 count; ``tests/component/test_sft_training.py`` checks that accumulation equals one batch),
