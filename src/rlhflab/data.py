@@ -61,6 +61,18 @@ class Messages(list):
         self.where = dict(where or {})
 
 
+class Text(str):
+    """A text field as read from a file: a string that remembers where it came from
+    (``where``), as ``Messages`` does, so that a chat template failing on it names the row."""
+
+    where: dict
+
+    def __new__(cls, value: str, where: dict | None = None) -> Text:
+        obj = super().__new__(cls, value)
+        obj.where = dict(where or {})
+        return obj
+
+
 def _bad_value(obj: Any) -> str | None:
     """What JSON accepts that no row may hold: a non-finite number or a lone surrogate."""
     if isinstance(obj, float):
@@ -114,7 +126,7 @@ def _check_text(value: Any, where: dict, name: str) -> Any:
     if isinstance(value, str):
         if not value.strip():
             raise InputError("empty text", field=name, **where)
-        return value
+        return Text(value, where)
     if isinstance(value, list) and value:
         for i, msg in enumerate(value):
             if not (isinstance(msg, dict) and isinstance(msg.get("role"), str) and isinstance(msg.get("content"), str)):
@@ -195,13 +207,33 @@ def validate_row(row: dict, fmt: str, where: dict) -> dict:
     return row
 
 
-def load_jsonl(path: str | Path, fmt: str) -> list[dict]:
-    """All rows of a JSONL file in format ``fmt`` (see module docstring), validated."""
+def load_rows(path: str | Path, fmt: str, *, quiet: bool = False) -> list[dict]:
+    """All rows of ``path`` in format ``fmt`` (see the module docstring), validated. ``path``
+    is a JSONL file, a JSON array, a Parquet or Arrow file or a ``datasets`` directory
+    (``rlhflab.readers``), and TRL's other row shapes (``messages``; preference rows whose
+    prompt is implicit in chosen/rejected) are reshaped first; a line on stderr says how
+    many rows were (unless ``quiet``)."""
+    from rlhflab.readers import Reshaped, normalize_row, read_records
+
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}")
-    rows = [validate_row(obj, fmt, {"file": str(path), "line": n}) for n, obj in iter_jsonl(path)]
+    reshaped = Reshaped()
+    rows = []
+    for where, obj in read_records(path):
+        if not isinstance(obj, dict):
+            raise InputError("expected an object with the format's fields", **where)
+        if not str(path).endswith(".jsonl") or where.get("unit") == "row":
+            for key, value in obj.items():  # what iter_jsonl checks on JSON Lines
+                bad = _bad_value(key) or _bad_value(value)
+                if bad:
+                    raise InputError(bad, field=key if not _SURROGATE.search(key) else ascii(key)[1:-1], **where)
+        rows.append(validate_row(normalize_row(obj, fmt, where, reshaped), fmt, where))
     if not rows:
         raise InputError("no rows", file=str(path))
+    if reshaped and not quiet:
+        import sys
+
+        print(f"{path}: {len(rows)} {fmt} rows; {reshaped.describe()}", file=sys.stderr)
     return rows
 
 
@@ -224,7 +256,7 @@ def _row_place(*values: Any) -> dict:
     for v in values:
         where = getattr(v, "where", None)
         if where:
-            return {k: where[k] for k in ("file", "line") if k in where}
+            return {k: where[k] for k in ("file", "line", "unit") if k in where}
     return {}
 
 
@@ -245,14 +277,33 @@ def apply_template(messages: list, tokenizer, *, add_generation_prompt: bool = F
         raise InputError(f"the chat template of {source} failed on this row: {first}", **where) from None
 
 
+def has_chat_template(tokenizer) -> bool:
+    """Whether prompts given to this tokenizer's model go through its chat template: a
+    conversational prompt always must; a plain-text prompt does too when the tokenizer has
+    a template (it becomes the user's message), so that training, rollout, evaluation and
+    scoring all give the model what ``apply_chat_template`` gives it."""
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def prompt_text(prompt: Any, tokenizer, where: dict | None = None) -> str:
+    """The text a model is given for ``prompt`` (text or messages): the chat template with
+    its generation prompt when the prompt is conversational or the tokenizer has a
+    template, else the text itself."""
+    if isinstance(prompt, str) and not has_chat_template(tokenizer):
+        return prompt
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+    return apply_template(messages, tokenizer, add_generation_prompt=True, where=where or _row_place(prompt))
+
+
 def render(prompt: Any, completion: Any, tokenizer, where: dict | None = None) -> tuple[str, str]:
-    """(prompt text, completion text); conversational rows go through the chat template.
+    """(prompt text, completion text); conversational rows, and every row when the tokenizer
+    has a chat template (``has_chat_template``), go through the template.
 
     The completion text is what the template adds after the prompt's generation prompt,
     so prompt + completion tokenizes as the template would. Errors name the row's file and
-    line (``where``, else where ``load_jsonl`` read the messages).
+    line (``where``, else where ``load_rows`` read the messages).
     """
-    if isinstance(prompt, str) and isinstance(completion, str):
+    if isinstance(prompt, str) and isinstance(completion, str) and not has_chat_template(tokenizer):
         return prompt, completion
     where = where or _row_place(prompt, completion)
     prompt_msgs = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
@@ -266,6 +317,13 @@ def render(prompt: Any, completion: Any, tokenizer, where: dict | None = None) -
     return p, full[len(p):]
 
 
+def prompt_ids(text: str, tokenizer) -> list[int]:
+    """A prompt's ids: special tokens added (a BOS-adding tokenizer's BOS) unless the text
+    came from a chat template, which writes its own (Llama 2's ``{{ bos_token }}``), so that
+    the ids equal ``apply_chat_template``'s with no second BOS."""
+    return tokenizer(text, add_special_tokens=not has_chat_template(tokenizer)).input_ids
+
+
 @dataclass
 class Tokenized:
     """One prompt + response as ids; ``n_prompt`` leading ids are the prompt."""
@@ -275,17 +333,33 @@ class Tokenized:
     truncated: bool
 
 
+def completion_ids(completion: str, tokenizer, add_eos: bool) -> list[int]:
+    """The completion's ids ending with EOS exactly once when ``add_eos``, and without it
+    otherwise. A completion rendered by a chat template already closes its turn with the
+    template's end-of-turn marker; when that marker is the tokenizer's EOS (ChatML's
+    ``<|im_end|>`` for Qwen2) no second EOS is appended, and the template's text after it
+    (ChatML's newline) is kept, so the ids equal ``apply_chat_template``'s. A response that
+    never emitted EOS (``add_eos`` false: cut at the token limit) loses the marker the
+    template put there and what follows it."""
+    eos_text = tokenizer.eos_token
+    if eos_text and eos_text in completion:
+        if not add_eos:
+            completion = completion[:completion.rfind(eos_text)]
+        return tokenizer(completion, add_special_tokens=False).input_ids
+    ids = tokenizer(completion, add_special_tokens=False).input_ids
+    return ids + [tokenizer.eos_token_id] if add_eos else ids
+
+
 def tokenize_pair(prompt: str, completion: str, tokenizer, max_length: int, add_eos: bool = True) -> Tokenized:
-    """Prompt and completion tokenized separately (no merge across the boundary), EOS appended.
+    """Prompt and completion tokenized separately (no merge across the boundary), EOS
+    appended once (``completion_ids``).
 
     Truncation policy: when too long, the prompt loses tokens from its start (the end of a
     prompt is what the response answers); if the response alone is too long it loses its
     end. Either way ``truncated`` is set, and callers count it.
     """
-    p_ids = tokenizer(prompt, add_special_tokens=True).input_ids
-    c_ids = tokenizer(completion, add_special_tokens=False).input_ids
-    if add_eos:
-        c_ids = c_ids + [tokenizer.eos_token_id]
+    p_ids = prompt_ids(prompt, tokenizer)
+    c_ids = completion_ids(completion, tokenizer, add_eos)
     truncated = False
     if len(p_ids) + len(c_ids) > max_length:
         truncated = True
@@ -326,10 +400,9 @@ def tokenize_responses(prompt: str, completions: list[str], tokenizer, max_lengt
     a sampled response cut at the token limit never emitted EOS and must not be scored as
     if it had.
     """
-    p_ids = tokenizer(prompt, add_special_tokens=True).input_ids
+    p_ids = prompt_ids(prompt, tokenizer)
     eos_flags = add_eos if isinstance(add_eos, (list, tuple)) else [add_eos] * len(completions)
-    c_ids = [tokenizer(c, add_special_tokens=False).input_ids + ([tokenizer.eos_token_id] if e else [])
-             for c, e in zip(completions, eos_flags)]
+    c_ids = [completion_ids(c, tokenizer, e) for c, e in zip(completions, eos_flags)]
     longest = max(len(c) for c in c_ids)
     if len(p_ids) + longest <= max_length:
         return [Tokenized(p_ids + c, len(p_ids), False) for c in c_ids]

@@ -272,7 +272,7 @@ def normalize_row(row: dict, fmt: str, where: dict, reshaped: Reshaped | None = 
         try:
             prompt, c, r = extract_prompt(chosen, rejected)
         except ValueError as err:
-            raise InputError(f"no 'prompt', and {err}", field="prompt", **where) from None
+            raise InputError(f"missing, and no implicit prompt: {err}", field="prompt", **where) from None
         if reshaped is not None:
             reshaped["implicit prompt extracted"] += 1
         return {**row, "prompt": prompt, "chosen": c, "rejected": r}

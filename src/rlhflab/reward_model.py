@@ -191,19 +191,29 @@ class RewardModel(torch.nn.Module):
 
     # ---- scoring
 
-    def _encode_all(self, prompts: list[str], responses: list[str], eos: list[bool] | None) -> list[list[int]]:
+    def _encode_all(self, prompts: list, responses: list, eos: list[bool] | None,
+                    rendered: bool = False) -> list[list[int]]:
+        """Ids of each (prompt, response): rendered as training rendered them (the chat
+        template for a conversational prompt, or for any prompt when the tokenizer has one:
+        ``data.render``) unless ``rendered`` (the texts are the template's output already)."""
+        from rlhflab.data import render
+
         if len(prompts) != len(responses):
             raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
         eos = [True] * len(prompts) if eos is None else list(eos)
         if len(eos) != len(prompts):
             raise ValueError(f"{len(eos)} eos flags for {len(prompts)} responses")
+        if not rendered:
+            pairs = [render(p, r, self.tokenizer) for p, r in zip(prompts, responses)]
+            prompts, responses = [p for p, _ in pairs], [r for _, r in pairs]
         return [encode(self.tokenizer, p, r, bool(e), self.max_length) for p, r, e in zip(prompts, responses, eos)]
 
     @torch.no_grad()
-    def raw_member_scores(self, prompts: list[str], responses: list[str], *, eos: list[bool] | None = None,
-                          batch_size: int = 64) -> torch.Tensor:
-        """Raw (un-normalized) scores of every member: (M, B) float32 on the CPU."""
-        seqs = self._encode_all(prompts, responses, eos)
+    def raw_member_scores(self, prompts: list, responses: list, *, eos: list[bool] | None = None,
+                          batch_size: int = 64, rendered: bool = False) -> torch.Tensor:
+        """Raw (un-normalized) scores of every member: (M, B) float32 on the CPU. Prompts are
+        text or messages; ``rendered`` says they are already the chat template's text."""
+        seqs = self._encode_all(prompts, responses, eos, rendered)
         out = torch.zeros((self.n_members, len(seqs)), dtype=torch.float32)
         # Sorting by length keeps padding (and wasted compute) small; scores go back in order.
         order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
@@ -216,16 +226,16 @@ class RewardModel(torch.nn.Module):
                 out[m, idx] = forward_scores(model, ids, attn).float().cpu()
         return out
 
-    def member_scores(self, prompts: list[str], responses: list[str], *, eos: list[bool] | None = None,
-                      batch_size: int = 64) -> torch.Tensor:
+    def member_scores(self, prompts: list, responses: list, *, eos: list[bool] | None = None,
+                      batch_size: int = 64, rendered: bool = False) -> torch.Tensor:
         """Normalized scores of every member: (M, B)."""
-        raw = self.raw_member_scores(prompts, responses, eos=eos, batch_size=batch_size)
+        raw = self.raw_member_scores(prompts, responses, eos=eos, batch_size=batch_size, rendered=rendered)
         gains = torch.tensor(self.gains, dtype=torch.float32)[:, None]
         biases = torch.tensor(self.biases, dtype=torch.float32)[:, None]
         return gains * raw + biases
 
-    def score(self, prompts: list[str], responses: list[str], *, eos: list[bool] | None = None,
-              batch_size: int = 64, reduce: str = "mean", k: float = 1.0) -> torch.Tensor:
+    def score(self, prompts: list, responses: list, *, eos: list[bool] | None = None,
+              batch_size: int = 64, reduce: str = "mean", k: float = 1.0, rendered: bool = False) -> torch.Tensor:
         """Normalized rewards (B,) float32 on the CPU.
 
         ``eos[i]`` False means response i was truncated without EOS (no end token is
@@ -236,7 +246,8 @@ class RewardModel(torch.nn.Module):
             raise ValueError(f"reduce must be one of {', '.join(REDUCTIONS)}, got {reduce!r}")
         if not prompts:
             return torch.zeros(0, dtype=torch.float32)
-        return REDUCTIONS[reduce](self.member_scores(prompts, responses, eos=eos, batch_size=batch_size), k)
+        return REDUCTIONS[reduce](self.member_scores(prompts, responses, eos=eos, batch_size=batch_size,
+                                                     rendered=rendered), k)
 
     # ---- persistence
 

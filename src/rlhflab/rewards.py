@@ -146,6 +146,10 @@ class ModelReward:
         return self._model
 
     def __call__(self, prompts: list[str], responses: list[str], eos: list[bool], rows=None) -> torch.Tensor:
+        """With ``rows``, the rows' prompts (text or messages) are scored, rendered by the
+        reward model's own tokenizer as in its training; without, ``prompts`` are plain
+        prompt texts (the world's)."""
+        prompts = [r["prompt"] for r in rows] if rows else prompts
         scores = self.model.score(prompts, responses, eos=eos, batch_size=self.batch_size)
         return torch.as_tensor(scores, dtype=torch.float32).detach().cpu().reshape(-1)
 

@@ -216,7 +216,8 @@ class Rollout:
 @torch.no_grad()
 def collect_rollout(policy, reference, tokenizer, prompts: list[str], seeds: Sequence[int], reward, *,
                     generation, group_size: int = 1, value_model=None, no_eos_penalty: float = 0.0,
-                    forward_batch_size: int | None = None, rescore: bool = False) -> Rollout:
+                    forward_batch_size: int | None = None, rescore: bool = False,
+                    rows: Sequence[dict] | None = None) -> Rollout:
     """Generate, score and measure one batch.
 
     Args:
@@ -238,10 +239,11 @@ def collect_rollout(policy, reference, tokenizer, prompts: list[str], seeds: Seq
             trainer legitimately differ. Without it the sampler's log-probs are the old
             log-probs (one in-process engine: equal to float precision).
     """
+    from rlhflab.data import prompt_ids
     from rlhflab.rewards import score_responses
 
     T = generation.temperature
-    encoded = [tokenizer(p, add_special_tokens=True).input_ids for p in prompts]
+    encoded = [prompt_ids(p, tokenizer) for p in prompts]
     gen = generate(policy, encoded, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
                    seeds=seeds, temperature=T, top_k=generation.top_k, top_p=generation.top_p,
                    max_new_tokens=generation.max_new_tokens, batch_size=generation.batch_size,
@@ -265,7 +267,7 @@ def collect_rollout(policy, reference, tokenizer, prompts: list[str], seeds: Seq
     texts = tokenizer.batch_decode([[t for t in row if t not in drop] for row in r_ids.tolist()],
                                    skip_special_tokens=True)
     eos_list = [bool(e) for e in eos.tolist()]
-    scores = score_responses(reward, list(prompts), texts, eos_list, no_eos_penalty=no_eos_penalty)
+    scores = score_responses(reward, list(prompts), texts, eos_list, no_eos_penalty=no_eos_penalty, rows=rows)
     return Rollout(
         prompts=list(prompts), texts=texts, prompt_ids=p_ids, prompt_mask=p_mask, response_ids=r_ids,
         mask=r_mask.float(), eos=eos.bool(), logprobs=logps, sampler_logprobs=gen.logprobs,

@@ -35,13 +35,19 @@ def sample_ids(model, tokenizer, prompt_ids: list[list[int]], *, temperature: fl
                     record_logprobs=record_logprobs)
 
 
-def sample(model, tokenizer, prompts: list[str], *, temperature: float = 1.0, top_k: int = 0,
+def sample(model, tokenizer, prompts: list, *, temperature: float = 1.0, top_k: int = 0,
            top_p: float = 1.0, max_new_tokens: int = 24, batch_size: int = 64,
-           seed: int = 0, greedy: bool = False) -> list[Completion]:
-    """Sample one response per prompt."""
+           seed: int = 0, greedy: bool = False, rendered: bool = False) -> list[Completion]:
+    """Sample one response per prompt. A prompt is text or a list of messages, given to the
+    model through the chat template as training gave it (``data.prompt_text``), unless
+    ``rendered`` (the texts are already what the model sees). ``Completion.prompt`` is the
+    text the model was given."""
+    from rlhflab.data import prompt_ids, prompt_text
+
     if not prompts:
         return []
-    p_ids = [tokenizer(p, add_special_tokens=True).input_ids for p in prompts]
+    prompts = list(prompts) if rendered else [prompt_text(p, tokenizer) for p in prompts]
+    p_ids = [prompt_ids(p, tokenizer) for p in prompts]
     gen = sample_ids(model, tokenizer, p_ids, temperature=temperature, top_k=top_k, top_p=top_p,
                      max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed,
                      greedy=greedy)

@@ -30,7 +30,7 @@ import pytest
 
 from rlhflab.commands.rm import run_rm
 from rlhflab.config import load_config
-from rlhflab.data import load_jsonl
+from rlhflab.data import load_rows
 from rlhflab.instruments.rm_eval import _responses, keyword_probe, length_probe
 from rlhflab.reward_model import RewardModel
 from rlhflab.world import World
@@ -55,7 +55,7 @@ def probes(tmp_path_factory, tiny_config_path):
         run_rm(cfg, root / name, world_pairs=True)
         rm = RewardModel.load(root / name)
         world = World(cfg.world)
-        responses = _responses(load_jsonl(root / name / "data" / "eval.jsonl", "preference"), rm.tokenizer, 200)
+        responses = _responses(load_rows(root / name / "data" / "eval.jsonl", "preference"), rm.tokenizer, 200)
         results[name] = {**length_probe(rm, responses, random.Random(0), world),
                          **keyword_probe(rm, responses, ("certainly", "delve"), world)}
     return results

@@ -273,7 +273,7 @@ def test_out_under_a_regular_file_fails_before_any_data_is_loaded(tmp_path, monk
     def loaded(*a, **k):
         raise AssertionError("data or a model was loaded before --out was checked")
 
-    for mod, name in ((rlhflab.data, "load_jsonl"), (rlhflab.models, "load_causal_lm"),
+    for mod, name in ((rlhflab.data, "load_rows"), (rlhflab.models, "load_causal_lm"),
                       (rlhflab.models, "load_tokenizer"), (rlhflab.data, "iter_jsonl")):
         monkeypatch.setattr(mod, name, loaded)
     blocker = tmp_path / "file"

@@ -356,7 +356,9 @@ def test_a_chat_template_that_raises_names_the_row_and_the_tokenizer(reader, ass
     fmt, argv = TEMPLATE_READERS[reader]
     data, out = _conversational_file(d, fmt), d / "out"
     argv = _fill(argv, model=assets["raising"], data=data, out=out)
-    expect_input_error(argv, capsys, [d, assets["base"]], out, f"{data}:3: ", str(assets["raising"]),
+    # A tokenizer with a chat template renders plain-text rows through it too, so the first row
+    # a stage renders fails (which one depends on the stage's order): the file and a line are named.
+    expect_input_error(argv, capsys, [d, assets["base"]], out, f"{data}:", str(assets["raising"]),
                        "the template refuses user")
 
 
@@ -519,14 +521,14 @@ def test_a_broken_reward_model_is_one_line_naming_it(reader, fault, assets, tmp_
 
 def test_the_controls_load(assets, tmp_path, capsys):
     """The good assets the cases break do load (a case fails for its flaw, not the harness)."""
-    from rlhflab.data import load_jsonl
+    from rlhflab.data import load_rows
     from rlhflab.models import load_causal_lm, load_tokenizer
     from rlhflab.reward_model import RewardModel
 
     load_causal_lm(assets["policy"], load_tokenizer(assets["policy"]))
     assert RewardModel.load(assets["rm"]).n_members == 1
     for fmt, path in assets["good"].items():
-        assert len(load_jsonl(path, fmt)) == 4
+        assert len(load_rows(path, fmt)) == 4
     # White space inside a pair's answers is fine when the words differ, and the same text
     # with and without EOS is a real comparison (the reward model sees the EOS token).
     d = _case_dir(tmp_path)
@@ -535,7 +537,7 @@ def test_the_controls_load(assets, tmp_path, capsys):
                              _with("preference", rejected="the answer is 7 .", rejected_eos=False),
                              _with("preference", chosen=[{"role": "assistant", "content": "7"}],
                                    rejected=[{"role": "user", "content": "7"}])]) + "\n")
-    assert len(load_jsonl(ok, "preference")) == 3
+    assert len(load_rows(ok, "preference")) == 3
 
 
 # ----------------------------------------------------------------------------- metrics files

@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from rlhflab.cli import main
-from rlhflab.data import load_jsonl
+from rlhflab.data import load_rows
 from tests.conftest import subprocess_env
 
 
@@ -79,10 +79,10 @@ def test_bad_config_value_exits_2(tmp_path, capsys):
 def test_world_export_writes_every_format(tmp_path, tiny_config_path):
     out = tmp_path / "world"
     assert main(["world", "--config", str(tiny_config_path), "--out", str(out)]) == 0
-    assert len(load_jsonl(out / "sft.jsonl", "sft")) == 512
-    prefs = load_jsonl(out / "preferences.jsonl", "preference")
+    assert len(load_rows(out / "sft.jsonl", "sft")) == 512
+    prefs = load_rows(out / "preferences.jsonl", "preference")
     assert all(2 * sum(r["votes"]) >= len(r["votes"]) for r in prefs)
-    probes = load_jsonl(out / "probes.jsonl", "prompt")
+    probes = load_rows(out / "probes.jsonl", "prompt")
     assert {p["family"] for p in probes} == {"arithmetic", "sycophancy", "harmful", "benign", "open"}
     assert (out / "tokenizer" / "tokenizer.json").is_file()
 

@@ -6,7 +6,7 @@ import pytest
 
 from rlhflab.cli import main
 from rlhflab.config import load_config
-from rlhflab.data import load_jsonl, write_jsonl
+from rlhflab.data import load_rows, write_jsonl
 from rlhflab.models import create_causal_lm, save_pretrained_atomic
 from rlhflab.world import World
 
@@ -36,7 +36,7 @@ def test_collect_writes_ranked_pairs_in_the_preference_format(sft_dir, tiny_conf
     out = tmp_path / "prefs.jsonl"
     assert main(["collect", "--config", str(tiny_config_path), "--policy", str(sft_dir), "--k", "3", "-n", "6",
                  "--out", str(out)]) == 0
-    rows = load_jsonl(out, "preference")
+    rows = load_rows(out, "preference")
     assert "pairs=" in capsys.readouterr().out
     for r in rows:
         assert 2 * sum(r["votes"]) > len(r["votes"]) and len(r["votes"]) == 3
@@ -62,7 +62,7 @@ def test_rm_collects_trains_normalizes_and_saves(rm_run):
         assert key in summary
     lines = [json.loads(x) for x in (rm_run / "metrics.jsonl").read_text().splitlines()]
     assert all("step" in x and "rm/member" in x for x in lines)
-    assert load_jsonl(rm_run / "data" / "train.jsonl", "preference")[0]["rankings"]
+    assert load_rows(rm_run / "data" / "train.jsonl", "preference")[0]["rankings"]
     plain = AutoModelForSequenceClassification.from_pretrained(rm_run / "model")
     assert plain.config.num_labels == 1
     meta = json.loads((rm_run / "model" / "reward_model.json").read_text())

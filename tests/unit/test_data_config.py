@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from rlhflab.config import load_config
-from rlhflab.data import collate_sft, load_jsonl, tokenize_pair
+from rlhflab.data import collate_sft, load_rows, tokenize_pair
 from rlhflab.errors import InputError
 from rlhflab.logprobs import response_mask_after_eos, token_logprobs
 from rlhflab.losses import sft_loss
@@ -33,7 +33,7 @@ def test_bad_rows_name_file_line_and_field(tmp_path, line, fmt, expect):
             "unpaired": '{"prompt": "a", "completion": "b", "label": true}'}[fmt]
     path = _write(tmp_path / "d.jsonl", [good, line])
     with pytest.raises(InputError) as err:
-        load_jsonl(path, fmt)
+        load_rows(path, fmt)
     msg = str(err.value)
     assert msg.startswith(str(path)) and expect in msg and "\n" not in msg
 
@@ -41,13 +41,13 @@ def test_bad_rows_name_file_line_and_field(tmp_path, line, fmt, expect):
 def test_non_utf8_file_names_the_line(tmp_path):
     path = _write(tmp_path / "d.jsonl", ['{"prompt": "a", "completion": "b"}', b'{"prompt": "\xff\xfe"}'])
     with pytest.raises(InputError, match=r"d\.jsonl:2: not valid UTF-8"):
-        load_jsonl(path, "sft")
+        load_rows(path, "sft")
 
 
 def test_conversational_rows_are_accepted(tmp_path):
     row = {"prompt": [{"role": "user", "content": "hi"}], "completion": [{"role": "assistant", "content": "yo"}]}
     path = _write(tmp_path / "d.jsonl", [json.dumps(row)])
-    assert load_jsonl(path, "sft")[0] == row
+    assert load_rows(path, "sft")[0] == row
 
 
 def test_sft_tokenization_masks_the_prompt():

@@ -96,13 +96,13 @@ def test_kto_partners_are_other_examples_responses(tok):
 def test_conversational_fields_remember_their_row_and_stay_plain_lists(tmp_path):
     import json
 
-    from rlhflab.data import Messages, load_jsonl
+    from rlhflab.data import Messages, load_rows
 
     msgs = [{"role": "user", "content": "hi"}]
     row = {"prompt": msgs, "chosen": "a", "rejected": "b"}
     (tmp_path / "p.jsonl").write_text(json.dumps({"prompt": "q", "chosen": "a", "rejected": "b"}) + "\n"
                                       + json.dumps(row) + "\n")
-    got = load_jsonl(tmp_path / "p.jsonl", "preference")[1]
+    got = load_rows(tmp_path / "p.jsonl", "preference")[1]
     assert isinstance(got["prompt"], Messages) and got["prompt"] == msgs and got == row
     assert got["prompt"].where == {"file": str(tmp_path / "p.jsonl"), "line": 2, "field": "prompt"}
     assert json.dumps(got) == json.dumps(row)

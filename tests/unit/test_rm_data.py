@@ -138,12 +138,12 @@ def test_rater_agreement_by_hand():
 
 
 def test_what_collect_writes_reads_back_through_the_checked_loader(tmp_path):
-    """Every field ``rlhflab collect`` writes passes ``load_jsonl``'s checks and gives the
+    """Every field ``rlhflab collect`` writes passes ``load_rows``'s checks and gives the
     same groups as the rows in memory, including a text sampled both with and without EOS
     (two responses to the reward model, so not an identical pair)."""
     import random
 
-    from rlhflab.data import load_jsonl, write_jsonl
+    from rlhflab.data import load_rows, write_jsonl
 
     prompt = make_prompt(random.Random(0), "open")
     group = SampledGroup(prompt, ["a", "c", "c", "b"], [True, True, False, True])
@@ -151,7 +151,7 @@ def test_what_collect_writes_reads_back_through_the_checked_loader(tmp_path):
     rows, _ = rate_groups([group], panel)
     assert any(r["chosen"] == r["rejected"] for r in rows)  # "c" with and without EOS
     write_jsonl(tmp_path / "c.jsonl", rows)
-    back = load_jsonl(tmp_path / "c.jsonl", "preference")
+    back = load_rows(tmp_path / "c.jsonl", "preference")
     assert back == rows
     (g_mem,), _ = rows_to_groups(rows)
     (g_file,), _ = rows_to_groups(back)
@@ -168,11 +168,11 @@ def test_what_collect_writes_reads_back_through_the_checked_loader(tmp_path):
 def test_fields_that_would_break_grouping_are_refused_on_load(tmp_path, changes, field):
     import json
 
-    from rlhflab.data import load_jsonl
+    from rlhflab.data import load_rows
     from rlhflab.errors import InputError
 
     row = {"prompt": "p", "chosen": "x", "rejected": "y", "group": 0, "responses": ["x", "y"],
            "responses_eos": [True, True], "rankings": [[0, 1]], **changes}
     (tmp_path / "r.jsonl").write_text(json.dumps(row) + "\n")
     with pytest.raises(InputError, match=rf"r\.jsonl:1: field '{field}'"):
-        load_jsonl(tmp_path / "r.jsonl", "preference")
+        load_rows(tmp_path / "r.jsonl", "preference")

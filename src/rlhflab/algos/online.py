@@ -45,14 +45,18 @@ class OnlineRun:
     """
 
     def __init__(self, cfg, algo: str, accelerator, policy, reference, tokenizer, reward, prompt_pool: list[str], *,
-                 value_model=None, out_dir: Path | None = None, world=None, eval_prompts=None) -> None:
+                 value_model=None, out_dir: Path | None = None, world=None, eval_prompts=None,
+                 prompt_rows: list[dict] | None = None) -> None:
         from rlhflab.tracking import MetricsLog
         from rlhflab.training import lr_lambda
 
         self.cfg, self.rl, self.algo = cfg, cfg.rl, algo
         self.accelerator = accelerator
         self.tokenizer, self.reward = tokenizer, reward
-        self.prompt_pool = prompt_pool
+        self.prompt_pool = prompt_pool  # the texts the policy is given (chat template applied)
+        if prompt_rows is not None and len(prompt_rows) != len(prompt_pool):
+            raise ValueError(f"{len(prompt_rows)} prompt rows for {len(prompt_pool)} prompts")
+        self.prompt_rows = prompt_rows  # the data rows they came from (rewards read their columns)
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.world, self.eval_prompts = world, eval_prompts
         self.stats = BatchStats(accelerator)
@@ -108,29 +112,32 @@ class OnlineRun:
 
     # -- prompts and rollout -----------------------------------------------------------
 
-    def _prompt_at(self, j: int) -> str:
-        """The j-th prompt of an endless stream of seeded permutations of the pool."""
+    def _prompt_index_at(self, j: int) -> int:
+        """Index in the pool of the j-th prompt of an endless stream of seeded permutations."""
         N = len(self.prompt_pool)
         epoch = j // N
         if self._perm_cache is None or self._perm_cache[0] != epoch:
             gen = torch.Generator().manual_seed(derive_seed(self.rl.seed, "prompts", epoch))
             self._perm_cache = (epoch, torch.randperm(N, generator=gen).tolist())
-        return self.prompt_pool[self._perm_cache[1][j % N]]
+        return self._perm_cache[1][j % N]
 
-    def local_rows_of(self, step: int) -> tuple[list[str], list[int]]:
-        """This process's prompts (each repeated G times) and per-row seeds for ``step``."""
+    def local_rows_of(self, step: int) -> tuple[list[str], list[int], list[dict] | None]:
+        """This process's prompts (each repeated G times), per-row seeds and, when the prompts
+        came from a file, their data rows, for ``step``."""
         from rlhflab.generation import row_seed
 
         G, W, r = self.group_size, self.accelerator.num_processes, self.accelerator.process_index
         n_prompts = self.rl.batch_size // G
         per = n_prompts // W
-        prompts, seeds = [], []
+        prompts, seeds, rows = [], [], []
         for i in range(r * per, (r + 1) * per):
-            text = self._prompt_at((step - 1) * n_prompts + i)
+            k = self._prompt_index_at((step - 1) * n_prompts + i)
             for g in range(G):
-                prompts.append(text)
+                prompts.append(self.prompt_pool[k])
                 seeds.append(row_seed(self.rl.seed, step, i * G + g))
-        return prompts, seeds
+                if self.prompt_rows is not None:
+                    rows.append(self.prompt_rows[k])
+        return prompts, seeds, rows if self.prompt_rows is not None else None
 
     def _minibatch_shuffle(self, step: int, n_rows: int) -> tuple[torch.Generator, torch.Tensor]:
         """The generator of this step's minibatch shuffles and the first epoch's permutation."""
@@ -144,11 +151,12 @@ class OnlineRun:
         from rlhflab.rollout import collect_rollout
 
         t = time.perf_counter()
-        prompts, seeds = self.local_rows_of(step)
+        prompts, seeds, rows = self.local_rows_of(step)
         ro = collect_rollout(self.policy_module, self.reference, self.tokenizer, prompts, seeds, self.reward,
                              generation=self.cfg.generation, group_size=self.group_size,
                              value_model=self.value_module, no_eos_penalty=self.rl.no_eos_penalty,
-                             forward_batch_size=self.rl.micro_batch_size, rescore=self.rl.tis_cap is not None)
+                             forward_batch_size=self.rl.micro_batch_size, rescore=self.rl.tis_cap is not None,
+                             rows=rows)
         ro = ro.to(self.accelerator.device)
         return dataclasses.replace(ro, seconds=time.perf_counter() - t)
 

@@ -70,22 +70,22 @@ def _load(path: str, loss: str, unpaired_from_pairs: bool) -> list[dict]:
     """Rows of ``path`` in the format ``loss`` trains on (validated), or a clear error.
     For kto with --unpaired-from-pairs, preference rows are returned as they are (the
     caller splits off held-out pairs first, then converts)."""
-    from rlhflab.data import load_jsonl
+    from rlhflab.data import load_rows
     from rlhflab.errors import InputError
 
     fmt = detect_format(path)
     if is_unpaired(loss):
         if fmt == "unpaired":
-            return load_jsonl(path, "unpaired")
+            return load_rows(path, "unpaired")
         if not unpaired_from_pairs:
             raise InputError(f"{loss} trains on unpaired rows (prompt/completion/label) and this file holds "
                              "preference pairs; pass --unpaired-from-pairs to split each pair into a "
                              "desirable and an undesirable example", file=str(path))
-        return load_jsonl(path, "preference")
+        return load_rows(path, "preference")
     if fmt == "unpaired":
         raise InputError(f"{loss} trains on preference rows (prompt/chosen/rejected) and this file holds "
                          f"unpaired rows (prompt/completion/label); use --loss {UNPAIRED}", file=str(path))
-    return load_jsonl(path, "preference")
+    return load_rows(path, "preference")
 
 
 def load_dpo_rows(cfg: Config, world, data: str | None, eval_data: str | None,

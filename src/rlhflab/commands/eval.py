@@ -46,7 +46,7 @@ def evaluate_policy(cfg, policy_dir, base_dir, rm_dir=None, n: int | None = None
 def evaluate_on_user_data(cfg, policy_dir, base_dir, rm_dir=None, *, prompts=None, mc=None,
                           harmful=None, benign=None, seed: int = 0):
     """(metrics, samples) on the user's files; each reading also for the base (``base/``)."""
-    from rlhflab.data import load_jsonl
+    from rlhflab.data import load_rows
     from rlhflab.instruments.policy_eval import sampled_kl
     from rlhflab.instruments.text_stats import text_stats
     from rlhflab.instruments.user_eval import (
@@ -59,7 +59,7 @@ def evaluate_on_user_data(cfg, policy_dir, base_dir, rm_dir=None, *, prompts=Non
 
     g = cfg.generation
     mc_rows = load_multiple_choice(mc) if mc else None
-    texts = [r["prompt"] for r in load_jsonl(prompts, "prompt") if isinstance(r["prompt"], str)] if prompts else []
+    texts = [r["prompt"] for r in load_rows(prompts, "prompt") if isinstance(r["prompt"], str)] if prompts else []
     policy_dir, base_dir = resolve_model_dir(policy_dir), resolve_model_dir(base_dir)
     tok = load_tokenizer(policy_dir, cfg.model.trust_remote_code)
     models = {"": load_causal_lm(policy_dir, tok, cfg.model.trust_remote_code),

@@ -27,7 +27,7 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     from rlhflab.artifacts import check_out_dir, run_directory, write_json
     from rlhflab.config import save_config
-    from rlhflab.data import load_jsonl
+    from rlhflab.data import load_rows
     from rlhflab.instruments.rm_eval import DEFAULT_KEYWORDS, evaluate_reward_model
     from rlhflab.reward_model import RewardModel
     from rlhflab.world import World
@@ -37,8 +37,8 @@ def run(args) -> int:
     config_path = args.config or (str(run_config) if run_config.is_file() else None)
     cfg = load_config(config_path, args.overrides)
     out = check_out_dir(Path(args.out), args.overwrite)  # before any data is loaded
-    rows = load_jsonl(args.data, "preference")
-    votes_rows = load_jsonl(args.votes, "preference") if args.votes else None
+    rows = load_rows(args.data, "preference")
+    votes_rows = load_rows(args.votes, "preference") if args.votes else None
     keywords = tuple(dict.fromkeys([*DEFAULT_KEYWORDS, *(w.strip() for w in args.keywords.split(",") if w.strip())]))
     rm = RewardModel.load(rm_dir)
     world = None if args.no_world else World(cfg.world)

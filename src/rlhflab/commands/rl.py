@@ -47,19 +47,14 @@ def add_arguments(p) -> None:
                        help=f"which algorithm (default {variants[0]})")
 
 
-def _load_prompts(path: str, tokenizer) -> list[str]:
-    from rlhflab.data import apply_template, load_jsonl
+def _load_prompts(path: str, tokenizer) -> tuple[list[str], list[dict]]:
+    """The prompts as the policy sees them (through the chat template when the prompt is
+    conversational or the tokenizer has one: ``data.prompt_text``), and their rows, whose
+    prompts and other columns the reward functions receive."""
+    from rlhflab.data import load_rows, prompt_text
 
-    rows = load_jsonl(path, "prompt")
-    out = []
-    for row in rows:
-        prompt = row["prompt"]
-        if not isinstance(prompt, str):  # conversational: render with the chat template
-            prompt = apply_template(prompt, tokenizer, add_generation_prompt=True)
-        out.append(prompt)
-    if not out:
-        raise InputError("no prompts", file=path)
-    return out
+    rows = load_rows(path, "prompt")
+    return [prompt_text(row["prompt"], tokenizer) for row in rows], rows
 
 
 def run(args) -> int:
@@ -75,8 +70,13 @@ def run(args) -> int:
         if inputs["algo"] not in VARIANTS.get(command, {}).values():
             raise InputError(f"this is a {inputs['algo']} run; resume it with the matching command",
                              file=str(out / "run.json"))
+        fns = inputs.get("reward_fns", [])
+        python = [f for f in fns if f.startswith("<python ")]
+        if python:
+            raise InputError(f"the run was given Python reward functions ({', '.join(python)}); resume it from Python "
+                             "with run_rl(..., reward_fns=[...], resume=True)", file=str(out / "run.json"))
         run_rl(cfg, inputs["algo"], out, sft=inputs["sft"], rm=inputs.get("rm"),
-               reward_fns=inputs.get("reward_fns", []), prompts=inputs.get("prompts"), resume=True)
+               reward_fns=fns, prompts=inputs.get("prompts"), resume=True)
         return 0
     if not args.out:
         raise InputError("--out is required (or --resume DIR)")
@@ -122,8 +122,9 @@ def run_rl(cfg, algo: str, out: Path, *, sft: str, rm: str | None = None, reward
         getattr(source, "model", None)
     tok = load_tokenizer(sft_dir, cfg.model.trust_remote_code)
     world = World(cfg.world)
+    prompt_rows = None
     if prompts is not None:
-        prompt_pool, eval_prompts = _load_prompts(prompts, tok), None
+        (prompt_pool, prompt_rows), eval_prompts = _load_prompts(prompts, tok), None
     else:
         prompt_pool = [p.text for p in world.prompts(cfg.world.n_prompts, "rl")]
         eval_prompts = world.prompts(cfg.rl.n_eval, "eval")
@@ -142,7 +143,7 @@ def run_rl(cfg, algo: str, out: Path, *, sft: str, rm: str | None = None, reward
             _truncate_metrics(out / "metrics.jsonl", ckpt_state["step"])
         accelerator.wait_for_everyone()
         return _train(cfg, algo, accelerator, policy, reference, tok, reward, prompt_pool, value, out, world,
-                      eval_prompts, resume=True)
+                      eval_prompts, resume=True, prompt_rows=prompt_rows)
     # A first run writes in place (killed, it can be resumed; failed, it is kept only if it holds
     # a checkpoint); a replacement is written beside the earlier run, which stays until the end.
     with run_directory(out, overwrite, accelerator, keep="checkpoint") as work:
@@ -150,18 +151,21 @@ def run_rl(cfg, algo: str, out: Path, *, sft: str, rm: str | None = None, reward
             save_config(cfg, work / "config.yaml")
             write_json(work / "run.json", {
                 "algo": algo, "sft": str(Path(sft).resolve()), "rm": str(Path(rm).resolve()) if rm else None,
-                "reward_fns": list(reward_fns), "prompts": str(Path(prompts).resolve()) if prompts else None})
+                "reward_fns": [f if isinstance(f, str) else f"<python {getattr(f, '__name__', type(f).__name__)}>"
+                               for f in reward_fns],
+                "prompts": str(Path(prompts).resolve()) if prompts else None})
         accelerator.wait_for_everyone()
         return _train(cfg, algo, accelerator, policy, reference, tok, reward, prompt_pool, value, work, world,
-                      eval_prompts)
+                      eval_prompts, prompt_rows=prompt_rows)
 
 
 def _train(cfg, algo, accelerator, policy, reference, tok, reward, prompt_pool, value, out: Path, world,
-           eval_prompts, resume: bool = False) -> dict:
+           eval_prompts, resume: bool = False, prompt_rows=None) -> dict:
     from rlhflab.algos.online import OnlineRun
 
     run = OnlineRun(cfg, algo, accelerator, policy, reference, tok, reward, prompt_pool, value_model=value,
-                    out_dir=out, world=world if eval_prompts else None, eval_prompts=eval_prompts)
+                    out_dir=out, world=world if eval_prompts else None, eval_prompts=eval_prompts,
+                    prompt_rows=prompt_rows)
     if resume:
         run.load_checkpoint(out / "checkpoint")
         if accelerator.is_main_process:

@@ -95,28 +95,25 @@ def reference_texts(cfg: Config, world, sft_dir: Path | None, rows: list[dict], 
                     from_world: bool) -> tuple[list[str], list[str], list[bool], str]:
     """Reference samples for the normalization: the SFT policy's samples on the world's RL
     prompts (or on the data's prompts), else the responses of the training data."""
-    from rlhflab.data import render
 
     n = cfg.rm.n_reference
     if sft_dir is not None:
         from rlhflab.models import load_causal_lm, load_tokenizer
         from rlhflab.sampling import sample
 
-        prompts = ([p.text for p in world.prompts(n, "rl")] if from_world else
-                   [r["prompt"] for r in rows if isinstance(r["prompt"], str)][:n])
+        prompts = [p.text for p in world.prompts(n, "rl")] if from_world else [r["prompt"] for r in rows][:n]
         if prompts:
             tok = load_tokenizer(sft_dir)
             g = cfg.generation
             done = sample(load_causal_lm(sft_dir, tok), tok, prompts, temperature=g.temperature, top_k=g.top_k,
                           top_p=g.top_p, max_new_tokens=g.max_new_tokens, batch_size=g.batch_size,
                           seed=cfg.rm.seed + 2)
-            return [c.prompt for c in done], [c.text for c in done], [c.eos for c in done], "sft_samples"
+            return list(prompts), [c.text for c in done], [c.eos for c in done], "sft_samples"
     ps, rs, es = [], [], []
-    for r in rows[:n]:
+    for r in rows[:n]:  # as the data holds them: the reward model renders them as in training
         for side in ("chosen", "rejected"):
-            p_text, c_text = render(r["prompt"], r[side], tokenizer)
-            ps.append(p_text)
-            rs.append(c_text)
+            ps.append(r["prompt"])
+            rs.append(r[side])
             es.append(bool(r.get(f"{side}_eos", True)))
     return ps, rs, es, "training_responses"
 
@@ -128,7 +125,7 @@ def run_rm(cfg: Config, out: Path, *, sft: str | None = None, data: str | None =
 
     from rlhflab.algos.reward_model import rows_to_groups, tokenize_groups, train_reward_model
     from rlhflab.artifacts import check_out_dir, run_directory, write_json
-    from rlhflab.data import load_jsonl, write_jsonl
+    from rlhflab.data import load_rows, write_jsonl
     from rlhflab.distributed import make_accelerator
     from rlhflab.instruments.rm_eval import pairwise_accuracy
     from rlhflab.models import count_parameters, resolve_model_dir
@@ -151,8 +148,8 @@ def run_rm(cfg: Config, out: Path, *, sft: str | None = None, data: str | None =
         raise InputError("collecting comparisons needs --sft (or give --data or --world-pairs)")
     world = World(cfg.world)
     # User files are validated up front: a bad row stops the run before anything is written.
-    train_rows = load_jsonl(data, "preference") if data else None
-    eval_rows = load_jsonl(eval_data, "preference") if eval_data else None
+    train_rows = load_rows(data, "preference") if data else None
+    eval_rows = load_rows(eval_data, "preference") if eval_data else None
     tok = load_rm_tokenizer(backbone, cfg.model.trust_remote_code)
     max_length = min(rm.max_length, _positions(backbone, cfg.model.trust_remote_code) or rm.max_length)
     accelerator.wait_for_everyone()
@@ -174,8 +171,8 @@ def run_rm(cfg: Config, out: Path, *, sft: str | None = None, data: str | None =
                 write_jsonl(work / "data" / "train.jsonl", tr)
                 write_jsonl(work / "data" / "eval.jsonl", ev)
             accelerator.wait_for_everyone()
-            train_rows = load_jsonl(work / "data" / "train.jsonl", "preference")
-            eval_rows = load_jsonl(work / "data" / "eval.jsonl", "preference")
+            train_rows = load_rows(work / "data" / "train.jsonl", "preference")
+            eval_rows = load_rows(work / "data" / "eval.jsonl", "preference")
         train, data_counts = rows_to_groups(train_rows, weights=rm.weights, margin_scale=rm.margin_scale,
                                             min_agreement=rm.min_agreement)
         counts.update(data_counts)

@@ -107,12 +107,12 @@ def run(args) -> int:
 
 def _eval_rm(cfg, out: Path) -> dict:
     from rlhflab.artifacts import prepare_out_dir, write_json
-    from rlhflab.data import load_jsonl
+    from rlhflab.data import load_rows
     from rlhflab.instruments.rm_eval import evaluate_reward_model
     from rlhflab.reward_model import RewardModel
     from rlhflab.world import World
 
-    rows = load_jsonl(out / "rm" / "data" / "eval.jsonl", "preference")
+    rows = load_rows(out / "rm" / "data" / "eval.jsonl", "preference")
     result = evaluate_reward_model(RewardModel.load(out / "rm"), rows, world=World(cfg.world))
     write_json(prepare_out_dir(out / "rm_eval", overwrite=True) / "rm_eval.json", result)
     return {k: v for k, v in result.items() if isinstance(v, float)}

@@ -25,13 +25,13 @@ def run(args) -> int:
 
 def load_sft_rows(cfg: Config, world, data: str | None, eval_data: str | None) -> tuple[list[dict], list[dict]]:
     """Training and held-out rows: the user's files (validated) or the world's demonstrations."""
-    from rlhflab.data import load_jsonl
+    from rlhflab.data import load_rows
 
     if data is None:
         return world.sft_examples(cfg.world.n_sft, "sft"), world.sft_examples(cfg.world.n_sft_eval, "sft_eval")
-    rows = load_jsonl(data, "sft")
+    rows = load_rows(data, "sft")
     if eval_data is not None:
-        return rows, load_jsonl(eval_data, "sft")
+        return rows, load_rows(eval_data, "sft")
     held = rows[::20]
     return [r for i, r in enumerate(rows) if i % 20], held
 

@@ -66,7 +66,8 @@ def _sequence_logps(model, ids, attn, response_start: int, response_mask, temper
 
 def sampled_kl(policy, reference, tokenizer, prompts: list[str], *, max_new_tokens: int = 24,
                batch_size: int = 64, seed: int = 0) -> dict[str, float]:
-    """Sequence-level KL(pi || ref) on held-out prompts, sampled from the policy at T = 1:
+    """Sequence-level KL(pi || ref) on held-out prompts (texts as the model sees them:
+    ``data.prompt_text``), sampled from the policy at T = 1:
 
         KL ~= mean_i [log pi(y_i | x_i) - log ref(y_i | x_i)],  y_i ~ pi(. | x_i)
 
@@ -76,12 +77,13 @@ def sampled_kl(policy, reference, tokenizer, prompts: list[str], *, max_new_toke
 
     import torch
 
+    from rlhflab.data import prompt_ids
     from rlhflab.sampling import sample_ids
 
     was = policy.training, reference.training
     policy.eval()
     reference.eval()
-    encoded = [tokenizer(p, add_special_tokens=True).input_ids for p in prompts]
+    encoded = [prompt_ids(p, tokenizer) for p in prompts]
     gen = sample_ids(policy, tokenizer, encoded, max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed)
     ids = torch.cat([gen.prompt_ids, gen.response_ids], 1)
     attn = torch.cat([gen.prompt_mask, gen.response_mask], 1)

@@ -98,7 +98,7 @@ def pair_scores(rm, rows: list[dict], batch_size: int = 64) -> tuple[torch.Tenso
     t = pair_texts(rows, rm.tokenizer)
     n = len(rows)
     raw = rm.raw_member_scores(t["prompt"] * 2, t["chosen"] + t["rejected"],
-                               eos=t["chosen_eos"] + t["rejected_eos"], batch_size=batch_size)
+                               eos=t["chosen_eos"] + t["rejected_eos"], batch_size=batch_size, rendered=True)
     return raw[:, :n], raw[:, n:]
 
 
@@ -183,17 +183,22 @@ def _bt_prob(raw_c: torch.Tensor, raw_r: torch.Tensor) -> list[float]:
 # ----------------------------------------------------------------------------- probes
 
 
-def _responses(rows: list[dict], tokenizer, limit: int) -> list[tuple[str, str, object]]:
-    """Distinct (prompt text, response text, raw prompt) of the file that ended with EOS."""
+def _responses(rows: list[dict], tokenizer, limit: int) -> list[tuple[object, str, object]]:
+    """Distinct (prompt, response text, prompt) of the file that ended with EOS: the prompt
+    as the data holds it (text or messages; the reward model renders it as in training)
+    and the response as text (a conversational response's last message), so that the
+    probes edit what the policy would write, not the template's markup."""
     seen, out = set(), []
     for r in rows:
         for side in ("chosen", "rejected"):
             if not r.get(f"{side}_eos", True):
                 continue
-            p, c = render(r["prompt"], r[side], tokenizer)
-            if (p, c) not in seen:
-                seen.add((p, c))
-                out.append((p, c, r["prompt"]))
+            resp = r[side]
+            text = resp if isinstance(resp, str) else str(resp[-1].get("content", ""))
+            key = (repr(r["prompt"]), text)
+            if key not in seen:
+                seen.add(key)
+                out.append((r["prompt"], text, r["prompt"]))
     return out[:limit]
 
 

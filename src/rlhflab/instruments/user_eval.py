@@ -19,7 +19,7 @@ from statistics import fmean
 
 import torch
 
-from rlhflab.data import iter_jsonl, load_jsonl
+from rlhflab.data import iter_jsonl, load_rows
 from rlhflab.errors import InputError
 from rlhflab.logprobs import token_logprobs
 from rlhflab.sampling import sample
@@ -82,7 +82,7 @@ def refusal_rates(model, tokenizer, harmful: str | None, benign: str | None, *, 
     for key, path in (("refusal/harmful_rate", harmful), ("refusal/benign_rate", benign)):
         if path is None:
             continue
-        prompts = [r["prompt"] for r in load_jsonl(path, "prompt") if isinstance(r["prompt"], str)]
+        prompts = [r["prompt"] for r in load_rows(path, "prompt") if isinstance(r["prompt"], str)]
         comps = sample(model, tokenizer, prompts, temperature=temperature, max_new_tokens=max_new_tokens, seed=seed)
         out[key] = fmean(is_refusal(c.text) for c in comps)
     return out
