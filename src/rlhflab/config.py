@@ -425,7 +425,13 @@ class DPOConfig(TrainConfig):
     beta: float = _f(0.1, "beta of dpo/cdpo/hinge/kto/simpo; tau of ipo; lambda of orpo", "> 0")
     lr: float = _restate("lr", 1e-4, "peak learning rate (AdamW); 5e-4 collapses the demo policy (docs/dpo.md)")
     label_smoothing: float = _f(0.1, "cdpo: probability eps in [0, 0.5] that a label is flipped", "[0, 0.5]")
-    simpo_gamma: float = _f(0.5, "simpo: target reward margin gamma", ">= 0")
+    simpo_gamma: float = _f(0.5, "simpo: target reward margin gamma (absolute, as TRL's simpo_gamma)", ">= 0")
+    simpo_nll_coef: float = _f(0.0, "simpo: weight of an NLL term on the chosen responses pooled over their "
+                               "tokens (TRL's cpo_alpha, whose default is 1); 0 = SimPO's paper", ">= 0")
+    ipo_normalize: bool = _f(False, "ipo: divide each log-ratio by its response's token count, as TRL's "
+                             "loss_type='ipo'; false = summed log-probs, as the paper")
+    orpo_nll: str = _f("sequence", "orpo: NLL term averaged per response (sequence, as the paper) or pooled "
+                       "over all chosen tokens of the batch (token, as TRL)", "one of sequence, token")
     kto_desirable_weight: float = _f(1.0, "kto: weight of desirable examples", ">= 0")
     kto_undesirable_weight: float = _f(1.0, "kto: weight of undesirable examples", ">= 0")
     batch_size: int = _restate("batch_size", help="global batch: pairs (kto: examples) per optimizer step "

@@ -32,7 +32,11 @@ log-probs over response tokens, shape ``(B,)``; ``*_lengths`` is the number of r
 tokens, shape ``(B,)``. A paired loss is called ``fn(policy_chosen_logps,
 policy_rejected_logps, a, b, **hparams)`` with (a, b) the reference's log-probs or, for the
 reference-free ones, the lengths; KTO as ``fn(policy_logps, ref_logps, is_desirable,
-kl_ref_point, **hparams)``.
+kl_ref_point, **hparams)``. Two conventions of TRL are keyword options: IPO on per-token
+log-ratios (``ipo_loss(normalize=True, chosen_lengths=, rejected_lengths=)``) and an NLL
+pooled over all chosen tokens (``orpo_loss(nll="token")``, ``simpo_loss(nll_coef=)``, with
+``chosen_length_mean=`` when the batch is part of a larger one); docs/dpo.md tables every
+difference from TRL 1.16.
 """
 
 from __future__ import annotations
@@ -240,15 +244,24 @@ def _logratios(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.T
 
 def _reference_pair_loss(per_pair: Callable[[torch.Tensor], torch.Tensor], reward_scale: float,
                          policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
-                         ref_chosen_logps: torch.Tensor,
-                         ref_rejected_logps: torch.Tensor) -> LossOutput:
+                         ref_chosen_logps: torch.Tensor, ref_rejected_logps: torch.Tensor,
+                         lengths: tuple[torch.Tensor, torch.Tensor] | None = None) -> LossOutput:
     """What DPO, cDPO, IPO and the hinge loss share: L = mean_i per_pair(h_i) with
     h = log pi(y_w)/pi_ref(y_w) - log pi(y_l)/pi_ref(y_l), and the metrics of
-    ``_pair_metrics`` with the implicit rewards reward_scale * log pi/pi_ref."""
+    ``_pair_metrics`` with the implicit rewards reward_scale * log pi/pi_ref.
+
+    With ``lengths`` (|y_w|, |y_l|) each log-ratio is first divided by its response's
+    token count (at least 1): h = log pi/pi_ref(y_w) / |y_w| - log pi/pi_ref(y_l) / |y_l|;
+    the metrics stay on the summed log-ratios, as TRL reports them."""
     chosen_lr, rejected_lr = _logratios(
         policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps
     )
-    loss = per_pair(chosen_lr - rejected_lr).mean()
+    if lengths is None:
+        h = chosen_lr - rejected_lr
+    else:
+        chosen_len, rejected_len = _lengths(chosen_lr, rejected_lr, *lengths)
+        h = chosen_lr / chosen_len.clamp(min=1) - rejected_lr / rejected_len.clamp(min=1)
+    loss = per_pair(h).mean()
     metrics = _pair_metrics(reward_scale * chosen_lr, reward_scale * rejected_lr,
                             policy_chosen_logps, policy_rejected_logps)
     return loss, metrics
@@ -282,6 +295,9 @@ def cdpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Te
         L = mean_i [ -(1 - eps) log sigmoid(beta h_i) - eps log sigmoid(-beta h_i) ]
 
     eps = 0 is DPO; eps = 0.5 is symmetric in h (no preference). Metrics as ``dpo_loss``.
+    TRL 1.16 has no such loss: its ``sigmoid`` ignores ``label_smoothing``, and its
+    ``robust`` divides the same expression, with the flipped term's sign reversed, by
+    1 - 2 eps (the unbiased estimator of Chowdhury et al. 2024, "Provably Robust DPO").
     """
     def per_pair(h: torch.Tensor) -> torch.Tensor:
         logits = beta * h
@@ -296,20 +312,31 @@ def cdpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Te
 
 def ipo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
              ref_chosen_logps: torch.Tensor, ref_rejected_logps: torch.Tensor, *,
-             tau: float = 0.1) -> LossOutput:
+             tau: float = 0.1, normalize: bool = False, chosen_lengths: torch.Tensor | None = None,
+             rejected_lengths: torch.Tensor | None = None) -> LossOutput:
     """Identity Preference Optimization (Azar et al. 2023, "A General Theoretical Paradigm
     to Understand Learning from Human Preferences"), the IPO loss of eq. (17):
 
         L = mean_i (h_i - 1 / (2 tau))^2
 
-    h is built from per-sequence SUMMED log-probs, as in the paper. TRL's ``loss_type="ipo"``
-    instead averages log-probs over tokens, so the same tau is not comparable across the
-    two. The regularizer is tau * KL, so metrics report rewards as tau * log pi/pi_ref
-    (keys as ``dpo_loss``).
+    h is built from per-sequence SUMMED log-probs, as in the paper. ``normalize=True``
+    (``dpo.ipo_normalize``) divides each log-ratio by its response's token count first,
+
+        h_i = log pi/pi_ref(y_w,i) / |y_w,i| - log pi/pi_ref(y_l,i) / |y_l,i|,
+
+    which is TRL's ``loss_type="ipo"`` (it needs ``chosen_lengths`` and ``rejected_lengths``,
+    (B,) each); a tau tuned for one form is not comparable with the other. The regularizer
+    is tau * KL, so metrics report rewards as tau * log pi/pi_ref on summed log-probs
+    either way (keys as ``dpo_loss``, meaning what TRL's mean).
     """
+    lengths = None
+    if normalize:
+        if chosen_lengths is None or rejected_lengths is None:
+            raise ValueError("ipo_loss(normalize=True) needs chosen_lengths and rejected_lengths")
+        lengths = (chosen_lengths, rejected_lengths)
     return _reference_pair_loss(
         lambda h: (h - 1.0 / (2.0 * tau)).pow(2), tau,
-        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
+        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, lengths,
     )
 
 
@@ -345,17 +372,55 @@ def _lengths(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Ten
     return chosen_lengths.to(dtype), rejected_lengths.to(dtype)
 
 
+def _mean_token_metrics(metrics: Metrics, policy_chosen_logps: torch.Tensor,
+                        policy_rejected_logps: torch.Tensor, chosen_len: torch.Tensor,
+                        rejected_len: torch.Tensor) -> Metrics:
+    """A reference-free loss's logps metrics as TRL's SimPO and ORPO report them: logps/chosen
+    and logps/rejected are the mean PER-TOKEN log-probs log pi(y)/|y|, and the mean summed
+    log-probs (what the other losses' logps/* are) go under logps/chosen_sum and
+    logps/rejected_sum."""
+    metrics["logps/chosen_sum"] = metrics["logps/chosen"]
+    metrics["logps/rejected_sum"] = metrics["logps/rejected"]
+    metrics["logps/chosen"] = _mean(policy_chosen_logps / chosen_len)
+    metrics["logps/rejected"] = _mean(policy_rejected_logps / rejected_len)
+    return metrics
+
+
+def _pooled_nll(policy_chosen_logps: torch.Tensor, chosen_len: torch.Tensor,
+                chosen_length_mean: torch.Tensor | float | None) -> torch.Tensor:
+    """The NLL of the chosen responses pooled over all their tokens, as per-pair terms (B,):
+
+        n_i = -log pi(y_w,i) / mean_j |y_w,j|,   so   mean_i n_i = -sum_i log pi(y_w,i) / sum_i |y_w,i|,
+
+    one mean over every chosen token of the batch, as TRL's cross-entropy pools it (long
+    responses weigh more than short ones). ``chosen_length_mean`` replaces mean_j |y_w,j|
+    when this batch is a part of a larger one (a micro-batch of a global batch), so that the
+    mean over the large batch is still pooled over all of its tokens.
+    """
+    mean_len = chosen_len.mean() if chosen_length_mean is None else chosen_length_mean
+    return -policy_chosen_logps / torch.as_tensor(mean_len, dtype=chosen_len.dtype, device=chosen_len.device)
+
+
 def simpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
                chosen_lengths: torch.Tensor, rejected_lengths: torch.Tensor, *, beta: float = 2.0,
-               gamma: float = 0.5) -> LossOutput:
+               gamma: float = 0.5, nll_coef: float = 0.0,
+               chosen_length_mean: torch.Tensor | float | None = None) -> LossOutput:
     """Simple Preference Optimization, reference-free (Meng et al. 2024, "SimPO"):
 
         L = mean_i -log sigmoid( beta/|y_w| log pi(y_w) - beta/|y_l| log pi(y_l) - gamma )
+            + nll_coef * ( -sum_i log pi(y_w,i) / sum_i |y_w,i| )
 
-    gamma is the absolute target reward margin of the paper (TRL parametrizes it as
-    gamma_beta_ratio * beta). Lengths are response-token counts and must be positive.
-    Rewards in the metrics are the length-normalized beta * log pi(y) / |y| (no reference);
-    logps/* are the mean summed log-probs, as for DPO.
+    gamma is the absolute target reward margin of the paper; TRL 1.16's ``simpo_gamma`` is
+    the same absolute margin (its CPOTrainer subtracts simpo_gamma / beta from the
+    log-prob difference before multiplying by beta). Lengths are response-token counts and
+    must be positive. The second term is CPO's behaviour-cloning NLL on the chosen responses
+    (Xu et al. 2024), pooled over all chosen tokens of the batch as TRL's ``cpo_alpha``
+    term is (``dpo.simpo_nll_coef``; TRL's default cpo_alpha is 1, SimPO's paper and the
+    default here have none); ``chosen_length_mean`` as in ``_pooled_nll``.
+
+    Metrics: rewards/* are the length-normalized beta * log pi(y) / |y| (no reference);
+    logps/* the mean per-token log-probs and logps/*_sum the mean summed ones
+    (``_mean_token_metrics``); simpo/nll_loss when nll_coef != 0.
     """
     chosen_len, rejected_len = _lengths(
         policy_chosen_logps, policy_rejected_logps, chosen_lengths, rejected_lengths
@@ -366,6 +431,11 @@ def simpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.T
     metrics = _pair_metrics(
         chosen_rewards, rejected_rewards, policy_chosen_logps, policy_rejected_logps
     )
+    _mean_token_metrics(metrics, policy_chosen_logps, policy_rejected_logps, chosen_len, rejected_len)
+    if nll_coef != 0.0:
+        nll = _pooled_nll(policy_chosen_logps, chosen_len, chosen_length_mean).mean()
+        loss = loss + nll_coef * nll
+        metrics["simpo/nll_loss"] = nll.item()
     return loss, metrics
 
 
@@ -384,22 +454,28 @@ def log1mexp(a: torch.Tensor) -> torch.Tensor:
 
 def orpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
               chosen_lengths: torch.Tensor, rejected_lengths: torch.Tensor, *,
-              lam: float = 0.1) -> LossOutput:
+              lam: float = 0.1, nll: str = "sequence",
+              chosen_length_mean: torch.Tensor | float | None = None) -> LossOutput:
     """Odds-Ratio Preference Optimization, reference-free (Hong et al. 2024, "ORPO").
 
     With the mean-token log-prob a(y) = log pi(y) / |y| (the paper's length-normalized
     P_theta(y|x)) and odds(y) = P / (1 - P):
 
         log odds(y) = a(y) - log(1 - exp(a(y)))
-        L = mean_i [ -a(y_w) - lam * log sigmoid(log odds(y_w) - log odds(y_l)) ]
+        L = mean_i [ n_i - lam * log sigmoid(log odds(y_w,i) - log odds(y_l,i)) ]
 
-    The NLL term -a(y_w) = -log pi(y_w)/|y_w| is LENGTH-NORMALIZED (per token), as in the
-    paper, not the summed SFT loss. a is clamped to at most -eps(dtype): a response of
-    probability 1 would have infinite log odds; the clamp keeps loss and gradients finite.
+    The NLL term n_i (``dpo.orpo_nll``) is LENGTH-NORMALIZED, not the
+    summed SFT loss: per response, n_i = -a(y_w,i), by default (``nll="sequence"``: each
+    response weighs the same), or pooled over all chosen tokens of the batch
+    (``nll="token"``, ``_pooled_nll``: mean_i n_i = -sum_i log pi(y_w,i) / sum_i |y_w,i|,
+    as TRL's cross-entropy pools it, so long responses weigh more). a is clamped to at most -eps(dtype) in
+    the odds and the per-response NLL: a response of probability 1 would have infinite log
+    odds; the clamp keeps loss and gradients finite.
 
-    Metrics: rewards/* are lam * a(y) (as TRL reports them), logps/* the mean summed
-    log-probs, plus orpo/nll_loss, orpo/log_odds_ratio (mean log sigmoid of the log-odds
-    difference) and orpo/log_odds_chosen (mean log-odds difference).
+    Metrics: rewards/* are lam * a(y) (as TRL reports them), logps/* the mean per-token
+    log-probs and logps/*_sum the mean summed ones (``_mean_token_metrics``), plus
+    orpo/nll_loss, orpo/log_odds_ratio (mean log sigmoid of the log-odds difference) and
+    orpo/log_odds_chosen (mean log-odds difference).
     """
     chosen_len, rejected_len = _lengths(
         policy_chosen_logps, policy_rejected_logps, chosen_lengths, rejected_lengths
@@ -409,13 +485,16 @@ def orpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Te
     rejected_mean = (policy_rejected_logps / rejected_len).clamp(max=top)
     log_odds = (chosen_mean - log1mexp(chosen_mean)) - (rejected_mean - log1mexp(rejected_mean))
     ratio_term = F.logsigmoid(log_odds)
-    nll = -chosen_mean
-    loss = (nll - lam * ratio_term).mean()
+    if nll not in ("sequence", "token"):
+        raise ValueError(f"nll must be 'sequence' or 'token', got {nll!r}")
+    nll_i = -chosen_mean if nll == "sequence" else _pooled_nll(policy_chosen_logps, chosen_len, chosen_length_mean)
+    loss = (nll_i - lam * ratio_term).mean()
 
     metrics = _pair_metrics(
         lam * chosen_mean, lam * rejected_mean, policy_chosen_logps, policy_rejected_logps
     )
-    metrics["orpo/nll_loss"] = _mean(nll)
+    _mean_token_metrics(metrics, policy_chosen_logps, policy_rejected_logps, chosen_len, rejected_len)
+    metrics["orpo/nll_loss"] = _mean(nll_i)
     metrics["orpo/log_odds_ratio"] = _mean(ratio_term)
     metrics["orpo/log_odds_chosen"] = _mean(log_odds)
     return loss, metrics

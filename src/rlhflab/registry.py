@@ -146,6 +146,9 @@ def online_commands() -> dict[str, dict[str, str]]:
 #   reference_free  needs no reference model (takes response lengths instead)
 #   unpaired        trains on single labelled responses (KTO) rather than pairs
 #   hparams         the loss's keyword -> the DPOConfig field it reads
+#   length_inputs   keywords the training loop fills from the response lengths (absent: none):
+#                   chosen_lengths/rejected_lengths per pair (IPO per token, dpo.ipo_normalize),
+#                   chosen_length_mean of the global batch (an NLL pooled over its chosen tokens)
 
 PREFERENCE_LOSSES = Registry("preference loss", [
     Entry("dpo", "rlhflab.losses:dpo_loss", "DPO, the sigmoid loss (Rafailov et al. 2023)",
@@ -153,7 +156,8 @@ PREFERENCE_LOSSES = Registry("preference loss", [
     Entry("cdpo", "rlhflab.losses:cdpo_loss", "conservative DPO: label smoothing eps (Mitchell 2023)",
           dict(reference_free=False, unpaired=False, hparams={"beta": "beta", "label_smoothing": "label_smoothing"})),
     Entry("ipo", "rlhflab.losses:ipo_loss", "IPO: squared loss to 1/(2 tau) (Azar et al. 2023)",
-          dict(reference_free=False, unpaired=False, hparams={"tau": "beta"})),
+          dict(reference_free=False, unpaired=False, hparams={"tau": "beta", "normalize": "ipo_normalize"},
+               length_inputs=("chosen_lengths", "rejected_lengths"))),
     Entry("hinge", "rlhflab.losses:hinge_loss", "SLiC-HF's hinge on the log-ratio margin (Zhao et al. 2023)",
           dict(reference_free=False, unpaired=False, hparams={"beta": "beta"})),
     Entry("kto", "rlhflab.losses:kto_loss", "KTO: unpaired desirable/undesirable rows (Ethayarajh et al. 2024)",
@@ -161,9 +165,12 @@ PREFERENCE_LOSSES = Registry("preference loss", [
                hparams={"beta": "beta", "desirable_weight": "kto_desirable_weight",
                         "undesirable_weight": "kto_undesirable_weight"})),
     Entry("simpo", "rlhflab.losses:simpo_loss", "SimPO: length-normalized, no reference (Meng et al. 2024)",
-          dict(reference_free=True, unpaired=False, hparams={"beta": "beta", "gamma": "simpo_gamma"})),
+          dict(reference_free=True, unpaired=False,
+               hparams={"beta": "beta", "gamma": "simpo_gamma", "nll_coef": "simpo_nll_coef"},
+               length_inputs=("chosen_length_mean",))),
     Entry("orpo", "rlhflab.losses:orpo_loss", "ORPO: NLL plus an odds-ratio term, no reference (Hong et al. 2024)",
-          dict(reference_free=True, unpaired=False, hparams={"lam": "beta"})),
+          dict(reference_free=True, unpaired=False, hparams={"lam": "beta", "nll": "orpo_nll"},
+               length_inputs=("chosen_length_mean",))),
 ])
 
 

@@ -370,6 +370,32 @@ def test_ipo_zero_at_target():
     assert ipo_loss(*_dpo_inputs(h_half=1.0), tau=0.25)[0].item() == approx(0.0)
 
 
+def test_ipo_normalize_averages_each_log_ratio_over_its_tokens():
+    """TRL's IPO. Chosen log-ratio -1 - (-2) = +1 over 2 tokens -> 0.5; rejected -3 - (-2) =
+    -1 over 4 tokens -> -0.25; h = 0.75. tau = 0.25, target 2: L = (0.75 - 2)^2 = 1.5625
+    (summed: h = 2, L = 0). dL/d policy_chosen = 2 (0.75 - 2) / 2 = -1.25, dL/d
+    policy_rejected = -2 (0.75 - 2) / 4 = +0.625. Rewards stay tau * summed log-ratio:
+    0.25 and -0.25. Lengths of 1 give the summed loss."""
+    pc, pr, rc, rr = _dpo_inputs(grad=True)
+    lc, lr = torch.tensor([2]), torch.tensor([4])
+    assert ipo_loss(pc, pr, rc, rr, tau=0.25)[0].item() == approx(0.0)
+    loss, m = ipo_loss(pc, pr, rc, rr, tau=0.25, normalize=True, chosen_lengths=lc, rejected_lengths=lr)
+    loss.backward()
+    assert loss.item() == approx(1.5625)
+    assert pc.grad.item() == approx(-1.25) and pr.grad.item() == approx(0.625)
+    assert m["rewards/chosen"] == approx(0.25) and m["rewards/rejected"] == approx(-0.25)
+    assert m["logps/chosen"] == -1.0 and m["logps/rejected"] == -3.0
+    ones = torch.ones(1)
+    summed = ipo_loss(*_dpo_inputs(h_half=0.5), tau=0.25)[0]
+    unit = ipo_loss(*_dpo_inputs(h_half=0.5), tau=0.25, normalize=True, chosen_lengths=ones,
+                    rejected_lengths=ones)[0]
+    assert unit.item() == summed.item() == approx(1.0)
+    # the lengths are ignored unless normalize is set, and required when it is
+    assert ipo_loss(*_dpo_inputs(), tau=0.25, chosen_lengths=lc, rejected_lengths=lr)[0].item() == approx(0.0)
+    with pytest.raises(ValueError, match="needs chosen_lengths"):
+        ipo_loss(*_dpo_inputs(), tau=0.25, normalize=True)
+
+
 def test_hinge_hand_values():
     """h = 2: beta = 0.25 -> relu(1 - 0.5) = 0.5, dL/d policy_chosen = -beta = -0.25;
     beta = 1 -> relu(1 - 2) = 0 with zero gradient (beyond the margin)."""
@@ -396,7 +422,39 @@ def test_simpo_hand_value_and_metrics():
     assert m["rewards/rejected"] == approx(-6.0)
     assert m["rewards/margins"] == approx(2.0)
     assert m["rewards/accuracies"] == 1.0
-    assert m["logps/chosen"] == -4.0 and m["logps/rejected"] == -9.0
+    # logps/* per token, as TRL's SimPO reports them; the sums beside them
+    assert m["logps/chosen"] == -2.0 and m["logps/rejected"] == -3.0
+    assert m["logps/chosen_sum"] == -4.0 and m["logps/rejected_sum"] == -9.0
+    assert "simpo/nll_loss" not in m
+
+
+def test_simpo_nll_term_is_pooled_over_all_chosen_tokens():
+    """TRL's cpo_alpha term. Chosen log-probs -4 over 2 tokens and -2 over 6 tokens:
+    pooled NLL = (4 + 2) / (2 + 6) = 0.75 (a per-response mean would be (2 + 1/3) / 2 =
+    1.1667). nll_coef = 0.5 adds 0.5 * 0.75 = 0.375 to the loss; its gradient on each chosen
+    log-prob is -0.5 / (B * mean length) = -0.5 / (2 * 4) = -0.0625.
+    Given the mean chosen length of a larger batch (chosen_length_mean = 2), the term is
+    mean(4/2, 2/2) = 1.5, and the halves of a batch, each given the whole batch's mean
+    length, average to the whole batch's loss."""
+    pc, pr = t(-4.0, -2.0, grad=True), t(-9.0, -9.0)
+    lc, lr = torch.tensor([2, 6]), torch.tensor([3, 3])
+    base, _ = simpo_loss(pc, pr, lc, lr, beta=2.0, gamma=0.5)
+    loss, m = simpo_loss(pc, pr, lc, lr, beta=2.0, gamma=0.5, nll_coef=0.5)
+    assert loss.item() - base.item() == approx(0.375)
+    assert m["simpo/nll_loss"] == approx(0.75)
+    g_base = torch.autograd.grad(base, pc)[0]
+    g = torch.autograd.grad(loss, pc)[0]
+    torch.testing.assert_close(g - g_base, torch.tensor([-0.0625, -0.0625]))
+    _, m2 = simpo_loss(pc, pr, lc, lr, nll_coef=1.0, chosen_length_mean=2.0)
+    assert m2["simpo/nll_loss"] == approx(1.5)
+
+    gen = torch.Generator().manual_seed(11)
+    pc4, pr4 = -10 * torch.rand(4, generator=gen), -10 * torch.rand(4, generator=gen)
+    lc4, lr4 = torch.tensor([1, 3, 5, 7]), torch.tensor([2, 2, 9, 1])
+    whole = simpo_loss(pc4, pr4, lc4, lr4, nll_coef=1.0)[0]
+    halves = [simpo_loss(pc4[i:i + 2], pr4[i:i + 2], lc4[i:i + 2], lr4[i:i + 2], nll_coef=1.0,
+                         chosen_length_mean=lc4.float().mean())[0] for i in (0, 2)]
+    assert (halves[0] + halves[1]).item() / 2 == approx(whole.item())
 
 
 def test_simpo_gradcheck_float64():
@@ -423,6 +481,33 @@ def test_orpo_hand_value():
     assert m["orpo/log_odds_chosen"] == approx(math.log(4))
     assert m["orpo/log_odds_ratio"] == approx(-math.log(1.25))
     assert m["rewards/chosen"] == approx(0.1 * math.log(0.5))
+    # logps/* per token, as TRL's ORPO reports them; the sums beside them
+    assert m["logps/chosen"] == approx(math.log(0.5)) and m["logps/rejected"] == approx(math.log(0.2))
+    assert m["logps/chosen_sum"] == approx(2 * math.log(0.5))
+    assert m["logps/rejected_sum"] == approx(3 * math.log(0.2))
+
+
+def test_orpo_token_nll_is_pooled_over_all_chosen_tokens():
+    """TRL's ORPO NLL. Chosen log-probs -2 over 1 token and -2 over 3 tokens: per response
+    the NLL is (2 + 2/3) / 2 = 1.333333; pooled over the 4 chosen tokens it is 4 / 4 = 1.
+    The odds-ratio term is the same either way, so the losses differ by 1 - 1.333333.
+    Equal lengths make the two the same; halves of a batch given the whole batch's mean
+    chosen length (2) average to the whole batch's loss."""
+    pc, pr = t(-2.0, -2.0), t(-6.0, -6.0)
+    lc, lr = torch.tensor([1, 3]), torch.tensor([2, 2])
+    seq, m_seq = orpo_loss(pc, pr, lc, lr, lam=0.1)
+    tok, m_tok = orpo_loss(pc, pr, lc, lr, lam=0.1, nll="token")
+    assert m_seq["orpo/nll_loss"] == approx(4 / 3) and m_tok["orpo/nll_loss"] == approx(1.0)
+    assert tok.item() - seq.item() == approx(1.0 - 4 / 3)
+    assert m_tok["orpo/log_odds_ratio"] == m_seq["orpo/log_odds_ratio"]
+    same = torch.tensor([2, 2])
+    assert (orpo_loss(pc, pr, same, lr, nll="token")[0].item()
+            == approx(orpo_loss(pc, pr, same, lr)[0].item()))
+    halves = [orpo_loss(pc[i:i + 1], pr[i:i + 1], lc[i:i + 1], lr[i:i + 1], lam=0.1, nll="token",
+                        chosen_length_mean=2.0)[0] for i in (0, 1)]
+    assert (halves[0] + halves[1]).item() / 2 == approx(tok.item())
+    with pytest.raises(ValueError, match="nll must be"):
+        orpo_loss(pc, pr, lc, lr, nll="pair")
 
 
 def test_orpo_gradcheck_float64():

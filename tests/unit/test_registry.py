@@ -100,9 +100,9 @@ def test_loss_hparams_read_a_dpo_config():
                     kto_undesirable_weight=0.5)
     assert loss_hparams("dpo", cfg) == {"beta": 0.2}
     assert loss_hparams("cdpo", cfg) == {"beta": 0.2, "label_smoothing": 0.05}
-    assert loss_hparams("ipo", cfg) == {"tau": 0.2}
-    assert loss_hparams("simpo", cfg) == {"beta": 0.2, "gamma": 0.7}
-    assert loss_hparams("orpo", cfg) == {"lam": 0.2}
+    assert loss_hparams("ipo", cfg) == {"tau": 0.2, "normalize": False}
+    assert loss_hparams("simpo", cfg) == {"beta": 0.2, "gamma": 0.7, "nll_coef": 0.0}
+    assert loss_hparams("orpo", cfg) == {"lam": 0.2, "nll": "sequence"}
     assert loss_hparams("kto", cfg) == {"beta": 0.2, "desirable_weight": 1.5, "undesirable_weight": 0.5}
     assert loss_hparams("hinge", {"beta": 0.3}) == {"beta": 0.3}  # a mapping works too
     for name in PREFERENCE_LOSSES:  # every hparam names a DPOConfig field

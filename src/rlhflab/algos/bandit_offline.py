@@ -144,8 +144,11 @@ def ipo_population_optimum(problem: BanditProblem, tau: float, deterministic: bo
 
 # The bandit's options named after the losses' own keywords, with their defaults; ``beta``
 # fills the keyword the registry maps to ``dpo.beta`` (beta, tau or lam).
-LOSS_OPTIONS: dict[str, float] = {"label_smoothing": 0.1, "gamma": 0.5, "desirable_weight": 1.0,
-                                  "undesirable_weight": 1.0}
+# Every response is one action (length 1): orpo's nll pooling and simpo's nll_coef act as on
+# any batch of one-token responses; ipo's normalize=true is refused (the bandit passes no lengths).
+LOSS_OPTIONS: dict[str, float | bool | str] = {"label_smoothing": 0.1, "gamma": 0.5, "desirable_weight": 1.0,
+                                               "undesirable_weight": 1.0, "nll_coef": 0.0, "normalize": False,
+                                               "nll": "sequence"}
 KNOWN_OPTIONS = {*LOSS_OPTIONS, "lr", "deterministic"}
 
 
@@ -153,7 +156,7 @@ def bandit_hparams(name: str, beta: float, options: dict) -> dict:
     """The keyword hyper-parameters of loss ``name`` (``registry.PREFERENCE_LOSSES``) from the
     bandit's ``beta`` and options."""
     table = PREFERENCE_LOSSES.entry(name).options["hparams"]
-    return {kw: beta if field == "beta" else float(options.get(kw, LOSS_OPTIONS[kw]))
+    return {kw: beta if field == "beta" else type(LOSS_OPTIONS[kw])(options.get(kw, LOSS_OPTIONS[kw]))
             for kw, field in table.items()}
 
 

@@ -64,7 +64,9 @@ from rlhflab.training import (
 # The losses and their hyper-parameters are registered in ``rlhflab.registry.PREFERENCE_LOSSES``.
 # A paired loss is called fn(policy_chosen_logps, policy_rejected_logps, a, b, **hparams) with
 # (a, b) the reference's log-probs, or for a reference-free loss the response lengths; an
-# unpaired one (KTO) fn(policy_logps, ref_logps, is_desirable, kl_ref_point, **hparams).
+# unpaired one (KTO) fn(policy_logps, ref_logps, is_desirable, kl_ref_point, **hparams). A loss
+# with the option ``length_inputs`` also gets those keywords from the response lengths
+# (``_length_inputs``).
 REFERENCE_FREE: tuple[str, ...] = PREFERENCE_LOSSES.where(reference_free=True)
 UNPAIRED: tuple[str, ...] = PREFERENCE_LOSSES.where(unpaired=True)
 
@@ -279,6 +281,24 @@ def _unpaired_terms(model, reference, micro: list[UnpairedExample], pad_id, devi
     return logps.float(), ref
 
 
+def _pair_lengths(examples: list[PairExample], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Response-token counts of the chosen and of the rejected responses, (N,) float each
+    (the lengths ``sequence_logps`` returns, known before any forward pass)."""
+    def count(seqs):
+        return torch.tensor([len(s.input_ids) - s.n_prompt for s in seqs], dtype=torch.float32, device=device)
+    return count([e.chosen for e in examples]), count([e.rejected for e in examples])
+
+
+def _length_inputs(loss_name: str, chosen_lengths: torch.Tensor, rejected_lengths: torch.Tensor,
+                   chosen_length_mean: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """The keywords of registry option ``length_inputs`` for a batch of pairs: their lengths
+    (IPO per token) and the mean chosen length, of this batch or of the global batch it is
+    part of (an NLL pooled over the global batch's chosen tokens)."""
+    values = {"chosen_lengths": chosen_lengths, "rejected_lengths": rejected_lengths,
+              "chosen_length_mean": chosen_lengths.mean() if chosen_length_mean is None else chosen_length_mean}
+    return {k: values[k] for k in PREFERENCE_LOSSES.entry(loss_name).options.get("length_inputs", ())}
+
+
 @torch.no_grad()
 def evaluate(loss_name: str, hp: dict, model, reference, examples: list, pad_id: int, device,
              batch_size: int = 64, packed: bool = False) -> dict[str, float]:
@@ -295,7 +315,8 @@ def evaluate(loss_name: str, hp: dict, model, reference, examples: list, pad_id:
         loss, metrics = PREFERENCE_LOSSES[loss_name](pol, ref, desirable, z0, **hp)
     else:
         args = _paired_terms(loss_name, model, reference, examples, pad_id, device, rows, packed)
-        loss, metrics = PREFERENCE_LOSSES[loss_name](*args, **hp)
+        extra = _length_inputs(loss_name, *_pair_lengths(examples, device))
+        loss, metrics = PREFERENCE_LOSSES[loss_name](*args, **hp, **extra)
     model.train(was)
     return {"eval/loss": loss.item(), **{f"eval/{k}": v for k, v in metrics.items()}}
 
@@ -358,6 +379,10 @@ def train_dpo(cfg, model, reference, tokenizer, train: list, held_out: list,
                 with torch.no_grad():
                     pol_m, ref_m = _unpaired_terms(policy, reference, shard, pad_id, device, True, micro, packed)
                 z0 = kto_reference_point(accelerator.gather(pol_m), accelerator.gather(ref_m))
+            else:  # response lengths of this shard, and the global batch's (length_inputs)
+                shard_lengths = _pair_lengths(shard, device)
+                global_lengths = [accelerator.gather(t) for t in shard_lengths]
+                chosen_length_mean = global_lengths[0].mean()
             kept: list[list[torch.Tensor]] = []
             for m in range(0, len(shard), micro):
                 chunk = shard[m:m + micro]
@@ -373,7 +398,9 @@ def train_dpo(cfg, model, reference, tokenizer, train: list, held_out: list,
                         else:
                             args = list(_paired_terms(name, model, reference, chunk, pad_id, device,
                                                       packed=packed))
-                            loss, _ = loss_fn(*args, **hp)
+                            extra = _length_inputs(name, *(t[m:m + micro] for t in shard_lengths),
+                                                   chosen_length_mean)
+                            loss, _ = loss_fn(*args, **hp, **extra)
                     # The loss is a mean over this chunk: weight it by the chunk's share of
                     # the global batch; DDP then averages over W processes, hence * W.
                     accelerator.backward(loss * (len(chunk) * W / B))
@@ -383,7 +410,8 @@ def train_dpo(cfg, model, reference, tokenizer, train: list, held_out: list,
             if unpaired:
                 gathered[2] = gathered[2] > 0.5  # is_desirable back to bool
             with torch.no_grad():
-                step_loss, step_metrics = loss_fn(*gathered, z0, **hp) if unpaired else loss_fn(*gathered, **hp)
+                step_loss, step_metrics = (loss_fn(*gathered, z0, **hp) if unpaired else
+                                           loss_fn(*gathered, **hp, **_length_inputs(name, *global_lengths)))
             grad_norm = optimizer_step(accelerator, model.parameters(), optimizer, scheduler, cfg,
                                        stage=name if name == "dpo" else f"dpo ({name})", step=step,
                                        loss=step_loss.item(), lr_field="dpo.lr")
