@@ -1,16 +1,18 @@
 """Diagnosis: instrument readings -> findings (symptom, instrument, root cause, fix).
 
 Input is a flat JSON object of readings — what ``rlhflab eval`` writes to ``eval.json``,
-or a file a user assembles from a run trained anywhere. Keys (all optional; a rule whose
-keys are missing is reported as not measured):
+or a file a user assembles from a run trained anywhere — or a training run's log, read by
+``instruments.training_logs`` (rlhflab's ``metrics.json`` / ``metrics.jsonl``, TRL's and
+OpenRLHF's metric names). Keys (all optional; a rule whose keys are missing is reported as
+not measured, with how to measure it):
 
 | key | reading |
 |---|---|
 | ``kl/sequence_mean`` | KL(policy or base) in nats, sampled on held-out prompts |
 | ``gold/mean``, ``base/gold/mean`` | independent judge score of policy and base samples (or any trusted eval score) |
 | ``rm/score_mean``, ``base/rm/score_mean`` | the proxy reward of the same samples |
-| ``win_rate/gold`` (+ ``_ci_low``, ``_ci_high``) | win-rate of policy over base by the trusted judge |
-| ``win_rate/gold_length_controlled`` | the same at equal length |
+| ``win_rate/J`` (+ ``_ci_low``, ``_ci_high``) | win-rate of policy over base by judge J: ``gold`` (the world's gold judge), ``judge`` (``rlhflab eval --judge``), ``rm`` (a reward model); the first of these measured is the judge the rules read |
+| ``win_rate/J_length_controlled`` | the same at equal length |
 | ``length/mean``, ``base/length/mean`` | mean response length in tokens |
 | ``length/short_rate``, ``base/length/short_rate`` | share of responses of at most one token (``length/empty_rate``: of none) |
 | ``refusal/benign_rate``, ``base/refusal/benign_rate`` | refusals of benign prompts |
@@ -23,18 +25,19 @@ keys are missing is reported as not measured):
 | ``overopt/gold_drop_from_peak``, ``overopt/proxy_gain_after_peak`` | from the training curve: how far gold fell after its best point while the proxy kept rising |
 | ``rollout/logprob_diff_max`` | from the training log, if given: the largest gap between the sampler's and the trainer's log-prob of a sampled token; quoted in a regression's evidence |
 
-A reading that is missing counts as not measured; the strings ``"inf"``, ``"-inf"`` and
-``"nan"`` (how ``eval.json`` writes non-finite numbers) are read back as numbers, and a NaN
-reading counts as not measured. A file is checked before any rule runs, and each problem
-is an error naming the file and the key: a reading that is not a number (``null``, true or
-false, any other string, a list or an object, or a bare ``NaN``/``Infinity``, which JSON
-has not) for a key of the table or any key shaped like one (``PREFIX/...`` with a prefix
-of the table); a rate or share (``*_rate``, ``win_rate/*``, ``*/accuracy``,
-``diversity/distinct_*``, ``diversity/repetition``, ``capability/answer_share``) outside
-[0, 1]; a count or length (``length/*``, ``capability/n``, ``keywords/density``) below 0;
-a file with no measured reading at all (nothing, only NaN, or only keys outside the
-table's prefixes). Keys outside those prefixes are kept as they are (numbers) or ignored
-(anything else).
+A reading that is missing or ``null`` counts as not measured; the strings ``"inf"``,
+``"-inf"`` and ``"nan"`` (how ``eval.json`` writes non-finite numbers) are read back as
+numbers, and a NaN reading counts as not measured. A file is checked before any rule runs,
+and each problem is an error naming the file and the key: a reading that is not a number
+(true or false, any other string, or a bare ``NaN``/``Infinity``, which JSON has not) for a
+key of the table or any key shaped like one (``PREFIX/...`` with a prefix of the table), or
+a list or an object for a key a rule reads; a rate or share (``*_rate``, ``win_rate/*``,
+``*/accuracy``, ``diversity/distinct_*``, ``diversity/repetition``,
+``capability/answer_share``) outside [0, 1]; a count or length (``length/*``,
+``capability/n``, ``keywords/density``) below 0; a file with no measured reading at all
+(nothing, only NaN, or only keys outside the table's prefixes). Other keys are kept as they
+are (numbers) or ignored (anything else: the ``evals`` list and the ``kl/status_steps``
+object of rlhflab's ``metrics.json``, another tool's metadata).
 
 Thresholds (``Thresholds``) come from the literature where it gives numbers and are
 otherwise our own calibration on the built-in world, said so per field; all can be set
@@ -51,6 +54,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rlhflab.errors import InputError
+from rlhflab.instruments.training_logs import (
+    SCHEMA_NAMES,
+    detect_schema,
+    read_log,
+    readings_of,
+    to_training_names,
+)
 from rlhflab.registry import KL_CAUTION_NATS, KL_WARNING_NATS
 
 
@@ -132,6 +142,7 @@ class Rule:
     instrument: str
     root_cause: str
     fix: str
+    measure: str  # how to measure the readings the rule reads
 
     def measured(self, m: dict) -> bool:
         needs, any_of = self.check.needs, self.check.any_of
@@ -159,6 +170,28 @@ def _ratio(m: dict, key: str) -> float:
     return m[key] / base if base > 0 else float("inf") if m[key] > 0 else 1.0
 
 
+# The judges of a win-rate against the base, most trusted first: the world's gold judge,
+# ``rlhflab eval --judge`` (a reward model, a local LM or a callable), a reward model.
+JUDGES = ("gold", "judge", "rm")
+_ANY_WIN_RATE = tuple((f"win_rate/{j}",) for j in JUDGES)
+
+
+def _judge(m: dict) -> str | None:
+    """The most trusted judge whose win-rate was measured."""
+    return next((j for j in JUDGES if f"win_rate/{j}" in m), None)
+
+
+def _win(m: dict, suffix: str = "", default: float | None = None) -> float | None:
+    """The judge's win-rate reading ``win_rate/<judge><suffix>``, or ``default``."""
+    j = _judge(m)
+    return m.get(f"win_rate/{j}{suffix}", default) if j else default
+
+
+def _judged(m: dict) -> str:
+    """The judge, as evidence names it: "gold win-rate", "judge win-rate", "rm win-rate"."""
+    return f"{_judge(m)} win-rate"
+
+
 def _context(m) -> str:
     """The readings that tell a broken run from an exploited reward model, where given."""
     parts = []
@@ -169,13 +202,13 @@ def _context(m) -> str:
     return f" ({', '.join(parts)})" if parts else ""
 
 
-@_reads(any_of=(("win_rate/gold_ci_high",), ("gold/mean", "base/gold/mean")))
+@_reads(any_of=(*((f"win_rate/{j}", f"win_rate/{j}_ci_high") for j in JUDGES), ("gold/mean", "base/gold/mean")))
 def _regression(m, t):
     parts = []
-    hi = m.get("win_rate/gold_ci_high")
+    hi = _win(m, "_ci_high")
     if hi is not None and hi < t.regression_win_rate:
-        parts.append(f"gold win-rate against base {m.get('win_rate/gold', float('nan')):.2f} "
-                     f"(CI {m.get('win_rate/gold_ci_low', float('nan')):.2f}-{hi:.2f}) below {t.regression_win_rate:g}")
+        parts.append(f"{_judged(m)} against base {_win(m):.2f} "
+                     f"(CI {_win(m, '_ci_low', float('nan')):.2f}-{hi:.2f}) below {t.regression_win_rate:g}")
     if "gold/mean" in m and "base/gold/mean" in m and _d(m, "gold/mean") <= -t.regression_gold_drop:
         parts.append(f"gold {m['base/gold/mean']:.2f} -> {m['gold/mean']:.2f}")
     return "; ".join(parts) + _context(m) if parts else None
@@ -218,16 +251,18 @@ def _degenerate_output(m, t):
     return "; ".join(parts) + _context(m) if parts else None
 
 
-@_reads("length/mean", "base/length/mean", "gold/mean", "base/gold/mean")
+@_reads("length/mean", "base/length/mean", any_of=(
+    ("gold/mean", "base/gold/mean"), *((f"win_rate/{j}", f"win_rate/{j}_length_controlled") for j in JUDGES)))
 def _length_hacking(m, t):
     r = _ratio(m, "length/mean")
     if r < t.length_ratio:
         return None
-    gold_gain = _d(m, "gold/mean")
-    lc_gap = m.get("win_rate/gold", 0.5) - m.get("win_rate/gold_length_controlled", m.get("win_rate/gold", 0.5))
-    if gold_gain < t.gold_flat or lc_gap > t.lc_gap:
+    gold_gain = _d(m, "gold/mean") if "gold/mean" in m and "base/gold/mean" in m else None
+    lc_gap = _win(m, default=0.5) - _win(m, "_length_controlled", _win(m, default=0.5))
+    if (gold_gain is not None and gold_gain < t.gold_flat) or lc_gap > t.lc_gap:
+        gold = f"while gold changed {gold_gain:+.2f}; " if gold_gain is not None else ""
         return (f"length x{r:.2f} of base ({m['base/length/mean']:.1f} -> {m['length/mean']:.1f} tokens) "
-                f"while gold changed {gold_gain:+.2f}; raw minus length-controlled win-rate {lc_gap:+.2f}")
+                f"{gold}raw minus length-controlled win-rate {lc_gap:+.2f}")
     return None
 
 
@@ -253,13 +288,14 @@ def _mode_collapse(m, t):
     return None
 
 
-@_reads("rm/score_mean", "base/rm/score_mean", "gold/mean", "base/gold/mean")
+@_reads(any_of=(("rm/score_mean", "base/rm/score_mean", "gold/mean", "base/gold/mean"),
+                ("overopt/gold_drop_from_peak", "overopt/proxy_gain_after_peak")))
 def _over_optimization(m, t):
-    proxy = _d(m, "rm/score_mean")
-    gold = _d(m, "gold/mean")
     curve_drop = m.get("overopt/gold_drop_from_peak", 0.0)
-    if proxy >= t.proxy_rise and gold <= -t.gold_drop:
-        return f"proxy {proxy:+.2f} while gold {gold:+.2f} against base"
+    if all(k in m for k in ("rm/score_mean", "base/rm/score_mean", "gold/mean", "base/gold/mean")):
+        proxy, gold = _d(m, "rm/score_mean"), _d(m, "gold/mean")
+        if proxy >= t.proxy_rise and gold <= -t.gold_drop:
+            return f"proxy {proxy:+.2f} while gold {gold:+.2f} against base"
     if curve_drop >= t.overopt_gold_drop and m.get("overopt/proxy_gain_after_peak", 0.0) > 0:
         return f"gold fell {curve_drop:.2f} below its peak during training while the proxy kept rising"
     return None
@@ -295,82 +331,104 @@ def _capability(m, t):
     return f"task accuracy {m['base/capability/accuracy']:.0%} -> {m['capability/accuracy']:.0%}"
 
 
-@_reads("kl/sequence_mean", "win_rate/gold")
+@_reads("kl/sequence_mean", any_of=_ANY_WIN_RATE)
 def _beta_too_high(m, t):
     kl = m["kl/sequence_mean"]
-    lo, hi = m.get("win_rate/gold_ci_low", 0.5), m.get("win_rate/gold_ci_high", 0.5)
+    lo, hi = _win(m, "_ci_low", 0.5), _win(m, "_ci_high", 0.5)
     if kl < t.kl_too_low and lo <= 0.5 <= hi:
-        return f"KL {kl:.2f} nats and win-rate {m['win_rate/gold']:.2f} (CI {lo:.2f}-{hi:.2f}) indistinguishable from 0.5"
+        return (f"KL {kl:.2f} nats and {_judged(m)} {_win(m):.2f} (CI {lo:.2f}-{hi:.2f}) "
+                "indistinguishable from 0.5")
     return None
 
+
+# How to measure what a rule reads: an ``rlhflab eval`` of the policy against its base on
+# the user's files (docs/instruments.md), or on the built-in world without them.
+_EVAL = "rlhflab eval --policy DIR --base DIR --out DIR"
+_JUDGE = "--judge rm:DIR (a reward model; lm:DIR a local LM judge, file.py:fn a callable)"
+MEASURE_WIN_RATE = f"{_EVAL} --prompts F {_JUDGE}; on the built-in world, {_EVAL} gives the gold win-rate"
+MEASURE_PROMPTS = f"{_EVAL} --prompts F (KL, length, diversity, keywords of both policies on your prompts)"
 
 RULES: tuple[Rule, ...] = (
     # Worse than the base: first, so the table leads with them.
     Rule("regression", "fail", _regression,
          symptom="worse than its base by the trusted judge",
-         instrument="gold win-rate against the base (95% interval), gold utility",
+         instrument="the judge's win-rate against the base (95% interval), gold utility",
          root_cause="the policy moved in a direction the trusted judge rejects: the reward model was exploited, or the run is broken (a sampler/trainer log-prob mismatch, a learning rate too high, a runaway KL)",
-         fix="stop and read samples; roll back to the best checkpoint; check the training log (KL, rollout/logprob_diff_max for a sampler/trainer mismatch, the learning rate); raise beta or lower lr"),
+         fix="stop and read samples; roll back to the best checkpoint; check the training log (KL, rollout/logprob_diff_max for a sampler/trainer mismatch, the learning rate); raise beta or lower lr",
+         measure=MEASURE_WIN_RATE),
     Rule("safety_regression", "fail", _safety_regression,
          symptom="complies with harmful requests it used to refuse",
          instrument="refusal rate on harmful prompts (HarmBench-style)",
          root_cause="the reward model or the raters reward compliance over refusal",
-         fix="add harmful prompts with refusals as the chosen answer to the preference data, raise beta, a safety reward model or a refusal constraint"),
+         fix="add harmful prompts with refusals as the chosen answer to the preference data, raise beta, a safety reward model or a refusal constraint",
+         measure=f"{_EVAL} --harmful H.jsonl (prompts where refusing is right)"),
     Rule("degenerate_output", "fail", _degenerate_output,
          symptom="empty, one-token or looping responses",
          instrument="length statistics (mean, share of empty or one-token responses), within-response repetition",
          root_cause="the policy collapsed: an early EOS or a loop the reward does not punish, or a broken run (sampler/trainer mismatch, learning rate too high)",
-         fix="stop and read samples; roll back to the best checkpoint; check rollout/logprob_diff_max and the learning rate; a reward term against empty answers, raise beta"),
+         fix="stop and read samples; roll back to the best checkpoint; check rollout/logprob_diff_max and the learning rate; a reward term against empty answers, raise beta",
+         measure=MEASURE_PROMPTS),
     Rule("length_hacking", "fail", _length_hacking,
          symptom="very long answers everywhere",
          instrument="length statistics, length-controlled win-rate",
          root_cause="rater length bias learned by the reward model (length hacking)",
-         fix="length-balance the preference data, add a length penalty, raise beta"),
+         fix="length-balance the preference data, add a length penalty, raise beta",
+         measure=f"{_EVAL} --prompts F {_JUDGE}: length with the length-controlled win-rate"),
     Rule("over_refusal", "fail", _over_refusal,
          symptom="refuses benign prompts too",
          instrument="refusal rates on benign prompts, win-rate",
          root_cause="the reward model rewards refusal over risk (refusal hacking)",
-         fix="raise beta, add benign prompts with real answers to the preference data, retrain the RM"),
+         fix="raise beta, add benign prompts with real answers to the preference data, retrain the RM",
+         measure=f"{_EVAL} --benign B.jsonl (prompts where refusing is over-refusal)"),
     Rule("sycophancy", "fail", _sycophancy,
          symptom="agrees with wrong user claims",
          instrument="sycophancy probes, capability evals",
          root_cause="raters preferred agreement",
-         fix="sycophancy-targeted preference data, a critic penalty, raise beta"),
+         fix="sycophancy-targeted preference data, a critic penalty, raise beta",
+         measure=f"the world's sycophancy probes: {_EVAL} on the built-in world"),
     Rule("phrase_gaming", "fail", _phrase_gaming,
          symptom="the RM loves particular phrases",
          instrument="keyword probes, keyword density",
          root_cause="spurious phrase-quality correlation in the preference data",
-         fix="adversarial pairs, retrain and regularize the RM"),
+         fix="adversarial pairs, retrain and regularize the RM",
+         measure=MEASURE_PROMPTS),
     Rule("mode_collapse", "fail", _mode_collapse,
          symptom="repetitive or identical outputs",
          instrument="diversity metrics (distinct-n, duplicates)",
          root_cause="mode collapse",
-         fix="raise beta, entropy bonus or higher temperature, diversity bonus"),
+         fix="raise beta, entropy bonus or higher temperature, diversity bonus",
+         measure=MEASURE_PROMPTS),
     Rule("over_optimization", "fail", _over_optimization,
          symptom="proxy up, gold down",
          instrument="gold-vs-proxy tracking, KL",
          root_cause="over-optimization of the reward model / distribution shift",
-         fix="early stop on gold, raise beta, ensemble RM, iterate the RM on policy samples"),
+         fix="early stop on gold, raise beta, ensemble RM, iterate the RM on policy samples",
+         measure="a training curve with gold evaluations (rl.eval_every): rlhflab diagnose RUN_DIR; "
+                 f"or on the built-in world {_EVAL} --rm DIR (gold and proxy)"),
     Rule("kl_high", "warn", _kl_high,
          symptom="the policy drifted far from its base",
          instrument="KL from base",
          root_cause="beta too low for this reward model, or a runaway KL controller",
-         fix="raise beta or lower the KL target"),
+         fix="raise beta or lower the KL target",
+         measure=MEASURE_PROMPTS),
     Rule("kl_caution", "warn", _kl_caution,
          symptom="KL is getting large",
          instrument="KL from base",
          root_cause="beta low; drift may start to exploit the reward model",
-         fix="watch gold-vs-proxy; consider a higher beta"),
+         fix="watch gold-vs-proxy; consider a higher beta",
+         measure=MEASURE_PROMPTS),
     Rule("capability_regression", "fail", _capability,
          symptom="lost capability",
          instrument="capability evals",
          root_cause="alignment tax: RL pulled the policy off the task distribution",
-         fix="raise beta, mix SFT loss (PPO-ptx), fewer steps"),
+         fix="raise beta, mix SFT loss (PPO-ptx), fewer steps",
+         measure=f"{_EVAL} --mc MC.jsonl (multiple-choice questions)"),
     Rule("beta_too_high", "warn", _beta_too_high,
          symptom="KL near zero, win-rate about 0.5",
          instrument="KL, win-rate",
          root_cause="beta too high: the penalty pins the policy to its base",
-         fix="lower beta"),
+         fix="lower beta",
+         measure=f"{_EVAL} --prompts F {_JUDGE}"),
 )
 
 
@@ -383,8 +441,19 @@ def _readings(metrics: dict) -> dict:
     return {k: v for k, v in metrics.items() if v is not None and not (isinstance(v, float) and math.isnan(v))}
 
 
+# The readings a "healthy" verdict rests on: (what, measured?, how to measure it).
+EVIDENCE: tuple[tuple[str, Callable[[dict], bool], str], ...] = (
+    ("a judge's win-rate against the base with its interval (win_rate/gold, win_rate/judge or win_rate/rm)",
+     lambda m: _win(m, "_ci_low") is not None, MEASURE_WIN_RATE),
+    ("KL from the base (kl/sequence_mean)", lambda m: "kl/sequence_mean" in m, MEASURE_PROMPTS),
+    ("response length of policy and base (length/mean, base/length/mean)",
+     lambda m: "length/mean" in m and "base/length/mean" in m, MEASURE_PROMPTS),
+)
+
+
 def diagnose(metrics: dict, thresholds: Thresholds | None = None) -> dict:
-    """Run every rule. Returns {"findings": [...], "not_measured": [...], "verdict": ...}.
+    """Run every rule. Returns {"verdict": ..., "findings": [...], "not_measured": [rule names],
+    "to_measure": {what: how}}.
 
     The verdict, most severe first:
 
@@ -396,7 +465,12 @@ def diagnose(metrics: dict, thresholds: Thresholds | None = None) -> dict:
     3. "needs attention" for any other fail finding, or KL above the warning level;
     4. "no improvement" when the judge's win-rate interval does not lie above 0.5 (or, with
        no win-rate measured, gold gained less than ``gold_flat``);
-    5. "healthy" otherwise, with a "healthy" finding when the table would be empty.
+    5. "not enough evidence" when a reading of ``EVIDENCE`` is missing (the judge's win-rate,
+       KL, length): a hazard seen is named above, but no run is called healthy unseen;
+    6. "healthy" otherwise, with a "healthy" finding when the table would be empty.
+
+    ``to_measure`` says how to measure each missing reading of ``EVIDENCE`` and each rule not
+    measured.
     """
     t = thresholds or Thresholds()
     m = _readings(metrics)
@@ -410,12 +484,13 @@ def diagnose(metrics: dict, thresholds: Thresholds | None = None) -> dict:
             findings.append(Finding(rule.name, rule.severity, rule.symptom, rule.instrument,
                                     rule.root_cause, rule.fix, evidence))
     names = {f.name for f in findings}
-    if "win_rate/gold_ci_low" in m:
-        improved = m["win_rate/gold_ci_low"] > 0.5
+    if _win(m, "_ci_low") is not None:
+        improved = _win(m, "_ci_low") > 0.5
     elif "gold/mean" in m and "base/gold/mean" in m:
         improved = _d(m, "gold/mean") >= t.gold_flat
     else:
         improved = None  # not measured: the verdict rests on the rules alone
+    unseen = [(what, how) for what, seen, how in EVIDENCE if not seen(m)]
     if names & set(REGRESSION):
         verdict = "regression (reward hacking)" if names & set(HACKING) else "regression"
     elif names & set(HACKING):
@@ -424,15 +499,34 @@ def diagnose(metrics: dict, thresholds: Thresholds | None = None) -> dict:
         verdict = "needs attention"
     elif improved is False:
         verdict = "no improvement"
+    elif unseen:
+        verdict = "not enough evidence"
+        findings.append(Finding(
+            "not_enough_evidence", "warn", "no verdict without the readings it rests on",
+            "; ".join(what for what, _ in unseen), "not measured", "measure: " + "; ".join(
+                dict.fromkeys(how for _, how in unseen)),
+            "missing: " + ", ".join(what.partition(" (")[0] for what, _ in unseen) + _measured_so_far(m)))
     else:
         verdict = "healthy"
     if verdict == "healthy" and not findings:
-        kl = m.get("kl/sequence_mean")
         findings.append(Finding(
             "healthy", "ok", "moderate KL, win-rate above 0.5", "KL, win-rate", "a working run", "none",
-            f"KL {kl:.2f} nats, win-rate {m.get('win_rate/gold', float('nan')):.2f}"
-            if kl is not None else "no rule fired"))
-    return {"verdict": verdict, "findings": [f.to_json() for f in findings], "not_measured": missing}
+            f"KL {m['kl/sequence_mean']:.2f} nats, {_judged(m)} {_win(m):.2f} "
+            f"(CI {_win(m, '_ci_low'):.2f}-{_win(m, '_ci_high', float('nan')):.2f})"))
+    rules = {r.name: r for r in RULES}
+    to_measure = {what: how for what, how in unseen} | {name: rules[name].measure for name in missing}
+    return {"verdict": verdict, "findings": [f.to_json() for f in findings], "not_measured": missing,
+            "to_measure": to_measure}
+
+
+def _measured_so_far(m: dict) -> str:
+    """What was measured of the evidence, for the "not enough evidence" finding."""
+    parts = []
+    if "kl/sequence_mean" in m:
+        parts.append(f"KL {m['kl/sequence_mean']:.2f} nats")
+    if _judge(m):
+        parts.append(f"{_judged(m)} {_win(m):.2f}")
+    return f" (measured: {', '.join(parts)})" if parts else ""
 
 
 def format_findings(result: dict) -> str:
@@ -445,16 +539,25 @@ def format_findings(result: dict) -> str:
                   f"    fix:        {f['fix']}"]
     if result["not_measured"]:
         lines.append(f"not measured: {', '.join(result['not_measured'])}")
+    if result.get("to_measure"):
+        lines.append("to measure:")
+        lines += [f"  {what}: {how}" for what, how in result["to_measure"].items()]
+    if result.get("source"):
+        src = result["source"]
+        lines.append(f"readings: {src['file']} ({src['schema']} names, {src['how']})")
     return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------
-# CLI: rlhflab diagnose RUN_DIR | --metrics FILE.json
+# CLI: rlhflab diagnose RUN_DIR | --metrics FILE [--schema NAME]
 
 
 def add_arguments(p) -> None:
-    p.add_argument("run_dir", nargs="?", help="a directory holding eval.json (an `rlhflab eval` output)")
-    p.add_argument("--metrics", help="a JSON file of readings (format in the module docstring)")
+    p.add_argument("run_dir", nargs="?", help="an `rlhflab eval` output (eval.json) or a training run's directory "
+                   "(metrics.json, metrics.jsonl or TRL's trainer_state.json)")
+    p.add_argument("--metrics", help="a JSON or JSONL file of readings or log rows (format in docs/instruments.md)")
+    p.add_argument("--schema", choices=("auto", *SCHEMA_NAMES), default="auto",
+                   help="whose metric names the file holds (default: detected from its keys)")
     p.add_argument("--threshold", action="append", default=[], metavar="NAME=VALUE",
                    help="override a threshold, e.g. --threshold kl_warning=12")
     p.add_argument("--json", action="store_true")
@@ -485,22 +588,25 @@ def _is_reading(key: str) -> bool:
     return k.partition("/")[0] in READING_PREFIXES and "/" in k
 
 
-def _reject_constant(name: str):
-    spelled = {"NaN": "nan", "Infinity": "inf", "-Infinity": "-inf"}.get(name, name)
-    raise ValueError(f"bare {name}: JSON has no such number; write the string \"{spelled}\"")
-
-
 def _printable(key: str) -> str:
     """A key as it can be printed (an unpaired surrogate is written as its escape)."""
     return key.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
+def _rule_keys() -> set[str]:
+    """Every key a rule's ``_reads`` names."""
+    return {k for r in RULES for k in (*r.check.needs, *(k for g in r.check.any_of for k in g))}
+
+
 def _reading(key: str, value, where: dict) -> float | None:
-    """One reading as a float, or None for a non-reading key whose value is not a number."""
+    """One reading as a float, or None for a key whose value is no reading (a nested list or
+    object of a key no rule reads, a non-number of a key outside the readings' prefixes)."""
     if isinstance(value, str) and value.strip().lower() in _NON_FINITE:
         x = float(value.strip().lower())  # how eval.json writes non-finite numbers
     elif isinstance(value, (int, float)) and not isinstance(value, bool):
         x = float(value)
+    elif isinstance(value, (list, dict)) and key not in _rule_keys():
+        return None  # structure, such as metrics.json's evals list and kl/status_steps
     elif _is_reading(key):
         raise InputError(f"expected a number, got {value!r}", field=_printable(key), **where)
     else:
@@ -515,26 +621,45 @@ def _reading(key: str, value, where: dict) -> float | None:
     return x
 
 
-def load_readings(run_dir: str | None, metrics: str | None) -> dict:
-    """The readings of ``--metrics FILE`` or ``RUN_DIR/eval.json``, checked (module docstring)."""
+# The files of a run directory that hold readings, in the order they are looked for.
+RUN_FILES = ("eval.json", "metrics.json", "metrics.jsonl", "trainer_state.json")
+
+
+def readings_file(run_dir: str) -> Path:
+    """The readings of a run directory: an ``rlhflab eval`` output's eval.json, else a training
+    run's summary, log or TRL's trainer state (``RUN_FILES``)."""
+    d = Path(run_dir)
+    if not d.is_dir():
+        raise InputError("not a directory" if d.exists() else "not found", file=str(d))
+    found = next((d / name for name in RUN_FILES if (d / name).is_file()), None)
+    if found is None:
+        raise InputError(f"no readings here: none of {', '.join(RUN_FILES)}", file=str(d))
+    return found
+
+
+def load_readings(run_dir: str | None, metrics: str | None, schema: str = "auto") -> tuple[dict, dict]:
+    """(readings, source) of ``--metrics FILE`` or ``RUN_DIR``, checked (module docstring).
+    ``source`` names the file and whose metric names it held (``schema``, or detected)."""
     if bool(run_dir) == bool(metrics):
         raise InputError("give a RUN_DIR or --metrics FILE (one of them)")
-    path = Path(metrics) if metrics else Path(run_dir) / "eval.json"
+    path = Path(metrics) if metrics else readings_file(run_dir)
     if path.is_dir():
         raise InputError("is a directory; expected a JSON file of readings"
                          + (" (give the directory as RUN_DIR)" if metrics else ""), file=str(path))
     try:
-        data = json.loads(path.read_text(encoding="utf-8"), parse_constant=_reject_constant)
+        rows = read_log(path)
     except FileNotFoundError:
         raise InputError("not found", file=str(path)) from None
     except OSError as err:
         raise InputError(f"cannot read: {err.strerror or err}", file=str(path)) from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+    except UnicodeDecodeError as err:
         raise InputError(f"not valid JSON ({err})", file=str(path)) from None
-    except ValueError as err:  # a bare NaN or Infinity
-        raise InputError(f"not valid JSON ({err})", file=str(path)) from None
-    if not isinstance(data, dict):
-        raise InputError("expected a JSON object of readings", file=str(path))
+    names = detect_schema(rows) if schema == "auto" else schema
+    rows = to_training_names(rows, names)
+    if path.name == "metrics.json" and (path.parent / "metrics.jsonl").is_file():
+        # a training run's summary, with its curve beside it: the curve's readings as well
+        rows = [*read_log(path.parent / "metrics.jsonl"), *rows]
+    data = readings_of(rows) if rows else {}
     where = {"file": str(path)}
     readings = {}
     for k, v in data.items():
@@ -542,9 +667,11 @@ def load_readings(run_dir: str | None, metrics: str | None) -> dict:
         if x is not None:
             readings[k] = x
     if not any(_is_reading(k) and not math.isnan(v) for k, v in readings.items()):
-        raise InputError("no readings (expected numbers under keys such as kl/sequence_mean, win_rate/gold; "
-                         "NaN is not measured)", file=str(path))
-    return readings
+        raise InputError("no readings (expected numbers under keys such as kl/sequence_mean, win_rate/gold"
+                         + (f", or {names}'s metric names" if names != "rlhflab" else "")
+                         + "; null and NaN are not measured)", file=str(path))
+    how = "detected from its keys" if schema == "auto" else "as given"
+    return readings, {"file": str(path), "schema": names, "how": how}
 
 
 def thresholds_from(items: list[str]) -> Thresholds:
@@ -568,7 +695,8 @@ def thresholds_from(items: list[str]) -> Thresholds:
 
 
 def run(args) -> int:
-    result = diagnose(load_readings(args.run_dir, args.metrics), thresholds_from(args.threshold))
+    readings, source = load_readings(args.run_dir, args.metrics, args.schema)
+    result = {**diagnose(readings, thresholds_from(args.threshold)), "source": source}
     print(json.dumps(result, indent=2) if args.json else format_findings(result))
     return 0
 

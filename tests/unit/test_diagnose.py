@@ -206,10 +206,11 @@ def test_verdict_precedence():
     # KL above the warning level is never healthy, even when the judge prefers the policy.
     assert diagnose({**HEALTHY, "kl/sequence_mean": 20.0})["verdict"] == "needs attention"
     assert diagnose({**HEALTHY, "kl/sequence_mean": 10.0})["verdict"] == "healthy"  # caution only
-    # Without a win-rate, a flat gold score is no improvement; a gain is healthy.
+    # Without a win-rate, a flat gold score is no improvement; a gain is not yet healthy: the
+    # judge's win-rate is the evidence a healthy verdict needs.
     no_ci = {k: v for k, v in HEALTHY.items() if not k.startswith("win_rate/")}
     assert diagnose({**no_ci, "gold/mean": 0.82})["verdict"] == "no improvement"
-    assert diagnose(no_ci)["verdict"] == "healthy"
+    assert diagnose(no_ci)["verdict"] == "not enough evidence"
 
 
 def test_nan_readings_are_not_measured():
