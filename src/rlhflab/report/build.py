@@ -92,7 +92,31 @@ def section_training(arms: dict[str, list[dict]]) -> str:
     return f'<div class="plots">{"".join(plots)}</div>'
 
 
+def overoptimization_note(name: str, fit: dict, kl_measured: float) -> str | None:
+    """What the Gao fit of one arm supports: its gold peak when the peak lies within the
+    measured KL, else "no peak within the measured KL" (the formula's d* is then an
+    extrapolation, however precise its number). ``kl_measured``: the largest KL measured,
+    used when the readings predate ``overopt/fit_peak_in_range``."""
+    kl_peak, r2 = _num(fit.get("overopt/fit_kl_peak")), _num(fit.get("overopt/fit_r2"))
+    if not math.isfinite(_num(fit.get("overopt/fit_alpha"))):
+        return None
+    d_max = _num(fit.get("overopt/fit_d_max"))
+    kl_max = d_max**2 if math.isfinite(d_max) else kl_measured
+    in_range = _num(fit.get("overopt/fit_peak_in_range"))
+    if not math.isfinite(in_range):
+        in_range = float(math.isfinite(kl_peak) and kl_peak <= kl_max)
+    observed = (f"; observed peak {_num(fit.get('overopt/gold_peak')):.3f} at KL "
+                f"{_num(fit.get('overopt/gold_peak_kl')):.2f}")
+    if in_range:
+        return f"{esc(name)}: fitted gold peak at KL = {kl_peak:.2f} nats (R^2 {r2:.2f}){observed}"
+    return (f"{esc(name)}: no peak within the measured KL (measured up to {kl_max:.2f} nats; "
+            f"fit R^2 {r2:.2f}){observed}")
+
+
 def section_overoptimization(arms: dict[str, list[dict]], readings: dict[str, dict]) -> str:
+    """Gold and proxy of each evaluation against d = sqrt(KL), as points (the run's order in
+    time is not the x axis's: KL may fall as well as rise), with the Gao fit drawn over the
+    measured range only."""
     plots, notes = [], []
     for name, rows in arms.items():
         pts = [(math.sqrt(max(0.0, _num(r["objective/kl"]))), _num(r["gold/mean"]), _num(r.get("objective/scores")))
@@ -100,19 +124,21 @@ def section_overoptimization(arms: dict[str, list[dict]], readings: dict[str, di
         if len(pts) < 2:
             continue
         d = [p[0] for p in pts]
-        series = {"gold": (d, [p[1] for p in pts])}
+        points = {"gold": (d, [p[1] for p in pts])}
         if all(math.isfinite(p[2]) for p in pts):
-            series["proxy (RM)"] = (d, [p[2] for p in pts])
+            points["proxy (RM)"] = (d, [p[2] for p in pts])
         fit = readings.get(name, {})
         a, b = _num(fit.get("overopt/fit_alpha")), _num(fit.get("overopt/fit_beta_g"))
-        if math.isfinite(a) and math.isfinite(b) and max(d) > 0:
-            xs = [max(d) * i / 40 for i in range(1, 41)]
+        series = {}
+        lo, hi = min((x for x in d if x > 0), default=0.0), max(d)
+        if math.isfinite(a) and math.isfinite(b) and hi > lo > 0:
+            xs = [lo + (hi - lo) * i / 40 for i in range(41)]
             series["Gao fit (gold)"] = (xs, [pts[0][1] + x * (a - b * math.log(x)) for x in xs])
-            notes.append(f"{esc(name)}: fitted gold peak at KL = {_num(fit.get('overopt/fit_kl_peak')):.2f} nats "
-                         f"(R^2 {_num(fit.get('overopt/fit_r2')):.2f}); observed peak "
-                         f"{_num(fit.get('overopt/gold_peak')):.3f} at KL {_num(fit.get('overopt/gold_peak_kl')):.2f}")
-        plots.append(line_plot(series, title=f"{name}: gold and proxy vs sqrt(KL)", xlabel="d = sqrt(KL)",
-                               ylabel="score"))
+        note = overoptimization_note(name, fit, max(d) ** 2)
+        if note:
+            notes.append(note)
+        plots.append(line_plot(series, points=points, title=f"{name}: gold and proxy vs sqrt(KL)",
+                               xlabel="d = sqrt(KL)", ylabel="score"))
     if not plots:
         return "<p><em>no gold-vs-proxy curve recorded</em></p>"
     return f'<div class="plots">{"".join(plots)}</div>' + "".join(f"<p>{n}</p>" for n in notes)
@@ -168,6 +194,10 @@ def section_diagnosis(diagnoses: dict[str, dict]) -> str:
                 for f in d.get("findings", [])]
         classes = [["fail" if r[0] == "fail" else "warn" if r[0] == "warn" else "pass"] + [""] * 6 for r in rows]
         parts.append(table(["", "finding", "symptom", "evidence", "instrument", "root cause", "fix"], rows, classes))
+        to_measure = d.get("to_measure") or {}
+        if to_measure:
+            parts.append('<p class="small">to measure: ' + "; ".join(
+                f"<b>{esc(what)}</b>: <code>{esc(how)}</code>" for what, how in to_measure.items()) + "</p>")
     return "\n".join(parts)
 
 
