@@ -549,7 +549,7 @@ BAD_METRICS = [
     ("empty_object", "{}", "no readings"),
     ("only_metadata", '{"note": "from another tool", "run": "a"}', "no readings"),
     ("only_nan", '{"kl/sequence_mean": "nan", "win_rate/gold": "nan"}', "no readings"),
-    ("only_other_numbers", '{"objective/kl": 3.0, "step": 12}', "no readings"),
+    ("only_other_numbers", '{"loss": 3.0, "step": 12}', "no readings"),
     ("array", "[1, 2]", "expected a JSON object"),
     ("number", "3", "expected a JSON object"),
     ("not_json", "{kl", "not valid JSON"),
@@ -561,7 +561,6 @@ BAD_METRICS = [
     ("string_reading", json.dumps({**HEALTHY, "kl/sequence_mean": "abc"}), "field 'kl/sequence_mean': expected a number"),
     ("empty_string", json.dumps({**HEALTHY, "gold/mean": ""}), "field 'gold/mean': expected a number"),
     ("number_as_string", json.dumps({**HEALTHY, "gold/mean": "1.5"}), "field 'gold/mean': expected a number"),
-    ("null_reading", json.dumps({**HEALTHY, "kl/sequence_mean": None}), "field 'kl/sequence_mean': expected a number"),
     ("bool_reading", json.dumps({**HEALTHY, "win_rate/gold": True}), "field 'win_rate/gold': expected a number"),
     ("list_reading", json.dumps({**HEALTHY, "length/mean": [7.0]}), "field 'length/mean': expected a number"),
     ("object_reading", json.dumps({**HEALTHY, "gold/mean": {"v": 1}}), "field 'gold/mean': expected a number"),
@@ -605,7 +604,7 @@ def test_a_metrics_path_that_is_no_json_file_is_named(case, tmp_path, capsys):
         argv, named = ["diagnose", "--metrics", str(d / "m.json")], str(d / "m.json")
     else:
         (d / "run").mkdir()
-        argv, named = ["diagnose", str(d / "run")], str(d / "run" / "eval.json")
+        argv, named = ["diagnose", str(d / "run")], str(d / "run")
     expect_input_error(argv, capsys, [d], None, named)
 
 
@@ -628,7 +627,7 @@ def test_what_rlhflab_writes_still_reads(tmp_path, capsys):
     threshold switches a rule off."""
     path = tmp_path / "m.json"
     path.write_text(json.dumps({**HEALTHY, "kl/sequence_mean": "inf", "note": "from wandb", "tags": ["a"],
-                                "win_rate/gold_length_controlled": "nan"}))
+                                "win_rate/gold_length_controlled": "nan", "capability/accuracy": None}))
     assert main(["diagnose", "--metrics", str(path), "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert "kl_high" in [f["name"] for f in result["findings"]]
