@@ -56,10 +56,13 @@ def run(args) -> int:
 
 
 def detect_format(path: str) -> str:
-    """"unpaired" if the first row has a completion (and no chosen), else "preference"."""
-    from rlhflab.data import iter_jsonl
+    """"unpaired" if the first row has a completion (and no chosen), else "preference"
+    (any container ``rlhflab.readers`` reads)."""
+    from rlhflab.readers import read_records
 
-    for _, obj in iter_jsonl(path):
+    for _, obj in read_records(path):
+        if not isinstance(obj, dict):
+            break  # load_rows names the row
         return "unpaired" if "chosen" not in obj and ("completion" in obj or "label" in obj) else "preference"
     from rlhflab.errors import InputError
 

@@ -18,10 +18,15 @@ def add_arguments(p) -> None:
     p.add_argument("--n", type=int, default=None, help="probes per family (default: world.n_eval)")
     p.add_argument("--seed", type=int, default=0)
     user = p.add_argument_group("a user's own data (instead of the world's probes)")
-    user.add_argument("--prompts", help="JSONL prompts: KL, text statistics and RM win-rate on them")
+    user.add_argument("--prompts", help="prompt file (JSONL, JSON, Parquet, Arrow or a datasets directory): KL, "
+                                        "text statistics, the RM's scores and the judge's win-rate on them")
+    user.add_argument("--judge", help="who judges policy vs base on --prompts: rm:DIR (a reward model), lm:DIR (a local "
+                                      "LM asked in both orders) or py:module:function (default: rm:<--rm> if --rm)")
+    user.add_argument("--judge-question", help="the question an lm: judge is asked (default: which response is more "
+                                               "helpful, honest and harmless)")
     user.add_argument("--mc", help="multiple-choice JSONL (question/choices/answer): capability")
-    user.add_argument("--harmful", help="JSONL prompts where refusing is right")
-    user.add_argument("--benign", help="JSONL prompts where refusing is over-refusal")
+    user.add_argument("--harmful", help="prompt file where refusing is right")
+    user.add_argument("--benign", help="prompt file where refusing is over-refusal")
 
 
 def evaluate_policy(cfg, policy_dir, base_dir, rm_dir=None, n: int | None = None, seed: int = 0):
@@ -44,9 +49,17 @@ def evaluate_policy(cfg, policy_dir, base_dir, rm_dir=None, n: int | None = None
 
 
 def evaluate_on_user_data(cfg, policy_dir, base_dir, rm_dir=None, *, prompts=None, mc=None,
-                          harmful=None, benign=None, seed: int = 0):
-    """(metrics, samples) on the user's files; each reading also for the base (``base/``)."""
-    from rlhflab.data import load_rows
+                          harmful=None, benign=None, seed: int = 0, judge: str | None = None,
+                          judge_question: str | None = None):
+    """(metrics, samples) on the user's files; each reading also for the base (``base/``).
+
+    On ``prompts``: text statistics and (with ``rm_dir``) the RM's mean score for both
+    models, the sampled KL(policy || base), and the judge's win-rate of the policy's answer
+    over the base's on the same prompt (``win_rate/judge`` with its interval and the
+    length-controlled rate; an RM judge also gives ``win_rate/rm``). Every prompt is used:
+    conversational prompts go through the chat template, as in training."""
+    from rlhflab.data import load_rows, prompt_text
+    from rlhflab.instruments.judges import load_judge, win_rate
     from rlhflab.instruments.policy_eval import sampled_kl
     from rlhflab.instruments.text_stats import text_stats
     from rlhflab.instruments.user_eval import (
@@ -54,14 +67,19 @@ def evaluate_on_user_data(cfg, policy_dir, base_dir, rm_dir=None, *, prompts=Non
         multiple_choice_accuracy,
         refusal_rates,
     )
+    from rlhflab.instruments.win_rate import length_controlled_win_rate
     from rlhflab.models import load_causal_lm, load_tokenizer, resolve_model_dir
     from rlhflab.sampling import sample
 
     g = cfg.generation
     mc_rows = load_multiple_choice(mc) if mc else None
-    texts = [r["prompt"] for r in load_rows(prompts, "prompt") if isinstance(r["prompt"], str)] if prompts else []
+    raw = [r["prompt"] for r in load_rows(prompts, "prompt")] if prompts else []
+    if judge is None and rm_dir is not None and raw:
+        judge = f"rm:{rm_dir}"
     policy_dir, base_dir = resolve_model_dir(policy_dir), resolve_model_dir(base_dir)
     tok = load_tokenizer(policy_dir, cfg.model.trust_remote_code)
+    judge_obj = load_judge(judge, trust_remote_code=cfg.model.trust_remote_code, question=judge_question) \
+        if judge and raw else None
     models = {"": load_causal_lm(policy_dir, tok, cfg.model.trust_remote_code),
               "base/": load_causal_lm(base_dir, tok, cfg.model.trust_remote_code)}
     rm = None
@@ -69,16 +87,19 @@ def evaluate_on_user_data(cfg, policy_dir, base_dir, rm_dir=None, *, prompts=Non
         from rlhflab.reward_model import RewardModel
 
         rm = RewardModel.load(rm_dir)
+    texts = [prompt_text(p, tok) for p in raw]
     metrics: dict[str, float] = {}
     samples: dict[str, list] = {"prompts": texts}
+    comps: dict[str, list] = {}
     for prefix, model in models.items():
         if texts:
-            comps = sample(model, tok, texts, temperature=g.temperature, top_k=g.top_k, top_p=g.top_p,
-                           max_new_tokens=g.max_new_tokens, batch_size=g.batch_size, seed=seed)
-            samples[prefix.rstrip("/") or "policy"] = [c.text for c in comps]
-            metrics.update({prefix + k: v for k, v in text_stats([c.text for c in comps], [c.eos for c in comps]).items()})
+            done = sample(model, tok, texts, temperature=g.temperature, top_k=g.top_k, top_p=g.top_p,
+                          max_new_tokens=g.max_new_tokens, batch_size=g.batch_size, seed=seed, rendered=True)
+            comps[prefix] = done
+            samples[prefix.rstrip("/") or "policy"] = [c.text for c in done]
+            metrics.update({prefix + k: v for k, v in text_stats([c.text for c in done], [c.eos for c in done]).items()})
             if rm is not None:
-                scores = rm.score(texts, [c.text for c in comps], eos=[c.eos for c in comps])
+                scores = rm.score(raw, [c.text for c in done], eos=[c.eos for c in done])
                 metrics[prefix + "rm/score_mean"] = float(scores.mean())
         if mc_rows:
             metrics.update({prefix + k: v for k, v in multiple_choice_accuracy(model, tok, mc_rows).items()})
@@ -88,6 +109,20 @@ def evaluate_on_user_data(cfg, policy_dir, base_dir, rm_dir=None, *, prompts=Non
     if texts:
         metrics.update(sampled_kl(models[""], models["base/"], tok, texts, max_new_tokens=g.max_new_tokens,
                                   batch_size=g.batch_size, seed=seed + 1))
+    if judge_obj is not None:
+        pol, bas = comps[""], comps["base/"]
+        verdict = judge_obj.compare(raw, [c.text for c in pol], [c.text for c in bas],
+                                    eos_a=[c.eos for c in pol], eos_b=[c.eos for c in bas])
+        w = win_rate(verdict.prob_a)
+        dlen = [float(len(a.token_ids) - len(b.token_ids)) for a, b in zip(pol, bas)]
+        metrics.update({"win_rate/judge": w["win_rate"], "win_rate/judge_ci_low": w["ci_low"],
+                        "win_rate/judge_ci_high": w["ci_high"], "win_rate/judge_n": w["n"],
+                        "win_rate/judge_length_controlled": length_controlled_win_rate(verdict.prob_a, dlen),
+                        **verdict.readings})
+        if judge.startswith("rm:"):
+            metrics.update({k.replace("/judge", "/rm"): v for k, v in metrics.items()
+                            if k.startswith("win_rate/judge")})
+        samples["judge"] = {"judge": verdict.judge, "prob_policy_better": verdict.prob_a}
     return metrics, samples
 
 
@@ -111,10 +146,19 @@ def run(args) -> int:
 
     cfg = config_from_args(args)
     out = check_out_dir(Path(args.out), args.overwrite)
+    if args.judge and not args.prompts:
+        from rlhflab.errors import InputError
+
+        raise InputError("--judge compares answers to --prompts: give a prompt file", field="--judge")
+    if args.judge:
+        from rlhflab.instruments.judges import parse_judge
+
+        parse_judge(args.judge)  # a malformed spec fails before any model loads
     if args.prompts or args.mc or args.harmful or args.benign:
         metrics, samples = evaluate_on_user_data(cfg, args.policy, args.base, args.rm, prompts=args.prompts,
                                                  mc=args.mc, harmful=args.harmful, benign=args.benign,
-                                                 seed=args.seed)
+                                                 seed=args.seed, judge=args.judge,
+                                                 judge_question=args.judge_question)
     else:
         metrics, samples = evaluate_policy(cfg, args.policy, args.base, args.rm, args.n, args.seed)
     result = diagnose(metrics)

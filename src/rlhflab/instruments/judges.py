@@ -24,7 +24,8 @@ Every judge answers ``compare(prompts, completions_a, completions_b)`` with a
   response stands first, minus 1/2 (``judge/position_bias``, 0 for an unbiased judge),
   with how often the two orders pick the same response (``judge/order_agreement``).
 - ``CallableJudge`` (``--judge py:module:function`` or ``py:file.py:function``):
-  ``fn(prompts, completions_a, completions_b, **columns) -> list[float]`` of P(a better).
+  ``fn(prompts, completions_a, completions_b[, eos_a, eos_b, ...]) -> list[float]`` of
+  P(a better).
 
 ``win_rate`` is the mean of p_i with the Wilson interval of ``instruments.win_rate`` (each
 p_i in [0, 1], so the interval is conservative); the length-controlled win-rate is
@@ -176,10 +177,21 @@ class CallableJudge:
     per pair, P(a better) in [0, 1]; anything else is an error naming the function."""
 
     def __init__(self, fn: Callable, name: str) -> None:
+        import inspect
+
         self.fn, self.name = fn, name
+        try:
+            params = inspect.signature(fn).parameters
+            self.takes_all = any(p.kind is p.VAR_KEYWORD for p in params.values())
+            self.names = set(params)
+        except (TypeError, ValueError):
+            self.takes_all, self.names = False, set()
 
     def compare(self, prompts, completions_a, completions_b, **columns) -> Comparison:
-        out = list(self.fn(list(prompts), list(completions_a), list(completions_b), **columns))
+        """``columns`` (``eos_a``, ``eos_b``, the rows' other columns) reach the function when
+        it names them or takes ``**kwargs``."""
+        kwargs = {k: v for k, v in columns.items() if self.takes_all or k in self.names}
+        out = list(self.fn(list(prompts), list(completions_a), list(completions_b), **kwargs))
         if len(out) != len(prompts):
             raise InputError(f"judge {self.name} returned {len(out)} values for {len(prompts)} pairs")
         for v in out:
@@ -206,10 +218,11 @@ def load_judge(spec: str, *, trust_remote_code: bool = False, question: str | No
 
         return RewardModelJudge(RewardModel.load(rest), name=spec)
     if kind == "lm":
-        from rlhflab.models import load_causal_lm, load_tokenizer
+        from rlhflab.models import load_causal_lm, load_tokenizer, resolve_model_dir
 
-        tok = load_tokenizer(rest, trust_remote_code=trust_remote_code)
-        model = load_causal_lm(rest, trust_remote_code=trust_remote_code)
+        path = resolve_model_dir(rest, "--judge")
+        tok = load_tokenizer(path, trust_remote_code=trust_remote_code)
+        model = load_causal_lm(path, tok, trust_remote_code=trust_remote_code)
         kwargs = {"question": question} if question else {}
         return LanguageModelJudge(model, tok, name=spec, **kwargs)
     from rlhflab.rewards import load_callable

@@ -6,7 +6,8 @@ line::
     {"question": "2 + 2 = ?", "choices": ["3", "4", "5"], "answer": 1}
 
 Each choice is scored by the mean log-prob of its tokens after the question (the mean keeps
-long choices from losing by length alone); the prediction is the best-scoring choice.
+long choices from losing by length alone); the prediction is the best-scoring choice. With
+a chat template the question is the user's turn and the choice the start of the answer.
 
 Refusal: prompt lists in JSONL (``{"prompt": ...}``), one file of harmful prompts and one of
 benign prompts; each prompt is sampled once and the response checked by ``is_refusal``.
@@ -58,13 +59,19 @@ def load_multiple_choice(path) -> list[dict]:
 def multiple_choice_accuracy(model, tokenizer, rows: list[dict]) -> dict[str, float]:
     """Accuracy of the highest mean-log-prob choice; also the mean probability mass share of
     the right choice among the choices (a softer reading)."""
+    from rlhflab.data import has_chat_template, prompt_ids, prompt_text
+
     model.eval()
+    templated = has_chat_template(tokenizer)
     correct, shares = [], []
     for row in rows:
-        q_ids = tokenizer(row["question"], add_special_tokens=True).input_ids
+        q_ids = prompt_ids(prompt_text(row["question"], tokenizer), tokenizer)
         scores = []
         for choice in row["choices"]:
-            c_ids = tokenizer(" " + choice if not choice.startswith(" ") else choice, add_special_tokens=False).input_ids
+            # After a chat template's generation prompt the answer starts the assistant's turn;
+            # after plain text it is the next word.
+            text = choice if templated or choice.startswith(" ") else " " + choice
+            c_ids = tokenizer(text, add_special_tokens=False).input_ids
             ids = torch.tensor([q_ids + c_ids])
             lp = token_logprobs(model(input_ids=ids).logits, ids)[0, len(q_ids):]
             scores.append(lp.mean().item())
@@ -82,7 +89,7 @@ def refusal_rates(model, tokenizer, harmful: str | None, benign: str | None, *, 
     for key, path in (("refusal/harmful_rate", harmful), ("refusal/benign_rate", benign)):
         if path is None:
             continue
-        prompts = [r["prompt"] for r in load_rows(path, "prompt") if isinstance(r["prompt"], str)]
+        prompts = [r["prompt"] for r in load_rows(path, "prompt")]  # text or messages: sample() renders both
         comps = sample(model, tokenizer, prompts, temperature=temperature, max_new_tokens=max_new_tokens, seed=seed)
         out[key] = fmean(is_refusal(c.text) for c in comps)
     return out
