@@ -373,7 +373,7 @@ RULES: tuple[Rule, ...] = (
          instrument="length statistics, length-controlled win-rate",
          root_cause="rater length bias learned by the reward model (length hacking)",
          fix="length-balance the preference data, add a length penalty, raise beta",
-         measure=f"{_EVAL} --prompts F {_JUDGE}: length with the length-controlled win-rate"),
+         measure=MEASURE_WIN_RATE),
     Rule("over_refusal", "fail", _over_refusal,
          symptom="refuses benign prompts too",
          instrument="refusal rates on benign prompts, win-rate",
@@ -428,7 +428,7 @@ RULES: tuple[Rule, ...] = (
          instrument="KL, win-rate",
          root_cause="beta too high: the penalty pins the policy to its base",
          fix="lower beta",
-         measure=f"{_EVAL} --prompts F {_JUDGE}"),
+         measure=MEASURE_WIN_RATE),
 )
 
 
@@ -540,8 +540,11 @@ def format_findings(result: dict) -> str:
     if result["not_measured"]:
         lines.append(f"not measured: {', '.join(result['not_measured'])}")
     if result.get("to_measure"):
+        by_how: dict[str, list[str]] = {}
+        for what, how in result["to_measure"].items():
+            by_how.setdefault(how, []).append(what)
         lines.append("to measure:")
-        lines += [f"  {what}: {how}" for what, how in result["to_measure"].items()]
+        lines += [f"  {'; '.join(whats)}\n    with: {how}" for how, whats in by_how.items()]
     if result.get("source"):
         src = result["source"]
         lines.append(f"readings: {src['file']} ({src['schema']} names, {src['how']})")
