@@ -142,7 +142,6 @@ class Rule:
     instrument: str
     root_cause: str
     fix: str
-    measure: str  # how to measure the readings the rule reads
 
     def measured(self, m: dict) -> bool:
         needs, any_of = self.check.needs, self.check.any_of
@@ -354,82 +353,87 @@ RULES: tuple[Rule, ...] = (
          symptom="worse than its base by the trusted judge",
          instrument="the judge's win-rate against the base (95% interval), gold utility",
          root_cause="the policy moved in a direction the trusted judge rejects: the reward model was exploited, or the run is broken (a sampler/trainer log-prob mismatch, a learning rate too high, a runaway KL)",
-         fix="stop and read samples; roll back to the best checkpoint; check the training log (KL, rollout/logprob_diff_max for a sampler/trainer mismatch, the learning rate); raise beta or lower lr",
-         measure=MEASURE_WIN_RATE),
+         fix="stop and read samples; roll back to the best checkpoint; check the training log (KL, rollout/logprob_diff_max for a sampler/trainer mismatch, the learning rate); raise beta or lower lr"),
     Rule("safety_regression", "fail", _safety_regression,
          symptom="complies with harmful requests it used to refuse",
          instrument="refusal rate on harmful prompts (HarmBench-style)",
          root_cause="the reward model or the raters reward compliance over refusal",
-         fix="add harmful prompts with refusals as the chosen answer to the preference data, raise beta, a safety reward model or a refusal constraint",
-         measure=f"{_EVAL} --harmful H.jsonl (prompts where refusing is right)"),
+         fix="add harmful prompts with refusals as the chosen answer to the preference data, raise beta, a safety reward model or a refusal constraint"),
     Rule("degenerate_output", "fail", _degenerate_output,
          symptom="empty, one-token or looping responses",
          instrument="length statistics (mean, share of empty or one-token responses), within-response repetition",
          root_cause="the policy collapsed: an early EOS or a loop the reward does not punish, or a broken run (sampler/trainer mismatch, learning rate too high)",
-         fix="stop and read samples; roll back to the best checkpoint; check rollout/logprob_diff_max and the learning rate; a reward term against empty answers, raise beta",
-         measure=MEASURE_PROMPTS),
+         fix="stop and read samples; roll back to the best checkpoint; check rollout/logprob_diff_max and the learning rate; a reward term against empty answers, raise beta"),
     Rule("length_hacking", "fail", _length_hacking,
          symptom="very long answers everywhere",
          instrument="length statistics, length-controlled win-rate",
          root_cause="rater length bias learned by the reward model (length hacking)",
-         fix="length-balance the preference data, add a length penalty, raise beta",
-         measure=MEASURE_WIN_RATE),
+         fix="length-balance the preference data, add a length penalty, raise beta"),
     Rule("over_refusal", "fail", _over_refusal,
          symptom="refuses benign prompts too",
          instrument="refusal rates on benign prompts, win-rate",
          root_cause="the reward model rewards refusal over risk (refusal hacking)",
-         fix="raise beta, add benign prompts with real answers to the preference data, retrain the RM",
-         measure=f"{_EVAL} --benign B.jsonl (prompts where refusing is over-refusal)"),
+         fix="raise beta, add benign prompts with real answers to the preference data, retrain the RM"),
     Rule("sycophancy", "fail", _sycophancy,
          symptom="agrees with wrong user claims",
          instrument="sycophancy probes, capability evals",
          root_cause="raters preferred agreement",
-         fix="sycophancy-targeted preference data, a critic penalty, raise beta",
-         measure=f"the world's sycophancy probes: {_EVAL} on the built-in world"),
+         fix="sycophancy-targeted preference data, a critic penalty, raise beta"),
     Rule("phrase_gaming", "fail", _phrase_gaming,
          symptom="the RM loves particular phrases",
          instrument="keyword probes, keyword density",
          root_cause="spurious phrase-quality correlation in the preference data",
-         fix="adversarial pairs, retrain and regularize the RM",
-         measure=MEASURE_PROMPTS),
+         fix="adversarial pairs, retrain and regularize the RM"),
     Rule("mode_collapse", "fail", _mode_collapse,
          symptom="repetitive or identical outputs",
          instrument="diversity metrics (distinct-n, duplicates)",
          root_cause="mode collapse",
-         fix="raise beta, entropy bonus or higher temperature, diversity bonus",
-         measure=MEASURE_PROMPTS),
+         fix="raise beta, entropy bonus or higher temperature, diversity bonus"),
     Rule("over_optimization", "fail", _over_optimization,
          symptom="proxy up, gold down",
          instrument="gold-vs-proxy tracking, KL",
          root_cause="over-optimization of the reward model / distribution shift",
-         fix="early stop on gold, raise beta, ensemble RM, iterate the RM on policy samples",
-         measure="a training curve with gold evaluations (rl.eval_every): rlhflab diagnose RUN_DIR; "
-                 f"or on the built-in world {_EVAL} --rm DIR (gold and proxy)"),
+         fix="early stop on gold, raise beta, ensemble RM, iterate the RM on policy samples"),
     Rule("kl_high", "warn", _kl_high,
          symptom="the policy drifted far from its base",
          instrument="KL from base",
          root_cause="beta too low for this reward model, or a runaway KL controller",
-         fix="raise beta or lower the KL target",
-         measure=MEASURE_PROMPTS),
+         fix="raise beta or lower the KL target"),
     Rule("kl_caution", "warn", _kl_caution,
          symptom="KL is getting large",
          instrument="KL from base",
          root_cause="beta low; drift may start to exploit the reward model",
-         fix="watch gold-vs-proxy; consider a higher beta",
-         measure=MEASURE_PROMPTS),
+         fix="watch gold-vs-proxy; consider a higher beta"),
     Rule("capability_regression", "fail", _capability,
          symptom="lost capability",
          instrument="capability evals",
          root_cause="alignment tax: RL pulled the policy off the task distribution",
-         fix="raise beta, mix SFT loss (PPO-ptx), fewer steps",
-         measure=f"{_EVAL} --mc MC.jsonl (multiple-choice questions)"),
+         fix="raise beta, mix SFT loss (PPO-ptx), fewer steps"),
     Rule("beta_too_high", "warn", _beta_too_high,
          symptom="KL near zero, win-rate about 0.5",
          instrument="KL, win-rate",
          root_cause="beta too high: the penalty pins the policy to its base",
-         fix="lower beta",
-         measure=MEASURE_WIN_RATE),
+         fix="lower beta"),
 )
+
+
+# How to measure the readings each rule reads.
+RULE_MEASURES: dict[str, str] = {
+    "regression": MEASURE_WIN_RATE,
+    "safety_regression": f"{_EVAL} --harmful H.jsonl (prompts where refusing is right)",
+    "degenerate_output": MEASURE_PROMPTS,
+    "length_hacking": MEASURE_WIN_RATE,
+    "over_refusal": f"{_EVAL} --benign B.jsonl (prompts where refusing is over-refusal)",
+    "sycophancy": f"the world's sycophancy probes: {_EVAL} on the built-in world",
+    "phrase_gaming": MEASURE_PROMPTS,
+    "mode_collapse": MEASURE_PROMPTS,
+    "over_optimization": "a training curve with gold evaluations (rl.eval_every): rlhflab diagnose RUN_DIR; "
+                         f"or on the built-in world {_EVAL} --rm DIR (gold and proxy)",
+    "kl_high": MEASURE_PROMPTS,
+    "kl_caution": MEASURE_PROMPTS,
+    "capability_regression": f"{_EVAL} --mc MC.jsonl (multiple-choice questions)",
+    "beta_too_high": MEASURE_WIN_RATE,
+}
 
 
 REGRESSION = ("regression", "safety_regression", "degenerate_output")
@@ -513,8 +517,7 @@ def diagnose(metrics: dict, thresholds: Thresholds | None = None) -> dict:
             "healthy", "ok", "moderate KL, win-rate above 0.5", "KL, win-rate", "a working run", "none",
             f"KL {m['kl/sequence_mean']:.2f} nats, {_judged(m)} {_win(m):.2f} "
             f"(CI {_win(m, '_ci_low'):.2f}-{_win(m, '_ci_high', float('nan')):.2f})"))
-    rules = {r.name: r for r in RULES}
-    to_measure = {what: how for what, how in unseen} | {name: rules[name].measure for name in missing}
+    to_measure = {what: how for what, how in unseen} | {name: RULE_MEASURES[name] for name in missing}
     return {"verdict": verdict, "findings": [f.to_json() for f in findings], "not_measured": missing,
             "to_measure": to_measure}
 

@@ -259,3 +259,10 @@ def test_an_extrapolated_peak_is_reported_as_none_within_the_measured_kl():
     assert html.count("<circle") >= 2 * len(rows) and "no peak within the measured KL" in html
     polylines = html.count("<polyline")
     assert polylines == 1  # the fitted curve only, drawn within the measured d
+
+
+def test_every_rule_says_how_to_measure_its_readings():
+    from rlhflab.diagnose import RULE_MEASURES, RULES
+
+    assert set(RULE_MEASURES) == {r.name for r in RULES}
+    assert all(how.strip() for how in RULE_MEASURES.values())
