@@ -27,7 +27,8 @@ docs/dpo.md:
 
 Hyper-parameters: ``beta`` is the temperature of dpo, cdpo, hinge and kto, tau of ipo,
 beta of simpo, and lambda of orpo; options: ``label_smoothing`` (cdpo, default 0.1),
-``gamma`` (simpo, default 0.5), ``desirable_weight``/``undesirable_weight`` (kto),
+``gamma`` and ``nll_coef`` (simpo, defaults 0.5 and 0), ``normalize`` (ipo), ``nll`` (orpo:
+sequence or token), ``desirable_weight``/``undesirable_weight`` (kto),
 ``lr`` (default 0.3), ``deterministic`` (default false). ``steps`` defaults to 500.
 """
 
@@ -144,8 +145,8 @@ def ipo_population_optimum(problem: BanditProblem, tau: float, deterministic: bo
 
 # The bandit's options named after the losses' own keywords, with their defaults; ``beta``
 # fills the keyword the registry maps to ``dpo.beta`` (beta, tau or lam).
-# Every response is one action (length 1): orpo's nll pooling and simpo's nll_coef act as on
-# any batch of one-token responses; ipo's normalize=true is refused (the bandit passes no lengths).
+# Every response is one action (length 1), so ipo's normalize and orpo's nll pooling change
+# nothing here; they are accepted as in ``rlhflab dpo``.
 LOSS_OPTIONS: dict[str, float | bool | str] = {"label_smoothing": 0.1, "gamma": 0.5, "desirable_weight": 1.0,
                                                "undesirable_weight": 1.0, "nll_coef": 0.0, "normalize": False,
                                                "nll": "sequence"}
@@ -164,14 +165,16 @@ def _paired_objective(name: str, data: PairData, ref_logps: torch.Tensor, hp: di
     """policy log-probs (P, K) -> (loss, metrics) for a paired loss of ``losses.py``."""
     fn = PREFERENCE_LOSSES[name]
     x, w, l_ = data.prompts, data.chosen, data.rejected
+    ones = torch.ones(len(x))  # every response is one action: length 1
     if PREFERENCE_LOSSES.entry(name).options["reference_free"]:
-        ones = torch.ones(len(x))
-        third, fourth = ones, ones  # every response is one action: length 1
+        third, fourth = ones, ones
     else:
         third, fourth = ref_logps[x, w], ref_logps[x, l_]
+    lengths = {"chosen_lengths": ones, "rejected_lengths": ones, "chosen_length_mean": 1.0}
+    extra = {k: lengths[k] for k in PREFERENCE_LOSSES.entry(name).options.get("length_inputs", ())}
 
     def objective(logps: torch.Tensor):
-        return fn(logps[x, w], logps[x, l_], third, fourth, **hp)
+        return fn(logps[x, w], logps[x, l_], third, fourth, **hp, **extra)
 
     return objective
 
