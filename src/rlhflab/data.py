@@ -23,9 +23,6 @@ pair.
 from __future__ import annotations
 
 import json
-import math
-import re
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +30,13 @@ from typing import Any
 import torch
 
 from rlhflab.errors import InputError
+from rlhflab.readers import (
+    SURROGATES,
+    Reshaped,
+    bad_value,
+    normalize_row,
+    read_records,
+)
 
 FORMATS: dict[str, tuple[str, ...]] = {
     "sft": ("prompt", "completion"),
@@ -47,7 +51,6 @@ FLAGS: dict[str, tuple[str, ...]] = {
     "preference": ("chosen_eos", "rejected_eos"),
     "unpaired": ("completion_eos",),
 }
-_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class Messages(list):
@@ -71,54 +74,6 @@ class Text(str):
         obj = super().__new__(cls, value)
         obj.where = dict(where or {})
         return obj
-
-
-def _bad_value(obj: Any) -> str | None:
-    """What JSON accepts that no row may hold: a non-finite number or a lone surrogate."""
-    if isinstance(obj, float):
-        return None if math.isfinite(obj) else f"not a finite number ({obj!r}; JSON has no NaN or Infinity)"
-    if isinstance(obj, str):
-        return "holds an unpaired surrogate (\\ud800-\\udfff), not valid Unicode" if _SURROGATE.search(obj) else None
-    if isinstance(obj, dict):
-        for k, v in obj.items():
-            bad = _bad_value(k) or _bad_value(v)
-            if bad:
-                return bad
-    elif isinstance(obj, list):
-        for v in obj:
-            bad = _bad_value(v)
-            if bad:
-                return bad
-    return None
-
-
-def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
-    """Yield ``(line_number, object)`` for each non-blank line; errors name file and line."""
-    path = Path(path)
-    try:
-        fh = path.open("rb")
-    except OSError as err:
-        raise InputError(f"cannot open: {err.strerror or err}", file=str(path)) from None
-    with fh:
-        for lineno, raw in enumerate(fh, start=1):
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                raise InputError("not valid UTF-8", file=str(path), line=lineno) from None
-            if not text.strip():
-                continue
-            try:
-                obj = json.loads(text)
-            except json.JSONDecodeError as err:
-                raise InputError(f"not valid JSON ({err.msg})", file=str(path), line=lineno) from None
-            if not isinstance(obj, dict):
-                raise InputError("expected a JSON object", file=str(path), line=lineno)
-            for key, value in obj.items():
-                bad = _bad_value(key) or _bad_value(value)
-                if bad:
-                    field = key if not _SURROGATE.search(key) else ascii(key)[1:-1]
-                    raise InputError(bad, file=str(path), line=lineno, field=field)
-            yield lineno, obj
 
 
 def _check_text(value: Any, where: dict, name: str) -> Any:
@@ -213,8 +168,6 @@ def load_rows(path: str | Path, fmt: str, *, quiet: bool = False) -> list[dict]:
     (``rlhflab.readers``), and TRL's other row shapes (``messages``; preference rows whose
     prompt is implicit in chosen/rejected) are reshaped first; a line on stderr says how
     many rows were (unless ``quiet``)."""
-    from rlhflab.readers import Reshaped, normalize_row, read_records
-
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}")
     reshaped = Reshaped()
@@ -224,9 +177,9 @@ def load_rows(path: str | Path, fmt: str, *, quiet: bool = False) -> list[dict]:
             raise InputError("expected an object with the format's fields", **where)
         if not str(path).endswith(".jsonl") or where.get("unit") == "row":
             for key, value in obj.items():  # what iter_jsonl checks on JSON Lines
-                bad = _bad_value(key) or _bad_value(value)
+                bad = bad_value(key) or bad_value(value)
                 if bad:
-                    raise InputError(bad, field=key if not _SURROGATE.search(key) else ascii(key)[1:-1], **where)
+                    raise InputError(bad, field=key if not SURROGATES.search(key) else ascii(key)[1:-1], **where)
         rows.append(validate_row(normalize_row(obj, fmt, where, reshaped), fmt, where))
     if not rows:
         raise InputError("no rows", file=str(path))

@@ -28,6 +28,8 @@ cannot be reshaped is an ``InputError`` naming the file, the line (or row) and t
 from __future__ import annotations
 
 import json
+import math
+import re
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -44,6 +46,58 @@ ASSISTANT_MARKERS = ("\n\nAssistant:", "<|im_start|>assistant\n", "[/INST]")
 # ---------------------------------------------------------------------------------------
 # Containers
 # ---------------------------------------------------------------------------------------
+
+SURROGATES = re.compile("[\ud800-\udfff]")
+
+
+def bad_value(obj: Any) -> str | None:
+    """What JSON accepts that no row may hold: a non-finite number or a lone surrogate."""
+    if isinstance(obj, float):
+        return None if math.isfinite(obj) else f"not a finite number ({obj!r}; JSON has no NaN or Infinity)"
+    if isinstance(obj, str):
+        return "holds an unpaired surrogate (\\ud800-\\udfff), not valid Unicode" if SURROGATES.search(obj) else None
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            bad = bad_value(k) or bad_value(v)
+            if bad:
+                return bad
+    elif isinstance(obj, list):
+        for v in obj:
+            bad = bad_value(v)
+            if bad:
+                return bad
+    return None
+
+
+def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
+    """Yield ``(line_number, object)`` for each non-blank line; errors name file and line."""
+    path = Path(path)
+    try:
+        fh = path.open("rb")
+    except OSError as err:
+        raise InputError(f"cannot open: {err.strerror or err}", file=str(path)) from None
+    with fh:
+        for lineno, raw in enumerate(fh, start=1):
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise InputError("not valid UTF-8", file=str(path), line=lineno) from None
+            if not text.strip():
+                continue
+            try:
+                obj = json.loads(text)
+            except json.JSONDecodeError as err:
+                raise InputError(f"not valid JSON ({err.msg})", file=str(path), line=lineno) from None
+            if not isinstance(obj, dict):
+                raise InputError("expected a JSON object", file=str(path), line=lineno)
+            for key, value in obj.items():
+                bad = bad_value(key) or bad_value(value)
+                if bad:
+                    field = key if not SURROGATES.search(key) else ascii(key)[1:-1]
+                    raise InputError(bad, file=str(path), line=lineno, field=field)
+            yield lineno, obj
+
+
 
 
 def _needs_pyarrow(path: Path, what: str):
@@ -149,7 +203,7 @@ def _first_char(path: Path) -> str:
 def read_records(path: str | Path) -> Iterator[tuple[dict, Any]]:
     """Yield ``(where, object)`` for every row of ``path``: ``where`` holds the file and the
     line (JSON) or row number (``"unit": "row"``, Parquet / Arrow / datasets), as
-    ``InputError`` takes them. JSON Lines rows are read by ``rlhflab.data.iter_jsonl``
+    ``InputError`` takes them. JSON Lines rows are read by ``iter_jsonl``
     (which checks each value); the other containers yield their objects for the same checks."""
     path = Path(path)
     if path.is_dir():
@@ -188,8 +242,6 @@ def read_records(path: str | Path) -> Iterator[tuple[dict, Any]]:
             raise InputError("not valid UTF-8", file=str(path)) from None
         yield from _json_array(path, text)
         return
-    from rlhflab.data import iter_jsonl
-
     for lineno, obj in iter_jsonl(path):
         yield {"file": str(path), "line": lineno}, obj
 

@@ -112,7 +112,12 @@ class FunctionReward:
             prompts = [r["prompt"] for r in rows]
             completions = [[{"role": "assistant", "content": c}] if not isinstance(p, str) else c
                            for p, c in zip(prompts, responses)]
-        out = self.fn(prompts, completions, **self._keywords(eos, rows))
+        kwargs = self._keywords(eos, rows)
+        try:
+            out = self.fn(prompts, completions, **kwargs)
+        except TypeError as err:  # most often a column the function names that the rows lack
+            given = ", ".join(["prompts", "completions", *kwargs])
+            raise InputError(f"reward function {self.name} cannot be called with ({given}): {err}") from None
         try:
             values = [float(v) for v in out]
         except (TypeError, ValueError):

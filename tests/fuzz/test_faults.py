@@ -269,12 +269,13 @@ def test_world_export_overwrite_keeps_the_earlier_export_until_the_new_one_is_wr
 def test_out_under_a_regular_file_fails_before_any_data_is_loaded(tmp_path, monkeypatch, capsys, policy, command):
     import rlhflab.data
     import rlhflab.models
+    import rlhflab.readers
 
     def loaded(*a, **k):
         raise AssertionError("data or a model was loaded before --out was checked")
 
     for mod, name in ((rlhflab.data, "load_rows"), (rlhflab.models, "load_causal_lm"),
-                      (rlhflab.models, "load_tokenizer"), (rlhflab.data, "iter_jsonl")):
+                      (rlhflab.models, "load_tokenizer"), (rlhflab.readers, "iter_jsonl")):
         monkeypatch.setattr(mod, name, loaded)
     blocker = tmp_path / "file"
     blocker.write_text("x")

@@ -56,7 +56,7 @@ def user(tmp_path_factory):
     # Prompts with an extra column, as a `datasets` directory (RL reads it; the reward reads `answer`).
     datasets = pytest.importorskip("datasets")
     datasets.Dataset.from_list([{"prompt": _user(q), "answer": a} for q, a, _ in rows]).save_to_disk(str(d / "prompts"))
-    (d / "prompts.jsonl").write_text("".join(json.dumps({"prompt": q}) + "\n" for q, _, _ in QUESTIONS))
+    (d / "prompts.jsonl").write_text("".join(json.dumps({"prompt": q, "answer": a}) + "\n" for q, a, _ in QUESTIONS))
     (d / "reward.py").write_text(
         "def exact(prompts, completions, answer, **kwargs):\n"
         "    text = [c[0]['content'] if isinstance(c, list) else c for c in completions]\n"
@@ -83,9 +83,15 @@ def test_the_pipeline_on_a_users_qwen2_with_chatml(user, capsys):
     _run(["dpo", "--config", TINY, *SETS, "--sft", str(d / "sft"), "--data", str(d / "prefs.parquet"),
           "--out", str(d / "dpo")])
     _run(["ppo", "--config", TINY, *SETS, "--sft", str(d / "sft"), "--rm", str(d / "rm"),
-          "--reward-fn", f"{d / 'reward.py'}:exact=0.5", "--prompts", str(d / "prompts"), "--out", str(d / "ppo")])
+          "--reward-fn", f"{d / 'reward.py'}:exact=0.5", "--prompts", str(d / "prompts"),
+          "--eval-prompts", str(d / "prompts.jsonl"), "--judge", f"rm:{d / 'rm'}", "--out", str(d / "ppo")])
     ppo = json.loads((d / "ppo" / "metrics.json").read_text())
     assert ppo["steps"] == 2 and ppo["gold/final"] is None  # no gold judge on user data: not measured
+    # The held-out curve on the user's prompts: at step 0 and at the last step (rl.eval_every 2).
+    assert ppo["eval/selected_on"] == "eval/win_rate" and [e["step"] for e in ppo["evals"]] == [0, 2]
+    assert all(0.0 <= e["eval/win_rate"] <= 1.0 and "eval/kl" in e for e in ppo["evals"])
+    # At step 0 the policy is the reference, sampled with the same seed: every answer ties.
+    assert ppo["evals"][0]["eval/win_rate"] == 0.5 and abs(ppo["evals"][0]["eval/kl"]) < 1e-5
 
     judges = {"rm": f"rm:{d / 'rm'}", "lm": f"lm:{d / 'sft'}", "py": f"py:{d / 'reward.py'}:longer"}
     for name, spec in judges.items():

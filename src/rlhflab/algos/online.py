@@ -25,6 +25,7 @@ import functools
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -37,6 +38,19 @@ from rlhflab.kl import KL_STATUS, kl_k1, kl_status, make_kl_controller, sequence
 from rlhflab.seeds import derive_seed
 
 
+@dataclass
+class HeldOut:
+    """A user's held-out prompts for the curve of an RL run (``--eval-prompts``): the texts
+    the policy is given, their rows (the reward functions read their columns) and an
+    optional judge (``instruments.judges``); the reference's answers are sampled once."""
+
+    texts: list[str]
+    rows: list[dict]
+    judge: object | None = None
+    reference_texts: list[str] | None = None
+    reference_eos: list[bool] | None = None
+
+
 class OnlineRun:
     """Everything an online loop needs besides its own advantage estimator.
 
@@ -46,7 +60,7 @@ class OnlineRun:
 
     def __init__(self, cfg, algo: str, accelerator, policy, reference, tokenizer, reward, prompt_pool: list[str], *,
                  value_model=None, out_dir: Path | None = None, world=None, eval_prompts=None,
-                 prompt_rows: list[dict] | None = None) -> None:
+                 prompt_rows: list[dict] | None = None, held_out: HeldOut | None = None) -> None:
         from rlhflab.tracking import MetricsLog
         from rlhflab.training import lr_lambda
 
@@ -59,6 +73,7 @@ class OnlineRun:
         self.prompt_rows = prompt_rows  # the data rows they came from (rewards read their columns)
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.world, self.eval_prompts = world, eval_prompts
+        self.held_out = held_out  # the user's held-out prompts (world runs: eval_prompts)
         self.stats = BatchStats(accelerator)
         rl = self.rl
         check_layout(rl, accelerator.num_processes)
@@ -91,7 +106,7 @@ class OnlineRun:
             "linear": dict(beta_start=rl.beta, beta_end=rl.beta_end, total_steps=rl.steps * rl.batch_size),
             "adaptive": dict(init_beta=rl.beta, target=rl.kl_target, horizon=rl.kl_horizon),
         }[rl.kl_controller])
-        self.state = {"step": 0, "best_gold": None, "best_step": None, "bad_evals": 0, "stopped_early": False,
+        self.state = {"step": 0, "best_eval": None, "best_step": None, "bad_evals": 0, "stopped_early": False,
                       "kl_status_steps": {s: 0 for s in KL_STATUS}, "time_rollout": 0.0, "time_update": 0.0,
                       "last_status": "ok", "evals": []}
         self.is_main = accelerator.is_main_process
@@ -271,7 +286,7 @@ class OnlineRun:
             if start > 1:
                 bar.update(advance=start - 1)
             if start == 1 and self.rl.eval_every:
-                self._gold_eval(0)
+                self._held_out_eval(0)
             for step in range(start, self.rl.steps + 1):
                 if self.state["stopped_early"]:
                     break
@@ -309,7 +324,7 @@ class OnlineRun:
                         "time/rollout": ro.seconds})
         self.state["step"] = step
         if rl.eval_every and (step % rl.eval_every == 0 or step == rl.steps):
-            metrics.update(self._gold_eval(step))
+            metrics.update(self._held_out_eval(step))
         if step % rl.log_every == 0 or step == rl.steps or any(k.startswith("gold/") for k in metrics):
             self.log.log(metrics, step=step)
         self.last_metrics = metrics
@@ -319,35 +334,86 @@ class OnlineRun:
         if rl.save_every and step % rl.save_every == 0 and step < rl.steps and not self.state["stopped_early"]:
             self.save_checkpoint()
 
-    # -- gold evaluation and early stopping --------------------------------------------
+    # -- held-out evaluation and early stopping ----------------------------------------
 
-    def _gold_eval(self, step: int) -> dict[str, float]:
+    def _measure_world(self, step: int) -> tuple[dict[str, float], float]:
         """Gold utility of fresh samples on held-out world prompts, and the proxy's score of
-        the same samples (proxy-vs-gold). Early stopping on the gold judge."""
-        if self.world is None or not self.eval_prompts:
+        the same samples (proxy-vs-gold); selected on gold."""
+        from rlhflab.instruments.policy_eval import measure_policy_on_world
+        from rlhflab.rewards import score_responses
+
+        measured, completions = measure_policy_on_world(
+            self.policy_module, self.tokenizer, self.world, self.eval_prompts, self.cfg.generation,
+            seed=derive_seed(self.rl.seed, "eval"))
+        proxy = score_responses(self.reward, [p.text for p in self.eval_prompts],
+                                [c.text for c in completions], [c.eos for c in completions])
+        out = {k: v for k, v in measured.items() if k.startswith(("gold/mean", "samples/"))}
+        out["eval/proxy_mean"] = float(proxy.float().mean())
+        out["eval/proxy_minus_gold"] = out["eval/proxy_mean"] - out["gold/mean"]
+        self.state["evals"].append({"step": step, "gold/mean": out["gold/mean"],
+                                    "eval/proxy_mean": out["eval/proxy_mean"]})
+        return out, out["gold/mean"]
+
+    def _measure_user(self, step: int) -> tuple[dict[str, float], float]:
+        """On the user's held-out prompts (``HeldOut``): the run's reward of fresh samples
+        (``eval/proxy_mean``), the sampled KL from the reference (``eval/kl``) and, with a
+        judge, its win-rate of the policy's answer over the reference's (``eval/win_rate``,
+        with its interval); selected on the win-rate when a judge is given, else on the reward."""
+        from rlhflab.instruments.judges import win_rate
+        from rlhflab.instruments.policy_eval import sampled_kl
+        from rlhflab.rewards import score_responses
+        from rlhflab.sampling import sample
+
+        h, g = self.held_out, self.cfg.generation
+        kw = dict(temperature=g.temperature, top_k=g.top_k, top_p=g.top_p, max_new_tokens=g.max_new_tokens,
+                  batch_size=g.batch_size, seed=derive_seed(self.rl.seed, "eval"), rendered=True)
+        done = sample(self.policy_module, self.tokenizer, h.texts, **kw)
+        texts, eos = [c.text for c in done], [c.eos for c in done]
+        proxy = score_responses(self.reward, list(h.texts), texts, eos, rows=h.rows)
+        out = {"eval/proxy_mean": float(proxy.float().mean()),
+               "eval/kl": sampled_kl(self.policy_module, self.reference, self.tokenizer, list(h.texts),
+                                     max_new_tokens=g.max_new_tokens, batch_size=g.batch_size,
+                                     seed=derive_seed(self.rl.seed, "eval_kl"))["kl/sequence_mean"],
+               "eval/length_mean": sum(len(c.token_ids) for c in done) / len(done)}
+        if h.judge is not None:
+            if h.reference_texts is None:  # the reference's answers: sampled once, the same every evaluation
+                ref = sample(self.reference, self.tokenizer, h.texts, **kw)
+                h.reference_texts, h.reference_eos = [c.text for c in ref], [c.eos for c in ref]
+            verdict = h.judge.compare([r["prompt"] for r in h.rows], texts, h.reference_texts,
+                                      eos_a=eos, eos_b=h.reference_eos)
+            w = win_rate(verdict.prob_a)
+            out.update({"eval/win_rate": w["win_rate"], "eval/win_rate_ci_low": w["ci_low"],
+                        "eval/win_rate_ci_high": w["ci_high"]})
+        entry = {"step": step, **{k: out[k] for k in ("eval/proxy_mean", "eval/kl", "eval/win_rate") if k in out}}
+        self.state["evals"].append(entry)
+        return out, out["eval/win_rate"] if h.judge is not None else out["eval/proxy_mean"]
+
+    @property
+    def selection_key(self) -> str | None:
+        """What early stopping and the best model select on: gold on the world, the judge's
+        win-rate or else the run's reward on the user's held-out prompts, None without either."""
+        if self.world is not None and self.eval_prompts:
+            return "gold/mean"
+        if self.held_out is not None:
+            return "eval/win_rate" if self.held_out.judge is not None else "eval/proxy_mean"
+        return None
+
+    def _held_out_eval(self, step: int) -> dict[str, float]:
+        """The held-out readings of ``step`` (world or user prompts), then early stopping:
+        after ``rl.early_stop_patience`` evaluations without a new best the run stops, and
+        ``finish`` restores the best policy."""
+        key = self.selection_key
+        if key is None:
             return {}
         from accelerate.utils import broadcast
-
-        from rlhflab.instruments.policy_eval import measure_policy_on_world
 
         out: dict[str, float] = {}
         flag = torch.zeros(2, dtype=torch.float64, device=self.accelerator.device)
         if self.is_main:
-            measured, completions = measure_policy_on_world(
-                self.policy_module, self.tokenizer, self.world, self.eval_prompts, self.cfg.generation,
-                seed=derive_seed(self.rl.seed, "eval"))
-            from rlhflab.rewards import score_responses
-
-            proxy = score_responses(self.reward, [p.text for p in self.eval_prompts],
-                                    [c.text for c in completions], [c.eos for c in completions])
-            out = {k: v for k, v in measured.items() if k.startswith(("gold/mean", "samples/"))}
-            out["eval/proxy_mean"] = float(proxy.float().mean())
-            out["eval/proxy_minus_gold"] = out["eval/proxy_mean"] - out["gold/mean"]
-            self.state["evals"].append({"step": step, "gold/mean": out["gold/mean"],
-                                        "eval/proxy_mean": out["eval/proxy_mean"]})
-            improved = self.state["best_gold"] is None or out["gold/mean"] > self.state["best_gold"]
+            out, value = self._measure_world(step) if key == "gold/mean" else self._measure_user(step)
+            improved = self.state["best_eval"] is None or value > self.state["best_eval"]
             if improved:
-                self.state.update(best_gold=out["gold/mean"], best_step=step, bad_evals=0)
+                self.state.update(best_eval=value, best_step=step, bad_evals=0)
                 if self.rl.early_stop_patience and self.out_dir is not None:
                     from rlhflab.models import save_pretrained_atomic
 
@@ -363,7 +429,7 @@ class OnlineRun:
         if flag[0].item() > 0:
             self.state["stopped_early"] = True
             if self.is_main:
-                print(f"[{self.algo}] step {step}: gold has not improved for {self.rl.early_stop_patience} "
+                print(f"[{self.algo}] step {step}: {key} has not improved for {self.rl.early_stop_patience} "
                       f"evaluations; stopping (best at step {self.state['best_step']})", file=sys.stderr)
         return out
 
@@ -387,6 +453,8 @@ class OnlineRun:
         state = load_checkpoint(path, policy=self.policy_module, value=self.value_module,
                                 optimizer=self.optimizer_raw, scheduler=self.scheduler)
         self.kl_ctl.load_state_dict(state.pop("kl_controller"))
+        if "best_gold" in state:  # checkpoints written before held-out evaluation on user data
+            state["best_eval"] = state.pop("best_gold")
         state.pop("algo", None)
         self.state.update(state)
 
@@ -412,11 +480,16 @@ class OnlineRun:
         summary = {
             "algo": self.algo, "steps": st["step"], "processes": self.accelerator.num_processes,
             **{k: v for k, v in self.last_metrics.items() if k.startswith(("objective/", "rollout/", "kl/"))},
-            "gold/initial": st["evals"][0]["gold/mean"] if st["evals"] else None,
-            "gold/final": st["evals"][-1]["gold/mean"] if st["evals"] else None,
-            "gold/best": st["best_gold"], "gold/best_step": st["best_step"],
+            "gold/initial": st["evals"][0].get("gold/mean") if st["evals"] else None,
+            "gold/final": st["evals"][-1].get("gold/mean") if st["evals"] else None,
+            "gold/best": st["best_eval"] if self.selection_key == "gold/mean" else None,
+            "gold/best_step": st["best_step"] if self.selection_key == "gold/mean" else None,
+            "eval/selected_on": self.selection_key,
+            "eval/best": st["best_eval"], "eval/best_step": st["best_step"],
             "eval/proxy_initial": st["evals"][0]["eval/proxy_mean"] if st["evals"] else None,
             "eval/proxy_final": st["evals"][-1]["eval/proxy_mean"] if st["evals"] else None,
+            "eval/win_rate_initial": st["evals"][0].get("eval/win_rate") if st["evals"] else None,
+            "eval/win_rate_final": st["evals"][-1].get("eval/win_rate") if st["evals"] else None,
             "early_stop/stopped": st["stopped_early"], "early_stop/restored_best": restored,
             "kl/status_steps": st["kl_status_steps"], "evals": st["evals"],
             "time/rollout": st["time_rollout"], "time/update": st["time_update"],

@@ -39,7 +39,12 @@ def add_arguments(p) -> None:
     p.add_argument("--reward-fn", action="append", default=[], metavar="SPEC",
                    help="reward function: gold, length, module:function or file.py:function, "
                         "optionally =WEIGHT (repeatable; summed with the RM)")
-    p.add_argument("--prompts", help="prompt JSONL (field 'prompt'); default: the world's RL prompts")
+    p.add_argument("--prompts", help="prompt file (JSONL, JSON, Parquet, Arrow or a datasets directory; field "
+                                     "'prompt', other columns reach the reward functions); default: the world's")
+    p.add_argument("--eval-prompts", help="held-out prompt file: every rl.eval_every steps the run's reward, the KL "
+                                          "and (with --judge) the judge's win-rate over the reference on them; "
+                                          "early stopping (rl.early_stop_patience) selects on them")
+    p.add_argument("--judge", help="judge of the held-out win-rate: rm:DIR, lm:DIR or py:module:function")
     p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint")
     variants = list(VARIANTS.get(command, {}))
     if len(variants) > 1:
@@ -76,7 +81,8 @@ def run(args) -> int:
             raise InputError(f"the run was given Python reward functions ({', '.join(python)}); resume it from Python "
                              "with run_rl(..., reward_fns=[...], resume=True)", file=str(out / "run.json"))
         run_rl(cfg, inputs["algo"], out, sft=inputs["sft"], rm=inputs.get("rm"),
-               reward_fns=fns, prompts=inputs.get("prompts"), resume=True)
+               reward_fns=fns, prompts=inputs.get("prompts"), resume=True,
+               eval_prompts=inputs.get("eval_prompts"), judge=inputs.get("judge"))
         return 0
     if not args.out:
         raise InputError("--out is required (or --resume DIR)")
@@ -84,13 +90,17 @@ def run(args) -> int:
         raise InputError("--sft is required: the SFT policy to start from (and the reference)")
     algo = VARIANTS[command][getattr(args, "variant", None) or next(iter(VARIANTS[command]))]
     cfg = config_from_args(args)
+    if args.judge and not args.eval_prompts:
+        raise InputError("--judge compares answers on --eval-prompts: give a held-out prompt file", field="--judge")
     run_rl(cfg, algo, Path(args.out), sft=args.sft, rm=args.rm, reward_fns=args.reward_fn, prompts=args.prompts,
+           eval_prompts=args.eval_prompts, judge=args.judge,
            overwrite=args.overwrite)
     return 0
 
 
 def run_rl(cfg, algo: str, out: Path, *, sft: str, rm: str | None = None, reward_fns=(), prompts: str | None = None,
-           overwrite: bool = False, resume: bool = False) -> dict:
+           overwrite: bool = False, resume: bool = False, eval_prompts: str | None = None,
+           judge: str | None = None) -> dict:
     """One online RL run end to end; returns the summary (also ``out/metrics.json``)."""
     from accelerate.utils import set_seed
 
@@ -122,12 +132,25 @@ def run_rl(cfg, algo: str, out: Path, *, sft: str, rm: str | None = None, reward
         getattr(source, "model", None)
     tok = load_tokenizer(sft_dir, cfg.model.trust_remote_code)
     world = World(cfg.world)
-    prompt_rows = None
+    prompt_rows, held_out = None, None
+    if judge is not None:
+        from rlhflab.instruments.judges import parse_judge
+
+        parse_judge(judge)
     if prompts is not None:
-        (prompt_pool, prompt_rows), eval_prompts = _load_prompts(prompts, tok), None
+        prompt_pool, prompt_rows = _load_prompts(prompts, tok)
+        world_eval = None
     else:
         prompt_pool = [p.text for p in world.prompts(cfg.world.n_prompts, "rl")]
-        eval_prompts = world.prompts(cfg.rl.n_eval, "eval")
+        world_eval = world.prompts(cfg.rl.n_eval, "eval")
+    if eval_prompts is not None:
+        from rlhflab.algos.online import HeldOut
+        from rlhflab.instruments.judges import load_judge
+
+        texts, rows = _load_prompts(eval_prompts, tok)
+        held_out = HeldOut(texts, rows, load_judge(judge, trust_remote_code=cfg.model.trust_remote_code)
+                           if judge else None)
+        world_eval = None  # the user's held-out prompts replace the world's
     critic = ONLINE_ALGORITHMS.entry(algo).options["critic"]
     if cfg.rl.value_init == "rm" and critic and rm is None:
         raise InputError("value_init rm needs --rm DIR", field="rl.value_init")
@@ -143,7 +166,7 @@ def run_rl(cfg, algo: str, out: Path, *, sft: str, rm: str | None = None, reward
             _truncate_metrics(out / "metrics.jsonl", ckpt_state["step"])
         accelerator.wait_for_everyone()
         return _train(cfg, algo, accelerator, policy, reference, tok, reward, prompt_pool, value, out, world,
-                      eval_prompts, resume=True, prompt_rows=prompt_rows)
+                      world_eval, resume=True, prompt_rows=prompt_rows, held_out=held_out)
     # A first run writes in place (killed, it can be resumed; failed, it is kept only if it holds
     # a checkpoint); a replacement is written beside the earlier run, which stays until the end.
     with run_directory(out, overwrite, accelerator, keep="checkpoint") as work:
@@ -153,19 +176,20 @@ def run_rl(cfg, algo: str, out: Path, *, sft: str, rm: str | None = None, reward
                 "algo": algo, "sft": str(Path(sft).resolve()), "rm": str(Path(rm).resolve()) if rm else None,
                 "reward_fns": [f if isinstance(f, str) else f"<python {getattr(f, '__name__', type(f).__name__)}>"
                                for f in reward_fns],
-                "prompts": str(Path(prompts).resolve()) if prompts else None})
+                "prompts": str(Path(prompts).resolve()) if prompts else None,
+                "eval_prompts": str(Path(eval_prompts).resolve()) if eval_prompts else None, "judge": judge})
         accelerator.wait_for_everyone()
         return _train(cfg, algo, accelerator, policy, reference, tok, reward, prompt_pool, value, work, world,
-                      eval_prompts, prompt_rows=prompt_rows)
+                      world_eval, prompt_rows=prompt_rows, held_out=held_out)
 
 
 def _train(cfg, algo, accelerator, policy, reference, tok, reward, prompt_pool, value, out: Path, world,
-           eval_prompts, resume: bool = False, prompt_rows=None) -> dict:
+           eval_prompts, resume: bool = False, prompt_rows=None, held_out=None) -> dict:
     from rlhflab.algos.online import OnlineRun
 
     run = OnlineRun(cfg, algo, accelerator, policy, reference, tok, reward, prompt_pool, value_model=value,
                     out_dir=out, world=world if eval_prompts else None, eval_prompts=eval_prompts,
-                    prompt_rows=prompt_rows)
+                    prompt_rows=prompt_rows, held_out=held_out)
     if resume:
         run.load_checkpoint(out / "checkpoint")
         if accelerator.is_main_process:

@@ -20,9 +20,10 @@ from statistics import fmean
 
 import torch
 
-from rlhflab.data import iter_jsonl, load_rows
+from rlhflab.data import load_rows
 from rlhflab.errors import InputError
 from rlhflab.logprobs import token_logprobs
+from rlhflab.readers import iter_jsonl
 from rlhflab.sampling import sample
 
 REFUSAL_PATTERNS = re.compile(
