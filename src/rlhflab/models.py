@@ -164,7 +164,12 @@ def with_distinct_pad(tok):
     """``tok`` with a pad token distinct from its end token: a new ``<pad>`` where it has none
     or pads with EOS (a model's embeddings must then be resized; ``load_causal_lm`` does)."""
     if tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id:
+        import sys
+
+        before = "has no pad token" if tok.pad_token_id is None else f"pads with its EOS {tok.eos_token!r}"
         tok.add_special_tokens({"pad_token": "<pad>"})
+        print(f"{getattr(tok, 'name_or_path', '') or 'the tokenizer'}: {before}; added '<pad>' "
+              f"(id {tok.pad_token_id})", file=sys.stderr)
     return tok
 
 
@@ -191,7 +196,12 @@ def load_causal_lm(path: str | Path, tokenizer=None, trust_remote_code: bool = F
     check_complete(info, path)
     if tokenizer is not None:
         if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+            import sys
+
+            old = model.get_input_embeddings().num_embeddings
             model.resize_token_embeddings(len(tokenizer))
+            print(f"{path}: embeddings resized from {old} to {len(tokenizer)} tokens (the tokenizer's added "
+                  f"tokens)", file=sys.stderr)
         model.config.pad_token_id = tokenizer.pad_token_id
         model.generation_config.pad_token_id = tokenizer.pad_token_id
         model.generation_config.eos_token_id = tokenizer.eos_token_id
