@@ -93,6 +93,12 @@ def test_the_pipeline_on_a_users_qwen2_with_chatml(user, capsys):
     # At step 0 the policy is the reference, sampled with the same seed: every answer ties.
     assert ppo["evals"][0]["eval/win_rate"] == 0.5 and abs(ppo["evals"][0]["eval/kl"]) < 1e-5
 
+    capsys.readouterr()
+    _run(["sample", "--config", TINY, *SETS, "--policy", str(d / "dpo"), "--prompts", str(d / "prompts.jsonl"),
+          "-n", "2"])
+    table = capsys.readouterr().out
+    assert "samples of" in table and "capital of france" in table and "two plus two" in table
+
     judges = {"rm": f"rm:{d / 'rm'}", "lm": f"lm:{d / 'sft'}", "py": f"py:{d / 'reward.py'}:longer"}
     for name, spec in judges.items():
         out = d / f"eval_{name}"

@@ -1,8 +1,7 @@
-"""``rlhflab sample``: print sample generations of a policy, with gold utility on the world."""
+"""``rlhflab sample``: print sample generations of a policy, with gold utility on the world's
+prompts, or on the user's (``--prompts F``, through the chat template as in training)."""
 
 from __future__ import annotations
-
-from pathlib import Path
 
 from rlhflab.config import add_config_arguments, config_from_args
 
@@ -12,6 +11,7 @@ def add_arguments(p) -> None:
     p.add_argument("--policy", required=True, help="policy directory (a run's model/ or the run dir)")
     p.add_argument("-n", type=int, default=8, help="prompts to sample")
     p.add_argument("--family", help="only prompts of this world family")
+    p.add_argument("--prompts", help="prompt file (any format rlhflab reads) instead of the world's: its first -n")
     p.add_argument("--seed", type=int, default=0)
 
 
@@ -33,22 +33,28 @@ def print_samples(completions, prompts=None, title: str = "samples") -> None:
 
 def run(args) -> int:
     from rlhflab.errors import InputError
-    from rlhflab.models import load_causal_lm, load_tokenizer
+    from rlhflab.models import load_causal_lm, load_tokenizer, resolve_model_dir
     from rlhflab.sampling import sample
     from rlhflab.world import FAMILIES, World
 
     cfg = config_from_args(args)
-    path = Path(args.policy)
-    if (path / "model" / "config.json").is_file():
-        path = path / "model"
     if args.family and args.family not in FAMILIES:
         raise InputError(f"--family: expected one of {', '.join(FAMILIES)}")
-    tok = load_tokenizer(path)
-    model = load_causal_lm(path, tok)
-    world = World(cfg.world)
-    prompts = world.prompts(args.n, "sample", args.family)
+    if args.family and args.prompts:
+        raise InputError("--family picks world prompts; --prompts gives your own: one of them", field="--family")
+    rows = None
+    if args.prompts:
+        from rlhflab.data import load_rows
+
+        rows = load_rows(args.prompts, "prompt")[: args.n]
+    path = resolve_model_dir(args.policy, "--policy")
+    tok = load_tokenizer(path, cfg.model.trust_remote_code)
+    model = load_causal_lm(path, tok, cfg.model.trust_remote_code)
     g = cfg.generation
-    completions = sample(model, tok, [p.text for p in prompts], temperature=g.temperature, top_k=g.top_k,
-                         top_p=g.top_p, max_new_tokens=g.max_new_tokens, seed=args.seed)
-    print_samples(completions, prompts, title=f"samples of {path}")
+    kw = dict(temperature=g.temperature, top_k=g.top_k, top_p=g.top_p, max_new_tokens=g.max_new_tokens, seed=args.seed)
+    if rows is not None:
+        print_samples(sample(model, tok, [r["prompt"] for r in rows], **kw), None, title=f"samples of {path}")
+        return 0
+    prompts = World(cfg.world).prompts(args.n, "sample", args.family)
+    print_samples(sample(model, tok, [p.text for p in prompts], **kw), prompts, title=f"samples of {path}")
     return 0
