@@ -9,6 +9,11 @@ pi_ref(y | x). For every beta the optimum is pi*(y | x) ∝ pi_ref(y | x) exp(R(
 can be run here and its distance to pi* measured: ``rlhflab bandit --algo NAME --json``
 prints ``{"algo", "kl_to_optimum", "tv_to_optimum", "steps", ...}``.
 
+Best-of-n needs no training: ``rlhflab bandit --algo bon --n N --json`` prints its exact law
+(``optimal.best_of_n_policy``: the probability that a response is the best of N draws from
+pi_ref, draws tied at the top broken at random), its exact KL from pi_ref beside the
+analytic log N - (N-1)/N, and its expected reward beside pi_ref's.
+
 The policy is tabular: one logit per (prompt, response), initialised at log pi_ref, so a
 response is one action and its log-prob is one "token" log-prob. Algorithms plug in
 through registries in ``rlhflab.algos.bandit_online`` (PPO, REINFORCE, RLOO, REINFORCE++,
@@ -28,7 +33,15 @@ import numpy as np
 import torch
 
 from rlhflab.errors import InputError
-from rlhflab.optimal import kl_divergence, optimal_policy, tv_distance
+from rlhflab.optimal import (
+    argmax_policy,
+    best_of_n_kl_bound,
+    best_of_n_policy,
+    beta_for_kl,
+    kl_divergence,
+    optimal_policy,
+    tv_distance,
+)
 
 
 @dataclass
@@ -122,7 +135,8 @@ def algorithms() -> dict[str, Callable[..., BanditResult]]:
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--algo", required=True, help="algorithm (see the README's bandit table)")
+    p.add_argument("--algo", required=True, help="algorithm (see the README's bandit table), or bon: best-of-n")
+    p.add_argument("--n", type=int, default=None, help="bon: draws from pi_ref per prompt (default 4)")
     p.add_argument("--beta", default="0.5", help="KL coefficient (default 0.5)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=None, help="training steps (default: the algorithm's)")
@@ -146,7 +160,34 @@ def _parse_options(items: list[str]) -> dict:
     return out
 
 
+def best_of_n_row(problem: BanditProblem, n: int) -> dict:
+    """Best-of-n on the bandit, exactly: its law, KL from pi_ref (per prompt and mean) beside
+    the analytic log n - (n-1)/n, and the expected reward beside pi_ref's."""
+    policy = best_of_n_policy(problem.pi_ref, problem.rewards, n)
+    kl = np.asarray(kl_divergence(policy, problem.pi_ref))
+    return {"algo": "bon", "n": n, "kl": float(kl.mean()), "kl_per_prompt": np.round(kl, 6).tolist(),
+            "kl_analytic": best_of_n_kl_bound(n),
+            "expected_reward": float(np.mean((policy * problem.rewards).sum(1))),
+            "ref_expected_reward": float(np.mean((problem.pi_ref * problem.rewards).sum(1))),
+            "policy": np.round(policy, 6).tolist(), "pi_ref": problem.pi_ref.tolist()}
+
+
 def run(args) -> int:
+    if args.algo == "bon":
+        n = 4 if args.n is None else args.n
+        if n < 1:
+            raise InputError(f"--n: must be an integer >= 1, got {n}")
+        row = best_of_n_row(default_bandit(), n)
+        if args.json:
+            print(json.dumps(row))
+        else:
+            print(f"best-of-{n}: KL(pi_bon||pi_ref) = {row['kl']:.4f} nats (analytic log n - (n-1)/n = "
+                  f"{row['kl_analytic']:.4f}), E[R] = {row['expected_reward']:.4f} (pi_ref {row['ref_expected_reward']:.4f})")
+            for i, (p, q) in enumerate(zip(row["policy"], row["pi_ref"])):
+                print(f"  prompt {i}: pi_bon {p}  pi_ref {q}")
+        return 0
+    if args.n is not None:
+        raise InputError("--n: only --algo bon draws n responses")
     algos = algorithms()
     if args.algo not in algos:
         raise InputError(f"--algo: unknown {args.algo!r} (available: {', '.join(sorted(algos)) or 'none'})")
@@ -166,15 +207,20 @@ def run(args) -> int:
         result = algos[args.algo](problem, beta, seed=args.seed, **options)
     except TypeError as err:
         raise InputError(f"--algo {args.algo}: {err}") from None
-    target = problem.optimum(beta)
-    row = {"algo": args.algo, "beta": beta, **distance_to_optimum(result.policy, target),
+    row = {"algo": args.algo, "beta": beta}
+    if result.extra.get("kl_controller") == "lagrangian":  # the target is pi* where the budget binds
+        beta = row["beta_star"] = beta_for_kl(problem.pi_ref, problem.rewards, result.extra["kl_epsilon"])
+        row["kl_policy"] = float(np.mean(kl_divergence(result.policy, problem.pi_ref)))
+    target = problem.optimum(beta) if beta > 0 else np.stack(
+        [argmax_policy(p, r) for p, r in zip(problem.pi_ref, problem.rewards)])
+    row = {**row, **distance_to_optimum(result.policy, target),
            "steps": result.steps, **result.extra}
     row["policy"] = np.round(result.policy, 4).tolist()
     row["optimum"] = np.round(target, 4).tolist()
     if args.json:
         print(json.dumps(row))
     else:
-        print(f"{args.algo} beta={beta:g}: KL(pi||pi*) = {row['kl_to_optimum']:.4f} nats, "
+        print(f"{args.algo} beta={row['beta']:g}: KL(pi||pi*) = {row['kl_to_optimum']:.4f} nats, "
               f"TV = {row['tv_to_optimum']:.4f}, {row['steps']} steps")
         for i, (p, t) in enumerate(zip(row["policy"], row["optimum"])):
             print(f"  prompt {i}: pi_theta {p}  pi* {t}")

@@ -388,6 +388,9 @@ class RLConfig:
     beta_end: float | None = _f(None, "linear controller: beta at the last step; empty = beta / 10", ">= 0")
     kl_target: float = _f(6.0, "adaptive controller: target sequence KL in nats", "> 0")
     kl_horizon: int = _f(10000, "adaptive controller: horizon in samples", "int >= 1")
+    kl_epsilon: float = _f(1.0, "lagrangian controller: the KL budget epsilon, sequence KL in nats", "> 0")
+    kl_dual_lr: float = _f(0.05, "lagrangian controller: beta step per nat of KL over or under the budget, "
+                           "one step per rollout batch", "> 0")
     kl_caution: float = _f(KL_CAUTION_NATS, "sequence KL (nats) above which the run is flagged 'caution'", ">= 0")
     kl_warning: float = _f(KL_WARNING_NATS, "sequence KL (nats) above which the run is flagged 'warning'", ">= 0")
     entropy_coef: float = _f(0.0, "entropy bonus coefficient (a defence against mode collapse)", "finite")

@@ -44,6 +44,7 @@ __all__ = [
     "KLController",
     "AdaptiveKLController",
     "FixedKLController",
+    "LagrangianKLController",
     "LinearKLController",
     "kl_k1",
     "kl_k2",
@@ -251,7 +252,51 @@ class AdaptiveKLController:
         self.value = float(state["value"])
 
 
-KLController = FixedKLController | LinearKLController | AdaptiveKLController
+class LagrangianKLController:
+    """beta as the Lagrange multiplier of a KL budget: maximize reward subject to KL <= epsilon.
+
+    The constrained problem  max_pi E_pi[R]  s.t.  KL(pi || pi_ref) <= epsilon  has the
+    Lagrangian  L(pi, beta) = E_pi[R] - beta (KL(pi || pi_ref) - epsilon),  beta >= 0. For a
+    fixed beta the policy step maximizes L over pi (the usual KL-penalized objective); the
+    dual function g(beta) = max_pi L has slope dg/dbeta = epsilon - KL(pi_beta), so projected
+    gradient descent on g, one step per rollout batch, is
+
+        beta <- max(0, beta + lr_beta * (KL - epsilon))
+
+    (dual ascent): beta grows while the policy overspends its budget and shrinks, down to
+    0, while it underspends. At a fixed point KL = epsilon (or beta = 0 and the budget is
+    not binding), the optimum of the constrained problem: pi*_beta at the beta with
+    KL(pi*_beta || pi_ref) = epsilon (``rlhflab.optimal.beta_for_kl``). Unlike the adaptive
+    controller's multiplicative step, the step is additive, so beta can reach 0 and leave it.
+
+    ``current_kl`` is the batch's mean sequence-level KL in nats; ``n_steps`` is ignored
+    (one dual step per batch, whatever its size).
+    """
+
+    def __init__(self, init_beta: float, epsilon: float, lr: float) -> None:
+        if init_beta < 0:
+            raise ValueError(f"init_beta must be >= 0, got {init_beta}")
+        if not epsilon > 0:
+            raise ValueError(f"epsilon must be > 0, got {epsilon}")
+        if not lr > 0:
+            raise ValueError(f"lr must be > 0, got {lr}")
+        self.value = float(init_beta)
+        self.epsilon = float(epsilon)
+        self.lr = float(lr)
+
+    def update(self, current_kl: float, n_steps: int) -> float:
+        """One dual step on the measured KL; return the new beta."""
+        self.value = max(0.0, self.value + self.lr * (float(current_kl) - self.epsilon))
+        return self.value
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.value = float(state["value"])
+
+
+KLController = FixedKLController | LinearKLController | AdaptiveKLController | LagrangianKLController
 
 def make_kl_controller(kind: str, **kwargs: Any) -> KLController:
     """Build a controller by name: ``make_kl_controller("adaptive", init_beta=0.1,

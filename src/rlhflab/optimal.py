@@ -171,6 +171,85 @@ def tv_distance(p, q) -> float | np.ndarray:
     return 0.5 * np.sum(np.abs(_as_array(p) - _as_array(q)), axis=-1)
 
 
+# ---------------------------------------------------------------- KL as a constraint
+
+
+def beta_for_kl(pi_ref, reward, epsilon: float, *, tol: float = 1e-10, max_iter: int = 200) -> float:
+    """The beta whose optimum spends exactly ``epsilon`` nats: mean_x KL(pi*_beta || pi_ref) = epsilon.
+
+    The constrained problem  max_pi E_pi[R]  s.t.  KL(pi || pi_ref) <= epsilon  has the
+    Lagrangian  E_pi[R] - beta (KL - epsilon), beta >= 0, whose maximizer over pi is the
+    pi*_beta above; the dual's minimum sits where the constraint binds, at the beta with
+    KL(pi*_beta || pi_ref) = epsilon. That KL falls monotonically from -log pi_ref(argmax
+    set) at beta -> 0 to 0 at beta = inf, so bisection (on log beta) finds it. When
+    epsilon is at or above the beta -> 0 KL the constraint never binds and the answer is
+    0 (the argmax policy).
+
+    ``pi_ref`` and ``reward`` are (K,) for one prompt or (P, K) for several; with several
+    the constraint is on the mean KL over prompts (what a controller measures on a batch).
+    """
+    p, r = np.atleast_2d(_as_array(pi_ref)), np.atleast_2d(_as_array(reward))
+    if not epsilon > 0:
+        raise InputError(f"epsilon: must be > 0, got {epsilon}")
+
+    def mean_kl(beta: float) -> float:
+        return float(np.mean([optimal_policy(pr, rr, beta).kl for pr, rr in zip(p, r)]))
+
+    ceiling = float(np.mean([kl_divergence(argmax_policy(pr, rr), pr) for pr, rr in zip(p, r)]))
+    if epsilon >= ceiling:
+        return 0.0
+    lo, hi = -30.0, 30.0  # log beta; KL(lo) ~ ceiling, KL(hi) ~ 0
+    for _ in range(max_iter):
+        mid = 0.5 * (lo + hi)
+        if mean_kl(math.exp(mid)) > epsilon:
+            lo = mid  # spends too much: beta must grow
+        else:
+            hi = mid
+        if hi - lo < tol:
+            break
+    return math.exp(0.5 * (lo + hi))
+
+
+# ---------------------------------------------------------------- best-of-n, exactly
+
+
+def best_of_n_policy(pi_ref, reward, n: int) -> np.ndarray:
+    """The exact law of best-of-n: draw y_1..y_n ~ pi_ref, keep the one with the highest R.
+
+    With F(v) = P_ref(R(Y) <= v) and F^-(v) = P_ref(R(Y) < v), the kept response's reward
+    level v has probability F(v)^n - F^-(v)^n (all n draws at or below v, not all below).
+    Draws tied at the top are broken uniformly at random among the draws, so by symmetry
+    the responses sharing level v split its probability in proportion to pi_ref (a
+    response drawn twice as often is kept twice as often):
+
+        pi_bon(y) = pi_ref(y) / q(v) * (F(v)^n - F^-(v)^n),   v = R(y),  q(v) = F(v) - F^-(v)
+
+    Without ties this is F(y)^n - F^-(y)^n. n = 1 gives pi_ref. Arrays over the last
+    axis: (K,) or (P, K).
+    """
+    if int(n) != n or n < 1:
+        raise InputError(f"n: must be an integer >= 1, got {n}")
+    p, r = _as_array(pi_ref), _as_array(reward)
+    if p.shape != r.shape:
+        raise InputError(f"reward: shape {r.shape} differs from pi_ref's {p.shape}")
+    if p.ndim == 2:
+        return np.stack([best_of_n_policy(pr, rr, n) for pr, rr in zip(p, r)])
+    _check_distribution(p, "pi_ref")
+    p = p / p.sum()
+    below = np.array([p[r < v].sum() for v in r])  # F^-(R(y))
+    level = np.array([p[r == v].sum() for v in r])  # q(R(y))
+    at_or_below = below + level
+    with np.errstate(divide="ignore", invalid="ignore"):
+        share = np.where(level > 0, p / level, 0.0)
+    return share * (at_or_below ** n - below ** n)
+
+
+def best_of_n_kl_bound(n: int) -> float:
+    """log n - (n - 1) / n: KL(pi_bon || pi_ref) when no two responses tie (Gao et al.
+    2022's analytic value; Beirami et al. 2024 prove it an upper bound for every pi_ref)."""
+    return math.log(n) - (n - 1) / n
+
+
 # ---------------------------------------------------------------- CLI: rlhflab optimal
 
 

@@ -202,6 +202,8 @@ KL_CONTROLLERS = Registry("KL controller", [
     Entry("fixed", "rlhflab.kl:FixedKLController", "a constant beta"),
     Entry("linear", "rlhflab.kl:LinearKLController", "beta moved linearly to beta_end"),
     Entry("adaptive", "rlhflab.kl:AdaptiveKLController", "beta steered to a target KL (Ziegler et al. 2019)"),
+    Entry("lagrangian", "rlhflab.kl:LagrangianKLController",
+          "beta by dual ascent on KL - kl_epsilon: reward maximized subject to KL <= kl_epsilon"),
 ])
 
 # options: grouped (called as fn(R, G) on the samples of each prompt; else fn(R, mean=the

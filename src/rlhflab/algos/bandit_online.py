@@ -26,6 +26,13 @@ their samples_per_prompt; epochs, num_minibatches, scale_std, loss_agg, baseline
 whiten_advantages, kl_in, kl_estimator) and the bandit's own ``BANDIT_DEFAULTS`` (steps,
 lr, samples; an entry's ``bandit`` option where it differs), and clip_eps, value_lr,
 sampler_temperature, tis_cap.
+
+KL as a constraint: ``kl_controller="lagrangian"`` with ``kl_epsilon`` (the budget, nats, default 0.1)
+and ``kl_dual_lr`` (default 0.5) starts beta at the ``beta`` given and moves it after every batch by dual
+ascent on the batch's sampled KL (``kl.LagrangianKLController``, the mean of k1 over the
+batch, as the language-model loop measures ``objective/kl``); its step decays linearly with
+the policy's learning rate, so that beta settles as the policy does instead of following
+the noise of the last batches. The result's extra holds the final beta (``beta_final``). The target is then pi* at ``optimal.beta_for_kl(..., kl_epsilon)``.
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ from rlhflab.algos.reinforce import reinforce_advantages, reinforce_pp_token_adv
 from rlhflab.algos.update import UpdateBatch, UpdateSettings, update_policy
 from rlhflab.bandit import BanditProblem, BanditResult, TabularPolicy
 from rlhflab.distributed import BatchStats
+from rlhflab.kl import make_kl_controller
 from rlhflab.losses import truncated_importance_weights
 from rlhflab.registry import ONLINE_ALGORITHMS
 from rlhflab.training import lr_lambda
@@ -52,7 +60,8 @@ prompt per step. An algorithm's ``bandit`` option in the registry overrides them
 # kl_in, ...), and the options a caller may set besides.
 _FROM_REGISTRY = ("samples_per_prompt", "epochs", "num_minibatches", "kl_in", "kl_estimator", "whiten_advantages",
                   "loss_agg", "baseline", "scale_std")
-_OTHER_OPTIONS = {"clip_eps", "value_lr", "sampler_temperature", "tis_cap"}
+_OTHER_OPTIONS = {"clip_eps", "value_lr", "sampler_temperature", "tis_cap", "kl_controller", "kl_epsilon",
+                  "kl_dual_lr"}
 
 
 def bandit_defaults(algo: str) -> dict:
@@ -126,6 +135,9 @@ def train_bandit(algo: str, problem: BanditProblem, beta: float, *, seed: int = 
         o["kl_estimator"] = kl_estimator
     if kl_in is not None:
         o["kl_in"] = kl_in
+    o.setdefault("kl_controller", "fixed")
+    if o["kl_controller"] not in ("fixed", "lagrangian"):
+        raise TypeError(f"kl_controller must be fixed or lagrangian on the bandit, got {o['kl_controller']!r}")
     if o["samples"] % o["group_size"]:
         raise TypeError(f"samples {o['samples']} is not a multiple of group_size {o['group_size']}")
 
@@ -151,10 +163,16 @@ def _train(algo: str, problem: BanditProblem, beta: float, seed: int, o: dict) -
         groups.append({"params": [critic], "lr": o.get("value_lr", 0.1)})
     optimizer = torch.optim.Adam(groups)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda("linear", 0, o["steps"]))
-    hp = UpdateSettings(epochs=o["epochs"], num_minibatches=o["num_minibatches"],
-                        clip_eps=o.get("clip_eps", 0.2), loss_agg=o["loss_agg"], max_len=1,
-                        kl_coef=beta if o["kl_in"] == "loss" else 0.0, kl_estimator=o["kl_estimator"],
-                        vf_coef=1.0, value_clip_eps=10.0)
+    ctl = make_kl_controller("fixed", beta=beta) if o["kl_controller"] == "fixed" else make_kl_controller(
+        "lagrangian", init_beta=beta, epsilon=o.get("kl_epsilon", 0.1), lr=o.get("kl_dual_lr", 0.5))
+
+    dual_lr = getattr(ctl, "lr", 0.0)
+
+    def settings(beta: float) -> UpdateSettings:
+        return UpdateSettings(epochs=o["epochs"], num_minibatches=o["num_minibatches"],
+                              clip_eps=o.get("clip_eps", 0.2), loss_agg=o["loss_agg"], max_len=1,
+                              kl_coef=beta if o["kl_in"] == "loss" else 0.0, kl_estimator=o["kl_estimator"],
+                              vf_coef=1.0, value_clip_eps=10.0)
     stats = BatchStats()
 
     def step_fn() -> float:
@@ -167,6 +185,8 @@ def _train(algo: str, problem: BanditProblem, beta: float, seed: int, o: dict) -
     T_s = float(o["sampler_temperature"])
     last: dict[str, float] = {}
     for _ in range(o["steps"]):
+        beta = ctl.value
+        hp = settings(beta)
         with torch.no_grad():
             sampler = torch.log_softmax(policy.logits[x] / T_s, -1)               # (B, K) the sampler's law
             y = (policy.sample(x, gen) if T_s == 1.0                             # (B,)
@@ -190,6 +210,9 @@ def _train(algo: str, problem: BanditProblem, beta: float, seed: int, o: dict) -
             return lp, None, (critic[states][:, None] if with_values else None)
 
         last = update_policy(batch, forward, step_fn, hp, stats, gen)
+        if o["kl_controller"] == "lagrangian":  # the dual step decays with the policy's, to settle too
+            ctl.lr = dual_lr * scheduler.get_last_lr()[0] / o["lr"]
+        ctl.update(float((old - ref).mean()), len(x))  # the batch's sampled KL (k1), nats
         scheduler.step()
     mismatch = {}
     if T_s != 1.0 or o["tis_cap"] is not None:
@@ -200,7 +223,9 @@ def _train(algo: str, problem: BanditProblem, beta: float, seed: int, o: dict) -
                         extra={k: o[k] for k in ("kl_in", "kl_estimator", "group_size", "samples", "lr")}
                         | ({"scale_std": o["scale_std"], "loss_agg": o["loss_agg"]}
                            if options["estimator"] == "group_relative" else {})
-                        | mismatch)
+                        | mismatch
+                        | ({"kl_controller": "lagrangian", "kl_epsilon": ctl.epsilon, "kl_dual_lr": dual_lr,
+                            "beta_final": ctl.value} if o["kl_controller"] == "lagrangian" else {}))
 
 
 BANDIT_ALGOS = {name: functools.partial(train_bandit, name) for name in ONLINE_ALGORITHMS}

@@ -105,6 +105,7 @@ class OnlineRun:
             # Controllers advance by the samples of each batch (Ziegler et al.'s horizon unit).
             "linear": dict(beta_start=rl.beta, beta_end=rl.beta_end, total_steps=rl.steps * rl.batch_size),
             "adaptive": dict(init_beta=rl.beta, target=rl.kl_target, horizon=rl.kl_horizon),
+            "lagrangian": dict(init_beta=rl.beta, epsilon=rl.kl_epsilon, lr=rl.kl_dual_lr),
         }[rl.kl_controller])
         self.state = {"step": 0, "best_eval": None, "best_step": None, "bad_evals": 0, "stopped_early": False,
                       "kl_status_steps": {s: 0 for s in KL_STATUS}, "time_rollout": 0.0, "time_update": 0.0,
