@@ -36,6 +36,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sweep": ("rlhflab.commands.sweep", "one arm per beta; the reward-KL frontier"),
     "optimal": ("rlhflab.optimal", "closed-form optimum of the KL-regularized objective"),
     "sample": ("rlhflab.commands.sample", "print sample generations of a policy with gold utility"),
+    "bon": ("rlhflab.commands.bon", "best-of-n: the reward model keeps the best of n samples; gold, proxy, KL per n"),
     "run": ("rlhflab.commands.run", "the main job: the whole pipeline on the world, then a report"),
 }
 

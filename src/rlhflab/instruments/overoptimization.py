@@ -69,3 +69,10 @@ def curve_readings(kl: list[float], gold: list[float], proxy: list[float]) -> di
     fit = fit_gao(d, [g - gold[0] for g in gold], "rl")
     out.update({f"overopt/fit_{k}": v for k, v in fit.items()})
     return out
+
+
+def fit_bon(d: list[float], gold_gain: list[float]) -> dict[str, float]:
+    """Gao et al.'s best-of-n law R_bon(d) = d (alpha - beta_g d), d = sqrt(KL of best-of-n
+    from the policy), fitted to the gold gained over the policy's own samples: ``fit_gao``
+    with ``form="bon"``, the same keys as the RL law's fit beside it."""
+    return fit_gao(d, gold_gain, "bon")
