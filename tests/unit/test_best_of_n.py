@@ -77,3 +77,30 @@ def test_bandit_cli(capsys):
     assert row["expected_reward"] > row["ref_expected_reward"]
     assert main(["bandit", "--algo", "bon", "--n", "0"]) == 2
     assert main(["bandit", "--algo", "reinforce", "--n", "3"]) == 2
+
+
+def test_plugin_kl_on_candidates_by_hand():
+    """Candidates a, a, b, c with proxy scores 1, 1, 0, 2 (empirical law a 1/2, b 1/4, c 1/4),
+    n = 2: F = 1/4 (b), 3/4 (a), 1 (c), so pi_bon = (1/16, 9/16 - 1/16, 1 - 9/16) for
+    (b, a, c) = (0.0625, 0.5, 0.4375) and KL = 0.0625 log(0.25) + 0.5 log(1) + 0.4375 log(1.75)
+    = 0.158188 nats, under log 2 - 1/2 = 0.193147 because a repeats."""
+    from rlhflab.algos.best_of_n import best_indices, plugin_kl
+
+    kl = plugin_kl(["a", "a", "b", "c"], [1.0, 1.0, 0.0, 2.0], 2)
+    assert kl == pytest.approx(0.0625 * math.log(0.25) + 0.4375 * math.log(1.75), abs=1e-12)
+    assert plugin_kl(["a", "a", "b", "c"], [1.0, 1.0, 0.0, 2.0], 1) == pytest.approx(0.0, abs=1e-15)
+    # best of the first n only: prefixes nest
+    scores = np.array([[0.0, 3.0, 1.0, 5.0], [2.0, 2.0, 1.0, 0.0]])
+    assert best_indices(scores, 1).tolist() == [0, 0]
+    assert best_indices(scores, 3).tolist() == [1, 0]
+    assert best_indices(scores, 4).tolist() == [3, 0]
+
+
+def test_fit_bon_recovers_the_law():
+    """Points on R(d) = d (0.8 - 0.2 d): alpha 0.8, beta 0.2, peak at d* = 0.8 / 0.4 = 2."""
+    from rlhflab.instruments.overoptimization import fit_bon
+
+    d = [0.5, 1.0, 1.5, 2.0, 2.5, 3.0]
+    fit = fit_bon(d, [x * (0.8 - 0.2 * x) for x in d])
+    assert fit["alpha"] == pytest.approx(0.8) and fit["beta_g"] == pytest.approx(0.2)
+    assert fit["d_peak"] == pytest.approx(2.0) and fit["peak_in_range"] == 1.0
