@@ -319,3 +319,17 @@ def atomic_directory(out: str | Path):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def resolve_model_dir(path: str | Path, flag: str | None = None) -> Path:
+    """The model directory a user names: a stage's output (its ``model/`` holds the model)
+    or a model directory itself. One with no ``config.json`` either way is an InputError
+    naming it and ``flag``, the option it came from. (Filesystem only: the CLI checks its
+    arguments with it before importing torch.)"""
+    path = Path(path)
+    if (path / "model" / "config.json").is_file():
+        return path / "model"
+    if not (path / "config.json").is_file():
+        said = f"{flag}: " if flag else ""
+        raise InputError(f"{said}not a run or model directory (no config.json)", file=str(path))
+    return path

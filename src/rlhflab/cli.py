@@ -86,8 +86,11 @@ def main(argv: list[str] | None = None) -> int:
     chosen = next((a for a in argv if a in COMMANDS), None)
     parser = build_parser(load=(chosen,) if chosen else ())
     args = parser.parse_args(argv)
-    _quiet_libraries()
     try:
+        from rlhflab.commands.preflight import preflight
+
+        preflight(args.command, args)  # paths checked before the libraries are imported
+        _quiet_libraries()
         return int(importlib.import_module(args._module).run(args) or 0)
     except InputError as err:
         print(f"rlhflab {args.command}: error: {err}", file=sys.stderr)

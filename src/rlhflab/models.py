@@ -18,6 +18,7 @@ from transformers import (
     LlamaForCausalLM,
 )
 
+from rlhflab.artifacts import resolve_model_dir  # noqa: F401 (the one resolver; imported from here too)
 from rlhflab.errors import InputError
 
 
@@ -58,19 +59,6 @@ def create_causal_lm(cfg, tokenizer, seed: int = 0) -> torch.nn.Module:
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     return model
-
-
-def resolve_model_dir(path: str | Path, flag: str | None = None) -> Path:
-    """The model directory a user names: a stage's output (its ``model/`` holds the model)
-    or a model directory itself. One with no ``config.json`` either way is an InputError
-    naming it and ``flag``, the option it came from."""
-    path = Path(path)
-    if (path / "model" / "config.json").is_file():
-        return path / "model"
-    if not (path / "config.json").is_file():
-        said = f"{flag}: " if flag else ""
-        raise InputError(f"{said}not a run or model directory (no config.json)", file=str(path))
-    return path
 
 
 def _check_dir(path: str | Path, what: str) -> Path:

@@ -160,8 +160,8 @@ def test_reward_model_stops_at_a_nan_margin_in_the_data(tmp_path, capsys, policy
 def test_dpo_family_stops_at_a_nan_loss(tmp_path, monkeypatch, capsys, policy, loss):
     import rlhflab.algos.dpo as dpo
 
-    monkeypatch.setattr(dpo, "PREFERENCE_LOSSES", {**dpo.PREFERENCE_LOSSES,
-                                                   loss: _nan_after(1)(dpo.PREFERENCE_LOSSES[loss])})
+    # The registry resolves a name once and keeps the function: replace the kept one.
+    monkeypatch.setitem(dpo.PREFERENCE_LOSSES._resolved, loss, _nan_after(1)(dpo.PREFERENCE_LOSSES[loss]))
     out = tmp_path / loss
     extra = ["--unpaired-from-pairs"] if loss == "kto" else []
     assert main(["dpo", "--loss", loss, *extra, "--config", TINY, "--sft", policy, "--out", str(out),

@@ -34,6 +34,7 @@ def test_eval_on_user_files(tmp_path, tiny_config_path):
 
 def test_bad_multiple_choice_row_exits_2(tmp_path, tiny_config_path, capsys):
     mc = _jsonl(tmp_path / "mc.jsonl", [{"question": "q", "choices": ["a", "b"], "answer": 5}])
+    (tmp_path / "config.json").write_text("{}")  # passes the path check; the bad row is found before any load
     rc = main(["eval", "--policy", str(tmp_path), "--base", str(tmp_path), "--mc", str(mc),
                "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err.strip()

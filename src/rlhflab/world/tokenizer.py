@@ -7,15 +7,17 @@ from ``<eos>`` (id 1), so padding is never mistaken for the end of a response. S
 
 from __future__ import annotations
 
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
-
 from rlhflab.world.tasks import all_world_words
 
 PAD, EOS, UNK = "<pad>", "<eos>", "<unk>"
 
 
-def build_tokenizer(max_operand: int = 9, model_max_length: int = 128) -> PreTrainedTokenizerFast:
+def build_tokenizer(max_operand: int = 9, model_max_length: int = 128):
+    """The tokenizer (transformers is imported here, not when the world is: the CLI reads
+    configs, which name the world, before it loads the libraries)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
     vocab = {tok: i for i, tok in enumerate([PAD, EOS, UNK, *all_world_words(max_operand)])}
     core = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
     core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()

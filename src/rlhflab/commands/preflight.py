@@ -1,0 +1,43 @@
+"""What a command is given, checked before it imports torch and transformers (about 7 s on a
+small CPU machine): the output place first, then every input file and model directory named
+on the command line, each a one-line ``InputError``. The command checks the rest (every
+row, every weight) as it reads them; this only makes the commonest mistakes, a mistyped or
+missing path, cost a second instead of the libraries' import time."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rlhflab.errors import InputError
+
+# argparse dests of inputs that must exist: data files (or datasets directories)
+INPUT_FILES = ("data", "eval_data", "prompts", "eval_prompts", "harmful", "benign", "mc", "votes")
+# and model directories: a model's own, or a stage's output holding model/
+MODEL_DIRS = {"sft": "--sft", "policy": "--policy", "base": "--base", "rm": "--rm", "model": "--model",
+              "backbone": "--backbone"}
+# commands whose --out is a directory they create (checked as they check it), or a file
+OUT_DIRS = ("sft", "rm", "dpo", "ppo", "reinforce", "rloo", "grpo", "eval", "eval-rm")
+OUT_FILES = ("collect",)
+
+
+def preflight(command: str, args) -> None:
+    """The torch-free checks of ``args`` (the parsed command line of ``command``)."""
+    from rlhflab.artifacts import check_out_dir, check_out_file, resolve_model_dir
+
+    out = getattr(args, "out", None)
+    if out and not getattr(args, "resume", None):
+        if command in OUT_DIRS:
+            check_out_dir(out, bool(getattr(args, "overwrite", False)))
+        elif command in OUT_FILES:
+            check_out_file(out)
+    for dest in INPUT_FILES:
+        value = getattr(args, dest, None)
+        if isinstance(value, str) and value and not Path(value).exists():
+            raise InputError("cannot open: No such file or directory", file=value)
+    for dest, flag in MODEL_DIRS.items():
+        value = getattr(args, dest, None)
+        if not (isinstance(value, str) and value):
+            continue
+        if dest == "rm" and any((Path(value) / sub / "reward_model.json").is_file() for sub in (".", "model")):
+            continue  # an rlhflab reward model (an ensemble has no config.json at its top)
+        resolve_model_dir(value, flag)
