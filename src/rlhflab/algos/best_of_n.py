@@ -20,8 +20,9 @@ KL from the policy, two readings per n:
   It sees what the formula cannot (repeated responses, tied scores), from the very draws
   the curves use, with no extra forward pass. Its bias: an atom the N draws missed does
   not exist for it, so with N distinct candidates it is the KL of best-of-n over N equal
-  atoms, below the formula, noticeably so as n nears N; ``bon/kl_plugin_ceiling`` is that
-  all-distinct value, so a reading at the ceiling says N limited it.
+  atoms, a little below the formula (2.456 against 2.497 nats at n = N = 32);
+  ``bon/kl_plugin_ceiling`` is that all-distinct value, so a reading at the ceiling says
+  the candidates never repeated and the formula is as good an estimate.
 
 Per n the readings are the proxy (``bon/proxy_mean``), the gold utility on the world
 (``bon/gold_mean``), and the win-rate of the best of n against an independent single
