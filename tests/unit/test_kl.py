@@ -254,7 +254,7 @@ def test_linear_controller_schedule_and_round_trip():
 
 
 def test_make_kl_controller():
-    assert set(KL_CONTROLLERS) == {"fixed", "linear", "adaptive"}
+    assert set(KL_CONTROLLERS) == {"fixed", "linear", "adaptive", "lagrangian"}
     ctl = make_kl_controller("adaptive", init_beta=0.1, target=6.0, horizon=10000)
     assert isinstance(ctl, AdaptiveKLController) and ctl.value == 0.1
     assert isinstance(make_kl_controller("fixed", beta=0.3), FixedKLController)
