@@ -16,7 +16,7 @@ INPUT_FILES = ("data", "eval_data", "prompts", "eval_prompts", "harmful", "benig
 MODEL_DIRS = {"sft": "--sft", "policy": "--policy", "base": "--base", "rm": "--rm", "model": "--model",
               "backbone": "--backbone"}
 # commands whose --out is a directory they create (checked as they check it), or a file
-OUT_DIRS = ("sft", "rm", "dpo", "ppo", "reinforce", "rloo", "grpo", "eval", "eval-rm")
+OUT_DIRS = ("sft", "rm", "dpo", "ppo", "reinforce", "rloo", "grpo", "eval", "eval-rm", "bon")
 OUT_FILES = ("collect",)
 
 
