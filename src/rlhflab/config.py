@@ -188,6 +188,10 @@ def cross_field_problems(obj: Any, prefix: str) -> Iterator[tuple[str, tuple[str
 _SEED = "int in [0, 2147483647]"
 _SCHEDULES = LR_SCHEDULES.domain()
 _PRECISIONS = "one of no, bf16, fp16"  # what numpy (through accelerate's set_seed) accepts, with headroom
+_ATTENTION = "one of eager, sdpa, flash_attention_2"
+_TRACKERS = "each one of tensorboard, wandb, mlflow"
+_REPORT_TO = ("experiment trackers the metrics also go to, through accelerate (the run's metrics.jsonl is "
+              "always written): tensorboard, wandb, mlflow; [] = none")
 # A baseline that is an algorithm of its own (rloo) is chosen by naming that algorithm.
 _BASELINES = "one of " + ", ".join(n for n in SEQUENCE_BASELINES if n not in ONLINE_ALGORITHMS)
 
@@ -246,6 +250,12 @@ class ModelConfig:
     max_positions: int = _f(128, "position embeddings of a created model", "int >= 2")
     dropout: float = _f(0.0, "dropout of a created model (off by default, as usual in RLHF)", "[0, 1)")
     trust_remote_code: bool = _f(False, "allow custom model code from a local checkpoint")
+    attn_implementation: str | None = _f(None, "attention kernel of every model loaded or created: eager, sdpa or "
+                                         "flash_attention_2 (needs the flash-attn package and a GPU); empty = "
+                                         "transformers' default (sdpa where the model supports it)", _ATTENTION)
+    gradient_checkpointing: bool = _f(False, "recompute each layer's activations in the backward pass of every "
+                                      "training stage (less memory, about a third more compute; KV cache off "
+                                      "in training passes)")
 
     def cross_check(self, at: str) -> Iterator[tuple[str, tuple[str, ...]]]:
         heads, width = (f"{at}.n_heads", f"{at}.d_model")
@@ -296,6 +306,7 @@ class TrainConfig:
     mixed_precision: str = _f("no", "no, bf16 or fp16 (through accelerate)", _PRECISIONS)
     eval_every: int = _f(50, "steps between held-out loss evaluations", "int >= 1")
     log_every: int = _f(10, "steps between metric lines", "int >= 1")
+    report_to: list = _f([], _REPORT_TO, _TRACKERS)
 
 
 def _restate(name: str, default: Any = dataclasses.MISSING, help: str | None = None) -> Any:  # noqa: A002
@@ -409,9 +420,13 @@ class RLConfig:
     tis_cap: float | None = _f(None, "truncated importance sampling (Yao et al. 2025): score the samples with "
                                "the trainer too and weight each token's policy-gradient term by "
                                "min(pi_train / pi_sampler, tis_cap); empty = off (sampler and trainer agree)", "> 0")
+    mixed_precision: str = _f("no", "no, bf16 or fp16 (through accelerate): autocast around the training "
+                              "forward passes of the update; decoding stays in float32", _PRECISIONS)
+    report_to: list = _f([], _REPORT_TO, _TRACKERS)
     mismatch_tolerance: float = _f(1e-3, "largest |log pi_train - log pi_sampler| (nats, any token of the first "
                                    "update) allowed before the run stops; without tis_cap the two come from "
-                                   "the same weights and must agree to float precision", ">= 0")
+                                   "the same weights and must agree to float precision (under bf16 or fp16 "
+                                   "at least distributed.MIXED_PRECISION_MISMATCH_NATS = 0.5)", ">= 0")
 
     def cross_check(self, at: str) -> Iterator[tuple[str, tuple[str, ...]]]:
         if self.kl_caution > self.kl_warning:
@@ -719,10 +734,26 @@ def add_config_arguments(parser, *, out: bool = True) -> None:
     parser.add_argument("--config", help="YAML preset, e.g. configs/tiny.yaml (default: built-in defaults)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override one field, e.g. --set sft.lr=3e-4 (repeatable)")
+    parser.add_argument("--report-to", metavar="TRACKERS",
+                        help="tensorboard, wandb and/or mlflow, comma-separated: every training stage's "
+                             "report_to (sft, rm, dpo, rl); the metrics.jsonl is written always")
     if out:
         parser.add_argument("--out", required=True, help="output directory")
         parser.add_argument("--overwrite", action="store_true", help="replace an earlier run in --out")
 
 
+TRACKED_SECTIONS = ("sft", "rm", "dpo", "rl")
+"""The sections with a ``report_to`` field, which ``--report-to`` sets."""
+
+
+def report_to_overrides(value: str | None) -> list[str]:
+    """``--report-to a,b`` as ``--set <section>.report_to=[a, b]`` for every tracked section
+    (checked against the field's domain by ``load_config``, like any ``--set``)."""
+    if value is None:
+        return []
+    names = [n.strip() for n in value.split(",") if n.strip()]
+    return [f"{section}.report_to=[{', '.join(names)}]" for section in TRACKED_SECTIONS]
+
+
 def config_from_args(args) -> Config:
-    return load_config(args.config, args.overrides)
+    return load_config(args.config, [*args.overrides, *report_to_overrides(getattr(args, "report_to", None))])

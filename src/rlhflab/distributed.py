@@ -13,6 +13,10 @@ one process (``accelerator=None``) both are the plain local formulas.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
 import torch
 
 from rlhflab.advantages import masked_whiten
@@ -25,11 +29,109 @@ def has_accelerator() -> bool:
     return torch.cuda.is_available()
 
 
-def make_accelerator(mixed_precision: str = "no"):
-    """An ``accelerate.Accelerator``, on the CPU when no accelerator is available."""
-    from accelerate import Accelerator
+# The sampler/trainer gap the online mismatch guard allows under bf16 autocast, where the
+# sampler decodes in float32 and the trainer's forward runs in bf16: 0.5 nats, about 10x
+# the largest gap measured on the demo model (0.057 nats over 4 PPO steps; 0.008 on the
+# tiny one; docs/scaling.md), still far below what a wrong mask or position gives (nats).
+MIXED_PRECISION_MISMATCH_NATS = 0.5
 
-    return Accelerator(mixed_precision=mixed_precision, cpu=not has_accelerator())
+
+def mismatch_tolerance(tolerance: float, mixed_precision: str) -> float:
+    """The guard's threshold: ``rl.mismatch_tolerance`` in float32, at least
+    ``MIXED_PRECISION_MISMATCH_NATS`` under bf16 or fp16."""
+    return tolerance if mixed_precision == "no" else max(tolerance, MIXED_PRECISION_MISMATCH_NATS)
+
+
+def make_accelerator(mixed_precision: str = "no", report_to: Sequence[str] = (), section: str | None = None):
+    """An ``accelerate.Accelerator``, on the CPU when no accelerator is available.
+
+    ``mixed_precision`` (no, bf16, fp16) sets what ``accelerator.autocast()`` casts to and,
+    for fp16, the loss scaler. accelerate keeps one precision per process in a shared
+    state; when an earlier stage of this process (``rlhflab run``, a test session) chose
+    another one and there is one process, that state is rebuilt (``_reset_state``, the
+    one call outside accelerate's public API here: there is no public way to change it).
+    With several processes the stages must agree: else a RunError.
+
+    fp16 needs a GPU: on a CPU accelerate neither autocasts to float16 nor scales the loss,
+    so the run would be float32 under an fp16 label; refused (InputError naming
+    ``<section>.mixed_precision``). bf16 autocasts on a CPU too.
+
+    ``report_to`` names accelerate trackers (tensorboard, wandb, mlflow), started by
+    :func:`trackers` once the run's directory exists.
+    """
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    if mixed_precision == "fp16" and not has_accelerator():
+        from rlhflab.errors import InputError
+
+        raise InputError("fp16 needs a GPU (accelerate autocasts to float16 and scales the loss only there); "
+                         "use bf16 on a CPU", field=f"{section}.mixed_precision" if section else "mixed_precision")
+
+    # The logging directory is the run's (staging) directory, set when the trackers start;
+    # accelerate only checks here that one will be given.
+    kwargs = dict(mixed_precision=mixed_precision, cpu=not has_accelerator(),
+                  log_with=list(report_to) or None, project_dir="." if report_to else None)
+    try:
+        return Accelerator(**kwargs)
+    except ValueError as err:  # "AcceleratorState has already been initialized and cannot be changed"
+        state = AcceleratorState()
+        if "already been initialized" not in str(err) or str(state.mixed_precision) == mixed_precision:
+            raise
+        if state.num_processes > 1:
+            from rlhflab.errors import RunError
+
+            raise RunError(f"this process already runs in mixed_precision={state.mixed_precision}; with several "
+                           f"processes every stage of one launch needs the same precision (got {mixed_precision})"
+                           ) from None
+        AcceleratorState._reset_state(reset_partial_state=False)
+        return Accelerator(**kwargs)
+
+
+@contextlib.contextmanager
+def trackers(accelerator, logging_dir: str | Path, project: str, config: dict | None = None) -> Iterator[None]:
+    """The accelerator's trackers (``make_accelerator(report_to=...)``) running for one
+    stage: ``init_trackers`` with ``logging_dir`` (the run directory: TensorBoard events
+    under ``logging_dir/<project>/``, the wandb run under ``logging_dir/wandb/``; mlflow
+    writes where ``MLFLOW_TRACKING_URI`` says, as mlflow always does) and the resolved
+    config, then each tracker finished.
+    ``accelerator.end_training`` is not called: it would also end the process group, which
+    a later stage of the same launch still needs. Without trackers: nothing happens."""
+    if not accelerator.log_with:
+        yield
+        return
+    logging_dir = Path(logging_dir).resolve()
+    accelerator.project_configuration.project_dir = str(logging_dir)
+    accelerator.project_configuration.logging_dir = str(logging_dir)
+    kwargs = {"wandb": {"dir": str(logging_dir)}}
+    try:
+        try:
+            accelerator.init_trackers(project, config=_flat_config(config or {}), init_kwargs=kwargs)
+        except Exception as err:  # noqa: BLE001 - a tracker's own error (no login, a bad MLFLOW_TRACKING_URI)
+            from rlhflab.errors import RunError
+            from rlhflab.models import first_line
+
+            raise RunError(f"cannot start the trackers {', '.join(map(str, accelerator.log_with))}: "
+                           f"{type(err).__name__}: {first_line(err)[:300]}") from err
+        yield
+    finally:
+        if accelerator.is_main_process:
+            for tracker in accelerator.trackers:
+                tracker.finish()
+        accelerator.trackers.clear()
+
+
+def _flat_config(config: dict, prefix: str = "") -> dict:
+    """A nested config as flat ``section.field`` keys of plain values (what TensorBoard's
+    hparams and mlflow's params accept: lists and None as text)."""
+    out: dict = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_flat_config(value, name + "."))
+        else:
+            out[name] = value if isinstance(value, (bool, int, float, str)) else str(value)
+    return out
 
 
 class BatchStats:

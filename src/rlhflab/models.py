@@ -6,6 +6,8 @@ and ``trust_remote_code`` stays off unless the config asks for it.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -20,6 +22,68 @@ from transformers import (
 
 from rlhflab.artifacts import resolve_model_dir  # noqa: F401 (the one resolver; imported from here too)
 from rlhflab.errors import InputError
+
+ATTENTION = ("eager", "sdpa", "flash_attention_2")
+"""The attention kernels ``model.attn_implementation`` names (transformers' words)."""
+
+
+def attention_kwargs(attn_implementation: str | None) -> dict:
+    """``{"attn_implementation": name}`` for ``from_pretrained`` or a model config, ``{}``
+    for transformers' default. flash_attention_2 needs the flash-attn package (and a CUDA
+    GPU, which transformers checks when the model is built): without the package, an
+    InputError naming the field, before any model is loaded."""
+    if attn_implementation is None:
+        return {}
+    if attn_implementation not in ATTENTION:
+        raise InputError(f"must be one of {', '.join(ATTENTION)}, got {attn_implementation!r}",
+                         field="model.attn_implementation")
+    if attn_implementation == "flash_attention_2":
+        import importlib.util
+
+        if importlib.util.find_spec("flash_attn") is None:
+            raise InputError("flash_attention_2 needs the flash-attn package (pip install flash-attn, on a CUDA "
+                             "machine); use sdpa or eager here", field="model.attn_implementation")
+    return {"attn_implementation": attn_implementation}
+
+
+def enable_gradient_checkpointing(model: torch.nn.Module) -> torch.nn.Module:
+    """Activations recomputed layer by layer in the backward pass, through transformers'
+    public ``gradient_checkpointing_enable`` (``activation_checkpointing_enable`` from 5.24; non-reentrant ``torch.utils.checkpoint``, which
+    needs no input that requires grad and keeps dropout's random draws), and the KV cache
+    off in the config: a training pass builds none. Decoding passes its own cache
+    (``generation.py``) and runs in eval mode, where transformers does not checkpoint.
+    Works on a causal LM or a bare backbone (a critic's ``base_model``)."""
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers 5.24 renamed it
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "use_cache"):
+        config.use_cache = False
+    return model
+
+
+def is_checkpointing(model: torch.nn.Module) -> bool:
+    """Whether ``enable_gradient_checkpointing`` was applied (either transformers name)."""
+    flag = "is_activation_checkpointing" if hasattr(model, "activation_checkpointing_enable") else \
+        "is_gradient_checkpointing"
+    return bool(getattr(model, flag, False))
+
+
+@contextlib.contextmanager
+def checkpointed_passes(*models) -> Iterator[None]:
+    """Train mode inside, for the models among ``models`` that checkpoint (transformers
+    checkpoints only in train mode); the mode each had is restored after. Online RL keeps
+    its policy and critic in eval mode (dropout is off there, so the two modes compute the
+    same function) and enters this around the update's forward and backward passes."""
+    touched = [(m, m.training) for m in models if m is not None and is_checkpointing(m)]
+    for m, _ in touched:
+        m.train()
+    try:
+        yield
+    finally:
+        for m, was in touched:
+            m.train(was)
 
 
 def _gpt2(cfg, vocab_size: int, special: dict) -> torch.nn.Module:
@@ -53,9 +117,10 @@ def create_causal_lm(cfg, tokenizer, seed: int = 0) -> torch.nn.Module:
         "eos_token_id": tokenizer.eos_token_id,
         "pad_token_id": tokenizer.pad_token_id,
     }
+    attn = attention_kwargs(getattr(cfg, "attn_implementation", None))
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        model = ARCHITECTURES[cfg.arch](cfg, len(tokenizer), special)
+        model = ARCHITECTURES[cfg.arch](cfg, len(tokenizer), {**special, **attn})
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     return model
@@ -171,13 +236,16 @@ def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
     return with_distinct_pad(tok)
 
 
-def load_causal_lm(path: str | Path, tokenizer=None, trust_remote_code: bool = False) -> torch.nn.Module:
-    """A causal LM from a local directory; safetensors weights only."""
+def load_causal_lm(path: str | Path, tokenizer=None, trust_remote_code: bool = False,
+                   attn_implementation: str | None = None) -> torch.nn.Module:
+    """A causal LM from a local directory; safetensors weights only; with the attention
+    kernel ``attn_implementation`` (``attention_kwargs``) when one is named."""
     path = _check_dir(path, "model")
     check_weights(path)
+    attn = attention_kwargs(attn_implementation)
     try:
         model, info = AutoModelForCausalLM.from_pretrained(
-            str(path), trust_remote_code=trust_remote_code, use_safetensors=True, output_loading_info=True
+            str(path), trust_remote_code=trust_remote_code, use_safetensors=True, output_loading_info=True, **attn
         )
     except LOAD_ERRORS as err:
         raise InputError(f"cannot load model: {first_line(err)}", file=str(path)) from None

@@ -92,13 +92,21 @@ def init_head(model: torch.nn.Module, seed: int) -> None:
             head.bias.zero_()
 
 
-def create_reward_model(backbone: str | Path, seed: int = 0, trust_remote_code: bool = False):
+def create_reward_model(backbone: str | Path, seed: int = 0, trust_remote_code: bool = False,
+                        attn_implementation: str | None = None):
     """(model, tokenizer): a local HF checkpoint (causal LM, encoder, or an earlier reward
-    model) as ``AutoModelForSequenceClassification`` with one label and a fresh head."""
+    model) as ``AutoModelForSequenceClassification`` with one label and a fresh head, with
+    the attention kernel ``attn_implementation`` (``models.attention_kwargs``) when named."""
     from transformers import AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
-    from rlhflab.models import LOAD_ERRORS, check_weights, first_line, resolve_model_dir
+    from rlhflab.models import (
+        LOAD_ERRORS,
+        attention_kwargs,
+        check_weights,
+        first_line,
+        resolve_model_dir,
+    )
 
     path = resolve_model_dir(backbone)
     check_weights(path)
@@ -107,8 +115,8 @@ def create_reward_model(backbone: str | Path, seed: int = 0, trust_remote_code: 
     hf_logging.set_verbosity_error()  # "newly initialized: score.weight" is the point here
     try:
         model = AutoModelForSequenceClassification.from_pretrained(
-            str(path), num_labels=1, use_safetensors=True, trust_remote_code=trust_remote_code
-        )
+            str(path), num_labels=1, use_safetensors=True, trust_remote_code=trust_remote_code,
+            **attention_kwargs(attn_implementation))
     except LOAD_ERRORS as err:
         raise InputError(f"cannot load as a reward model: {first_line(err)}", file=str(path)) from None
     finally:

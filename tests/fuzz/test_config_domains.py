@@ -111,6 +111,8 @@ def bad_values(dom: Domain, base: typing.Any, optional: bool) -> list[str]:
 def good_values(dom: Domain, base: typing.Any) -> list[str]:
     """YAML texts of values at the edges of ``dom`` and inside it."""
     if dom.item is not None:
+        if dom.item.choices:  # a list of words (report_to)
+            return ["[]", f"[{dom.item.choices[0]}]", f"[{', '.join(dom.item.choices)}]"]
         return ["{arithmetic: 1, open: 0}", "{benign: 0.5}"] if base is dict else ["[]", "[0.5, 2]"]
     if dom.choices:
         return list(dom.choices)

@@ -356,7 +356,8 @@ def train_dpo(cfg, model, reference, tokenizer, train: list, held_out: list,
     policy = accelerator.unwrap_model(model)  # same parameters, for no-grad passes
     # Packed passes for the policy and the reference alike, when both support them.
     packed = use_packing(model, cfg.packing, pad_id) and (reference is None or use_packing(reference, True, pad_id))
-    log = MetricsLog(out_dir / "metrics.jsonl" if out_dir else None, enabled=accelerator.is_main_process)
+    log = MetricsLog(out_dir / "metrics.jsonl" if out_dir else None, enabled=accelerator.is_main_process,
+                     accelerator=accelerator)
     loss_fn = PREFERENCE_LOSSES[name]
 
     def run_monitor(step: int) -> dict:

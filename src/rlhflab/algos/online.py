@@ -32,7 +32,7 @@ import torch
 
 from rlhflab.algos.rl_config import check_layout
 from rlhflab.algos.update import UpdateBatch, UpdateSettings, update_policy
-from rlhflab.distributed import BatchStats
+from rlhflab.distributed import BatchStats, mismatch_tolerance
 from rlhflab.errors import RunError
 from rlhflab.kl import KL_STATUS, kl_k1, kl_status, make_kl_controller, sequence_kl
 from rlhflab.seeds import derive_seed
@@ -111,7 +111,8 @@ class OnlineRun:
                       "kl_status_steps": {s: 0 for s in KL_STATUS}, "time_rollout": 0.0, "time_update": 0.0,
                       "last_status": "ok", "evals": []}
         self.is_main = accelerator.is_main_process
-        self.log = MetricsLog(self.out_dir / "metrics.jsonl" if self.out_dir else None, enabled=self.is_main)
+        self.log = MetricsLog(self.out_dir / "metrics.jsonl" if self.out_dir else None, enabled=self.is_main,
+                              accelerator=accelerator)
         self.last_metrics: dict = {}
         self._bar = None
         self._perm_cache: tuple[int, list[int]] | None = None
@@ -198,9 +199,10 @@ class OnlineRun:
 
         def forward(rows: UpdateBatch):
             args = (rows.prompt_ids, rows.prompt_mask, rows.response_ids, rows.mask)
-            lp, ent = forward_response(self.policy, *args, temperature=T, with_entropy=with_entropy)
-            v = forward_values(self.value, *args) if with_values else None
-            return lp, ent, v
+            with self.accelerator.autocast():  # rl.mixed_precision; the loss is then taken in float32
+                lp, ent = forward_response(self.policy, *args, temperature=T, with_entropy=with_entropy)
+                v = forward_values(self.value, *args) if with_values else None
+            return lp, ent, (v.float() if v is not None else None)
 
         return forward
 
@@ -240,13 +242,15 @@ class OnlineRun:
 
         def guard(readings: dict) -> None:
             gap = readings.get("rollout/logprob_diff_max", 0.0)
-            if rl.tis_cap is not None or not gap > rl.mismatch_tolerance:
+            tolerance = mismatch_tolerance(rl.mismatch_tolerance, rl.mixed_precision)  # bf16: a wider floor
+            if rl.tis_cap is not None or not gap > tolerance:
                 return
+            precision = "" if rl.mixed_precision == "no" else f" under {rl.mixed_precision}"
             raise RunError(
                 f"step {step}: the sampler's log-probs are not the trainer's: max |log pi_train - log pi_sampler| = "
                 f"{gap:.3g} nats (mean {readings.get('rollout/logprob_diff_mean', float('nan')):.3g}, first-update "
                 f"ratio {readings.get('rollout/first_ratio_mean', float('nan')):.4g}) above rl.mismatch_tolerance = "
-                f"{rl.mismatch_tolerance:g}; the decoding loop and the training forward disagree (a KV cache, mask "
+                f"{tolerance:g}{precision}; the decoding loop and the training forward disagree (a KV cache, mask "
                 f"or position ids the installed transformers handles differently, or a sampler in another "
                 f"precision: then set rl.tis_cap)")
 
@@ -268,10 +272,13 @@ class OnlineRun:
                      "rollout/tis_clipfrac": self.stats.masked_mean((w >= self.rl.tis_cap).float() * m,
                                                                     batch.mask).item()}
         gen, perm = self._minibatch_shuffle(step, batch.batch_size)
-        metrics = update_policy(batch, self._forward(with_values=batch.returns is not None),
-                                functools.partial(self._optimizer_step, step), self.settings(), self.stats, gen,
-                                backward=self.accelerator.backward, no_sync=self._no_sync, first_perm=perm,
-                                mismatch_guard=self._mismatch_guard(step))
+        from rlhflab.models import checkpointed_passes
+
+        with checkpointed_passes(self.policy_module, getattr(self.value_module, "backbone", None)):
+            metrics = update_policy(batch, self._forward(with_values=batch.returns is not None),
+                                    functools.partial(self._optimizer_step, step), self.settings(), self.stats, gen,
+                                    backward=self.accelerator.backward, no_sync=self._no_sync, first_perm=perm,
+                                    mismatch_guard=self._mismatch_guard(step))
         metrics.update(extra)
         self.state["time_update"] += time.perf_counter() - t
         return metrics

@@ -254,7 +254,8 @@ def train_reward_model(cfg, model, tokenizer, train: list[Group], held_out: list
     optimizer, scheduler = make_optimizer(params, cfg, total_steps)
     model, optimizer = accelerator.prepare(model, optimizer)  # the scheduler is stepped by hand
     packed = use_packing(model, cfg.packing, pad_id, head=reward_head(model))
-    log = MetricsLog(out_dir / "metrics.jsonl" if out_dir else None, enabled=accelerator.is_main_process)
+    log = MetricsLog(out_dir / "metrics.jsonl" if out_dir else None, enabled=accelerator.is_main_process,
+                     accelerator=accelerator)
 
     batches = global_batches(len(train), B, seed)
     start = time.perf_counter()

@@ -79,7 +79,8 @@ def train_sft(cfg, model, tokenizer, train: list[Tokenized], held_out: list[Toke
     optimizer, scheduler = make_optimizer(model.parameters(), cfg, total_steps)
     model, optimizer = accelerator.prepare(model, optimizer)  # the scheduler is stepped by hand
     packed = use_packing(model, cfg.packing, pad_id)
-    log = MetricsLog(out_dir / "metrics.jsonl" if out_dir else None, enabled=accelerator.is_main_process)
+    log = MetricsLog(out_dir / "metrics.jsonl" if out_dir else None, enabled=accelerator.is_main_process,
+                     accelerator=accelerator)
 
     batches = global_batches(len(train), B, cfg.seed)
     history: list[dict] = []

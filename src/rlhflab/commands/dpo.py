@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from rlhflab.config import Config, add_config_arguments, config_from_args, save_config
+from rlhflab.config import Config, add_config_arguments, config_from_args, save_config, to_dict
 from rlhflab.registry import PREFERENCE_LOSSES
 
 # The losses that train on single labelled responses (KTO) rather than on pairs.
@@ -206,9 +206,10 @@ def run_dpo(cfg: Config, out: Path, sft: Path, data: str | None = None, eval_dat
     )
     from rlhflab.artifacts import check_out_dir, run_directory, write_json
     from rlhflab.commands.sample import print_samples
-    from rlhflab.distributed import make_accelerator
+    from rlhflab.distributed import make_accelerator, trackers
     from rlhflab.errors import InputError
     from rlhflab.models import (
+        enable_gradient_checkpointing,
         load_causal_lm,
         load_tokenizer,
         resolve_model_dir,
@@ -216,14 +217,14 @@ def run_dpo(cfg: Config, out: Path, sft: Path, data: str | None = None, eval_dat
     )
     from rlhflab.world import World
 
-    accelerator = make_accelerator(cfg.dpo.mixed_precision)
+    accelerator = make_accelerator(cfg.dpo.mixed_precision, cfg.dpo.report_to, "dpo")
     check_out_dir(out, overwrite)  # on every process, before anything is written
     d = cfg.dpo
     world = World(cfg.world)
     train_rows, eval_rows = load_dpo_rows(cfg, world, data, eval_data, unpaired_from_pairs)
     sft_dir = resolve_model_dir(sft, "--sft")
     tok = load_tokenizer(sft_dir, cfg.model.trust_remote_code)
-    policy = load_causal_lm(sft_dir, tok, cfg.model.trust_remote_code)
+    policy = load_causal_lm(sft_dir, tok, cfg.model.trust_remote_code, cfg.model.attn_implementation)
     positions = getattr(policy.config, "max_position_embeddings", None) or getattr(policy.config, "n_positions", None)
     if positions is not None and d.max_length > positions:
         raise InputError(f"{d.max_length} is longer than the model's {positions} positions", field="dpo.max_length")
@@ -248,6 +249,8 @@ def run_dpo(cfg: Config, out: Path, sft: Path, data: str | None = None, eval_dat
 
     set_seed(d.seed)
     reference = freeze(copy.deepcopy(policy)).to(accelerator.device)  # the SFT policy, bit for bit
+    if cfg.model.gradient_checkpointing:  # the policy only: the reference runs no backward
+        enable_gradient_checkpointing(policy)
     if needs_reference(d.loss) and d.precompute_ref_logps:
         for examples in (train, held):  # separately: held-out chunks then match evaluate()
             attach_reference_logps(reference, examples, tok.pad_token_id, accelerator.device, packing=d.packing)
@@ -260,7 +263,7 @@ def run_dpo(cfg: Config, out: Path, sft: Path, data: str | None = None, eval_dat
                if on_world else None)
 
     accelerator.wait_for_everyone()
-    with run_directory(out, overwrite, accelerator) as work:  # the earlier run stays until the end
+    with run_directory(out, overwrite, accelerator) as work, trackers(accelerator, work, "dpo", to_dict(cfg)):
         if accelerator.is_main_process:
             save_config(cfg, work / "config.yaml")
         accelerator.wait_for_everyone()

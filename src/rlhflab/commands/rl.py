@@ -112,7 +112,7 @@ def run_rl(cfg, algo: str, out: Path, *, sft: str, rm: str | None = None, reward
     from rlhflab.rewards import build_reward
     from rlhflab.world import World
 
-    accelerator = make_accelerator("no")
+    accelerator = make_accelerator(cfg.rl.mixed_precision, cfg.rl.report_to, "rl")
     cfg.rl = resolve_rl_config(cfg.rl, algo)
     check_layout(cfg.rl, accelerator.num_processes)
     ckpt_state = None
@@ -156,9 +156,17 @@ def run_rl(cfg, algo: str, out: Path, *, sft: str, rm: str | None = None, reward
         raise InputError("value_init rm needs --rm DIR", field="rl.value_init")
 
     set_seed(cfg.rl.seed)
-    policy = load_causal_lm(sft_dir, tok, cfg.model.trust_remote_code)
-    reference = load_causal_lm(sft_dir, tok, cfg.model.trust_remote_code)
+    policy = load_causal_lm(sft_dir, tok, cfg.model.trust_remote_code, cfg.model.attn_implementation)
+    reference = load_causal_lm(sft_dir, tok, cfg.model.trust_remote_code, cfg.model.attn_implementation)
     value = _make_value_model(cfg, policy, tok, rm) if critic else None
+    if cfg.model.gradient_checkpointing:  # the update runs in train mode then: dropout off in both modes
+        from rlhflab.models import enable_gradient_checkpointing
+        from rlhflab.training import disable_dropout
+
+        for m in (policy, value.backbone if value is not None else None):
+            if m is not None:
+                disable_dropout(m)
+                enable_gradient_checkpointing(m)
 
     accelerator.wait_for_everyone()
     if resume:  # continue in place: the checkpoint is this run's own
@@ -186,6 +194,8 @@ def run_rl(cfg, algo: str, out: Path, *, sft: str, rm: str | None = None, reward
 def _train(cfg, algo, accelerator, policy, reference, tok, reward, prompt_pool, value, out: Path, world,
            eval_prompts, resume: bool = False, prompt_rows=None, held_out=None) -> dict:
     from rlhflab.algos.online import OnlineRun
+    from rlhflab.config import to_dict
+    from rlhflab.distributed import trackers
 
     run = OnlineRun(cfg, algo, accelerator, policy, reference, tok, reward, prompt_pool, value_model=value,
                     out_dir=out, world=world if eval_prompts else None, eval_prompts=eval_prompts,
@@ -194,7 +204,8 @@ def _train(cfg, algo, accelerator, policy, reference, tok, reward, prompt_pool, 
         run.load_checkpoint(out / "checkpoint")
         if accelerator.is_main_process:
             print(f"[{algo}] resumed from step {run.state['step']} of {cfg.rl.steps}")
-    summary = ONLINE_ALGORITHMS[algo](run)  # the algorithm's training loop
+    with trackers(accelerator, out, algo, to_dict(cfg)):
+        summary = ONLINE_ALGORITHMS[algo](run)  # the algorithm's training loop
     if accelerator.is_main_process:
         _print_summary(summary)
     return summary

@@ -27,6 +27,7 @@ from rlhflab.config import (
     config_from_args,
     field_choices,
     save_config,
+    to_dict,
 )
 from rlhflab.errors import InputError
 
@@ -126,9 +127,9 @@ def run_rm(cfg: Config, out: Path, *, sft: str | None = None, data: str | None =
     from rlhflab.algos.reward_model import rows_to_groups, tokenize_groups, train_reward_model
     from rlhflab.artifacts import check_out_dir, run_directory, write_json
     from rlhflab.data import load_rows, write_jsonl
-    from rlhflab.distributed import make_accelerator
+    from rlhflab.distributed import make_accelerator, trackers
     from rlhflab.instruments.rm_eval import pairwise_accuracy
-    from rlhflab.models import count_parameters, resolve_model_dir
+    from rlhflab.models import count_parameters, enable_gradient_checkpointing, resolve_model_dir
     from rlhflab.reward_model import (
         RewardModel,
         create_reward_model,
@@ -138,7 +139,7 @@ def run_rm(cfg: Config, out: Path, *, sft: str | None = None, data: str | None =
     from rlhflab.world import World
 
     rm = cfg.rm
-    accelerator = make_accelerator(rm.mixed_precision)
+    accelerator = make_accelerator(rm.mixed_precision, rm.report_to, "rm")
     check_out_dir(out, overwrite)  # on every process, before anything is written
     sft_dir = resolve_model_dir(sft, "--sft") if sft else None
     backbone = resolve_model_dir(rm.backbone, "--backbone") if rm.backbone else sft_dir
@@ -153,7 +154,7 @@ def run_rm(cfg: Config, out: Path, *, sft: str | None = None, data: str | None =
     tok = load_rm_tokenizer(backbone, cfg.model.trust_remote_code)
     max_length = min(rm.max_length, _positions(backbone, cfg.model.trust_remote_code) or rm.max_length)
     accelerator.wait_for_everyone()
-    with run_directory(out, overwrite, accelerator) as work:  # the earlier run stays until the end
+    with run_directory(out, overwrite, accelerator) as work, trackers(accelerator, work, "rm", to_dict(cfg)):
         if accelerator.is_main_process:
             save_config(cfg, work / "config.yaml")
         accelerator.wait_for_everyone()
@@ -194,7 +195,10 @@ def run_rm(cfg: Config, out: Path, *, sft: str | None = None, data: str | None =
         members, member_summaries = [], []
         for i in range(rm.ensemble):
             set_seed(rm.seed + i)
-            model, tok = create_reward_model(backbone, seed=rm.seed + i, trust_remote_code=cfg.model.trust_remote_code)
+            model, tok = create_reward_model(backbone, seed=rm.seed + i, trust_remote_code=cfg.model.trust_remote_code,
+                                             attn_implementation=cfg.model.attn_implementation)
+            if cfg.model.gradient_checkpointing and rm.train_backbone:
+                enable_gradient_checkpointing(model)
             s = train_reward_model(rm, model, tok, train, held, work, accelerator, seed=rm.seed + i, member=i)
             members.append(accelerator.unwrap_model(model).cpu())
             member_summaries.append(s)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from rlhflab.config import Config, add_config_arguments, config_from_args, save_config
+from rlhflab.config import Config, add_config_arguments, config_from_args, save_config, to_dict
 
 
 def add_arguments(p) -> None:
@@ -42,7 +42,7 @@ def load_policy(cfg: Config, world):
 
     if cfg.model.path:
         tok = load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)
-        return load_causal_lm(cfg.model.path, tok, cfg.model.trust_remote_code), tok
+        return load_causal_lm(cfg.model.path, tok, cfg.model.trust_remote_code, cfg.model.attn_implementation), tok
     tok = world.tokenizer(cfg.model.max_positions)
     return create_causal_lm(cfg.model, tok, seed=cfg.sft.seed), tok
 
@@ -55,21 +55,27 @@ def run_sft(cfg: Config, out: Path, data: str | None = None, eval_data: str | No
     from rlhflab.algos.sft import tokenize_rows, train_sft
     from rlhflab.artifacts import check_out_dir, run_directory, write_json
     from rlhflab.commands.sample import print_samples
-    from rlhflab.distributed import make_accelerator
+    from rlhflab.distributed import make_accelerator, trackers
     from rlhflab.instruments.policy_eval import measure_policy_on_world
-    from rlhflab.models import count_parameters, save_pretrained_atomic
+    from rlhflab.models import (
+        count_parameters,
+        enable_gradient_checkpointing,
+        save_pretrained_atomic,
+    )
     from rlhflab.world import World
 
-    accelerator = make_accelerator(cfg.sft.mixed_precision)
+    accelerator = make_accelerator(cfg.sft.mixed_precision, cfg.sft.report_to, "sft")
     check_out_dir(out, overwrite)  # on every process, before anything is written
     world = World(cfg.world)
     train_rows, eval_rows = load_sft_rows(cfg, world, data, eval_data)
     set_seed(cfg.sft.seed)
     model, tok = load_policy(cfg, world)
+    if cfg.model.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     train, n_trunc = tokenize_rows(train_rows, tok, cfg.sft.max_length)
     held, n_trunc_eval = tokenize_rows(eval_rows, tok, cfg.sft.max_length)
     accelerator.wait_for_everyone()
-    with run_directory(out, overwrite, accelerator) as work:  # the earlier run stays until the end
+    with run_directory(out, overwrite, accelerator) as work, trackers(accelerator, work, "sft", to_dict(cfg)):
         if accelerator.is_main_process:
             save_config(cfg, work / "config.yaml")
         accelerator.wait_for_everyone()
