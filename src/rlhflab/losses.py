@@ -116,8 +116,9 @@ def bradley_terry_loss(
     weights: torch.Tensor | None = None,
     label_smoothing: float = 0.0,
     center_coef: float = 0.0,
+    targets: torch.Tensor | None = None,
 ) -> LossOutput:
-    """Bradley-Terry reward-model loss with margin, weights, label smoothing and centering.
+    """Bradley-Terry reward-model loss with margin, weights, label smoothing, soft targets and centering.
 
     With d_i = r_w,i - r_l,i - m_i (Ouyang et al. 2022; Stiennon et al. 2020; margin as in
     Touvron et al. 2023 "Llama 2"):
@@ -127,7 +128,14 @@ def bradley_terry_loss(
 
     softplus(-d) = -log sigmoid(d) is the negative log-likelihood of the BT model
     P(y_w > y_l) = sigmoid(r_w - r_l); eps is the probability that the label is flipped,
-    so eps = 0.5 makes the loss symmetric in d. The centering term (Eisenstein et al. 2023,
+    so eps = 0.5 makes the loss symmetric in d. With soft targets p_i = P(y_w,i better) (an
+    AI labeller's normalized option probability, Bai et al. 2022 "Constitutional AI" section
+    4.1) the per-pair term is the cross-entropy against p_i,
+
+        l_i = -[q_i log sigmoid(d_i) + (1 - q_i) log sigmoid(-d_i)]
+            = q_i softplus(-d_i) + (1 - q_i) softplus(d_i),   q_i = (1 - eps) p_i + eps (1 - p_i),
+
+    minimized at d_i = log(q_i / (1 - q_i)); p_i = 1 gives the hard loss above. The centering term (Eisenstein et al. 2023,
     "Helping or Herding?") pins the free per-prompt constant of the rewards near 0.
 
     Args:
@@ -137,6 +145,7 @@ def bradley_terry_loss(
             is normalized by the SUM OF WEIGHTS, so scaling all weights changes nothing and
             a zero weight removes the pair (from both terms; metrics stay unweighted).
         label_smoothing: eps in [0, 0.5].
+        targets: (B,) soft labels p_i in [0, 1], or None (all 1: hard labels).
         center_coef: coefficient of the centering penalty (0 disables it).
 
     Metrics (unweighted over the batch; margin_mean is r_w - r_l without m):
@@ -147,7 +156,12 @@ def bradley_terry_loss(
     _check_same_shape(chosen_rewards=chosen_rewards, rejected_rewards=rejected_rewards)
     diff = chosen_rewards - rejected_rewards
     d = diff if margin is None else diff - margin
-    per_pair = (1.0 - label_smoothing) * F.softplus(-d) + label_smoothing * F.softplus(d)
+    if targets is None:
+        per_pair = (1.0 - label_smoothing) * F.softplus(-d) + label_smoothing * F.softplus(d)
+    else:
+        _check_same_shape(chosen_rewards=chosen_rewards, targets=targets)
+        q = (1.0 - label_smoothing) * targets + label_smoothing * (1.0 - targets)
+        per_pair = q * F.softplus(-d) + (1.0 - q) * F.softplus(d)
     loss = _weighted_mean(per_pair, weights)
 
     metrics: Metrics = {

@@ -89,6 +89,30 @@ def test_bt_label_smoothing_half_is_independent_of_margin_sign():
     assert single.item() == approx(0.5 * (math.log1p(math.exp(-3)) + math.log1p(math.exp(3))))
 
 
+def test_bt_soft_targets_hand_values():
+    """Soft labels: l = p softplus(-d) + (1 - p) softplus(d).
+
+    d = 1, p = 0.8: 0.8 * 0.313262 + 0.2 * 1.313262 = 0.250610 + 0.262652 = 0.513262;
+    d = 0, p = 0.3: softplus(0) = log 2 = 0.693147 whatever p; the mean of the two is 0.603205.
+    dl/dd = sigmoid(d) - p: at d = 1, 0.731059 - 0.8 = -0.068941 (halved by the mean of two)."""
+    c = t(1.0, 0.0).requires_grad_(True)
+    loss, _ = bradley_terry_loss(c, t(0.0, 0.0), targets=t(0.8, 0.3))
+    assert loss.item() == approx(0.6032046)
+    loss.backward()
+    assert c.grad[0].item() == approx(-0.0689414 / 2)
+    assert c.grad[1].item() == approx((0.5 - 0.3) / 2)
+
+
+def test_bt_soft_targets_one_is_the_hard_loss_and_compose_with_smoothing():
+    """p = 1 gives softplus(-d); p = 0.8 with eps = 0.1 is the target q = 0.9 * 0.8 + 0.1 * 0.2
+    = 0.74: 0.74 * 0.313262 + 0.26 * 1.313262 = 0.231814 + 0.341448 = 0.573262."""
+    hard, _ = bradley_terry_loss(t(1.0, -2.0), t(0.0, 0.5))
+    soft, _ = bradley_terry_loss(t(1.0, -2.0), t(0.0, 0.5), targets=t(1.0, 1.0))
+    assert soft.item() == approx(hard.item())
+    both, _ = bradley_terry_loss(t(1.0), t(0.0), targets=t(0.8), label_smoothing=0.1)
+    assert both.item() == approx(0.5732617)
+
+
 def test_bt_weights_normalized_by_their_sum_and_zero_removes_pair():
     """Pairs d = 1 and d = 0: losses softplus(-1) = 0.313262 and softplus(0) = log 2 = 0.693147.
 
