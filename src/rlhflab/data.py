@@ -5,7 +5,7 @@ Formats, one JSON object per line:
 | format      | fields                                                                 |
 |-------------|------------------------------------------------------------------------|
 | sft         | ``prompt``, ``completion``                                             |
-| preference  | ``prompt``, ``chosen``, ``rejected``; optional ``votes`` (list of 0/1, 1 = a vote for chosen), ``margin`` (number), ``chosen_eos``/``rejected_eos`` (bool), ``group``, ``responses``/``responses_eos``/``rankings`` (as ``rlhflab collect`` writes them) |
+| preference  | ``prompt``, ``chosen``, ``rejected``; optional ``votes`` (list of 0/1, 1 = a vote for chosen), ``margin`` (number), ``label_prob`` (a soft label: P(chosen better) in [0, 1], as ``rlhflab rlaif`` writes it), ``source`` (where the comparison came from, e.g. ``human``, ``ai``), ``chosen_eos``/``rejected_eos`` (bool), ``group``, ``responses``/``responses_eos``/``rankings`` (as ``rlhflab collect`` writes them) |
 | unpaired    | ``prompt``, ``completion``, ``label`` (bool: desirable or not); optional ``completion_eos`` (bool) |
 | prompt      | ``prompt`` (other fields are kept, e.g. the world's ``family``)        |
 
@@ -154,6 +154,11 @@ def validate_row(row: dict, fmt: str, where: dict) -> dict:
         margin = row.get("margin")
         if margin is not None and (isinstance(margin, bool) or not isinstance(margin, (int, float))):
             raise InputError(f"expected a number, got {margin!r}", field="margin", **where)
+        label_prob = row.get("label_prob")
+        if "label_prob" in row and (isinstance(label_prob, bool) or not isinstance(label_prob, (int, float))
+                                    or not 0.0 <= label_prob <= 1.0):
+            raise InputError(f"expected P(chosen better), a number in [0, 1], got {label_prob!r}",
+                             field="label_prob", **where)
         group = row.get("group")
         if "group" in row and not (isinstance(group, str) or _is_int(group)):
             raise InputError(f"expected a string or an integer, got {group!r}", field="group", **where)

@@ -1,11 +1,12 @@
 """Reward-model training (InstructGPT stage 2): Bradley-Terry on comparisons, or
 Plackett-Luce on the raters' K-way rankings.
 
-    L_BT = sum_i w_i [(1 - eps) softplus(-(r_w,i - r_l,i - m_i)) + eps softplus(r_w,i - r_l,i - m_i)]
+    L_BT = sum_i w_i [q_i softplus(-(r_w,i - r_l,i - m_i)) + (1 - q_i) softplus(r_w,i - r_l,i - m_i)]
            / sum_i w_i  +  center_coef * sum_i w_i (r_w,i + r_l,i)^2 / sum_i w_i
     L_PL = -(1/N) sum_n sum_k [r_n,k - logsumexp(r_n,k..K-1)]      (rankings, best first)
 
-(``losses.bradley_terry_loss``, ``losses.plackett_luce_loss``.)
+with q_i = (1 - eps) p_i + eps (1 - p_i), p_i a row's soft label ``label_prob`` (1 without
+one: the hard loss). (``losses.bradley_terry_loss``, ``losses.plackett_luce_loss``.)
 
 The unit of data is a comparison GROUP: one prompt, its distinct responses, the pairs
 among them, and optionally the raters' rankings. As in InstructGPT, all C(K, 2) pairs of a
@@ -53,6 +54,7 @@ class Group:
     pairs: list[tuple[int, int]] = field(default_factory=list)  # (chosen, rejected) indices
     margins: list[float] = field(default_factory=list)
     weights: list[float] = field(default_factory=list)
+    targets: list[float] = field(default_factory=list)  # P(chosen better): a row's label_prob, else 1
     rankings: list[list[int]] = field(default_factory=list)  # one per rater, best first
     ids: list[list[int]] = field(default_factory=list)  # filled by tokenize_groups
 
@@ -113,6 +115,10 @@ def rows_to_groups(rows: list[dict], *, weights: str = "none", margin_scale: flo
         g.pairs.append((ends[0], ends[1]))
         g.margins.append(float(row.get("margin", 0.0)) * margin_scale)
         g.weights.append(weight_fn(row))
+        g.targets.append(float(row.get("label_prob", 1.0)))
+        if "source" in row:  # human and AI comparisons mixed in one file: how many of each
+            key_source = f"data/source/{row['source']}"
+            counts[key_source] = counts.get(key_source, 0) + 1
     out = list(groups.values())
     counts["data/pairs"] = sum(len(g.pairs) for g in out)
     counts["data/groups"] = len(out)
@@ -177,8 +183,12 @@ def _pairs(groups: list[Group], rewards: list[torch.Tensor]):
 def bt_objective(groups, rewards, cfg) -> tuple[torch.Tensor, float, dict]:
     """(weighted-mean BT loss of these groups, their pair weight, metrics)."""
     c, rj, m, w = _pairs(groups, rewards)
+    p = [x for g in groups for x in g.targets]
+    # Soft labels (an AI labeller's P(chosen better)) as per-pair targets; hard rows keep
+    # the hard loss exactly.
+    targets = None if all(x == 1.0 for x in p) else torch.tensor(p, dtype=c.dtype, device=c.device)
     loss, metrics = bradley_terry_loss(c, rj, margin=m, weights=w, label_smoothing=cfg.label_smoothing,
-                                       center_coef=cfg.center_coef)
+                                       center_coef=cfg.center_coef, targets=targets)
     return loss, w.sum().item(), metrics
 
 
