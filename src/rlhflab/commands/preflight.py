@@ -21,8 +21,24 @@ OUT_FILES = ("collect",)
 
 
 def preflight(command: str, args) -> None:
-    """The torch-free checks of ``args`` (the parsed command line of ``command``)."""
+    """The torch-free checks of ``args`` (the parsed command line of ``command``): the config
+    (preset and ``--set`` items) first, as the command will read it, then the paths."""
     from rlhflab.artifacts import check_out_dir, check_out_file, resolve_model_dir
+
+    if hasattr(args, "overrides") and hasattr(args, "config"):
+        from rlhflab.config import config_from_args
+
+        cfg = config_from_args(args)  # a bad preset or --set item is named before any path
+        from rlhflab.registry import online_commands
+
+        variants = online_commands().get(command)
+        if variants and not getattr(args, "resume", None):  # and an online run's settings and layout
+            import os
+
+            from rlhflab.algos.rl_config import check_layout, resolve_rl_config
+
+            algo = variants[getattr(args, "variant", None) or next(iter(variants))]
+            check_layout(resolve_rl_config(cfg.rl, algo), int(os.environ.get("WORLD_SIZE", "1")))
 
     out = getattr(args, "out", None)
     if out and not getattr(args, "resume", None):
