@@ -37,6 +37,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "optimal": ("rlhflab.optimal", "closed-form optimum of the KL-regularized objective"),
     "sample": ("rlhflab.commands.sample", "print sample generations of a policy with gold utility"),
     "bon": ("rlhflab.commands.bon", "best-of-n: the reward model keeps the best of n samples; gold, proxy, KL per n"),
+    "rs": ("rlhflab.commands.rs", "rejection-sampling fine-tuning: k rounds of keep the RM's best of n, fine-tune"),
+    "iterate": ("rlhflab.commands.iterate", "iterative RLHF: rounds of sample, rate, retrain the RM, continue RL"),
     "run": ("rlhflab.commands.run", "the main job: the whole pipeline on the world, then a report"),
 }
 

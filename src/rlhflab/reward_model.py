@@ -32,6 +32,8 @@ On-disk layout (``rlhflab rm --out DIR`` writes ``DIR/model``):
     DIR/model/reward_model.json        gains, biases, max_length, metadata
     DIR/model/config.json, *.safetensors, tokenizer files      (one model)
     DIR/model/member_0/, member_1/, ...                        (an ensemble)
+    DIR/model/feature_stats.safetensors    the training data's feature statistics, when measured
+                                           (``instruments.distribution_shift``)
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ from rlhflab.errors import InputError
 from rlhflab.training import disable_dropout
 
 META_FILE = "reward_model.json"
+STATS_FILE = "feature_stats.safetensors"
 FORMAT = "rlhflab-reward-model"
 
 
@@ -185,6 +188,7 @@ class RewardModel(torch.nn.Module):
         self.biases = list(biases) if biases is not None else [0.0] * len(members)
         self.max_length = int(max_length)
         self.meta = dict(meta or {})
+        self.feature_stats: dict[str, torch.Tensor] | None = None  # instruments.distribution_shift
         for m in self.members:
             m.eval()
             m.requires_grad_(False)
@@ -302,7 +306,12 @@ class RewardModel(torch.nn.Module):
         if members[0].config.pad_token_id != tok.pad_token_id:
             raise InputError("config pad_token_id differs from the tokenizer's pad token", file=str(path))
         max_length = meta.get("max_length") or getattr(tok, "model_max_length", 512)
-        return cls(members, tok, gains, biases, max_length=min(int(max_length), 1_000_000), meta=meta)
+        rm = cls(members, tok, gains, biases, max_length=min(int(max_length), 1_000_000), meta=meta)
+        if (path / STATS_FILE).is_file():
+            from safetensors.torch import load_file
+
+            rm.feature_stats = load_file(str(path / STATS_FILE))
+        return rm
 
     def save(self, out: str | Path) -> Path:
         """Write the layout of the module docstring into a temp dir beside ``out``, then
@@ -320,6 +329,10 @@ class RewardModel(torch.nn.Module):
             meta = {**self.meta, "format": FORMAT, "version": 1, "members": entries,
                     "max_length": self.max_length}
             (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+            if self.feature_stats is not None:
+                from safetensors.torch import save_file
+
+                save_file({k: v.contiguous() for k, v in self.feature_stats.items()}, str(tmp / STATS_FILE))
         return out
 
 

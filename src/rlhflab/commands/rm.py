@@ -119,6 +119,13 @@ def reference_texts(cfg: Config, world, sft_dir: Path | None, rows: list[dict], 
     return ps, rs, es, "training_responses"
 
 
+def _merged(model):
+    """A trained member with its LoRA adapters folded in (``lora.merge``), else itself."""
+    from rlhflab import lora
+
+    return lora.merge(model)
+
+
 def run_rm(cfg: Config, out: Path, *, sft: str | None = None, data: str | None = None,
            eval_data: str | None = None, world_pairs: bool = False, overwrite: bool = False) -> dict:
     """The reward-model stage end to end: validate, (collect,) train, normalize, save."""
@@ -197,10 +204,15 @@ def run_rm(cfg: Config, out: Path, *, sft: str | None = None, data: str | None =
             set_seed(rm.seed + i)
             model, tok = create_reward_model(backbone, seed=rm.seed + i, trust_remote_code=cfg.model.trust_remote_code,
                                              attn_implementation=cfg.model.attn_implementation)
+            if cfg.lora.r:  # adapters on the backbone; the head trains in full
+                from rlhflab import lora
+                from rlhflab.reward_model import reward_head
+
+                lora.attach(model, cfg.lora, trainable=[reward_head(model)])
             if cfg.model.gradient_checkpointing and rm.train_backbone:
                 enable_gradient_checkpointing(model)
             s = train_reward_model(rm, model, tok, train, held, work, accelerator, seed=rm.seed + i, member=i)
-            members.append(accelerator.unwrap_model(model).cpu())
+            members.append(_merged(accelerator.unwrap_model(model)).cpu())
             member_summaries.append(s)
             accelerator.free_memory()
 
@@ -219,6 +231,7 @@ def run_rm(cfg: Config, out: Path, *, sft: str | None = None, data: str | None =
                                  "normalization": {"reference": ref_kind, "n": len(rs),
                                                    "raw_mean": raw.mean(1).tolist(),
                                                    "raw_std": raw.std(1, unbiased=False).tolist()}}
+            reward_model.feature_stats = _feature_stats(reward_model, train, held)
             reward_model.save(work / "model")
             summary.update({"normalization/reference": ref_kind, "normalization/n": len(rs)})
             if held:
@@ -232,6 +245,21 @@ def run_rm(cfg: Config, out: Path, *, sft: str | None = None, data: str | None =
             _print_summary(summary)
     accelerator.wait_for_everyone()
     return summary
+
+
+def _feature_stats(reward_model, train: list, held: list, limit: int = 4096) -> dict:
+    """The training data's feature statistics, saved with the model for the distribution-shift
+    reading (``instruments.distribution_shift``): every distinct response of the training
+    groups (at most ``limit``), the held-out groups' as the reference distances."""
+    from rlhflab.instruments.distribution_shift import feature_stats
+
+    def responses(groups):
+        seen = {(g.prompt if isinstance(g.prompt, str) else repr(g.prompt), r, bool(e)): (g.prompt, r, bool(e))
+                for g in groups for r, e in zip(g.responses, g.eos)}
+        rows = list(seen.values())[:limit]
+        return [p for p, _, _ in rows], [r for _, r, _ in rows], [e for _, _, e in rows]
+
+    return feature_stats(reward_model, responses(train), responses(held) if held else None)
 
 
 def _rows_of(groups: list) -> list[dict]:
