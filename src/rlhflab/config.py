@@ -33,6 +33,7 @@ from rlhflab.registry import (
     LR_SCHEDULES,
     ONLINE_ALGORITHMS,
     PREFERENCE_LOSSES,
+    SAMPLING_ARMS,
     SEQUENCE_BASELINES,
 )
 from rlhflab.world.demonstrator import DemonstratorConfig
@@ -476,8 +477,11 @@ class RunConfig:
     """The main job (``rlhflab run``): which arms to train beside SFT and the RM."""
 
     arms: list = _f(["ppo", "dpo", "grpo"], f"policies to train from SFT: {', '.join(ONLINE_ALGORITHMS)}, "
-                    f"or a DPO-family loss ({', '.join(PREFERENCE_LOSSES)})")
+                    f"or a DPO-family loss ({', '.join(PREFERENCE_LOSSES)}); or, with no training, "
+                    f"{', '.join(SAMPLING_ARMS)} (best-of-n of the SFT policy by the reward model)")
     seed: int = _f(0, "seed of the evaluation samples", _SEED)
+    bon_n: list = _f([1, 2, 4, 8, 16, 32], "the bon arm's candidates per prompt, increasing: max(n) samples of "
+                     "each of the rl.n_eval held-out prompts the RL arms' gold is measured on", "each int >= 1")
     bandit_algos: list = _f(["ppo", "dpo"], "algorithms drawn against the exact frontier on the bandit; [] = skip")
     bandit_betas: list = _f([0.1, 0.25, 0.5, 1.0, 2.0], "betas of the bandit frontier", "each > 0")
 
@@ -504,6 +508,11 @@ class _Loader(yaml.SafeLoader):
     """YAML as a preset means it: only true and false are booleans (as in YAML 1.2), so
     ``mixed_precision: no`` is the word "no", not False; bool fields still take the YAML 1.1
     words yes/no/on/off (``_check_type``)."""
+
+    def cross_check(self, at: str) -> Iterator[tuple[str, tuple[str, ...]]]:
+        ns = [n for n in self.bon_n if isinstance(n, int)]
+        if not self.bon_n or ns != sorted(set(ns)):
+            yield f"expected increasing distinct integers, got {self.bon_n}", (f"{at}.bon_n",)
 
 
 _Loader.yaml_implicit_resolvers = {

@@ -182,6 +182,19 @@ def loss_hparams(name: str, values: Any) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------
+# Sampling arms: no training
+# ---------------------------------------------------------------------------------------
+# An ``rlhflab run`` arm that draws from the SFT policy and lets the reward model choose,
+# instead of training a policy; the target computes its record (``commands.arms``).
+
+SAMPLING_ARMS = Registry("sampling arm", [
+    Entry("bon", "rlhflab.commands.bon:run_bon",
+          "best-of-n: n samples of the SFT policy, the reward model keeps its best (Nakano et al. 2021; "
+          "Gao et al. 2022)"),
+])
+
+
+# ---------------------------------------------------------------------------------------
 # Online-RL loss aggregation, KL, baselines, learning-rate schedules
 # ---------------------------------------------------------------------------------------
 

@@ -7,6 +7,12 @@ An arm is an online algorithm (``rlhflab.registry.ONLINE_ALGORITHMS``, trained b
 ``commands.dpo`` on the reward model's own comparisons, so that offline and online arms
 see the same preferences). Each arm writes ``out/<arm>/``, its measurements
 ``out/eval/<arm>/``.
+
+A sampling arm (``rlhflab.registry.SAMPLING_ARMS``: best-of-n) trains nothing: it samples
+the SFT policy and lets the reward model choose, on the ``rl.n_eval`` held-out prompts the
+online arms' gold curve is measured on, and writes ``out/bon/bon.json``
+(``commands.bon.run_bon``) instead of a model, so it has no ``out/eval/<arm>/``. It has no
+beta, so only ``rlhflab run`` takes it.
 """
 
 from __future__ import annotations
@@ -15,20 +21,25 @@ import copy
 from pathlib import Path
 
 from rlhflab.errors import InputError
-from rlhflab.registry import ONLINE_ALGORITHMS, PREFERENCE_LOSSES
+from rlhflab.registry import ONLINE_ALGORITHMS, PREFERENCE_LOSSES, SAMPLING_ARMS
 
 ONLINE = ONLINE_ALGORITHMS.names()
 OFFLINE = PREFERENCE_LOSSES.names()
+SAMPLING = SAMPLING_ARMS.names()
 
 
-def check_arms(arms: list, cfg=None) -> None:
+def check_arms(arms: list, cfg=None, *, sampling: bool = False) -> None:
     """Known arms, each once; with ``cfg``, each online arm's resolved RL settings are
     checked too (``resolve_rl_config``, the one-process layout), before anything is written
-    or trained."""
+    or trained. ``sampling``: the caller takes sampling arms (``rlhflab run`` does, a beta
+    sweep does not)."""
     for arm in arms:
-        if arm not in ONLINE and arm not in OFFLINE:
-            raise InputError(f"unknown arm {arm!r} (online: {', '.join(ONLINE)}; offline: {', '.join(OFFLINE)})",
-                             field="run.arms")
+        if arm in SAMPLING and not sampling:
+            raise InputError(f"{arm!r} trains nothing and has no beta to sweep (an arm of rlhflab run, "
+                             f"or rlhflab {arm})", field="--algo")
+        if arm not in ONLINE and arm not in OFFLINE and arm not in SAMPLING:
+            raise InputError(f"unknown arm {arm!r} (online: {', '.join(ONLINE)}; offline: {', '.join(OFFLINE)}"
+                             + (f"; sampling: {', '.join(SAMPLING)})" if sampling else ")"), field="run.arms")
     if len(set(arms)) != len(arms):
         raise InputError("each arm may appear once", field="run.arms")
     if cfg is not None:
@@ -40,8 +51,11 @@ def check_arms(arms: list, cfg=None) -> None:
 
 
 def train_arm(cfg, arm: str, out: Path, sft: Path, rm: Path) -> dict:
-    """Train one arm from SFT into ``out/arm`` (a private copy of the config per arm)."""
+    """Train one arm from SFT into ``out/arm`` (a private copy of the config per arm); a
+    sampling arm samples instead (``sample_arm``)."""
     cfg = copy.deepcopy(cfg)
+    if arm in SAMPLING:
+        return sample_arm(cfg, arm, out, sft, rm)
     if arm in ONLINE:
         from rlhflab.commands.rl import run_rl
 
@@ -52,6 +66,26 @@ def train_arm(cfg, arm: str, out: Path, sft: Path, rm: Path) -> dict:
     return run_dpo(cfg, out / arm, sft, data=str(rm / "data" / "train.jsonl"),
                    eval_data=str(rm / "data" / "eval.jsonl"),
                    unpaired_from_pairs=PREFERENCE_LOSSES.entry(arm).options["unpaired"])
+
+
+BON_READINGS = ("bon/gold_mean", "bon/proxy_mean", "bon/win_rate", "bon/kl_analytic", "bon/kl_plugin")
+
+
+def sample_arm(cfg, arm: str, out: Path, sft: Path, rm: Path) -> dict:
+    """Best-of-n of the SFT policy by the run's reward model, n in ``run.bon_n``, on the
+    ``rl.n_eval`` held-out prompts the online arms' gold is measured on (seed ``run.seed``):
+    ``out/<arm>/bon.json`` and ``config.yaml``. Returns the readings per n and the law's fit,
+    for the run's summary."""
+    from rlhflab.artifacts import prepare_out_dir, write_json
+    from rlhflab.config import save_config
+
+    record = SAMPLING_ARMS[arm](cfg, sft, rm, list(cfg.run.bon_n), n_prompts=cfg.rl.n_eval, seed=cfg.run.seed)
+    d = prepare_out_dir(out / arm, overwrite=True)
+    save_config(cfg, d / "config.yaml")
+    write_json(d / "bon.json", record)
+    return {"n_prompts": record["n_prompts"], "gold/single_mean": record.get("gold/single_mean"),
+            "rows": [{"n": r["n"], **{k: r[k] for k in BON_READINGS if k in r}} for r in record["rows"]],
+            **record.get("fit", {})}
 
 
 def evaluate_arm(cfg, arm: str, out: Path, sft: Path, rm: Path) -> dict:

@@ -1,22 +1,26 @@
 """``rlhflab run``: the main job, from nothing to RLHF-trained policies and a report.
 
     world -> SFT -> comparisons collected from SFT -> reward model (+ its instruments)
-          -> arms trained from SFT side by side (default PPO, DPO, GRPO)
+          -> arms trained from SFT side by side (default PPO, DPO, GRPO; best-of-n on request)
           -> every instrument on each arm against SFT -> diagnosis -> report.html
 
 Each stage writes its own sub-directory of ``--out`` (``world/``, ``sft/``, ``rm/``,
 ``rm_eval/``, one per arm, ``eval/<arm>/``), so any stage can be re-run alone with its
 own command. The DPO-family arms train on the same comparisons as the reward model
-(``rm/data/train.jsonl``), so the offline and online arms see the same preferences.
+(``rm/data/train.jsonl``), so the offline and online arms see the same preferences. The
+best-of-n arm (``bon`` in ``run.arms``) trains nothing: it samples SFT on the online arms'
+held-out prompts, and the report sets its gold against theirs at the same KL
+(``bon/bon.json``, ``rlhflab bon`` alone).
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import time
 from pathlib import Path
 
-from rlhflab.commands.arms import check_arms, evaluate_arm, retarget_paths, train_arm
+from rlhflab.commands.arms import SAMPLING, check_arms, evaluate_arm, retarget_paths, train_arm
 from rlhflab.config import add_config_arguments, config_from_args
 from rlhflab.errors import InputError
 
@@ -55,7 +59,7 @@ def run(args) -> int:
     from rlhflab.report.build import build_run_report
 
     cfg = config_from_args(args)
-    check_arms(cfg.run.arms, cfg)
+    check_arms(cfg.run.arms, cfg, sampling=True)
     if cfg.run.bandit_algos:
         from rlhflab.bandit import algorithms
 
@@ -87,7 +91,7 @@ def run(args) -> int:
         for arm in cfg.run.arms:
             stage(arm, lambda arm=arm: train_arm(cfg, arm, out, out / "sft", out / "rm"))
         evals = {}
-        for arm in cfg.run.arms:
+        for arm in (a for a in cfg.run.arms if a not in SAMPLING):  # a sampling arm has no policy to measure
             evals[arm] = stage(f"eval_{arm}", lambda arm=arm: evaluate_arm(cfg, arm, out, out / "sft", out / "rm"))
         if cfg.run.bandit_algos:
             from rlhflab.commands.sweep import bandit_frontier
@@ -100,7 +104,12 @@ def run(args) -> int:
             stage("bandit_frontier", frontier)
         path = stage("report", lambda: str(build_run_report(out, list(cfg.run.arms))))
         retarget_paths(out, final)
-    print_final_table(evals)
+    if evals:
+        print_final_table(evals)
+    for arm in (a for a in cfg.run.arms if a in SAMPLING):
+        from rlhflab.commands.bon import print_rows
+
+        print_rows(json.loads((final / arm / "bon.json").read_text()))
     print(f"[run] done in {sum(seconds.values()):.0f}s; report: {final / Path(path).name}")
     return 0
 

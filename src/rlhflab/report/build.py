@@ -4,7 +4,7 @@ the artifacts on disk and skipped (with a note) when its artifact is absent.
 Expected layout (each piece optional): ``summary.json`` (stage timings), ``sft/``,
 ``rm/metrics.json``, ``rm_eval/rm_eval.json``, one directory per arm with ``metrics.jsonl``
 (training curve), ``eval/<name>/eval.json`` + ``samples.json`` + ``diagnosis.json``,
-``sweep/frontier.json`` and ``bandit_frontier.json``.
+``bon/bon.json`` (the best-of-n arm), ``sweep/frontier.json`` and ``bandit_frontier.json``.
 """
 
 from __future__ import annotations
@@ -14,8 +14,9 @@ import math
 from pathlib import Path
 
 from rlhflab.diagnose import instrument_status
+from rlhflab.registry import SAMPLING_ARMS
 from rlhflab.report.html import esc, page, table, write_page
-from rlhflab.report.svg import line_plot
+from rlhflab.report.svg import PALETTE, line_plot
 
 HEADLINE = (
     ("gold/mean", "gold utility"), ("rm/score_mean", "RM score"), ("kl/sequence_mean", "KL from SFT"),
@@ -144,6 +145,151 @@ def section_overoptimization(arms: dict[str, list[dict]], readings: dict[str, di
     return f'<div class="plots">{"".join(plots)}</div>' + "".join(f"<p>{n}</p>" for n in notes)
 
 
+def gold_frontier(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The (d, gold) points no other point beats with less or equal d and more gold, in
+    increasing d (and so increasing gold): the most gold a method was measured to reach
+    for a given sqrt(KL)."""
+    out: list[tuple[float, float]] = []
+    for d, g in sorted(((d, g) for d, g in points if math.isfinite(d) and math.isfinite(g)),
+                       key=lambda p: (p[0], -p[1])):
+        if not out or g > out[-1][1]:
+            out.append((d, g))
+    return out
+
+
+def kl_to_reach(frontier: list[tuple[float, float]], gold: float) -> float:
+    """The least KL at which ``frontier`` (``gold_frontier``, straight lines between its
+    points in d = sqrt(KL), as plotted) reaches ``gold``; nan above its highest gold."""
+    if gold <= frontier[0][1]:
+        return frontier[0][0] ** 2
+    for (d0, g0), (d1, g1) in zip(frontier, frontier[1:]):
+        if gold <= g1:
+            return (d0 + (d1 - d0) * (gold - g0) / (g1 - g0)) ** 2
+    return float("nan")
+
+
+def kl_at_same_gold(rl: list[tuple[float, float]], bon: list[tuple[float, float]]) -> dict:
+    """Which method spends more KL for the same gold, read off the measured points
+    ((d, gold), d = sqrt(KL)) of an RL arm and of best-of-n: at every gold level measured
+    by either method above both methods' starting gold (the gold of each one's least-KL
+    point) and up to the lower of their highest golds, the KL each frontier needs
+    (``kl_to_reach``). ``verdict``: "more" (RL needs more KL at every such level), "less",
+    "mixed", or "no overlap" (no such level: the data cannot tell)."""
+    fr, fb = gold_frontier(rl), gold_frontier(bon)
+    if not fr or not fb:
+        return {"verdict": "no overlap", "levels": []}
+    lo, hi = max(fr[0][1], fb[0][1]), min(fr[-1][1], fb[-1][1])
+    golds = sorted({g for _, g in fr + fb if lo < g <= hi})
+    levels = [{"gold": g, "kl_rl": kl_to_reach(fr, g), "kl_bon": kl_to_reach(fb, g)} for g in golds]
+    more = sum(x["kl_rl"] > x["kl_bon"] for x in levels)
+    less = sum(x["kl_rl"] < x["kl_bon"] for x in levels)
+    verdict = ("no overlap" if not levels else "more" if more == len(levels) else
+               "less" if less == len(levels) else "mixed")
+    return {"verdict": verdict, "levels": levels, "gold_low": lo, "gold_high": hi, "n_more": more,
+            "n_less": less, "gold_max_rl": fr[-1][1], "gold_max_bon": fb[-1][1]}
+
+
+def same_gold_sentence(name: str, cmp: dict) -> str:
+    """One sentence from ``kl_at_same_gold``: does ``name`` spend more KL than best-of-n
+    for the same gold? Numbers only from the measured points; no overlap is said as such."""
+    if cmp["verdict"] == "no overlap":
+        if "gold_low" not in cmp:
+            return f"{name}: the data cannot tell (too few measured points)."
+        return (f"{name}: the data cannot tell: the two methods' gold do not overlap above their starting "
+                f"points ({name} reaches {cmp['gold_max_rl']:.3f}, best-of-n {cmp['gold_max_bon']:.3f}, "
+                f"from {cmp['gold_low']:.3f}).")
+    top = cmp["levels"][-1]
+    at_top = (f"for gold {top['gold']:.3f}, the highest both reach, {name} needs {top['kl_rl']:.2f} nats "
+              f"and best-of-n {top['kl_bon']:.2f}")
+    span = f"gold {cmp['gold_low']:.3f} to {cmp['gold_high']:.3f}"
+    if cmp["verdict"] == "more":
+        return (f"{name}: yes, at every measured gold level both reach ({span}) {name} spends more KL "
+                f"than best-of-n; {at_top}.")
+    if cmp["verdict"] == "less":
+        return (f"{name}: no, at every measured gold level both reach ({span}) {name} spends less KL "
+                f"than best-of-n; {at_top}.")
+    n = len(cmp["levels"])
+    return (f"{name}: not throughout: over {span} {name} spends more KL than best-of-n at {cmp['n_more']} "
+            f"of {n} measured gold levels and less at {cmp['n_less']}; {at_top}.")
+
+
+def _rl_points(rows: list[dict]) -> list[tuple[float, float]]:
+    """(d, gold) of an online arm's evaluations, d = sqrt(objective/kl) as in the
+    over-optimization section, and the step-0 evaluation (the SFT policy itself, before any
+    rollout: it logs no KL, and its KL is 0)."""
+    return [(math.sqrt(max(0.0, _num(r.get("objective/kl", 0.0)))), _num(r["gold/mean"])) for r in rows
+            if "gold/mean" in r and ("objective/kl" in r or r.get("step") == 0)]
+
+
+def _law(base: float, a: float, b: float, d: list[float], form: str) -> tuple[list[float], list[float]] | None:
+    """Gao's fitted law base + d (a - b log d) (RL) or base + d (a - b d) (best-of-n), over
+    the measured d > 0 only."""
+    d = [x for x in d if math.isfinite(x) and x > 0]
+    if not (d and math.isfinite(a) and math.isfinite(b) and math.isfinite(base)) or max(d) <= min(d):
+        return None
+    lo, hi = min(d), max(d)
+    xs = [lo + (hi - lo) * i / 40 for i in range(41)]
+    shape = (lambda x: a - b * math.log(x)) if form == "rl" else (lambda x: a - b * x)
+    return xs, [base + x * shape(x) for x in xs]
+
+
+def section_bon_vs_rl(bons: dict[str, dict], curves: dict[str, list[dict]], readings: dict[str, dict]) -> str:
+    """Best-of-n's gold per n and the RL arms' evaluations against d = sqrt(KL) on the same
+    axes, each with its Gao law over its own measured range, and the sentence that answers
+    whether RL spends more KL than best-of-n for the same gold."""
+    if not bons:
+        return "<p><em>no best-of-n arm in this run (add bon to run.arms)</em></p>"
+    parts = []
+    for bname, rec in bons.items():
+        rows = rec.get("rows", [])
+        parts.append(table(["n", "KL plug-in", "KL analytic", "proxy", "gold", "gold win-rate vs one sample"],
+                           [[r.get("n"), _num(r.get("bon/kl_plugin")), _num(r.get("bon/kl_analytic")),
+                             _num(r.get("bon/proxy_mean")), _num(r.get("bon/gold_mean")),
+                             _num(r.get("bon/win_rate"))] for r in rows]))
+        if not rec.get("gold"):
+            parts.append("<p><em>best-of-n on prompts without gold: no comparison with RL</em></p>")
+            continue
+        bon_pts = [(math.sqrt(max(0.0, _num(r.get("bon/kl_plugin")))), _num(r.get("bon/gold_mean"))) for r in rows]
+        rl = {a: pts for a, rows_ in curves.items() if len(pts := _rl_points(rows_)) >= 2}
+        series, points, colors = {}, {}, {}
+        for i, (arm, pts) in enumerate({**rl, bname: bon_pts}.items()):
+            color = PALETTE[i % len(PALETTE)]
+            label = "best-of-n" if arm == bname else arm
+            points[f"{label} gold"] = ([p[0] for p in pts], [p[1] for p in pts])
+            if arm == bname:
+                fit = rec.get("fit", {})
+                law = _law(_num(rec.get("gold/single_mean")), _num(fit.get("bon/fit_alpha")),
+                           _num(fit.get("bon/fit_beta_g")), points[f"{label} gold"][0], "bon")
+                name = "best-of-n law d(alpha - beta d)"
+            else:
+                # the law's base is the gold its fit was measured from (curve_readings: the
+                # first evaluation with a KL reading), as in the over-optimization section
+                fitted = [r for r in curves[arm] if "gold/mean" in r and "objective/kl" in r]
+                fit = readings.get(arm, {})
+                law = _law(_num(fitted[0]["gold/mean"]) if fitted else float("nan"),
+                           _num(fit.get("overopt/fit_alpha")), _num(fit.get("overopt/fit_beta_g")),
+                           points[f"{label} gold"][0], "rl")
+                name = f"{arm} RL law d(alpha - beta log d)"
+            colors[f"{label} gold"] = color
+            if law:
+                series[name], colors[name] = law, color
+        parts.append(line_plot(series, points=points, colors=colors, width=640, height=360,
+                               title="gold vs sqrt(KL from SFT): RL arms and best-of-n",
+                               xlabel="d = sqrt(KL) (best-of-n: plug-in KL)", ylabel="gold utility"))
+        if not rl:
+            parts.append("<p>No RL arm with gold evaluations in this run: nothing to compare best-of-n "
+                         "with.</p>")
+        parts.append("<p><b>Does RL spend more KL than best-of-n for the same gold?</b> (Gao et al. 2022 "
+                     "found it does.)</p>")
+        parts.extend(f"<p>{esc(same_gold_sentence(arm, kl_at_same_gold(pts, bon_pts)))}</p>"
+                     for arm, pts in rl.items())
+    parts.append('<p class="small">Best-of-n: the reward model keeps its best of n samples of SFT on the '
+                 "held-out prompts the RL arms' gold is measured on; its KL is the plug-in estimate "
+                 "(analytic log n - (n-1)/n beside it, an upper bound). The RL arms' KL is the rollout's. "
+                 "Each law is drawn over its own measured range only.</p>")
+    return "\n".join(parts)
+
+
 def section_frontier(run: Path) -> str:
     parts = []
     sweep = _load(run / "sweep" / "frontier.json")
@@ -230,11 +376,13 @@ def build_run_report(run: str | Path, arms: list[str]) -> Path:
     diagnoses = {a: d for a in arms if (d := _load(run / "eval" / a / "diagnosis.json"))}
     samples = {a: s for a in arms if (s := _load(run / "eval" / a / "samples.json"))}
     readings = {a: {k: v for k, v in e.items() if k.startswith("overopt/")} for a, e in evals.items()}
+    bons = {a: b for a in arms if a in SAMPLING_ARMS and isinstance(b := _load(run / a / "bon.json"), dict)}
     sections = [
         ("Pipeline at a glance", section_pipeline(run)),
         ("Reward model", section_reward_model(run)),
         ("Training curves", section_training(curves)),
         ("Over-optimization (Gao et al. 2022)", section_overoptimization(curves, readings)),
+        ("Best-of-n against RL (Gao et al. 2022)", section_bon_vs_rl(bons, curves, readings)),
         ("Reward-KL frontier", section_frontier(run)),
         ("Instruments per policy", section_instruments(evals)),
         ("Diagnosis", section_diagnosis(diagnoses)),

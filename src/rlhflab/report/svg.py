@@ -20,9 +20,13 @@ def _ticks(lo: float, hi: float, n: int = 5) -> list[float]:
 
 def line_plot(series: dict[str, tuple[list[float], list[float]]], *, title: str, xlabel: str,
               ylabel: str, points: dict[str, tuple[list[float], list[float]]] | None = None,
-              width: int = 520, height: int = 300, hline: float | None = None) -> str:
-    """An SVG with one polyline per ``series`` entry and dots per ``points`` entry."""
+              width: int = 520, height: int = 300, hline: float | None = None,
+              colors: dict[str, str] | None = None) -> str:
+    """An SVG with one polyline per ``series`` entry and dots per ``points`` entry;
+    ``colors`` names an entry's colour (a line and the dots it was fitted to can share one),
+    the others take the palette in order."""
     points = points or {}
+    colors = colors or {}
     xs = [x for s in (*series.values(), *points.values()) for x in s[0] if math.isfinite(x)]
     ys = [y for s in (*series.values(), *points.values()) for y in s[1] if math.isfinite(y)]
     if hline is not None:
@@ -69,12 +73,12 @@ def line_plot(series: dict[str, tuple[list[float], list[float]]], *, title: str,
                    'stroke="#555" stroke-dasharray="4 3"/>')
     legend = []
     for i, (name, (xv, yv)) in enumerate(series.items()):
-        color = PALETTE[i % len(PALETTE)]
+        color = colors.get(name, PALETTE[i % len(PALETTE)])
         pts = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in zip(xv, yv) if math.isfinite(x) and math.isfinite(y))
         out.append(f'<polyline fill="none" stroke="{color}" stroke-width="1.8" points="{pts}"/>')
         legend.append((name, color, "line"))
     for j, (name, (xv, yv)) in enumerate(points.items()):
-        color = PALETTE[(len(series) + j) % len(PALETTE)]
+        color = colors.get(name, PALETTE[(len(series) + j) % len(PALETTE)])
         for x, y in zip(xv, yv):
             if math.isfinite(x) and math.isfinite(y):
                 out.append(f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="3.5" fill="{color}"/>')
