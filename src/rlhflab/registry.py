@@ -240,6 +240,20 @@ LR_SCHEDULES = Registry("learning-rate schedule", [
 
 
 # ---------------------------------------------------------------------------------------
+# Judges and AI labellers (``--judge KIND:...``)
+# ---------------------------------------------------------------------------------------
+
+JUDGE_KINDS = Registry("judge", [
+    Entry("rm", "rlhflab.instruments.judges:RewardModelJudge", "rm:DIR: a reward model's hard verdicts"),
+    Entry("lm", "rlhflab.instruments.judges:LanguageModelJudge",
+          "lm:DIR: a local causal LM asked the multiple-choice question in both orders (Bai et al. 2022, 4.1)"),
+    Entry("py", "rlhflab.instruments.judges:CallableJudge", "py:module:function: a Python callable's P(a better)"),
+    Entry("world", "rlhflab.instruments.judges:WorldLabelerJudge",
+          "world:ai: the world's AI labeller under a constitution, with its documented biases"),
+])
+
+
+# ---------------------------------------------------------------------------------------
 # How far from the reference is too far
 # ---------------------------------------------------------------------------------------
 

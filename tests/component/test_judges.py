@@ -86,13 +86,30 @@ def test_language_model_judge_cancels_and_reports_position_bias(tmp_path):
 
 def test_language_model_judge_is_antisymmetric_on_a_real_model():
     tok = bpe_tokenizer()
-    judge = LanguageModelJudge(tiny_causal_lm(tok, "qwen2"), tok, batch_size=3)
+    # An untrained model spreads its answer over the vocabulary: every answer is read here
+    # (min_option_ratio=0) to check the algebra of the two orders.
+    judge = LanguageModelJudge(tiny_causal_lm(tok, "qwen2"), tok, batch_size=3, min_option_ratio=0.0)
     a, b = ["yes", "the sea is blue", "no"], ["no", "paris", "two plus two is four"]
     ab = judge.compare(["q"] * 3, a, b)
     ba = judge.compare(["q"] * 3, b, a)
     for p, q in zip(ab.prob_a, ba.prob_a):
         assert 0.0 < p < 1.0 and p + q == pytest.approx(1.0, abs=1e-9)
     assert abs(ab.readings["judge/position_bias"] - ba.readings["judge/position_bias"]) < 1e-9
+
+
+def test_language_model_judge_counts_unreadable_answers_never_as_ties():
+    """An untrained model's letters hold about 2 / V of its mass: with the default rule (the
+    likelier letter at least as likely as the rest of the vocabulary) every answer is
+    unreadable, its P(a better) NaN, counted, and left out of the win-rate."""
+    tok = bpe_tokenizer()
+    judge = LanguageModelJudge(tiny_causal_lm(tok, "qwen2"), tok, batch_size=3)
+    c = judge.compare(["q"] * 3, ["yes", "the sea is blue", "no"], ["no", "paris", "two plus two is four"])
+    assert all(math.isnan(p) for p in c.prob_a) and c.readable == [False] * 3
+    assert c.readings["judge/unreadable"] == 3.0 and c.readings["judge/unreadable_rate"] == 1.0
+    with pytest.raises(ValueError, match="no readable pairs"):
+        win_rate(c.prob_a)
+    assert win_rate([0.2, float("nan"), 1.0]) == pytest.approx(
+        {**win_rate([0.2, 1.0]), "unreadable": 1.0})
 
 
 def test_callable_judge_and_specs():

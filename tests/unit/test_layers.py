@@ -22,7 +22,7 @@ LAYERS: dict[int, tuple[str, tuple[str, ...]]] = {
     1: ("math", ("rlhflab.logprobs", "rlhflab.losses", "rlhflab.advantages", "rlhflab.kl", "rlhflab.optimal",
                  "rlhflab.bandit")),
     2: ("world", ("rlhflab.world",)),
-    3: ("config", ("rlhflab.config",)),
+    3: ("config", ("rlhflab.config", "rlhflab.constitution")),
     4: ("models, data and engine", ("rlhflab.data", "rlhflab.readers", "rlhflab.models", "rlhflab.reward_model",
                                     "rlhflab.training", "rlhflab.forward", "rlhflab.packing",
                                     "rlhflab.generation", "rlhflab.sampling", "rlhflab.rollout",

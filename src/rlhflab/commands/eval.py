@@ -115,9 +115,12 @@ def evaluate_on_user_data(cfg, policy_dir, base_dir, rm_dir=None, *, prompts=Non
                                     eos_a=[c.eos for c in pol], eos_b=[c.eos for c in bas])
         w = win_rate(verdict.prob_a)
         dlen = [float(len(a.token_ids) - len(b.token_ids)) for a, b in zip(pol, bas)]
+        read = verdict.readable  # an unreadable judge answer is counted (judge/unreadable), not scored
         metrics.update({"win_rate/judge": w["win_rate"], "win_rate/judge_ci_low": w["ci_low"],
                         "win_rate/judge_ci_high": w["ci_high"], "win_rate/judge_n": w["n"],
-                        "win_rate/judge_length_controlled": length_controlled_win_rate(verdict.prob_a, dlen),
+                        "win_rate/judge_length_controlled": length_controlled_win_rate(
+                            [p for p, ok in zip(verdict.prob_a, read) if ok],
+                            [d for d, ok in zip(dlen, read) if ok]),
                         **verdict.readings})
         if judge.startswith("rm:"):
             metrics.update({k.replace("/judge", "/rm"): v for k, v in metrics.items()

@@ -23,11 +23,20 @@ Every judge answers ``compare(prompts, completions_a, completions_b)`` with a
   position. The position bias itself is reported: the mean probability given to whichever
   response stands first, minus 1/2 (``judge/position_bias``, 0 for an unbiased judge),
   with how often the two orders pick the same response (``judge/order_agreement``).
+  A principle can be given per comparison (``principles``: its ``comparison`` question is
+  asked, Bai et al. 2022 sample one per comparison). An answer that cannot be read is
+  counted, never scored as a tie: at the answer position, the likelier of the two letters'
+  first tokens must be at least ``min_option_ratio`` (default 1) times as likely as every
+  other token of the vocabulary together; otherwise the pair's P(a better) is NaN, it is
+  left out of the win-rate, and ``judge/unreadable`` counts it (``judge/unreadable_rate``
+  its share; either order unreadable makes the pair unreadable).
+- ``WorldLabelerJudge`` (``--judge world:ai``): the world's AI labeller
+  (``world.ai_labeler``) under a constitution, asked in both orders like the LM judge.
 - ``CallableJudge`` (``--judge py:module:function`` or ``py:file.py:function``):
   ``fn(prompts, completions_a, completions_b[, eos_a, eos_b, ...]) -> list[float]`` of
   P(a better).
 
-``win_rate`` is the mean of p_i with the Wilson interval of ``instruments.win_rate`` (each
+``win_rate`` is the mean of the readable p_i with the Wilson interval of ``instruments.win_rate`` (each
 p_i in [0, 1], so the interval is conservative); the length-controlled win-rate is
 ``instruments.win_rate.length_controlled_win_rate`` on the same p_i.
 """
@@ -43,28 +52,56 @@ import torch
 
 from rlhflab.errors import InputError
 from rlhflab.instruments.win_rate import wilson_interval
-
-JUDGE_KINDS = ("rm", "lm", "py")
+from rlhflab.registry import JUDGE_KINDS
 
 
 @dataclass
 class Comparison:
     """One judge's verdicts on n pairs (a_i, b_i)."""
 
-    prob_a: list[float]  # P(a_i is better), in [0, 1]
-    judge: str  # what judged: "rm:DIR", "lm:DIR", "py:..."
+    prob_a: list[float]  # P(a_i is better), in [0, 1]; NaN where the answer could not be read
+    judge: str  # what judged: "rm:DIR", "lm:DIR", "py:...", "world:ai"
     margins: list[float] | None = None  # RM: r(a) - r(b)
     readings: dict[str, float] = field(default_factory=dict)  # judge/position_bias, ...
+    principles: list[str] | None = None  # the principle asked per pair, where one was
+
+    @property
+    def readable(self) -> list[bool]:
+        return [not math.isnan(p) for p in self.prob_a]
 
 
 def win_rate(prob_a: Sequence[float]) -> dict[str, float]:
-    """Mean of p_i with its 95% Wilson interval; ``n`` the pairs."""
-    n = len(prob_a)
+    """Mean of the readable p_i with its 95% Wilson interval; ``n`` the readable pairs,
+    ``unreadable`` the pairs whose answer could not be read (NaN), left out."""
+    kept = [float(p) for p in prob_a if not math.isnan(p)]
+    n = len(kept)
     if n == 0:
-        raise ValueError("no pairs to compare")
-    p = float(sum(prob_a) / n)
+        raise ValueError("no readable pairs to compare" if prob_a else "no pairs to compare")
+    p = float(sum(kept) / n)
     low, high = wilson_interval(p, n)
-    return {"win_rate": p, "ci_low": low, "ci_high": high, "n": float(n)}
+    return {"win_rate": p, "ci_low": low, "ci_high": high, "n": float(n), "unreadable": float(len(prob_a) - n)}
+
+
+def both_orders(first_a: Sequence[float], first_b: Sequence[float], readable: Sequence[bool]) -> tuple[list, dict]:
+    """P(a better) from two orders of one question, and the judge's readings.
+
+    ``first_a[i]``: P(first option) with a first; ``first_b[i]``: P(first option) with b first;
+    ``readable[i]``: both answers could be read. p_i = (first_a + (1 - first_b)) / 2; the
+    position bias is the mean P given to whichever stands first, minus 1/2."""
+    p_a, first, agree = [], [], []
+    for fa, fb, ok in zip(first_a, first_b, readable):
+        if not ok:
+            p_a.append(float("nan"))
+            continue
+        p_a.append(0.5 * (fa + (1.0 - fb)))
+        first.append(0.5 * (fa + fb))
+        agree.append(float((fa > 0.5) == (fb < 0.5)))
+    n = len(p_a)
+    readings = {"judge/unreadable": float(n - len(first)), "judge/unreadable_rate": (n - len(first)) / n if n else 0.0}
+    if first:
+        readings.update({"judge/position_bias": sum(first) / len(first) - 0.5,
+                         "judge/order_agreement": sum(agree) / len(agree)})
+    return p_a, readings
 
 
 def _text(value: Any) -> str:
@@ -105,8 +142,10 @@ class LanguageModelJudge:
     prefix starts the assistant's; without one, the text is given as it is."""
 
     def __init__(self, model, tokenizer, *, question: str = "Which response is more helpful, honest and harmless?",
-                 name: str = "lm", batch_size: int = 16, max_length: int | None = None) -> None:
+                 name: str = "lm", batch_size: int = 16, max_length: int | None = None,
+                 min_option_ratio: float = 1.0) -> None:
         self.model, self.tokenizer, self.question, self.name = model, tokenizer, question, name
+        self.min_option_ratio = min_option_ratio
         self.batch_size = batch_size
         self.max_length = max_length
         self.options = [tokenizer("A)", add_special_tokens=False).input_ids,
@@ -126,15 +165,20 @@ class LanguageModelJudge:
         return body + ANSWER_PREFIX
 
     @torch.no_grad()
-    def option_probs(self, texts: list[str]) -> torch.Tensor:
-        """P(A), P(B) normalized over the two, for each judge prompt.   # (n, 2)"""
+    def option_probs(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(P(A), P(B) normalized over the two, # (n, 2); whether the answer is readable, # (n,)).
+
+        Readable: max(P(A), P(B)) >= min_option_ratio * (1 - P(A) - P(B)), with P(A), P(B)
+        the model's probabilities of the letters' first tokens at the answer position over its
+        whole vocabulary (the rest, 1 - P(A) - P(B), is every other token); where the two
+        options share their first token, of the whole continuations "A)" and "B)"."""
         from rlhflab.logprobs import token_logprobs
 
         tok, model = self.tokenizer, self.model
         device = next(model.parameters()).device
         pad = tok.pad_token_id if tok.pad_token_id is not None else 0
         model.eval()
-        scores = []
+        scores, firsts = [], []
         for start in range(0, len(texts), self.batch_size):
             chunk = texts[start:start + self.batch_size]
             seqs, spans = [], []
@@ -150,26 +194,66 @@ class LanguageModelJudge:
                 input_ids[i, :len(s)] = torch.tensor(s)
                 attn[i, :len(s)] = 1
             logits = model(input_ids=input_ids.to(device), attention_mask=attn.to(device)).logits.float()
-            lp = token_logprobs(logits, input_ids.to(device))  # (N, L - 1): lp[:, t] is token t + 1's
+            lp = token_logprobs(logits, input_ids.to(device))  # (N, L): lp[:, t] is token t's (column 0 is 0)
             for i, (a, b) in enumerate(spans):
-                scores.append(float(lp[i, a - 1:b - 1].sum()))
+                scores.append(float(lp[i, a:b].sum()))
+                firsts.append(float(lp[i, a]))
         s = torch.tensor(scores, dtype=torch.float64).view(-1, 2)
-        return torch.softmax(s, dim=1)
+        same_first = self.options[0][0] == self.options[1][0]
+        mass = (s if same_first else torch.tensor(firsts, dtype=torch.float64).view(-1, 2)).exp()
+        readable = mass.max(dim=1).values >= self.min_option_ratio * (1.0 - mass.sum(dim=1)).clamp(min=0.0)
+        return torch.softmax(s, dim=1), readable
 
     def compare(self, prompts, completions_a, completions_b, *, question: str | Sequence[str] | None = None,
-                **columns) -> Comparison:
+                principles: Sequence | None = None, **columns) -> Comparison:
+        """``principles``: one per pair, whose ``comparison`` question is asked (else ``question``)."""
         n = len(prompts)
-        qs = [question] * n if question is None or isinstance(question, str) else list(question)
+        if principles is not None:
+            qs = [p.comparison for p in principles]
+        else:
+            qs = [question] * n if question is None or isinstance(question, str) else list(question)
         texts = [self.prompt_text(p, a, b, q) for p, a, b, q in zip(prompts, completions_a, completions_b, qs)]
         texts += [self.prompt_text(p, b, a, q) for p, a, b, q in zip(prompts, completions_a, completions_b, qs)]
-        probs = self.option_probs(texts)
-        a_first, a_second = probs[:n], probs[n:]
-        p_a = 0.5 * (a_first[:, 0] + a_second[:, 1])  # a as (A) in the first order, as (B) in the second
-        first_pick = 0.5 * (a_first[:, 0] + a_second[:, 0])  # what the position "first" receives
-        agree = ((a_first[:, 0] > 0.5) == (a_second[:, 1] > 0.5)).double()
-        readings = {"judge/position_bias": float(first_pick.mean() - 0.5),
-                    "judge/order_agreement": float(agree.mean())}
-        return Comparison(p_a.tolist(), self.name, readings=readings)
+        probs, readable = self.option_probs(texts)
+        ok = (readable[:n] & readable[n:]).tolist()
+        p_a, readings = both_orders(probs[:n, 0].tolist(), probs[n:, 0].tolist(), ok)
+        return Comparison(p_a, self.name, readings=readings,
+                          principles=[p.id for p in principles] if principles is not None else None)
+
+
+class WorldLabelerJudge:
+    """The world's AI labeller (``world.ai_labeler.AILabeler``) as a judge: world prompts
+    only, a principle per pair (sampled from its constitution when none is given), both
+    orders asked and averaged as for the LM judge."""
+
+    def __init__(self, labeler, name: str = "world:ai", seed: int = 0) -> None:
+        import random
+
+        self.labeler, self.name = labeler, name
+        self.rng = random.Random(seed)
+
+    def compare(self, prompts, completions_a, completions_b, *, principles: Sequence | None = None,
+                eos_a=None, eos_b=None, **columns) -> Comparison:
+        from rlhflab.world.tasks import parse_prompt
+
+        n = len(prompts)
+        eos_a, eos_b = eos_a or [True] * n, eos_b or [True] * n
+        if principles is None:
+            principles = [self.labeler.constitution.sample(self.rng) for _ in range(n)]
+        first_a, first_b, ok = [], [], []
+        for x, a, b, pr, ea, eb in zip(prompts, completions_a, completions_b, principles, eos_a, eos_b):
+            prompt = parse_prompt(_text(x))
+            if prompt is None:
+                raise InputError(f"the world's labeller judges world prompts only, got {_text(x)[:60]!r}",
+                                 field="prompt")
+            fa, ma = self.labeler.answer(prompt, a, b, pr, ea, eb)
+            fb, mb = self.labeler.answer(prompt, b, a, pr, eb, ea)
+            first_a.append(fa)
+            first_b.append(fb)
+            # the same readability rule as the LM judge, on the labeller's letter mass
+            ok.append(all(max(p, 1 - p) * m >= 1.0 - m for p, m in ((fa, ma), (fb, mb))))
+        p_a, readings = both_orders(first_a, first_b, ok)
+        return Comparison(p_a, self.name, readings=readings, principles=[p.id for p in principles])
 
 
 class CallableJudge:
@@ -202,17 +286,24 @@ class CallableJudge:
 
 
 def parse_judge(spec: str) -> tuple[str, str]:
-    """``rm:DIR`` / ``lm:DIR`` / ``py:module:function`` / ``py:file.py:function`` -> (kind,
-    rest); anything else is an InputError naming ``--judge``."""
+    """``rm:DIR`` / ``lm:DIR`` / ``py:module:function`` / ``py:file.py:function`` /
+    ``world:ai`` -> (kind, rest); anything else is an InputError naming ``--judge``."""
     kind, sep, rest = spec.partition(":")
-    if not sep or kind not in JUDGE_KINDS or not rest:
-        raise InputError(f"expected rm:DIR, lm:DIR or py:module:function, got {spec!r}", field="--judge")
+    if not sep or kind not in JUDGE_KINDS or not rest or (kind == "world" and rest != "ai"):
+        raise InputError(f"expected rm:DIR, lm:DIR, py:module:function or world:ai, got {spec!r}", field="--judge")
     return kind, rest
 
 
-def load_judge(spec: str, *, trust_remote_code: bool = False, question: str | None = None):
-    """The judge a ``--judge`` spec names (models load on CPU or the default device)."""
+def load_judge(spec: str, *, trust_remote_code: bool = False, question: str | None = None,
+               constitution=None, labeler_cfg=None, seed: int = 0):
+    """The judge a ``--judge`` spec names (models load on CPU or the default device);
+    ``world:ai`` labels under ``constitution`` (default ``configs/constitution.yaml``)."""
     kind, rest = parse_judge(spec)
+    if kind == "world":
+        from rlhflab.constitution import load_constitution
+        from rlhflab.world.ai_labeler import AILabeler
+
+        return WorldLabelerJudge(AILabeler(constitution or load_constitution(), labeler_cfg), name=spec, seed=seed)
     if kind == "rm":
         from rlhflab.reward_model import RewardModel
 
