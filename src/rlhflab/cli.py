@@ -39,6 +39,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bon": ("rlhflab.commands.bon", "best-of-n: the reward model keeps the best of n samples; gold, proxy, KL per n"),
     "rs": ("rlhflab.commands.rs", "rejection-sampling fine-tuning: k rounds of keep the RM's best of n, fine-tune"),
     "iterate": ("rlhflab.commands.iterate", "iterative RLHF: rounds of sample, rate, retrain the RM, continue RL"),
+    "rlaif": ("rlhflab.commands.rlaif", "AI preference labels from a constitution, with soft labels and their instruments"),
+    "cai-sl": ("rlhflab.commands.cai_sl", "critique and revise responses by a constitution, then SFT on the revisions"),
     "run": ("rlhflab.commands.run", "the main job: the whole pipeline on the world, then a report"),
 }
 

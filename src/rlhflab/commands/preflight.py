@@ -11,12 +11,13 @@ from pathlib import Path
 from rlhflab.errors import InputError
 
 # argparse dests of inputs that must exist: data files (or datasets directories)
-INPUT_FILES = ("data", "eval_data", "prompts", "eval_prompts", "harmful", "benign", "mc", "votes")
+INPUT_FILES = ("data", "eval_data", "prompts", "eval_prompts", "harmful", "benign", "mc", "votes", "pairs",
+               "constitution")
 # and model directories: a model's own, or a stage's output holding model/
 MODEL_DIRS = {"sft": "--sft", "policy": "--policy", "base": "--base", "rm": "--rm", "model": "--model",
               "backbone": "--backbone"}
 # commands whose --out is a directory they create (checked as they check it), or a file
-OUT_DIRS = ("sft", "rm", "dpo", "ppo", "reinforce", "rloo", "grpo", "eval", "eval-rm", "bon")
+OUT_DIRS = ("sft", "rm", "dpo", "ppo", "reinforce", "rloo", "grpo", "eval", "eval-rm", "bon", "rlaif", "cai-sl")
 OUT_FILES = ("collect",)
 
 
