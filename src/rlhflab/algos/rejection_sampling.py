@@ -73,7 +73,8 @@ def improve(cfg_sft, policy, tokenizer, rows: list[dict], out_dir, accelerator) 
 
 def measure_round(policy, reference, tokenizer, rm, prompts: list, gen, *, seed: int = 0) -> dict:
     """A round's policy on held-out world prompts (``world.tasks.Prompt``): gold, proxy, KL
-    from the reference (the SFT policy), the reward model's shift reading."""
+    from the reference (the SFT policy), the reward model's shift reading (no proxy and no
+    shift reading without ``rm``)."""
     from rlhflab.instruments.distribution_shift import shift_readings
     from rlhflab.instruments.policy_eval import sampled_kl, world_sample_metrics
     from rlhflab.sampling import sample
@@ -83,8 +84,10 @@ def measure_round(policy, reference, tokenizer, rm, prompts: list, gen, *, seed:
     done = sample(policy, tokenizer, texts, temperature=gen.temperature, top_k=gen.top_k, top_p=gen.top_p,
                   max_new_tokens=gen.max_new_tokens, batch_size=gen.batch_size, seed=seed)
     out = world_sample_metrics(done, prompts)
-    out["proxy/mean"] = float(rm.score(texts, [c.text for c in done], eos=[c.eos for c in done]).mean())
+    if rm is not None:
+        out["proxy/mean"] = float(rm.score(texts, [c.text for c in done], eos=[c.eos for c in done]).mean())
     out.update(sampled_kl(policy, reference, tokenizer, texts, max_new_tokens=gen.max_new_tokens,
                           batch_size=gen.batch_size, seed=seed + 1))
-    out.update(shift_readings(rm, texts, [c.text for c in done], eos=[c.eos for c in done]))
+    if rm is not None:
+        out.update(shift_readings(rm, texts, [c.text for c in done], eos=[c.eos for c in done]))
     return out

@@ -82,6 +82,9 @@ def run_rs(cfg, sft, rm_dir, out: Path, *, rounds: int, n: int, threshold: float
             if not rows:
                 raise InputError(f"round {r}: no candidate kept (none ended, or none reached the threshold)",
                                  field="--threshold" if threshold is not None else "--n")
+            if len(rows) < cfg.sft.batch_size:
+                raise InputError(f"round {r}: {len(rows)} responses kept, fewer than one batch "
+                                 f"(sft.batch_size={cfg.sft.batch_size}): give more --n-prompts", field="--n-prompts")
             round_dir = work / f"round_{r}"
             round_dir.mkdir(exist_ok=True)
             counts.update(improve(cfg.sft, policy, tok, rows, round_dir, accelerator))
