@@ -108,6 +108,8 @@ class Thresholds:
     # sampling alone, hence the z-bar when capability/n is given.
     capability_drop: float = _t(0.1, "own: -10 points of task accuracy (InstructGPT's alignment tax gives no cut)")
     capability_z: float = _t(2.0, "two standard errors of the accuracy difference, when capability/n is given")
+    shift_ood_base: float = _t(0.05, "the reference is the held-out 95th percentile: 5% of in-distribution samples lie beyond it")
+    shift_z: float = _t(3.0, "own: three binomial standard errors above 5%, so n = 200 in-distribution samples flag < 0.2% of the time")
     # Degenerate output. World answers are 5-11 tokens (ideal) and ~12 (SFT); no world
     # prompt is answered right in one token; SFT-like answers repeat 0.004 of their bigrams
     # and a response looping on one token ~1. A base that itself answers in one or two
@@ -330,6 +332,17 @@ def _capability(m, t):
     return f"task accuracy {m['base/capability/accuracy']:.0%} -> {m['capability/accuracy']:.0%}"
 
 
+@_reads("shift/ood_rate", "shift/n")
+def _distribution_shift(m, t):
+    rate, n = m["shift/ood_rate"], m["shift/n"]
+    p = t.shift_ood_base
+    limit = p + t.shift_z * (p * (1 - p) / max(1.0, n)) ** 0.5
+    if rate > limit:
+        return (f"{rate:.0%} of {int(n)} policy samples beyond the reward model's held-out 95th-percentile "
+                f"feature distance (> {limit:.0%})")
+    return None
+
+
 @_reads("kl/sequence_mean", any_of=_ANY_WIN_RATE)
 def _beta_too_high(m, t):
     kl = m["kl/sequence_mean"]
@@ -414,6 +427,11 @@ RULES: tuple[Rule, ...] = (
          instrument="KL, win-rate",
          root_cause="beta too high: the penalty pins the policy to its base",
          fix="lower beta"),
+    Rule("distribution_shift", "warn", _distribution_shift,
+         symptom="policy samples far outside the reward model's training distribution",
+         instrument="Mahalanobis distance of the RM's features (instruments/distribution_shift.py)",
+         root_cause="distribution shift: the reward model is scoring responses unlike any it was trained on",
+         fix="iterate the reward model on policy samples (rlhflab iterate), raise beta"),
 )
 
 
@@ -433,6 +451,8 @@ RULE_MEASURES: dict[str, str] = {
     "kl_caution": MEASURE_PROMPTS,
     "capability_regression": f"{_EVAL} --mc MC.jsonl (multiple-choice questions)",
     "beta_too_high": MEASURE_WIN_RATE,
+    "distribution_shift": f"on the built-in world {_EVAL} --rm DIR (a reward model trained by rlhflab rm, "
+                          "which saves its training data's feature statistics)",
 }
 
 

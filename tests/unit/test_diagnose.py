@@ -141,6 +141,7 @@ BROKEN_PPO = {
     "rm/score_mean": -2.1, "base/rm/score_mean": 0.0,
     "win_rate/rm": 0.12, "win_rate/rm_ci_low": 0.08, "win_rate/rm_ci_high": 0.17,
     "kl/sequence_mean": 7.6, "kl/sequence_stderr": 0.4,
+    "shift/ood_rate": 0.6, "shift/n": 200.0,
 }
 
 

@@ -58,3 +58,19 @@ def test_split_budget():
     assert split_budget(9, 1, "x") == [9]
     with pytest.raises(InputError):
         split_budget(2, 3, "x")
+
+
+def test_diagnosis_flags_shift_beyond_binomial_noise():
+    """In distribution 5% of samples lie beyond the held-out 95th percentile; the rule fires
+    above 5% + 3 binomial standard errors: n = 200 -> 0.05 + 3 sqrt(0.05 * 0.95 / 200) = 0.096."""
+    from rlhflab.diagnose import diagnose
+
+    def names(rate, n):
+        return [f["name"] for f in diagnose({"shift/ood_rate": rate, "shift/n": n})["findings"]]
+
+    assert "distribution_shift" in names(0.10, 200)
+    assert "distribution_shift" not in names(0.09, 200)
+    assert "distribution_shift" not in names(0.10, 40)  # 40 samples: the limit is 0.153
+    finding = next(f for f in diagnose({"shift/ood_rate": 0.5, "shift/n": 200})["findings"]
+                   if f["name"] == "distribution_shift")
+    assert "rlhflab iterate" in finding["fix"] and "raise beta" in finding["fix"]

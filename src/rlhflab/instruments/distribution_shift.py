@@ -120,7 +120,7 @@ def shift_readings(rm, prompts: list, responses: list, *, eos: list[bool] | None
             ratios.append(float(d.mean() / stats[f"ref_mean_{m}"]))
             rates.append(float((d > stats[f"ref_q95_{m}"]).double().mean()))
         out.update({"shift/mahalanobis_mean": fmean(means), "shift/mahalanobis_ratio": fmean(ratios),
-                    "shift/ood_rate": fmean(rates)})
+                    "shift/ood_rate": fmean(rates), "shift/n": float(len(prompts))})
     if rm.n_members > 1 and prompts:
         scores = rm.member_scores(prompts, responses, eos=eos)
         out["shift/ensemble_std"] = float(scores.std(0, unbiased=False).mean())

@@ -126,6 +126,9 @@ def evaluate_on_world(policy, base, tokenizer, world, gen, *, n_per_family: int,
         metrics["rm/score_mean"] = fmean(s_pol)
         metrics["base/rm/score_mean"] = fmean(s_bas)
         metrics.update(_win_rates("rm", s_pol, s_bas))
+        from rlhflab.instruments.distribution_shift import shift_readings
+
+        metrics.update(shift_readings(rm, texts, [c.text for c in pol], eos=[c.eos for c in pol]))
     metrics.update(sampled_kl(policy, base, tokenizer, texts, max_new_tokens=gen.max_new_tokens,
                               batch_size=gen.batch_size, seed=seed + 1))
     samples = {
