@@ -503,6 +503,13 @@ class Config:
 # ---------------------------------------------------------------------------------------
 # Loading, overriding, saving
 
+    def cross_check(self, at: str) -> Iterator[tuple[str, tuple[str, ...]]]:
+        ns = [n for n in self.bon_n if isinstance(n, int)]
+        if ns != sorted(set(ns)):
+            yield f"expected increasing distinct integers, got {self.bon_n}", (f"{at}.bon_n",)
+        if not self.bon_n and any(a in SAMPLING_ARMS for a in self.arms if isinstance(a, str)):
+            yield "best-of-n needs at least one n", (f"{at}.bon_n", f"{at}.arms")
+
 
 class _Loader(yaml.SafeLoader):
     """YAML as a preset means it: only true and false are booleans (as in YAML 1.2), so

@@ -113,6 +113,8 @@ def good_values(dom: Domain, base: typing.Any) -> list[str]:
     if dom.item is not None:
         if dom.item.choices:  # a list of words (report_to)
             return ["[]", f"[{dom.item.choices[0]}]", f"[{', '.join(dom.item.choices)}]"]
+        if dom.item.integer and dom.item.lo is not None:  # increasing integers (run.bon_n)
+            return ["[]", f"[{_num(dom.item.lo)}, {_num(dom.item.lo + 1)}]"]
         return ["{arithmetic: 1, open: 0}", "{benign: 0.5}"] if base is dict else ["[]", "[0.5, 2]"]
     if dom.choices:
         return list(dom.choices)
