@@ -485,6 +485,13 @@ class RunConfig:
     bandit_algos: list = _f(["ppo", "dpo"], "algorithms drawn against the exact frontier on the bandit; [] = skip")
     bandit_betas: list = _f([0.1, 0.25, 0.5, 1.0, 2.0], "betas of the bandit frontier", "each > 0")
 
+    def cross_check(self, at: str) -> Iterator[tuple[str, tuple[str, ...]]]:
+        ns = [n for n in self.bon_n if isinstance(n, int)]
+        if ns != sorted(set(ns)):
+            yield f"expected increasing distinct integers, got {self.bon_n}", (f"{at}.bon_n",)
+        if not self.bon_n and any(a in SAMPLING_ARMS for a in self.arms if isinstance(a, str)):
+            yield "best-of-n needs at least one n", (f"{at}.bon_n", f"{at}.arms")
+
 
 @dataclass
 class Config:
@@ -503,23 +510,11 @@ class Config:
 # ---------------------------------------------------------------------------------------
 # Loading, overriding, saving
 
-    def cross_check(self, at: str) -> Iterator[tuple[str, tuple[str, ...]]]:
-        ns = [n for n in self.bon_n if isinstance(n, int)]
-        if ns != sorted(set(ns)):
-            yield f"expected increasing distinct integers, got {self.bon_n}", (f"{at}.bon_n",)
-        if not self.bon_n and any(a in SAMPLING_ARMS for a in self.arms if isinstance(a, str)):
-            yield "best-of-n needs at least one n", (f"{at}.bon_n", f"{at}.arms")
-
 
 class _Loader(yaml.SafeLoader):
     """YAML as a preset means it: only true and false are booleans (as in YAML 1.2), so
     ``mixed_precision: no`` is the word "no", not False; bool fields still take the YAML 1.1
     words yes/no/on/off (``_check_type``)."""
-
-    def cross_check(self, at: str) -> Iterator[tuple[str, tuple[str, ...]]]:
-        ns = [n for n in self.bon_n if isinstance(n, int)]
-        if not self.bon_n or ns != sorted(set(ns)):
-            yield f"expected increasing distinct integers, got {self.bon_n}", (f"{at}.bon_n",)
 
 
 _Loader.yaml_implicit_resolvers = {
