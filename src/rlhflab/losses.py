@@ -283,17 +283,28 @@ def _reference_pair_loss(per_pair: Callable[[torch.Tensor], torch.Tensor], rewar
 
 def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
              ref_chosen_logps: torch.Tensor, ref_rejected_logps: torch.Tensor, *,
-             beta: float = 0.1) -> LossOutput:
+             beta: float = 0.1, targets: torch.Tensor | None = None) -> LossOutput:
     """Direct Preference Optimization (Rafailov et al. 2023).
 
         h = [log pi(y_w) - log pi_ref(y_w)] - [log pi(y_l) - log pi_ref(y_l)]
         L = mean_i -log sigmoid(beta * h_i)
+
+    With soft targets p_i = P(y_w,i better) (an AI labeller's, Bai et al. 2022) the per-pair
+    term is the cross-entropy of the implicit Bradley-Terry model against p_i,
+
+        L = mean_i -[p_i log sigmoid(beta h_i) + (1 - p_i) log sigmoid(-beta h_i)],
+
+    cDPO with a per-pair eps_i = 1 - p_i, minimized at beta h_i = log(p_i / (1 - p_i));
+    targets None (all p_i = 1) is the loss above.
 
     The implicit reward is beta * log pi/pi_ref; metrics report it as rewards/chosen and
     rewards/rejected (batch means), their difference rewards/margins, the fraction of
     pairs whose chosen reward is strictly higher (rewards/accuracies), and the mean summed
     policy log-probs logps/chosen and logps/rejected.
     """
+    if targets is not None:
+        return cdpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
+                         beta=beta, targets=targets)
     return _reference_pair_loss(
         lambda h: -F.logsigmoid(beta * h), beta,
         policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
@@ -302,21 +313,34 @@ def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Ten
 
 def cdpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
               ref_chosen_logps: torch.Tensor, ref_rejected_logps: torch.Tensor, *,
-              beta: float = 0.1, label_smoothing: float = 0.0) -> LossOutput:
+              beta: float = 0.1, label_smoothing: float = 0.0,
+              targets: torch.Tensor | None = None) -> LossOutput:
     """Conservative DPO: DPO with labels flipped with probability eps (Mitchell 2023,
     "A note on DPO with noisy preferences and relationship to IPO").
 
         L = mean_i [ -(1 - eps) log sigmoid(beta h_i) - eps log sigmoid(-beta h_i) ]
 
-    eps = 0 is DPO; eps = 0.5 is symmetric in h (no preference). Metrics as ``dpo_loss``.
+    eps = 0 is DPO; eps = 0.5 is symmetric in h (no preference). With soft targets p_i
+    (P(y_w,i better)) the label of pair i is first p_i, then flipped with probability eps:
+
+        L = mean_i -[q_i log sigmoid(beta h_i) + (1 - q_i) log sigmoid(-beta h_i)],
+        q_i = (1 - eps) p_i + eps (1 - p_i),
+
+    which is the loss above when every p_i = 1. Metrics as ``dpo_loss``.
     TRL 1.16 has no such loss: its ``sigmoid`` ignores ``label_smoothing``, and its
     ``robust`` divides the same expression, with the flipped term's sign reversed, by
     1 - 2 eps (the unbiased estimator of Chowdhury et al. 2024, "Provably Robust DPO").
     """
+    if targets is not None:
+        _check_same_shape(policy_chosen_logps=policy_chosen_logps, targets=targets)
+        q = (1.0 - label_smoothing) * targets + label_smoothing * (1.0 - targets)
+
     def per_pair(h: torch.Tensor) -> torch.Tensor:
         logits = beta * h
-        return (-(1.0 - label_smoothing) * F.logsigmoid(logits)
-                - label_smoothing * F.logsigmoid(-logits))
+        if targets is None:
+            return (-(1.0 - label_smoothing) * F.logsigmoid(logits)
+                    - label_smoothing * F.logsigmoid(-logits))
+        return -q * F.logsigmoid(logits) - (1.0 - q) * F.logsigmoid(-logits)
 
     return _reference_pair_loss(
         per_pair, beta,

@@ -146,15 +146,17 @@ def online_commands() -> dict[str, dict[str, str]]:
 #   reference_free  needs no reference model (takes response lengths instead)
 #   unpaired        trains on single labelled responses (KTO) rather than pairs
 #   hparams         the loss's keyword -> the DPOConfig field it reads
+#   soft_labels     takes ``targets``, the rows' soft labels label_prob (absent: hard labels only)
 #   length_inputs   keywords the training loop fills from the response lengths (absent: none):
 #                   chosen_lengths/rejected_lengths per pair (IPO per token, dpo.ipo_normalize),
 #                   chosen_length_mean of the global batch (an NLL pooled over its chosen tokens)
 
 PREFERENCE_LOSSES = Registry("preference loss", [
     Entry("dpo", "rlhflab.losses:dpo_loss", "DPO, the sigmoid loss (Rafailov et al. 2023)",
-          dict(reference_free=False, unpaired=False, hparams={"beta": "beta"})),
+          dict(reference_free=False, unpaired=False, hparams={"beta": "beta"}, soft_labels=True)),
     Entry("cdpo", "rlhflab.losses:cdpo_loss", "conservative DPO: label smoothing eps (Mitchell 2023)",
-          dict(reference_free=False, unpaired=False, hparams={"beta": "beta", "label_smoothing": "label_smoothing"})),
+          dict(reference_free=False, unpaired=False, hparams={"beta": "beta", "label_smoothing": "label_smoothing"},
+               soft_labels=True)),
     Entry("ipo", "rlhflab.losses:ipo_loss", "IPO: squared loss to 1/(2 tau) (Azar et al. 2023)",
           dict(reference_free=False, unpaired=False, hparams={"tau": "beta", "normalize": "ipo_normalize"},
                length_inputs=("chosen_lengths", "rejected_lengths"))),

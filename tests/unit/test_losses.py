@@ -13,6 +13,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from rlhflab.losses import (
     bradley_terry_loss,
@@ -374,6 +375,50 @@ def test_cdpo_eps_zero_equals_dpo_and_hand_value():
     a = cdpo_loss(pc, pr, rc, rr, beta=0.5, label_smoothing=0.5)[0]
     b = cdpo_loss(pr, pc, rr, rc, beta=0.5, label_smoothing=0.5)[0]
     assert a.item() == approx(b.item())
+
+
+def test_dpo_soft_targets_hand_values_and_gradient():
+    """Soft labels: l = -[p log sigmoid(beta h) + (1 - p) log sigmoid(-beta h)].
+
+    Two pairs, beta = 0.5: h = 2 (beta h = 1), p = 0.8: 0.8 * 0.313262 + 0.2 * 1.313262 =
+    0.513262; h = 0, p = 0.3: log 2 = 0.693147 whatever p. Mean 0.603205.
+    dl/d(beta h) = sigmoid(beta h) - p, so dL/d policy_chosen of pair 1 =
+    beta (0.731059 - 0.8) / 2 = -0.017235 (the mean over two pairs), of pair 2
+    0.5 (0.5 - 0.3) / 2 = 0.05."""
+    pc, pr = t(-1.0, -2.0, grad=True), t(-3.0, -2.0, grad=True)
+    loss, m = dpo_loss(pc, pr, t(-2.0, -2.0), t(-2.0, -2.0), beta=0.5, targets=t(0.8, 0.3))
+    assert loss.item() == approx(0.6032046)
+    loss.backward()
+    assert pc.grad[0].item() == approx(0.5 * (1.0 - SIG_M1 - 0.8) / 2)
+    assert pc.grad[1].item() == approx(0.05)
+    assert pr.grad[1].item() == approx(-0.05)
+    assert m["rewards/margins"] == approx(0.5)
+
+
+def test_dpo_soft_targets_of_one_are_dpo_and_compose_with_cdpo_smoothing():
+    """p = 1 everywhere is DPO; p = 1 - eps is cDPO with that eps; p = 0.8 with eps = 0.1 is
+    the target q = 0.9 * 0.8 + 0.1 * 0.2 = 0.74: at beta h = 1, 0.74 * 0.313262 + 0.26 *
+    1.313262 = 0.573262. Without targets the numbers are today's exactly."""
+    gen = torch.Generator().manual_seed(7)
+    xs = [torch.randn(5, generator=gen) for _ in range(4)]
+    ones = torch.ones(5)
+    assert dpo_loss(*xs, beta=0.2, targets=ones)[0].item() == approx(dpo_loss(*xs, beta=0.2)[0].item())
+    assert dpo_loss(*xs, beta=0.2, targets=ones * 0.9)[0].item() == approx(
+        cdpo_loss(*xs, beta=0.2, label_smoothing=0.1)[0].item())
+    both = cdpo_loss(*_dpo_inputs(), beta=0.5, label_smoothing=0.1, targets=t(0.8))[0]
+    assert both.item() == approx(0.5732617)
+    assert torch.equal(cdpo_loss(*xs, beta=0.2, label_smoothing=0.1)[0],
+                       -(0.9 * F.logsigmoid(0.2 * ((xs[0] - xs[2]) - (xs[1] - xs[3])))
+                         + 0.1 * F.logsigmoid(-0.2 * ((xs[0] - xs[2]) - (xs[1] - xs[3])))).mean())
+
+
+def test_dpo_soft_target_minimum_at_the_log_odds():
+    """The per-pair minimum over h is beta h = log(p / (1 - p)): the gradient vanishes there."""
+    p = 0.7
+    h_half = math.log(p / (1 - p)) / (2 * 0.5)  # h = 2 h_half, beta h = log(p / (1 - p))
+    pc = t(-2.0 + h_half, grad=True)
+    dpo_loss(pc, t(-2.0 - h_half), t(-2.0), t(-2.0), beta=0.5, targets=t(p))[0].backward()
+    assert abs(pc.grad.item()) < 1e-6
 
 
 def test_ipo_hand_value_and_gradient():

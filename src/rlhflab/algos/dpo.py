@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -81,12 +82,14 @@ def needs_reference(loss: str) -> bool:
 @dataclass
 class PairExample:
     """A comparison: chosen and rejected share their prompt ids. ref_* are cached
-    reference log-probs (summed over response tokens), nan until computed."""
+    reference log-probs (summed over response tokens), nan until computed; target the row's
+    soft label ``label_prob`` (P(chosen better)), None for a hard label."""
 
     chosen: Tokenized
     rejected: Tokenized
     ref_chosen: float = math.nan
     ref_rejected: float = math.nan
+    target: float | None = None
 
 
 @dataclass
@@ -120,7 +123,8 @@ def tokenize_pairs(rows: list[dict], tokenizer, max_length: int) -> tuple[list[P
         if _response(chosen) == _response(rejected):
             dropped += 1
             continue
-        out.append(PairExample(chosen, rejected))
+        label_prob = row.get("label_prob")
+        out.append(PairExample(chosen, rejected, target=None if label_prob is None else float(label_prob)))
     return out, {"data/pairs": len(rows), "data/truncated": truncated, "data/dropped": dropped}
 
 
@@ -299,6 +303,20 @@ def _length_inputs(loss_name: str, chosen_lengths: torch.Tensor, rejected_length
     return {k: values[k] for k in PREFERENCE_LOSSES.entry(loss_name).options.get("length_inputs", ())}
 
 
+def soft_labels(loss_name: str, examples: list) -> bool:
+    """Whether ``loss_name`` trains on the examples' soft labels: it takes them (registry
+    option ``soft_labels``) and some pair has one. Otherwise every call is the hard loss, with
+    the same numbers as on rows without ``label_prob``."""
+    return bool(PREFERENCE_LOSSES.entry(loss_name).options.get("soft_labels")) and any(
+        isinstance(e, PairExample) and e.target is not None for e in examples)
+
+
+def _targets(examples: list[PairExample], device) -> torch.Tensor:
+    """Per-pair soft labels, 1 for a hard label."""
+    return torch.tensor([1.0 if e.target is None else e.target for e in examples], dtype=torch.float32,
+                        device=device)
+
+
 @torch.no_grad()
 def evaluate(loss_name: str, hp: dict, model, reference, examples: list, pad_id: int, device,
              batch_size: int = 64, packed: bool = False) -> dict[str, float]:
@@ -316,6 +334,8 @@ def evaluate(loss_name: str, hp: dict, model, reference, examples: list, pad_id:
     else:
         args = _paired_terms(loss_name, model, reference, examples, pad_id, device, rows, packed)
         extra = _length_inputs(loss_name, *_pair_lengths(examples, device))
+        if soft_labels(loss_name, examples):
+            extra["targets"] = _targets(examples, args[0].device)
         loss, metrics = PREFERENCE_LOSSES[loss_name](*args, **hp, **extra)
     model.train(was)
     return {"eval/loss": loss.item(), **{f"eval/{k}": v for k, v in metrics.items()}}
@@ -359,6 +379,11 @@ def train_dpo(cfg, model, reference, tokenizer, train: list, held_out: list,
     log = MetricsLog(out_dir / "metrics.jsonl" if out_dir else None, enabled=accelerator.is_main_process,
                      accelerator=accelerator)
     loss_fn = PREFERENCE_LOSSES[name]
+    soft = soft_labels(name, train)
+    if not unpaired and not soft and any(e.target is not None for e in train) and accelerator.is_main_process:
+        takes = ", ".join(PREFERENCE_LOSSES.where(soft_labels=True))
+        print(f"[dpo] {name} reads hard labels: the rows' label_prob is not used (soft labels: {takes})",
+              file=sys.stderr)
 
     def run_monitor(step: int) -> dict:
         extra = monitor(step, policy) if monitor is not None and accelerator.is_main_process else {}
@@ -384,6 +409,8 @@ def train_dpo(cfg, model, reference, tokenizer, train: list, held_out: list,
                 shard_lengths = _pair_lengths(shard, device)
                 global_lengths = [accelerator.gather(t) for t in shard_lengths]
                 chosen_length_mean = global_lengths[0].mean()
+                shard_targets = _targets(shard, device) if soft else None
+                global_soft = {"targets": accelerator.gather(shard_targets)} if soft else {}
             kept: list[list[torch.Tensor]] = []
             for m in range(0, len(shard), micro):
                 chunk = shard[m:m + micro]
@@ -401,6 +428,8 @@ def train_dpo(cfg, model, reference, tokenizer, train: list, held_out: list,
                                                       packed=packed))
                             extra = _length_inputs(name, *(t[m:m + micro] for t in shard_lengths),
                                                    chosen_length_mean)
+                            if soft:
+                                extra["targets"] = shard_targets[m:m + micro]
                             loss, _ = loss_fn(*args, **hp, **extra)
                     # The loss is a mean over this chunk: weight it by the chunk's share of
                     # the global batch; DDP then averages over W processes, hence * W.
@@ -412,7 +441,7 @@ def train_dpo(cfg, model, reference, tokenizer, train: list, held_out: list,
                 gathered[2] = gathered[2] > 0.5  # is_desirable back to bool
             with torch.no_grad():
                 step_loss, step_metrics = (loss_fn(*gathered, z0, **hp) if unpaired else
-                                           loss_fn(*gathered, **hp, **_length_inputs(name, *global_lengths)))
+                                           loss_fn(*gathered, **hp, **_length_inputs(name, *global_lengths), **global_soft))
             grad_norm = optimizer_step(accelerator, model.parameters(), optimizer, scheduler, cfg,
                                        stage=name if name == "dpo" else f"dpo ({name})", step=step,
                                        loss=step_loss.item(), lr_field="dpo.lr")
@@ -435,6 +464,6 @@ def train_dpo(cfg, model, reference, tokenizer, train: list, held_out: list,
     summary.update({f"{k}_initial": v for k, v in initial_eval.items() if k in ("eval/loss", "eval/rewards/accuracies")})
     summary.update({"train/steps": total_steps, "train/examples": len(train),
                     "train/seconds": time.perf_counter() - start, "train/processes": W,
-                    "dpo/loss": name, "dpo/reference": "none" if not needs_reference(name)
+                    "dpo/loss": name, "dpo/soft_labels": soft, "dpo/reference": "none" if not needs_reference(name)
                     else ("cached" if cached else "on_the_fly")})
     return summary
