@@ -473,6 +473,27 @@ class DPOConfig(TrainConfig):
 
 
 @dataclass
+class LoRAConfig:
+    """Low-rank adapters (Hu et al. 2021) through peft on every model a stage trains: the SFT,
+    DPO-family and online-RL policy, the critic and the reward model. Each adapted weight is
+    W + (alpha / r) B A with A (r x d_in), B (d_out x r) and B = 0 at the start, so an adapted
+    model starts as its base; the base weights stay frozen. The reference policy of DPO and
+    online RL is then the policy with its adapter disabled: one copy of the weights.
+    ``rlhflab.lora`` holds the plumbing."""
+
+    r: int = _f(0, "rank of the adapters; 0 = full fine-tuning (no adapters)", "int >= 0")
+    alpha: float = _f(16.0, "the adapters' scale: the update is (alpha / r) B A", "> 0")
+    dropout: float = _f(0.0, "dropout on the adapters' input (off by default, as the rest of the model)", "[0, 1)")
+    target_modules: list = _f([], "names of the linear layers that get adapters (e.g. [q_proj, v_proj]); "
+                              "[] = every linear layer but the output head")
+
+    def cross_check(self, at: str) -> Iterator[tuple[str, tuple[str, ...]]]:
+        bad = [m for m in self.target_modules if not isinstance(m, str) or not m]
+        if bad:
+            yield f"every item must be a module name, got {bad[0]!r}", (f"{at}.target_modules",)
+
+
+@dataclass
 class RunConfig:
     """The main job (``rlhflab run``): which arms to train beside SFT and the RM."""
 
@@ -505,6 +526,7 @@ class Config:
     rl: RLConfig = field(default_factory=RLConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
 
 
 # ---------------------------------------------------------------------------------------

@@ -269,13 +269,18 @@ def save_pretrained_atomic(model, tokenizer, out: str | Path) -> Path:
 
     An interrupted save leaves no half-written model at ``out``; an existing ``out`` is
     replaced only once the new one is complete. A model with a non-finite weight is refused
-    (``InputError``): nothing NaN is ever saved as a model.
+    (``InputError``): nothing NaN is ever saved as a model. A model with LoRA adapters is
+    saved merged, with its adapter in ``out/adapter`` (``lora.save``).
     """
+    from rlhflab import lora
     from rlhflab.artifacts import atomic_directory, check_finite_weights
 
     check_finite_weights(model, "the model", out)
     with atomic_directory(out) as tmp:
-        model.save_pretrained(str(tmp), safe_serialization=True)
+        if lora.is_adapted(model):
+            lora.save(model, tmp)
+        else:
+            model.save_pretrained(str(tmp), safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
     return Path(out)

@@ -248,7 +248,12 @@ def run_dpo(cfg: Config, out: Path, sft: Path, data: str | None = None, eval_dat
                          "lower dpo.batch_size or add data", field="dpo.batch_size")
 
     set_seed(d.seed)
-    reference = freeze(copy.deepcopy(policy)).to(accelerator.device)  # the SFT policy, bit for bit
+    if cfg.lora.r:  # adapters on the policy; the reference is its base, adapters off: no second copy
+        from rlhflab import lora
+
+        reference = freeze(lora.reference_of(lora.attach(policy, cfg.lora))).to(accelerator.device)
+    else:
+        reference = freeze(copy.deepcopy(policy)).to(accelerator.device)  # the SFT policy, bit for bit
     if cfg.model.gradient_checkpointing:  # the policy only: the reference runs no backward
         enable_gradient_checkpointing(policy)
     if needs_reference(d.loss) and d.precompute_ref_logps:

@@ -157,8 +157,13 @@ def run_rl(cfg, algo: str, out: Path, *, sft: str, rm: str | None = None, reward
 
     set_seed(cfg.rl.seed)
     policy = load_causal_lm(sft_dir, tok, cfg.model.trust_remote_code, cfg.model.attn_implementation)
-    reference = load_causal_lm(sft_dir, tok, cfg.model.trust_remote_code, cfg.model.attn_implementation)
+    reference = None if cfg.lora.r else load_causal_lm(sft_dir, tok, cfg.model.trust_remote_code,
+                                                        cfg.model.attn_implementation)
     value = _make_value_model(cfg, policy, tok, rm) if critic else None
+    if cfg.lora.r:  # adapters on the policy and the critic; the reference is the policy's base
+        from rlhflab import lora
+
+        reference = lora.adapt_online(policy, value, cfg.lora)
     if cfg.model.gradient_checkpointing:  # the update runs in train mode then: dropout off in both modes
         from rlhflab.models import enable_gradient_checkpointing
         from rlhflab.training import disable_dropout

@@ -70,6 +70,10 @@ def run_sft(cfg: Config, out: Path, data: str | None = None, eval_data: str | No
     train_rows, eval_rows = load_sft_rows(cfg, world, data, eval_data)
     set_seed(cfg.sft.seed)
     model, tok = load_policy(cfg, world)
+    if cfg.lora.r:
+        from rlhflab import lora
+
+        lora.attach(model, cfg.lora)
     if cfg.model.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     train, n_trunc = tokenize_rows(train_rows, tok, cfg.sft.max_length)
