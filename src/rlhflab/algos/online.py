@@ -358,8 +358,10 @@ class OnlineRun:
         out = {k: v for k, v in measured.items() if k.startswith(("gold/mean", "samples/"))}
         out["eval/proxy_mean"] = float(proxy.float().mean())
         out["eval/proxy_minus_gold"] = out["eval/proxy_mean"] - out["gold/mean"]
+        out.update(self._shift([p.text for p in self.eval_prompts], completions))
         self.state["evals"].append({"step": step, "gold/mean": out["gold/mean"],
-                                    "eval/proxy_mean": out["eval/proxy_mean"]})
+                                    "eval/proxy_mean": out["eval/proxy_mean"],
+                                    **{k: v for k, v in out.items() if k.startswith("shift/")}})
         return out, out["gold/mean"]
 
     def _measure_user(self, step: int) -> tuple[dict[str, float], float]:
@@ -382,7 +384,8 @@ class OnlineRun:
                "eval/kl": sampled_kl(self.policy_module, self.reference, self.tokenizer, list(h.texts),
                                      max_new_tokens=g.max_new_tokens, batch_size=g.batch_size,
                                      seed=derive_seed(self.rl.seed, "eval_kl"))["kl/sequence_mean"],
-               "eval/length_mean": sum(len(c.token_ids) for c in done) / len(done)}
+               "eval/length_mean": sum(len(c.token_ids) for c in done) / len(done),
+               **self._shift([r["prompt"] for r in h.rows] if h.rows else list(h.texts), done)}
         if h.judge is not None:
             if h.reference_texts is None:  # the reference's answers: sampled once, the same every evaluation
                 ref = sample(self.reference, self.tokenizer, h.texts, **kw)
@@ -392,9 +395,23 @@ class OnlineRun:
             w = win_rate(verdict.prob_a)
             out.update({"eval/win_rate": w["win_rate"], "eval/win_rate_ci_low": w["ci_low"],
                         "eval/win_rate_ci_high": w["ci_high"]})
-        entry = {"step": step, **{k: out[k] for k in ("eval/proxy_mean", "eval/kl", "eval/win_rate") if k in out}}
+        entry = {"step": step, **{k: v for k, v in out.items()
+                                  if k in ("eval/proxy_mean", "eval/kl", "eval/win_rate") or k.startswith("shift/")}}
         self.state["evals"].append(entry)
         return out, out["eval/win_rate"] if h.judge is not None else out["eval/proxy_mean"]
+
+    def _shift(self, prompts: list, completions) -> dict[str, float]:
+        """The distribution-shift readings (``instruments.distribution_shift``) of held-out
+        samples under the first of the run's reward models that carries its training data's
+        feature statistics (``rlhflab rm`` saves them); {} when none does."""
+        from rlhflab.instruments.distribution_shift import shift_readings
+
+        for _, source in getattr(self.reward, "terms", ()):
+            model = getattr(source, "model", None)
+            if model is not None and getattr(model, "feature_stats", None) is not None:
+                return shift_readings(model, prompts, [c.text for c in completions],
+                                      eos=[c.eos for c in completions])
+        return {}
 
     @property
     def selection_key(self) -> str | None:
