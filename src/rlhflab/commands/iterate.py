@@ -9,12 +9,17 @@ them, so the comparisons are renewed as it moves. Round r = 1..R:
 2. before retraining, the last round's reward model is scored on these fresh comparisons:
    its accuracy on the current policy's samples (``iterate/rm_accuracy_on_policy``; it
    falls as the policy moves away from the data it was trained on);
-3. the reward model is trained on all comparisons so far, old and new (``rlhflab rm``:
-   the SFT backbone, normalized on the SFT policy's samples so that every round's proxy is
-   in the same units);
+3. the reward model is trained on all comparisons so far, old and new (``rlhflab rm``,
+   normalized on the SFT policy's samples so that every round's proxy is in the same
+   units): by default from the SFT backbone, so each round's reward model is a function of
+   its data alone (no old comparison is seen for more epochs than a new one, and no round
+   inherits an earlier round's over-fit); with ``--rm-continue`` from the previous round's
+   reward model (its backbone; ``rlhflab rm`` gives every backbone a fresh scalar head),
+   the form of Llama 2's iterations, which keeps what the earlier rounds learned;
 4. RL continues from the current policy on the new reward model for its share of
-   ``rl.steps`` (``rlhflab ppo / reinforce / rloo / grpo``; the KL penalty is to the
-   round's starting policy, a trust region per round).
+   ``rl.steps`` (``rlhflab ppo / reinforce / rloo / grpo``), its KL penalty to the SFT
+   policy in every round (``run_rl(reference=...)``), so the R rounds together are one
+   KL-regularized objective, as in one round, and not a trust region per round.
 
 ``--method online-dpo`` replaces steps 2-4 (Guo et al. 2024, "Direct language model
 alignment from online AI feedback", one batch per round): DPO on the new pairs sampled from
@@ -51,6 +56,9 @@ def add_arguments(p) -> None:
     p.add_argument("--method", choices=METHODS, default="rl", help="rl (default) or online-dpo")
     p.add_argument("--algo", choices=sorted(online_commands()), default="rloo",
                    help="the RL algorithm of each round (default rloo)")
+    p.add_argument("--rm-continue", action="store_true",
+                   help="train each round's reward model from the previous round's (default: from the SFT "
+                        "backbone on all comparisons so far)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print iterate.json")
 
@@ -77,7 +85,7 @@ def _gold_std(prompts, completions) -> float:
 
 
 def run_iterate(cfg, sft, out: Path, *, rounds: int, method: str = "rl", algo: str = "rloo", seed: int = 0,
-                overwrite: bool = False) -> dict:
+                overwrite: bool = False, rm_continue: bool = False) -> dict:
     """The ``iterate.json`` record (module docstring); every round's artifacts under ``out``."""
     import copy
     import shutil
@@ -99,6 +107,8 @@ def run_iterate(cfg, sft, out: Path, *, rounds: int, method: str = "rl", algo: s
 
     check_out_dir(out, overwrite)
     sft_dir = resolve_model_dir(sft, "--sft")
+    if rm_continue and cfg.rm.ensemble > 1:
+        raise InputError("--rm-continue continues one reward model: set rm.ensemble=1", field="rm.ensemble")
     prompt_shares = split_budget(cfg.rm.n_prompts, rounds, "comparison prompts (rm.n_prompts)")
     step_shares = split_budget(cfg.rl.steps, rounds, "RL steps (rl.steps)") if method == "rl" else [0] * rounds
     world = World(cfg.world)
@@ -111,7 +121,7 @@ def run_iterate(cfg, sft, out: Path, *, rounds: int, method: str = "rl", algo: s
                          top_p=gen.top_p, max_new_tokens=gen.max_new_tokens, batch_size=gen.batch_size, seed=seed)
     gold_scale = _gold_std(held_out, sft_samples) or 1.0
     record: dict = {"sft": str(sft_dir), "rounds": rounds, "method": method, "algo": algo if method == "rl" else None,
-                    "seed": seed, "comparison_prompts": prompt_shares, "rl_steps": step_shares,
+                    "seed": seed, "rm_continue": rm_continue, "comparison_prompts": prompt_shares, "rl_steps": step_shares,
                     "gold/sft_std": gold_scale, "per_round": []}
     with run_directory(out, overwrite) as work:
         save_config(cfg, work / "config.yaml")
@@ -137,14 +147,15 @@ def run_iterate(cfg, sft, out: Path, *, rounds: int, method: str = "rl", algo: s
             rm = None
             if method == "rl":
                 c = copy.deepcopy(cfg)
-                c.rm.backbone = str(sft_dir)
+                c.rm.backbone = str(rd.parent / f"round_{r - 1}" / "rm") if rm_continue and r > 1 else str(sft_dir)
                 run_rm(c, rd / "rm", sft=str(sft_dir), data=str(rd / "comparisons.jsonl"))
                 rm = rm_prev = RewardModel.load(rd / "rm")
                 row["rm/eval_accuracy"] = _rm_eval_accuracy(rd / "rm")
                 c = copy.deepcopy(cfg)
                 c.rl.steps = step_shares[r - 1]
                 c.rl.seed = derive_seed(cfg.rl.seed, "iterate", r, bits=31)
-                summary = run_rl(c, rl_algorithm(algo), rd / "rl", sft=str(policy_dir), rm=str(rd / "rm"))
+                summary = run_rl(c, rl_algorithm(algo), rd / "rl", sft=str(policy_dir), rm=str(rd / "rm"),
+                                 reference=str(sft_dir))
                 offset = sum(step_shares[:r - 1])  # the RL steps of the rounds before
                 curve += [{"step": offset + e["step"], "gold/mean": e["gold/mean"], "round": r}
                           for e in summary.get("evals", [])]
@@ -198,8 +209,10 @@ def run(args) -> int:
     if args.rounds < 1:
         raise InputError(f"must be >= 1, got {args.rounds}", field="--rounds")
     cfg = config_from_args(args)
+    if args.rm_continue and args.method != "rl":
+        raise InputError("online DPO trains no reward model", field="--rm-continue")
     run_iterate(cfg, args.sft, Path(args.out), rounds=args.rounds, method=args.method, algo=args.algo,
-                seed=args.seed, overwrite=args.overwrite)
+                seed=args.seed, overwrite=args.overwrite, rm_continue=args.rm_continue)
     if args.json:
         print(json.dumps(json.loads((Path(args.out) / "iterate.json").read_text())))
     return 0

@@ -82,7 +82,7 @@ def run(args) -> int:
                              "with run_rl(..., reward_fns=[...], resume=True)", file=str(out / "run.json"))
         run_rl(cfg, inputs["algo"], out, sft=inputs["sft"], rm=inputs.get("rm"),
                reward_fns=fns, prompts=inputs.get("prompts"), resume=True,
-               eval_prompts=inputs.get("eval_prompts"), judge=inputs.get("judge"))
+               eval_prompts=inputs.get("eval_prompts"), judge=inputs.get("judge"), reference=inputs.get("reference"))
         return 0
     if not args.out:
         raise InputError("--out is required (or --resume DIR)")
@@ -100,8 +100,10 @@ def run(args) -> int:
 
 def run_rl(cfg, algo: str, out: Path, *, sft: str, rm: str | None = None, reward_fns=(), prompts: str | None = None,
            overwrite: bool = False, resume: bool = False, eval_prompts: str | None = None,
-           judge: str | None = None) -> dict:
-    """One online RL run end to end; returns the summary (also ``out/metrics.json``)."""
+           judge: str | None = None, reference: str | None = None) -> dict:
+    """One online RL run end to end; returns the summary (also ``out/metrics.json``).
+    ``reference``: the frozen policy the KL is taken to (a run or model directory), when it
+    is not ``sft`` (``rlhflab iterate`` anchors every round to the SFT policy); default ``sft``."""
     from accelerate.utils import set_seed
 
     from rlhflab.algos.rl_config import check_layout, resolve_rl_config
@@ -125,6 +127,10 @@ def run_rl(cfg, algo: str, out: Path, *, sft: str, rm: str | None = None, reward
         check_out_dir(out, overwrite)  # on every process, before anything is written
     # Validate every input before writing anything.
     sft_dir = resolve_model_dir(sft, "--sft")
+    ref_dir = resolve_model_dir(reference, "reference") if reference is not None else sft_dir
+    if cfg.lora.r and ref_dir != sft_dir:
+        raise InputError("with LoRA the reference is the policy's base model: a separate reference needs lora.r=0",
+                         field="lora.r")
     if rm is not None and not Path(rm).is_dir():
         raise InputError("reward model directory not found", file=rm)
     reward = build_reward(rm, reward_fns, rm_weight=cfg.rl.rm_weight, device=accelerator.device)
@@ -157,7 +163,7 @@ def run_rl(cfg, algo: str, out: Path, *, sft: str, rm: str | None = None, reward
 
     set_seed(cfg.rl.seed)
     policy = load_causal_lm(sft_dir, tok, cfg.model.trust_remote_code, cfg.model.attn_implementation)
-    reference = None if cfg.lora.r else load_causal_lm(sft_dir, tok, cfg.model.trust_remote_code,
+    reference = None if cfg.lora.r else load_causal_lm(ref_dir, tok, cfg.model.trust_remote_code,
                                                         cfg.model.attn_implementation)
     value = _make_value_model(cfg, policy, tok, rm) if critic else None
     if cfg.lora.r:  # adapters on the policy and the critic; the reference is the policy's base
@@ -190,7 +196,8 @@ def run_rl(cfg, algo: str, out: Path, *, sft: str, rm: str | None = None, reward
                 "reward_fns": [f if isinstance(f, str) else f"<python {getattr(f, '__name__', type(f).__name__)}>"
                                for f in reward_fns],
                 "prompts": str(Path(prompts).resolve()) if prompts else None,
-                "eval_prompts": str(Path(eval_prompts).resolve()) if eval_prompts else None, "judge": judge})
+                "eval_prompts": str(Path(eval_prompts).resolve()) if eval_prompts else None, "judge": judge,
+                "reference": str(ref_dir.resolve()) if ref_dir != sft_dir else None})
         accelerator.wait_for_everyone()
         return _train(cfg, algo, accelerator, policy, reference, tok, reward, prompt_pool, value, work, world,
                       world_eval, prompt_rows=prompt_rows, held_out=held_out)
