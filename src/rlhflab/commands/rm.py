@@ -254,7 +254,10 @@ def _feature_stats(reward_model, train: list, held: list, limit: int = 4096) -> 
     from rlhflab.instruments.distribution_shift import feature_stats
 
     def responses(groups):
-        seen = {(g.prompt if isinstance(g.prompt, str) else repr(g.prompt), r, bool(e)): (g.prompt, r, bool(e))
+        def key(x):  # text, or a conversational field (a list of messages) by its repr
+            return x if isinstance(x, str) else repr(x)
+
+        seen = {(key(g.prompt), key(r), bool(e)): (g.prompt, r, bool(e))
                 for g in groups for r, e in zip(g.responses, g.eos)}
         rows = list(seen.values())[:limit]
         return [p for p, _, _ in rows], [r for _, r, _ in rows], [e for _, _, e in rows]
