@@ -105,13 +105,17 @@ def test_the_pipeline_on_a_users_qwen2_with_chatml(user, capsys):
         _run(["eval", "--config", TINY, *SETS, "--policy", str(d / "dpo"), "--base", str(d / "sft"),
               "--rm", str(d / "rm"), "--prompts", str(d / "prompts.jsonl"), "--judge", spec, "--out", str(out)])
         m = json.loads((out / "eval.json").read_text())
+        assert "rm/score_mean" in m and "base/rm/score_mean" in m and "kl/sequence_mean" in m
+        if name == "lm":
+            # A tiny SFT model as the judge: its answers cannot be read (neither letter likelier than the
+            # rest of its vocabulary), so they are counted and no win-rate is made of them.
+            assert m["judge/unreadable_rate"] == 1.0 and "win_rate/judge" not in m
+            assert "answers could be read" in capsys.readouterr().err
+            continue
         assert 0.0 <= m["win_rate/judge"] <= 1.0 and m["win_rate/judge_n"] == len(QUESTIONS)
         assert m["win_rate/judge_ci_low"] <= m["win_rate/judge"] <= m["win_rate/judge_ci_high"]
-        assert "rm/score_mean" in m and "base/rm/score_mean" in m and "kl/sequence_mean" in m
         if name == "rm":
             assert m["win_rate/rm"] == m["win_rate/judge"]
-        if name == "lm":
-            assert -0.5 <= m["judge/position_bias"] <= 0.5 and 0.0 <= m["judge/order_agreement"] <= 1.0
 
 
 def test_outputs_load_in_plain_transformers_and_score_the_same(user):

@@ -113,15 +113,21 @@ def evaluate_on_user_data(cfg, policy_dir, base_dir, rm_dir=None, *, prompts=Non
         pol, bas = comps[""], comps["base/"]
         verdict = judge_obj.compare(raw, [c.text for c in pol], [c.text for c in bas],
                                     eos_a=[c.eos for c in pol], eos_b=[c.eos for c in bas])
-        w = win_rate(verdict.prob_a)
         dlen = [float(len(a.token_ids) - len(b.token_ids)) for a, b in zip(pol, bas)]
         read = verdict.readable  # an unreadable judge answer is counted (judge/unreadable), not scored
-        metrics.update({"win_rate/judge": w["win_rate"], "win_rate/judge_ci_low": w["ci_low"],
-                        "win_rate/judge_ci_high": w["ci_high"], "win_rate/judge_n": w["n"],
-                        "win_rate/judge_length_controlled": length_controlled_win_rate(
-                            [p for p, ok in zip(verdict.prob_a, read) if ok],
-                            [d for d, ok in zip(dlen, read) if ok]),
-                        **verdict.readings})
+        metrics.update(verdict.readings)
+        if any(read):
+            w = win_rate(verdict.prob_a)
+            metrics.update({"win_rate/judge": w["win_rate"], "win_rate/judge_ci_low": w["ci_low"],
+                            "win_rate/judge_ci_high": w["ci_high"], "win_rate/judge_n": w["n"],
+                            "win_rate/judge_length_controlled": length_controlled_win_rate(
+                                [p for p, ok in zip(verdict.prob_a, read) if ok],
+                                [d for d, ok in zip(dlen, read) if ok])})
+        else:  # no win-rate, and so no verdict that needs one: diagnose says what is missing
+            import sys
+
+            print(f"judge {verdict.judge}: none of its {len(read)} answers could be read (neither option likelier "
+                  f"than the rest of its vocabulary); no win-rate is reported", file=sys.stderr)
         if judge.startswith("rm:"):
             metrics.update({k.replace("/judge", "/rm"): v for k, v in metrics.items()
                             if k.startswith("win_rate/judge")})
