@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 LOCK := requirements/constraints.txt
 PYTEST := -m pytest -q tests
 
-.PHONY: demo test test-demo lint bench clean install lock latest-env test-latest
+.PHONY: demo demo-rlaif test test-demo lint bench clean install lock latest-env test-latest
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -68,6 +68,11 @@ test-latest: latest-env
 
 demo: $(STAMP)
 	$(BIN)/rlhflab run --config configs/demo.yaml --out runs/demo --overwrite
+
+# The demo with the RLAIF arm beside the others: PPO on a reward model trained on the world's
+# AI labels of the same comparisons (docs/rlaif.md; it adds about two minutes to the demo).
+demo-rlaif: $(STAMP)
+	$(BIN)/rlhflab run --config configs/demo.yaml --set 'run.arms=[ppo, dpo, grpo, rlaif]' --out runs/demo-rlaif --overwrite
 
 test: $(STAMP)
 	$(BIN)/python $(PYTEST)

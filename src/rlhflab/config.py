@@ -25,6 +25,7 @@ import yaml
 
 from rlhflab.errors import InputError
 from rlhflab.registry import (
+    AI_FEEDBACK_ARMS,
     KL_CAUTION_NATS,
     KL_CONTROLLERS,
     KL_ESTIMATORS,
@@ -499,10 +500,14 @@ class RunConfig:
 
     arms: list = _f(["ppo", "dpo", "grpo"], f"policies to train from SFT: {', '.join(ONLINE_ALGORITHMS)}, "
                     f"or a DPO-family loss ({', '.join(PREFERENCE_LOSSES)}); or, with no training, "
-                    f"{', '.join(SAMPLING_ARMS)} (best-of-n of the SFT policy by the reward model)")
+                    f"{', '.join(SAMPLING_ARMS)} (best-of-n of the SFT policy by the reward model); or "
+                    f"{', '.join(AI_FEEDBACK_ARMS)} (PPO on a reward model trained on AI labels of the same "
+                    "comparisons, run.constitution)")
     seed: int = _f(0, "seed of the evaluation samples", _SEED)
     bon_n: list = _f([1, 2, 4, 8, 16, 32], "the bon arm's candidates per prompt, increasing: max(n) samples of "
                      "each of the rl.n_eval held-out prompts the RL arms' gold is measured on", "each int >= 1")
+    constitution: str = _f("", "the constitution the rlaif arm's AI labeller follows (YAML; '' = "
+                           "configs/constitution.yaml)")
     bandit_algos: list = _f(["ppo", "dpo"], "algorithms drawn against the exact frontier on the bandit; [] = skip")
     bandit_betas: list = _f([0.1, 0.25, 0.5, 1.0, 2.0], "betas of the bandit frontier", "each > 0")
 

@@ -195,6 +195,20 @@ SAMPLING_ARMS = Registry("sampling arm", [
           "Gao et al. 2022)"),
 ])
 
+# ---------------------------------------------------------------------------------------
+# AI-feedback arms: the reward model's comparisons labelled by an AI labeller
+# ---------------------------------------------------------------------------------------
+# An ``rlhflab run`` arm that has the world's AI labeller (``judge``) relabel the comparisons
+# the human raters voted on (same prompts, same pairs) under ``run.constitution``, trains its
+# own reward model on the soft labels and runs online algorithm ``algo`` on it from SFT
+# (``commands.arms.feedback_arm``).
+
+AI_FEEDBACK_ARMS = Registry("AI-feedback arm", [
+    Entry("rlaif", "rlhflab.commands.arms:feedback_arm",
+          "RLAIF: the RM's comparisons labelled by the world's AI labeller under a constitution, PPO on the "
+          "RM trained on its soft labels (Bai et al. 2022)", dict(algo="ppo", judge="world:ai")),
+])
+
 
 # ---------------------------------------------------------------------------------------
 # Online-RL loss aggregation, KL, baselines, learning-rate schedules

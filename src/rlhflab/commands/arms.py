@@ -13,6 +13,14 @@ the SFT policy and lets the reward model choose, on the ``rl.n_eval`` held-out p
 online arms' gold curve is measured on, and writes ``out/bon/bon.json``
 (``commands.bon.run_bon``) instead of a model, so it has no ``out/eval/<arm>/``. It has no
 beta, so only ``rlhflab run`` takes it.
+
+An AI-feedback arm (``rlhflab.registry.AI_FEEDBACK_ARMS``: rlaif) has the world's AI
+labeller relabel the comparisons the human raters voted on (``rm/data/train.jsonl`` and
+``eval.jsonl``: the same prompts, the same pairs) under ``run.constitution``
+(``commands.rlaif.run_rlaif``, into ``out/<arm>_feedback/``), trains its own reward model
+on the soft labels (``out/<arm>_rm/``) and runs its online algorithm on that reward model
+from SFT (``out/<arm>/``); it is measured as the other arms, its proxy reward by its own
+reward model. Only ``rlhflab run`` takes it.
 """
 
 from __future__ import annotations
@@ -21,11 +29,12 @@ import copy
 from pathlib import Path
 
 from rlhflab.errors import InputError
-from rlhflab.registry import ONLINE_ALGORITHMS, PREFERENCE_LOSSES, SAMPLING_ARMS
+from rlhflab.registry import AI_FEEDBACK_ARMS, ONLINE_ALGORITHMS, PREFERENCE_LOSSES, SAMPLING_ARMS
 
 ONLINE = ONLINE_ALGORITHMS.names()
 OFFLINE = PREFERENCE_LOSSES.names()
 SAMPLING = SAMPLING_ARMS.names()
+FEEDBACK = AI_FEEDBACK_ARMS.names()
 
 
 def check_arms(arms: list, cfg=None, *, sampling: bool = False) -> None:
@@ -37,17 +46,25 @@ def check_arms(arms: list, cfg=None, *, sampling: bool = False) -> None:
         if arm in SAMPLING and not sampling:
             raise InputError(f"{arm!r} trains nothing and has no beta to sweep (an arm of rlhflab run, "
                              f"or rlhflab {arm})", field="--algo")
-        if arm not in ONLINE and arm not in OFFLINE and arm not in SAMPLING:
+        if arm in FEEDBACK and not sampling:
+            raise InputError(f"{arm!r} relabels the run's comparisons (an arm of rlhflab run)", field="--algo")
+        if arm not in ONLINE and arm not in OFFLINE and arm not in SAMPLING and arm not in FEEDBACK:
             raise InputError(f"unknown arm {arm!r} (online: {', '.join(ONLINE)}; offline: {', '.join(OFFLINE)}"
-                             + (f"; sampling: {', '.join(SAMPLING)})" if sampling else ")"), field="run.arms")
+                             + (f"; sampling: {', '.join(SAMPLING)}; AI feedback: {', '.join(FEEDBACK)})"
+                                if sampling else ")"), field="run.arms")
     if len(set(arms)) != len(arms):
         raise InputError("each arm may appear once", field="run.arms")
     if cfg is not None:
         from rlhflab.algos.rl_config import check_layout, resolve_rl_config
 
         for arm in arms:
-            if arm in ONLINE:
-                check_layout(resolve_rl_config(copy.deepcopy(cfg.rl), arm), 1)
+            if arm in ONLINE or arm in FEEDBACK:
+                algo = AI_FEEDBACK_ARMS.entry(arm).options["algo"] if arm in FEEDBACK else arm
+                check_layout(resolve_rl_config(copy.deepcopy(cfg.rl), algo), 1)
+        if any(arm in FEEDBACK for arm in arms):
+            from rlhflab.constitution import load_constitution
+
+            load_constitution(cfg.run.constitution or None).require_aspects()
 
 
 def train_arm(cfg, arm: str, out: Path, sft: Path, rm: Path) -> dict:
@@ -56,6 +73,8 @@ def train_arm(cfg, arm: str, out: Path, sft: Path, rm: Path) -> dict:
     cfg = copy.deepcopy(cfg)
     if arm in SAMPLING:
         return sample_arm(cfg, arm, out, sft, rm)
+    if arm in FEEDBACK:
+        return AI_FEEDBACK_ARMS[arm](cfg, arm, out, sft, rm)
     if arm in ONLINE:
         from rlhflab.commands.rl import run_rl
 
@@ -88,6 +107,40 @@ def sample_arm(cfg, arm: str, out: Path, sft: Path, rm: Path) -> dict:
             **record.get("fit", {})}
 
 
+def arm_reward_model(arm: str, out: Path, rm: Path) -> Path:
+    """The reward model an arm trained on: its own for an AI-feedback arm, else the run's."""
+    return out / f"{arm}_rm" if arm in FEEDBACK else rm
+
+
+FEEDBACK_READINGS = ("rlaif/agree_gold", "rlaif/agree_gold/benign", "rlaif/agree_gold/harmful",
+                     "rlaif/agree_human", "judge/position_bias", "rlaif/ece", "rlaif/unreadable")
+
+
+def feedback_arm(cfg, arm: str, out: Path, sft: Path, rm: Path) -> dict:
+    """The AI-feedback arm (module docstring): the run's comparisons relabelled by the
+    registry's judge under ``run.constitution``, a reward model trained on the soft labels,
+    then the registry's online algorithm on it from SFT. Returns the RL summary with the
+    labels' instruments (``rlaif/...``) and the reward model's held-out accuracy on them."""
+    from rlhflab.commands.rl import run_rl
+    from rlhflab.commands.rlaif import run_rlaif
+    from rlhflab.commands.rm import run_rm
+
+    entry = AI_FEEDBACK_ARMS.entry(arm)
+    labels = out / f"{arm}_feedback"
+    readings = {}
+    for split in ("train", "eval"):
+        r = run_rlaif(copy.deepcopy(cfg), labels / split, judge=entry.options["judge"],
+                      constitution=cfg.run.constitution or None, pairs=str(rm / "data" / f"{split}.jsonl"),
+                      seed=cfg.rm.seed + (split == "eval"), overwrite=True)
+        if split == "train":
+            readings = {k: r[k] for k in FEEDBACK_READINGS if isinstance(r.get(k), float)}
+    rm_summary = run_rm(copy.deepcopy(cfg), out / f"{arm}_rm", sft=str(sft), data=str(labels / "train" / "pairs.jsonl"),
+                        eval_data=str(labels / "eval" / "pairs.jsonl"), overwrite=True)
+    summary = run_rl(cfg, entry.options["algo"], out / arm, sft=str(sft), rm=str(out / f"{arm}_rm"))
+    return {**summary, **readings, **{f"{arm}_rm/{k}": rm_summary[k] for k in ("eval/accuracy", "data/pairs")
+                                      if k in rm_summary}}
+
+
 def evaluate_arm(cfg, arm: str, out: Path, sft: Path, rm: Path) -> dict:
     """Instruments, curve readings and diagnosis of one arm into ``out/eval/<arm>/``."""
     import json
@@ -97,7 +150,7 @@ def evaluate_arm(cfg, arm: str, out: Path, sft: Path, rm: Path) -> dict:
     from rlhflab.diagnose import diagnose
     from rlhflab.instruments.overoptimization import curve_readings
 
-    metrics, samples = evaluate_policy(cfg, out / arm, sft, rm, seed=cfg.run.seed)
+    metrics, samples = evaluate_policy(cfg, out / arm, sft, arm_reward_model(arm, out, rm), seed=cfg.run.seed)
     curve = out / arm / "metrics.jsonl"
     rows = [json.loads(x) for x in curve.read_text().splitlines() if x.strip()] if curve.is_file() else []
     pts = [r for r in rows if "gold/mean" in r and "objective/kl" in r]

@@ -11,7 +11,8 @@ of the policy per world prompt (``--split``, ``-n``); with ``--pairs`` the file'
 
 Writes ``DIR/pairs.jsonl``: preference rows (``prompt``, ``chosen``, ``rejected``, the EOS
 flags) with ``label_prob`` = P(chosen better) >= 1/2 (the soft label ``rlhflab rm`` trains
-on), ``principle``, ``source: "ai"``, and the prompt's ``family`` on the world. A pair
+on), ``principle``, ``source: "ai"``, and the prompt's ``family`` on the world (and the
+row's ``group``, so that the pairs of one prompt's K samples stay one group). A pair
 whose answer could not be read is left out and counted (``rlaif/unreadable``), never kept
 as a tie. ``DIR/rlaif.json`` holds the instruments:
 
@@ -110,8 +111,9 @@ def label_pairs(pairs: list[dict], judge, constitution, seed: int = 0) -> tuple[
             a, b, ea, eb, p = b, a, eb, ea, 1.0 - p
         row = {"prompt": r["prompt"], "chosen": a, "rejected": b, "chosen_eos": bool(ea), "rejected_eos": bool(eb),
                "label_prob": float(p), "principle": pr.id, "source": "ai"}
-        if "family" in r:
-            row["family"] = r["family"]
+        for key in ("family", "group"):  # a group's pairs stay one group for the reward model
+            if key in r:
+                row[key] = r[key]
         out.append(row)
     readings = {"rlaif/pairs": float(len(out)), "rlaif/unreadable": float(len(pairs) - len(out)),
                 **{k: v for k, v in verdict.readings.items() if k != "judge/unreadable"}}
