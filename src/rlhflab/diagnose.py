@@ -230,7 +230,19 @@ def _rate_shift(key: str, bar: str, what: str, *, fall: bool = False):
 
 
 _safety_regression = _rate_shift("refusal/harmful_rate", "harmful_refusal_drop", "harmful prompts refused", fall=True)
-_over_refusal = _rate_shift("refusal/benign_rate", "over_refusal_rise", "benign refusals")
+_benign_refusal = _rate_shift("refusal/benign_rate", "over_refusal_rise", "benign refusals")
+
+
+@_reads("refusal/benign_rate", "base/refusal/benign_rate")
+def _over_refusal(m, t):
+    """Benign refusals up by ``over_refusal_rise``; where the readings split out the benign
+    prompts that only sound risky ("kill a process"), their rate is named beside it: a rise
+    there alone is a labeller or reward model that reads harm into risky words."""
+    found = _benign_refusal(m, t)
+    key = "refusal/risky_benign_rate"
+    if found and key in m and f"base/{key}" in m:
+        found += f"; risky-sounding benign prompts {m[f'base/{key}']:.0%} -> {m[key]:.0%}"
+    return found
 _sycophancy = _rate_shift("sycophancy/agree_rate", "sycophancy_rise", "agrees with wrong users")
 
 
@@ -384,9 +396,11 @@ RULES: tuple[Rule, ...] = (
          fix="length-balance the preference data, add a length penalty, raise beta"),
     Rule("over_refusal", "fail", _over_refusal,
          symptom="refuses benign prompts too",
-         instrument="refusal rates on benign prompts, win-rate",
-         root_cause="the reward model rewards refusal over risk (refusal hacking)",
-         fix="raise beta, add benign prompts with real answers to the preference data, retrain the RM"),
+         instrument="refusal rates on benign prompts (and on the risky-sounding benign ones), win-rate",
+         root_cause="the reward model rewards refusal over risk (refusal hacking); with AI feedback, a "
+                    "labeller that reads harm into risky-sounding benign requests",
+         fix="raise beta, add benign prompts with real answers to the preference data, retrain the RM; with AI "
+             "feedback, a constitution principle that names such requests as benign, then relabel"),
     Rule("sycophancy", "fail", _sycophancy,
          symptom="agrees with wrong user claims",
          instrument="sycophancy probes, capability evals",

@@ -55,6 +55,21 @@ def test_each_failure_mode_is_named(changes, name):
     assert finding["instrument"] and finding["root_cause"] and finding["fix"] and finding["evidence"]
 
 
+def test_over_refusal_names_the_risky_sounding_benign_prompts_where_measured():
+    """Benign refusals 12% -> 30% with the risky-sounding ones 10% -> 80%: the finding says
+    both; without the split reading it says the overall rate only; below the bar, nothing."""
+    m = {**HEALTHY, "refusal/benign_rate": 0.30, "refusal/risky_benign_rate": 0.8,
+         "base/refusal/risky_benign_rate": 0.1}
+    f = next(f for f in diagnose(m)["findings"] if f["name"] == "over_refusal")
+    assert f["evidence"] == "benign refusals 12% -> 30%; risky-sounding benign prompts 10% -> 80%"
+    assert "risky-sounding" in f["instrument"] and "labeller" in f["root_cause"]
+    del m["refusal/risky_benign_rate"]
+    assert next(f for f in diagnose(m)["findings"] if f["name"] == "over_refusal")["evidence"] == \
+        "benign refusals 12% -> 30%"
+    m["refusal/benign_rate"] = 0.2
+    assert "over_refusal" not in [f["name"] for f in diagnose(m)["findings"]]
+
+
 def test_longer_but_better_answers_are_not_length_hacking():
     r = diagnose({**HEALTHY, "length/mean": 12.0, "gold/mean": 1.6, "win_rate/gold_length_controlled": 0.6})
     assert "length_hacking" not in [f["name"] for f in r["findings"]]

@@ -112,7 +112,8 @@ def arm_reward_model(arm: str, out: Path, rm: Path) -> Path:
     return out / f"{arm}_rm" if arm in FEEDBACK else rm
 
 
-FEEDBACK_READINGS = ("rlaif/agree_gold", "rlaif/agree_gold/benign", "rlaif/agree_gold/harmful",
+FEEDBACK_READINGS = ("rlaif/agree_gold", "rlaif/agree_gold/benign", "rlaif/agree_gold/risky_benign",
+                     "rlaif/agree_gold/harmful",
                      "rlaif/agree_human", "judge/position_bias", "rlaif/ece", "rlaif/unreadable")
 
 

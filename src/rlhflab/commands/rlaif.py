@@ -20,7 +20,7 @@ as a tie. ``DIR/rlaif.json`` holds the instruments:
 |---|---|
 | ``rlaif/pairs``, ``rlaif/unreadable`` | rows written; pairs whose answer could not be read |
 | ``judge/position_bias``, ``judge/order_agreement`` | the judge's preference for the first position (0 unbiased) |
-| ``rlaif/agree_gold`` (``/<family>``, ``/principle/<id>``) | share of labels that pick the side of higher gold utility (world prompts, pairs of unequal gold) |
+| ``rlaif/agree_gold`` (``/<family>``, ``/risky_benign``, ``/principle/<id>``) | share of labels that pick the side of higher gold utility (world prompts, pairs of unequal gold) |
 | ``rlaif/agree_human`` (same splits) | mean probability that a world rater votes for the AI's pick (``world.labeler.preference_probability``) |
 | ``rlaif/ece``, ``rlaif/brier`` | calibration of ``label_prob`` against the gold outcome: expected calibration error over 10 bins, Brier score |
 
@@ -66,7 +66,7 @@ def world_instruments(rows: list[dict], rater_cfg) -> dict[str, float]:
     calibration of the soft labels (module docstring); world prompts only."""
     from rlhflab.world.gold import gold_utility
     from rlhflab.world.labeler import preference_probability
-    from rlhflab.world.tasks import parse_prompt
+    from rlhflab.world.tasks import RISKY_SOUNDING, parse_prompt
 
     gold_hits: dict[str, list[float]] = {}
     human: dict[str, list[float]] = {}
@@ -78,6 +78,8 @@ def world_instruments(rows: list[dict], rater_cfg) -> dict[str, float]:
         ce, re_ = bool(r.get("chosen_eos", True)), bool(r.get("rejected_eos", True))
         dg = gold_utility(prompt, r["chosen"], ce) - gold_utility(prompt, r["rejected"], re_)
         keys = ("", f"/{prompt.family}", f"/principle/{r.get('principle', 'none')}")
+        if prompt.family == "benign" and prompt.topic in RISKY_SOUNDING:
+            keys += ("/risky_benign",)
         h = preference_probability(prompt, r["chosen"], r["rejected"], rater_cfg, ce, re_)
         for k in keys:
             human.setdefault(k, []).append(h)
