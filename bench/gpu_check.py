@@ -1,0 +1,225 @@
+"""The GPU check: SFT -> RM -> PPO and DPO on a ~100M-parameter Llama created from a config,
+in bf16 with sdpa attention, with full fine-tuning and with LoRA, on the built-in world
+(so every arm has a gold reading). One JSON document on stdout, the stages' own output on
+stderr, and the same JSON in OUT/gpu_check.json:
+per stage the wall time, the throughput, the peak GPU memory, and for PPO the
+sampler/trainer mismatch readings; per arm the gold of SFT, DPO and PPO.
+
+    python bench/gpu_check.py --out /tmp/gpu_check                 # one GPU, under 10 minutes
+    python bench/gpu_check.py --tiny --device cpu --out /tmp/gc    # the same path, shrunk, on a CPU
+
+Arms: ``full`` trains every weight; ``lora`` puts rank-16 adapters on the reward model's
+backbone, the DPO policy, PPO's policy and critic (the references are the base with the
+adapters off), with 10x the full arm's learning rates, LoRA's usual ratio. SFT is shared:
+a model created from a config has no features for adapters to adapt, so both arms start
+from one fully fine-tuned SFT policy. Decoding stays in float32 (docs/scaling.md), so the
+bf16 trainer differs from the sampler: PPO runs with the mismatch guard opened
+(``rl.mismatch_tolerance=100``) to record the gap, and ``ppo/guard_would_stop`` says
+whether rlhflab's bf16 default (0.5 nats) would have stopped the run.
+
+A stage that fails is recorded (``error``, one line) and the check goes on to the next.
+Peak GPU memory is ``torch.cuda.max_memory_allocated`` since the stage began (reset before
+each); on a CPU it is null and ``peak_rss_mb`` (the process's peak so far) is the reading.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# The check's sizes. Full: Llama d_model 768, 12 layers, 12 heads (113M parameters with the
+# world's 241-token vocabulary), about 10 minutes on one GPU at these step counts.
+FULL = ["model.arch=llama", "model.d_model=768", "model.n_layers=12", "model.n_heads=12",
+        "model.max_positions=128", "sft.epochs=2", "sft.lr=3e-4", "sft.n_samples=128", "rm.epochs=1",
+        "rm.lr=1e-4", "rm.n_prompts=1024", "dpo.epochs=1", "dpo.lr=1e-5", "dpo.n_world_eval=128",
+        "rl.steps=30", "rl.batch_size=64", "rl.lr=3e-6", "rl.eval_every=10", "rl.n_eval=128"]
+TINY = ["model.arch=llama", "model.d_model=32", "model.n_layers=2", "model.n_heads=2", "sft.max_steps=4",
+        "rm.max_steps=2", "rm.n_prompts=32", "rm.n_eval_prompts=16", "rm.n_reference=16", "dpo.max_steps=2",
+        "dpo.n_world_eval=16", "rl.steps=2", "rl.batch_size=8", "rl.n_eval=8", "rl.eval_every=2",
+        "generation.max_new_tokens=8", "sft.n_samples=16"]
+COMMON = ["model.attn_implementation=sdpa", "sft.mixed_precision=bf16", "rm.mixed_precision=bf16",
+          "dpo.mixed_precision=bf16", "rl.mixed_precision=bf16", "rl.mismatch_tolerance=100"]
+LORA = ["lora.r=16", "lora.alpha=32", "lora.dropout=0.0"]
+LORA_LR_SCALE = 10.0
+BF16_GUARD_NATS = 0.5  # rlhflab.distributed.MIXED_PRECISION_MISMATCH_NATS
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", required=True, help="directory for the runs and gpu_check.json")
+    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    p.add_argument("--tiny", action="store_true", help="shrink everything (configs/tiny.yaml sizes): the CPU test")
+    p.add_argument("--arms", default="full,lora", help="comma-separated: full, lora")
+    p.add_argument("--set", action="append", default=[], help="extra config overrides, key=value")
+    return p.parse_args(argv)
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class Stage:
+    """Times one stage and reads the peak GPU memory it allocated."""
+
+    def __init__(self, torch, cuda: bool):
+        self.torch, self.cuda = torch, cuda
+
+    def __enter__(self):
+        if self.cuda:
+            self.torch.cuda.synchronize()
+            self.torch.cuda.reset_peak_memory_stats()
+        self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        if self.cuda:
+            self.torch.cuda.synchronize()
+        self.seconds = time.perf_counter() - self.t0
+        self.peak_gpu_mb = self.torch.cuda.max_memory_allocated() / 2**20 if self.cuda else None
+        return False
+
+    def reading(self) -> dict:
+        return {"seconds": self.seconds, "peak_gpu_memory_mb": self.peak_gpu_mb, "peak_rss_mb": peak_rss_mb()}
+
+
+def _per_second(n: float, seconds: float | None) -> float | None:
+    return n / seconds if seconds else None
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def lr_scaled(cfg, scale: float, sections=("rm", "dpo", "rl")) -> None:
+    for name in sections:
+        section = getattr(cfg, name)
+        section.lr *= scale
+        if name == "rl" and section.value_lr is not None:
+            section.value_lr *= scale
+
+
+def run_stage(name: str, fn, torch, cuda: bool, readings: dict) -> dict | None:
+    """``fn()`` -> summary, timed; its readings (or its error, one line) under ``name``."""
+    try:
+        with Stage(torch, cuda) as st, contextlib.redirect_stdout(sys.stderr):  # stdout: the JSON alone
+            summary = fn()
+    except Exception as err:  # a GPU check reports what failed and goes on
+        readings[name] = {"error": f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"}
+        print(f"gpu_check: {name} failed: {readings[name]['error']}", file=sys.stderr)
+        return None
+    readings[name] = st.reading()
+    return summary
+
+
+def sft_readings(s: dict) -> dict:
+    return {"examples_per_s": _per_second(s["train/examples"], s["train/seconds"]), "gold": s.get("gold/mean"),
+            "eval_loss": s["eval/loss"], "parameters": s["model/parameters"]}
+
+
+def rm_readings(s: dict, cfg) -> dict:
+    steps = s["members"][0]["train/steps"]
+    return {"groups_per_s": _per_second(steps * cfg.rm.batch_size, s["train/seconds"]),
+            "eval_accuracy": s["eval/accuracy"]}
+
+
+def dpo_readings(s: dict) -> dict:
+    return {"pairs_per_s": _per_second(s["train/examples"], s["train/seconds"]), "gold": s.get("gold/mean"),
+            "kl": s.get("kl/sequence_mean"), "win_rate_gold": s.get("win_rate/gold"), "eval_loss": s["eval/loss"]}
+
+
+def ppo_readings(s: dict, out: Path, cfg, fp32_tolerance: float) -> dict:
+    rows = [r for r in _read_jsonl(out / "metrics.jsonl") if "rollout/logprob_diff_max" in r]
+    diff_max = max(r["rollout/logprob_diff_max"] for r in rows)
+    timed = s["time/rollout"] + s["time/update"]
+    samples = s["steps"] * cfg.rl.batch_size
+    tokens = sum(r["rollout/length_mean"] for r in rows) * cfg.rl.batch_size
+    return {"samples_per_s": _per_second(samples, timed), "response_tokens_per_s": _per_second(tokens, timed),
+            "rollout_share": s["time/rollout_share"], "gold_initial": s["gold/initial"], "gold": s["gold/final"],
+            "kl": s["objective/kl"], "rollout/logprob_diff_max": diff_max,
+            "rollout/logprob_diff_mean": sum(r["rollout/logprob_diff_mean"] for r in rows) / len(rows),
+            "rollout/first_ratio_mean_min": min(r["rollout/first_ratio_mean"] for r in rows),
+            "guard_would_stop": diff_max > max(fp32_tolerance, BF16_GUARD_NATS)}
+
+
+def run_arm(api, cfg, sft: Path, d: Path, torch, cuda: bool, fp32_tolerance: float) -> dict:
+    """RM -> PPO, and DPO, from the SFT policy at ``sft``, under ``d``."""
+    r: dict = {}
+    rm = run_stage("rm", lambda: api.reward_model(cfg, out=d / "rm", sft=sft, overwrite=True), torch, cuda, r)
+    if rm is not None:
+        r["rm"].update(rm_readings(rm, cfg))
+    dpo = run_stage("dpo", lambda: api.dpo(cfg, out=d / "dpo", sft=sft, overwrite=True), torch, cuda, r)
+    if dpo is not None:
+        r["dpo"].update(dpo_readings(dpo))
+    if rm is not None:
+        ppo = run_stage("ppo", lambda: api.rl(cfg, "ppo", out=d / "ppo", sft=sft, rm=d / "rm", overwrite=True),
+                        torch, cuda, r)
+        if ppo is not None:
+            r["ppo"].update(ppo_readings(ppo, d / "ppo", cfg, fp32_tolerance))
+    r["gold"] = {"dpo": r.get("dpo", {}).get("gold"), "ppo": r.get("ppo", {}).get("gold")}
+    return r
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.device == "cpu":
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""  # before torch is imported: accelerate then picks the CPU
+    import torch
+
+    from rlhflab import api
+
+    cuda = args.device == "cuda"
+    if cuda and not torch.cuda.is_available():
+        print("gpu_check: --device cuda but torch sees no CUDA device (use --device cpu for the CPU path)",
+              file=sys.stderr)
+        return 2
+    arms = [a.strip() for a in args.arms.split(",") if a.strip()]
+    if not arms or set(arms) - {"full", "lora"}:
+        print(f"gpu_check: --arms must name full and/or lora, got {args.arms!r}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    preset = ROOT / "configs" / ("tiny.yaml" if args.tiny else "demo.yaml")
+    overrides = (TINY if args.tiny else FULL) + COMMON + list(args.set)
+    from rlhflab.errors import InputError
+
+    try:
+        cfg = api.load_config(str(preset), overrides)
+    except InputError as err:
+        print(f"gpu_check: {err}", file=sys.stderr)
+        return 2
+    fp32_tolerance = api.load_config().rl.mismatch_tolerance  # the guard's default, for guard_would_stop
+
+    t0 = time.perf_counter()
+    result = {"device": torch.cuda.get_device_name(0) if cuda else "cpu", "torch": torch.__version__,
+              "tiny": args.tiny, "preset": str(preset.relative_to(ROOT)), "overrides": overrides,
+              "lora": LORA, "lora_lr_scale": LORA_LR_SCALE, "arms": {}}
+    shared: dict = {}
+    sft = run_stage("sft", lambda: api.sft(cfg, out=out / "sft", overwrite=True), torch, cuda, shared)
+    if sft is not None:
+        shared["sft"].update(sft_readings(sft))
+    result["sft"] = shared["sft"]
+    for arm in arms if sft is not None else []:
+        acfg = api.load_config(str(preset), overrides + (LORA if arm == "lora" else []))
+        if arm == "lora":
+            lr_scaled(acfg, LORA_LR_SCALE)
+        result["arms"][arm] = run_arm(api, acfg, out / "sft", out / arm, torch, cuda, fp32_tolerance)
+        result["arms"][arm]["gold"]["sft"] = shared["sft"].get("gold")
+    result["total_seconds"] = time.perf_counter() - t0
+    result["ok"] = "error" not in result["sft"] and all(
+        "error" not in r.get(s, {"error": "not run"}) for r in result["arms"].values() for s in ("rm", "dpo", "ppo"))
+    text = json.dumps(result, indent=1, allow_nan=True)
+    (out / "gpu_check.json").write_text(text + "\n")
+    print(text)
+    return 0 if result["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

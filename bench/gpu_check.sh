@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# The GPU check (bench/gpu_check.py) on one GPU, stopped at 10 minutes whatever happens:
+#   bench/gpu_check.sh [OUT]        -> OUT/gpu_check.json (default /tmp/gpu_check)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT="${1:-/tmp/gpu_check}"
+PY="${PYTHON:-.venv/bin/python}"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+timeout 600 "$PY" bench/gpu_check.py --device cuda --out "$OUT"
