@@ -70,7 +70,7 @@ demo: $(STAMP)
 	$(BIN)/rlhflab run --config configs/demo.yaml --out runs/demo --overwrite
 
 # The demo with the RLAIF arm beside the others: PPO on a reward model trained on the world's
-# AI labels of the same comparisons (docs/rlaif.md; it adds about two minutes to the demo).
+# AI labels of the same comparisons (docs/rlaif.md; it adds about three minutes to the demo).
 demo-rlaif: $(STAMP)
 	$(BIN)/rlhflab run --config configs/demo.yaml --set 'run.arms=[ppo, dpo, grpo, rlaif]' --out runs/demo-rlaif --overwrite
 

@@ -506,8 +506,8 @@ class RunConfig:
     seed: int = _f(0, "seed of the evaluation samples", _SEED)
     bon_n: list = _f([1, 2, 4, 8, 16, 32], "the bon arm's candidates per prompt, increasing: max(n) samples of "
                      "each of the rl.n_eval held-out prompts the RL arms' gold is measured on", "each int >= 1")
-    constitution: str = _f("", "the constitution the rlaif arm's AI labeller follows (YAML; '' = "
-                           "configs/constitution.yaml)")
+    constitution: str | None = _f(None, "the constitution the rlaif arm's AI labeller follows (YAML); empty = "
+                                  "configs/constitution.yaml")
     bandit_algos: list = _f(["ppo", "dpo"], "algorithms drawn against the exact frontier on the bandit; [] = skip")
     bandit_betas: list = _f([0.1, 0.25, 0.5, 1.0, 2.0], "betas of the bandit frontier", "each > 0")
 
