@@ -42,6 +42,42 @@ def mismatch_tolerance(tolerance: float, mixed_precision: str) -> float:
     return tolerance if mixed_precision == "no" else max(tolerance, MIXED_PRECISION_MISMATCH_NATS)
 
 
+def sharding_requested() -> str | None:
+    """What the launch's accelerate config asks for beyond data parallelism, from the
+    environment ``accelerate launch`` sets: ``"FSDP"``, ``"DeepSpeed ZeRO-<stage>"`` or None."""
+    import os
+
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        return "FSDP"
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        return f"DeepSpeed ZeRO-{os.environ.get('ACCELERATE_DEEPSPEED_ZERO_STAGE', '?')}"
+    return None
+
+
+def check_sharding(section: str | None = None) -> None:
+    """Refuses, in one line naming the accelerate config's ``distributed_type``, the sharded
+    launches rlhflab would run wrong. accelerate sets FSDP and DeepSpeed up only on GPUs: on
+    a CPU it keeps plain DDP (MULTI_CPU) and ignores the FSDP section, so the run would not
+    be what was asked. FSDP and ZeRO-3 keep each model's weights sharded, and every stage
+    decodes with the whole model (SFT's samples, the reward model's comparisons, DPO's world
+    evaluation, online RL's rollouts, token by token with rows leaving the batch as they
+    end, so the processes would not call the model in step) and saves it whole: refused in
+    every stage, with DDP and ZeRO-2 (weights replicated) as the sharded options that work."""
+    sharding = sharding_requested()
+    if sharding is None:
+        return
+    from rlhflab.errors import InputError
+
+    where = f" ({section})" if section else ""
+    if not has_accelerator():
+        raise InputError(f"{sharding}{where} needs GPUs: on a CPU accelerate runs plain DDP in its place; launch "
+                         "with configs/accelerate/ddp.yaml", field="distributed_type")
+    if sharding == "FSDP" or sharding.endswith("ZeRO-3"):
+        raise InputError(f"{sharding}{where} is not supported: rlhflab decodes and saves with the whole model, "
+                         "which it keeps sharded; use configs/accelerate/ddp.yaml or zero2.yaml, with LoRA "
+                         "(lora.r) to shrink what each process trains", field="distributed_type")
+
+
 def make_accelerator(mixed_precision: str = "no", report_to: Sequence[str] = (), section: str | None = None):
     """An ``accelerate.Accelerator``, on the CPU when no accelerator is available.
 
@@ -62,6 +98,7 @@ def make_accelerator(mixed_precision: str = "no", report_to: Sequence[str] = (),
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
+    check_sharding(section)
     if mixed_precision == "fp16" and not has_accelerator():
         from rlhflab.errors import InputError
 
