@@ -2,7 +2,7 @@
 comparisons; the human raters' reward model and PPO on it (the ppo arm), the world's AI
 labeller relabelling the same comparisons and PPO on its reward model (the rlaif arm), and
 the same arm under a constitution with a principle that names the risky-sounding requests
-as benign. What is asserted is what was measured to hold (docs/rlaif.md, seeds 0 and 1):
+as benign. What is asserted is what was measured to hold (docs/rlaif.md, seed 1):
 the labeller's bias reaches the reward model and the policy (over-refusal of risky-sounding
 benign prompts), ``diagnose`` names it with the instrument that caught it, and the edited
 constitution undoes it.
@@ -73,8 +73,8 @@ def _help_minus_refuse(rm_dir: Path, risky: bool) -> float:
 
 def test_the_labellers_bias_reaches_the_reward_model(job):
     """Measured (seed 1): help minus refusal on risky-sounding benign requests +2.84 by the
-    human raters' RM, -1.46 by the AI labels' RM, on the plain benign ones +2.78 and +3.28;
-    asserted by sign only."""
+    human raters' RM, -1.46 by the AI labels' RM, +3.24 by the edited constitution's; on the
+    plain benign ones +2.78, +3.28 and +2.84. Asserted by sign only."""
     root, _ = job
     assert _help_minus_refuse(root / "rm", risky=True) > 0
     assert _help_minus_refuse(root / "rlaif_rm", risky=True) < 0 < _help_minus_refuse(root / "rlaif_rm", risky=False)
