@@ -17,7 +17,9 @@ bf16 trainer differs from the sampler: PPO runs with the mismatch guard opened
 (``rl.mismatch_tolerance=100``) to record the gap, and ``ppo/guard_would_stop`` says
 whether rlhflab's bf16 default (0.5 nats) would have stopped the run.
 
-A stage that fails is recorded (``error``, one line) and the check goes on to the next.
+A stage that fails is recorded (``error``, one line) and the check goes on to the next; a
+stage that would start past ``--budget-s`` (540 s) is recorded as skipped; the JSON file is
+rewritten after every stage, so a run the wrapper's timeout cuts short keeps what it measured.
 Peak GPU memory is ``torch.cuda.max_memory_allocated`` since the stage began (reset before
 each); on a CPU it is null and ``peak_rss_mb`` (the process's peak so far) is the reading.
 """
@@ -59,6 +61,8 @@ def parse_args(argv=None):
     p.add_argument("--tiny", action="store_true", help="shrink everything (configs/tiny.yaml sizes): the CPU test")
     p.add_argument("--arms", default="full,lora", help="comma-separated: full, lora")
     p.add_argument("--set", action="append", default=[], help="extra config overrides, key=value")
+    p.add_argument("--budget-s", type=float, default=None,
+                   help="seconds after which a stage that has not started is skipped; default 540 (none with --tiny)")
     return p.parse_args(argv)
 
 
@@ -106,17 +110,34 @@ def lr_scaled(cfg, scale: float, sections=("rm", "dpo", "rl")) -> None:
             section.value_lr *= scale
 
 
-def run_stage(name: str, fn, torch, cuda: bool, readings: dict) -> dict | None:
-    """``fn()`` -> summary, timed; its readings (or its error, one line) under ``name``."""
-    try:
-        with Stage(torch, cuda) as st, contextlib.redirect_stdout(sys.stderr):  # stdout: the JSON alone
-            summary = fn()
-    except Exception as err:  # a GPU check reports what failed and goes on
-        readings[name] = {"error": f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"}
-        print(f"gpu_check: {name} failed: {readings[name]['error']}", file=sys.stderr)
-        return None
-    readings[name] = st.reading()
-    return summary
+class Check:
+    """The check's state: its JSON so far, rewritten to ``path`` after every stage (a run cut
+    short by the wrapper's timeout still leaves what it measured), and its time budget: a
+    stage that would start past ``deadline`` is recorded as skipped."""
+
+    def __init__(self, torch, cuda: bool, path: Path, budget_s: float | None):
+        self.torch, self.cuda, self.path, self.result = torch, cuda, path, {}
+        self.deadline = None if budget_s is None else time.perf_counter() + budget_s
+
+    def save(self) -> None:
+        self.path.write_text(json.dumps(self.result, indent=1) + "\n")
+
+    def stage(self, name: str, fn, readings: dict) -> dict | None:
+        """``fn()`` -> summary, timed; its readings (or its error, one line) under ``name``."""
+        if self.deadline is not None and time.perf_counter() > self.deadline:
+            readings[name] = {"error": "skipped: past --budget-s"}
+            return None
+        try:
+            with Stage(self.torch, self.cuda) as st, contextlib.redirect_stdout(sys.stderr):  # stdout: the JSON
+                summary = fn()
+        except Exception as err:  # a GPU check reports what failed and goes on
+            readings[name] = {"error": f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"}
+            print(f"gpu_check: {name} failed: {readings[name]['error']}", file=sys.stderr)
+            return None
+        finally:
+            self.save()
+        readings[name] = st.reading()
+        return summary
 
 
 def sft_readings(s: dict) -> dict:
@@ -149,21 +170,23 @@ def ppo_readings(s: dict, out: Path, cfg, fp32_tolerance: float) -> dict:
             "guard_would_stop": diff_max > max(fp32_tolerance, BF16_GUARD_NATS)}
 
 
-def run_arm(api, cfg, sft: Path, d: Path, torch, cuda: bool, fp32_tolerance: float) -> dict:
-    """RM -> PPO, and DPO, from the SFT policy at ``sft``, under ``d``."""
+def run_arm(check: Check, api, cfg, sft: Path, d: Path, fp32_tolerance: float) -> dict:
+    """RM -> PPO, and DPO, from the SFT policy at ``sft``, under ``d``; ``r`` is filled in
+    place (it is already in the check's JSON)."""
     r: dict = {}
-    rm = run_stage("rm", lambda: api.reward_model(cfg, out=d / "rm", sft=sft, overwrite=True), torch, cuda, r)
+    check.result["arms"][d.name] = r
+    rm = check.stage("rm", lambda: api.reward_model(cfg, out=d / "rm", sft=sft, overwrite=True), r)
     if rm is not None:
         r["rm"].update(rm_readings(rm, cfg))
-    dpo = run_stage("dpo", lambda: api.dpo(cfg, out=d / "dpo", sft=sft, overwrite=True), torch, cuda, r)
+    dpo = check.stage("dpo", lambda: api.dpo(cfg, out=d / "dpo", sft=sft, overwrite=True), r)
     if dpo is not None:
         r["dpo"].update(dpo_readings(dpo))
     if rm is not None:
-        ppo = run_stage("ppo", lambda: api.rl(cfg, "ppo", out=d / "ppo", sft=sft, rm=d / "rm", overwrite=True),
-                        torch, cuda, r)
+        ppo = check.stage("ppo", lambda: api.rl(cfg, "ppo", out=d / "ppo", sft=sft, rm=d / "rm", overwrite=True), r)
         if ppo is not None:
             r["ppo"].update(ppo_readings(ppo, d / "ppo", cfg, fp32_tolerance))
     r["gold"] = {"dpo": r.get("dpo", {}).get("gold"), "ppo": r.get("ppo", {}).get("gold")}
+    check.save()
     return r
 
 
@@ -198,11 +221,12 @@ def main(argv=None) -> int:
     fp32_tolerance = api.load_config().rl.mismatch_tolerance  # the guard's default, for guard_would_stop
 
     t0 = time.perf_counter()
-    result = {"device": torch.cuda.get_device_name(0) if cuda else "cpu", "torch": torch.__version__,
-              "tiny": args.tiny, "preset": str(preset.relative_to(ROOT)), "overrides": overrides,
-              "lora": LORA, "lora_lr_scale": LORA_LR_SCALE, "arms": {}}
-    shared: dict = {}
-    sft = run_stage("sft", lambda: api.sft(cfg, out=out / "sft", overwrite=True), torch, cuda, shared)
+    check = Check(torch, cuda, out / "gpu_check.json", args.budget_s if args.budget_s is not None or args.tiny else 540.0)
+    check.result.update({"device": torch.cuda.get_device_name(0) if cuda else "cpu", "torch": torch.__version__,
+                         "tiny": args.tiny, "preset": str(preset.relative_to(ROOT)), "overrides": overrides,
+                         "lora": LORA, "lora_lr_scale": LORA_LR_SCALE, "arms": {}})
+    result, shared = check.result, {}
+    sft = check.stage("sft", lambda: api.sft(cfg, out=out / "sft", overwrite=True), shared)
     if sft is not None:
         shared["sft"].update(sft_readings(sft))
     result["sft"] = shared["sft"]
@@ -210,14 +234,12 @@ def main(argv=None) -> int:
         acfg = api.load_config(str(preset), overrides + (LORA if arm == "lora" else []))
         if arm == "lora":
             lr_scaled(acfg, LORA_LR_SCALE)
-        result["arms"][arm] = run_arm(api, acfg, out / "sft", out / arm, torch, cuda, fp32_tolerance)
-        result["arms"][arm]["gold"]["sft"] = shared["sft"].get("gold")
+        run_arm(check, api, acfg, out / "sft", out / arm, fp32_tolerance)["gold"]["sft"] = shared["sft"].get("gold")
     result["total_seconds"] = time.perf_counter() - t0
     result["ok"] = "error" not in result["sft"] and all(
         "error" not in r.get(s, {"error": "not run"}) for r in result["arms"].values() for s in ("rm", "dpo", "ppo"))
-    text = json.dumps(result, indent=1, allow_nan=True)
-    (out / "gpu_check.json").write_text(text + "\n")
-    print(text)
+    check.save()
+    print(json.dumps(result, indent=1))
     return 0 if result["ok"] else 1
 
 

@@ -81,3 +81,12 @@ def test_the_full_size_settings_are_valid_and_make_a_100m_model():
     with torch.device("meta"):
         model = create_causal_lm(cfg.model, tok)
     assert 90e6 < count_parameters(model) < 130e6
+
+
+def test_a_stage_past_the_budget_is_recorded_as_skipped_and_the_check_fails(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--tiny", "--device", "cpu",
+                           "--out", str(tmp_path), "--budget-s", "0"], env=subprocess_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    result = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert result["ok"] is False and result["sft"] == {"error": "skipped: past --budget-s"} and result["arms"] == {}
