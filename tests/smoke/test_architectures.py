@@ -9,7 +9,8 @@ models with byte-level BPE tokenizers trained here, each with the habits of its 
 | gpt_neox | none (plain text) | none | equals EOS | right | standard text |
 
 SFT -> RM -> DPO, PPO and GRPO run through the CLI on each (one tiny run per stage), and
-every output loads in plain transformers and gives the logits of the trained model."""
+every output loads in plain transformers and gives the logits of the trained model; a LoRA
+DPO run's merged model and adapter (transformers + peft) agree."""
 
 from __future__ import annotations
 
@@ -108,6 +109,17 @@ def test_every_stage_runs_and_loads_in_plain_transformers(setup):
     for stage in ("ppo", "grpo"):
         m = json.loads((d / stage / "metrics.json").read_text())
         assert m["steps"] == 1, stage
+
+    # LoRA on the family's own linear layers (GPT-NeoX's fused query_key_value, the others'
+    # q/k/v/o and MLP projections): the merged model and the adapter both load outside rlhflab.
+    from peft import PeftModel
+
+    _run(["dpo", "--sft", str(d / "sft"), "--data", f["prefs"], "--set=lora.r=4", "--out", str(d / "dpo_lora")])
+    merged = AutoModelForCausalLM.from_pretrained(str(d / "dpo_lora" / "model"), use_safetensors=True).eval()
+    sft_model = AutoModelForCausalLM.from_pretrained(str(d / "sft" / "model"), use_safetensors=True)
+    adapted = PeftModel.from_pretrained(sft_model, str(d / "dpo_lora" / "model" / "adapter")).eval()
+    with torch.no_grad():
+        assert torch.allclose(merged(input_ids=ids).logits, adapted(input_ids=ids).logits, atol=1e-5)
     rm = AutoModelForSequenceClassification.from_pretrained(str(d / "rm" / "model"), use_safetensors=True)
     assert rm.config.model_type == arch and rm.config.num_labels == 1
 
