@@ -108,6 +108,15 @@ class Thresholds:
     # sampling alone, hence the z-bar when capability/n is given.
     capability_drop: float = _t(0.1, "own: -10 points of task accuracy (InstructGPT's alignment tax gives no cut)")
     capability_z: float = _t(2.0, "two standard errors of the accuracy difference, when capability/n is given")
+    # Distribution shift, measured on the demo world (configs/demo.yaml, 200 held-out prompts,
+    # the RM's held-out 95th percentile): the SFT policy's samples 0.03 beyond it; a healthy PPO
+    # run (beta 0.2, gold -0.08 -> 0.70, KL 0.51) 0.000-0.010 at every evaluation; an
+    # over-optimized one (beta 0.005, gold 0.68 at step 10 -> 0.27 at 60 while the proxy rose
+    # 0.49 -> 0.74, KL 11 nats) 0.000-0.020, its distance ratio 0.98 -> 1.11 against SFT's 1.07.
+    # No cut separates them: the policy over-optimizes along what the head reads, inside the
+    # spread of the training features. So the cut stays statistical (5% + 3 standard errors,
+    # 0.096 at n = 200, which no run above crossed): the rule flags samples unlike the RM's
+    # data, which these runs never became; over-optimization is read by proxy-vs-gold.
     shift_ood_base: float = _t(0.05, "the reference is the held-out 95th percentile: 5% of in-distribution samples lie beyond it")
     shift_z: float = _t(3.0, "own: three binomial standard errors above 5%, so n = 200 in-distribution samples flag < 0.2% of the time")
     # Degenerate output. World answers are 5-11 tokens (ideal) and ~12 (SFT); no world
