@@ -90,6 +90,7 @@ def test_the_pipeline_on_a_users_qwen2_with_chatml(user, capsys):
     # The held-out curve on the user's prompts: at step 0 and at the last step (rl.eval_every 2).
     assert ppo["eval/selected_on"] == "eval/win_rate" and [e["step"] for e in ppo["evals"]] == [0, 2]
     assert all(0.0 <= e["eval/win_rate"] <= 1.0 and "eval/kl" in e for e in ppo["evals"])
+    assert all(0.0 <= e["shift/ood_rate"] <= 1.0 for e in ppo["evals"])  # the RM's feature distance, logged
     # At step 0 the policy is the reference, sampled with the same seed: every answer ties.
     assert ppo["evals"][0]["eval/win_rate"] == 0.5 and abs(ppo["evals"][0]["eval/kl"]) < 1e-5
 
