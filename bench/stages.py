@@ -51,7 +51,7 @@ def data_tokens(rows: list[dict], tokenizer, max_length: int, fields: tuple[str,
 def build_spec(stage: str, paths: dict, args) -> dict:
     """The settings of one stage; both children get exactly this dict (plus impl and out)."""
     from rlhflab.config import load_config
-    from rlhflab.data import load_jsonl
+    from rlhflab.data import load_rows
     from rlhflab.models import load_tokenizer
 
     cfg = load_config(args.config)
@@ -63,7 +63,7 @@ def build_spec(stage: str, paths: dict, args) -> dict:
         spec = dict(common, model=str(paths["init"]), data=str(world / "sft.jsonl"), steps=round(100 * args.scale),
                     batch_size=s.batch_size, max_length=s.max_length, lr=s.lr, warmup_ratio=s.warmup_ratio,
                     schedule=s.lr_schedule, max_grad_norm=s.max_grad_norm)
-        rows = load_jsonl(spec["data"], "sft")[: spec["steps"] * spec["batch_size"]]
+        rows = load_rows(spec["data"], "sft")[: spec["steps"] * spec["batch_size"]]
         spec["data_tokens"] = data_tokens(rows, tok, spec["max_length"], ("completion",))
         return spec
     if stage == "rm":
@@ -71,7 +71,7 @@ def build_spec(stage: str, paths: dict, args) -> dict:
         spec = dict(common, model=str(paths["sft"]), data=str(world / "preferences.jsonl"),
                     steps=round(50 * args.scale), batch_size=s.batch_size, max_length=s.max_length, lr=s.lr,
                     warmup_ratio=s.warmup_ratio, schedule=s.lr_schedule, max_grad_norm=s.max_grad_norm)
-        rows = load_jsonl(spec["data"], "preference")[: spec["steps"] * spec["batch_size"]]
+        rows = load_rows(spec["data"], "preference")[: spec["steps"] * spec["batch_size"]]
         spec["data_tokens"] = data_tokens(rows, tok, spec["max_length"], ("chosen", "rejected"))
         return spec
     if stage in ("dpo", "dpo-precompute", "kto"):
@@ -81,7 +81,7 @@ def build_spec(stage: str, paths: dict, args) -> dict:
                     beta=s.beta, warmup_ratio=s.warmup_ratio, schedule=s.lr_schedule,
                     max_grad_norm=s.max_grad_norm, trl_precompute=stage == "dpo-precompute")
         n_rows = spec["steps"] * spec["batch_size"] // (2 if stage == "kto" else 1)
-        rows = load_jsonl(spec["data"], "preference")[:n_rows]
+        rows = load_rows(spec["data"], "preference")[:n_rows]
         spec["data_tokens"] = data_tokens(rows, tok, spec["max_length"], ("chosen", "rejected"))
         return spec
     if stage in ONLINE:
