@@ -178,13 +178,9 @@ def run(args) -> int:
         if n < 1:
             raise InputError(f"--n: must be an integer >= 1, got {n}")
         row = best_of_n_row(default_bandit(), n)
-        if args.json:
-            print(json.dumps(row))
-        else:
-            print(f"best-of-{n}: KL(pi_bon||pi_ref) = {row['kl']:.4f} nats (analytic log n - (n-1)/n = "
-                  f"{row['kl_analytic']:.4f}), E[R] = {row['expected_reward']:.4f} (pi_ref {row['ref_expected_reward']:.4f})")
-            for i, (p, q) in enumerate(zip(row["policy"], row["pi_ref"])):
-                print(f"  prompt {i}: pi_bon {p}  pi_ref {q}")
+        _print_row(args.json, row, f"best-of-{n}: KL(pi_bon||pi_ref) = {row['kl']:.4f} nats (analytic log n - "
+                   f"(n-1)/n = {row['kl_analytic']:.4f}), E[R] = {row['expected_reward']:.4f} (pi_ref "
+                   f"{row['ref_expected_reward']:.4f})", ("pi_bon", "policy"), ("pi_ref", "pi_ref"))
         return 0
     if args.n is not None:
         raise InputError("--n: only --algo bon draws n responses")
@@ -217,11 +213,16 @@ def run(args) -> int:
            "steps": result.steps, **result.extra}
     row["policy"] = np.round(result.policy, 4).tolist()
     row["optimum"] = np.round(target, 4).tolist()
-    if args.json:
-        print(json.dumps(row))
-    else:
-        print(f"{args.algo} beta={row['beta']:g}: KL(pi||pi*) = {row['kl_to_optimum']:.4f} nats, "
-              f"TV = {row['tv_to_optimum']:.4f}, {row['steps']} steps")
-        for i, (p, t) in enumerate(zip(row["policy"], row["optimum"])):
-            print(f"  prompt {i}: pi_theta {p}  pi* {t}")
+    _print_row(args.json, row, f"{args.algo} beta={row['beta']:g}: KL(pi||pi*) = {row['kl_to_optimum']:.4f} nats, "
+               f"TV = {row['tv_to_optimum']:.4f}, {row['steps']} steps", ("pi_theta", "policy"), ("pi*", "optimum"))
     return 0
+
+
+def _print_row(as_json: bool, row: dict, headline: str, left: tuple[str, str], right: tuple[str, str]) -> None:
+    """``row`` as one JSON line, or the headline and two distributions per prompt."""
+    if as_json:
+        print(json.dumps(row))
+        return
+    print(headline)
+    for i, (p, q) in enumerate(zip(row[left[1]], row[right[1]])):
+        print(f"  prompt {i}: {left[0]} {p}  {right[0]} {q}")

@@ -64,10 +64,13 @@ def enable_gradient_checkpointing(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def is_checkpointing(model: torch.nn.Module) -> bool:
-    """Whether ``enable_gradient_checkpointing`` was applied (either transformers name)."""
-    flag = "is_activation_checkpointing" if hasattr(model, "activation_checkpointing_enable") else \
+    """Whether ``enable_gradient_checkpointing`` was applied: transformers' current name for
+    the flag where the class has it (5.24 renamed it and warns on the old one), else the old;
+    a peft wrapper is asked through its base model."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    flag = "is_activation_checkpointing" if hasattr(type(inner), "is_activation_checkpointing") else \
         "is_gradient_checkpointing"
-    return bool(getattr(model, flag, False))
+    return bool(getattr(inner, flag, False))
 
 
 @contextlib.contextmanager
