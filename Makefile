@@ -78,7 +78,7 @@ test: $(STAMP)
 	$(BIN)/python $(PYTEST)
 
 # The demo-size demonstrations: three failure modes and the main job (about 19 minutes on 2
-# cores), RLAIF against RLHF (about 11 more) and iterative RLHF, one round against three
+# cores), RLAIF against RLHF (9 min 45 s more) and iterative RLHF, one round against three
 # (estimated 40 more): over an hour in all.
 test-demo: $(STAMP)
 	$(BIN)/python -m pytest -q -m demo tests
