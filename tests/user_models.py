@@ -88,17 +88,15 @@ def tiny_causal_lm(tokenizer, arch: str = "qwen2", *, seed: int = 0, hidden: int
     common = dict(vocab_size=vocab, eos_token_id=tokenizer.eos_token_id,
                   bos_token_id=tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id,
                   pad_token_id=tokenizer.pad_token_id)
+    # Qwen2, Llama and Mistral share the decoder's shape (grouped-query attention, 2 KV heads).
+    decoder = dict(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, **common)
     if arch == "qwen2":
-        cfg = Qwen2Config(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                          tie_word_embeddings=True, **common)
+        cfg = Qwen2Config(tie_word_embeddings=True, **decoder)
     elif arch == "llama":
-        cfg = LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, **common)
+        cfg = LlamaConfig(**decoder)
     elif arch == "mistral":
-        cfg = MistralConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                            sliding_window=None, **common)
+        cfg = MistralConfig(sliding_window=None, **decoder)
     elif arch == "gpt_neox":
         # Pythia's layout: fused query_key_value, partial rotary, parallel attention + MLP, untied head.
         cfg = GPTNeoXConfig(hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,
