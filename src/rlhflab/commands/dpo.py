@@ -33,8 +33,8 @@ def add_arguments(p) -> None:
                    help="the objective (default: dpo.loss of the config)")
     p.add_argument("--sft", required=True, help="SFT run directory or any local HF causal-LM directory: "
                    "the starting policy and the frozen reference")
-    p.add_argument("--data", help="preference JSONL (prompt/chosen/rejected), or for --loss kto unpaired "
-                   "JSONL (prompt/completion/label); default: the world's comparisons")
+    p.add_argument("--data", help="preference rows (prompt/chosen/rejected), or for --loss kto unpaired "
+                   "rows (prompt/completion/label), text or messages (JSONL, JSON, Parquet, Arrow or a datasets directory); default: the world's comparisons")
     p.add_argument("--eval-data", help="held-out rows in the same format; default: the world's, or every "
                    "20th row of --data")
     p.add_argument("--unpaired-from-pairs", action="store_true",

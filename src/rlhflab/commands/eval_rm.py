@@ -17,8 +17,9 @@ from rlhflab.config import add_config_arguments, load_config
 def add_arguments(p) -> None:
     add_config_arguments(p)
     p.add_argument("--rm", required=True, help="reward model directory written by `rlhflab rm` (or its model/)")
-    p.add_argument("--data", required=True, help="held-out preference JSONL (e.g. DIR/data/eval.jsonl of the rm run)")
-    p.add_argument("--votes", help="preference JSONL with votes for the rater agreement analysis (default: --data)")
+    p.add_argument("--data", required=True, help="held-out preference rows (JSONL, JSON, Parquet, Arrow or a datasets directory; "
+                   "e.g. DIR/data/eval.jsonl of the rm run)")
+    p.add_argument("--votes", help="preference rows with votes for the rater agreement analysis (default: --data)")
     p.add_argument("--keywords", default="", help="comma-separated extra words for the keyword probe")
     p.add_argument("--no-world", action="store_true", help="skip the world's truth and probes")
     p.add_argument("--seed", type=int, default=0)

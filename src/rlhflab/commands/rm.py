@@ -36,8 +36,9 @@ def add_arguments(p) -> None:
     add_config_arguments(p)
     p.add_argument("--sft", help="SFT run directory (or its model/): the default backbone, the policy "
                    "comparisons are collected from, and the source of the reference samples")
-    p.add_argument("--data", help="preference JSONL (prompt/chosen/rejected, optional votes and margin)")
-    p.add_argument("--eval-data", help="held-out preference JSONL (default: a share of --data)")
+    p.add_argument("--data", help="preference rows (prompt/chosen/rejected, optional votes and margin; "
+                   "JSONL, JSON, Parquet, Arrow or a datasets directory)")
+    p.add_argument("--eval-data", help="held-out preference rows, same formats (default: a share of --data)")
     p.add_argument("--world-pairs", action="store_true",
                    help="train on the world's off-policy demonstrator pairs instead of collecting")
     p.add_argument("--backbone", help="local HF checkpoint (encoder or decoder) to build the RM on "

@@ -9,8 +9,9 @@ from rlhflab.config import Config, add_config_arguments, config_from_args, save_
 
 def add_arguments(p) -> None:
     add_config_arguments(p)
-    p.add_argument("--data", help="SFT JSONL (prompt/completion); default: the world's demonstrations")
-    p.add_argument("--eval-data", help="held-out SFT JSONL; default: the world's, or every 20th row of --data")
+    p.add_argument("--data", help="SFT rows: prompt/completion, text or messages (JSONL, JSON, Parquet, Arrow, "
+                   "a datasets directory; docs/user-data.md); default: the world's demonstrations")
+    p.add_argument("--eval-data", help="held-out SFT rows, same formats; default: the world's, or every 20th row of --data")
     p.add_argument("--model", help="local HF causal-LM directory to fine-tune (default: model.path, "
                    "else a tiny model created from the config)")
 
@@ -100,8 +101,8 @@ def run_sft(cfg: Config, out: Path, data: str | None = None, eval_data: str | No
                 from rlhflab.sampling import sample
 
                 g = cfg.generation
-                completions = sample(policy, tok, [r["prompt"] for r in eval_rows[: cfg.sft.n_show]
-                                                   if isinstance(r["prompt"], str)],
+                # text or messages: sample renders a conversation through the chat template
+                completions = sample(policy, tok, [r["prompt"] for r in eval_rows[: cfg.sft.n_show]],
                                      temperature=g.temperature, max_new_tokens=g.max_new_tokens)
                 print_samples(completions, None, title="SFT samples")
             write_json(work / "metrics.json", summary)
