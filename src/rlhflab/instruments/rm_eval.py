@@ -28,7 +28,8 @@ raters' noise-free utility and the gold utility prefer the modified response):
     probe/length/...      the same response with two filler sentences appended;
                           ``corr_reward_length`` = Pearson r of score and word count
     probe/keyword/...     "<keyword> , " inserted at the start (world keywords + the user's)
-    probe/sycophancy/...  (world) agreeing with a user's wrong number vs correcting it
+    probe/sycophancy/...  (world data only: when the rows hold world prompts) agreeing with a
+                          user's wrong number vs correcting it
 ensemble (more than one member):
     ensemble/std_held_out, ensemble/std_shifted (mean std over members of normalized
     scores on the file's responses, and on shifted ones: words shuffled, or the response
@@ -65,7 +66,7 @@ HEADLINE = [
     ("probe/length/win_rate", "padding wins"),
     ("probe/length/corr_reward_length", "corr(reward, length)"),
     ("probe/keyword/win_rate", "keyword wins"),
-    ("probe/sycophancy/win_rate", "agreeing with a wrong user wins"),
+    ("probe/sycophancy/win_rate", "agreeing with a wrong user wins (world probe)"),
     ("ensemble/member_accuracy_mean", "member accuracy (mean)"),
     ("ensemble/member_ece_mean", "member ECE (mean)"),
     ("ensemble/std_held_out", "member std, held-out"),
@@ -211,7 +212,7 @@ def _world_prefs(world, prompts: list[str], base: list[str], modified: list[str]
 
     rater, gold = [], []
     for p, b, m in zip(prompts, base, modified):
-        parsed = parse_prompt(p)
+        parsed = parse_prompt(p) if isinstance(p, str) else None  # a conversation is no world prompt
         if parsed is None:
             continue
         rater.append(rater_utility(parsed, m, True, world.cfg.rater) > rater_utility(parsed, b, True, world.cfg.rater))
@@ -321,8 +322,10 @@ def evaluate_reward_model(rm, rows: list[dict], *, world=None, keywords: tuple[s
         out["accuracy/votes"] = fmean(float(v == int(x > 0)) for x, votes in voted for v in votes)
         out["accuracy/rater_rater"] = rater_agreement(rows).get("agreement/rater_rater", float("nan"))
 
-    if world is not None:
-        info = _world_truth(world, rows, t)
+    info = _world_truth(world, rows, t) if world is not None else {"idx": []}
+    if not info["idx"]:
+        world = None  # no world prompt among the rows: none of the world's truth or probes applies
+    else:
         if info["idx"]:
             out["world/pairs"] = len(info["idx"])
             out["accuracy/oracle_labels"] = fmean(o > 0 for o in info["oracle"])
@@ -349,7 +352,7 @@ def evaluate_reward_model(rm, rows: list[dict], *, world=None, keywords: tuple[s
     if responses:
         out.update(length_probe(rm, responses, rng, world))
         out.update(keyword_probe(rm, responses, tuple(keywords), world))
-    if world is not None:
+    if world is not None:  # world data only: a user's RM is never probed on the world's prompts
         out.update(sycophancy_probe(rm, world))
 
     if rm.n_members > 1:
