@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import math
 import re
 import types
@@ -754,8 +755,37 @@ def validate(cfg: Config, origin: dict[str, tuple[str, int | None]] | None = Non
             fail(message, *names)
 
 
+# The model fields that only describe a model rlhflab creates: unused when model.path loads one.
+CREATED_MODEL_FIELDS = ("arch", "d_model", "n_layers", "n_heads", "max_positions", "dropout")
+
+
+def _loaded_model_note(model: ModelConfig) -> str:
+    """A YAML comment for the model section of a run on a loaded checkpoint: what was loaded
+    (its ``config.json``'s model type and size) and which fields were not used."""
+    if not model.path:
+        return ""
+    found = next((d / "config.json" for d in (Path(model.path), Path(model.path) / "model")
+                  if (d / "config.json").is_file()), None)
+    what = "a local checkpoint"
+    try:
+        hf = json.loads(found.read_text(encoding="utf-8")) if found else {}
+        sizes = [f"{hf[k]} {label}" for k, label in (("num_hidden_layers", "layers"), ("n_layer", "layers"),
+                                                      ("hidden_size", "hidden"), ("n_embd", "hidden")) if k in hf]
+        if isinstance(hf.get("model_type"), str):
+            what = f"a {hf['model_type']} checkpoint" + (f" ({', '.join(sizes)})" if sizes else "")
+    except (OSError, ValueError):
+        pass
+    return (f"  # model.path loads {what}: {', '.join(CREATED_MODEL_FIELDS)} describe a model rlhflab\n"
+            "  # creates and were not used by this run\n")
+
+
 def save_config(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")
+    """The resolved config as YAML; on a loaded model, a comment says which fields went unused."""
+    text = yaml.safe_dump(to_dict(cfg), sort_keys=False)
+    note = _loaded_model_note(cfg.model)
+    if note:
+        text = re.sub(r"^model:\n", lambda m: m.group(0) + note, text, count=1, flags=re.M)
+    Path(path).write_text(text, encoding="utf-8")
 
 
 def help_text(cls: type) -> dict[str, str]:

@@ -75,11 +75,25 @@ def test_the_pipeline_on_a_users_qwen2_with_chatml(user, capsys):
     d = user
     _run(["sft", "--config", TINY, *SETS, "--model", str(d / "base"), "--data", str(d / "sft.jsonl"),
           "--out", str(d / "sft")])
-    err = capsys.readouterr().err
+    out, err = capsys.readouterr()
     assert "sft.jsonl: 40 sft rows; 40 row(s) messages -> prompt/completion" in err
+    # The samples table shows the held-out conversations, rendered through the chat template.
+    assert "SFT samples" in out and "<|im_start|>user" in out
+    # config.yaml says that the created-model fields were not used on the loaded Qwen2.
+    saved = (d / "sft" / "config.yaml").read_text()
+    assert "model.path loads a qwen2 checkpoint (2 layers" in saved and "were not used by this run" in saved
+    from rlhflab.config import load_config
+
+    assert load_config(d / "sft" / "config.yaml").model.path == str(d / "base")  # still a valid preset
     _run(["rm", "--config", TINY, *SETS, "--backbone", str(d / "sft"), "--data", str(d / "prefs.json"),
           "--out", str(d / "rm")])
     assert "implicit prompt extracted" in capsys.readouterr().err
+    # The user's reward model on the user's pairs: no probe of the built-in world's prompts.
+    _run(["eval-rm", "--config", TINY, *SETS, "--rm", str(d / "rm"), "--data", str(d / "prefs.json"),
+          "--out", str(d / "rm_eval")])
+    rm_eval = json.loads((d / "rm_eval" / "rm_eval.json").read_text())
+    assert "accuracy/labels" in rm_eval and not any(k.startswith(("probe/sycophancy", "world/")) for k in rm_eval)
+    assert "wrong user" not in capsys.readouterr().out
     _run(["dpo", "--config", TINY, *SETS, "--sft", str(d / "sft"), "--data", str(d / "prefs.parquet"),
           "--out", str(d / "dpo")])
     _run(["ppo", "--config", TINY, *SETS, "--sft", str(d / "sft"), "--rm", str(d / "rm"),
