@@ -29,6 +29,7 @@ __all__ = [
     "masked_whiten",
     "per_token_rewards",
     "reinforce_pp_advantages",
+    "reinforce_pp_baseline_advantages",
     "rloo_advantages",
 ]
 
@@ -373,3 +374,50 @@ def reinforce_pp_advantages(
         token_rewards, torch.zeros_like(token_rewards), mask, gamma=gamma, lam=1.0
     )
     return whiten(returns_to_go, mask, shift_mean=True, eps=eps)
+
+
+def reinforce_pp_baseline_advantages(
+    scores: torch.Tensor,
+    kl_per_token: torch.Tensor,
+    mask: torch.Tensor,
+    group_size: int,
+    *,
+    beta: float,
+    gamma: float = 1.0,
+    eps: float = 1e-8,
+    whiten: Callable[..., torch.Tensor] = masked_whiten,
+) -> torch.Tensor:
+    """REINFORCE++-baseline advantages (Hu et al. 2025, "REINFORCE++"; OpenRLHF's
+    ``reinforce_baseline`` estimator): the prompt's mean score as the baseline, then
+    REINFORCE++'s token returns normalized over the global batch.
+
+        s'_i = score_i - mean of the scores of i's group            (group_mean_baseline)
+        r_t  = -beta * kl_t + [t == last valid token] * s'_i        (per_token_rewards)
+        G_t  = sum_{s >= t, valid} gamma^(s-t) * r_s
+        A_t  = (G_t - mean(G)) / sqrt(var(G) + eps)                 over every valid token
+
+    The baseline is taken on the scores alone: the KL penalty stays per token, outside it
+    (as in OpenRLHF). The group mean removes each prompt's difficulty (a prompt whose samples
+    all score high teaches nothing), which a global whitening alone cannot; the whitening
+    then sets one scale for the batch, robust to the reward's scale. Rows are grouped
+    contiguously by prompt (rows [0:G] are prompt 0's samples).
+
+    Args:
+        scores: reward per sequence.                      # (B,), B = n_prompts * G
+        kl_per_token: per-token KL estimate (k1).         # (B, T)
+        mask: 1/True on response tokens.                  # (B, T)
+        group_size: G, samples per prompt, >= 2.
+        beta: KL coefficient (0: the KL is in the loss).
+        gamma: discount (1 in the paper).
+        eps: added to the variance in the whitening.
+        whiten: ``masked_whiten``, or ``distributed.BatchStats.whiten`` for the statistics
+            of every process's tokens.
+
+    Returns:
+        Advantages, 0 at padded positions.                # (B, T)
+    """
+    if group_size < 2:
+        raise ValueError(f"REINFORCE++-baseline needs group_size >= 2, got {group_size}")
+    centered = group_mean_baseline(scores, group_size)
+    rewards = per_token_rewards(centered, kl_per_token, mask, beta=beta)
+    return reinforce_pp_advantages(rewards, mask, gamma=gamma, eps=eps, whiten=whiten)

@@ -381,6 +381,9 @@ class RLConfig:
     num_minibatches: int | None = _f(None, "optimizer steps per epoch; empty = algorithm default", "int >= 1")
     clip_eps: float = _f(0.2, "clip range of the policy ratio, [1 - clip_eps, 1 + clip_eps_high]", "> 0")
     clip_eps_high: float | None = _f(None, "upper clip range (asymmetric clipping); empty = clip_eps", "> 0")
+    dual_clip: float | None = _f(None, "dual-clip PPO (Ye et al. 2020): a negative-advantage token's loss is capped "
+                                 "at -dual_clip * A, so a ratio past dual_clip adds no gradient (verl's clip_ratio_c, "
+                                 "3 and on there); empty = off", "> 1")
     target_kl: float | None = _f(None, "stop the epoch loop once policy/approxkl exceeds this; empty = off", "> 0")
     max_grad_norm: float = _f(1.0, "gradient clipping norm; 0 = off", ">= 0")
     weight_decay: float = _f(0.0, "AdamW weight decay", ">= 0")
@@ -390,13 +393,17 @@ class RLConfig:
     value_clip_eps: float = _f(0.2, "PPO: clip range of the value update around the rollout values", "> 0")
     value_lr: float | None = _f(None, "PPO: critic learning rate; empty = lr", "> 0")
     value_init: str = _f("zero", "PPO critic: zero (SFT backbone, zero-initialised head) or rm (the reward model)", "one of zero, rm")
-    gamma: float = _f(1.0, "PPO: discount", "[0, 1]")
+    gamma: float = _f(1.0, "discount of PPO's GAE and REINFORCE++'s returns-to-go", "[0, 1]")
     gae_lambda: float = _f(0.95, "PPO: GAE lambda", "[0, 1]")
     whiten_rewards: bool = _f(False, "PPO: rescale per-token rewards to unit variance, keeping their mean")
-    whiten_advantages: bool | None = _f(None, "whiten advantages over the batch; empty = algorithm default")
+    whiten_advantages: bool | None = _f(None, "whiten advantages over the global batch (PPO: on, over tokens; "
+                                        "reinforce, rloo: off, over sequences); fixed by definition for "
+                                        "reinforce++ (on) and grpo (per group); empty = algorithm default")
     kl_in: str | None = _f(None, "where the KL term goes: reward (per token, -beta*k) or loss (beta*k)", "one of reward, loss")
-    kl_estimator: str | None = _f(None, f"{_words(KL_ESTIMATORS)} (k1 belongs in the reward, k2/k3 in the loss)",
-                                  KL_ESTIMATORS.domain())
+    kl_estimator: str | None = _f(None, f"{_words(KL_ESTIMATORS)} (k1 belongs in the reward, k2/k3 in the loss, "
+                                  "k3_ratio in the loss only)", KL_ESTIMATORS.domain())
+    kl_clip: float | None = _f(None, "cap each token's KL estimate to [-kl_clip, kl_clip] in the reward or loss "
+                               "(verl, OpenRLHF: 10); empty = off", "> 0")
     kl_controller: str = _f("fixed", f"beta control: {_words(KL_CONTROLLERS)} (linear: beta -> beta_end)",
                             KL_CONTROLLERS.domain())
     beta_end: float | None = _f(None, "linear controller: beta at the last step; empty = beta / 10", ">= 0")
@@ -410,7 +417,8 @@ class RLConfig:
     entropy_coef: float = _f(0.0, "entropy bonus coefficient (a defence against mode collapse)", "finite")
     no_eos_penalty: float = _f(0.0, "added to the score of a response that never emits EOS (e.g. -1)", "finite")
     baseline: str | None = _f(None, "REINFORCE baseline: batch or group (mean of the prompt's samples)", _BASELINES)
-    scale_std: bool | None = _f(None, "GRPO: divide advantages by the group std (false = Dr. GRPO)")
+    scale_std: bool | None = _f(None, "GRPO: divide advantages by the group std (false = Dr. GRPO); empty = "
+                                "algorithm default")
     loss_agg: str | None = _f(None, f"how the loss is normalized: {_words(LOSS_AGGREGATIONS)}; "
                               "empty = algorithm default", LOSS_AGGREGATIONS.domain())
     rm_weight: float = _f(1.0, "weight of the reward model in a weighted sum with reward functions", "finite")

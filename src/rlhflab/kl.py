@@ -20,6 +20,14 @@ zero in expectation. Hence k1 belongs in the reward (PPO, REINFORCE++), where on
 value matters, and k2/k3 belong in the loss (GRPO uses k3). The derivation is written out
 in ``tests/unit/test_kl.py::test_loss_gradients_match_kl_gradients``.
 
+    k3_ratio = rho * k3,  rho = pi_theta(x) / pi_old(x)     (in the loss only)
+
+is TRL's GRPO default (``use_bias_correction_kl``): its value is k3's where rho = 1, its
+gradient the reverse KL's, k2's on-policy, and rho times k2's off-policy (``kl_k3_ratio``).
+``kl_estimate`` is how the loops call an estimator: by its registered name, with the
+ratio's old log-probs where the estimator reads them, and an optional cap on each token's
+estimate (``cap_kl``, ``rl.kl_clip``; verl and OpenRLHF cap at 10).
+
 Controllers
 -----------
 A controller holds the current beta (``value``), is told the measured KL after each
@@ -46,9 +54,12 @@ __all__ = [
     "FixedKLController",
     "LagrangianKLController",
     "LinearKLController",
+    "cap_kl",
+    "kl_estimate",
     "kl_k1",
     "kl_k2",
     "kl_k3",
+    "kl_k3_ratio",
     "make_kl_controller",
     "sequence_kl",
     "KL_CAUTION_NATS",
@@ -134,6 +145,85 @@ def kl_k3(
     if log_ratio_clip is not None:
         log_ratio = log_ratio.clamp(-log_ratio_clip, log_ratio_clip)
     return torch.expm1(log_ratio) - log_ratio
+
+
+def kl_k3_ratio(
+    logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    *,
+    old_logprobs: torch.Tensor,
+    log_ratio_clip: float | None = 20.0,
+) -> torch.Tensor:
+    """k3 times the importance ratio of the current policy to the one that sampled, per token:
+
+        rho_t = exp(log pi_theta(x_t) - log pi_old(x_t))          (with its gradient)
+        k_t   = rho_t * k3_t = rho_t * ((e^l - 1) - l),   l = log pi_ref(x_t) - log pi_theta(x_t)
+
+    TRL's GRPO default (``use_bias_correction_kl=True``, after DeepSeek-AI 2025, "DeepSeek-V3.2":
+    the KL term estimated on samples of pi_old, corrected to pi_theta). Its value is k3's where
+    rho = 1 (the first minibatch of a rollout). Its gradient, with grad l = -grad log pi_theta and
+    grad rho = rho grad log pi_theta,
+
+        grad k_t = rho (1 - e^l) grad log pi + rho (e^l - 1 - l) grad log pi = -rho l grad log pi
+                 = rho * grad k2_t,
+
+    so on-policy it is k2's (the reverse KL's), and on samples of pi_old it is the importance-
+    weighted reverse-KL gradient, E_old[rho (log pi - log pi_ref) grad log pi] = grad
+    KL(pi_theta || pi_ref), where k2's own gradient would be biased. In the reward rho = 1 and
+    only the value counts, which is k3's: it belongs in the loss (``algos.rl_config`` refuses
+    it in the reward). The log-ratios are clamped to +-``log_ratio_clip`` before exp, as in
+    ``kl_k3`` and the policy ratio.
+
+    Args:
+        logprobs: log pi_theta(x_t), with gradients.              # (B, T)
+        ref_logprobs: log pi_ref(x_t).                             # (B, T)
+        old_logprobs: log pi_old(x_t), of the policy that sampled (detached).  # (B, T)
+        log_ratio_clip: bound on |l| and |log rho|, or None for the exact formula.
+
+    Returns:
+        rho * k3 per token, >= 0.                                  # (B, T)
+    """
+    log_rho = logprobs - old_logprobs.detach()
+    if log_ratio_clip is not None:
+        log_rho = log_rho.clamp(-log_ratio_clip, log_ratio_clip)
+    return torch.exp(log_rho) * kl_k3(logprobs, ref_logprobs, log_ratio_clip=log_ratio_clip)
+
+
+def cap_kl(per_token_kl: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """Each token's KL estimate clamped to [-cap, cap] (``rl.kl_clip``); None: unchanged.
+
+        k_t <- min(max(k_t, -cap), cap)
+
+    verl clamps k3 (and the other estimators it computes in one function) to [-10, 10];
+    OpenRLHF clamps k1, k2 and k3 to [-10, 10]. Where the cap acts the token's KL gradient is
+    0: a token the reference all but rules out stops dominating the batch's KL term, at the
+    price of no longer pulling that token back.
+
+    Args:
+        per_token_kl: a per-token estimate.                        # (B, T)
+        cap: the bound c > 0, or None.
+
+    Returns:
+        The clamped estimate.                                      # (B, T)
+    """
+    if cap is None:
+        return per_token_kl
+    if not cap > 0:
+        raise ValueError(f"cap must be > 0, got {cap}")
+    return per_token_kl.clamp(-cap, cap)
+
+
+def kl_estimate(name: str, logprobs: torch.Tensor, ref_logprobs: torch.Tensor, *,
+                old_logprobs: torch.Tensor | None = None, cap: float | None = None) -> torch.Tensor:
+    """The registered estimator ``name`` (``registry.KL_ESTIMATORS``) per token, capped by
+    ``cap_kl``. An estimator that reads the ratio to the sampling policy (k3_ratio) gets
+    ``old_logprobs``; without them (the reward, at sampling time) its ratio is 1.   # (B, T)"""
+    fn = KL_ESTIMATORS[name]
+    if KL_ESTIMATORS.entry(name).options.get("old_logprobs"):
+        kl = fn(logprobs, ref_logprobs, old_logprobs=logprobs.detach() if old_logprobs is None else old_logprobs)
+    else:
+        kl = fn(logprobs, ref_logprobs)
+    return cap_kl(kl, cap)
 
 
 def sequence_kl(per_token_kl: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -16,8 +16,8 @@ Contents, top to bottom:
    ``simpo_loss``, ``orpo_loss`` (reference-free, take response lengths instead);
 3. the unpaired KTO loss: ``kto_reference_point``, ``kto_loss``;
 4. the supervised loss ``sft_loss``;
-5. online RL, per token on (B, T) tensors: PPO's ``clipped_surrogate`` and
-   ``clipped_value_loss``, the aggregations ``token_mean``, ``seq_sum``, ``seq_mean`` and
+5. online RL, per token on (B, T) tensors: PPO's ``clipped_surrogate`` (and
+   ``dual_clipped_surrogate``, Ye et al. 2020) and ``clipped_value_loss``, the aggregations ``token_mean``, ``seq_sum``, ``seq_mean`` and
    ``constant_normalizer`` (``rlhflab.registry.LOSS_AGGREGATIONS``), the whole micro-batch
    loss ``policy_gradient_loss`` (surrogate + KL + value - entropy), and the token weights
    of truncated importance sampling for a sampler that differs from the trainer,
@@ -48,7 +48,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from rlhflab.registry import KL_ESTIMATORS, LOSS_AGGREGATIONS
+from rlhflab.kl import kl_estimate
+from rlhflab.registry import LOSS_AGGREGATIONS
 
 Metrics = dict[str, float]
 LossOutput = tuple[torch.Tensor, Metrics]
@@ -681,6 +682,41 @@ def clipped_surrogate(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advant
     return torch.maximum(unclipped, clipped), ratio, (clipped > unclipped).float()
 
 
+def dual_clipped_surrogate(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, *,
+                           clip_eps: float = 0.2, clip_eps_high: float | None = None, dual_clip: float = 3.0):
+    """Dual-clip PPO per token (Ye et al. 2020, "Mastering Complex Control in MOBA Games with
+    Deep Reinforcement Learning"), as a loss to minimise; c = ``dual_clip`` > 1:
+
+        l_t = max(-A_t rho_t, -A_t clip(rho_t, 1 - eps_low, 1 + eps_high))          A_t >= 0
+        l_t = min(max(-A_t rho_t, -A_t clip(rho_t, 1 - eps_low, 1 + eps_high)), -c A_t)   A_t < 0
+
+    (verl's ``compute_policy_loss_vanilla`` with ``clip_ratio_c`` = c, OpenRLHF's
+    ``PolicyLoss(dual_clip=c)``.) For A < 0, -A > 0 factors out:
+    max(rho, clip(rho, 1 - eps_low, 1 + eps_high)) = max(rho, 1 - eps_low), so
+
+        l_t = -A_t * min(max(rho_t, 1 - eps_low), c)                                  A_t < 0
+
+    PPO's clip bounds a negative-advantage token's loss from below only: a token whose ratio has
+    grown far past 1 + eps_high (several epochs, or a stale sampler) keeps the unclipped
+    -A rho, a loss and a gradient that grow with rho without bound. The dual clip caps it at
+    -c A, where the gradient is 0. For A >= 0 it is PPO's clipped surrogate unchanged; for
+    A < 0 and 1 - eps_low < rho < c the gradient is PPO's, -A grad rho.
+
+    Returns:
+        (l_t, rho_t, clipped_t, dual_clipped_t): per-token loss, ratio, 0/1 where PPO's clip
+        binds (as ``clipped_surrogate``), and 0/1 where the dual clip binds (A < 0, rho > c).
+                                                                              # (B, T) each
+    """
+    if not dual_clip > 1:
+        raise ValueError(f"dual_clip must be > 1, got {dual_clip}")
+    l_t, ratio, clipped = clipped_surrogate(logprobs, old_logprobs, advantages, clip_eps=clip_eps,
+                                            clip_eps_high=clip_eps_high)
+    cap = -dual_clip * advantages
+    negative = advantages < 0
+    dual = negative & (l_t > cap)
+    return torch.where(negative, torch.minimum(l_t, cap), l_t), ratio, clipped, dual.float()
+
+
 def clipped_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, *,
                        clip_eps: float = 0.2):
     """PPO's clipped value loss per token (Huang et al. 2022, "The 37 implementation details
@@ -743,6 +779,8 @@ class PolicyLossSettings:
     loss_agg: str = "token_mean"
     kl_coef: float = 0.0  # beta when the KL is in the loss, else 0
     kl_estimator: str = "k3"
+    kl_clip: float | None = None  # cap on each token's KL estimate (kl.cap_kl), None = off
+    dual_clip: float | None = None  # c of dual-clip PPO (dual_clipped_surrogate), None = off
     entropy_coef: float = 0.0
     vf_coef: float = 0.1
     value_clip_eps: float = 0.2
@@ -759,13 +797,18 @@ def policy_gradient_loss(logprobs, old_logprobs, advantages, mask, counts: Count
     ``w`` is 1, or the detached truncated importance weights of a sampler that differs from
     the trainer (``is_weights``, ``truncated_importance_weights``). Both the surrogate and
     the KL term are expectations under pi_theta estimated on the sampler's tokens, so both
-    are weighted (as TRL weights its whole per-token loss): weighting the surrogate alone
-    leaves the KL term's gradient off-policy and, with the KL in the loss, moves the fixed
-    point away from pi*.
+    are weighted: weighting the surrogate alone leaves the KL term's gradient off-policy and,
+    with the KL in the loss, moves the fixed point away from pi* (docs/online-rl.md measures
+    it on the bandit). TRL 1.16 (``GRPOTrainer._compute_loss``), verl (``dp_actor``: the
+    weights inside the policy loss, the KL loss added after) and OpenRLHF (``PolicyLoss``)
+    weight the policy-gradient term only.
 
-    ``agg`` is ``registry.LOSS_AGGREGATIONS[hp.loss_agg]``; the KL term uses the estimator
-    ``hp.kl_estimator`` on the current log-probs (k3: GRPO; k2: the reverse-KL gradient),
-    the value term is there only when ``values`` is given (PPO).
+    ``l^clip`` is ``clipped_surrogate``, or ``dual_clipped_surrogate`` when ``hp.dual_clip``
+    is set. ``agg`` is ``registry.LOSS_AGGREGATIONS[hp.loss_agg]``; the KL term is the
+    estimator ``hp.kl_estimator`` on the current log-probs (k3: GRPO; k2: the reverse-KL
+    gradient; k3_ratio reads the ratio to ``old_logprobs``), each token's estimate capped at
+    ``hp.kl_clip`` (``kl.kl_estimate``); the value term is there only when ``values`` is
+    given (PPO).
 
     Args:
         logprobs, old_logprobs, advantages, mask: (b, T) each; ref_logprobs, entropy,
@@ -776,8 +819,13 @@ def policy_gradient_loss(logprobs, old_logprobs, advantages, mask, counts: Count
         token count) of this micro-batch, to be reduced over micro-batches and processes.
     """
     agg = LOSS_AGGREGATIONS[hp.loss_agg]
-    pg_t, ratio, clipped = clipped_surrogate(logprobs, old_logprobs, advantages,
-                                             clip_eps=hp.clip_eps, clip_eps_high=hp.clip_eps_high)
+    dual = None
+    if hp.dual_clip is None:
+        pg_t, ratio, clipped = clipped_surrogate(logprobs, old_logprobs, advantages,
+                                                 clip_eps=hp.clip_eps, clip_eps_high=hp.clip_eps_high)
+    else:
+        pg_t, ratio, clipped, dual = dual_clipped_surrogate(logprobs, old_logprobs, advantages, clip_eps=hp.clip_eps,
+                                                            clip_eps_high=hp.clip_eps_high, dual_clip=hp.dual_clip)
     if is_weights is not None:
         pg_t = is_weights * pg_t
     loss = agg(pg_t, mask, counts)
@@ -789,8 +837,10 @@ def policy_gradient_loss(logprobs, old_logprobs, advantages, mask, counts: Count
 
     sums = {"loss/policy": s(pg_t), "policy/clipfrac": s(clipped), "policy/approxkl": s(0.5 * log_ratio.square()),
             "policy/ratio_mean": s(ratio)}
+    if dual is not None:
+        sums["policy/dual_clipfrac"] = s(dual)
     if hp.kl_coef and ref_logprobs is not None:
-        kl_t = KL_ESTIMATORS[hp.kl_estimator](logprobs, ref_logprobs)
+        kl_t = kl_estimate(hp.kl_estimator, logprobs, ref_logprobs, old_logprobs=old_logprobs, cap=hp.kl_clip)
         loss = loss + hp.kl_coef * agg(kl_t if is_weights is None else is_weights * kl_t, mask, counts)
         sums["loss/kl"] = s(kl_t)
     if entropy is not None:

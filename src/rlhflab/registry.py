@@ -86,9 +86,13 @@ class Registry(Mapping):
 #   estimator  its advantages: gae (a critic), sequence_baseline (R - a baseline),
 #              token_returns (returns-to-go whitened over the batch), group_relative
 #   baseline   the SEQUENCE_BASELINES name a sequence_baseline estimator always uses
-#              (absent: ``rl.baseline``)
+#              (absent: ``rl.baseline``); for token_returns, the baseline subtracted from
+#              the scores before the returns-to-go (REINFORCE++-baseline)
 #   critic     trains a value model alongside the policy
 #   defaults   the RLConfig fields a user may leave empty
+#   whiten     absent: ``rl.whiten_advantages`` takes effect (its default in ``defaults``);
+#              else why the algorithm's whitening is fixed, and setting it away from the
+#              default is an error naming the algorithm (``algos.rl_config``)
 #   min_samples_per_prompt   group estimators need at least two samples of a prompt
 #   bandit     the tabular bandit's settings where they differ from its own defaults
 #              (``algos.bandit_online.BANDIT_DEFAULTS``)
@@ -117,17 +121,32 @@ ONLINE_ALGORITHMS = Registry("online algorithm", [
           dict(command="reinforce", variant="reinforce++", estimator="token_returns", critic=False,
                min_samples_per_prompt=1,
                defaults=dict(samples_per_prompt=1, epochs=1, num_minibatches=2, kl_in="reward", kl_estimator="k1",
-                             whiten_advantages=True, loss_agg="token_mean"))),
+                             whiten_advantages=True, loss_agg="token_mean"),
+               whiten="whitens its token returns over the global batch by definition (Hu 2025): they are its only "
+                      "baseline")),
+    Entry("reinforce++-baseline", "rlhflab.algos.reinforce:train_reinforce",
+          "REINFORCE++-baseline: the prompt's mean score subtracted, token returns whitened over the global batch "
+          "(Hu et al. 2025; OpenRLHF's reinforce_baseline)",
+          dict(command="reinforce", variant="reinforce++-baseline", estimator="token_returns", baseline="group",
+               critic=False, min_samples_per_prompt=2,
+               defaults=dict(samples_per_prompt=4, epochs=1, num_minibatches=2, kl_in="reward", kl_estimator="k1",
+                             whiten_advantages=True, loss_agg="token_mean"),
+               whiten="normalizes its token returns over the global batch by definition (Hu et al. 2025); without "
+                      "it, it is reinforce with rl.baseline=group")),
     Entry("grpo", "rlhflab.algos.grpo:train_grpo",
           "GRPO: group-normalized advantages, k3 in the loss (Shao et al. 2024)",
           dict(command="grpo", variant="grpo", estimator="group_relative", critic=False, min_samples_per_prompt=2,
                defaults=dict(samples_per_prompt=8, epochs=1, num_minibatches=2, kl_in="loss", kl_estimator="k3",
-                             whiten_advantages=False, loss_agg="seq_mean", scale_std=True))),
+                             whiten_advantages=False, loss_agg="seq_mean", scale_std=True),
+               whiten="normalizes its advantages per group by design (Shao et al. 2024): whitening over the batch on "
+                      "top would divide them by a second, token-weighted std and shift them by a token-weighted mean")),
     Entry("dr-grpo", "rlhflab.algos.grpo:train_grpo",
           "Dr. GRPO: no std scaling, no length bias (Liu et al. 2025)",
           dict(command="grpo", variant="dr-grpo", estimator="group_relative", critic=False, min_samples_per_prompt=2,
                defaults=dict(samples_per_prompt=8, epochs=1, num_minibatches=2, kl_in="loss", kl_estimator="k3",
-                             whiten_advantages=False, loss_agg="constant", scale_std=False))),
+                             whiten_advantages=False, loss_agg="constant", scale_std=False),
+               whiten="drops the std scaling by design (Liu et al. 2025): whitening over the batch would divide the "
+                      "advantages by a std again")),
 ])
 
 
@@ -221,10 +240,16 @@ LOSS_AGGREGATIONS = Registry("loss aggregation", [
     Entry("constant", "rlhflab.losses:constant_normalizer", "sum / (sequences x max length) (Dr. GRPO)"),
 ])
 
+# options: old_logprobs (called as fn(logprobs, ref_logprobs, old_logprobs=...): it reads the
+# ratio pi_theta / pi_old, so it belongs in the loss, where that ratio has a gradient; in the
+# reward the ratio is 1 and only its value, k3's, would count).
 KL_ESTIMATORS = Registry("KL estimator", [
     Entry("k1", "rlhflab.kl:kl_k1", "-log r: unbiased, noisy; belongs in the reward (Schulman 2020)"),
     Entry("k2", "rlhflab.kl:kl_k2", "(log r)^2 / 2: its gradient is the reverse KL's (Schulman 2020)"),
     Entry("k3", "rlhflab.kl:kl_k3", "(r - 1) - log r: unbiased, >= 0; GRPO's (Schulman 2020)"),
+    Entry("k3_ratio", "rlhflab.kl:kl_k3_ratio",
+          "k3 x pi_theta / pi_old: k3's value, the reverse KL's gradient off-policy too; TRL's "
+          "use_bias_correction_kl (DeepSeek-AI 2025, DeepSeek-V3.2)", dict(old_logprobs=True)),
 ])
 
 KL_CONTROLLERS = Registry("KL controller", [

@@ -34,10 +34,11 @@ def _rows(path):
     (["ppo"], []),
     (["reinforce"], ["--set", "rl.kl_controller=linear"]),
     (["reinforce", "--variant", "reinforce++"], ["--set", "rl.entropy_coef=0.01"]),
+    (["reinforce", "--variant", "reinforce++-baseline"], ["--set", "rl.kl_clip=10"]),
     (["rloo"], ["--set", "rl.micro_batch_size=2", "--set", "rl.kl_controller=adaptive"]),
-    (["grpo"], ["--set", "rl.clip_eps_high=0.28"]),
+    (["grpo"], ["--set", "rl.clip_eps_high=0.28", "--set", "rl.dual_clip=3", "--set", "rl.kl_estimator=k3_ratio"]),
     (["grpo", "--variant", "dr-grpo"], []),
-], ids=["ppo", "reinforce", "reinforce++", "rloo", "grpo", "dr-grpo"])
+], ids=["ppo", "reinforce", "reinforce++", "reinforce++-baseline", "rloo", "grpo", "dr-grpo"])
 def test_each_command_runs_and_writes_its_outputs(command, extra, sft, tmp_path):
     out = tmp_path / "run"
     assert main([*command, "--config", TINY, "--sft", sft, "--reward-fn", "gold", "--out", str(out), *FAST,
@@ -60,6 +61,10 @@ def test_each_command_runs_and_writes_its_outputs(command, extra, sft, tmp_path)
         assert "val/explained_var" in rows[-1]
     if "rl.entropy_coef=0.01" in extra:
         assert "policy/entropy" in rows[-1]
+    if "rl.dual_clip=3" in extra:
+        assert "policy/dual_clipfrac" in rows[-1] and "loss/kl" in rows[-1]
+    else:
+        assert "policy/dual_clipfrac" not in rows[-1]
     if "rl.kl_controller=linear" in extra:  # beta 0.05 -> 0.005 over 2 steps: 0.05, then 0.0275
         assert [r["kl/beta"] for r in rows[1:]] == pytest.approx([0.05, 0.0275])
 
@@ -141,6 +146,7 @@ def test_nan_reward_stops_the_run_naming_the_prompt(sft, tmp_path, capsys):
      "rl.batch_size"),
     (["--sft", "SFT", "--reward-fn", "gold", "--set", "rl.num_minibatches=3"], "rl.num_minibatches"),
     (["--sft", "SFT", "--rm", "/nonexistent/rm"], "/nonexistent/rm"),
+    (["--sft", "SFT", "--reward-fn", "gold", "--set", "rl.scale_std=false"], "ppo has no group std"),
 ])
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(args, message, sft, tmp_path, capsys):
     out = tmp_path / "out"

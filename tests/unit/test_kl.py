@@ -16,6 +16,7 @@ from rlhflab.kl import (
     kl_k1,
     kl_k2,
     kl_k3,
+    kl_k3_ratio,
     make_kl_controller,
     sequence_kl,
 )
@@ -54,7 +55,7 @@ def test_estimator_values_by_hand():
 
 
 def test_estimator_dict():
-    assert KL_ESTIMATORS == {"k1": kl_k1, "k2": kl_k2, "k3": kl_k3}
+    assert KL_ESTIMATORS == {"k1": kl_k1, "k2": kl_k2, "k3": kl_k3, "k3_ratio": kl_k3_ratio}
 
 
 def test_k3_nonnegative_everywhere():

@@ -67,7 +67,7 @@ def test_an_unknown_name_is_a_key_error_naming_the_choices():
 def test_domain_strings_list_the_names_in_order():
     for reg in FAMILIES.values():
         assert reg.domain() == "one of " + ", ".join(reg.names())
-    assert ONLINE_ALGORITHMS.domain() == "one of ppo, reinforce, rloo, reinforce++, grpo, dr-grpo"
+    assert ONLINE_ALGORITHMS.domain() == "one of ppo, reinforce, rloo, reinforce++, reinforce++-baseline, grpo, dr-grpo"
 
 
 def test_where_selects_by_option():
@@ -79,7 +79,8 @@ def test_online_commands_map_each_command_to_its_variants():
     commands = online_commands()
     assert list(commands) == ["ppo", "reinforce", "rloo", "grpo"]
     assert commands["ppo"] == {"ppo": "ppo"}
-    assert commands["reinforce"] == {"baseline": "reinforce", "reinforce++": "reinforce++"}
+    assert commands["reinforce"] == {"baseline": "reinforce", "reinforce++": "reinforce++",
+                                     "reinforce++-baseline": "reinforce++-baseline"}
     assert commands["rloo"] == {"rloo": "rloo"}
     assert commands["grpo"] == {"grpo": "grpo", "dr-grpo": "dr-grpo"}
     assert sorted(a for variants in commands.values() for a in variants.values()) == sorted(ONLINE_ALGORITHMS)

@@ -72,6 +72,21 @@ def test_dr_grpo_with_k2_in_the_loss_reaches_pi_star_at_beta_times_g_minus_1_ove
     assert to_shifted < 0.2 * to_nominal
 
 
+def test_reinforce_pp_baseline_reaches_pi_star_at_beta_times_g_minus_1_over_g():
+    """REINFORCE++-baseline subtracts the group's mean score, the sample's own included, and
+    keeps the KL per token outside that baseline: the score's gradient is scaled by (G-1)/G
+    against the KL's, as Dr. GRPO's, so it converges to pi*(beta * G/(G-1)). Measured at 150
+    steps, G = 4, seeds 0-2: 0.017-0.021 nats from pi*(0.5) and 1.0e-4 to 3.3e-4 from
+    pi*(0.667); run at beta * 3/4 = 0.375, 1.1e-4 to 3.6e-4 from pi*(0.5)."""
+    G = 4
+    assert _distance("reinforce++-baseline", beta=BETA * (G - 1) / G, steps=150) <= BAR
+    problem = default_bandit()
+    policy = BANDIT_ALGOS["reinforce++-baseline"](problem, BETA, seed=0, steps=150).policy
+    to_shifted = distance_to_optimum(policy, problem.optimum(BETA * G / (G - 1)))["kl_to_optimum"]
+    to_nominal = distance_to_optimum(policy, problem.optimum(BETA))["kl_to_optimum"]
+    assert to_shifted < 0.2 * to_nominal and to_nominal > 0.01
+
+
 def test_k3_in_the_loss_targets_the_forward_kl_solution():
     """RLOO with k3 in the loss: the gradient of k3 on on-policy samples is that of the
     forward KL(pi_ref || pi), so the fixed point is the forward-KL-regularized optimum,

@@ -293,7 +293,8 @@ def test_resolve_fills_algorithm_defaults_and_names_bad_fields():
     dr = resolve_rl_config(RLConfig(), "dr-grpo")
     assert (dr.scale_std, dr.loss_agg) == (False, "constant")
     assert resolve_rl_config(RLConfig(epochs=2), "ppo").epochs == 2  # explicit values win
-    assert set(ONLINE_ALGORITHMS) == {"ppo", "reinforce", "rloo", "reinforce++", "grpo", "dr-grpo"}
+    assert set(ONLINE_ALGORITHMS) == {"ppo", "reinforce", "rloo", "reinforce++", "reinforce++-baseline", "grpo",
+                                      "dr-grpo"}
     with pytest.raises(InputError, match="rl.kl_in"):
         resolve_rl_config(RLConfig(kl_in="both"), "ppo")
     with pytest.raises(InputError, match="rl.batch_size"):

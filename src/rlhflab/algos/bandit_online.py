@@ -24,8 +24,10 @@ kl_in=None, pairs=None, **options) -> BanditResult``, one per online algorithm o
 ``rlhflab.registry.ONLINE_ALGORITHMS``; options override its defaults there (group_size is
 their samples_per_prompt; epochs, num_minibatches, scale_std, loss_agg, baseline,
 whiten_advantages, kl_in, kl_estimator) and the bandit's own ``BANDIT_DEFAULTS`` (steps,
-lr, samples; an entry's ``bandit`` option where it differs), and clip_eps, value_lr,
-sampler_temperature, tis_cap.
+lr, samples; an entry's ``bandit`` option where it differs), and clip_eps, dual_clip,
+kl_clip, value_lr, sampler_temperature, tis_cap. ``whiten_advantages`` away from its default
+is refused where the algorithm fixes it (the registry's ``whiten``), as ``rlhflab.algos.rl_config``
+refuses it for the language-model loops.
 
 KL as a constraint: ``kl_controller="lagrangian"`` with ``kl_epsilon`` (the budget, nats, default 0.1)
 and ``kl_dual_lr`` (default 0.5) starts beta at the ``beta`` given and moves it after every batch by dual
@@ -60,8 +62,8 @@ prompt per step. An algorithm's ``bandit`` option in the registry overrides them
 # kl_in, ...), and the options a caller may set besides.
 _FROM_REGISTRY = ("samples_per_prompt", "epochs", "num_minibatches", "kl_in", "kl_estimator", "whiten_advantages",
                   "loss_agg", "baseline", "scale_std")
-_OTHER_OPTIONS = {"clip_eps", "value_lr", "sampler_temperature", "tis_cap", "kl_controller", "kl_epsilon",
-                  "kl_dual_lr"}
+_OTHER_OPTIONS = {"clip_eps", "dual_clip", "kl_clip", "value_lr", "sampler_temperature", "tis_cap", "kl_controller",
+                  "kl_epsilon", "kl_dual_lr"}
 
 
 def bandit_defaults(algo: str) -> dict:
@@ -77,26 +79,29 @@ def bandit_defaults(algo: str) -> dict:
 # stats) -> (advantages (B, 1), returns (B, 1) or None); ``o`` holds the resolved options.
 def _gae(scores, lp, ref, values, mask, beta, o, stats):
     adv, ret, _ = ppo_advantages(scores, lp, ref, values, mask, beta=beta, kl_in_reward=o["kl_in"] == "reward",
-                                 kl_estimator=o["kl_estimator"], whiten_advantages=o["whiten_advantages"],
-                                 stats=stats)
+                                 kl_estimator=o["kl_estimator"], kl_clip=o.get("kl_clip"),
+                                 whiten_advantages=o["whiten_advantages"], stats=stats)
     return adv, ret
 
 
 def _sequence_baseline(scores, lp, ref, values, mask, beta, o, stats):
     adv = reinforce_advantages(scores, lp, ref, mask, baseline=o["baseline"], group_size=o["group_size"], beta=beta,
-                               kl_in_reward=o["kl_in"] == "reward", kl_estimator=o["kl_estimator"], stats=stats)
+                               kl_in_reward=o["kl_in"] == "reward", kl_estimator=o["kl_estimator"],
+                               kl_clip=o.get("kl_clip"), whiten=o["whiten_advantages"], stats=stats)
     return adv, None
 
 
 def _token_returns(scores, lp, ref, values, mask, beta, o, stats):
     return reinforce_pp_token_advantages(scores, lp, ref, mask, beta=beta, kl_in_reward=o["kl_in"] == "reward",
-                                         kl_estimator=o["kl_estimator"], stats=stats), None
+                                         kl_estimator=o["kl_estimator"], kl_clip=o.get("kl_clip"),
+                                         group_size=o["group_size"] if o.get("token_baseline") else None,
+                                         stats=stats), None
 
 
 def _group_relative(scores, lp, ref, values, mask, beta, o, stats):
     return grpo_token_advantages(scores, lp, ref, mask, group_size=o["group_size"], scale_std=o["scale_std"],
                                  beta=beta, kl_in_reward=o["kl_in"] == "reward",
-                                 kl_estimator=o["kl_estimator"]), None
+                                 kl_estimator=o["kl_estimator"], kl_clip=o.get("kl_clip")), None
 
 
 ESTIMATORS = {
@@ -116,10 +121,14 @@ def train_bandit(algo: str, problem: BanditProblem, beta: float, *, seed: int = 
     unknown = set(options) - set(o) - (set(_FROM_REGISTRY) - {"samples_per_prompt"}) - _OTHER_OPTIONS
     if unknown:
         raise TypeError(f"unknown option(s) {', '.join(sorted(unknown))}")
-    o.update(options)
     registered = ONLINE_ALGORITHMS.entry(algo).options
-    if registered.get("baseline"):  # RLOO: the algorithm is its baseline
+    fixed = registered.get("whiten")
+    if fixed and "whiten_advantages" in options and options["whiten_advantages"] != o["whiten_advantages"]:
+        raise TypeError(f"whiten_advantages: {algo} {fixed}")
+    o.update(options)
+    if registered.get("baseline"):  # RLOO: the algorithm is its baseline (REINFORCE++-baseline: on the scores)
         o["baseline"] = registered["baseline"]
+        o["token_baseline"] = registered["estimator"] == "token_returns"
     o.setdefault("whiten_advantages", False)
     o.setdefault("scale_std", True)
     o.setdefault("baseline", "batch")
@@ -170,9 +179,10 @@ def _train(algo: str, problem: BanditProblem, beta: float, seed: int, o: dict) -
 
     def settings(beta: float) -> UpdateSettings:
         return UpdateSettings(epochs=o["epochs"], num_minibatches=o["num_minibatches"],
-                              clip_eps=o.get("clip_eps", 0.2), loss_agg=o["loss_agg"], max_len=1,
-                              kl_coef=beta if o["kl_in"] == "loss" else 0.0, kl_estimator=o["kl_estimator"],
-                              vf_coef=1.0, value_clip_eps=10.0)
+                              clip_eps=o.get("clip_eps", 0.2), dual_clip=o.get("dual_clip"), loss_agg=o["loss_agg"],
+                              max_len=1, kl_coef=beta if o["kl_in"] == "loss" else 0.0,
+                              kl_estimator=o["kl_estimator"], kl_clip=o.get("kl_clip"), vf_coef=1.0,
+                              value_clip_eps=10.0)
     stats = BatchStats()
 
     def step_fn() -> float:

@@ -31,12 +31,13 @@ from rlhflab.algos.update import UpdateBatch
 
 
 def grpo_token_advantages(scores, logprobs, ref_logprobs, mask, *, group_size: int, scale_std: bool = True,
-                          beta: float = 0.0, kl_in_reward: bool = False, kl_estimator: str = "k1") -> torch.Tensor:
+                          beta: float = 0.0, kl_in_reward: bool = False, kl_estimator: str = "k1",
+                          kl_clip: float | None = None) -> torch.Tensor:
     """Group-relative sequence advantages broadcast over each response's tokens.   # (B, T)
 
     Groups are local to a prompt, so no statistics cross processes."""
-    R = sequence_returns(scores, logprobs, ref_logprobs, mask, beta=beta, kl_estimator=kl_estimator) \
-        if kl_in_reward else scores
+    R = sequence_returns(scores, logprobs, ref_logprobs, mask, beta=beta, kl_estimator=kl_estimator,
+                         kl_clip=kl_clip) if kl_in_reward else scores
     return grpo_advantages(R, group_size, scale_std=scale_std)[:, None] * mask
 
 
@@ -47,7 +48,7 @@ def train_grpo(run: OnlineRun) -> dict:
         beta = run.kl_ctl.value
         advantages = grpo_token_advantages(
             ro.scores, ro.logprobs, ro.ref_logprobs, ro.mask, group_size=ro.group_size, scale_std=rl.scale_std,
-            beta=beta, kl_in_reward=rl.kl_in == "reward", kl_estimator=rl.kl_estimator)
+            beta=beta, kl_in_reward=rl.kl_in == "reward", kl_estimator=rl.kl_estimator, kl_clip=rl.kl_clip)
         batch = UpdateBatch.from_rollout(ro, advantages=advantages,
                                          ref_logprobs=ro.ref_logprobs if rl.kl_in == "loss" else None)
         metrics = run.update(step, batch)

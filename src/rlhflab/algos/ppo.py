@@ -33,7 +33,7 @@ from rlhflab.advantages import gae, per_token_rewards
 from rlhflab.algos.online import OnlineRun
 from rlhflab.algos.update import UpdateBatch
 from rlhflab.distributed import BatchStats
-from rlhflab.kl import KL_ESTIMATORS
+from rlhflab.kl import kl_estimate
 
 
 class ValueModel(torch.nn.Module):
@@ -85,7 +85,7 @@ class ValueModel(torch.nn.Module):
 
 def ppo_advantages(scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
                    values: torch.Tensor, mask: torch.Tensor, *, beta: float, kl_in_reward: bool = True,
-                   kl_estimator: str = "k1", gamma: float = 1.0, lam: float = 0.95,
+                   kl_estimator: str = "k1", kl_clip: float | None = None, gamma: float = 1.0, lam: float = 0.95,
                    whiten_rewards: bool = False, whiten_advantages: bool = True,
                    stats: BatchStats | None = None):
     """Per-token rewards, GAE advantages and value targets of one rollout batch.
@@ -96,13 +96,14 @@ def ppo_advantages(scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: t
         values: critic at sampling time.                  # (B, T)
         mask: response tokens.                            # (B, T)
         beta: KL coefficient (used only when ``kl_in_reward``).
+        kl_clip: cap on each token's KL estimate (``kl.cap_kl``), None = off.
         stats: global batch statistics (whitening); local if None.
 
     Returns:
         (advantages, returns, rewards), each (B, T), 0 on padding.
     """
     stats = stats or BatchStats()
-    kl = KL_ESTIMATORS[kl_estimator](logprobs, ref_logprobs)
+    kl = kl_estimate(kl_estimator, logprobs, ref_logprobs, cap=kl_clip)
     rewards = per_token_rewards(scores, kl, mask, beta=beta if kl_in_reward else 0.0)
     if whiten_rewards:
         rewards = stats.whiten(rewards, mask, shift_mean=False)
@@ -127,7 +128,8 @@ def train_ppo(run: OnlineRun) -> dict:
         beta = run.kl_ctl.value
         advantages, returns, rewards = ppo_advantages(
             ro.scores, ro.logprobs, ro.ref_logprobs, ro.values, ro.mask, beta=beta,
-            kl_in_reward=rl.kl_in == "reward", kl_estimator=rl.kl_estimator, gamma=rl.gamma, lam=rl.gae_lambda,
+            kl_in_reward=rl.kl_in == "reward", kl_estimator=rl.kl_estimator, kl_clip=rl.kl_clip, gamma=rl.gamma,
+            lam=rl.gae_lambda,
             whiten_rewards=rl.whiten_rewards, whiten_advantages=rl.whiten_advantages, stats=run.stats)
         batch = UpdateBatch.from_rollout(ro, advantages=advantages,
                                          ref_logprobs=ro.ref_logprobs if rl.kl_in == "loss" else None,
