@@ -42,6 +42,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "rlaif": ("rlhflab.commands.rlaif", "AI preference labels from a constitution, with soft labels and their instruments"),
     "cai-sl": ("rlhflab.commands.cai_sl", "critique and revise responses by a constitution, then SFT on the revisions"),
     "run": ("rlhflab.commands.run", "the main job: the whole pipeline on the world, then a report"),
+    "report": ("rlhflab.commands.report", "a self-contained HTML report of any run, training run or eval directory"),
 }
 
 

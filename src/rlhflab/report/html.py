@@ -24,13 +24,16 @@ code { background: #f3f3f3; padding: 0 3px; }
 """
 
 
+GENERATOR = '<meta name="generator" content="rlhflab report">'
+
+
 def esc(x) -> str:
     return html.escape(str(x))
 
 
 def fmt(v) -> str:
     if isinstance(v, float):
-        return f"{v:.3f}" if abs(v) < 1e4 else f"{v:.3g}"
+        return f"{v:.3f}" if 1e-2 <= abs(v) < 1e4 or v == 0 or v != v else f"{v:.3g}"
     return esc(v)
 
 
@@ -55,13 +58,29 @@ def page(title: str, sections: list[tuple[str, str]], subtitle: str = "") -> str
         body.append(f'<p class="small">{esc(subtitle)}</p>')
     for heading, content in sections:
         body.append(f"<h2>{esc(heading)}</h2>\n{content}")
-    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{esc(title)}</title>'
+    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">{GENERATOR}<title>{esc(title)}</title>'
             f"<style>{CSS}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
 
 
+def is_report(path: str | Path) -> bool:
+    """Whether ``path`` is a page this module wrote (which a new report may replace): its
+    generator tag, or the title of a report written before the tag existed."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            head = f.read(1024)
+    except OSError:
+        return False
+    return head.startswith("<!DOCTYPE html>") and (GENERATOR in head or "<title>rlhflab run report</title>" in head)
+
+
 def write_page(path: str | Path, text: str) -> Path:
+    """Write at once: a temporary file beside ``path``, then a rename (a reader never sees
+    half a page; an interrupted write leaves the earlier page)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
