@@ -57,6 +57,7 @@ from rlhflab.errors import InputError
 from rlhflab.instruments.training_logs import (
     SCHEMA_NAMES,
     detect_schema,
+    log_kind,
     read_log,
     readings_of,
     to_training_names,
@@ -128,6 +129,15 @@ class Thresholds:
     degenerate_short_rate: float = _t(0.5, "own: half the responses empty or one token (when base is not measured)")
     degenerate_short_rise: float = _t(0.3, "own: 30 points more empty-or-one-token responses than base")
     degenerate_repetition: float = _t(0.5, "own calibration: mean within-response repeated-bigram rate")
+    # Completions cut at the generation limit (TRL's completions/clipped_ratio). DAPO (Yu et al.
+    # 2025) masks or penalizes them as noise in the reward; neither gives a cut.
+    truncation_rate: float = _t(0.2, "own: a fifth of completions unfinished at the maximum length")
+    truncation_rise: float = _t(0.1, "own: 10 points more than the first logged row (the base, where measured)")
+    # DPO's likelihood displacement (Razin et al. 2024; Pal et al. 2024): the summed log-prob of
+    # the chosen responses falling. Batch means of summed log-probs move by a few nats between
+    # logging steps on different pairs, hence the bar and the reference check of the rule.
+    displacement_logp_drop: float = _t(1.0, "own: the chosen responses' mean summed log-prob 1 nat (x0.37) below "
+                                            "the first logged row's")
 
 
 @dataclass
@@ -153,10 +163,18 @@ class Rule:
     instrument: str
     root_cause: str
     fix: str
+    # Readings of the kind of run the rule is about (a DPO log, an online RL log); None: every run.
+    # Where it does not apply, a rule whose readings are missing is not listed as not measured.
+    applies: Callable[[dict], bool] | None = None
 
     def measured(self, m: dict) -> bool:
-        needs, any_of = self.check.needs, self.check.any_of
-        return all(k in m for k in needs) and (not any_of or any(all(k in m for k in g) for g in any_of))
+        return _has(self.check, m)
+
+
+def _has(check, m: dict) -> bool:
+    """Whether ``m`` holds the readings ``check`` reads (``_reads``)."""
+    needs, any_of = check.needs, check.any_of
+    return all(k in m for k in needs) and (not any_of or any(all(k in m for k in g) for g in any_of))
 
 
 def _reads(*needs: str, any_of: tuple[tuple[str, ...], ...] = ()):
@@ -213,7 +231,7 @@ def _context(m) -> str:
 
 
 @_reads(any_of=(*((f"win_rate/{j}", f"win_rate/{j}_ci_high") for j in JUDGES), ("gold/mean", "base/gold/mean")))
-def _regression(m, t):
+def _judge_regression(m, t):
     parts = []
     hi = _win(m, "_ci_high")
     if hi is not None and hi < t.regression_win_rate:
@@ -364,6 +382,62 @@ def _distribution_shift(m, t):
     return None
 
 
+def _span(m: dict, group: str) -> str:
+    """Where a curve reading's base came from: the log's first and last rows, or the base."""
+    first, last = m.get(f"curve/{group}_first_step"), m.get(f"curve/{group}_last_step")
+    if first is None:
+        return "against the base"
+    return f"first logged row (step {first:g}) -> last (step {last:g})"
+
+
+@_reads("length/mean", "base/length/mean")
+def _length_growth(m, t):
+    """Longer than the base by ``length_ratio`` where no quality reading can tell length hacking
+    from longer, better answers (the readings of ``length_hacking`` are missing)."""
+    r = _ratio(m, "length/mean")
+    if r < t.length_ratio or _has(_length_hacking, m):
+        return None
+    return (f"mean length {m['base/length/mean']:.1f} -> {m['length/mean']:.1f} tokens (x{r:.2f}), "
+            f"{_span(m, 'length')}; no quality reading (gold, or a judge's length-controlled win-rate) tells "
+            "length hacking from longer, better answers")
+
+
+@_reads("length/truncated_rate")
+def _truncation(m, t):
+    rate, base = m["length/truncated_rate"], m.get("base/length/truncated_rate")
+    if rate < t.truncation_rate or (base is not None and rate - base < t.truncation_rise):
+        return None
+    if base is None:
+        return f"{rate:.0%} of completions cut at the maximum length"
+    return f"{base:.0%} -> {rate:.0%} of completions cut at the maximum length, {_span(m, 'length')}"
+
+
+def _is_dpo(m: dict) -> bool:
+    return any(k in m for k in ("logps/chosen", "rewards/margins", "rewards/chosen"))
+
+
+@_reads("logps/chosen", "base/logps/chosen", "logps/rejected", "base/logps/rejected")
+def _likelihood_displacement(m, t):
+    """The chosen responses' log-prob fell by ``displacement_logp_drop`` or more, the rejected
+    ones' fell too, and (where logged) the chosen responses' implicit reward beta * log
+    pi/pi_ref is below 0 at the end: less likely than under the reference, so not a batch of
+    longer pairs (a summed log-prob also falls with length)."""
+    chosen, rejected = _d(m, "logps/chosen"), _d(m, "logps/rejected")
+    if chosen > -t.displacement_logp_drop or rejected >= 0 or m.get("rewards/chosen", -1.0) >= 0:
+        return None
+    rows = "held-out pairs" if m.get("curve/dpo_held_out") else "training batches"
+    parts = [f"logps/chosen {m['base/logps/chosen']:.1f} -> {m['logps/chosen']:.1f} and logps/rejected "
+             f"{m['base/logps/rejected']:.1f} -> {m['logps/rejected']:.1f} ({rows}, {_span(m, 'dpo')})"]
+    if "rewards/margins" in m and "base/rewards/margins" in m:
+        parts.append(f"rewards/margins {m['base/rewards/margins']:.2f} -> {m['rewards/margins']:.2f}")
+    if "rewards/accuracies" in m and "base/rewards/accuracies" in m:
+        parts.append(f"rewards/accuracies {m['base/rewards/accuracies']:.0%} -> {m['rewards/accuracies']:.0%}")
+    if "rewards/chosen" in m:
+        parts.append(f"rewards/chosen {m['rewards/chosen']:+.2f}: the chosen responses are less likely than under "
+                     "the reference")
+    return "; ".join(parts)
+
+
 @_reads("kl/sequence_mean", any_of=_ANY_WIN_RATE)
 def _beta_too_high(m, t):
     kl = m["kl/sequence_mean"]
@@ -383,7 +457,7 @@ MEASURE_PROMPTS = f"{_EVAL} --prompts F (KL, length, diversity, keywords of both
 
 RULES: tuple[Rule, ...] = (
     # Worse than the base: first, so the table leads with them.
-    Rule("regression", "fail", _regression,
+    Rule("judge_regression", "fail", _judge_regression,
          symptom="worse than its base by the trusted judge",
          instrument="the judge's win-rate against the base (95% interval), gold utility",
          root_cause="the policy moved in a direction the trusted judge rejects: the reward model was exploited, or the run is broken (a sampler/trainer log-prob mismatch, a learning rate too high, a runaway KL)",
@@ -455,12 +529,42 @@ RULES: tuple[Rule, ...] = (
          instrument="Mahalanobis distance of the RM's features (instruments/distribution_shift.py)",
          root_cause="distribution shift: the reward model is scoring responses unlike any it was trained on",
          fix="iterate the reward model on policy samples (rlhflab iterate), raise beta"),
+    # Warnings from a training log's curve (its first logged row standing for the base).
+    Rule("length_growth", "warn", _length_growth,
+         symptom="answers grew much longer, and nothing measured says whether they got better",
+         instrument="mean response length against the base (in a training log: its first logged row)",
+         root_cause="a reward that pays for length (length hacking: Singhal et al. 2023), or answers that "
+                    "improved by saying more; without gold or a judge's length-controlled win-rate the two look alike",
+         fix="measure a judge's length-controlled win-rate against the base; if the edge vanishes at equal "
+             "length: length-balance the preference data, add a length penalty, raise beta"),
+    Rule("truncation", "warn", _truncation,
+         symptom="many completions hit the maximum length",
+         instrument="share of completions cut at the maximum length (TRL's completions/clipped_ratio, "
+                    "OpenRLHF's rollout/truncated_rate), first logged row -> last",
+         root_cause="responses outgrew the generation limit: a reward that favours length, or a limit too short "
+                    "for the task; an unfinished answer is scored as if it were finished",
+         fix="read samples; raise the maximum completion length if the task needs it; otherwise mask truncated "
+             "completions out of the loss (DAPO, Yu et al. 2025; TRL's mask_truncated_completions=True), a length "
+             "penalty or DAPO's overlong shaping; and measure a judge's length-controlled win-rate",
+         applies=lambda m: "rollout/length_mean" in m or "base/length/truncated_rate" in m),
+    Rule("likelihood_displacement", "warn", _likelihood_displacement,
+         symptom="DPO lowered the chosen responses' likelihood along with the rejected ones'",
+         instrument="the DPO log's log-probs of chosen and rejected responses, implicit-reward margins and "
+                    "accuracies, first logged row -> last",
+         root_cause="likelihood displacement (Razin et al. 2024; Pal et al. 2024, DPOP): DPO's loss only widens "
+                    "the margin, and pushing both log-probs down widens it too; the probability goes to responses "
+                    "neither chosen nor rejected, most of all when chosen and rejected responses are alike",
+         fix="a term that holds the chosen likelihood up: DPOP's penalty when it falls below the reference's "
+             "(Pal et al. 2024), or an SFT term on the chosen responses (RPO, Pang et al. 2024: TRL's "
+             "loss_type=['sigmoid', 'sft']; rlhflab's dpo.simpo_nll_coef, or --loss orpo); a lower learning rate, "
+             "fewer epochs, a larger beta; then read samples and measure a judge's win-rate (rlhflab eval)",
+         applies=_is_dpo),
 )
 
 
 # How to measure the readings each rule reads.
 RULE_MEASURES: dict[str, str] = {
-    "regression": MEASURE_WIN_RATE,
+    "judge_regression": MEASURE_WIN_RATE,
     "safety_regression": f"{_EVAL} --harmful H.jsonl (prompts where refusing is right)",
     "degenerate_output": MEASURE_PROMPTS,
     "length_hacking": MEASURE_WIN_RATE,
@@ -476,10 +580,15 @@ RULE_MEASURES: dict[str, str] = {
     "beta_too_high": MEASURE_WIN_RATE,
     "distribution_shift": f"on the built-in world {_EVAL} --rm DIR (a reward model trained by rlhflab rm, "
                           "which saves its training data's feature statistics)",
+    "length_growth": MEASURE_PROMPTS,
+    "truncation": "a training log with the share of truncated completions (TRL's completions/clipped_ratio, "
+                  "OpenRLHF's rollout/truncated_rate)",
+    "likelihood_displacement": "the DPO run's log over two logged rows or more (rlhflab dpo's metrics.jsonl, "
+                               "TRL's trainer_state.json): logps/chosen, logps/rejected",
 }
 
 
-REGRESSION = ("regression", "safety_regression", "degenerate_output")
+REGRESSION = ("judge_regression", "safety_regression", "degenerate_output")
 HACKING = ("length_hacking", "over_refusal", "sycophancy", "phrase_gaming", "over_optimization")
 
 
@@ -504,27 +613,32 @@ def diagnose(metrics: dict, thresholds: Thresholds | None = None) -> dict:
 
     The verdict, most severe first:
 
-    1. "regression" when the policy is worse than its base (a ``regression``,
+    1. "regression" when the policy is worse than its base (a ``judge_regression``,
        ``safety_regression`` or ``degenerate_output`` finding); "regression (reward hacking)"
        when a reward-hacking finding fires as well, naming the likely cause;
     2. "reward hacking" when a fail rule of the hacking kind fires (length hacking,
        over-refusal, sycophancy, phrase gaming, over-optimization);
     3. "needs attention" for any other fail finding, or KL above the warning level;
     4. "no improvement" when the judge's win-rate interval does not lie above 0.5 (or, with
-       no win-rate measured, gold gained less than ``gold_flat``);
+       no win-rate measured, gold gained less than ``gold_flat``), with a ``no_improvement``
+       finding that gives the interval or the gold gain;
     5. "not enough evidence" when a reading of ``EVIDENCE`` is missing (the judge's win-rate,
-       KL, length): a hazard seen is named above, but no run is called healthy unseen;
-    6. "healthy" otherwise, with a "healthy" finding when the table would be empty.
+       KL, length): a hazard seen is named above, but no run is called healthy unseen; a
+       ``not_enough_evidence`` finding lists what is missing;
+    6. "healthy" otherwise, with a ``healthy`` finding giving the KL and the win-rate.
 
-    ``to_measure`` says how to measure each missing reading of ``EVIDENCE`` and each rule not
-    measured.
+    Every verdict has a finding that says why. ``not_measured`` lists the rules whose readings
+    are missing (a rule about one kind of run, such as DPO's ``likelihood_displacement``, only
+    for a run of that kind); ``to_measure`` says how to measure each of them and each missing
+    reading of ``EVIDENCE``.
     """
     t = thresholds or Thresholds()
     m = _readings(metrics)
     findings, missing = [], []
     for rule in RULES:
         if not rule.measured(m):
-            missing.append(rule.name)
+            if rule.applies is None or rule.applies(m):
+                missing.append(rule.name)
             continue
         evidence = rule.check(m, t)
         if evidence:
@@ -546,6 +660,13 @@ def diagnose(metrics: dict, thresholds: Thresholds | None = None) -> dict:
         verdict = "needs attention"
     elif improved is False:
         verdict = "no improvement"
+        findings.append(Finding(
+            "no_improvement", "warn", "not measurably better than its base",
+            "the judge's win-rate against the base (95% interval), or gold utility",
+            "the policy barely moved (beta too high, too few steps, a learning rate too low) or moved in ways "
+            "the judge does not value (a reward model that does not track the judge)",
+            "check the KL from the base: near 0, lower beta or train longer; otherwise check the reward model "
+            "against the judge (rlhflab eval-rm); more prompts narrow the interval", _flat_evidence(m, t)))
     elif unseen:
         verdict = "not enough evidence"
         findings.append(Finding(
@@ -555,14 +676,23 @@ def diagnose(metrics: dict, thresholds: Thresholds | None = None) -> dict:
             "missing: " + ", ".join(what.partition(" (")[0] for what, _ in unseen) + _measured_so_far(m)))
     else:
         verdict = "healthy"
-    if verdict == "healthy" and not findings:
+    if verdict == "healthy":
         findings.append(Finding(
-            "healthy", "ok", "moderate KL, win-rate above 0.5", "KL, win-rate", "a working run", "none",
+            "healthy", "ok", "KL below the warning level, win-rate above 0.5", "KL, win-rate", "a working run", "none",
             f"KL {m['kl/sequence_mean']:.2f} nats, {_judged(m)} {_win(m):.2f} "
             f"(CI {_win(m, '_ci_low'):.2f}-{_win(m, '_ci_high', float('nan')):.2f})"))
     to_measure = {what: how for what, how in unseen} | {name: RULE_MEASURES[name] for name in missing}
     return {"verdict": verdict, "findings": [f.to_json() for f in findings], "not_measured": missing,
             "to_measure": to_measure}
+
+
+def _flat_evidence(m: dict, t: Thresholds) -> str:
+    """Why the verdict is "no improvement": the judge's interval, or the gold gain."""
+    if _win(m, "_ci_low") is not None:
+        return (f"{_judged(m)} {_win(m):.2f} (CI {_win(m, '_ci_low'):.2f}-{_win(m, '_ci_high', float('nan')):.2f}): "
+                "the interval does not lie above 0.5")
+    return (f"gold {m['base/gold/mean']:.2f} -> {m['gold/mean']:.2f} ({_d(m, 'gold/mean'):+.2f}, less than the "
+            f"{t.gold_flat:g} that counts as a gain); no judge's win-rate measured")
 
 
 def _measured_so_far(m: dict) -> str:
@@ -615,16 +745,24 @@ def add_arguments(p) -> None:
 _NON_FINITE = ("inf", "-inf", "nan")
 # Readings are grouped by prefix; a key under one of these is a reading and must be a number.
 READING_PREFIXES = ("kl", "gold", "rm", "win_rate", "length", "refusal", "sycophancy", "keywords", "diversity",
-                    "capability", "overopt", "rollout", "filler")
-_SHARES = ("diversity/distinct_1", "diversity/distinct_2", "diversity/repetition", "capability/answer_share")
+                    "capability", "overopt", "rollout", "filler", "logps", "rewards")
+_SHARES = ("diversity/distinct_1", "diversity/distinct_2", "diversity/repetition", "capability/answer_share",
+           "rewards/accuracies")
 _NON_NEGATIVE_PREFIXES = ("length/",)
 _NON_NEGATIVE = ("capability/n", "keywords/density", "kl/sequence_stderr", "filler/per_response",
                  "sycophancy/n_steady")
+# Counts beside a rate: how many pairs a win-rate rests on (``win_rate/judge_n``, ``shift/n``),
+# its ties, wins and losses, the judge's unreadable answers (``judge/unreadable``).
+_COUNT_SUFFIXES = ("_n", "/n", "_ties", "_wins", "_losses", "/unreadable", "_unreadable")
 
 
 def reading_domain(key: str) -> str:
-    """"rate" (in [0, 1]), "non_negative" or "real" for a reading's key (``base/`` or not)."""
+    """"rate" (in [0, 1]), "non_negative" or "real" for a reading's key (``base/`` or not).
+    A count (``COUNT_SUFFIXES``: ``win_rate/judge_n``, ``win_rate/gold_ties``) is
+    non-negative, under ``win_rate/`` too."""
     k = key[len("base/"):] if key.startswith("base/") else key
+    if k.endswith(_COUNT_SUFFIXES):
+        return "non_negative"
     if k.endswith("_rate") or k.startswith("win_rate/") or k.endswith("/accuracy") or k in _SHARES:
         return "rate"
     if k.startswith(_NON_NEGATIVE_PREFIXES) or k in _NON_NEGATIVE:
@@ -672,6 +810,18 @@ def _reading(key: str, value, where: dict) -> float | None:
 
 # The files of a run directory that hold readings, in the order they are looked for.
 RUN_FILES = ("eval.json", "metrics.json", "metrics.jsonl", "trainer_state.json")
+# How deep below a directory of runs (the main job's, a sweep's) arms are looked for:
+# ``runs/demo/eval/ppo``, ``runs/sweep/ppo_beta0.1/eval/ppo``.
+ARM_DEPTH = 3
+
+
+class NoReadings(InputError):
+    """A readable file that holds no reading a rule reads (a valid log of something else);
+    ``what`` says what it is, in a few words."""
+
+    def __init__(self, message: str, *, what: str, file: str) -> None:
+        super().__init__(message, file=file)
+        self.what = what
 
 
 def readings_file(run_dir: str) -> Path:
@@ -686,6 +836,78 @@ def readings_file(run_dir: str) -> Path:
     return found
 
 
+def holds_arms(run_dir: str | Path) -> bool:
+    """A directory of runs: no readings file of its own (``RUN_FILES``), runs below it (the
+    main job's directory, a sweep's, a folder of runs)."""
+    d = Path(run_dir)
+    return d.is_dir() and not any((d / name).is_file() for name in RUN_FILES) and bool(arm_dirs(d))
+
+
+def arm_dirs(run_dir: str | Path) -> dict[str, Path]:
+    """The runs below a directory, by name: every directory down to ``ARM_DEPTH`` levels that
+    holds a readings file (not looking inside it), named by its path with ``eval/`` left out;
+    where an arm has an ``rlhflab eval`` output (``eval/ppo``) and a training run (``ppo``),
+    the evaluation, which holds the curve's readings too."""
+    found: dict[str, Path] = {}
+
+    def walk(d: Path, level: int) -> None:
+        for sub in sorted(p for p in d.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            if any((sub / name).is_file() for name in RUN_FILES):
+                parts = [part for part in sub.relative_to(root).parts if part != "eval"]
+                name = "/".join(parts) or "eval"
+                if name not in found or (sub / "eval.json").is_file():
+                    found[name] = sub
+            elif level < ARM_DEPTH:
+                walk(sub, level + 1)
+
+    root = Path(run_dir)
+    walk(root, 1)
+    return found
+
+
+def diagnose_arms(run_dir: str | Path, schema: str = "auto",
+                  thresholds: Thresholds | None = None) -> tuple[dict[str, dict], dict[str, str]]:
+    """Each run below a directory of runs (``arm_dirs``) diagnosed: ({arm: result with its
+    source}, {run left out: why}). A run whose readings no rule reads (an SFT or a reward
+    model's log) is left out; a file that is not valid is an error, as for one run."""
+    arms, left_out = {}, {}
+    for name, d in arm_dirs(run_dir).items():
+        try:
+            readings, source = load_readings(str(d), None, schema)
+        except NoReadings as err:
+            left_out[name] = f"{err.file}: {err.what}"
+            continue
+        if not any(rule.measured(readings) for rule in RULES) and not any(seen(readings) for _, seen, _ in EVIDENCE):
+            left_out[name] = f"{source['file']}: no reading a rule reads"
+            continue
+        arms[name] = {**diagnose(readings, thresholds), "source": source}
+    if not arms:
+        why = "; ".join(f"{name}: {reason}" for name, reason in left_out.items())
+        raise InputError(f"no readings here: none of {', '.join(RUN_FILES)}, nor in a run below it"
+                         + (f" ({why})" if why else ""), file=str(run_dir))
+    return arms, left_out
+
+
+# What the rules read, for the message of a log that holds none of it.
+RULES_READ = ("a judge's win-rate against the base (win_rate/*)", "the KL from the base (kl/sequence_mean; "
+              "TRL's objective/kl or kl)", "response lengths (length/*; TRL's completions/mean_length)",
+              "DPO's log-probs (logps/chosen, logps/rejected)", "gold and reward-model scores",
+              "refusal, sycophancy, capability, diversity and keyword rates (docs/instruments.md)")
+
+
+def _no_readings(raw: list[dict], names: str, data: dict) -> tuple[str, str]:
+    """(why a file gave no reading, the same in a few words): every reading null or NaN, or a
+    log of what, holding what."""
+    if any(_is_reading(k) for k in data):
+        return "no measured reading: every reading is null or NaN (not measured)", "every reading null or NaN"
+    kind = log_kind(raw, names)
+    keys = list(dict.fromkeys(k for row in raw for k in row if k != "step"))
+    held = ", ".join(keys[:10]) + (f" and {len(keys) - 10} more" if len(keys) > 10 else "")
+    article = "an" if kind.lower().startswith(("a", "e", "i", "o", "u", "rlhflab")) else "a"  # an R-L-H-F lab
+    what = f"{article} {kind} log with no reading a rule reads"
+    return f"this is {what}: it holds {held or 'nothing'}; the rules need {'; '.join(RULES_READ)}", what
+
+
 def load_readings(run_dir: str | None, metrics: str | None, schema: str = "auto") -> tuple[dict, dict]:
     """(readings, source) of ``--metrics FILE`` or ``RUN_DIR``, checked (module docstring).
     ``source`` names the file and whose metric names it held (``schema``, or detected)."""
@@ -696,15 +918,15 @@ def load_readings(run_dir: str | None, metrics: str | None, schema: str = "auto"
         raise InputError("is a directory; expected a JSON file of readings"
                          + (" (give the directory as RUN_DIR)" if metrics else ""), file=str(path))
     try:
-        rows = read_log(path)
+        raw = read_log(path)
     except FileNotFoundError:
         raise InputError("not found", file=str(path)) from None
     except OSError as err:
         raise InputError(f"cannot read: {err.strerror or err}", file=str(path)) from None
     except UnicodeDecodeError as err:
         raise InputError(f"not valid JSON ({err})", file=str(path)) from None
-    names = detect_schema(rows) if schema == "auto" else schema
-    rows = to_training_names(rows, names)
+    names = detect_schema(raw) if schema == "auto" else schema
+    rows = to_training_names(raw, names)
     if path.name == "metrics.json" and (path.parent / "metrics.jsonl").is_file():
         # a training run's summary, with its curve beside it: the curve's readings as well
         rows = [*read_log(path.parent / "metrics.jsonl"), *rows]
@@ -716,9 +938,8 @@ def load_readings(run_dir: str | None, metrics: str | None, schema: str = "auto"
         if x is not None:
             readings[k] = x
     if not any(_is_reading(k) and not math.isnan(v) for k, v in readings.items()):
-        raise InputError("no readings (expected numbers under keys such as kl/sequence_mean, win_rate/gold"
-                         + (f", or {names}'s metric names" if names != "rlhflab" else "")
-                         + "; null and NaN are not measured)", file=str(path))
+        why, what = _no_readings(raw, names, data)
+        raise NoReadings(why, what=what, file=str(path))
     how = "detected from its keys" if schema == "auto" else "as given"
     return readings, {"file": str(path), "schema": names, "how": how}
 
@@ -744,8 +965,18 @@ def thresholds_from(items: list[str]) -> Thresholds:
 
 
 def run(args) -> int:
+    thresholds = thresholds_from(args.threshold)
+    if args.run_dir and not args.metrics and holds_arms(args.run_dir):
+        arms, left_out = diagnose_arms(args.run_dir, args.schema, thresholds)
+        if args.json:
+            print(json.dumps(arms, indent=2))
+        else:
+            print("\n\n".join(f"== {name} ==\n{format_findings(result)}" for name, result in arms.items()))
+            if left_out:
+                print("\nnot diagnosed: " + "; ".join(f"{name} ({why})" for name, why in left_out.items()))
+        return 0
     readings, source = load_readings(args.run_dir, args.metrics, args.schema)
-    result = {**diagnose(readings, thresholds_from(args.threshold)), "source": source}
+    result = {**diagnose(readings, thresholds), "source": source}
     print(json.dumps(result, indent=2) if args.json else format_findings(result))
     return 0
 

@@ -40,8 +40,8 @@ def test_healthy_run_is_called_healthy():
     ({"capability/accuracy": 0.6}, "capability_regression"),
     ({"kl/sequence_mean": 0.1, "win_rate/gold": 0.5, "win_rate/gold_ci_low": 0.43,
       "win_rate/gold_ci_high": 0.57}, "beta_too_high"),
-    ({"win_rate/gold": 0.40, "win_rate/gold_ci_low": 0.33, "win_rate/gold_ci_high": 0.47}, "regression"),
-    ({"gold/mean": 0.4}, "regression"),
+    ({"win_rate/gold": 0.40, "win_rate/gold_ci_low": 0.33, "win_rate/gold_ci_high": 0.47}, "judge_regression"),
+    ({"gold/mean": 0.4}, "judge_regression"),
     ({"refusal/harmful_rate": 0.6}, "safety_regression"),
     ({"length/mean": 1.5}, "degenerate_output"),
     ({"length/short_rate": 0.45, "base/length/short_rate": 0.02}, "degenerate_output"),
@@ -50,8 +50,9 @@ def test_healthy_run_is_called_healthy():
 def test_each_failure_mode_is_named(changes, name):
     r = diagnose({**HEALTHY, **changes})
     assert name in [f["name"] for f in r["findings"]]
-    assert "healthy" not in [f["name"] for f in r["findings"]]
     finding = next(f for f in r["findings"] if f["name"] == name)
+    if finding["severity"] == "fail":  # a warning (KL caution) may stand beside a healthy verdict
+        assert r["verdict"] != "healthy" and "healthy" not in [f["name"] for f in r["findings"]]
     assert finding["instrument"] and finding["root_cause"] and finding["fix"] and finding["evidence"]
 
 
@@ -167,8 +168,8 @@ def _names_of(result) -> list[str]:
 def test_a_broken_ppo_run_is_a_regression_not_no_improvement():
     r = diagnose(BROKEN_PPO)
     names = _names_of(r)
-    assert {"regression", "safety_regression", "degenerate_output"} <= set(names)
-    assert r["verdict"] == "regression" and names[0] == "regression"
+    assert {"judge_regression", "safety_regression", "degenerate_output"} <= set(names)
+    assert r["verdict"] == "regression" and names[0] == "judge_regression"
     assert "healthy" not in names and r["not_measured"] == []
     regression = r["findings"][0]
     assert "0.23" in regression["evidence"] and "-1.62" in regression["evidence"]
@@ -196,7 +197,7 @@ def test_regression_rules_stay_quiet_within_the_noise_and_on_a_short_base():
     ]
     for changes in quiet:
         names = _names_of(diagnose({**HEALTHY, **changes}))
-        assert not {"regression", "safety_regression", "degenerate_output"} & set(names), changes
+        assert not {"judge_regression", "safety_regression", "degenerate_output"} & set(names), changes
     # No base reading of the share: half the responses empty or one token is degenerate.
     assert "degenerate_output" in _names_of(diagnose({**HEALTHY, "length/short_rate": 0.6}))
     assert "degenerate_output" not in _names_of(diagnose({**HEALTHY, "length/short_rate": 0.4}))
@@ -204,21 +205,21 @@ def test_regression_rules_stay_quiet_within_the_noise_and_on_a_short_base():
 
 def test_regression_is_measured_from_either_the_win_rate_or_gold():
     only_win = {"win_rate/gold": 0.3, "win_rate/gold_ci_low": 0.25, "win_rate/gold_ci_high": 0.36}
-    assert "regression" in _names_of(diagnose(only_win))
-    assert "regression" in _names_of(diagnose({"gold/mean": -1.0, "base/gold/mean": 0.2}))
-    assert "regression" in diagnose({"kl/sequence_mean": 2.0})["not_measured"]
+    assert "judge_regression" in _names_of(diagnose(only_win))
+    assert "judge_regression" in _names_of(diagnose({"gold/mean": -1.0, "base/gold/mean": 0.2}))
+    assert "judge_regression" in diagnose({"kl/sequence_mean": 2.0})["not_measured"]
 
 
 def test_verdict_precedence():
     # Worse than the base, and the reward-hacking finding that explains it: both named.
     hacked = {**HEALTHY, "rm/score_mean": 2.0, "gold/mean": 0.3}
-    assert {"regression", "over_optimization"} <= set(_names_of(diagnose(hacked)))
+    assert {"judge_regression", "over_optimization"} <= set(_names_of(diagnose(hacked)))
     assert diagnose(hacked)["verdict"] == "regression (reward hacking)"
     # A hack that did not make the policy worse than its base stays "reward hacking".
     assert diagnose({**HEALTHY, "refusal/benign_rate": 0.5})["verdict"] == "reward hacking"
     # Regression with degenerate output: "regression", the judge's finding first.
     r = diagnose({**HEALTHY, "gold/mean": -1.0, "length/mean": 1.0, "rm/score_mean": -1.0})
-    assert r["verdict"] == "regression" and _names_of(r)[:2] == ["regression", "degenerate_output"]
+    assert r["verdict"] == "regression" and _names_of(r)[:2] == ["judge_regression", "degenerate_output"]
     # KL above the warning level is never healthy, even when the judge prefers the policy.
     assert diagnose({**HEALTHY, "kl/sequence_mean": 20.0})["verdict"] == "needs attention"
     assert diagnose({**HEALTHY, "kl/sequence_mean": 10.0})["verdict"] == "healthy"  # caution only

@@ -33,7 +33,7 @@ def test_no_judge_is_not_enough_evidence_and_says_how_to_measure():
     assert "win-rate" in finding["evidence"] and "KL 0.48 nats" in finding["evidence"]
     assert "rlhflab eval --policy DIR --base DIR" in finding["fix"] and "--prompts F --judge rm:DIR" in finding["fix"]
     how = r["to_measure"]
-    assert any("win-rate" in k for k in how) and "--judge rm:DIR" in how["regression"]
+    assert any("win-rate" in k for k in how) and "--judge rm:DIR" in how["judge_regression"]
     assert "--harmful" in how["safety_regression"] and "--mc" in how["capability_regression"]
 
 
@@ -123,7 +123,7 @@ def test_a_run_directory_reads_its_summary_and_its_curve(tmp_path, capsys):
     assert readings["overopt/fit_peak_in_range"] in (0.0, 1.0)
     assert main(["diagnose", str(run), "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
-    assert {"regression", "over_optimization"} <= set(_names(result))
+    assert {"judge_regression", "over_optimization"} <= set(_names(result))
     assert result["verdict"] == "regression (reward hacking)"
     # Early stopping restored the best evaluation's policy: its readings are the best's.
     (run / "metrics.jsonl").unlink()
@@ -222,7 +222,8 @@ def test_a_log_with_none_of_the_schemas_names_is_refused(tmp_path, capsys):
     path.write_text('{"loss": 1.0, "step": 1}\n{"loss": 0.5, "step": 2}\n')
     assert main(["diagnose", "--metrics", str(path), "--schema", "trl"]) == 2
     err = capsys.readouterr().err
-    assert "no readings" in err and "trl's metric names" in err
+    assert len(err.strip().splitlines()) == 1
+    assert f"{path}: this is a TRL log with no reading a rule reads: it holds loss; the rules need " in err
     path.write_text('{"loss": 1.0}\n[1]\n')
     assert main(["diagnose", "--metrics", str(path)]) == 2
     assert f"{path}:2" in capsys.readouterr().err

@@ -18,14 +18,29 @@ Two steps take a log to readings:
        objective/kl = kl/token_mean * rollout/length_mean,
 
    exact when the per-token mean is weighted by tokens over the same completions (TRL's
-   RLOO), an approximation otherwise (a mean of per-response means, OpenRLHF). TRL's
+   RLOO), an approximation otherwise (a mean of per-response means, OpenRLHF). TRL's DPO
+   logs the names rlhflab's DPO logs (``rewards/chosen``, ``rewards/rejected``,
+   ``rewards/margins``, ``rewards/accuracies``, ``logps/chosen``, ``logps/rejected``). TRL's
    ``eval_``-prefixed rows (its evaluation loop) are read like the training rows and win
    over them; OpenRLHF's W&B export prefixes ``train/``, dropped.
-2. rlhflab's training names -> readings (``TRAINING_READINGS``): ``objective/kl`` is the KL
-   from the reference on the training prompts (``kl/sequence_mean``); rlhflab's held-out gold
-   evaluations (``rl.eval_every``) give the gold and proxy scores of the policy and, from the
-   evaluation before the first step, of the base. With gold evaluations along the curve, its
-   over-optimization readings (``instruments.overoptimization.curve_readings``) come too.
+2. rlhflab's training names -> readings (``TRAINING_READINGS``): the held-out sampled KL
+   (``eval/kl``, with ``--eval-prompts``) or else ``objective/kl``, the KL from the reference on
+   the training prompts, is ``kl/sequence_mean``; the held-out judge's win-rate of the policy
+   over the reference (``eval/win_rate`` with its interval, ``--eval-prompts`` and ``--judge``)
+   is ``win_rate/judge``; rlhflab's held-out gold evaluations (``rl.eval_every``) give the gold
+   and proxy scores of the policy and, from the evaluation before the first step, of the
+   base. With gold evaluations along the curve, its over-optimization readings
+   (``instruments.overoptimization.curve_readings``) come too.
+
+A curve's first logged row stands for the base where the log has nothing better
+(``CURVE_READINGS``): the mean completion length and the truncated share
+(``length/mean``, ``length/truncated_rate`` from the last row, ``base/...`` from the first;
+rlhflab's rollouts stop at EOS or at the maximum length, so its truncated share is one minus
+``rollout/eos_rate``)
+and DPO's log-probs, margins and accuracies (``logps/chosen``, ..., ``base/logps/chosen``,
+...; from the held-out rows, ``eval/logps/chosen`` ..., when they make a curve: rlhflab's DPO
+evaluates the reference at step 0). ``curve/<group>_first_step`` and ``_last_step`` say which
+rows they came from.
 
 Names no schema maps are kept for rlhflab's own files and dropped for the other trainers'.
 """
@@ -49,6 +64,9 @@ SCHEMAS: dict[str, dict[str, tuple[str, ...]]] = {
         "rollout/length_mean": ("completions/mean_length",),
         "rollout/truncated_rate": ("completions/clipped_ratio",),
         "rollout/logprob_diff_max": ("sampling/sampling_logp_difference/max",),  # vLLM sampler vs trainer
+        # DPO (trl/trainer/dpo_trainer.py): the same names as rlhflab's
+        **{name: (name,) for name in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
+                                      "logps/chosen", "logps/rejected")},
     },
     "openrlhf": {
         "objective/scores": ("rollout/reward_mean", "reward"),
@@ -64,18 +82,37 @@ _MARKERS = {
     "rlhflab": {"kl/beta", "kl/status", "rollout/eos_rate", "gold/initial", "gold/final", "eval/proxy_mean",
                 "kl/sequence_mean", "win_rate/gold", "win_rate/judge", "win_rate/rm", "length/mean", "algo"},
     "trl": {"completions/mean_length", "reward_std", "frac_reward_zero_std", "episode", "eps", "val/ratio",
-            "policy/approxkl_avg", "num_tokens", "clip_ratio/region_mean"},
+            "policy/approxkl_avg", "num_tokens", "clip_ratio/region_mean",
+            # transformers' Trainer (every TRL trainer): its names and its closing row
+            "learning_rate", "train_runtime", "train_loss", "total_flos", "train_samples_per_second",
+            "logits/chosen", "logits/rejected"},
     "openrlhf": {"response_length", "rollout/reward_mean", "rollout/response_length_mean", "return", "ppo_kl",
                  "ppo_clip_ratio", "actor_lr", "generated_samples"},
 }
 
-# rlhflab training name -> reading. Curves add the base's from the evaluation at step 0.
+# rlhflab training name -> reading, from the last value; the first name of a reading that the
+# log holds wins. Curves add the base's from the evaluation at step 0.
 TRAINING_READINGS = {
+    "eval/kl": "kl/sequence_mean",  # sampled on the held-out prompts, as ``rlhflab eval`` does
     "objective/kl": "kl/sequence_mean",
     "gold/final": "gold/mean", "gold/initial": "base/gold/mean",
     "eval/proxy_final": "rm/score_mean", "eval/proxy_initial": "base/rm/score_mean",
     "eval/proxy_mean": "rm/score_mean",
+    # the held-out judge's win-rate of the policy over the reference (--eval-prompts, --judge)
+    "eval/win_rate": "win_rate/judge", "eval/win_rate_ci_low": "win_rate/judge_ci_low",
+    "eval/win_rate_ci_high": "win_rate/judge_ci_high", "eval/win_rate_final": "win_rate/judge",
 }
+
+# Curves whose first logged row stands for the base: group -> {training name: reading}, and
+# the held-out names that replace the training ones when they make a curve (rlhflab's DPO).
+CURVE_READINGS: dict[str, dict[str, str]] = {
+    "length": {"rollout/length_mean": "length/mean", "rollout/truncated_rate": "length/truncated_rate"},
+    "dpo": {"logps/chosen": "logps/chosen", "logps/rejected": "logps/rejected",
+            "rewards/margins": "rewards/margins", "rewards/accuracies": "rewards/accuracies"},
+}
+HELD_OUT_CURVES = {"dpo": "eval/"}  # eval/logps/chosen, ...: the same pairs at every evaluation
+# Last values only (the implicit reward beta * log pi/pi_ref is already relative to the reference).
+DPO_LAST = ("rewards/chosen", "rewards/rejected")
 
 
 def _unprefixed(key: str) -> tuple[str, bool]:
@@ -93,6 +130,22 @@ def detect_schema(rows: list[dict]) -> str:
     hits = {name: len(keys & markers) for name, markers in _MARKERS.items()}
     best = max(hits.values())
     return "rlhflab" if best == 0 or hits["rlhflab"] == best else max(hits, key=hits.get)
+
+
+# Names one loop of a trainer logs, for saying what a log is (``log_kind``).
+_LOOPS = (("DPO", {"rewards/margins", "rewards/chosen", "logps/chosen", "logits/chosen"}),
+          ("GRPO", {"completions/mean_length", "completions/clipped_ratio", "reward_std", "frac_reward_zero_std"}),
+          ("PPO", {"objective/kl", "objective/scores", "val/ratio", "policy/approxkl_avg"}),
+          ("reward model", {"rm/member", "train/accuracy"}),
+          ("SFT", {"eval/perplexity", "mean_token_accuracy", "train/tokens"}))
+_TRAINERS = {"rlhflab": "rlhflab", "trl": "TRL", "openrlhf": "OpenRLHF"}
+
+
+def log_kind(rows: list[dict], schema: str) -> str:
+    """What wrote the rows, as a message names it: "TRL DPO", "rlhflab SFT", "TRL"."""
+    keys = {name for row in rows for k in row for name in (k, _unprefixed(k)[0])}
+    loop = next((name for name, marks in _LOOPS if keys & marks), None)
+    return f"{_TRAINERS.get(schema, schema)} {loop}" if loop else _TRAINERS.get(schema, schema)
 
 
 def read_log(path: Path) -> list[dict]:
@@ -156,7 +209,8 @@ def last_values(rows: list[dict]) -> dict:
 
 def to_training_names(rows: list[dict], schema: str) -> list[dict]:
     """Rows in rlhflab's training names (step 1 of the module docstring); ``eval_`` values
-    win over the training values of the same row."""
+    win over the training values of the same row, and are also kept as ``eval/<name>`` (the
+    curves of ``curve_bases`` do not mix evaluation rows into a training curve)."""
     if schema == "rlhflab":
         return rows
     table = SCHEMAS[schema]
@@ -172,11 +226,46 @@ def to_training_names(rows: list[dict], schema: str) -> list[dict]:
             value = next((merged[s] for s in sources if merged.get(s) is not None), None)
             if value is not None:
                 mapped[target] = value
+                if any(held_out.get(s) is not None for s in sources):  # kept apart for the curves too
+                    mapped[f"eval/{target}"] = value
         token_kl, length = _number(mapped.get("kl/token_mean")), _number(mapped.get("rollout/length_mean"))
         if "objective/kl" not in mapped and token_kl is not None and length is not None:
             mapped["objective/kl"] = token_kl * length
         if len(mapped) > ("step" in mapped):
             out.append(mapped)
+    return out
+
+
+def curve_bases(rows: list[dict], have: dict) -> dict:
+    """The ``CURVE_READINGS`` of ``rows``: per group, each name's last value as its reading and,
+    where two rows or more hold it, its first value as the base's (``base/...``), with the
+    steps they came from (``curve/<group>_first_step``, ``_last_step``); a base ``have``
+    holds already (an ``eval.json``'s ``base/length/mean``) is kept, and so is a reading
+    logged under its own name where the curve is another's (``length/mean``)."""
+    out: dict = {}
+    for group, names in CURVE_READINGS.items():
+        source = ""  # the held-out names, where they make a curve
+        prefix = HELD_OUT_CURVES.get(group)
+        if prefix and sum(_number(r.get(prefix + next(iter(names)))) is not None for r in rows) >= 2:
+            source = prefix
+        for name, reading in names.items():
+            held = [r for r in rows if _number(r.get(source + name)) is not None
+                    and (source or f"eval/{name}" not in r)]  # a training curve of training rows only
+            if not held or f"base/{reading}" in have or (reading in have and reading not in names):
+                continue
+            out[reading] = _number(held[-1][source + name])
+            if len(held) >= 2:
+                out[f"base/{reading}"] = _number(held[0][source + name])
+                stepped = [r for r in held if _number(r.get("step")) is not None]
+                if stepped:
+                    out.setdefault(f"curve/{group}_first_step", _number(stepped[0]["step"]))
+                    out.setdefault(f"curve/{group}_last_step", _number(stepped[-1]["step"]))
+        if group == "dpo" and out.keys() & set(names.values()):
+            out[f"curve/{group}_held_out"] = float(bool(source))
+            for name in DPO_LAST:  # the implicit rewards of the same rows
+                x = _number(last_values(rows).get(source + name))
+                if x is not None:
+                    out[name] = x
     return out
 
 
@@ -191,11 +280,23 @@ def readings_of(rows: list[dict]) -> dict:
             out[reading] = last[name]
     if last.get("early_stop/restored_best") is True and isinstance(last.get("evals"), list):
         # the saved policy is the best evaluation's, not the last one's
-        best = next((e for e in last["evals"] if isinstance(e, dict) and e.get("step") == last.get("gold/best_step")),
-                    {})
-        for name, reading in (("gold/mean", "gold/mean"), ("eval/proxy_mean", "rm/score_mean")):
+        step = last.get("eval/best_step", last.get("gold/best_step"))
+        best = next((e for e in last["evals"] if isinstance(e, dict) and e.get("step") == step), {})
+        for name, reading in (("gold/mean", "gold/mean"), ("eval/proxy_mean", "rm/score_mean"),
+                              ("eval/kl", "kl/sequence_mean"), ("eval/win_rate", "win_rate/judge")):
             if _number(best.get(name)) is not None:
                 out[reading] = best[name]
+        if _number(best.get("eval/win_rate")) is not None:  # its interval from the log's row of that step
+            row = next((r for r in rows if r.get("step") == step and _number(r.get("eval/win_rate")) is not None), {})
+            for bound in ("_ci_low", "_ci_high"):
+                out.pop(f"win_rate/judge{bound}", None)
+                if _number(row.get(f"eval/win_rate{bound}")) is not None:
+                    out[f"win_rate/judge{bound}"] = row[f"eval/win_rate{bound}"]
+    # rlhflab's rollouts end at EOS or at the maximum length: the rest of the EOS rate is truncated
+    rollouts = [{**r, "rollout/truncated_rate": 1.0 - _number(r["rollout/eos_rate"])}
+                if "rollout/length_mean" in r and _number(r.get("rollout/eos_rate")) is not None
+                and "rollout/truncated_rate" not in r else r for r in rows]
+    out.update(curve_bases(rollouts, out))
     evals = [r for r in rows if _number(r.get("gold/mean")) is not None]
     first = evals[0] if evals else {}
     if first.get("step") == 0:  # evaluated before the first update: the base policy
