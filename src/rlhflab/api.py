@@ -17,7 +17,9 @@ naming the file, line or field). ``cfg`` is a ``rlhflab.config.Config`` (``load_
 reads a preset and ``--set``-style overrides); it is copied, never changed. Paths may be
 ``str`` or ``Path``. Reward functions and judges may be Python callables:
 ``fn(prompts, completions, **columns) -> list[float]`` (``rlhflab.rewards.FunctionReward``)
-and ``fn(prompts, completions_a, completions_b) -> list[P(a better)]``.
+and ``fn(prompts, completions_a, completions_b) -> list[P(a better)]``
+(``rlhflab.instruments.judges.CallableJudge``; a judge object with ``compare`` is used as it
+is).
 """
 
 from __future__ import annotations
@@ -77,12 +79,14 @@ def dpo(cfg: Config | None = None, *, out: str | Path, sft: str | Path, data: st
 
 def rl(cfg: Config | None = None, algo: str = "ppo", *, out: str | Path, sft: str | Path,
        rm: str | Path | None = None, reward_fns: Sequence[str | Callable | tuple[float, Callable]] = (),
-       prompts: str | Path | None = None, eval_prompts: str | Path | None = None, judge: str | None = None,
-       overwrite: bool = False, resume: bool = False) -> dict:
+       prompts: str | Path | None = None, eval_prompts: str | Path | None = None,
+       judge: str | Callable | None = None, overwrite: bool = False, resume: bool = False) -> dict:
     """Online RL (``rlhflab ppo|reinforce|rloo|grpo``): ``algo`` is any name of
     ``rlhflab.registry.ONLINE_ALGORITHMS``. The reward is ``rl.rm_weight`` x ``rm`` plus the
     ``reward_fns``: spec strings (``gold``, ``module:function=0.5``), callables or
-    ``(weight, callable)`` pairs, called with the prompts' rows' columns as TRL calls them."""
+    ``(weight, callable)`` pairs, called with the prompts' rows' columns as TRL calls them.
+    ``judge`` (with ``eval_prompts``): a spec (``rm:DIR``, ``lm:DIR``, ``py:file.py:fn``) or a
+    callable ``fn(prompts, completions_a, completions_b) -> list[P(a better)]``."""
     from rlhflab.commands.rl import run_rl
     from rlhflab.errors import InputError
     from rlhflab.registry import ONLINE_ALGORITHMS
@@ -95,12 +99,13 @@ def rl(cfg: Config | None = None, algo: str = "ppo", *, out: str | Path, sft: st
 
 
 def evaluate(cfg: Config | None = None, *, policy: str | Path, base: str | Path, rm: str | Path | None = None,
-             prompts: str | Path | None = None, judge: str | None = None, mc: str | Path | None = None,
+             prompts: str | Path | None = None, judge: str | Callable | None = None, mc: str | Path | None = None,
              harmful: str | Path | None = None, benign: str | Path | None = None, seed: int = 0,
              samples: bool = False):
     """Every instrument of ``policy`` against ``base`` (``rlhflab eval``): on the world's
     probes, or on the user's files when any of ``prompts``/``mc``/``harmful``/``benign`` is
-    given (``judge``: ``rm:DIR``, ``lm:DIR`` or ``py:module:function``). Returns the readings
+    given (``judge``: ``rm:DIR``, ``lm:DIR``, ``py:module:function``, ``world:ai`` or a callable
+    ``fn(prompts, completions_a, completions_b) -> list[P(a better)]``). Returns the readings
     (and the samples too with ``samples=True``)."""
     from rlhflab.commands.eval import evaluate_on_user_data, evaluate_policy
 
@@ -117,14 +122,18 @@ def evaluate(cfg: Config | None = None, *, policy: str | Path, base: str | Path,
 def diagnose(readings: dict | str | Path, schema: str = "auto") -> dict:
     """The diagnosis (``rlhflab diagnose``) of a readings dict (``evaluate``'s), a run
     directory or a metrics file (rlhflab's, TRL's or OpenRLHF's: ``schema``): the verdict,
-    the findings and what is left to measure."""
+    the findings, what is left to measure and (for a directory or a file) ``source``. A
+    directory of runs (the main job's, a sweep's) gives ``{arm: diagnosis}``."""
     from rlhflab.diagnose import diagnose as run_rules
-    from rlhflab.diagnose import load_readings
+    from rlhflab.diagnose import diagnose_arms, holds_arms, load_readings
 
-    if not isinstance(readings, dict):
-        path = Path(readings)
-        readings, _ = load_readings(str(path), None, schema) if path.is_dir() else load_readings(None, str(path), schema)
-    return run_rules(readings)
+    if isinstance(readings, dict):
+        return run_rules(readings)
+    path = Path(readings)
+    if holds_arms(path):
+        return diagnose_arms(path, schema)[0]
+    readings, source = load_readings(str(path), None, schema) if path.is_dir() else load_readings(None, str(path), schema)
+    return {**run_rules(readings), "source": source}
 
 
 def _str(path: str | Path | None) -> str | None:

@@ -128,7 +128,7 @@ def evaluate_on_user_data(cfg, policy_dir, base_dir, rm_dir=None, *, prompts=Non
 
             print(f"judge {verdict.judge}: none of its {len(read)} answers could be read (neither option likelier "
                   f"than the rest of its vocabulary); no win-rate is reported", file=sys.stderr)
-        if judge.startswith("rm:"):
+        if isinstance(judge, str) and judge.startswith("rm:"):
             metrics.update({k.replace("/judge", "/rm"): v for k, v in metrics.items()
                             if k.startswith("win_rate/judge")})
         samples["judge"] = {"judge": verdict.judge, "prob_policy_better": verdict.prob_a}

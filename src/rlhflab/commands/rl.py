@@ -190,13 +190,16 @@ def run_rl(cfg, algo: str, out: Path, *, sft: str, rm: str | None = None, reward
     # a checkpoint); a replacement is written beside the earlier run, which stays until the end.
     with run_directory(out, overwrite, accelerator, keep="checkpoint") as work:
         if accelerator.is_main_process:
+            from rlhflab.instruments.judges import judge_name
+
             save_config(cfg, work / "config.yaml")
             write_json(work / "run.json", {
                 "algo": algo, "sft": str(Path(sft).resolve()), "rm": str(Path(rm).resolve()) if rm else None,
                 "reward_fns": [f if isinstance(f, str) else f"<python {getattr(f, '__name__', type(f).__name__)}>"
                                for f in reward_fns],
                 "prompts": str(Path(prompts).resolve()) if prompts else None,
-                "eval_prompts": str(Path(eval_prompts).resolve()) if eval_prompts else None, "judge": judge,
+                "eval_prompts": str(Path(eval_prompts).resolve()) if eval_prompts else None,
+                "judge": judge if judge is None else judge_name(judge),
                 "reference": str(ref_dir.resolve()) if ref_dir != sft_dir else None})
         accelerator.wait_for_everyone()
         return _train(cfg, algo, accelerator, policy, reference, tok, reward, prompt_pool, value, work, world,

@@ -32,7 +32,8 @@ Every judge answers ``compare(prompts, completions_a, completions_b)`` with a
   its share; either order unreadable makes the pair unreadable).
 - ``WorldLabelerJudge`` (``--judge world:ai``): the world's AI labeller
   (``world.ai_labeler``) under a constitution, asked in both orders like the LM judge.
-- ``CallableJudge`` (``--judge py:module:function`` or ``py:file.py:function``):
+- ``CallableJudge`` (``--judge py:module:function`` or ``py:file.py:function``, or the
+  function itself through ``rlhflab.api``):
   ``fn(prompts, completions_a, completions_b[, eos_a, eos_b, ...]) -> list[float]`` of
   P(a better).
 
@@ -264,6 +265,7 @@ class CallableJudge:
         import inspect
 
         self.fn, self.name = fn, name
+        self.calls = 0  # calls so far: a failure names its call
         try:
             params = inspect.signature(fn).parameters
             self.takes_all = any(p.kind is p.VAR_KEYWORD for p in params.values())
@@ -273,32 +275,63 @@ class CallableJudge:
 
     def compare(self, prompts, completions_a, completions_b, **columns) -> Comparison:
         """``columns`` (``eos_a``, ``eos_b``, the rows' other columns) reach the function when
-        it names them or takes ``**kwargs``."""
+        it names them or takes ``**kwargs``. Whatever the function does wrong (raises, exits,
+        returns anything but one P per pair) is one ``rewards.UserCodeError`` naming it and
+        the call (``rewards.call_user``, ``rewards.user_values``)."""
+        from rlhflab.rewards import UserCodeError, call_user, user_values
+
         kwargs = {k: v for k, v in columns.items() if self.takes_all or k in self.names}
-        out = list(self.fn(list(prompts), list(completions_a), list(completions_b), **kwargs))
-        if len(out) != len(prompts):
-            raise InputError(f"judge {self.name} returned {len(out)} values for {len(prompts)} pairs")
-        for v in out:
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not (0.0 <= float(v) <= 1.0) \
-                    or math.isnan(float(v)):
-                raise InputError(f"judge {self.name} returned {v!r}; expected P(a better) in [0, 1]")
-        return Comparison([float(v) for v in out], self.name)
+        self.calls += 1
+        n = len(prompts)
+        where = dict(what="judge", name=self.name, call=self.calls, batch=f"batch of {n} pairs")
+        out = call_user(self.fn, (list(prompts), list(completions_a), list(completions_b)), kwargs,
+                        arg_names=("prompts", "completions_a", "completions_b"), **where)
+        values = user_values(out, n, unit="pair", numbers_are="values of P(a better) in [0, 1]", **where)
+        for i, v in enumerate(values):
+            if not 0.0 <= v <= 1.0:  # NaN fails this too
+                raise UserCodeError(f"judge {self.name} returned {v!r} at position {i} on call {self.calls} "
+                                    f"(batch of {n} pairs); expected P(a better) in [0, 1]")
+        return Comparison(values, self.name)
 
 
-def parse_judge(spec: str) -> tuple[str, str]:
+def judge_name(judge) -> str:
+    """How a judge is named in logs and ``run.json``: its spec, or ``<python fn>`` for a
+    callable or a judge object given through the Python API."""
+    if isinstance(judge, str):
+        return judge
+    if hasattr(judge, "compare"):
+        return getattr(judge, "name", None) or f"<python {type(judge).__name__}>"
+    return f"<python {getattr(judge, '__qualname__', None) or type(judge).__name__}>"
+
+
+def parse_judge(spec) -> tuple[str, str]:
     """``rm:DIR`` / ``lm:DIR`` / ``py:module:function`` / ``py:file.py:function`` /
-    ``world:ai`` -> (kind, rest); anything else is an InputError naming ``--judge``."""
+    ``world:ai`` -> (kind, rest); a Python callable or a judge object (anything with
+    ``compare``) -> ("py", its name). Anything else is an InputError naming ``--judge``."""
+    if not isinstance(spec, str):
+        if callable(spec) or callable(getattr(spec, "compare", None)):
+            return "py", judge_name(spec)
+        raise InputError(f"expected a judge spec (rm:DIR, ...), a callable or a judge, got {type(spec).__name__}",
+                         field="--judge")
+    if spec.startswith("<python "):  # recorded in run.json for a callable: not something to reload
+        raise InputError(f"the run was given a Python judge ({spec}); give it again from Python, e.g. "
+                         "rlhflab.api.rl(..., judge=fn, resume=True)", field="--judge")
     kind, sep, rest = spec.partition(":")
     if not sep or kind not in JUDGE_KINDS or not rest or (kind == "world" and rest != "ai"):
         raise InputError(f"expected rm:DIR, lm:DIR, py:module:function or world:ai, got {spec!r}", field="--judge")
     return kind, rest
 
 
-def load_judge(spec: str, *, trust_remote_code: bool = False, question: str | None = None,
+def load_judge(spec, *, trust_remote_code: bool = False, question: str | None = None,
                constitution=None, labeler_cfg=None, seed: int = 0):
     """The judge a ``--judge`` spec names (models load on CPU or the default device);
-    ``world:ai`` labels under ``constitution`` (default ``configs/constitution.yaml``)."""
+    ``world:ai`` labels under ``constitution`` (default ``configs/constitution.yaml``). Through
+    the Python API: a callable ``fn(prompts, completions_a, completions_b, **columns) ->
+    list[P(a better)]`` becomes a ``CallableJudge``, and a judge object (with ``compare``) is
+    used as it is."""
     kind, rest = parse_judge(spec)
+    if not isinstance(spec, str):
+        return spec if callable(getattr(spec, "compare", None)) else CallableJudge(spec, name=rest)
     if kind == "world":
         from rlhflab.constitution import load_constitution
         from rlhflab.world.ai_labeler import AILabeler
