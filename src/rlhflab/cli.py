@@ -96,7 +96,16 @@ def main(argv: list[str] | None = None) -> int:
 
         preflight(args.command, args)  # paths checked before the libraries are imported
         _quiet_libraries()
-        return int(importlib.import_module(args._module).run(args) or 0)
+        rc = int(importlib.import_module(args._module).run(args) or 0)
+        sys.stdout.flush()  # a reader gone early (`| head`) is met here, not in the interpreter's last flush
+        return rc
+    except BrokenPipeError:
+        # The Python docs' recipe for SIGPIPE: stdout to devnull, so that the final flush at
+        # exit has nowhere to fail; the exit status of a process that SIGPIPE ended, 128 + 13.
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except InputError as err:
         print(f"rlhflab {args.command}: error: {err}", file=sys.stderr)
         return 2
