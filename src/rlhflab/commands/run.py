@@ -38,11 +38,15 @@ def print_final_table(evals: dict[str, dict]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title="policies against SFT (world probes)")
+    first = next(iter(evals.values()))
+    n = first.get("win_rate/gold_n")
+    # The same probes for every row; SFT's gold elsewhere (its own samples, an RL arm's step 0)
+    # comes from other prompt sets, which the report's gold table names.
+    table = Table(title="policies against SFT on the same " + (f"{int(n)} " if n else "")
+                  + "held-out eval probes (world.n_eval per family)")
     table.add_column("policy")
     for _, label in TABLE:
         table.add_column(label, justify="right")
-    first = next(iter(evals.values()))
     base = ["SFT"] + [f"{first[f'base/{k}']:.2f}" if f"base/{k}" in first else "" for k, _ in TABLE]
     table.add_row(*base)
     for arm, m in evals.items():
