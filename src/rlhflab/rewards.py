@@ -29,7 +29,11 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import inspect
-from collections.abc import Callable, Sequence
+import math
+import numbers
+import os
+import sys
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -39,8 +43,126 @@ from rlhflab.errors import InputError
 RewardSource = Callable[[list[str], list[str], list[bool]], torch.Tensor]
 
 
+class UserCodeError(InputError):
+    """A user's function (a reward function, a judge) failed: it raised, called ``sys.exit``,
+    could not be called with the arguments it is given, or returned something other than one
+    number per item. The message names the function, the call and what went wrong."""
+
+
 class NonFiniteRewardError(InputError):
     """A reward source returned NaN or infinity; the run stops before any update."""
+
+
+# ---------------------------------------------------------------------------------------
+# Calling a user's function
+
+TRACEBACK_ENV = "RLHFLAB_TRACEBACK"
+"""Set to 1 to print a failing user function's own traceback before rlhflab's one line."""
+
+
+def _first_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return lines[0][:200] if lines else ""
+
+
+def _short(value, limit: int = 40) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def call_user(fn: Callable, args: tuple, kwargs: dict, *, what: str, name: str, call: int, batch: str,
+              arg_names: Sequence[str] = ()):
+    """``fn(*args, **kwargs)``, for a function the user wrote. Whatever it does becomes one
+    ``UserCodeError`` naming ``what`` ("reward function", "judge"), ``name``, the ``call``
+    (1 for the first) and the ``batch`` ("batch of 8 responses"); ``arg_names`` name the
+    positional arguments in the message:
+
+    - arguments its signature cannot take: "cannot be called with (prompts, completions, eos)";
+    - an exception: "raised ZeroDivisionError on call 3 (batch of 8 responses): division by
+      zero" (with ``RLHFLAB_TRACEBACK=1`` the function's traceback is printed first);
+    - ``sys.exit``: "called sys.exit(3)", a failure of the function, not a request to stop
+      rlhflab with that exit code.
+
+    Ctrl-C (``KeyboardInterrupt``) is not the function's failure: it stops the run as it
+    would anywhere else."""
+    at = f"on call {call} ({batch})"
+    try:
+        bind = inspect.signature(fn).bind
+    except (TypeError, ValueError):  # a builtin without a signature: called as it is
+        bind = None
+    if bind is not None:
+        try:
+            bind(*args, **kwargs)
+        except TypeError as err:
+            given = ", ".join([*arg_names, *kwargs])
+            raise UserCodeError(f"{what} {name} cannot be called with ({given}) {at}: {err}") from None
+    try:
+        return fn(*args, **kwargs)
+    except KeyboardInterrupt:
+        raise
+    except SystemExit as err:
+        raise UserCodeError(f"{what} {name} called sys.exit({err.code!r}) {at}; a {what} returns its values, "
+                            "it does not end rlhflab") from None
+    except BaseException as err:  # noqa: BLE001 - the user's code: anything it raises is its failure
+        raise _raised(err, what, name, at) from None
+
+
+def _raised(err: BaseException, what: str, name: str, at: str) -> UserCodeError:
+    if os.environ.get(TRACEBACK_ENV, "").strip() not in ("", "0"):
+        import traceback
+
+        traceback.print_exception(type(err), err, err.__traceback__, file=sys.stderr)
+        hint = ""
+    else:
+        hint = f" ({TRACEBACK_ENV}=1 prints its traceback)"
+    said = _first_line(err)
+    return UserCodeError(f"{what} {name} raised {type(err).__name__} {at}{': ' + said if said else ''}{hint}")
+
+
+def user_values(out, n: int, *, what: str, name: str, call: int, batch: str, unit: str,
+                bools: bool = False, numbers_are: str = "numbers") -> list[float]:
+    """The ``n`` numbers a user's function returned (``call_user``'s result): a list, a tuple,
+    a 1-D tensor or array, or any other iterable of real numbers (numpy and 0-d tensor
+    scalars included; ``bools`` accepts True/False as 1/0; ``numbers_are`` says what they
+    are in a message). Anything else is a
+    ``UserCodeError`` saying what came back and, for an item, at which position. Iterating a
+    generator runs the user's code: what it raises is reported as ``call_user`` does."""
+    at = f"on call {call} ({batch})"
+    expected = f"; expected a list of {n} {numbers_are}, one per {unit}"
+
+    def fail(problem: str) -> UserCodeError:
+        return UserCodeError(f"{what} {name} {problem} {at}{expected}")
+
+    if out is None or isinstance(out, (str, bytes, numbers.Number, Mapping)):
+        kind = type(out).__name__
+        article = "an" if kind[0] in "aeiou" else "a"
+        raise fail("returned None" if out is None else f"returned {article} {kind}" + (
+            "" if isinstance(out, Mapping) else f" ({_short(out)})"))
+    if hasattr(out, "shape") and hasattr(out, "tolist"):  # a tensor or an array
+        kind = "tensor" if isinstance(out, torch.Tensor) else "array"
+        if len(out.shape) != 1:
+            raise fail(f"returned a {kind} of shape {tuple(out.shape)}")
+        items = out.tolist()
+    elif isinstance(out, Iterable):
+        try:
+            items = list(out)
+        except KeyboardInterrupt:
+            raise
+        except BaseException as err:  # noqa: BLE001 - a generator running the user's code
+            raise _raised(err, what, name, at) from None
+    else:
+        raise fail(f"returned a {type(out).__name__}")
+    if len(items) != n:
+        raise UserCodeError(f"{what} {name} returned {len(items)} {'rewards' if unit == 'response' else 'values'} "
+                            f"for {n} {unit}s {at}")
+    values = []
+    for i, v in enumerate(items):
+        if isinstance(v, torch.Tensor) and v.numel() == 1 or getattr(v, "shape", None) == ():
+            v = v.item()
+        if isinstance(v, bool) and not bools or not isinstance(v, numbers.Real):
+            raise fail(f"returned {_short(v)} (a {type(v).__name__}) at position {i}")
+        values.append(float(v))
+    return values
 
 
 # ---------------------------------------------------------------------------------------
@@ -88,6 +210,7 @@ class FunctionReward:
     def __init__(self, fn: Callable[..., Sequence[float]], name: str | None = None) -> None:
         self.fn = fn
         self.name = name or getattr(fn, "__name__", "function")
+        self.calls = 0  # calls so far: a failure names its call
         try:
             params = inspect.signature(fn).parameters
             self.takes_all = any(p.kind is p.VAR_KEYWORD for p in params.values())
@@ -113,18 +236,18 @@ class FunctionReward:
             completions = [[{"role": "assistant", "content": c}] if not isinstance(p, str) else c
                            for p, c in zip(prompts, responses)]
         kwargs = self._keywords(eos, rows)
-        try:
-            out = self.fn(prompts, completions, **kwargs)
-        except TypeError as err:  # most often a column the function names that the rows lack
-            given = ", ".join(["prompts", "completions", *kwargs])
-            raise InputError(f"reward function {self.name} cannot be called with ({given}): {err}") from None
-        try:
-            values = [float(v) for v in out]
-        except (TypeError, ValueError):
-            raise InputError(f"reward function {self.name} must return a list of numbers") from None
-        if len(values) != len(prompts):
-            raise InputError(f"reward function {self.name} returned {len(values)} rewards "
-                             f"for {len(prompts)} responses")
+        self.calls += 1
+        n = len(prompts)
+        where = dict(what="reward function", name=self.name, call=self.calls, batch=f"batch of {n} responses")
+        out = call_user(self.fn, (prompts, completions), kwargs, arg_names=("prompts", "completions"), **where)
+        values = user_values(out, n, unit="response", bools=True, **where)
+        bad = [i for i, v in enumerate(values) if not math.isfinite(v)]
+        if bad:  # named here, with the call; score_responses' own check covers the other sources
+            i = bad[0]
+            raise NonFiniteRewardError(
+                f"reward function {self.name} returned {values[i]} at position {i} on call {self.calls} "
+                f"(batch of {n} responses), for prompt {_short(prompts[i], 80)} (response "
+                f"{_short(responses[i], 80)}); {len(bad)} of {n} rewards are not finite")
         return torch.tensor(values, dtype=torch.float32)
 
 
@@ -207,13 +330,24 @@ def load_callable(target: str, *, flag: str, what: str, spec: str | None = None)
         module = importlib.util.module_from_spec(module_spec)
         try:
             module_spec.loader.exec_module(module)
-        except Exception as err:  # the user's code: report, don't crash with a traceback
-            raise InputError(f"cannot import: {err.__class__.__name__}: {err}", file=where) from None
+        except KeyboardInterrupt:
+            raise
+        except SystemExit as err:  # the user's code: its exit is its failure, not rlhflab's exit code
+            raise InputError(f"cannot import: it called sys.exit({err.code!r})", file=where) from None
+        except BaseException as err:  # noqa: BLE001 - the user's code: report, don't crash with a traceback
+            raise InputError(f"cannot import: {err.__class__.__name__}: {_first_line(err)}", file=where) from None
     else:
         try:
             module = importlib.import_module(where)
         except ImportError as err:
             raise InputError(f"{flag} {spec!r}: cannot import {where!r} ({err})") from None
+        except KeyboardInterrupt:
+            raise
+        except SystemExit as err:
+            raise InputError(f"{flag} {spec!r}: importing {where!r} called sys.exit({err.code!r})") from None
+        except BaseException as err:  # noqa: BLE001 - the module's own code failed on import
+            raise InputError(f"{flag} {spec!r}: cannot import {where!r} ({err.__class__.__name__}: "
+                             f"{_first_line(err)})") from None
     fn = getattr(module, attr, None)
     if not callable(fn):
         raise InputError(f"{flag} {spec!r}: {where} has no function {attr!r}")
