@@ -52,6 +52,15 @@ def save_tiny_backbone(cfg, out: Path) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def main_job_dir(tmp_path_factory) -> Path:
+    """The main job on the tiny preset (``run_main_job``), run once per session: the smoke
+    tests read it, and the docs' tests take it wherever a document runs ``make demo``
+    (``rlhflab run --config configs/demo.yaml --out runs/demo``, demo.yaml being the tiny
+    preset there). Read it; copy it to change it."""
+    return run_main_job("tiny", tmp_path_factory.mktemp("main_job") / "run", timeout=900)
+
+
 def run_main_job(preset: str, out: Path, timeout: int) -> Path:
     """``rlhflab run --config configs/<preset>.yaml --out OUT`` in a fresh process, as a user
     runs it, with no overrides; fails the test with the job's stderr if it does not exit 0."""

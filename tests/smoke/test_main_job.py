@@ -17,14 +17,14 @@ import sys
 
 import pytest
 
-from tests.conftest import ROOT, run_main_job, subprocess_env
+from tests.conftest import ROOT, subprocess_env
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    return run_main_job("tiny", tmp_path_factory.mktemp("main_job") / "run", timeout=900)
+def run_dir(main_job_dir):
+    return main_job_dir  # conftest's session fixture: the docs' tests read the same run
 
 
 def test_every_stage_writes_its_artifacts_and_the_report(run_dir):
