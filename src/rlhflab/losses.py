@@ -864,7 +864,8 @@ def truncated_importance_weights(train_logprobs: torch.Tensor, sampler_logprobs:
     detached. Samples drawn from pi_sampler but trained as if drawn from pi_train bias the
     policy gradient E_sampler[A grad log pi] away from E_train[A grad log pi]; weighting each
     token's policy-gradient term by w_t removes the bias up to the truncation at C, which
-    bounds the variance. The log-ratio is clamped to [-20, 20] before exp.
+    bounds the variance; ``policy_gradient_loss`` weights a KL term in the loss too, for the
+    same reason. The log-ratio is clamped to [-20, 20] before exp.
 
     Args:
         train_logprobs: log pi_train of the sampled tokens (the trainer's old log-probs).  # (B, T)

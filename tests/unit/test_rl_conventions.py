@@ -68,6 +68,23 @@ def test_dual_clip_by_hand_both_signs_both_sides_of_the_clip():
         dual_clipped_surrogate(lp, old, adv, dual_clip=1.0)
 
 
+def test_dual_clip_is_trls_two_sided_clip_with_c_delta():
+    """TRL's GRPO ``delta`` (INTELLECT-2): coef_1 = min(rho, delta), coef_2 = clip(rho, 0.8, 1.2),
+    l = -min(coef_1 A, coef_2 A). For A > 0 and delta > 1.2 that is -A min(rho, 1.2), PPO's; for
+    A < 0, -A max(min(rho, delta), clip(rho)) = -A min(max(rho, 0.8), delta), the dual clip with
+    c = delta: equal losses and gradients on both sides of both clips (delta = 3)."""
+    rho = torch.tensor([[0.5, 0.9, 1.1, 1.5, 2.5, 4.0, 0.5, 1.5, 4.0]])
+    adv = torch.tensor([[-1.0, -1.0, -1.0, -1.0, -2.0, -1.0, 1.0, 1.0, 1.0]])
+    ours_lp, trl_lp = rho.log().requires_grad_(), rho.log().requires_grad_()
+    ours, *_ = dual_clipped_surrogate(ours_lp, torch.zeros(1, 9), adv, clip_eps=0.2, dual_clip=3.0)
+    r = trl_lp.exp()
+    trl = -torch.minimum(r.clamp(max=3.0) * adv, r.clamp(0.8, 1.2) * adv)
+    ours.sum().backward()
+    trl.sum().backward()
+    torch.testing.assert_close(ours, trl)
+    torch.testing.assert_close(ours_lp.grad, trl_lp.grad)
+
+
 def test_policy_loss_takes_the_dual_clip_and_reports_where_it_binds():
     """The six tokens above, one row, token_mean over 6 tokens: PPO's loss sums to
     4 + 7 + 2 + 0.8 - 1.2 - 0.5 = 12.1 -> 12.1 / 6; dual-clipped 3 + 6 + 2 + 0.8 - 1.2 - 0.5

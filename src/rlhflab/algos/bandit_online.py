@@ -15,9 +15,9 @@ stochastic iterates settle at the fixed point instead of rattling around it.
 A sampler/trainer mismatch can be injected: with ``sampler_temperature`` T_s != 1 the
 responses are drawn from softmax(theta / T_s) while the update treats them as drawn from
 pi_theta = softmax(theta) (its old log-probs are the trainer's, as when an inference engine
-samples in another precision). ``tis_cap`` C then weights each token's policy-gradient term
-by min(pi_theta / pi_sampler, C) (``losses.truncated_importance_weights``), the correction
-the language-model loops apply with ``rl.tis_cap``.
+samples in another precision). ``tis_cap`` C then weights each token's policy-gradient and KL
+terms by min(pi_theta / pi_sampler, C) (``losses.truncated_importance_weights``), the
+correction the language-model loops apply with ``rl.tis_cap``.
 
 Registry: ``BANDIT_ALGOS[name](problem, beta, *, seed, steps=None, kl_estimator=None,
 kl_in=None, pairs=None, **options) -> BanditResult``, one per online algorithm of

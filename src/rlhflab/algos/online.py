@@ -186,7 +186,8 @@ class OnlineRun:
             clip_eps=rl.clip_eps, clip_eps_high=rl.clip_eps_high, loss_agg=rl.loss_agg,
             max_len=self.cfg.generation.max_new_tokens,
             kl_coef=self.kl_ctl.value if rl.kl_in == "loss" else 0.0, kl_estimator=rl.kl_estimator,
-            kl_clip=rl.kl_clip, dual_clip=rl.dual_clip, entropy_coef=rl.entropy_coef, vf_coef=rl.vf_coef, value_clip_eps=rl.value_clip_eps,
+            kl_clip=rl.kl_clip, dual_clip=rl.dual_clip, entropy_coef=rl.entropy_coef, vf_coef=rl.vf_coef,
+            value_clip_eps=rl.value_clip_eps,
             target_kl=rl.target_kl)
 
     def _forward(self, with_values: bool):
