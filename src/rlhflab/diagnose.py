@@ -3,18 +3,22 @@
 Input is a flat JSON object of readings — what ``rlhflab eval`` writes to ``eval.json``,
 or a file a user assembles from a run trained anywhere — or a training run's log, read by
 ``instruments.training_logs`` (rlhflab's ``metrics.json`` / ``metrics.jsonl``, TRL's and
-OpenRLHF's metric names). Keys (all optional; a rule whose keys are missing is reported as
-not measured, with how to measure it):
+OpenRLHF's metric names; a curve's first logged row stands for the base of its length,
+truncation and DPO readings). A directory of runs (the main job's, a sweep's) is diagnosed
+run by run (``arm_dirs``, ``diagnose_arms``). Keys (all optional; a rule whose keys are
+missing is reported as not measured, with how to measure it):
 
 | key | reading |
 |---|---|
 | ``kl/sequence_mean`` | KL(policy or base) in nats, sampled on held-out prompts |
 | ``gold/mean``, ``base/gold/mean`` | independent judge score of policy and base samples (or any trusted eval score) |
 | ``rm/score_mean``, ``base/rm/score_mean`` | the proxy reward of the same samples |
-| ``win_rate/J`` (+ ``_ci_low``, ``_ci_high``) | win-rate of policy over base by judge J: ``gold`` (the world's gold judge), ``judge`` (``rlhflab eval --judge``), ``rm`` (a reward model); the first of these measured is the judge the rules read |
+| ``win_rate/J`` (+ ``_ci_low``, ``_ci_high``) | win-rate of policy over base by judge J: ``gold`` (the world's gold judge), ``judge`` (``rlhflab eval --judge``, or an RL run's held-out judge), ``rm`` (a reward model); the first of these measured is the judge the rules read; ``win_rate/J_n`` (and ``_ties``, ``_wins``, ``_losses``) are counts |
 | ``win_rate/J_length_controlled`` | the same at equal length |
 | ``length/mean``, ``base/length/mean`` | mean response length in tokens |
 | ``length/short_rate``, ``base/length/short_rate`` | share of responses of at most one token (``length/empty_rate``: of none) |
+| ``length/truncated_rate``, ``base/length/truncated_rate`` | from a training log: share of completions cut at the maximum length, last and first logged row |
+| ``logps/chosen``, ``logps/rejected``, ``base/logps/...``; ``rewards/margins``, ``rewards/accuracies``, ``rewards/chosen``, ``rewards/rejected`` | from a DPO log (rlhflab's, TRL's): summed log-probs of the chosen and rejected responses (last and first logged row), the implicit reward beta log pi/pi_ref, its margin and accuracy |
 | ``refusal/benign_rate``, ``base/refusal/benign_rate`` | refusals of benign prompts |
 | ``refusal/harmful_rate``, ``base/refusal/harmful_rate`` | refusals of harmful prompts |
 | ``sycophancy/agree_rate``, ``base/sycophancy/agree_rate`` | agreement with a wrong user |
@@ -32,10 +36,12 @@ and each problem is an error naming the file and the key: a reading that is not 
 (true or false, any other string, or a bare ``NaN``/``Infinity``, which JSON has not) for a
 key of the table or any key shaped like one (``PREFIX/...`` with a prefix of the table), or
 a list or an object for a key a rule reads; a rate or share (``*_rate``, ``win_rate/*``,
-``*/accuracy``, ``diversity/distinct_*``, ``diversity/repetition``,
-``capability/answer_share``) outside [0, 1]; a count or length (``length/*``,
-``capability/n``, ``keywords/density``) below 0; a file with no measured reading at all
-(nothing, only NaN, or only keys outside the table's prefixes). Other keys are kept as they
+``*/accuracy``, ``rewards/accuracies``, ``diversity/distinct_*``, ``diversity/repetition``,
+``capability/answer_share``) outside [0, 1]; a count or length (``*_n``, ``*/n``, ``*_ties``,
+``*_wins``, ``*_losses``, ``*/unreadable`` under any prefix, ``win_rate/`` included;
+``length/*``, ``keywords/density``) below 0; a file with no measured reading at all
+(nothing, only NaN, or only keys outside the table's prefixes: the error says what the file
+is, what it holds and what the rules need). Other keys are kept as they
 are (numbers) or ignored (anything else: the ``evals`` list and the ``kl/status_steps``
 object of rlhflab's ``metrics.json``, another tool's metadata).
 
@@ -732,8 +738,9 @@ def format_findings(result: dict) -> str:
 
 
 def add_arguments(p) -> None:
-    p.add_argument("run_dir", nargs="?", help="an `rlhflab eval` output (eval.json) or a training run's directory "
-                   "(metrics.json, metrics.jsonl or TRL's trainer_state.json)")
+    p.add_argument("run_dir", nargs="?", help="an `rlhflab eval` output (eval.json), a training run's directory "
+                   "(metrics.json, metrics.jsonl or TRL's trainer_state.json), or a directory of runs (the main job's, "
+                   "a sweep's): each run below it, by name")
     p.add_argument("--metrics", help="a JSON or JSONL file of readings or log rows (format in docs/instruments.md)")
     p.add_argument("--schema", choices=("auto", *SCHEMA_NAMES), default="auto",
                    help="whose metric names the file holds (default: detected from its keys)")
@@ -758,7 +765,7 @@ _COUNT_SUFFIXES = ("_n", "/n", "_ties", "_wins", "_losses", "/unreadable", "_unr
 
 def reading_domain(key: str) -> str:
     """"rate" (in [0, 1]), "non_negative" or "real" for a reading's key (``base/`` or not).
-    A count (``COUNT_SUFFIXES``: ``win_rate/judge_n``, ``win_rate/gold_ties``) is
+    A count (``_COUNT_SUFFIXES``: ``win_rate/judge_n``, ``win_rate/gold_ties``) is
     non-negative, under ``win_rate/`` too."""
     k = key[len("base/"):] if key.startswith("base/") else key
     if k.endswith(_COUNT_SUFFIXES):
@@ -896,16 +903,22 @@ RULES_READ = ("a judge's win-rate against the base (win_rate/*)", "the KL from t
 
 
 def _no_readings(raw: list[dict], names: str, data: dict) -> tuple[str, str]:
-    """(why a file gave no reading, the same in a few words): every reading null or NaN, or a
-    log of what, holding what."""
-    if any(_is_reading(k) for k in data):
-        return "no measured reading: every reading is null or NaN (not measured)", "every reading null or NaN"
-    kind = log_kind(raw, names)
+    """(why a file gave no reading, the same in a few words): nothing in it, every reading
+    null or NaN, or a log of what (where its names tell), holding what, and what is needed."""
     keys = list(dict.fromkeys(k for row in raw for k in row if k != "step"))
+    if not keys:
+        return "no readings: the file holds nothing", "nothing in it"
+    if any(_is_reading(k) for k in data):
+        return "no readings: every reading is null or NaN (not measured)", "every reading null or NaN"
+    kind = log_kind(raw, names)
+    if kind == "rlhflab":  # no name tells what wrote it
+        this = "a file"
+    else:
+        article = "an" if kind.lower().startswith(("a", "e", "i", "o", "u", "rlhflab")) else "a"  # an R-L-H-F lab
+        this = f"{article} {kind} log"
     held = ", ".join(keys[:10]) + (f" and {len(keys) - 10} more" if len(keys) > 10 else "")
-    article = "an" if kind.lower().startswith(("a", "e", "i", "o", "u", "rlhflab")) else "a"  # an R-L-H-F lab
-    what = f"{article} {kind} log with no reading a rule reads"
-    return f"this is {what}: it holds {held or 'nothing'}; the rules need {'; '.join(RULES_READ)}", what
+    return (f"no readings a rule reads: this is {this}, which holds {held}; the rules need {'; '.join(RULES_READ)}",
+            f"{this} with no reading a rule reads")
 
 
 def load_readings(run_dir: str | None, metrics: str | None, schema: str = "auto") -> tuple[dict, dict]:

@@ -223,7 +223,7 @@ def test_a_log_with_none_of_the_schemas_names_is_refused(tmp_path, capsys):
     assert main(["diagnose", "--metrics", str(path), "--schema", "trl"]) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1
-    assert f"{path}: this is a TRL log with no reading a rule reads: it holds loss; the rules need " in err
+    assert f"{path}: no readings a rule reads: this is a TRL log, which holds loss; the rules need " in err
     path.write_text('{"loss": 1.0}\n[1]\n')
     assert main(["diagnose", "--metrics", str(path)]) == 2
     assert f"{path}:2" in capsys.readouterr().err
