@@ -13,6 +13,7 @@ import sys
 
 from rlhflab.errors import InputError, RunError
 from rlhflab.registry import ONLINE_ALGORITHMS, online_commands
+from rlhflab.threads import choose_when_torch_loads
 
 
 def _online_help(variants: dict[str, str]) -> str:
@@ -86,11 +87,20 @@ def _quiet_libraries() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # A process started for the command (the console script, python -m) chooses its threads
+    # from the machine's state as torch loads (rlhflab.threads); a caller's process is left alone.
+    try:
+        threads = choose_when_torch_loads() if argv is None else None
+    except InputError as err:
+        print(f"rlhflab: error: {err}", file=sys.stderr)
+        return 2
     argv = list(sys.argv[1:] if argv is None else argv)
     # Only the chosen subcommand's module is imported (and so torch only when needed).
     chosen = next((a for a in argv if a in COMMANDS), None)
     parser = build_parser(load=(chosen,) if chosen else ())
     args = parser.parse_args(argv)
+    if threads is not None:
+        threads.speak()  # the one line, once torch loads (never for --help or a usage error)
     try:
         from rlhflab.commands.preflight import preflight
 

@@ -18,7 +18,7 @@ SRC = Path(__file__).resolve().parents[2] / "src"
 # layer -> (name, the modules in it: a package name stands for the package and all below it)
 LAYERS: dict[int, tuple[str, tuple[str, ...]]] = {
     0: ("foundation", ("rlhflab", "rlhflab.errors", "rlhflab.registry", "rlhflab.seeds", "rlhflab.artifacts",
-                       "rlhflab.progress", "rlhflab.tracking", "rlhflab.checkpoint")),
+                       "rlhflab.progress", "rlhflab.tracking", "rlhflab.checkpoint", "rlhflab.threads")),
     1: ("math", ("rlhflab.logprobs", "rlhflab.losses", "rlhflab.advantages", "rlhflab.kl", "rlhflab.optimal",
                  "rlhflab.bandit")),
     2: ("world", ("rlhflab.world",)),
