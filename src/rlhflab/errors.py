@@ -40,3 +40,67 @@ class RunError(RuntimeError):
 class NonFiniteError(InputError):
     """Training met a non-finite loss or gradient and stopped before the optimizer step
     (so the weights are those of the last good step; nothing is saved). Exit code 2."""
+
+
+_DISK_FULL_WORDS = ("no space left on device", "os error 28", "storagefull", "disk quota exceeded", "os error 122")
+
+
+def is_disk_full(err: BaseException) -> bool:
+    """True when ``err`` (or an exception it was raised from) is a full disk or quota:
+    an OSError with errno ENOSPC / EDQUOT, or a library's error whose text says so
+    (safetensors' and tokenizers' Rust writers report ``No space left on device (os error 28)``).
+    An ``InputError`` is never one: it is already the one line."""
+    import errno
+
+    for e in _chain(err):
+        if isinstance(e, InputError):
+            return False
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if any(word in str(e).lower() for word in _DISK_FULL_WORDS):
+            return True
+    return False
+
+
+def disk_full_error(err: BaseException, where, *, kept=None, earlier: bool = False, staged=None) -> InputError:
+    """The one line for a full disk: the file that could not be written (``err``'s, else
+    ``where``; one in a run's staging directory ``staged`` = (staging, place) named as it would
+    be at its place), the space now free on its file system, and what became of the run:
+    nothing kept, the earlier run as it was (``earlier``), or what it finished kept at ``kept``."""
+    import shutil
+    from pathlib import Path
+
+    path = str(next((e.filename for e in _chain(err) if isinstance(e, OSError) and e.filename), None) or where)
+    if staged is not None:
+        work, final = (str(p) for p in staged)
+        if path == work or path.startswith(work + "/"):
+            path = final + path[len(work):]
+    place = Path(path).absolute()
+    while not place.exists() and place != place.parent:
+        place = place.parent
+    try:
+        usage = shutil.disk_usage(place)
+        free = f"{_size(usage.free)} free of {_size(usage.total)} on the file system of {place}"
+    except OSError:
+        free = f"free space on the file system of {place} unknown"
+    fate = (f"what the run finished is kept in {kept}" if kept is not None else
+            "the earlier run is as it was" if earlier else "nothing of the run was kept")
+    return InputError(f"no space left on device ({free}); {fate}; free some space and run it again",
+                      file=str(path))
+
+
+def _chain(err: BaseException | None):
+    """``err`` and the exceptions it was raised from or during."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        yield err
+        err = err.__cause__ or err.__context__
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"

@@ -4,7 +4,8 @@
   non-finite loss or gradient norm with one line (the step, what, the likely cause) and
   exit code 2, before the optimizer step; nothing NaN is ever saved as a model.
 - ``--overwrite`` keeps the earlier run until the new one is complete; a failed
-  replacement leaves it as it was and nothing beside it.
+  replacement leaves it as it was and nothing beside it; a first run is written beside its
+  place as well, so a failed or killed one leaves nothing at ``--out``.
 - ``--out`` under a regular file or in an unwritable place fails before any data is loaded.
 - What a killed run or save leaves behind is swept by the next one (a kill between the
   two renames of a replacement is finished); directories get the umask's modes.
@@ -258,9 +259,10 @@ def test_world_export_overwrite_keeps_the_earlier_export_until_the_new_one_is_wr
         return original(path, rows)
 
     monkeypatch.setattr(data, "write_jsonl", failing)
-    with pytest.raises(OSError):
-        main(["world", "--config", str(ROOT / "configs" / "tiny.yaml"), "--out", str(out), "--overwrite",
-              "--set", "world.seed=1"])
+    assert main(["world", "--config", str(ROOT / "configs" / "tiny.yaml"), "--out", str(out), "--overwrite",
+                 "--set", "world.seed=1"]) == 2
+    line = _one_error_line(capsys)  # a full disk: one line naming the place, the space left and the earlier run
+    assert f"{out}: no space left on device" in line and "free of" in line and "earlier run is as it was" in line
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["world"]
 
@@ -416,14 +418,16 @@ def test_kill_mid_overwrite_keeps_the_earlier_run_and_the_next_run_works(tmp_pat
 
 
 @pytest.mark.slow
-def test_kill_mid_training_of_a_first_run_then_overwrite_works(tmp_path):
+def test_kill_mid_training_of_a_first_run_leaves_nothing_in_the_way(tmp_path):
+    """A first run is written beside its place too: killed, nothing is at --out, and the
+    same command runs again without --overwrite (what the kill left is swept)."""
     out = tmp_path / "sft"
     proc = _start(["sft", "--config", TINY, "--out", str(out), *LONG_SFT], tmp_path)
-    _kill_when(proc, lambda: (out / "metrics.jsonl").is_file()
-               and (out / "metrics.jsonl").read_text().count("\n") >= 3)
-    assert not (out / "model").exists()  # a half-trained run is never a model
-    assert main(["sft", "--config", TINY, "--out", str(out), *SFT_FAST]) == 2  # it holds a run
-    assert main(["sft", "--config", TINY, "--out", str(out), "--overwrite", *SFT_FAST]) == 0
+    staged = lambda: [p for p in tmp_path.glob(".sft.new-*") if (p / "metrics.jsonl").is_file()  # noqa: E731
+                      and (p / "metrics.jsonl").read_text().count("\n") >= 3]
+    _kill_when(proc, lambda: bool(staged()))
+    assert not out.exists()  # a half-trained run is never at --out
+    assert main(["sft", "--config", TINY, "--out", str(out), *SFT_FAST]) == 0
     assert _hidden(tmp_path) == [] and (out / "model" / "config.json").is_file()
 
 

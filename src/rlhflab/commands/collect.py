@@ -129,17 +129,24 @@ def policy_dir(path: str | Path) -> Path:
 
 
 def run(args) -> int:
-    from rlhflab.artifacts import check_out_file
-    from rlhflab.data import write_jsonl
+    from rlhflab.artifacts import check_out_file, writer_lock
     from rlhflab.errors import InputError
-    from rlhflab.models import load_causal_lm, load_tokenizer
-    from rlhflab.world import World
 
     cfg = config_from_args(args)
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         raise InputError("exists; pass --overwrite to replace it", file=str(out))
     check_out_file(out)  # under a regular file, or not writable: before the policy is loaded
+    with writer_lock(out):  # one writer at a time (artifacts: .<name>.lock beside the file)
+        return _collect(args, cfg, out)
+
+
+def _collect(args, cfg, out: Path) -> int:
+    from rlhflab.data import write_jsonl
+    from rlhflab.errors import InputError, disk_full_error, is_disk_full
+    from rlhflab.models import load_causal_lm, load_tokenizer
+    from rlhflab.world import World
+
     k = args.k or cfg.rm.k
     n = args.n_prompts or cfg.rm.n_prompts
     if k < 2 or n < 1:
@@ -154,6 +161,11 @@ def run(args) -> int:
     if not rows:
         raise InputError("no comparisons: every prompt's samples were identical", file=str(out))
     out.parent.mkdir(parents=True, exist_ok=True)
-    write_jsonl(out, rows)
+    try:
+        write_jsonl(out, rows)
+    except Exception as err:
+        if is_disk_full(err):
+            raise disk_full_error(err, out, earlier=out.exists()) from None
+        raise
     print("  ".join(f"{key.split('/')[1]}={v}" for key, v in counts.items()) + f"  -> {out}")
     return 0
