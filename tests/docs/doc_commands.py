@@ -537,7 +537,9 @@ class DocRun:
             tail = f"\nexit code {res.rc}\n--- stderr (tail) ---\n{res.stderr[-2500:]}"
             if res.stdout.strip():
                 tail += f"\n--- stdout (tail) ---\n{res.stdout[-1200:]}"
-        pytest.fail(f"{cmd.where()}: {what}\n    {cmd.text}{tail}", pytrace=False)
+        before = "\n".join(self.log[-12:])
+        before = f"\n--- {self.doc}'s commands before it ---\n{before}" if before else ""
+        pytest.fail(f"{cmd.where()}: {what}\n    {cmd.text}{tail}{before}", pytrace=False)
 
     # -- a command
 
