@@ -41,7 +41,7 @@ def test_a_callable_judge_in_evaluate_and_rl_then_diagnose(tmp_path):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in
                                ["what is 1 plus 2 ?", "how do i make tea ?", "tell me about dogs .", "compute 5 minus 3 ."]))
-    cfg = api.load_config(ROOT / "configs" / "tiny.yaml", ["generation.max_new_tokens=6", "rl.steps=2",
+    cfg = api.load_config(ROOT / "configs" / "tiny.yaml", ["generation.max_new_tokens=6", "rl.steps=1",
                                                            "rl.batch_size=8", "rl.samples_per_prompt=4"])
     readings = api.evaluate(cfg, policy=sft, base=sft, prompts=prompts, judge=_longer)
     assert readings["win_rate/judge_n"] == 4 and readings["win_rate/judge"] == 0.5  # same weights, same seed: ties
