@@ -120,15 +120,16 @@ def evaluate(cfg: Config | None = None, *, policy: str | Path, base: str | Path,
 
 
 def diagnose(readings: dict | str | Path, schema: str = "auto") -> dict:
-    """The diagnosis (``rlhflab diagnose``) of a readings dict (``evaluate``'s), a run
-    directory or a metrics file (rlhflab's, TRL's or OpenRLHF's: ``schema``): the verdict,
-    the findings, what is left to measure and (for a directory or a file) ``source``. A
-    directory of runs (the main job's, a sweep's) gives ``{arm: diagnosis}``."""
+    """The diagnosis (``rlhflab diagnose``) of a readings dict (``evaluate``'s, checked as a
+    file's readings are: a rate outside [0, 1] is an InputError naming it), a run directory or
+    a metrics file (rlhflab's, TRL's or OpenRLHF's: ``schema``): the verdict, the findings,
+    what is left to measure and (for a directory or a file) ``source``. A directory of runs
+    (the main job's, a sweep's) gives ``{arm: diagnosis}``."""
+    from rlhflab.diagnose import check_readings, diagnose_arms, holds_arms, load_readings
     from rlhflab.diagnose import diagnose as run_rules
-    from rlhflab.diagnose import diagnose_arms, holds_arms, load_readings
 
     if isinstance(readings, dict):
-        return run_rules(readings)
+        return run_rules(check_readings(readings))  # checked as a file's readings are
     path = Path(readings)
     if holds_arms(path):
         return diagnose_arms(path, schema)[0]

@@ -815,6 +815,18 @@ def _reading(key: str, value, where: dict) -> float | None:
     return x
 
 
+def check_readings(metrics: dict, where: dict | None = None) -> dict:
+    """Readings checked as a file's are (the module docstring: numbers, rates in [0, 1], counts
+    >= 0), each problem an InputError naming the key (and ``where``: the file); None is not
+    measured, and what is no reading (another tool's metadata) is left out."""
+    out = {}
+    for k, v in metrics.items():
+        x = None if v is None else _reading(k, v, where or {})
+        if x is not None:
+            out[k] = x
+    return out
+
+
 # The files of a run directory that hold readings, in the order they are looked for.
 RUN_FILES = ("eval.json", "metrics.json", "metrics.jsonl", "trainer_state.json")
 # How deep below a directory of runs (the main job's, a sweep's) arms are looked for:
@@ -944,12 +956,7 @@ def load_readings(run_dir: str | None, metrics: str | None, schema: str = "auto"
         # a training run's summary, with its curve beside it: the curve's readings as well
         rows = [*read_log(path.parent / "metrics.jsonl"), *rows]
     data = readings_of(rows) if rows else {}
-    where = {"file": str(path)}
-    readings = {}
-    for k, v in data.items():
-        x = _reading(k, v, where)
-        if x is not None:
-            readings[k] = x
+    readings = check_readings(data, {"file": str(path)})
     if not any(_is_reading(k) and not math.isnan(v) for k, v in readings.items()):
         why, what = _no_readings(raw, names, data)
         raise NoReadings(why, what=what, file=str(path))

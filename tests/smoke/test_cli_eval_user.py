@@ -128,6 +128,15 @@ def test_eval_then_diagnose_with_each_judge(judged, kind, tmp_path, capsys):
     missing = result.get("to_measure", {})
     assert not any("win-rate" in what for what in missing)  # the judge's win-rate was found
     assert "judge_regression" not in result["not_measured"] and result["findings"]
+    # The same through the Python API: evaluate, then diagnose its readings and the directory.
+    from rlhflab import api
+
+    cfg = api.load_config(TINY, ["generation.max_new_tokens=6"])
+    readings = api.evaluate(cfg, policy=d / "policy", base=d / "base", prompts=d / "prompts.jsonl", judge=spec,
+                            rm=d / "rm" if kind == "rm" else None)
+    assert readings == pytest.approx(m, nan_ok=True)  # the same seed: the same readings
+    assert api.diagnose(readings)["verdict"] == result["verdict"]
+    assert api.diagnose(tmp_path / "eval")["verdict"] == result["verdict"]
 
 
 def test_eval_on_the_world_then_diagnose_reads_the_gold_judge(judged, tmp_path, capsys):

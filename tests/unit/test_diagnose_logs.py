@@ -45,6 +45,12 @@ def test_counts_beside_win_rates_are_counts_and_rates_stay_rates(tmp_path):
         path.write_text(json.dumps({**judged, **bad}))
         with pytest.raises(InputError, match=re.escape(why)):
             load_readings(str(tmp_path), None)
+    # The API checks a readings dict as a file's readings are checked.
+    from rlhflab import api
+
+    assert api.diagnose({**judged, "win_rate/judge_n": 25})["verdict"] == "healthy"
+    with pytest.raises(InputError, match=re.escape("field 'win_rate/judge': a rate must lie in [0, 1], got 25")):
+        api.diagnose({**judged, "win_rate/judge": 25})
 
 
 # ------------------------------------------------------------------ TRL's DPO
