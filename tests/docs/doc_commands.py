@@ -5,7 +5,8 @@ What a user copies is a fenced block tagged ``bash``, ``sh``, ``shell``, ``conso
 ``python``: every command in it runs, block after block, in one fresh working directory per
 document (``configs/`` and the repository's files beside it, ``rlhflab`` on PATH). A block of
 any language whose first line is a comment naming a file (``# my_rewards.py``) is that file:
-it is written into the directory, not run. In a ``console`` block a ``$ `` line is a command
+it is written into the directory, not run. A Python block runs on its own (a fresh
+namespace), as a user pastes it. In a ``console`` block a ``$ `` line is a command
 and the lines under it its output, compared where the command ran at its documented size.
 Everything else that names an ``rlhflab`` command (a backticked span in prose or a table, an
 untagged or indented block: syntax with placeholders such as ``DIR``) is checked against the
@@ -539,7 +540,8 @@ class DocRun:
                 tail += f"\n--- stdout (tail) ---\n{res.stdout[-1200:]}"
         before = "\n".join(self.log[-12:])
         before = f"\n--- {self.doc}'s commands before it ---\n{before}" if before else ""
-        pytest.fail(f"{cmd.where()}: {what}\n    {cmd.text}{tail}{before}", pytrace=False)
+        text = "\n".join("    " + line for line in cmd.text.rstrip().splitlines())
+        pytest.fail(f"{cmd.where()}: {what}\n{text}{tail}{before}", pytrace=False)
 
     # -- a command
 
