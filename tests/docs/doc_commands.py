@@ -716,14 +716,20 @@ def producers(all_commands: dict[str, list[Command]]) -> dict[str, Command]:
     return out
 
 
+COPIED = ("tests", "bench")  # what a command may write into (a report beside a fixture): copies
+
+
 def workdir(path: Path) -> Path:
-    """A fresh working directory as a user's clone looks: the repository's files (linked),
-    ``configs/`` with ``demo.yaml`` the tiny preset, no ``runs/``."""
+    """A fresh working directory as a user's clone looks: the repository's files (linked;
+    ``COPIED`` copied), ``configs/`` with ``demo.yaml`` the tiny preset, no ``runs/``."""
     path.mkdir(parents=True, exist_ok=True)
     for entry in ROOT.iterdir():
         if entry.name in ("configs", "runs", ".git") or entry.name.startswith((".venv-", ".pytest")):
             continue
-        (path / entry.name).symlink_to(entry)
+        if entry.name in COPIED:
+            shutil.copytree(entry, path / entry.name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            (path / entry.name).symlink_to(entry)
     (path / "configs").mkdir()
     for entry in (ROOT / "configs").iterdir():
         (path / "configs" / entry.name).symlink_to(entry)
