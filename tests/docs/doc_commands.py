@@ -465,9 +465,17 @@ class Memo:
     for each input path, how it was made (the key of the command that wrote it) or its
     content. The same key gives the same output: rlhflab's runs are seeded."""
 
-    def __init__(self) -> None:
+    def __init__(self, store: Path) -> None:
+        self.store = store  # a snapshot of each output, as its command left it
         self.outputs: dict[str, Path] = {}
         self.pending: dict[str, object] = {}  # key -> a callable that makes the output (a fixture)
+
+    def keep(self, key: str, made: Path) -> None:
+        """A copy of what a command made (a later command of its page may change it)."""
+        snapshot = self.store / key / made.name
+        snapshot.parent.mkdir(parents=True, exist_ok=True)
+        (shutil.copytree if made.is_dir() else shutil.copy2)(made, snapshot)
+        self.outputs[key] = snapshot
 
     def output(self, key: str) -> Path | None:
         if key not in self.outputs and key in self.pending:
@@ -642,7 +650,7 @@ class DocRun:
             except SystemExit as err:  # argparse's errors and --help
                 rc = err.code if isinstance(err.code, int) else (0 if err.code is None else 2)
         if rc == 0 and key is not None:
-            self.memo.outputs[key] = (self.cwd / out).resolve()
+            self.memo.keep(key, self.cwd / out)
             self.made[os.path.normpath(out)] = key
         return Result(rc, stdout.getvalue(), stderr.getvalue())
 

@@ -36,8 +36,8 @@ MAKERS = producers(ALL)
 
 
 @pytest.fixture(scope="session")
-def memo() -> Memo:
-    return Memo()
+def memo(tmp_path_factory) -> Memo:
+    return Memo(tmp_path_factory.mktemp("doc_outputs"))
 
 
 def _offer_main_job(memo: Memo, request) -> None:
