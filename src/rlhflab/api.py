@@ -20,6 +20,12 @@ reads a preset and ``--set``-style overrides); it is copied, never changed. Path
 and ``fn(prompts, completions_a, completions_b) -> list[P(a better)]``
 (``rlhflab.instruments.judges.CallableJudge``; a judge object with ``compare`` is used as it
 is).
+
+Threads: the CLI chooses torch's thread count and OpenMP wait policy from how busy the CPUs
+are (``rlhflab.threads``); the API leaves its host process's threads alone (a notebook has
+often imported torch already, and libgomp reads its policy only then). A script calls
+``rlhflab.threads.configure()`` before ``import torch`` and may print the ``line`` of the
+choice it returns, or sets ``OMP_NUM_THREADS`` / ``OMP_WAIT_POLICY`` itself.
 """
 
 from __future__ import annotations

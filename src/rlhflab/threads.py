@@ -36,7 +36,7 @@ import os
 import sys
 import time
 from collections.abc import Mapping, MutableMapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from rlhflab.errors import InputError
 
@@ -194,9 +194,11 @@ class Sample:
         self.cpus, self.ids = usable_cpus()
         self.start = (time.monotonic(), time.process_time(), _cpu_ticks(self.ids))
 
-    def busy(self) -> float | None:
+    def busy(self, seconds: float | None = None) -> float | None:
+        """Cores' worth of other work since the start, waiting until ``seconds`` (default
+        ``SAMPLE_S``) have passed; None if neither /proc/stat nor the load average is readable."""
         t0, own0, ticks0 = self.start
-        wait = SAMPLE_S - (time.monotonic() - t0)
+        wait = (SAMPLE_S if seconds is None else seconds) - (time.monotonic() - t0)
         if wait > 0:
             time.sleep(wait)
         ticks1 = _cpu_ticks(self.ids)
@@ -231,8 +233,13 @@ def configure(env: MutableMapping[str, str] | None = None, sample: Sample | None
     env.update(choice.env)
     # torch imported already (or, from the CLI's hook, still loading: not yet, the env does it)
     set_num_threads = getattr(sys.modules.get("torch"), "set_num_threads", None)
-    if set_num_threads is not None and choice.threads is not None:
-        set_num_threads(choice.threads)
+    if set_num_threads is not None:
+        if choice.threads is not None:
+            set_num_threads(choice.threads)
+        if "OMP_WAIT_POLICY" in choice.env and choice.line:  # libgomp read its policy when torch loaded
+            choice = replace(choice, line=choice.line.replace(
+                "OMP_WAIT_POLICY=PASSIVE", "OMP_WAIT_POLICY=PASSIVE for the processes it starts (torch was "
+                "imported first, so this one keeps its policy)"))
     return choice
 
 

@@ -114,6 +114,35 @@ def test_the_sample_subtracts_this_process_and_reads_cores(monkeypatch):
     assert threads.Sample().busy() == pytest.approx(0.5)
 
 
+class _Machine:
+    """A Sample's stand-in: 2 CPUs, one of them busy."""
+
+    cpus, ids = 2, [0, 1]
+
+    def busy(self, seconds=None):
+        return 1.0
+
+
+def test_configure_in_a_process_that_imported_torch_first():
+    """The Python API's way (rlhflab.threads.configure): the env it is given gets the choice,
+    torch (imported by conftest) gets the count, and the line does not claim a policy this
+    process can no longer take."""
+    import torch
+
+    env: dict[str, str] = {}
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        choice = threads.configure(env, sample=_Machine())
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    assert env == {"OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+    assert "torch was imported first" in choice.line
+    untouched = {"OMP_NUM_THREADS": "1"}
+    assert threads.configure(untouched, sample=None) == Choice(1) and untouched == {"OMP_NUM_THREADS": "1"}
+
+
 def test_the_sample_sees_a_busy_core():
     """A process spinning on CPU 0 reads as (at least most of) a busy core; the rest of the
     machine may be busy too (other work), so only the lower bound is asserted."""
