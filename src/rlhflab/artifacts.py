@@ -171,10 +171,16 @@ def acquire_lock(out: str | Path, wait_s: float = 0.5) -> None:
     if key in _HELD:
         _HELD[key][1] += 1
         return
-    lock.parent.mkdir(parents=True, exist_ok=True)
     deadline = time.monotonic() + wait_s
     while True:
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            lock.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as err:
+            if is_disk_full(err):
+                raise disk_full_error(err, lock) from None
+            raise InputError(f"cannot create the lock file {lock.name} beside it ({err.strerror or err})",
+                             file=str(out)) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -190,8 +196,9 @@ def acquire_lock(out: str | Path, wait_s: float = 0.5) -> None:
         if current:
             break
         os.close(fd)  # a writer that finished removed this file after we opened it: take the new one
-    os.ftruncate(fd, 0)
-    os.write(fd, f"{os.getpid()}\n".encode())
+    with contextlib.suppress(OSError):  # the pid is for the message of a refused writer; a full disk may not take it
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
     _HELD[key] = [fd, 1]
 
 
