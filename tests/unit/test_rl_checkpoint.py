@@ -83,3 +83,35 @@ def test_incomplete_checkpoint_is_an_input_error(tmp_path):
     model, opt, sched = _trained(0)
     with pytest.raises(InputError, match="not a complete checkpoint"):
         load_checkpoint(tmp_path / "ckpt", policy=model, optimizer=opt, scheduler=sched)
+
+
+def test_a_checkpoint_that_does_not_fit_changes_nothing(tmp_path):
+    """An optimizer state of another shape (a checkpoint of another model's optimizer):
+    refused naming the file, and the model, optimizer and RNG are as they were."""
+    from safetensors.torch import load_file, save_file
+
+    model, opt, sched = _trained(0)
+    save_checkpoint(tmp_path / "ckpt", policy=model, optimizer=opt, scheduler=sched, state={"step": 3})
+    tensors = load_file(str(tmp_path / "ckpt" / "optimizer.safetensors"))
+    key = next(k for k in sorted(tensors) if tensors[k].dim() == 2)
+    tensors[key] = tensors[key].reshape(-1).contiguous()
+    save_file(tensors, str(tmp_path / "ckpt" / "optimizer.safetensors"))
+    other, opt2, sched2 = _trained(1)
+    weights = [p.detach().clone() for p in other.parameters()]
+    moments = opt2.state_dict()["state"][0]["exp_avg"].clone()
+    rng = torch.get_rng_state()
+    with pytest.raises(InputError, match=rf"optimizer.safetensors: tensor '{key}' is \[\d+\], its parameter"):
+        load_checkpoint(tmp_path / "ckpt", policy=other, optimizer=opt2, scheduler=sched2)
+    assert all(torch.equal(a, b) for a, b in zip(weights, other.parameters()))
+    assert torch.equal(opt2.state_dict()["state"][0]["exp_avg"], moments) and torch.equal(torch.get_rng_state(), rng)
+
+
+def test_a_truncated_file_is_named_before_anything_is_read(tmp_path):
+    from rlhflab.checkpoint import check_checkpoint
+
+    model, opt, sched = _trained(0)
+    save_checkpoint(tmp_path / "ckpt", policy=model, optimizer=opt, scheduler=sched, state={"step": 3})
+    f = tmp_path / "ckpt" / "policy.safetensors"
+    f.write_bytes(f.read_bytes()[:-4])
+    with pytest.raises(InputError, match="policy.safetensors: cut short: the header describes"):
+        check_checkpoint(tmp_path / "ckpt")
