@@ -452,6 +452,7 @@ def _argv(command: str, policy: Path, out: Path) -> list[str]:
             "ppo": ["ppo", "--config", TINY, "--sft", p, "--reward-fn", "length"],
             "grpo": ["grpo", "--config", TINY, "--sft", p, "--reward-fn", "length"],
             "eval": ["eval", "--config", TINY, "--policy", p, "--base", p],
+            "eval-rm": ["eval-rm", "--config", TINY, "--rm", p, "--data", TINY],
             "bon": ["bon", "--config", TINY, "--policy", p, "--rm", p, "--n", "1,2"],
             "rs": ["rs", "--config", TINY, "--sft", p, "--rm", p],
             "iterate": ["iterate", "--config", TINY, "--sft", p, "--rounds", "1"],
@@ -464,8 +465,8 @@ def _argv(command: str, policy: Path, out: Path) -> list[str]:
             }[command] + ["--out", str(out), "--overwrite"]
 
 
-LOCKED = ["sft", "rm", "dpo", "ppo", "grpo", "eval", "bon", "rs", "iterate", "rlaif", "cai-sl", "world", "sweep",
-          "run", "collect"]
+LOCKED = ["sft", "rm", "dpo", "ppo", "grpo", "eval", "eval-rm", "bon", "rs", "iterate", "rlaif", "cai-sl", "world",
+          "sweep", "run", "collect"]
 
 
 @pytest.mark.parametrize("command", LOCKED)
