@@ -341,6 +341,10 @@ class RMConfig(TrainConfig):
                    "rankings; needs data from `rlhflab collect`)", "one of bradley_terry, plackett_luce")
     label_smoothing: float = _f(0.0, "BT label smoothing eps in [0, 0.5]", "[0, 0.5]")
     center_coef: float = _f(0.0, "reward centering regularizer: coef * mean((r_w + r_l)^2)", ">= 0")
+    grad_penalty: float = _f(0.0, "lambda of the input-gradient penalty lambda * mean over responses of "
+                             "sum_t ||dR/de_t||^2, e_t the embeddings of the response tokens (losses."
+                             "input_gradient_penalty; double backprop, about 2-3x the cost of a step); 0 = off",
+                             ">= 0")
     epochs: float = _restate("epochs", 2.0, "passes over the comparisons")
     micro_batch_size: int | None = _restate("micro_batch_size", help="groups per forward pass per process; "
                                             "empty = all")
@@ -357,6 +361,9 @@ class RMConfig(TrainConfig):
     n_prompts: int = _f(256, "prompts to collect comparisons on (each gives up to C(k, 2) pairs)", "int >= 1")
     n_eval_prompts: int = _f(64, "held-out prompts collected for evaluation", "int >= 1")
     n_reference: int = _f(256, "SFT samples whose rewards set the normalization (mean 0, std 1)", "int >= 2")
+    length_residual: bool = _f(False, "normalize the residual of a least-squares fit raw = a + b * response "
+                               "tokens on the reference samples instead of the raw score, so the served "
+                               "reward has no linear length trend on them (reward_model.length_normalization)")
     eval_fraction: float = _f(0.1, "share of a user's file held out when no --eval-data is given", "[0, 1)")
     max_length: int = _restate("max_length", help="longest prompt + response in tokens")
 
@@ -422,6 +429,10 @@ class RLConfig:
     loss_agg: str | None = _f(None, f"how the loss is normalized: {_words(LOSS_AGGREGATIONS)}; "
                               "empty = algorithm default", LOSS_AGGREGATIONS.domain())
     rm_weight: float = _f(1.0, "weight of the reward model in a weighted sum with reward functions", "finite")
+    rm_reduce: str = _f("mean", "how an ensemble reward model's members are combined: mean, min, or "
+                        "mean_minus_std (mean - rm_reduce_k * std; Coste et al. 2024); min and mean_minus_std "
+                        "need an ensemble (rm.ensemble > 1)", "one of mean, min, mean_minus_std")
+    rm_reduce_k: float | None = _f(None, "k of rm_reduce=mean_minus_std; empty = 1", ">= 0")
     save_every: int = _f(0, "checkpoint every N steps (atomic, for --resume); 0 = off", "int >= 0")
     eval_every: int = _f(10, "steps between gold evaluations on held-out world prompts; 0 = off", "int >= 0")
     n_eval: int = _f(64, "held-out world prompts per gold evaluation", "int >= 1")
@@ -440,6 +451,9 @@ class RLConfig:
                                    "at least distributed.MIXED_PRECISION_MISMATCH_NATS = 0.5)", ">= 0")
 
     def cross_check(self, at: str) -> Iterator[tuple[str, tuple[str, ...]]]:
+        if self.rm_reduce_k is not None and self.rm_reduce != "mean_minus_std":
+            yield (f"{at}.rm_reduce_k is read by {at}.rm_reduce=mean_minus_std only (it is {self.rm_reduce})",
+                   (f"{at}.rm_reduce_k", f"{at}.rm_reduce"))
         if self.kl_caution > self.kl_warning:
             yield (f"{at}.kl_caution ({self.kl_caution:g}) must not exceed {at}.kl_warning ({self.kl_warning:g})",
                    (f"{at}.kl_caution", f"{at}.kl_warning"))

@@ -10,7 +10,8 @@ as in the papers. Losses average over the batch. Every form is numerically stabl
 Contents, top to bottom:
 
 1. reward-model losses (Bradley and Terry 1952; Ouyang et al. 2022):
-   ``bradley_terry_loss``, ``plackett_luce_loss``;
+   ``bradley_terry_loss``, ``plackett_luce_loss``, and the regularizer
+   ``input_gradient_penalty`` (the reward's gradient norm in its input embeddings);
 2. paired preference losses on sequence log-probs (Rafailov et al. 2023 and its variants):
    ``dpo_loss``, ``cdpo_loss``, ``ipo_loss``, ``hinge_loss`` (use a frozen reference) and
    ``simpo_loss``, ``orpo_loss`` (reference-free, take response lengths instead);
@@ -42,7 +43,7 @@ difference from TRL 1.16.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -239,6 +240,56 @@ def plackett_luce_loss(rewards: torch.Tensor, *, mask: torch.Tensor | None = Non
             "rm/worst_mean": _mean(worst[ranked]) if ranked.any() else 0.0,
         }
     return loss, metrics
+
+
+def input_gradient_penalty(
+    rewards: torch.Tensor,
+    embeddings: torch.Tensor | Sequence[torch.Tensor],
+    masks: torch.Tensor | Sequence[torch.Tensor],
+    *,
+    coef: float = 1.0,
+) -> LossOutput:
+    """Penalty on the norm of the reward's gradient with respect to its input embeddings.
+
+    For N sequences with rewards r_n and input (token) embeddings e_t:
+
+        P = coef * (1 / N) sum_n sum_{t in S_n} || d r_n / d e_t ||^2
+
+    with S_n the positions of sequence n that ``masks`` selects (the reward-model loop
+    selects the response tokens, the end token included: the tokens a policy chooses).
+    A reward model whose score moves a lot when one token's embedding moves a little pays
+    for single tokens out of context, the phrase-level gaming a policy finds (the
+    gradient-norm regularizer of input-gradient training, Drucker and LeCun 1992 "double
+    backpropagation"; Ross and Doshi-Velez 2018; as a gradient penalty, Gulrajani et al.
+    2017). Each reward must depend on its own sequence's embeddings only (separate rows,
+    or packed rows with block-diagonal attention), so one gradient of sum_n r_n gives every
+    d r_n / d e_t at once. The gradient is taken with ``create_graph=True``: P is
+    differentiable in the model's parameters (double backprop), and its own gradient is
+    computed by the backward of the total loss.
+
+    Args:
+        rewards: (N,) rewards computed from ``embeddings``.
+        embeddings: a (..., T, d) tensor of input embeddings on the graph of ``rewards``
+            (requires grad), or a list of them (one per forward pass).
+        masks: (..., T) masks, one per embeddings tensor: 1 where a position counts.
+        coef: the coefficient (lambda).
+
+    Metrics: rm/grad_penalty (P, the term added to the loss) and rm/input_grad_sq (the mean
+    over sequences of sum_t ||d r_n / d e_t||^2, without coef).
+    """
+    if rewards.dim() != 1:
+        raise ValueError(f"expected rewards of shape (N,), got {tuple(rewards.shape)}")
+    embeddings = [embeddings] if isinstance(embeddings, torch.Tensor) else list(embeddings)
+    masks = [masks] if isinstance(masks, torch.Tensor) else list(masks)
+    if len(embeddings) != len(masks) or any(e.shape[:-1] != m.shape for e, m in zip(embeddings, masks)):
+        raise ValueError("expected one mask of shape (..., T) per embeddings tensor of shape (..., T, d)")
+    grads = torch.autograd.grad(rewards.sum(), embeddings, create_graph=True)
+    # At least float32 (a bf16 gradient's square loses most of its digits), float64 kept.
+    total = sum((g.to(torch.promote_types(g.dtype, torch.float32)).pow(2).sum(-1) * m.to(g.dtype)).sum()
+                for g, m in zip(grads, masks))
+    sq = total / max(1, rewards.numel())
+    loss = coef * sq
+    return loss, {"rm/grad_penalty": loss.item(), "rm/input_grad_sq": sq.item()}
 
 
 # ------------------------------------------------ 2. paired preference losses (DPO family)

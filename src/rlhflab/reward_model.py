@@ -24,12 +24,19 @@ reference samples (the SFT policy's own samples) have mean 0 and std 1,
 
     r_norm = gain * r_raw + bias,   gain = 1 / std_ref,   bias = -mean_ref / std_ref,
 
-stored in ``reward_model.json`` next to the weights. Ensembles reduce the members'
+stored in ``reward_model.json`` next to the weights. With ``rm.length_residual`` the
+normalization removes the reward's linear length trend on the same samples
+(``length_normalization``): a least-squares fit raw = a + b * L (L the response's tokens),
+and
+
+    r_norm = gain * (r_raw - b * L) + bias,   gain = 1 / std(residual),   bias = -a / std(residual),
+
+b stored as the member's ``length_slope``. Ensembles reduce the members'
 normalized scores with ``mean``, ``min`` or ``mean - k * std`` (an uncertainty penalty).
 
 On-disk layout (``rlhflab rm --out DIR`` writes ``DIR/model``):
 
-    DIR/model/reward_model.json        gains, biases, max_length, metadata
+    DIR/model/reward_model.json        gains, biases (and length slopes), max_length, metadata
     DIR/model/config.json, *.safetensors, tokenizer files      (one model)
     DIR/model/member_0/, member_1/, ...                        (an ensemble)
     DIR/model/feature_stats.safetensors    the training data's feature statistics, when measured
@@ -180,12 +187,15 @@ class RewardModel(torch.nn.Module):
     """
 
     def __init__(self, members: list[torch.nn.Module], tokenizer, gains: list[float] | None = None,
-                 biases: list[float] | None = None, max_length: int = 512, meta: dict | None = None):
+                 biases: list[float] | None = None, max_length: int = 512, meta: dict | None = None,
+                 length_slopes: list[float] | None = None):
         super().__init__()
         self.members = torch.nn.ModuleList(members)
         self.tokenizer = tokenizer
         self.gains = list(gains) if gains is not None else [1.0] * len(members)
         self.biases = list(biases) if biases is not None else [0.0] * len(members)
+        # Raw reward per response token taken out before the gain (``length_normalization``).
+        self.length_slopes = list(length_slopes) if length_slopes is not None else [0.0] * len(members)
         self.max_length = int(max_length)
         self.meta = dict(meta or {})
         self.feature_stats: dict[str, torch.Tensor] | None = None  # instruments.distribution_shift
@@ -203,12 +213,20 @@ class RewardModel(torch.nn.Module):
 
     # ---- scoring
 
+    @property
+    def has_length_term(self) -> bool:
+        return any(b != 0.0 for b in self.length_slopes)
+
     def _encode_all(self, prompts: list, responses: list, eos: list[bool] | None,
                     rendered: bool = False) -> list[list[int]]:
         """Ids of each (prompt, response): rendered as training rendered them (the chat
         template for a conversational prompt, or for any prompt when the tokenizer has one:
         ``data.render``) unless ``rendered`` (the texts are the template's output already)."""
-        from rlhflab.data import render
+        return [x.input_ids for x in self._tokenize_all(prompts, responses, eos, rendered)]
+
+    def _tokenize_all(self, prompts: list, responses: list, eos: list[bool] | None, rendered: bool = False) -> list:
+        """``data.Tokenized`` of each (prompt, response), as ``_encode_all`` encodes them."""
+        from rlhflab.data import render, tokenize_pair
 
         if len(prompts) != len(responses):
             raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
@@ -218,7 +236,32 @@ class RewardModel(torch.nn.Module):
         if not rendered:
             pairs = [render(p, r, self.tokenizer) for p, r in zip(prompts, responses)]
             prompts, responses = [p for p, _ in pairs], [r for _, r in pairs]
-        return [encode(self.tokenizer, p, r, bool(e), self.max_length) for p, r, e in zip(prompts, responses, eos)]
+        return [tokenize_pair(p, r, self.tokenizer, self.max_length, add_eos=bool(e))
+                for p, r, e in zip(prompts, responses, eos)]
+
+    def response_lengths(self, prompts: list, responses: list, *, eos: list[bool] | None = None,
+                         rendered: bool = False) -> torch.Tensor:
+        """Response tokens (B,) float32 in this model's tokenizer, as scored (after any
+        truncation to ``max_length``), the end token not counted: the L of the length term."""
+        end = self.tokenizer.eos_token_id
+        out = []
+        for x in self._tokenize_all(prompts, responses, eos, rendered):
+            resp = x.input_ids[x.n_prompt:]
+            out.append(len(resp) - (1 if resp and resp[-1] == end else 0))
+        return torch.tensor(out, dtype=torch.float32)
+
+    def normalize(self, raw: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """Raw member scores (M, B) -> normalized (M, B): gain * (raw - length_slope * L) + bias
+        per member, ``lengths`` the responses' L (``response_lengths``), needed when a member
+        has a length slope."""
+        gains = torch.tensor(self.gains, dtype=torch.float32)[:, None]
+        biases = torch.tensor(self.biases, dtype=torch.float32)[:, None]
+        if not self.has_length_term:
+            return gains * raw + biases
+        if lengths is None:
+            raise ValueError("this reward model has a length term: normalize needs the responses' lengths")
+        slopes = torch.tensor(self.length_slopes, dtype=torch.float32)[:, None]
+        return gains * (raw - slopes * lengths.to(torch.float32)[None, :]) + biases
 
     @torch.no_grad()
     def raw_member_scores(self, prompts: list, responses: list, *, eos: list[bool] | None = None,
@@ -242,9 +285,9 @@ class RewardModel(torch.nn.Module):
                       batch_size: int = 64, rendered: bool = False) -> torch.Tensor:
         """Normalized scores of every member: (M, B)."""
         raw = self.raw_member_scores(prompts, responses, eos=eos, batch_size=batch_size, rendered=rendered)
-        gains = torch.tensor(self.gains, dtype=torch.float32)[:, None]
-        biases = torch.tensor(self.biases, dtype=torch.float32)[:, None]
-        return gains * raw + biases
+        lengths = (self.response_lengths(prompts, responses, eos=eos, rendered=rendered)
+                   if self.has_length_term else None)
+        return self.normalize(raw, lengths)
 
     def score(self, prompts: list, responses: list, *, eos: list[bool] | None = None,
               batch_size: int = 64, reduce: str = "mean", k: float = 1.0, rendered: bool = False) -> torch.Tensor:
@@ -285,7 +328,7 @@ class RewardModel(torch.nn.Module):
             if not (member_dir / "config.json").is_file():
                 raise InputError("not a reward model member (no config.json)", file=str(member_dir))
             check_weights(member_dir)
-        members, gains, biases = [], [], []
+        members, gains, biases, slopes = [], [], [], []
         for entry in entries:
             member_dir = path / entry["path"]
             try:
@@ -302,11 +345,13 @@ class RewardModel(torch.nn.Module):
             members.append(model)
             gains.append(float(entry.get("gain", 1.0)))
             biases.append(float(entry.get("bias", 0.0)))
+            slopes.append(float(entry.get("length_slope", 0.0)))
         tok = load_rm_tokenizer(path / entries[0]["path"], trust_remote_code)
         if members[0].config.pad_token_id != tok.pad_token_id:
             raise InputError("config pad_token_id differs from the tokenizer's pad token", file=str(path))
         max_length = meta.get("max_length") or getattr(tok, "model_max_length", 512)
-        rm = cls(members, tok, gains, biases, max_length=min(int(max_length), 1_000_000), meta=meta)
+        rm = cls(members, tok, gains, biases, max_length=min(int(max_length), 1_000_000), meta=meta,
+                 length_slopes=slopes)
         if (path / STATS_FILE).is_file():
             from safetensors.torch import load_file
 
@@ -325,7 +370,8 @@ class RewardModel(torch.nn.Module):
                 rel = "." if self.n_members == 1 else f"member_{i}"
                 model.save_pretrained(str(tmp / rel), safe_serialization=True)
                 self.tokenizer.save_pretrained(str(tmp / rel))
-                entries.append({"path": rel, "gain": self.gains[i], "bias": self.biases[i]})
+                entries.append({"path": rel, "gain": self.gains[i], "bias": self.biases[i],
+                                **({"length_slope": self.length_slopes[i]} if self.has_length_term else {})})
             meta = {**self.meta, "format": FORMAT, "version": 1, "members": entries,
                     "max_length": self.max_length}
             (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
@@ -358,7 +404,7 @@ def _read_meta(file: Path) -> dict:
         if rel.is_absolute() or ".." in rel.parts:
             raise InputError(f"path {entry['path']!r} leaves the reward model directory", file=str(file),
                              field=f"{name}.path")
-        for key in ("gain", "bias"):
+        for key in ("gain", "bias", "length_slope"):
             v = entry.get(key, 0.0)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
                 raise InputError(f"expected a finite number, got {v!r}", file=str(file), field=f"{name}.{key}")
@@ -375,3 +421,37 @@ def normalization(raw: torch.Tensor) -> tuple[float, float]:
     if not math.isfinite(std) or std < 1e-8:
         return 1.0, -mean  # constant scores: only shift
     return 1.0 / std, -mean / std
+
+
+def length_normalization(raw: torch.Tensor, lengths: torch.Tensor) -> tuple[float, float, float]:
+    """(gain, bias, slope) that remove the linear length trend of raw reference scores.
+
+    The least-squares line raw ~ a + b L over the reference samples,
+
+        b = cov(L, raw) / var(L),   a = mean(raw) - b mean(L),
+
+    leaves residuals e = raw - a - b L with mean 0; they are scaled to std 1 (population std),
+
+        r_norm = gain (raw - b L) + bias,   gain = 1 / std(e),   bias = -a / std(e),
+
+    so on the reference samples r_norm has mean 0, std 1 and no correlation with L. This is
+    the post-hoc counterpart of a length-debiased reward model (Chen et al. 2024 "ODIN";
+    Singhal et al. 2023 measure how much of RLHF's gain is length): the policy is no longer
+    paid for length itself, only for what the reward model prefers at a given length.
+
+    Raises:
+        ValueError: the lengths are all equal (no slope to fit).
+    """
+    x, y = lengths.double(), raw.double()
+    if x.numel() != y.numel() or x.numel() < 2:
+        raise ValueError(f"expected two equal-length 1-D tensors of 2 or more values, got {x.numel()} and {y.numel()}")
+    dx = x - x.mean()
+    var = (dx * dx).mean().item()
+    if var < 1e-12:
+        raise ValueError(f"the reference responses all have {x[0].item():g} tokens: no length trend to fit")
+    b = ((dx * (y - y.mean())).mean() / var).item()
+    a = y.mean().item() - b * x.mean().item()
+    std = (y - a - b * x).std(unbiased=False).item()
+    if not math.isfinite(std) or std < 1e-8:
+        return 1.0, -a, b  # scores exactly on the line: only shift
+    return 1.0 / std, -a / std, b

@@ -252,13 +252,19 @@ class FunctionReward:
 
 
 class ModelReward:
-    """A reward model directory written by ``rlhflab rm``, loaded on first use."""
+    """A reward model directory written by ``rlhflab rm``, loaded on first use.
 
-    def __init__(self, path: str | Path, batch_size: int = 64, device=None) -> None:
+    ``reduce`` combines an ensemble's members (``reward_model.REDUCTIONS``: ``mean``, or the
+    conservative ``min`` and ``mean_minus_std`` with ``k``, Coste et al. 2024); a conservative
+    reduction of a single model would be the model itself, so it is refused on load."""
+
+    def __init__(self, path: str | Path, batch_size: int = 64, device=None, reduce: str = "mean",
+                 k: float = 1.0) -> None:
         self.path = Path(path)
-        self.name = f"rm:{self.path}"
+        self.name = f"rm:{self.path}" + (f" ({reduce})" if reduce != "mean" else "")
         self.batch_size = batch_size
         self.device = device
+        self.reduce, self.k = reduce, k
         self._model = None
 
     @property
@@ -268,7 +274,12 @@ class ModelReward:
                 raise InputError("reward models are not available in this installation", file=str(self.path))
             from rlhflab.reward_model import RewardModel
 
-            self._model = RewardModel.load(self.path)
+            model = RewardModel.load(self.path)
+            if self.reduce != "mean" and model.n_members < 2:
+                raise InputError(f"rl.rm_reduce={self.reduce} combines the members of an ensemble; this reward "
+                                 "model has one (train it with rm.ensemble > 1)", file=str(self.path),
+                                 field="rl.rm_reduce")
+            self._model = model
             if self.device is not None:
                 self._model.to(self.device)
         return self._model
@@ -278,7 +289,8 @@ class ModelReward:
         reward model's own tokenizer as in its training; without, ``prompts`` are plain
         prompt texts (the world's)."""
         prompts = [r["prompt"] for r in rows] if rows else prompts
-        scores = self.model.score(prompts, responses, eos=eos, batch_size=self.batch_size)
+        scores = self.model.score(prompts, responses, eos=eos, batch_size=self.batch_size, reduce=self.reduce,
+                                  k=self.k)
         return torch.as_tensor(scores, dtype=torch.float32).detach().cpu().reshape(-1)
 
 
@@ -367,13 +379,19 @@ def load_reward_function(spec: str) -> tuple[float, FunctionReward]:
 
 
 def build_reward(rm_path: str | None = None, reward_fns: Sequence = (), *, rm_weight: float = 1.0,
-                 rm_batch_size: int = 64, device=None) -> WeightedSum:
+                 rm_batch_size: int = 64, device=None, rm_reduce: str = "mean",
+                 rm_reduce_k: float | None = None) -> WeightedSum:
     """The reward of a run: ``rm_weight`` * RM (if any) + the weighted functions. Each of
     ``reward_fns`` is a spec string (``gold``, ``module:function=0.5``, ...), a callable
-    (weight 1), or a ``(weight, callable)`` pair."""
+    (weight 1), or a ``(weight, callable)`` pair. ``rm_reduce`` (and its ``rm_reduce_k``)
+    combine an ensemble reward model's members (``ModelReward``)."""
     terms: list[tuple[float, RewardSource]] = []
+    if rm_reduce != "mean" and not rm_path:
+        raise InputError(f"rl.rm_reduce={rm_reduce} combines a reward model's members: give --rm DIR (an ensemble)",
+                         field="rl.rm_reduce")
     if rm_path:
-        terms.append((rm_weight, ModelReward(rm_path, rm_batch_size, device)))
+        terms.append((rm_weight, ModelReward(rm_path, rm_batch_size, device, reduce=rm_reduce,
+                                             k=1.0 if rm_reduce_k is None else rm_reduce_k)))
     for fn in reward_fns:
         if isinstance(fn, str):
             terms.append(load_reward_function(fn))

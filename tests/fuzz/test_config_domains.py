@@ -136,6 +136,7 @@ PARTNERS = {
     "model.arch": ["model.n_heads=2"],
     "rl.kl_caution": ["rl.kl_warning=1e9"],
     "rl.kl_warning": ["rl.kl_caution=0"],
+    "rl.rm_reduce_k": ["rl.rm_reduce=mean_minus_std"],
 }
 
 # (A field without a domain is left out here and reported by the test below.)

@@ -20,6 +20,14 @@ divided by the total pair weight (BT) or ranking count (PL) of the whole GLOBAL 
 (divided by the number of processes, since DDP averages gradients), so gradient
 accumulation and data parallelism compute exactly the gradient of one large batch. The
 data order is one seeded permutation of groups shared by every process.
+
+With ``rm.grad_penalty`` = lambda > 0 the loss gains lambda times the mean, over the
+responses of the global batch, of sum_t ||dR/de_t||^2 over the response tokens' input
+embeddings e_t (``losses.input_gradient_penalty``), normalized by the global batch's
+response count the same way. The embeddings are caught by a forward hook on the model's
+input embedding layer, so packed and padded passes, LoRA and a frozen backbone all work
+unchanged; those passes run on torch's math attention kernel (``sdpa_kernel``), the one
+whose backward can itself be differentiated.
 """
 
 from __future__ import annotations
@@ -36,7 +44,7 @@ from accelerate import Accelerator
 from rlhflab.data import render, tokenize_pair
 from rlhflab.distributed import make_accelerator
 from rlhflab.forward import forward_options, fuse_activations, length_groups
-from rlhflab.losses import bradley_terry_loss, plackett_luce_loss
+from rlhflab.losses import bradley_terry_loss, input_gradient_penalty, plackett_luce_loss
 from rlhflab.packing import pack, packed_scores, use_packing
 from rlhflab.progress import progress_bar
 from rlhflab.reward_model import collate, reward_head
@@ -57,6 +65,7 @@ class Group:
     targets: list[float] = field(default_factory=list)  # P(chosen better): a row's label_prob, else 1
     rankings: list[list[int]] = field(default_factory=list)  # one per rater, best first
     ids: list[list[int]] = field(default_factory=list)  # filled by tokenize_groups
+    n_prompt: list[int] = field(default_factory=list)  # prompt tokens leading each of ids
 
 
 # ----------------------------------------------------------------------------- data
@@ -131,12 +140,13 @@ def tokenize_groups(groups: list[Group], tokenizer, max_length: int) -> int:
     sequences were truncated to ``max_length``."""
     truncated = 0
     for g in groups:
-        g.ids = []
+        g.ids, g.n_prompt = [], []
         for resp, eos in zip(g.responses, g.eos):
             p_text, c_text = render(g.prompt, resp, tokenizer)
             x = tokenize_pair(p_text, c_text, tokenizer, max_length, add_eos=eos)
             truncated += x.truncated
             g.ids.append(x.input_ids)
+            g.n_prompt.append(x.n_prompt)
     return truncated
 
 
@@ -144,7 +154,7 @@ def tokenize_groups(groups: list[Group], tokenizer, max_length: int) -> int:
 
 
 def _group_rewards(model, groups: list[Group], pad_id: int, device, max_rows: int | None = None,
-                   packed: bool = False) -> list[torch.Tensor]:
+                   packed: bool = False, inputs: list | None = None) -> list[torch.Tensor]:
     """Rewards of every response of ``groups``, split per group.
 
     ``packed`` (the model passed ``packing.can_pack``): one pass, the responses laid end to
@@ -155,20 +165,73 @@ def _group_rewards(model, groups: list[Group], pad_id: int, device, max_rows: in
     row. Either way a score reads its own sequence only, so this equals one padded pass up
     to float rounding, with gradients: the loss of the micro-batch and its single backward
     see the same rewards.
+
+    ``inputs``, a list: each pass appends (its input embeddings (R, T, d), on the graph of the
+    rewards, and a (R, T) mask of the response tokens, the end token included), what
+    ``losses.input_gradient_penalty`` reads.
     """
     seqs = [ids for g in groups for ids in g.ids]
-    if packed:
-        r = packed_scores(model, pack(seqs, pad_id).to(device), reward_head(model))
-        return list(torch.split(r, [len(g.ids) for g in groups]))
-    kwargs = {"use_cache": False} if forward_options(model)["use_cache"] else {}
-    passes = length_groups([len(s) for s in seqs], max_rows=max_rows)
-    parts = []
-    for idx in passes:
-        ids, attn = collate([seqs[i] for i in idx], pad_id)
-        parts.append(model(input_ids=ids.to(device), attention_mask=attn.to(device), **kwargs).logits[:, 0].float())
+    with _catch_embeddings(model, inputs) as caught:
+        if packed:
+            layout = pack(seqs, pad_id).to(device)
+            r = packed_scores(model, layout, reward_head(model))
+            if inputs is not None:
+                rows, cols, _ = layout.positions([n for g in groups for n in g.n_prompt])
+                mask = torch.zeros(layout.input_ids.shape, device=device)
+                mask[rows, cols] = 1.0
+                inputs.append((caught[-1], mask))
+            return list(torch.split(r, [len(g.ids) for g in groups]))
+        kwargs = {"use_cache": False} if forward_options(model)["use_cache"] else {}
+        passes = length_groups([len(s) for s in seqs], max_rows=max_rows)
+        parts = []
+        n_prompt = [n for g in groups for n in g.n_prompt] if inputs is not None else []
+        for idx in passes:
+            ids, attn = collate([seqs[i] for i in idx], pad_id)
+            parts.append(model(input_ids=ids.to(device), attention_mask=attn.to(device), **kwargs).logits[:, 0].float())
+            if inputs is not None:
+                mask = torch.zeros(ids.shape, device=device)
+                for row, i in enumerate(idx):
+                    mask[row, n_prompt[i]:len(seqs[i])] = 1.0
+                inputs.append((caught[-1], mask))
     order = torch.tensor([i for idx in passes for i in idx], device=device)
     r = torch.cat(parts)[torch.argsort(order)]
     return list(torch.split(r, [len(g.ids) for g in groups]))
+
+
+@contextlib.contextmanager
+def _catch_embeddings(model, inputs: list | None):
+    """Yields a list that collects the output of ``model``'s input embedding layer at every
+    forward pass while ``inputs`` is a list (else nothing is hooked). An output that does not
+    require grad (frozen embeddings: LoRA, a linear probe) is made a leaf that does, so the
+    reward can be differentiated with respect to it all the same."""
+    caught: list[torch.Tensor] = []
+    if inputs is None:
+        yield caught
+        return
+
+    def hook(_module, _args, out):
+        if not out.requires_grad:
+            out = out.detach().requires_grad_(True)
+        caught.append(out)
+        return out
+
+    layer = getattr(model, "module", model).get_input_embeddings()
+    handle = layer.register_forward_hook(hook)
+    try:
+        yield caught
+    finally:
+        handle.remove()
+
+
+def _attention(penalized: bool):
+    """torch's math attention kernel while the input-gradient penalty is on: the fused
+    kernels' backward (flash, memory-efficient, and the CPU's flash kernel) cannot itself be
+    differentiated, which double backprop needs. A no-op otherwise."""
+    if not penalized:
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel(SDPBackend.MATH)
 
 
 def _pairs(groups: list[Group], rewards: list[torch.Tensor]):
@@ -268,6 +331,7 @@ def train_reward_model(cfg, model, tokenizer, train: list[Group], held_out: list
                      accelerator=accelerator)
 
     batches = global_batches(len(train), B, seed)
+    penalized = cfg.grad_penalty > 0
     start = time.perf_counter()
     model.train()
     ev = evaluate_pairs(model, held_out, pad_id, accelerator, packed=packed) if held_out else {}
@@ -279,29 +343,41 @@ def train_reward_model(cfg, model, tokenizer, train: list[Group], held_out: list
         for step in range(1, total_steps + 1):
             global_batch = [train[i] for i in next(batches)]
             n_units = _units(global_batch, cfg.loss)  # pair weight (BT) or rankings (PL)
+            n_resp = sum(len(g.ids) for g in global_batch)  # responses: the penalty's mean is over these
             shard = global_batch[rank * (B // W):(rank + 1) * (B // W)]
-            sums = torch.zeros(3, dtype=torch.float64, device=accelerator.device)  # loss, correct, pairs
+            # loss, correct, pairs, penalty (each a sum over the global batch once reduced)
+            sums = torch.zeros(4, dtype=torch.float64, device=accelerator.device)
             for m in range(0, len(shard), micro):
                 chunk = shard[m:m + micro]
                 last_micro = m + micro >= len(shard)
+                inputs = [] if penalized else None
                 with accelerator.no_sync(model) if not last_micro else contextlib.nullcontext():
-                    with accelerator.autocast():
-                        rewards = _group_rewards(model, chunk, pad_id, accelerator.device, packed=packed)
+                    with accelerator.autocast(), _attention(penalized):
+                        rewards = _group_rewards(model, chunk, pad_id, accelerator.device, packed=packed,
+                                                 inputs=inputs)
                     loss, units, metrics = objective(chunk, rewards, cfg)
                     # A mean over this micro-batch's units, rescaled to a share of the
                     # global mean; DDP averages over W processes, hence n_units / W.
                     scaled = loss * (units / (n_units / W))
-                    accelerator.backward(scaled)
+                    penalty = torch.zeros((), device=scaled.device)
+                    if penalized:  # its mean over this micro-batch's responses, rescaled the same way
+                        pen, _ = input_gradient_penalty(torch.cat(rewards), [e for e, _ in inputs],
+                                                        [k for _, k in inputs], coef=cfg.grad_penalty)
+                        penalty = pen * (sum(len(g.ids) for g in chunk) / (n_resp / W))
+                    accelerator.backward(scaled + penalty)
                 n_pairs = sum(len(g.pairs) for g in chunk)
                 sums += torch.tensor([scaled.item() * (n_units / W), metrics["rm/accuracy"] * n_pairs,
-                                      n_pairs], dtype=torch.float64, device=accelerator.device)
+                                      n_pairs, penalty.item() * (n_resp / W)],
+                                     dtype=torch.float64, device=accelerator.device)
             sums = accelerator.reduce(sums, reduction="sum")
-            grad_norm = optimizer_step(accelerator, params, optimizer, scheduler, cfg,
-                                       stage="rm", step=step, loss=sums[0].item() / n_units)
+            grad_norm = optimizer_step(accelerator, params, optimizer, scheduler, cfg, stage="rm", step=step,
+                                       loss=sums[0].item() / n_units + sums[3].item() / n_resp)
             metrics = {"rm/member": member, "train/loss": sums[0].item() / n_units,
                        "train/accuracy": sums[1].item() / max(1.0, sums[2].item()),
                        "train/lr": scheduler.get_last_lr()[0], "train/grad_norm": float(grad_norm),
                        "train/pairs": int(sums[2].item())}
+            if penalized:  # the term added to the loss; train/loss is the preference loss alone
+                metrics["rm/grad_penalty"] = sums[3].item() / n_resp
             if held_out and (step % cfg.eval_every == 0 or step == total_steps):
                 ev = evaluate_pairs(model, held_out, pad_id, accelerator, packed=packed)
                 metrics.update(ev)
@@ -322,6 +398,8 @@ def train_reward_model(cfg, model, tokenizer, train: list[Group], held_out: list
         "train/seconds": time.perf_counter() - start,
         "train/processes": W,
     }
+    if penalized:
+        summary["rm/grad_penalty"] = last["rm/grad_penalty"]
     if held_out:
         summary.update({"eval/loss": ev["eval/loss"], "eval/accuracy": ev["eval/accuracy"],
                         "eval/loss_initial": first_eval["eval/loss"],

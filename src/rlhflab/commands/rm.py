@@ -141,6 +141,7 @@ def run_rm(cfg: Config, out: Path, *, sft: str | None = None, data: str | None =
     from rlhflab.reward_model import (
         RewardModel,
         create_reward_model,
+        length_normalization,
         load_rm_tokenizer,
         normalization,
     )
@@ -155,6 +156,9 @@ def run_rm(cfg: Config, out: Path, *, sft: str | None = None, data: str | None =
         raise InputError("give --sft (the default backbone) or --backbone")
     if data is None and not world_pairs and sft_dir is None:
         raise InputError("collecting comparisons needs --sft (or give --data or --world-pairs)")
+    if rm.grad_penalty and cfg.model.attn_implementation == "flash_attention_2":
+        raise InputError("the input-gradient penalty differentiates the backward pass, which flash-attention "
+                         "kernels cannot: use model.attn_implementation=sdpa or eager", field="rm.grad_penalty")
     world = World(cfg.world)
     # User files are validated up front: a bad row stops the run before anything is written.
     train_rows = load_rows(data, "preference") if data else None
@@ -226,12 +230,27 @@ def run_rm(cfg: Config, out: Path, *, sft: str | None = None, data: str | None =
             ps, rs, es, ref_kind = reference_texts(cfg, world, sft_dir, train_rows, tok,
                                                    from_world=data is None)
             raw = reward_model.raw_member_scores(ps, rs, eos=es)
-            for m in range(rm.ensemble):
-                reward_model.gains[m], reward_model.biases[m] = normalization(raw[m])
+            norm_meta: dict = {"reference": ref_kind, "n": len(rs), "raw_mean": raw.mean(1).tolist(),
+                               "raw_std": raw.std(1, unbiased=False).tolist()}
+            if rm.length_residual:
+                lengths = reward_model.response_lengths(ps, rs, eos=es)
+                try:
+                    fits = [length_normalization(raw[m], lengths) for m in range(rm.ensemble)]
+                except ValueError as err:
+                    raise InputError(f"cannot fit the length term on the {len(rs)} reference samples: {err}",
+                                     field="rm.length_residual") from None
+                for m, (gain, bias, slope) in enumerate(fits):
+                    reward_model.gains[m], reward_model.biases[m], reward_model.length_slopes[m] = gain, bias, slope
+                norm_meta.update({"length_residual": True, "length_unit": "response tokens of this tokenizer, "
+                                  "the end token not counted", "length_mean": lengths.mean().item(),
+                                  "length_corr_raw": [_corr(raw[m], lengths) for m in range(rm.ensemble)]})
+                summary.update({"normalization/length_slope": sum(f[2] for f in fits) / rm.ensemble,
+                                "normalization/length_corr_raw": sum(norm_meta["length_corr_raw"]) / rm.ensemble})
+            else:
+                for m in range(rm.ensemble):
+                    reward_model.gains[m], reward_model.biases[m] = normalization(raw[m])
             reward_model.meta = {"backbone": str(backbone), "loss": rm.loss, "seed": rm.seed,
-                                 "normalization": {"reference": ref_kind, "n": len(rs),
-                                                   "raw_mean": raw.mean(1).tolist(),
-                                                   "raw_std": raw.std(1, unbiased=False).tolist()}}
+                                 "normalization": norm_meta}
             reward_model.feature_stats = _feature_stats(reward_model, train, held)
             reward_model.save(work / "model")
             summary.update({"normalization/reference": ref_kind, "normalization/n": len(rs)})
@@ -246,6 +265,13 @@ def run_rm(cfg: Config, out: Path, *, sft: str | None = None, data: str | None =
             _print_summary(summary)
     accelerator.wait_for_everyone()
     return summary
+
+
+def _corr(x, y) -> float:
+    """Pearson correlation of two (B,) tensors (0 when either is constant)."""
+    x, y = x.double() - x.double().mean(), y.double() - y.double().mean()
+    denom = (x.pow(2).sum() * y.pow(2).sum()).sqrt().item()
+    return (x * y).sum().item() / denom if denom > 0 else 0.0
 
 
 def _feature_stats(reward_model, train: list, held: list, limit: int = 4096) -> dict:

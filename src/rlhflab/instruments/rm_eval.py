@@ -103,15 +103,31 @@ def pair_scores(rm, rows: list[dict], batch_size: int = 64) -> tuple[torch.Tenso
     return raw[:, :n], raw[:, n:]
 
 
-def normalize(rm, raw: torch.Tensor) -> torch.Tensor:
-    """Raw (M, N) -> normalized (M, N) with each member's gain and bias."""
+def normalize(rm, raw: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+    """Raw (M, N) -> normalized (M, N) with each member's gain and bias, and its length term
+    when it has one (``lengths``: the responses' tokens, ``pair_lengths``)."""
+    if getattr(rm, "has_length_term", False):
+        return rm.normalize(raw, lengths)
     return torch.tensor(rm.gains)[:, None] * raw + torch.tensor(rm.biases)[:, None]
+
+
+def pair_lengths(rm, rows: list[dict]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Response tokens (N,) of chosen and of rejected, for a reward model with a length term
+    (``RewardModel.response_lengths``); (None, None) for one without."""
+    if not getattr(rm, "has_length_term", False):
+        return None, None
+    t = pair_texts(rows, rm.tokenizer)
+    n = len(rows)
+    lengths = rm.response_lengths(t["prompt"] * 2, t["chosen"] + t["rejected"],
+                                  eos=t["chosen_eos"] + t["rejected_eos"], rendered=True)
+    return lengths[:n], lengths[n:]
 
 
 def pairwise_accuracy(rm, rows: list[dict]) -> float:
     """Fraction of rows whose chosen response scores strictly higher (ensemble mean)."""
     c, r = pair_scores(rm, rows)
-    return ((normalize(rm, c).mean(0) - normalize(rm, r).mean(0)) > 0).float().mean().item()
+    lc, lr = pair_lengths(rm, rows)
+    return ((normalize(rm, c, lc).mean(0) - normalize(rm, r, lr).mean(0)) > 0).float().mean().item()
 
 
 def expected_calibration_error(p: list[float], y: list[float], n_bins: int = 10) -> tuple[float, list[dict]]:
@@ -312,7 +328,8 @@ def evaluate_reward_model(rm, rows: list[dict], *, world=None, keywords: tuple[s
     rng = random.Random(seed)
     t = pair_texts(rows, rm.tokenizer)
     raw_c, raw_r = pair_scores(rm, rows)
-    norm_c, norm_r = normalize(rm, raw_c), normalize(rm, raw_r)
+    len_c, len_r = pair_lengths(rm, rows)
+    norm_c, norm_r = normalize(rm, raw_c, len_c), normalize(rm, raw_r, len_r)
     d = (norm_c.mean(0) - norm_r.mean(0)).tolist()  # served score: ensemble mean
     correct = [x > 0 for x in d]
     out: dict = {"pairs": len(rows), "members": rm.n_members, "accuracy/labels": fmean(correct)}
