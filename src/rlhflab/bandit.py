@@ -121,6 +121,11 @@ def distance_to_optimum(policy: np.ndarray, target: np.ndarray) -> dict[str, flo
 REGISTRY_MODULES = ("rlhflab.algos.bandit_online", "rlhflab.algos.bandit_offline")
 
 
+def _offline_algorithms() -> set[str]:
+    name = "rlhflab.algos.bandit_offline"
+    return set(importlib.import_module(name).BANDIT_ALGOS) if importlib.util.find_spec(name) is not None else set()
+
+
 def algorithms() -> dict[str, Callable[..., BanditResult]]:
     """Every bandit algorithm, from the registries of the modules that exist."""
     algos: dict[str, Callable[..., BanditResult]] = {}
@@ -148,15 +153,76 @@ def add_arguments(p) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
-def _parse_options(items: list[str]) -> dict:
-    import yaml
+# Each option (and flag) of the bandit -> the config field whose type and domain it shares:
+# online algorithms read ``rl`` (and ``group_size`` is ``rl.samples_per_prompt``), offline ones
+# ``dpo`` (``gamma`` is ``dpo.simpo_gamma``, ...). The rest have their own spec below.
+_ONLINE_FIELDS = {"group_size": "rl.samples_per_prompt", "sampler_temperature": "generation.temperature",
+                  "seed": "rl.seed"}
+_OFFLINE_FIELDS = {"lr": "dpo.lr", "label_smoothing": "dpo.label_smoothing", "gamma": "dpo.simpo_gamma",
+                   "desirable_weight": "dpo.kto_desirable_weight", "undesirable_weight": "dpo.kto_undesirable_weight",
+                   "nll_coef": "dpo.simpo_nll_coef", "normalize": "dpo.ipo_normalize", "nll": "dpo.orpo_nll",
+                   "seed": "rl.seed"}
+_OWN = {"steps": "int >= 1", "pairs": "int >= 1", "samples": "int >= 1"}
+_BOOLEANS = {"deterministic"}
+
+
+def _config_field(key: str, offline: bool) -> str | None:
+    """The config field (``section.field``) an option of an online (``rl``) or offline
+    (``dpo``) bandit algorithm shares its type and domain with, or None."""
+    import dataclasses
+
+    from rlhflab.config import RLConfig
+
+    if offline:
+        return _OFFLINE_FIELDS.get(key)
+    if key in _ONLINE_FIELDS:
+        return _ONLINE_FIELDS[key]
+    return f"rl.{key}" if key in {f.name for f in dataclasses.fields(RLConfig)} and key not in _OWN else None
+
+
+def check_option(key: str, value, offline: bool, flag: str | None = None):
+    """``value`` (parsed as ``config.parse_scalar`` parses it) checked against the option's
+    type and domain (``_config_field``, ``_OWN``): the value to use, or None to leave the
+    option at the algorithm's default (``null``). An InputError names ``flag`` (``--option
+    KEY`` by default) and what the value must be. Unknown keys pass: the algorithm names
+    them with its known options."""
+    from rlhflab.config import Domain, load_config
+
+    flag = flag or f"--option {key}"
+    if value is None:
+        return None
+    field = _config_field(key, offline)
+    if field is not None:
+        text = value if isinstance(value, str) else json.dumps(value)
+        try:
+            cfg = load_config(None, [f"{field}={text}"])
+        except InputError as err:
+            raise InputError(err.reason, field=flag) from None
+        section, name = field.split(".")
+        return getattr(getattr(cfg, section), name)
+    if key in _OWN:
+        problem = Domain.parse(_OWN[key]).problem(value)
+        if problem:
+            raise InputError(problem, field=flag)
+    if key in _BOOLEANS and not isinstance(value, bool):
+        raise InputError(f"expected true or false, got {value!r}", field=flag)
+    return value
+
+
+def _parse_options(items: list[str], offline: bool) -> dict:
+    """``--option KEY=VALUE`` items: numbers as numbers (``lr=1e-3`` is 0.001, as in a preset or
+    ``--set``), each value checked (``check_option``)."""
+    from rlhflab.config import parse_scalar
 
     out = {}
     for item in items:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise InputError(f"--option: expected KEY=VALUE, got {item!r}")
-        out[key.replace("-", "_")] = yaml.safe_load(raw)
+        key = key.strip().replace("-", "_")
+        value = check_option(key, parse_scalar(raw), offline)
+        if value is not None:
+            out[key] = value
     return out
 
 
@@ -193,10 +259,12 @@ def run(args) -> int:
         raise InputError(f"--beta: {args.beta!r} is not a number") from None
     if not beta > 0 or beta == float("inf"):
         raise InputError(f"--beta: must be a finite number > 0, got {args.beta}")
-    options = _parse_options(args.option)
+    offline = args.algo in _offline_algorithms()
+    options = _parse_options(args.option, offline)
     for key in ("steps", "kl_estimator", "kl_in", "pairs"):
         if getattr(args, key) is not None:
-            options[key] = getattr(args, key)
+            options[key] = check_option(key, getattr(args, key), offline, flag=f"--{key.replace('_', '-')}")
+    check_option("seed", args.seed, offline, flag="--seed")
     problem = default_bandit()
     torch.manual_seed(args.seed)
     try:

@@ -562,22 +562,61 @@ class Config:
 
 
 class _Loader(yaml.SafeLoader):
-    """YAML as a preset means it: only true and false are booleans (as in YAML 1.2), so
-    ``mixed_precision: no`` is the word "no", not False; bool fields still take the YAML 1.1
-    words yes/no/on/off (``_check_type``)."""
+    """YAML as a preset means it, read as YAML 1.2's core schema reads scalars: only true and
+    false are booleans, so ``mixed_precision: no`` is the word "no", not False (bool fields
+    still take the YAML 1.1 words yes/no/on/off, ``_check_type``); and a number is what it
+    looks like: ``1e-3`` is 0.001 (YAML 1.1 wants a dot, ``1.0e-3``, and reads ``1e-3`` as a
+    string), ``017`` is 17 (not octal 15), and YAML 1.1's ``1_000``, ``1:30`` (sexagesimal 90)
+    and ``0b101`` are strings, which a numeric field refuses, naming itself."""
 
 
+_NUMBER_TAGS = ("tag:yaml.org,2002:bool", "tag:yaml.org,2002:int", "tag:yaml.org,2002:float")
 _Loader.yaml_implicit_resolvers = {
-    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
+    first: [(tag, rx) for tag, rx in resolvers if tag not in _NUMBER_TAGS]
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
 }
 _Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
                               list("tTfF"))
+# YAML 1.2 core schema: decimal (leading zeros allowed), 0o octal and 0x hexadecimal integers;
+# decimal floats with an optional exponent (no dot needed), .inf and .nan.
+_Loader.add_implicit_resolver("tag:yaml.org,2002:int", re.compile(r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)$"),
+                              list("-+0123456789"))
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+    list("-+0123456789."))
+
+
+def _construct_int(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> int:
+    text = loader.construct_scalar(node)
+    if text.startswith(("0o", "0x")):
+        return int(text[2:], 8 if text[1] == "o" else 16)
+    return int(text)  # decimal: int() takes a sign and leading zeros
+
+
+def _construct_float(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> float:
+    text = loader.construct_scalar(node).lower()
+    return float(text.replace(".inf", "inf").replace(".nan", "nan"))
+
+
+_Loader.add_constructor("tag:yaml.org,2002:int", _construct_int)
+_Loader.add_constructor("tag:yaml.org,2002:float", _construct_float)
 _BOOL_WORDS = {"yes": True, "on": True, "no": False, "off": False}
 
 
 def _yaml(text: str) -> Any:
     return yaml.load(text, Loader=_Loader)
+
+
+def parse_scalar(raw: str) -> Any:
+    """A ``KEY=VALUE`` option's value as a preset or ``--set`` reads it (``_Loader``): numbers
+    as numbers (``1e-3`` included), true/false, null (an empty value too), else the text."""
+    if not raw.strip():
+        return None
+    try:
+        return _yaml(raw)
+    except yaml.YAMLError:
+        return raw
 
 
 def _key_lines(text: str, source: str | None = None, prefix: str = "", numbered: bool = True) -> dict[str, int]:
