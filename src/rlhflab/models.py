@@ -239,11 +239,32 @@ def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
     return with_distinct_pad(tok)
 
 
+def refuse_reward_model(path: str | Path) -> None:
+    """A reward model is not a policy: loaded as a causal LM its backbone would sample with an
+    output head of tied embeddings (or a fresh one), silently. Refused, naming the directory:
+    one ``rlhflab rm`` wrote (``reward_model.json``) or whose config names only
+    sequence-classification architectures."""
+    import json
+
+    path = Path(path)
+    if (path / "reward_model.json").is_file():
+        raise InputError("a reward model (reward_model.json), not a policy: give a causal LM (an SFT or RL run, "
+                         "or its model/)", file=str(path))
+    try:
+        archs = json.loads((path / "config.json").read_text(encoding="utf-8")).get("architectures") or []
+    except (OSError, ValueError, AttributeError):
+        return  # an unreadable config is named by the loader
+    if archs and all(isinstance(a, str) and a.endswith("ForSequenceClassification") for a in archs):
+        raise InputError(f"a reward model ({', '.join(archs)}), not a policy: give a causal LM (an SFT or RL run, "
+                         "or its model/)", file=str(path))
+
+
 def load_causal_lm(path: str | Path, tokenizer=None, trust_remote_code: bool = False,
                    attn_implementation: str | None = None) -> torch.nn.Module:
     """A causal LM from a local directory; safetensors weights only; with the attention
     kernel ``attn_implementation`` (``attention_kwargs``) when one is named."""
     path = _check_dir(path, "model")
+    refuse_reward_model(path)
     check_weights(path)
     attn = attention_kwargs(attn_implementation)
     try:
