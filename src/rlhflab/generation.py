@@ -42,6 +42,7 @@ from dataclasses import dataclass
 import torch
 
 from rlhflab.logprobs import entropy_from_logits, gather_logprobs
+from rlhflab.progress import current_label, progress_bar
 from rlhflab.seeds import derive_seed
 
 
@@ -218,6 +219,62 @@ def decode_threads(rows: int, hidden: int) -> int:
 
 
 # ---------------------------------------------------------------------------------------
+# Lengths: a prompt and its response fit the model's positions
+
+
+def model_positions(model) -> int | None:
+    """The longest sequence the model's position embeddings cover (its config's
+    ``n_positions`` or ``max_position_embeddings``), or None when its config says nothing."""
+    config = getattr(model, "config", None)
+    for key in ("n_positions", "max_position_embeddings"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def prompt_room(model, max_new_tokens: int) -> int | None:
+    """How many prompt tokens fit beside ``max_new_tokens`` response tokens in the model's
+    positions (None: no limit known). None fit: an InputError naming
+    ``generation.max_new_tokens``, raised before any decoding (a stage checks it before it
+    trains)."""
+    from rlhflab.errors import InputError
+
+    positions = model_positions(model)
+    if positions is None:
+        return None
+    room = positions - int(max_new_tokens)
+    if room < 1:
+        raise InputError(f"{max_new_tokens} new tokens leave no room for a prompt in the model's {positions} "
+                         f"positions: lower it below {positions}", field="generation.max_new_tokens")
+    return room
+
+
+_CUT_REPORTED: set[tuple[int, int]] = set()
+
+
+def fit_prompts(prompt_ids: Sequence[Sequence[int]], room: int | None, max_new_tokens: int = 0
+                ) -> list[Sequence[int]]:
+    """Prompts cut to their last ``room`` tokens (the start goes, as SFT's rows lose theirs:
+    the end of a prompt is what the response answers), so that prompt + response stay within
+    the model's positions. A cut is counted and said once per process on stderr for each
+    (room, max_new_tokens), not once per batch."""
+    if room is None:
+        return list(prompt_ids)
+    cut = sum(len(p) > room for p in prompt_ids)
+    if not cut:
+        return list(prompt_ids)
+    if (room, max_new_tokens) not in _CUT_REPORTED:
+        import sys
+
+        _CUT_REPORTED.add((room, max_new_tokens))
+        print(f"{cut} of {len(prompt_ids)} prompts are longer than the {room} tokens the model's positions leave "
+              f"beside {max_new_tokens} new tokens: each keeps its last {room} tokens (its start is cut)",
+              file=sys.stderr)
+    return [p[-room:] if len(p) > room else p for p in prompt_ids]
+
+
+# ---------------------------------------------------------------------------------------
 # Decoding
 
 
@@ -323,7 +380,9 @@ def generate(model, prompt_ids: Sequence[Sequence[int]], *, pad_token_id: int, e
         seeds: one sampling seed per row (``row_seed``); required unless ``greedy``.
         temperature, top_k, top_p: softmax(z / T), then the top-k, then the top-p filter
             (0 and 1.0 turn them off).
-        max_new_tokens: response tokens at most.
+        max_new_tokens: response tokens at most. A prompt longer than the model's positions
+            leave beside them is cut from its start (``fit_prompts``, said on stderr); none
+            left for a prompt is an InputError (``prompt_room``).
         batch_size: rows per decoding batch (the samples do not depend on it).
         record_logprobs: also return the drawn tokens' log-probs and entropies on z / T.
         drop_finished: rows that emitted EOS leave the batch and the KV cache; False
@@ -341,19 +400,27 @@ def generate(model, prompt_ids: Sequence[Sequence[int]], *, pad_token_id: int, e
                          "read as padding")
     device = next(model.parameters()).device
     eos = torch.tensor(eos_ids, device=device)
+    # A prompt and its response must fit the model's positions (learned position embeddings
+    # have no row past them): a prompt too long loses its start.
+    prompt_ids = fit_prompts(prompt_ids, prompt_room(model, max_new_tokens), max_new_tokens)
     p_ids, p_mask = left_pad(prompt_ids, pad_token_id)
     was_training = model.training
     model.eval()
     parts = []
+    starts = range(0, len(prompt_ids), batch_size)
+    label = current_label()  # a command that asked for progress (``progress.labelled``)
     try:
-        for start in range(0, len(prompt_ids), batch_size):
-            ids = p_ids[start:start + batch_size].to(device)
-            attn = p_mask[start:start + batch_size].to(device)
-            noise = None if greedy else GumbelNoise(seeds[start:start + batch_size], max_new_tokens)
-            parts.append(_decode_batch(
-                model, ids, attn, noise, eos=eos, pad=pad_token_id, suppress=[pad_token_id],
-                temperature=temperature, top_k=top_k, top_p=top_p, max_new_tokens=max_new_tokens,
-                record=record_logprobs, drop_finished=drop_finished))
+        with progress_bar(len(starts), label or "", enabled=label is not None and len(starts) > 1,
+                          unit="batch") as bar:
+            for start in starts:
+                ids = p_ids[start:start + batch_size].to(device)
+                attn = p_mask[start:start + batch_size].to(device)
+                noise = None if greedy else GumbelNoise(seeds[start:start + batch_size], max_new_tokens)
+                parts.append(_decode_batch(
+                    model, ids, attn, noise, eos=eos, pad=pad_token_id, suppress=[pad_token_id],
+                    temperature=temperature, top_k=top_k, top_p=top_p, max_new_tokens=max_new_tokens,
+                    record=record_logprobs, drop_finished=drop_finished))
+                bar.update(rows=min(start + batch_size, len(prompt_ids)))
     finally:
         model.train(was_training)
     R = max(p[0].shape[1] for p in parts)

@@ -6,11 +6,18 @@ Without a terminal a line is written to stderr at the first step, then at most e
 ``RLHFLAB_LOG_SECONDS`` seconds (default 30) and at the last step::
 
     [ppo] step 40/200 (20%)  1m12s elapsed, ~4m48s left  reward 0.41  kl 0.12  beta 0.05
+
+Work that has no loop of its own to put a bar on (decoding batch after batch deep inside an
+instrument) shows one when a command asks for it: inside ``with labelled("bon"):`` every call
+of the decoding engine with more than one batch shows ``[bon] batch 3/40 ...``
+(``generation.generate`` reads ``current_label``). Training loops, with their own bars, do
+not ask.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import os
 import sys
 import time
@@ -41,8 +48,9 @@ class _Bar:
 class _LogLines:
     """The bar's figures as plain lines, rate-limited by wall-clock time."""
 
-    def __init__(self, total: int, description: str, stream, every_s: float) -> None:
+    def __init__(self, total: int, description: str, stream, every_s: float, unit: str = "step") -> None:
         self.total, self.description, self.stream, self.every_s = total, description, stream, every_s
+        self.unit = unit
         self.done = 0
         self.start = time.monotonic()
         self.last: float | None = None
@@ -58,7 +66,7 @@ class _LogLines:
         left = f", ~{_clock(elapsed / self.done * (self.total - self.done))} left" if 0 < self.done < self.total else ""
         share = f" ({100 * self.done / self.total:.0f}%)" if self.total else ""
         stats = _figures(figures)
-        print(f"[{self.description}] step {self.done}/{self.total}{share}  {_clock(elapsed)} elapsed{left}"
+        print(f"[{self.description}] {self.unit} {self.done}/{self.total}{share}  {_clock(elapsed)} elapsed{left}"
               + (f"  {stats}" if stats else ""), file=self.stream, flush=True)
 
 
@@ -73,8 +81,9 @@ def log_seconds() -> float:
 
 
 @contextlib.contextmanager
-def progress_bar(total: int, description: str, enabled: bool = True):
-    """``with progress_bar(n, "sft") as bar: bar.update(loss=...)``; silent when disabled."""
+def progress_bar(total: int, description: str, enabled: bool = True, unit: str = "step"):
+    """``with progress_bar(n, "sft") as bar: bar.update(loss=...)``; silent when disabled.
+    ``unit`` names what is counted in the plain lines ("step", "batch")."""
     if not enabled:
         yield _Bar(None, None)
         return
@@ -82,7 +91,7 @@ def progress_bar(total: int, description: str, enabled: bool = True):
 
     console = Console(file=sys.stderr)
     if not console.is_terminal:
-        yield _LogLines(total, description, sys.stderr, log_seconds())
+        yield _LogLines(total, description, sys.stderr, log_seconds(), unit)
         return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -91,3 +100,22 @@ def progress_bar(total: int, description: str, enabled: bool = True):
     with Progress(*columns, console=console, transient=False) as progress:
         task = progress.add_task(description, total=total, stats="")
         yield _Bar(progress, task)
+
+
+_LABEL: contextvars.ContextVar[str | None] = contextvars.ContextVar("rlhflab_progress_label", default=None)
+
+
+@contextlib.contextmanager
+def labelled(label: str, enabled: bool = True):
+    """Inside the block, long work without a loop of its own to show (the decoding engine's
+    batches) shows progress under ``label`` (see the module docstring)."""
+    token = _LABEL.set(label if enabled else None)
+    try:
+        yield
+    finally:
+        _LABEL.reset(token)
+
+
+def current_label() -> str | None:
+    """The label of the innermost ``labelled`` block, or None outside any."""
+    return _LABEL.get()

@@ -131,6 +131,21 @@ def _arrow_batches(path: Path):
         yield from reader
 
 
+def _shard_batches(files: list[Path]):
+    """The record batches of a saved dataset's shards, in order; a shard that is not a
+    readable Arrow stream (empty, truncated, another file) is an InputError naming it."""
+    import pyarrow as pa
+
+    for f in files:
+        try:
+            batches = list(_arrow_batches(f))
+        except (pa.ArrowInvalid, OSError) as err:
+            said = str(err).strip().splitlines()
+            raise InputError(f"not a readable Arrow shard ({said[0] if said else type(err).__name__})",
+                             file=str(f)) from None
+        yield from batches
+
+
 def _dataset_dir(path: Path) -> list[Path]:
     """The Arrow shards of a ``save_to_disk`` directory, in order."""
     if (path / "dataset_dict.json").is_file():
@@ -208,7 +223,7 @@ def read_records(path: str | Path) -> Iterator[tuple[dict, Any]]:
     path = Path(path)
     if path.is_dir():
         _needs_pyarrow(path, "a datasets directory")
-        yield from _arrow_rows((b for f in _dataset_dir(path) for b in _arrow_batches(f)), path)
+        yield from _arrow_rows(_shard_batches(_dataset_dir(path)), path)
         return
     suffix = path.suffix.lower()
     if suffix == ".parquet":

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable, Iterator
 
 import torch
 
-from rlhflab.errors import NonFiniteError
+from rlhflab.errors import InputError, NonFiniteError
 from rlhflab.registry import LR_SCHEDULES
 
 
@@ -88,14 +88,17 @@ def batch_plan(stage: str, cfg, processes: int, n_examples: int, unit: str = "tr
     A global batch of B = ``cfg.batch_size`` examples is split into ``processes`` equal shards,
     each cut into micro-batches of ``cfg.micro_batch_size`` (empty: the whole shard); training
     lasts ``cfg.max_steps`` steps, else ``cfg.epochs`` passes of n_examples // B steps (at
-    least one). Raises ValueError when B does not split so, or there is not one batch.
+    least one). An InputError naming ``<stage>.batch_size`` when B does not split so, or the
+    data hold less than one batch (a stage checks this before it writes anything).
     """
     B = cfg.batch_size
     micro = cfg.micro_batch_size or B // processes
     if B % processes or (B // processes) % micro:
-        raise ValueError(f"{stage}.batch_size {B} must split into {processes} processes x micro-batches of {micro}")
+        raise InputError(f"{B} must split into {processes} processes x micro-batches of {micro}",
+                         field=f"{stage}.batch_size")
     if n_examples < B:
-        raise ValueError(f"{n_examples} {unit} are fewer than one batch of {B}")
+        raise InputError(f"{n_examples} {unit} are fewer than one batch of {B}: lower {stage}.batch_size or "
+                         "add data", field=f"{stage}.batch_size")
     return micro, cfg.max_steps or max(1, int(cfg.epochs * (n_examples // B)))
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from rlhflab.config import add_config_arguments, config_from_args
 from rlhflab.errors import InputError
+from rlhflab.progress import labelled
 
 DEFAULT_NS = "1,2,4,8,16,32"
 
@@ -61,6 +62,8 @@ def run_bon(cfg, policy_dir, rm_dir, ns: list[int], *, n_prompts: int | None = N
     from rlhflab.reward_model import RewardModel
 
     policy_dir = resolve_model_dir(policy_dir, "--policy")
+    if prompts_file is None:  # the bound before the world's prompts are even built
+        _check_budget(n_prompts or cfg.world.n_eval, ns, 1, cfg.generation.max_new_tokens)
     tok = load_tokenizer(policy_dir, cfg.model.trust_remote_code)
     model = load_causal_lm(policy_dir, tok, cfg.model.trust_remote_code)
     rm = RewardModel.load(rm_dir)
@@ -72,8 +75,10 @@ def run_bon(cfg, policy_dir, rm_dir, ns: list[int], *, n_prompts: int | None = N
 
         world_prompts = World(cfg.world).prompts(n_prompts or cfg.world.n_eval, "eval")
         raw = [p.text for p in world_prompts]
-        result = best_of_n(model, tok, rm, raw, raw, ns, cfg.generation, seed=seed,
-                           gold=lambda i, c: gold_utility(world_prompts[i], c.text, c.eos))
+        _check_budget(len(raw), ns, _mean_tokens(raw, tok), cfg.generation.max_new_tokens)
+        with labelled("bon"):
+            result = best_of_n(model, tok, rm, raw, raw, ns, cfg.generation, seed=seed,
+                               gold=lambda i, c: gold_utility(world_prompts[i], c.text, c.eos))
         record.update(source="world", gold=True, judge="gold")
         base = result["gold/single_mean"]
         if len(ns) >= 3:
@@ -92,13 +97,32 @@ def run_bon(cfg, policy_dir, rm_dir, ns: list[int], *, n_prompts: int | None = N
         judge_spec = judge_spec or f"rm:{rm_dir}"
         judge = load_judge(judge_spec, trust_remote_code=cfg.model.trust_remote_code)
         texts = [prompt_text(p, tok) for p in raw]
-        result = best_of_n(model, tok, rm, raw, texts, ns, cfg.generation, seed=seed, judge=judge)
+        _check_budget(len(texts), ns, _mean_tokens(texts, tok), cfg.generation.max_new_tokens)
+        with labelled("bon"):
+            result = best_of_n(model, tok, rm, raw, texts, ns, cfg.generation, seed=seed, judge=judge)
         record.update(source=str(prompts_file), gold=False, judge=judge_spec,
                       note="no gold utility on these prompts: the win-rate is the judge's"
                            + (", and the judge is the selecting reward model: it measures the proxy"
                               if judge_spec == f"rm:{rm_dir}" else ""))
     record.update(result)
     return record
+
+
+def _check_budget(n_prompts: int, ns: list[int], prompt_tokens: float, new_tokens: int) -> None:
+    """max(n) candidates and one single sample per prompt, all held at once: refused before
+    sampling when they cannot fit in memory (``sampling.check_sample_budget``)."""
+    from rlhflab.sampling import check_sample_budget
+
+    check_sample_budget(n_prompts * (ns[-1] + 1), prompt_tokens, new_tokens,
+                        field="--n" if ns[-1] >= n_prompts else "--n-prompts",
+                        what=f"{n_prompts} prompts x ({ns[-1]} candidates + 1 single sample)",
+                        hint="lower --n or --n-prompts")
+
+
+def _mean_tokens(texts: list[str], tokenizer) -> float:
+    from rlhflab.data import prompt_ids
+
+    return sum(len(prompt_ids(t, tokenizer)) for t in texts) / max(1, len(texts))
 
 
 def print_rows(record: dict) -> None:

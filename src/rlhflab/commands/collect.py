@@ -145,19 +145,24 @@ def _collect(args, cfg, out: Path) -> int:
     from rlhflab.data import write_jsonl
     from rlhflab.errors import InputError, disk_full_error, is_disk_full
     from rlhflab.models import load_causal_lm, load_tokenizer
+    from rlhflab.progress import labelled
+    from rlhflab.sampling import check_sample_budget
     from rlhflab.world import World
 
     k = args.k or cfg.rm.k
     n = args.n_prompts or cfg.rm.n_prompts
     if k < 2 or n < 1:
         raise InputError("--k must be at least 2 and -n at least 1")
+    check_sample_budget(n * k, 1, cfg.generation.max_new_tokens, what=f"{n} prompts x {k} responses",
+                        field="-n" if n >= k else "--k", hint="lower -n or --k")
     path = policy_dir(args.policy)
     tok = load_tokenizer(path)
     policy = load_causal_lm(path, tok)
     world = World(cfg.world)
     prompts = world.prompts(n, args.split)
-    rows, counts = collect(policy, tok, world, prompts, k, cfg.generation, rater_panel(world, args.split, args.seed),
-                           seed=args.seed)
+    with labelled("collect"):
+        rows, counts = collect(policy, tok, world, prompts, k, cfg.generation,
+                               rater_panel(world, args.split, args.seed), seed=args.seed)
     if not rows:
         raise InputError("no comparisons: every prompt's samples were identical", file=str(out))
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -163,13 +163,28 @@ def run(args) -> int:
         from rlhflab.instruments.judges import parse_judge
 
         parse_judge(args.judge)  # a malformed spec fails before any model loads
+    from rlhflab.progress import labelled
+
     if args.prompts or args.mc or args.harmful or args.benign:
-        metrics, samples = evaluate_on_user_data(cfg, args.policy, args.base, args.rm, prompts=args.prompts,
-                                                 mc=args.mc, harmful=args.harmful, benign=args.benign,
-                                                 seed=args.seed, judge=args.judge,
-                                                 judge_question=args.judge_question)
+        with labelled("eval"):
+            metrics, samples = evaluate_on_user_data(cfg, args.policy, args.base, args.rm, prompts=args.prompts,
+                                                     mc=args.mc, harmful=args.harmful, benign=args.benign,
+                                                     seed=args.seed, judge=args.judge,
+                                                     judge_question=args.judge_question)
     else:
-        metrics, samples = evaluate_policy(cfg, args.policy, args.base, args.rm, args.n, args.seed)
+        from rlhflab.sampling import check_sample_budget
+        from rlhflab.world import FAMILIES
+
+        n = args.n or cfg.world.n_eval
+        if n < 1:
+            from rlhflab.errors import InputError
+
+            raise InputError(f"must be >= 1, got {n}", field="--n")
+        # the probes of every family, answered by the policy and the base (a lower bound)
+        check_sample_budget(2 * n * len(FAMILIES), 1, cfg.generation.max_new_tokens, field="--n",
+                            what=f"{n} probes x {len(FAMILIES)} families x 2 models", hint="lower --n")
+        with labelled("eval"):
+            metrics, samples = evaluate_policy(cfg, args.policy, args.base, args.rm, args.n, args.seed)
     result = diagnose(metrics)
     with run_directory(out, args.overwrite) as work:  # the earlier result stays until the new one is written
         save_config(cfg, work / "config.yaml")

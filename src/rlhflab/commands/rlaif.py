@@ -33,6 +33,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
+from rlhflab import progress
 from rlhflab.config import add_config_arguments, config_from_args
 from rlhflab.errors import InputError
 
@@ -146,16 +147,23 @@ def run_rlaif(cfg, out: Path, *, judge: str = "world:ai", constitution: str | No
     from rlhflab.constitution import load_constitution
     from rlhflab.data import load_rows, write_jsonl
     from rlhflab.instruments.judges import load_judge, parse_judge
+    from rlhflab.sampling import check_sample_budget
 
     check_out_dir(out, overwrite)
     cons = load_constitution(constitution)
     parse_judge(judge)
-    rows = load_rows(pairs, "preference") if pairs else policy_pairs(cfg, policy, n_prompts or cfg.rm.n_prompts,
-                                                                     split, seed)
-    if not rows:
-        raise InputError("no pairs to label", file=pairs)
-    j = load_judge(judge, trust_remote_code=cfg.model.trust_remote_code, constitution=cons, seed=seed)
-    labelled, readings = label_pairs(rows, j, cons, seed)
+    n = n_prompts or cfg.rm.n_prompts
+    if pairs is None:
+        if n < 1:
+            raise InputError(f"must be >= 1, got {n}", field="-n")
+        check_sample_budget(2 * n, 1, cfg.generation.max_new_tokens, what=f"{n} prompts x 2 responses",
+                            field="-n", hint="lower -n")
+    with progress.labelled("rlaif"):
+        rows = load_rows(pairs, "preference") if pairs else policy_pairs(cfg, policy, n, split, seed)
+        if not rows:
+            raise InputError("no pairs to label", file=pairs)
+        j = load_judge(judge, trust_remote_code=cfg.model.trust_remote_code, constitution=cons, seed=seed)
+        labelled, readings = label_pairs(rows, j, cons, seed)
     readings.update(world_instruments(labelled, cfg.world.rater))
     readings.update({"rlaif/judge": judge, "rlaif/constitution": cons.source,
                      "rlaif/principles": cons.ids})

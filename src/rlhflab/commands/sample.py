@@ -34,7 +34,8 @@ def print_samples(completions, prompts=None, title: str = "samples") -> None:
 def run(args) -> int:
     from rlhflab.errors import InputError
     from rlhflab.models import load_causal_lm, load_tokenizer, resolve_model_dir
-    from rlhflab.sampling import sample
+    from rlhflab.progress import labelled
+    from rlhflab.sampling import check_sample_budget, sample
     from rlhflab.world import FAMILIES, World
 
     cfg = config_from_args(args)
@@ -42,6 +43,10 @@ def run(args) -> int:
         raise InputError(f"--family: expected one of {', '.join(FAMILIES)}")
     if args.family and args.prompts:
         raise InputError("--family picks world prompts; --prompts gives your own: one of them", field="--family")
+    if args.n < 1:
+        raise InputError(f"must be >= 1, got {args.n}", field="-n")
+    check_sample_budget(args.n, 1, cfg.generation.max_new_tokens, what=f"{args.n} prompts x 1 response",
+                        field="-n", hint="lower -n")
     rows = None
     if args.prompts:
         from rlhflab.data import load_rows
@@ -51,10 +56,15 @@ def run(args) -> int:
     tok = load_tokenizer(path, cfg.model.trust_remote_code)
     model = load_causal_lm(path, tok, cfg.model.trust_remote_code)
     g = cfg.generation
-    kw = dict(temperature=g.temperature, top_k=g.top_k, top_p=g.top_p, max_new_tokens=g.max_new_tokens, seed=args.seed)
+    kw = dict(temperature=g.temperature, top_k=g.top_k, top_p=g.top_p, max_new_tokens=g.max_new_tokens,
+              batch_size=g.batch_size, seed=args.seed)
     if rows is not None:
-        print_samples(sample(model, tok, [r["prompt"] for r in rows], **kw), None, title=f"samples of {path}")
+        with labelled("sample"):
+            done = sample(model, tok, [r["prompt"] for r in rows], **kw)
+        print_samples(done, None, title=f"samples of {path}")
         return 0
     prompts = World(cfg.world).prompts(args.n, "sample", args.family)
-    print_samples(sample(model, tok, [p.text for p in prompts], **kw), prompts, title=f"samples of {path}")
+    with labelled("sample"):
+        done = sample(model, tok, [p.text for p in prompts], **kw)
+    print_samples(done, prompts, title=f"samples of {path}")
     return 0

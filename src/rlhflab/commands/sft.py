@@ -57,12 +57,14 @@ def run_sft(cfg: Config, out: Path, data: str | None = None, eval_data: str | No
     from rlhflab.artifacts import check_out_dir, run_directory, write_json
     from rlhflab.commands.sample import print_samples
     from rlhflab.distributed import make_accelerator, trackers
+    from rlhflab.generation import prompt_room
     from rlhflab.instruments.policy_eval import measure_policy_on_world
     from rlhflab.models import (
         count_parameters,
         enable_gradient_checkpointing,
         save_pretrained_atomic,
     )
+    from rlhflab.training import batch_plan
     from rlhflab.world import World
 
     accelerator = make_accelerator(cfg.sft.mixed_precision, cfg.sft.report_to, "sft")
@@ -79,6 +81,10 @@ def run_sft(cfg: Config, out: Path, data: str | None = None, eval_data: str | No
         enable_gradient_checkpointing(model)
     train, n_trunc = tokenize_rows(train_rows, tok, cfg.sft.max_length)
     held, n_trunc_eval = tokenize_rows(eval_rows, tok, cfg.sft.max_length)
+    # What would otherwise fail once training is done: less than one batch, or samples that
+    # cannot fit the model's positions.
+    batch_plan("sft", cfg.sft, accelerator.num_processes, len(train))
+    prompt_room(model, cfg.generation.max_new_tokens)
     accelerator.wait_for_everyone()
     with run_directory(out, overwrite, accelerator) as work, trackers(accelerator, work, "sft", to_dict(cfg)):
         if accelerator.is_main_process:
