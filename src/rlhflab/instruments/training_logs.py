@@ -153,13 +153,15 @@ def read_log(path: Path) -> list[dict]:
     rows), a JSON array of objects, or JSONL."""
     text = path.read_text(encoding="utf-8")
     try:
-        data = json.loads(text, parse_constant=_reject_constant)
+        data = json.loads(text, parse_constant=_reject_constant, **_NUMBERS)
     except json.JSONDecodeError as err:
         if err.msg != "Extra data":
             raise InputError(f"not valid JSON ({err})", file=str(path)) from None
         data = [_jsonl_row(line, n, path) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
     except ValueError as err:  # a bare NaN or Infinity
         raise InputError(f"not valid JSON ({err})", file=str(path)) from None
+    else:
+        _refuse_overflow(data, path)
     if isinstance(data, dict) and isinstance(data.get("log_history"), list):
         data = data["log_history"]  # TRL's trainer_state.json
     if isinstance(data, dict):
@@ -169,11 +171,44 @@ def read_log(path: Path) -> list[dict]:
     raise InputError("expected a JSON object of readings, a JSON array of log rows or JSONL", file=str(path))
 
 
+class _Overflow(str):
+    """A JSON number too large for a float (``1e400``, which Python's json reads as inf)."""
+
+
+def _float(text: str):
+    x = float(text)
+    return _Overflow(text) if math.isinf(x) else x
+
+
+def _int(text: str):
+    value = int(text)
+    try:
+        float(value)
+    except OverflowError:
+        return _Overflow(text)
+    return value
+
+
+_NUMBERS = dict(parse_float=_float, parse_int=_int)
+
+
+def _refuse_overflow(obj, path: Path, line: int | None = None, key: str | None = None) -> None:
+    """An InputError naming the key of the first number too large for a float: JSON has no
+    infinity, and reading ``1e400`` as one would report "KL inf" from a typo."""
+    if isinstance(obj, _Overflow):
+        shown = obj if len(obj) <= 40 else obj[:37] + "..."
+        raise InputError(f"{shown} overflows a float (largest about 1.8e308)", file=str(path), line=line, field=key)
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, list) else ()
+    for k, v in items:
+        _refuse_overflow(v, path, line, k if isinstance(obj, dict) else key)
+
+
 def _jsonl_row(line: str, n: int, path: Path) -> dict:
     try:
-        row = json.loads(line, parse_constant=_reject_constant)
+        row = json.loads(line, parse_constant=_reject_constant, **_NUMBERS)
     except ValueError as err:
         raise InputError(f"not valid JSON ({err})", file=str(path), line=n) from None
+    _refuse_overflow(row, path, n)
     if not isinstance(row, dict):
         raise InputError("expected a JSON object (one log row per line)", file=str(path), line=n)
     return row
