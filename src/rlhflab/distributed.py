@@ -99,6 +99,7 @@ def make_accelerator(mixed_precision: str = "no", report_to: Sequence[str] = (),
     from accelerate.state import AcceleratorState
 
     check_sharding(section)
+    check_trackers(report_to, section)
     if mixed_precision == "fp16" and not has_accelerator():
         from rlhflab.errors import InputError
 
@@ -125,6 +126,37 @@ def make_accelerator(mixed_precision: str = "no", report_to: Sequence[str] = (),
         return Accelerator(**kwargs)
 
 
+# tracker name -> (accelerate's availability check, the package to install)
+TRACKER_PACKAGES = {"tensorboard": ("is_tensorboard_available", "tensorboard"),
+                    "wandb": ("is_wandb_available", "wandb"), "mlflow": ("is_mlflow_available", "mlflow")}
+
+
+def check_trackers(report_to: Sequence[str], section: str | None = None) -> None:
+    """Every tracker of ``report_to`` can be imported: accelerate would drop a missing one with
+    a warning and the run would track nothing. An InputError naming ``<section>.report_to``
+    and what to install, before any model is loaded."""
+    import accelerate.utils
+
+    from rlhflab.errors import InputError
+
+    for name in report_to:
+        check, package = TRACKER_PACKAGES.get(str(name), (None, str(name)))
+        if check is not None and not getattr(accelerate.utils, check)():
+            raise InputError(f"the {name} tracker needs the {package} package, which is not installed "
+                             f"(pip install {package}), or leave {name} out of --report-to",
+                             field=f"{section}.report_to" if section else "report_to")
+
+
+def _drop_trackers(accelerator) -> None:
+    """Finish what a failed ``init_trackers`` left half-started (each quietly: a tracker that
+    never started has nothing to finish) and forget them all."""
+    if accelerator.is_main_process:
+        for tracker in accelerator.trackers:
+            with contextlib.suppress(Exception):
+                tracker.finish()
+    accelerator.trackers.clear()
+
+
 @contextlib.contextmanager
 def trackers(accelerator, logging_dir: str | Path, project: str, config: dict | None = None) -> Iterator[None]:
     """The accelerator's trackers (``make_accelerator(report_to=...)``) running for one
@@ -142,14 +174,15 @@ def trackers(accelerator, logging_dir: str | Path, project: str, config: dict | 
     accelerator.project_configuration.logging_dir = str(logging_dir)
     kwargs = {"wandb": {"dir": str(logging_dir)}}
     try:
-        try:
-            accelerator.init_trackers(project, config=_flat_config(config or {}), init_kwargs=kwargs)
-        except Exception as err:  # noqa: BLE001 - a tracker's own error (no login, a bad MLFLOW_TRACKING_URI)
-            from rlhflab.errors import RunError
-            from rlhflab.models import first_line
+        accelerator.init_trackers(project, config=_flat_config(config or {}), init_kwargs=kwargs)
+    except Exception as err:  # noqa: BLE001 - a tracker's own error (no login, a bad MLFLOW_TRACKING_URI)
+        from rlhflab.errors import InputError
+        from rlhflab.models import first_line
 
-            raise RunError(f"cannot start the trackers {', '.join(map(str, accelerator.log_with))}: "
-                           f"{type(err).__name__}: {first_line(err)[:300]}") from err
+        _drop_trackers(accelerator)
+        raise InputError(f"cannot start the trackers {', '.join(map(str, accelerator.log_with))} (report_to), so "
+                         f"nothing was trained: {type(err).__name__}: {first_line(err)[:300]}") from None
+    try:
         yield
     finally:
         if accelerator.is_main_process:

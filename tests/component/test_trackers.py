@@ -117,3 +117,62 @@ def _has(module: str) -> bool:
     import importlib.util
 
     return importlib.util.find_spec(module) is not None
+
+
+def _one_error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err[-3000:]
+    lines = [line for line in err.splitlines() if "error:" in line]
+    assert len(lines) == 1, err[-3000:]
+    return lines[0]
+
+
+def test_wandb_without_a_key_is_one_line_before_training(tmp_path, tiny_config_path, capsys, monkeypatch):
+    """No API key and online mode: wandb's own error, once, and its half-started tracker
+    cleaned up quietly (it was a second traceback from ``finish``); nothing trained or kept."""
+    import rlhflab.algos.sft as sft
+    from rlhflab.cli import main
+
+    for name in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_DISABLED", "WANDB_SILENT"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc login
+    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb_config"))
+    monkeypatch.setattr(sft, "train_sft", lambda *a, **k: pytest.fail("trained without its tracker"))
+    out = tmp_path / "sft"
+    assert main(["sft", "--config", str(tiny_config_path), "--out", str(out), "--report-to", "wandb",
+                 "--set", "sft.max_steps=2", "--set", "world.n_sft=64", "--set", "world.n_sft_eval=8"]) == 2
+    line = _one_error_line(capsys)
+    assert "cannot start the trackers wandb" in line and "nothing was trained" in line and "API key" in line
+    assert not out.exists() and [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+@pytest.mark.parametrize("tracker", ["mlflow", "tensorboard", "wandb"])
+def test_a_tracker_that_is_not_installed_is_one_line_before_any_model(tracker, tmp_path, tiny_config_path, capsys,
+                                                                      monkeypatch):
+    """accelerate drops a tracker it cannot import with a library warning, and the run
+    tracked nothing: refused naming the field and the package, before a model is loaded."""
+    import accelerate.utils
+
+    import rlhflab.commands.sft as sft_command
+    from rlhflab.cli import main
+    from rlhflab.distributed import TRACKER_PACKAGES
+
+    monkeypatch.setattr(accelerate.utils, TRACKER_PACKAGES[tracker][0], lambda: False)
+    monkeypatch.setattr(sft_command, "load_policy", lambda *a, **k: pytest.fail("a model was loaded"))
+    out = tmp_path / "sft"
+    assert main(["sft", "--config", str(tiny_config_path), "--out", str(out), "--report-to", f"tensorboard,{tracker}",
+                 "--set", "sft.max_steps=2"]) == 2
+    line = _one_error_line(capsys)
+    assert "field 'sft.report_to'" in line and f"pip install {tracker}" in line
+    assert not out.exists()
+
+
+def test_mlflow_really_missing_is_refused(tmp_path, tiny_config_path, capsys):
+    """The same without a stand-in, where mlflow is not installed (this environment)."""
+    if _has("mlflow"):
+        pytest.skip("mlflow is installed here")
+    from rlhflab.cli import main
+
+    assert main(["sft", "--config", str(tiny_config_path), "--out", str(tmp_path / "sft"), "--report-to", "mlflow"]) == 2
+    assert "pip install mlflow" in _one_error_line(capsys)
