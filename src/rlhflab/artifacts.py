@@ -472,6 +472,13 @@ def _sweep_tmp(out: Path) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
+def recover_save(out: str | Path) -> None:
+    """Finish or undo an ``atomic_directory`` save to ``out`` by a process that was killed
+    (as the next save there would): an online run's checkpoint is found again before a
+    resume reads it, even when the kill fell between its two renames."""
+    _sweep_tmp(Path(out))
+
+
 def _umask_modes(root: Path) -> None:
     """Give what was written under ``root`` the modes of a plain ``mkdir`` / ``open``
     under the process umask (some writers create private 0600 files)."""

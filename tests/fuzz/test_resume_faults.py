@@ -704,3 +704,16 @@ def test_a_full_disk_during_a_resume_keeps_the_checkpoint(trained, tmp_path, mon
     _full_disk_line(_one_error_line(capsys))
     assert _tree(run / "checkpoint") == ckpt
     assert [p.name for p in tmp_path.rglob(".*")] == []
+
+
+def test_a_checkpoint_set_aside_by_a_kill_mid_save_is_found(trained, tmp_path):
+    """Killed between the two renames of a checkpoint save: the complete checkpoint lies
+    aside (``.checkpoint.aside-PID``); the resume puts it back and continues from it."""
+    run = _copy(trained, tmp_path)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    (run / "checkpoint").rename(run / f".checkpoint.aside-{dead}")
+    assert main(["ppo", "--resume", str(run)]) == 0
+    record = json.loads((run / "run.json").read_text())
+    assert [r["step"] for r in record["resumes"]] == [2]
+    assert [p.name for p in tmp_path.rglob(".*")] == []
