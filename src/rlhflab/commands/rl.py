@@ -259,11 +259,9 @@ def _check_resume(cfg, algo: str, out: Path, changes: dict, critic: bool) -> dic
     """What the resume of ``out`` starts from, every file read and checked, nothing changed:
     the checkpoint's step (0 for a run killed before its first checkpoint) and where to cut
     ``metrics.jsonl``."""
-    from rlhflab.artifacts import recover_save
     from rlhflab.checkpoint import check_checkpoint
 
     ckpt = out / "checkpoint"
-    recover_save(ckpt)  # a run killed between the two renames of a checkpoint save has it aside
     if ckpt.exists():
         kl_keys = ("value", "steps") if cfg.rl.kl_controller == "linear" else ("value",)
         step = check_checkpoint(ckpt, value=critic, online=True, algo=algo, kl_keys=kl_keys)["step"]
@@ -351,6 +349,11 @@ def _run_rl(cfg, algo: str, out: Path, *, sft: str, rm: str | None = None, rewar
     critic = ONLINE_ALGORITHMS.entry(algo).options["critic"]
     resumed = None
     if resume:  # every file read and checked; nothing in out changes until the checkpoint has loaded
+        if accelerator.is_main_process:
+            from rlhflab.artifacts import recover_save
+
+            recover_save(out / "checkpoint")  # a run killed between the two renames of a save has it aside
+        accelerator.wait_for_everyone()
         resumed = _check_resume(cfg, algo, out, changes, critic)
     else:
         check_out_dir(out, overwrite)  # on every process, before anything is written
