@@ -245,7 +245,7 @@ class FunctionReward:
         if bad:  # named here, with the call; score_responses' own check covers the other sources
             i = bad[0]
             raise NonFiniteRewardError(
-                f"reward function {self.name} returned {values[i]} at position {i} on call {self.calls} "
+                f"reward {values[i]} at position {i} from reward function {self.name} on call {self.calls} "
                 f"(batch of {n} responses), for prompt {_short(prompts[i], 80)} (response "
                 f"{_short(responses[i], 80)}); {len(bad)} of {n} rewards are not finite")
         return torch.tensor(values, dtype=torch.float32)
