@@ -125,6 +125,8 @@ LONG = {
              "--rm", "{rm}", "--out", "{out}", *FAST],
     "bon": ["bon", "--config", TINY, "--policy", "{policy}", "--rm", "{rm}", "--prompts", "{long_prompts}",
             "--n", "1,2", "--out", "{out}", *FAST],
+    "eval_lm_judge": ["eval", "--config", TINY, "--policy", "{policy}", "--base", "{policy}", "--prompts",
+                      "{very_long_prompts}", "--judge", "lm:{lm_judge}", "--out", "{out}", *FAST],
     "sample": ["sample", "--config", TINY, "--policy", "{policy}", "--prompts", "{long_prompts}", *FAST],
     "grpo": ["grpo", "--config", TINY, "--sft", "{policy}", "--reward-fn", "length", "--prompts", "{long_prompts}",
              "--out", "{out}", *FAST, "--set", "rl.steps=1", "--set", "rl.batch_size=4", "--set",
@@ -134,17 +136,35 @@ LONG = {
 }
 
 
+@pytest.fixture(scope="module")
+def lm_judge(assets):
+    """A tiny GPT-2 (512 positions) with a BPE tokenizer that has tokens for 'A)' and 'B)',
+    and prompts whose judge's question runs past its positions."""
+    from rlhflab.models import save_pretrained_atomic
+    from tests.user_models import bpe_tokenizer, tiny_causal_lm
+
+    tok = bpe_tokenizer()
+    judge = save_pretrained_atomic(tiny_causal_lm(tok, "gpt2"), tok, assets["base"] / "lm_judge")
+    prompts = assets["base"] / "very_long_prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": " ".join(["what is 3 plus 4 ?"] * 200)}) + "\n")
+    return {"lm_judge": judge, "very_long_prompts": prompts}
+
+
 @pytest.mark.parametrize("command", list(LONG))
-def test_a_prompt_past_the_positions_loses_its_start_and_says_so(command, assets, tmp_path, capsys, monkeypatch):
+def test_a_prompt_past_the_positions_loses_its_start_and_says_so(command, assets, tmp_path, capsys, monkeypatch,
+                                                                  request):
     import rlhflab.generation as generation
 
     monkeypatch.setattr(generation, "_CUT_REPORTED", set())  # said once per process: a fresh process here
     out = tmp_path / "out"
-    rc = main(_fill(LONG[command], assets, out))
+    more = request.getfixturevalue("lm_judge") if command == "eval_lm_judge" else {}
+    rc = main(_fill(LONG[command], assets, out, **more))
     err = capsys.readouterr().err
     assert rc == 0, err[-3000:]
     assert "prompts are longer than the 60 tokens the model's positions leave beside 4 new tokens" in err
     assert "its start is cut" in err
+    if command == "eval_lm_judge":  # and the judge's question, prompt and two answers too
+        assert "the 510 tokens the model's positions leave beside 2 new tokens" in err
 
 
 ROOMLESS = {

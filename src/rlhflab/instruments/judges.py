@@ -173,6 +173,7 @@ class LanguageModelJudge:
         the model's probabilities of the letters' first tokens at the answer position over its
         whole vocabulary (the rest, 1 - P(A) - P(B), is every other token); where the two
         options share their first token, of the whole continuations "A)" and "B)"."""
+        from rlhflab.generation import fit_prompts, prompt_room
         from rlhflab.logprobs import token_logprobs
 
         tok, model = self.tokenizer, self.model
@@ -183,8 +184,11 @@ class LanguageModelJudge:
         for start in range(0, len(texts), self.batch_size):
             chunk = texts[start:start + self.batch_size]
             seqs, spans = [], []
-            for t in chunk:
-                ids = tok(t, add_special_tokens=not getattr(tok, "chat_template", None)).input_ids
+            encoded = [tok(t, add_special_tokens=not getattr(tok, "chat_template", None)).input_ids for t in chunk]
+            # the question and the answer's letter must fit the model's positions: a text too
+            # long loses its start (said on stderr), as a prompt the engine samples from does
+            letters = max(len(o) for o in self.options)
+            for ids in fit_prompts(encoded, prompt_room(model, letters), letters):
                 for opt in self.options:
                     seqs.append(ids + opt)
                     spans.append((len(ids), len(ids) + len(opt)))
