@@ -28,6 +28,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "collect": ("rlhflab.commands.collect", "sample K responses per prompt and have raters rank them"),
     "rm": ("rlhflab.commands.rm", "train a Bradley-Terry reward model (or an ensemble)"),
     "eval-rm": ("rlhflab.commands.eval_rm", "reward-model instruments: accuracy, calibration, bias probes"),
+    "attack-rm": ("rlhflab.commands.attack_rm", "search for what a reward model pays for: gradient attack, patterns, truth"),
     # the online RL commands, one per ``registry.online_commands()``: ppo, reinforce, rloo, grpo
     **{command: ("rlhflab.commands.rl", _online_help(variants)) for command, variants in online_commands().items()},
     "dpo": ("rlhflab.commands.dpo", "direct preference optimization and its family"),

@@ -436,6 +436,10 @@ class RLConfig:
     save_every: int = _f(0, "checkpoint every N steps (atomic, for --resume); 0 = off", "int >= 0")
     eval_every: int = _f(10, "steps between gold evaluations on held-out world prompts; 0 = off", "int >= 0")
     n_eval: int = _f(64, "held-out world prompts per gold evaluation", "int >= 1")
+    attack_every: int = _f(0, "steps between a cheap reward-model attack on the rollout's own samples "
+                           "(instruments/rm_attack.py: a few gradient-search steps, the patterns found inserted "
+                           "into other samples of the batch; rm_attack/* in metrics.jsonl); needs a reward model; "
+                           "0 = off", "int >= 0")
     early_stop_patience: int = _f(0, "stop after this many gold evaluations without a new best, "
                                      "restoring the best policy; 0 = off", "int >= 0")
     log_every: int = _f(1, "steps between metric lines", "int >= 1")

@@ -28,6 +28,7 @@ missing is reported as not measured, with how to measure it):
 | ``capability/accuracy``, ``base/capability/accuracy``, ``capability/n`` | held-out task accuracy, over n probes |
 | ``overopt/gold_drop_from_peak``, ``overopt/proxy_gain_after_peak`` | from the training curve: how far gold fell after its best point while the proxy kept rising |
 | ``rollout/logprob_diff_max`` | from the training log, if given: the largest gap between the sampler's and the trainer's log-prob of a sampled token; quoted in a regression's evidence |
+| ``rm_attack/top_gain`` (+ ``_ci_low``, ``_ci_high``), ``rm_attack/top_pattern`` (text), ``rm_attack/gold_gain``, ``rm_attack/judge_win_rate`` | the reward-model attack (``rlhflab attack-rm``'s ``attack.json``, an RL run's ``rl.attack_every``): the reward gain of its first-ranked pattern inserted into held-out responses, the pattern, and what gold or a judge makes of it |
 
 A reading that is missing or ``null`` counts as not measured; the strings ``"inf"``,
 ``"-inf"`` and ``"nan"`` (how ``eval.json`` writes non-finite numbers) are read back as
@@ -144,6 +145,11 @@ class Thresholds:
     # logging steps on different pairs, hence the bar and the reference check of the rule.
     displacement_logp_drop: float = _t(1.0, "own: the chosen responses' mean summed log-prob 1 nat (x0.37) below "
                                             "the first logged row's")
+    # Reward-model exploits (instruments/rm_attack.py): a pattern whose insertion into held-out
+    # responses raises the normalized reward (std 1 on the SFT policy's samples) by this much at
+    # the low end of its 95% interval, wherever it is put.
+    reward_exploit_gain: float = _t(0.5, "own calibration on the world (docs/reward-model.md): half a standard "
+                                          "deviation of the reward, at the interval's low end")
 
 
 @dataclass
@@ -454,6 +460,35 @@ def _beta_too_high(m, t):
     return None
 
 
+def _attacked(m: dict) -> bool:
+    return any(k.startswith("rm_attack/") for k in m)
+
+
+@_reads("rm_attack/top_gain", "rm_attack/top_gain_ci_low", any_of=(("rm_attack/gold_gain",),
+                                                                    ("rm_attack/judge_win_rate",)))
+def _reward_exploit(m, t):
+    """The reward-model attack's first-ranked pattern (``instruments.rm_attack``) raises the
+    reward wherever it is inserted, the low end of its 95% interval at least
+    ``reward_exploit_gain``, while the truth does not pay for it: gold gains less than
+    ``gold_flat`` (the world), or the judge prefers it in at most half the pairs."""
+    low = m["rm_attack/top_gain_ci_low"]
+    if low < t.reward_exploit_gain:
+        return None
+    if "rm_attack/gold_gain" in m:
+        if m["rm_attack/gold_gain"] >= t.gold_flat:
+            return None
+        truth = f"while gold changes {m['rm_attack/gold_gain']:+.2f}"
+    elif m["rm_attack/judge_win_rate"] <= 0.5:
+        truth = f"while the judge prefers it in {m['rm_attack/judge_win_rate']:.0%} of pairs"
+    else:
+        return None
+    pattern = m.get("rm_attack/top_pattern")
+    named = repr(pattern) if isinstance(pattern, str) else "the first-ranked pattern"
+    return (f"inserting {named} into held-out responses raises the reward {m['rm_attack/top_gain']:+.2f} "
+            f"(95% CI {low:+.2f} to {m.get('rm_attack/top_gain_ci_high', float('nan')):+.2f}, normalized units) "
+            f"{truth}")
+
+
 # How to measure what a rule reads: an ``rlhflab eval`` of the policy against its base on
 # the user's files (docs/instruments.md), or on the built-in world without them.
 _EVAL = "rlhflab eval --policy DIR --base DIR --out DIR"
@@ -565,6 +600,16 @@ RULES: tuple[Rule, ...] = (
              "loss_type=['sigmoid', 'sft']; rlhflab's dpo.simpo_nll_coef, or --loss orpo); a lower learning rate, "
              "fewer epochs, a larger beta; then read samples and measure a judge's win-rate (rlhflab eval)",
          applies=_is_dpo),
+    Rule("reward_exploit", "fail", _reward_exploit,
+         symptom="the reward model pays for a pattern the truth does not",
+         instrument="reward-model attack (rlhflab attack-rm, rl.attack_every): a gradient search for what raises "
+                    "the reward, its patterns inserted into held-out responses, with gold or a judge beside them",
+         root_cause="a spurious feature of the preference data that the reward model learned (phrase gaming): a "
+                    "policy optimized against it learns the pattern",
+         fix="adversarial pairs: rlhflab rm --adversarial ATTACK_DIR (the exploits against clean responses, "
+             "labelled, the reward model retrained), then attack it again; regularize the reward model; a higher "
+             "beta; watch the pattern during RL with rl.attack_every",
+         applies=_attacked),
 )
 
 
@@ -591,6 +636,8 @@ RULE_MEASURES: dict[str, str] = {
                   "OpenRLHF's rollout/truncated_rate)",
     "likelihood_displacement": "the DPO run's log over two logged rows or more (rlhflab dpo's metrics.jsonl, "
                                "TRL's trainer_state.json): logps/chosen, logps/rejected",
+    "reward_exploit": "rlhflab attack-rm --rm DIR --out DIR on the built-in world; on your prompts, "
+                      "--prompts F --judge rm:DIR|lm:DIR|py:FN",
 }
 
 
@@ -738,7 +785,8 @@ def format_findings(result: dict) -> str:
 
 
 def add_arguments(p) -> None:
-    p.add_argument("run_dir", nargs="?", help="an `rlhflab eval` output (eval.json), a training run's directory "
+    p.add_argument("run_dir", nargs="?", help="an `rlhflab eval` output (eval.json), an `rlhflab attack-rm` output "
+                   "(attack.json), a training run's directory "
                    "(metrics.json, metrics.jsonl or TRL's trainer_state.json), or a directory of runs (the main job's, "
                    "a sweep's): each run below it, by name")
     p.add_argument("--metrics", help="a JSON or JSONL file of readings or log rows (format in docs/instruments.md)")
@@ -752,7 +800,9 @@ def add_arguments(p) -> None:
 _NON_FINITE = ("inf", "-inf", "nan")
 # Readings are grouped by prefix; a key under one of these is a reading and must be a number.
 READING_PREFIXES = ("kl", "gold", "rm", "win_rate", "length", "refusal", "sycophancy", "keywords", "diversity",
-                    "capability", "overopt", "rollout", "filler", "logps", "rewards")
+                    "capability", "overopt", "rollout", "filler", "logps", "rewards", "rm_attack")
+# Readings that are text, not numbers: the reward-model attack's first-ranked pattern.
+TEXT_READINGS = ("rm_attack/top_pattern",)
 _SHARES = ("diversity/distinct_1", "diversity/distinct_2", "diversity/repetition", "capability/answer_share",
            "rewards/accuracies")
 _NON_NEGATIVE_PREFIXES = ("length/",)
@@ -792,9 +842,14 @@ def _rule_keys() -> set[str]:
     return {k for r in RULES for k in (*r.check.needs, *(k for g in r.check.any_of for k in g))}
 
 
-def _reading(key: str, value, where: dict) -> float | None:
+def _reading(key: str, value, where: dict) -> float | str | None:
     """One reading as a float, or None for a key whose value is no reading (a nested list or
-    object of a key no rule reads, a non-number of a key outside the readings' prefixes)."""
+    object of a key no rule reads, a non-number of a key outside the readings' prefixes); a
+    ``TEXT_READINGS`` key is text."""
+    if key in TEXT_READINGS:
+        if isinstance(value, str):
+            return value
+        raise InputError(f"expected text, got {value!r}", field=_printable(key), **where)
     if isinstance(value, str) and value.strip().lower() in _NON_FINITE:
         x = float(value.strip().lower())  # how eval.json writes non-finite numbers
     elif isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -828,7 +883,7 @@ def check_readings(metrics: dict, where: dict | None = None) -> dict:
 
 
 # The files of a run directory that hold readings, in the order they are looked for.
-RUN_FILES = ("eval.json", "metrics.json", "metrics.jsonl", "trainer_state.json")
+RUN_FILES = ("eval.json", "metrics.json", "metrics.jsonl", "trainer_state.json", "attack.json")
 # How deep below a directory of runs (the main job's, a sweep's) arms are looked for:
 # ``runs/demo/eval/ppo``, ``runs/sweep/ppo_beta0.1/eval/ppo``.
 ARM_DEPTH = 3
@@ -957,7 +1012,7 @@ def load_readings(run_dir: str | None, metrics: str | None, schema: str = "auto"
         rows = [*read_log(path.parent / "metrics.jsonl"), *rows]
     data = readings_of(rows) if rows else {}
     readings = check_readings(data, {"file": str(path)})
-    if not any(_is_reading(k) and not math.isnan(v) for k, v in readings.items()):
+    if not any(_is_reading(k) and isinstance(v, float) and not math.isnan(v) for k, v in readings.items()):
         why, what = _no_readings(raw, names, data)
         raise NoReadings(why, what=what, file=str(path))
     how = "detected from its keys" if schema == "auto" else "as given"

@@ -116,6 +116,7 @@ class OnlineRun:
         self.last_metrics: dict = {}
         self._bar = None
         self._perm_cache: tuple[int, list[int]] | None = None
+        self._attacked_rm = self._attack_target() if rl.attack_every else None
 
     # -- modules -----------------------------------------------------------------------
 
@@ -334,7 +335,9 @@ class OnlineRun:
         self.state["step"] = step
         if rl.eval_every and (step % rl.eval_every == 0 or step == rl.steps):
             metrics.update(self._held_out_eval(step))
-        if step % rl.log_every == 0 or step == rl.steps or any(k.startswith("gold/") for k in metrics):
+        if rl.attack_every and step % rl.attack_every == 0 and self.is_main:
+            metrics.update(self._attack(step, ro))
+        if step % rl.log_every == 0 or step == rl.steps or any(k.startswith(("gold/", "rm_attack/")) for k in metrics):
             self.log.log(metrics, step=step)
         self.last_metrics = metrics
         if self._bar is not None:
@@ -413,6 +416,41 @@ class OnlineRun:
                 return shift_readings(model, prompts, [c.text for c in completions],
                                       eos=[c.eos for c in completions])
         return {}
+
+    def _attack_target(self):
+        """The reward model ``rl.attack_every`` attacks: the first of the run's reward sources
+        that is one (``rewards.ModelReward``)."""
+        from rlhflab.errors import InputError
+
+        for _, source in getattr(self.reward, "terms", ()):
+            model = getattr(source, "model", None)
+            if model is not None:
+                return model
+        raise InputError("rl.attack_every attacks the run's reward model, and this run has none (reward functions "
+                         "only): set it to 0 or give --rm", field="rl.attack_every")
+
+    def _attack(self, step: int, ro) -> dict:
+        """The cheap reward-model attack (``instruments.rm_attack.CHEAP``) on this step's samples:
+        the first sample of each of the first prompts is searched, the samples of the other
+        prompts are the held-out responses its patterns are inserted into; the
+        ``rm_attack/...`` readings (the top pattern's text included: text stays in
+        metrics.jsonl, trackers get the numbers) and the time it took."""
+        from rlhflab.instruments.rm_attack import CHEAP, Response, attack_reward_model
+
+        t = time.perf_counter()
+        rows = self.local_rows_of(step)[2]
+        prompts = [r["prompt"] for r in rows] if rows is not None else list(ro.prompts)
+        samples = [Response(p, text, bool(e)) for p, text, e in zip(prompts, ro.texts, ro.eos.tolist())]
+        G = self.group_size
+        n_prompts = len(samples) // G
+        n_starts = min(CHEAP.starts, max(1, n_prompts // 2))
+        starts = samples[: n_starts * G: G]
+        held_out = samples[n_starts * G:][: CHEAP.held_out]
+        settings = dataclasses.replace(CHEAP, seed=derive_seed(self.rl.seed, "attack", step))
+        record = attack_reward_model(self._attacked_rm, starts, held_out, settings, world=self.world)
+        out = {k: v for k, v in record.items() if k.startswith("rm_attack/")}
+        out["time/attack"] = time.perf_counter() - t
+        return out
 
     @property
     def selection_key(self) -> str | None:

@@ -10,6 +10,16 @@ Data, in order of precedence:
    with ``rm.k`` samples per prompt on ``rm.n_prompts`` prompts, ``rm.n_eval_prompts``
    held out), the InstructGPT way.
 
+``--adversarial A`` appends adversarial pairs to the training data (never to the held-out
+pairs): ``A/adversarial.jsonl`` of an ``rlhflab attack-rm`` output (or such a file itself),
+found exploits against clean responses to the same prompts. Rows on world prompts are
+labelled by the world's raters (``world.rater``: each rater votes, the majority is
+``chosen``, an even split is dropped); other rows are taken as the file labels them (people
+reviewed them: ``chosen`` is the clean response as ``attack-rm`` presumed it). They are
+written to ``DIR/data/adversarial.jsonl`` and counted as ``data/source/adversarial``; with
+``A/attack.json`` beside them, the attack's patterns are measured again on the new reward
+model (``adversarial/patterns``: gain before and after).
+
 Writes ``DIR/model`` (see ``rlhflab.reward_model``), ``DIR/metrics.jsonl`` (step metrics,
 ``rm/member`` tells ensemble members apart), ``DIR/metrics.json`` (summary),
 ``DIR/config.yaml`` and, for world data, ``DIR/data/train.jsonl`` and ``DIR/data/eval.jsonl``.
@@ -48,6 +58,9 @@ def add_arguments(p) -> None:
     p.add_argument("--loss", choices=field_choices(RMConfig, "loss"), help="sets rm.loss")
     p.add_argument("--label-smoothing", type=float, help="sets rm.label_smoothing")
     p.add_argument("--center-coef", type=float, help="sets rm.center_coef")
+    p.add_argument("--adversarial", help="an `rlhflab attack-rm` output directory (its adversarial.jsonl) or a "
+                   "file of adversarial pairs: appended to the training pairs, labelled by the world's raters on "
+                   "world prompts")
 
 
 def run(args) -> int:
@@ -58,9 +71,63 @@ def run(args) -> int:
         if getattr(args, flag) is not None:
             setattr(cfg.rm, name, getattr(args, flag))
     check_section(cfg.rm, "rm")  # re-check values set from flags
+    adversarial = adversarial_file(args.adversarial) if args.adversarial else None
+    if adversarial is not None and cfg.rm.loss == "plackett_luce":
+        raise InputError("adversarial pairs are pairs, not rankings: train them with rm.loss=bradley_terry",
+                         field="--adversarial")
     run_rm(cfg, Path(args.out), sft=args.sft, data=args.data, eval_data=args.eval_data,
-           world_pairs=args.world_pairs, overwrite=args.overwrite)
+           world_pairs=args.world_pairs, overwrite=args.overwrite, adversarial=adversarial)
     return 0
+
+
+ADVERSARIAL_FILE = "adversarial.jsonl"
+
+
+def adversarial_file(path: str) -> Path:
+    """The pairs ``--adversarial`` names: a file, or an ``attack-rm`` directory's ``adversarial.jsonl``."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / ADVERSARIAL_FILE
+        if not p.is_file():
+            raise InputError(f"no {ADVERSARIAL_FILE} here: give an `rlhflab attack-rm` output directory or a file "
+                             "of pairs", file=str(p.parent))
+    elif not p.exists():
+        raise InputError("cannot open: No such file or directory", file=path)
+    return p
+
+
+def label_adversarial(rows: list[dict], world, seed: int) -> tuple[list[dict], dict]:
+    """Adversarial pairs labelled: on world prompts by the world's raters (every rater votes on
+    the pair, the majority is ``chosen``, an even split is dropped), elsewhere as the file has
+    them. Returns (rows, counts)."""
+    from rlhflab.seeds import derive_seed
+    from rlhflab.world.labeler import RaterPanel
+    from rlhflab.world.tasks import parse_prompt
+
+    panel = RaterPanel(world.cfg.rater, seed=derive_seed(seed, "adversarial"))
+    out, counts = [], {"adversarial/pairs_in": len(rows), "adversarial/rater_labelled": 0,
+                       "adversarial/rater_prefers_clean": 0, "adversarial/ties": 0}
+    for row in rows:
+        row = {**row, "source": "adversarial"}
+        parsed = parse_prompt(row["prompt"]) if isinstance(row["prompt"], str) else None
+        if parsed is None or not isinstance(row["chosen"], str) or not isinstance(row["rejected"], str):
+            out.append(row)
+            continue
+        votes = panel.compare(parsed, row["chosen"], row["rejected"], row.get("chosen_eos", True),
+                              row.get("rejected_eos", True))
+        counts["adversarial/rater_labelled"] += 1
+        if 2 * sum(votes) == len(votes):
+            counts["adversarial/ties"] += 1
+            continue
+        if 2 * sum(votes) > len(votes):
+            counts["adversarial/rater_prefers_clean"] += 1
+            out.append({**row, "votes": votes})
+        else:  # the raters prefer the exploit: the labels say so
+            out.append({**row, "chosen": row["rejected"], "rejected": row["chosen"],
+                        "chosen_eos": row.get("rejected_eos", True), "rejected_eos": row.get("chosen_eos", True),
+                        "votes": [1 - v for v in votes]})
+    counts["adversarial/pairs"] = len(out)
+    return out, counts
 
 
 def _positions(path: Path, trust_remote_code: bool) -> int | None:
@@ -128,7 +195,8 @@ def _merged(model):
 
 
 def run_rm(cfg: Config, out: Path, *, sft: str | None = None, data: str | None = None,
-           eval_data: str | None = None, world_pairs: bool = False, overwrite: bool = False) -> dict:
+           eval_data: str | None = None, world_pairs: bool = False, overwrite: bool = False,
+           adversarial: Path | None = None) -> dict:
     """The reward-model stage end to end: validate, (collect,) train, normalize, save."""
     from accelerate.utils import set_seed
 
@@ -163,6 +231,7 @@ def run_rm(cfg: Config, out: Path, *, sft: str | None = None, data: str | None =
     # User files are validated up front: a bad row stops the run before anything is written.
     train_rows = load_rows(data, "preference") if data else None
     eval_rows = load_rows(eval_data, "preference") if eval_data else None
+    adversarial_rows = load_rows(adversarial, "preference") if adversarial else None
     tok = load_rm_tokenizer(backbone, cfg.model.trust_remote_code)
     max_length = min(rm.max_length, _positions(backbone, cfg.model.trust_remote_code) or rm.max_length)
     accelerator.wait_for_everyone()
@@ -186,6 +255,13 @@ def run_rm(cfg: Config, out: Path, *, sft: str | None = None, data: str | None =
             accelerator.wait_for_everyone()
             train_rows = load_rows(work / "data" / "train.jsonl", "preference")
             eval_rows = load_rows(work / "data" / "eval.jsonl", "preference")
+        if adversarial_rows is not None:  # appended to the training pairs only, labelled first
+            adversarial_rows, adversarial_counts = label_adversarial(adversarial_rows, world, rm.seed)
+            counts.update(adversarial_counts)
+            if accelerator.is_main_process:
+                (work / "data").mkdir(exist_ok=True)
+                write_jsonl(work / "data" / ADVERSARIAL_FILE, adversarial_rows)
+            train_rows = [*train_rows, *adversarial_rows]
         train, data_counts = rows_to_groups(train_rows, weights=rm.weights, margin_scale=rm.margin_scale,
                                             min_agreement=rm.min_agreement)
         counts.update(data_counts)
@@ -257,6 +333,8 @@ def run_rm(cfg: Config, out: Path, *, sft: str | None = None, data: str | None =
             if held:
                 summary["eval/accuracy"] = pairwise_accuracy(reward_model, _rows_of(held))
                 summary["eval/accuracy_member_mean"] = sum(s["eval/accuracy"] for s in member_summaries) / rm.ensemble
+            if adversarial_rows:
+                summary.update(_adversarial_readings(reward_model, adversarial_rows, adversarial, world))
             summary["members"] = member_summaries
             for key in ("train/loss", "train/accuracy", "eval/loss", "eval/loss_initial", "eval/accuracy_initial"):
                 if key in member_summaries[0]:
@@ -292,6 +370,25 @@ def _feature_stats(reward_model, train: list, held: list, limit: int = 4096) -> 
     return feature_stats(reward_model, responses(train), responses(held) if held else None)
 
 
+def _adversarial_readings(reward_model, rows: list[dict], path: Path, world) -> dict:
+    """How the retrained reward model orders its adversarial pairs, and, with the attack's
+    ``attack.json`` beside them, its patterns measured again (gain before and after)."""
+    from rlhflab.artifacts import read_json
+    from rlhflab.instruments.rm_attack import remeasure
+    from rlhflab.instruments.rm_eval import pairwise_accuracy
+
+    out: dict = {"adversarial/accuracy": pairwise_accuracy(reward_model, rows)}
+    record_file = path.parent / "attack.json"
+    if record_file.is_file():
+        record = read_json(record_file)
+        if isinstance(record, dict) and record.get("patterns"):
+            again = remeasure(reward_model, record, world=world)
+            out["adversarial/patterns"] = again
+            out["adversarial/top_gain_before"] = again[0]["gain_before"]
+            out["adversarial/top_gain_after"] = again[0]["gain_after"]
+    return out
+
+
 def _rows_of(groups: list) -> list[dict]:
     """Preference rows back from groups (the held-out share of a user's file)."""
     return [{"prompt": g.prompt, "chosen": g.responses[i], "rejected": g.responses[j],
@@ -300,6 +397,7 @@ def _rows_of(groups: list) -> list[dict]:
 
 def _print_summary(summary: dict) -> None:
     keys = ["train/loss", "train/accuracy", "eval/accuracy_initial", "eval/accuracy", "eval/accuracy_member_mean",
-            "data/pairs", "train/seconds"]
+            "data/pairs", "adversarial/pairs", "adversarial/accuracy", "adversarial/top_gain_before",
+            "adversarial/top_gain_after", "train/seconds"]
     print("  ".join(f"{k}={summary[k]:.3f}" if isinstance(summary[k], float) else f"{k}={summary[k]}"
                     for k in keys if k in summary))

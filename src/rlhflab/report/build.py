@@ -5,7 +5,8 @@ Expected layout (each piece optional): ``summary.json`` (stage timings), ``confi
 resolved config: the arms and the sizes of the probe sets), ``sft/``, ``rm/metrics.json``,
 ``rm_eval/rm_eval.json``, one directory per arm with ``metrics.jsonl`` (training curve),
 ``eval/<name>/eval.json`` + ``samples.json`` + ``diagnosis.json``, ``bon/bon.json`` (the
-best-of-n arm), ``sweep/frontier.json`` and ``bandit_frontier.json``.
+best-of-n arm), ``sweep/frontier.json``, ``bandit_frontier.json`` and ``attack/attack.json``
+(``rlhflab attack-rm --out RUN/attack``: what the reward model pays for).
 
 Three rules keep the figures honest:
 
@@ -198,6 +199,31 @@ def reward_model_readings(ev: dict) -> str:
                                styles={"perfect calibration": "dashed"},
                                title="RM calibration (held-out votes)", xlabel="predicted P(chosen)",
                                ylabel="observed frequency"))
+    return "\n".join(parts)
+
+
+def section_rm_attack(record: dict, rows: int = 8) -> str:
+    """``rlhflab attack-rm``'s ``attack.json``: the patterns the reward model pays for (reward
+    gain of each inserted into held-out responses, its interval, what the truth makes of it),
+    the known probes beside them, and the largest gains the search found."""
+    def truth(p: dict):
+        return p.get("gold_gain", p.get("judge_win_rate", "-"))
+
+    verdict = {True: "exploit", False: "no", None: "unverified"}
+    kind = "gold gain" if any("gold_gain" in p for p in record.get("patterns", [])) else "judge win-rate"
+    items = [(p.get("text", ""), p) for p in record.get("patterns", [])[:rows]]
+    items += [(f"probe: {k}", v) for k, v in record.get("probes", {}).items()]
+    parts = [table(["pattern", "reward gain", "95% CI", kind, "verdict"],
+                   [[name, p.get("gain"), f"{_num(p.get('ci_low')):+.2f} to {_num(p.get('ci_high')):+.2f}", truth(p),
+                     verdict.get(p.get("exploit"), "-")] for name, p in items])]
+    found = [[e.get("prompt", ""), e.get("start", ""), e.get("found", ""), e.get("gain"), e.get("gold_found", "-")]
+             for e in record.get("exploits", [])[:3]]
+    if found:
+        parts.append(table(["prompt", "start", "found", "reward gain", "gold of found"], found))
+    cost = record.get("cost", {})
+    parts.append(f"<p class=\"small\">{esc(str(cost.get('starts_searched', '?')))} starts from "
+                 f"{esc(str(record.get('starts_from', '?')))}; {esc(str(cost.get('sequences_scored', '?')))} sequences "
+                 f"scored in {_num(cost.get('seconds')):.0f} s; model output as written (escaped, never run)</p>")
     return "\n".join(parts)
 
 
@@ -674,6 +700,8 @@ def build_run_report(run: str | Path, arms: list[str] | None = None, out: str | 
         ("Pipeline at a glance", section_pipeline(run)),
         ("The SFT policy's gold, by probe set", section_sft_gold(run, curves, evals, probe_sets)),
         ("Reward model", section_reward_model(run)),
+        *([("What the reward model pays for (rlhflab attack-rm)", section_rm_attack(attack))]
+          if isinstance(attack := _load(run / "attack" / "attack.json"), dict) else []),
         ("Training curves", section_training(curves, palette, probe_sets)),
         ("Over-optimization (Gao et al. 2022)",
          section_overoptimization({a: r for a, r in curves.items() if arm_kind(a) == "online"}, readings, palette,

@@ -6,6 +6,7 @@
 | eval      | ``eval.json`` (``rlhflab eval``)                    | readings against the base, the diagnosis with its reasons, samples |
 | rm-eval   | ``rm_eval.json`` (``rlhflab eval-rm``)              | the reward model's readings and calibration |
 | bon       | ``bon.json`` (``rlhflab bon``)                      | gold, proxy and KL per n            |
+| attack    | ``attack.json`` (``rlhflab attack-rm``)             | the patterns the reward model pays for, the probes, the truth |
 | training  | ``metrics.jsonl`` or ``metrics.json`` (``rlhflab sft``, ``rm``, ``dpo``, ``ppo``, ``grpo``, ``rloo``, ``reinforce``, ...) | curves on the run's own step axis, the summary, every logged number, the diagnosis where readings allow |
 | trl       | ``trainer_state.json`` (TRL's trainers; else the last ``checkpoint-N/trainer_state.json``) | the same, from its ``log_history`` |
 
@@ -35,14 +36,15 @@ from rlhflab.report.build import (
     preference_step,
     reward_model_readings,
     section_instruments,
+    section_rm_attack,
     section_samples,
 )
 from rlhflab.report.html import esc, page, table, write_page
 from rlhflab.report.svg import Palette, line_plot
 
-KINDS = ("run", "eval", "rm-eval", "bon", "training", "trl")
+KINDS = ("run", "eval", "rm-eval", "bon", "attack", "training", "trl")
 EXPECTED = ("summary.json (rlhflab run), eval.json (rlhflab eval), rm_eval.json (rlhflab eval-rm), bon.json "
-            "(rlhflab bon), metrics.jsonl or metrics.json (a training run) or trainer_state.json (TRL)")
+            "(rlhflab bon), attack.json (rlhflab attack-rm), metrics.jsonl or metrics.json (a training run) or trainer_state.json (TRL)")
 
 
 def _trl_state(d: Path) -> Path | None:
@@ -65,7 +67,7 @@ def directory_kind(d: str | Path) -> str:
     if (d / "summary.json").is_file() and ((d / "eval").is_dir()
                                            or isinstance(_setting(_config(d / "config.yaml"), "run.arms"), list)):
         return "run"
-    for name, kind in (("eval.json", "eval"), ("rm_eval.json", "rm-eval"), ("bon.json", "bon"),
+    for name, kind in (("eval.json", "eval"), ("rm_eval.json", "rm-eval"), ("bon.json", "bon"), ("attack.json", "attack"),
                        ("metrics.jsonl", "training"), ("metrics.json", "training")):
         if (d / name).is_file():
             return kind
@@ -81,9 +83,30 @@ def build_report(d: str | Path, out: str | Path) -> Path:
     kind = directory_kind(d)
     if kind == "run":
         return build_run_report(d, out=out)
-    title, sections = {"eval": eval_report, "rm-eval": rm_eval_report, "bon": bon_report,
+    title, sections = {"eval": eval_report, "rm-eval": rm_eval_report, "bon": bon_report, "attack": attack_report,
                        "training": training_report, "trl": trl_report}[kind](d)
     return write_page(out, page(title, sections, subtitle=str(d.resolve())))
+
+
+# ---------------------------------------------------------------------------------------
+# rlhflab attack-rm
+
+
+def attack_report(d: Path) -> tuple[str, list]:
+    record = _load(d / "attack.json")
+    if not isinstance(record, dict):
+        raise InputError("not a JSON object", file=str(d / "attack.json"))
+    readings = {k: v for k, v in record.items() if k.startswith("rm_attack/")}
+    found = [f for f in diagnosis_of(readings).get("findings", []) if f.get("name") == "reward_exploit"]
+    verdict = (table(["finding", "evidence", "root cause", "fix"],
+                     [[f["name"], f["evidence"], f["root_cause"], f["fix"]] for f in found]) if found else
+               '<p class="small">No <code>reward_exploit</code> finding: the first-ranked pattern is not paid for '
+               "beyond the bar, the truth pays for it too, or there is no truth to ask (give <code>--judge</code>)."
+               "</p>")
+    return "rlhflab attack-rm report", [
+        (f"What the reward model {record.get('rm', '')} pays for", section_rm_attack(record)),
+        ("Diagnosis", verdict),
+    ]
 
 
 # ---------------------------------------------------------------------------------------
