@@ -32,7 +32,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     # the online RL commands, one per ``registry.online_commands()``: ppo, reinforce, rloo, grpo
     **{command: ("rlhflab.commands.rl", _online_help(variants)) for command, variants in online_commands().items()},
     "dpo": ("rlhflab.commands.dpo", "direct preference optimization and its family"),
-    "bandit": ("rlhflab.bandit", "train on an enumerable bandit and measure the distance to pi*"),
+    "bandit": ("rlhflab.commands.bandit", "train on an enumerable bandit and measure the distance to pi*"),
     "eval": ("rlhflab.commands.eval", "every instrument on a policy against its base"),
     "diagnose": ("rlhflab.diagnose", "turn instrument readings into findings: symptom, cause, fix"),
     "sweep": ("rlhflab.commands.sweep", "one arm per beta; the reward-KL frontier"),
