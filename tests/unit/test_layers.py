@@ -29,7 +29,8 @@ LAYERS: dict[int, tuple[str, tuple[str, ...]]] = {
                                     "rlhflab.rewards", "rlhflab.distributed")),
     5: ("instruments", ("rlhflab.instruments", "rlhflab.diagnose", "rlhflab.report")),
     6: ("training loops", ("rlhflab.algos",)),
-    7: ("commands", ("rlhflab.commands", "rlhflab.cli", "rlhflab.api")),
+    7: ("labeling server", ("rlhflab.labeling",)),
+    8: ("commands", ("rlhflab.commands", "rlhflab.cli", "rlhflab.api")),
 }
 
 
