@@ -13,6 +13,7 @@ from rlhflab.instruments.rm_attack import (
     Scorer,
     introduced_ngrams,
     mean_interval,
+    member_weights,
     one_hot_gradient,
     roundtrip_mask,
     sample_swaps,
@@ -88,6 +89,16 @@ def test_the_served_rewards_gradient_weights_each_member_by_its_gain():
     expect = (torch.tensor([[2.0], [0.5]], dtype=torch.float64) * raw + torch.tensor([[1.0], [-3.0]],
                                                                                         dtype=torch.float64)).mean(0)
     assert torch.allclose(s.double(), expect, atol=1e-5)
+
+
+def test_member_weights_by_hand():
+    """gains (2, 0.5), biases (1, -3), raw (1, 4): normalized s = (3, -1), mean 1, std 2.
+    mean: gain_m / 2 = (1, 0.25); min: only the lower member, (0, 0.5); mean - 0.5 std:
+    dR/ds_m = 1/2 - 0.5 (s_m - 1) / (2 * 2) = (0.25, 0.75), times the gains = (0.5, 0.375)."""
+    raw, gains, biases = torch.tensor([1.0, 4.0]), [2.0, 0.5], [1.0, -3.0]
+    assert member_weights(raw, gains, biases, "mean", 1.0).tolist() == [1.0, 0.25]
+    assert member_weights(raw, gains, biases, "min", 1.0).tolist() == [0.0, 0.5]
+    assert torch.allclose(member_weights(raw, gains, biases, "mean_minus_std", 0.5), torch.tensor([0.5, 0.375]))
 
 
 def test_top_substitutes_rank_the_gradient_among_allowed_tokens_but_the_current_one():

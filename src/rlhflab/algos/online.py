@@ -418,14 +418,16 @@ class OnlineRun:
         return {}
 
     def _attack_target(self):
-        """The reward model ``rl.attack_every`` attacks: the first of the run's reward sources
-        that is one (``rewards.ModelReward``)."""
+        """(reward model, reduce, k) that ``rl.attack_every`` attacks: the first of the run's
+        reward sources that is one (``rewards.ModelReward``), its members combined as it
+        combines them."""
         from rlhflab.errors import InputError
 
         for _, source in getattr(self.reward, "terms", ()):
             model = getattr(source, "model", None)
-            if model is not None:
-                return model
+            if model is not None:  # with the members combined as the run combines them (rl.rm_reduce)
+                k = getattr(source, "k", None)
+                return model, getattr(source, "reduce", "mean"), 1.0 if k is None else k
         raise InputError("rl.attack_every attacks the run's reward model, and this run has none (reward functions "
                          "only): set it to 0 or give --rm", field="rl.attack_every")
 
@@ -447,7 +449,8 @@ class OnlineRun:
         starts = samples[: n_starts * G: G]
         held_out = samples[n_starts * G:][: CHEAP.held_out]
         settings = dataclasses.replace(CHEAP, seed=derive_seed(self.rl.seed, "attack", step))
-        record = attack_reward_model(self._attacked_rm, starts, held_out, settings, world=self.world)
+        rm, reduce, k = self._attacked_rm
+        record = attack_reward_model(rm, starts, held_out, settings, world=self.world, reduce=reduce, k=k)
         out = {k: v for k, v in record.items() if k.startswith("rm_attack/")}
         out["time/attack"] = time.perf_counter() - t
         return out

@@ -7,7 +7,9 @@ Starts: the policy's samples (``--policy``), else the prompt file's references (
 ``--starts`` are searched, the next ``--held-out`` are the responses every pattern is
 inserted into. On world prompts the gold utility and the raters' utility (the world of
 ``--config``, else the reward model run's ``config.yaml``) say whether a pattern makes
-sense; on a user's prompts ``--judge rm:DIR | lm:DIR | py:FN`` does.
+sense; on a user's prompts ``--judge rm:DIR | lm:DIR | py:FN`` does. The reward attacked is
+the one RL is served: an ensemble's members combined by ``rl.rm_reduce`` (``--set
+rl.rm_reduce=min``), the mean by default.
 
 Writes ``DIR/attack.json`` (top exploits per prompt, patterns ranked by context-independent
 reward gain with their intervals, the known probes, the truth's readings, the settings and
@@ -158,6 +160,10 @@ def run_attack(cfg, rm_dir, s, *, policy=None, prompts_file=None, judge_spec=Non
     from rlhflab.world import World
 
     rm = RewardModel.load(rm_dir, trust_remote_code=cfg.model.trust_remote_code)
+    reduce, k = cfg.rl.rm_reduce, 1.0 if cfg.rl.rm_reduce_k is None else cfg.rl.rm_reduce_k
+    if reduce != "mean" and rm.n_members < 2:
+        raise InputError(f"rl.rm_reduce={reduce} combines the members of an ensemble; this reward model has one",
+                         field="rl.rm_reduce")
     world = World(cfg.world)
     starts, held_out, source = responses(cfg, s, policy=policy, prompts_file=prompts_file, world=world, seed=s.seed)
     judge = None
@@ -166,7 +172,7 @@ def run_attack(cfg, rm_dir, s, *, policy=None, prompts_file=None, judge_spec=Non
 
         judge = load_judge(judge_spec, trust_remote_code=cfg.model.trust_remote_code)
     with progress_bar(len(starts), "attack-rm", unit="start") as bar:
-        record = attack_reward_model(rm, starts, held_out, s, world=world, judge=judge,
+        record = attack_reward_model(rm, starts, held_out, s, world=world, judge=judge, reduce=reduce, k=k,
                                      progress=lambda **figures: bar.update(**figures))
     record = {"rm": str(rm_dir), "policy": str(policy) if policy else None,
               "prompts": str(prompts_file) if prompts_file else "world", "starts_from": source,

@@ -256,22 +256,38 @@ def encode_response(rm, r: Response) -> Encoded | None:
     return None
 
 
+def member_weights(raw: torch.Tensor, gains: Sequence[float], biases: Sequence[float], reduce: str,
+                   k: float) -> torch.Tensor:
+    """(M,) dR/draw_m: how much each member's raw score moves the served reward
+    R = reduce_m(gain_m raw_m + bias_m) at the members' scores ``raw`` (M,). For the mean,
+    gain_m / M; for the min, gain_m on the lowest member (a subgradient, exact where the lowest
+    is unique); for mean - k std, gain_m (1/M - k (s_m - mean) / (M std)). The one-hot
+    gradient of R is then sum_m w_m W_m dr_m/dE_m (the chain rule)."""
+    from rlhflab.reward_model import REDUCTIONS
+
+    x = raw.detach().double().clone().requires_grad_(True)
+    with torch.enable_grad():
+        s = torch.tensor(list(gains), dtype=torch.float64) * x + torch.tensor(list(biases), dtype=torch.float64)
+        (w,) = torch.autograd.grad(REDUCTIONS[reduce](s[:, None], k)[0], x)
+    return w.float()
+
+
 class Scorer:
-    """The served reward of token ids: members' normalized scores, averaged (what
-    ``RewardModel.score`` returns with its default ``reduce="mean"``), and its one-hot
+    """The served reward of token ids (members' normalized scores combined by ``reduce``,
+    as ``RewardModel.score`` and an RL run's ``rl.rm_reduce`` combine them) and its one-hot
     gradient; counts the sequences and gradient passes it ran."""
 
-    def __init__(self, rm, batch_size: int = 128) -> None:
-        self.rm, self.batch_size = rm, batch_size
+    def __init__(self, rm, batch_size: int = 128, reduce: str = "mean", k: float = 1.0) -> None:
+        self.rm, self.batch_size, self.reduce, self.k = rm, batch_size, reduce, k
         self.tables = [embedding_table(m) for m in rm.members]
         self.size = min(t.shape[0] for t in self.tables)
         self.sequences = 0
         self.gradients = 0
 
     @torch.no_grad()
-    def scores(self, seqs: Sequence[Sequence[int]]) -> torch.Tensor:
-        """(B,) served rewards of sequences of one length (no padding: the head reads the last
-        position of each row)."""
+    def raw(self, seqs: Sequence[Sequence[int]]) -> torch.Tensor:
+        """(M, B) raw member scores of sequences of one length (no padding: the head reads the
+        last position of each row)."""
         from rlhflab.reward_model import forward_scores
 
         out = []
@@ -279,27 +295,35 @@ class Scorer:
         for s in range(0, len(seqs), self.batch_size):
             ids = torch.tensor([list(x) for x in seqs[s:s + self.batch_size]], dtype=torch.long, device=dev)
             attn = torch.ones_like(ids)
-            total = torch.zeros(ids.shape[0], dtype=torch.float32)
-            for m, model in enumerate(self.rm.members):
-                total += self.rm.gains[m] * forward_scores(model, ids, attn).float().cpu() + self.rm.biases[m]
-            out.append(total / self.rm.n_members)
+            out.append(torch.stack([forward_scores(m, ids, attn).float().cpu() for m in self.rm.members]))
         self.sequences += len(seqs)
-        return torch.cat(out) if out else torch.zeros(0)
+        return torch.cat(out, dim=1) if out else torch.zeros((self.rm.n_members, 0))
+
+    def scores(self, seqs: Sequence[Sequence[int]]) -> torch.Tensor:
+        """(B,) served rewards of sequences of one length."""
+        from rlhflab.reward_model import REDUCTIONS
+
+        raw = self.raw(seqs)
+        norm = torch.tensor(self.rm.gains)[:, None] * raw + torch.tensor(self.rm.biases)[:, None]
+        return REDUCTIONS[self.reduce](norm, self.k) if raw.shape[1] else torch.zeros(0)
 
     def gradient(self, ids: Sequence[int], positions: Sequence[int]) -> torch.Tensor:
-        """(P, V): the one-hot gradient of the served reward, sum_m (gain_m / M) W_m dR_m/dE."""
+        """(P, V): the one-hot gradient of the served reward, sum_m w_m W_m dr_m/dE_m
+        (``member_weights``)."""
         dev = self.rm.device
         x = torch.tensor(list(ids), dtype=torch.long, device=dev)
-        total = None
+        w = (torch.tensor(self.rm.gains) / self.rm.n_members if self.reduce == "mean"
+             else member_weights(self.raw([ids])[:, 0], self.rm.gains, self.rm.biases, self.reduce, self.k))
+        total = torch.zeros((len(positions), self.size))
+        attn = torch.ones((1, len(ids)), dtype=torch.long, device=dev)
         for m, (model, table) in enumerate(zip(self.rm.members, self.tables)):
-            attn = torch.ones((1, len(ids)), dtype=torch.long, device=dev)
+            if float(w[m]) == 0.0:
+                continue
 
-            def score(emb, model=model, attn=attn):
+            def score(emb, model=model):
                 return model(inputs_embeds=emb, attention_mask=attn).logits[0, 0]
 
-            g = one_hot_gradient(score, table, x, positions).float().cpu()[:, : self.size]
-            g = g * (self.rm.gains[m] / self.rm.n_members)
-            total = g if total is None else total + g
+            total += float(w[m]) * one_hot_gradient(score, table, x, positions).float().cpu()[:, : self.size]
         self.gradients += 1
         return total
 
@@ -362,7 +386,7 @@ def search(scorer: Scorer, enc: Encoded, allowed: torch.Tensor, tokenizer, s: At
     if start:
         best, r, steps = gcg(scorer, enc, start, list(range(len(start))), allowed, tokenizer, s, generator)
         out.append(Found("swap", start, best, [i for i, (a, b) in enumerate(zip(start, best)) if a != b], r0, r, steps))
-    if s.suffix:
+    if s.suffix and len(enc.ids()) + s.suffix <= scorer.rm.max_length:  # a longer one would pass the positions
         pool = allowed.nonzero().flatten()
         for _ in range(8):  # a suffix whose text re-encodes to itself
             free = pool[torch.randint(len(pool), (s.suffix,), generator=generator)].tolist()
@@ -398,13 +422,14 @@ def utilities(world, responses: Sequence[Response]) -> tuple[list[float | None],
     return gold, rater
 
 
-def edit_gain(rm, base: Sequence[Response], modified: Sequence[Response], *, world=None, judge=None) -> dict:
+def edit_gain(rm, base: Sequence[Response], modified: Sequence[Response], *, world=None, judge=None,
+              reduce: str = "mean", k: float = 1.0) -> dict:
     """The reward gain of ``modified`` over ``base`` (pairs of one prompt): mean with its
     95% interval, the share of pairs it wins, and on world prompts the gold and rater gains
     (means), with a judge its win-rate of the modified responses."""
     n = len(base)
     s = rm.score([r.prompt for r in base] + [r.prompt for r in modified], [r.text for r in base] + [r.text for r in modified],
-                 eos=[r.eos for r in base] + [r.eos for r in modified])
+                 eos=[r.eos for r in base] + [r.eos for r in modified], reduce=reduce, k=k)
     d = (s[n:] - s[:n]).tolist()
     mean, low, high = mean_interval(d)
     out = {"gain": mean, "ci_low": low, "ci_high": high, "win_rate": fmean(x > 0 for x in d), "n": n}
@@ -464,15 +489,18 @@ def is_exploit(p: dict, gain_bar: float, gold_flat: float) -> bool | None:
 
 def attack_reward_model(rm, starts: Sequence[Response], held_out: Sequence[Response],
                         settings: AttackSettings = AttackSettings(), *, world=None, judge=None,
+                        reduce: str = "mean", k: float = 1.0,
                         progress: Callable[..., None] | None = None) -> dict:
     """Search every start, measure the patterns on ``held_out``, read the probes and the
-    truth; the record ``attack.json`` holds (module docstring), readings included."""
+    truth; the record ``attack.json`` holds (module docstring), readings included. The
+    reward attacked is the one served: an ensemble's members combined by ``reduce`` (with
+    ``k``), as ``RewardModel.score`` combines them."""
     from rlhflab.diagnose import Thresholds
 
     t0 = time.perf_counter()
     s = settings
     tok = rm.tokenizer
-    scorer = Scorer(rm)
+    scorer = Scorer(rm, reduce=reduce, k=k)
     allowed = roundtrip_mask(tok, scorer.size)
     gen = torch.Generator().manual_seed(s.seed)
     bar = Thresholds()
@@ -496,8 +524,8 @@ def attack_reward_model(rm, starts: Sequence[Response], held_out: Sequence[Respo
 
     # Every found response scored again from its text, the path RL takes.
     texts = [(r, f, tok.decode(f.after)) for _, r, finds in found_rows for f in finds]
-    served = rm.score([r.prompt for r, _, _ in texts], [t for _, _, t in texts], eos=[r.eos for r, _, _ in texts]) \
-        if texts else torch.zeros(0)
+    served = rm.score([r.prompt for r, _, _ in texts], [t for _, _, t in texts], eos=[r.eos for r, _, _ in texts],
+                      reduce=reduce, k=k) if texts else torch.zeros(0)
     found_resp = [Response(r.prompt, t, r.eos) for r, _, t in texts]
     gold_f, rater_f = utilities(world, found_resp) if world is not None else ([None] * len(texts),) * 2
     gold_s, rater_s = utilities(world, [r for r, _, _ in texts]) if world is not None else ([None] * len(texts),) * 2
@@ -530,7 +558,7 @@ def attack_reward_model(rm, starts: Sequence[Response], held_out: Sequence[Respo
         place = sorted(entry["places"])[len(entry["places"]) // 2]
         modified = [Response(b.prompt, insert_tokens(tok, b.text, gram, place), b.eos) for b in base]
         p = {"text": text, "tokens": len(gram), "place": place, "starts": len(entry["starts"]),
-             **edit_gain(rm, base, modified, world=world, judge=judge)}
+             **edit_gain(rm, base, modified, world=world, judge=judge, reduce=reduce, k=k)}
         patterns.append(p)
     for p in patterns:
         p["exploit"] = is_exploit(p, bar.reward_exploit_gain, bar.gold_flat)
@@ -540,11 +568,11 @@ def attack_reward_model(rm, starts: Sequence[Response], held_out: Sequence[Respo
     if base:
         for name, edit in probe_edits().items():
             modified = [Response(b.prompt, edit(b.text), b.eos) for b in base]
-            probes[name] = edit_gain(rm, base, modified, world=world, judge=judge)
+            probes[name] = edit_gain(rm, base, modified, world=world, judge=judge, reduce=reduce, k=k)
             probes[name]["exploit"] = is_exploit(probes[name], bar.reward_exploit_gain, bar.gold_flat)
 
     seconds = time.perf_counter() - t0
-    record = {"settings": dataclasses.asdict(s),
+    record = {"settings": {**dataclasses.asdict(s), "reduce": reduce, "k": k},
               "cost": {"seconds": seconds, "sequences_scored": scorer.sequences, "gradient_passes": scorer.gradients,
                        "starts_searched": len(found_rows), "starts_skipped": skipped},
               "exploits": sorted(exploits, key=lambda e: -e["gain"]), "patterns": patterns, "probes": probes,
@@ -586,7 +614,8 @@ def remeasure(rm, record: dict, *, world=None, top: int = 8) -> list[dict]:
     for p in record.get("patterns", [])[:top]:
         ids = tok(p["text"], add_special_tokens=False).input_ids
         modified = [Response(b.prompt, insert_tokens(tok, b.text, ids, p["place"]), b.eos) for b in base]
-        now = edit_gain(rm, base, modified, world=world)
+        now = edit_gain(rm, base, modified, world=world, reduce=record.get("settings", {}).get("reduce", "mean"),
+                        k=record.get("settings", {}).get("k", 1.0))
         out.append({"text": p["text"], "gain_before": p["gain"], "ci_low_before": p["ci_low"],
                     "gain_after": now["gain"], "ci_low_after": now["ci_low"], "ci_high_after": now["ci_high"]})
     return out
