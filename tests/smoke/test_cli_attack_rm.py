@@ -77,6 +77,14 @@ def test_adversarial_pairs_in_trls_format_and_rm_trains_on_them(world_runs, tiny
     assert 0.0 <= m["adversarial/accuracy"] <= 1.0
     assert m["adversarial/patterns"][0]["text"] == json.loads((world_runs / "attack" / "attack.json").read_text())[
         "patterns"][0]["text"] and "gain_after" in m["adversarial/patterns"][0]
+    # rows someone labelled already (their votes) are taken as they are, world prompts too
+    own = world_runs / "labelled.jsonl"
+    own.write_text(json.dumps({**pairs[0], "chosen": pairs[0]["rejected"], "rejected": pairs[0]["chosen"],
+                               "votes": [1, 1, 0]}) + "\n")
+    assert main(["rm", "--config", str(tiny_config_path), "--sft", str(world_runs / "sft"), "--out",
+                 str(world_runs / "rm_own"), "--adversarial", str(own), *FAST_RM]) == 0
+    kept = load_rows(world_runs / "rm_own" / "data" / "adversarial.jsonl", "preference")
+    assert [(r["chosen"], r["votes"]) for r in kept] == [(pairs[0]["rejected"], [1, 1, 0])]
 
 
 def test_rl_attack_every_logs_the_readings(world_runs, tiny_config_path, capsys):

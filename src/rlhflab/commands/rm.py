@@ -14,8 +14,9 @@ Data, in order of precedence:
 pairs): ``A/adversarial.jsonl`` of an ``rlhflab attack-rm`` output (or such a file itself),
 found exploits against clean responses to the same prompts. Rows on world prompts are
 labelled by the world's raters (``world.rater``: each rater votes, the majority is
-``chosen``, an even split is dropped); other rows are taken as the file labels them (people
-reviewed them: ``chosen`` is the clean response as ``attack-rm`` presumed it). They are
+``chosen``, an even split is dropped) unless they carry ``votes`` of their own; other rows
+are taken as the file labels them (people reviewed them: ``chosen`` is the clean response as
+``attack-rm`` presumed it). They are
 written to ``DIR/data/adversarial.jsonl`` and counted as ``data/source/adversarial``; with
 ``A/attack.json`` beside them, the attack's patterns are measured again on the new reward
 model (``adversarial/patterns``: gain before and after).
@@ -98,8 +99,8 @@ def adversarial_file(path: str) -> Path:
 
 def label_adversarial(rows: list[dict], world, seed: int) -> tuple[list[dict], dict]:
     """Adversarial pairs labelled: on world prompts by the world's raters (every rater votes on
-    the pair, the majority is ``chosen``, an even split is dropped), elsewhere as the file has
-    them. Returns (rows, counts)."""
+    the pair, the majority is ``chosen``, an even split is dropped), unless a row carries its
+    own ``votes`` (someone labelled it); other rows as the file has them. Returns (rows, counts)."""
     from rlhflab.seeds import derive_seed
     from rlhflab.world.labeler import RaterPanel
     from rlhflab.world.tasks import parse_prompt
@@ -110,8 +111,8 @@ def label_adversarial(rows: list[dict], world, seed: int) -> tuple[list[dict], d
     for row in rows:
         row = {**row, "source": "adversarial"}
         parsed = parse_prompt(row["prompt"]) if isinstance(row["prompt"], str) else None
-        if parsed is None or not isinstance(row["chosen"], str) or not isinstance(row["rejected"], str):
-            out.append(row)
+        if parsed is None or row.get("votes") or not isinstance(row["chosen"], str) or not isinstance(row["rejected"], str):
+            out.append(row)  # not a world prompt, or labelled already (votes): as the file has it
             continue
         votes = panel.compare(parsed, row["chosen"], row["rejected"], row.get("chosen_eos", True),
                               row.get("rejected_eos", True))
