@@ -45,6 +45,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "cai-sl": ("rlhflab.commands.cai_sl", "critique and revise responses by a constitution, then SFT on the revisions"),
     "run": ("rlhflab.commands.run", "the main job: the whole pipeline on the world, then a report"),
     "report": ("rlhflab.commands.report", "a self-contained HTML report of any run, training run or eval directory"),
+    "label": ("rlhflab.commands.label", "a web app where people compare responses: tasks, votes, agreement, TRL pairs"),
 }
 
 
