@@ -308,3 +308,30 @@ def test_export_is_what_the_reward_model_reads(tmp_path):
     loaded = load_rows(tmp_path / "prefs.jsonl", "preference")
     groups, _ = rows_to_groups(loaded)
     assert sorted(len(g.responses) for g in groups) == [2, 3]
+
+
+def test_the_form_stores_each_answer_in_the_tasks_own_indices():
+    store = Store("sqlite://")
+    token = store.create_user("dan", "labeler")
+    store.add_tasks([{"prompt": f"what is {i} plus 1 ?", "responses": [f"{i + 1} .", f"{i + 2} ."], "overlap": 1}
+                     for i in range(5)])
+    client = TestClient(create_app(store), follow_redirects=False)
+    csrf = sign_in(client, "dan", token)
+    for choice in ("A", "B", "tie", "both_bad", "skip"):
+        page = client.get("/label").text
+        for key in ("1", "2", "3", "4", "s"):  # every choice has its key
+            assert f'data-key="{key}"' in page
+        vote = int(re.search(r'name="vote" value="(\d+)"', page)[1])
+        reply = client.post("/label", data={"vote": vote, "key": f"form-{choice}-key", "csrf": csrf,
+                                            "answer": choice, "confidence": "4", "reason": "because"})
+        assert reply.status_code == 303, reply.text
+        with store.session() as s:
+            v = s.get(Vote, vote)
+            want = {"A": {"ranking": [v.shown[0], v.shown[1]]}, "B": {"ranking": [v.shown[1], v.shown[0]]},
+                    "tie": {"tie": True}, "both_bad": {"both_bad": True}, "skip": None}[choice]
+            assert (v.answer, v.status, v.confidence, v.reason) == (
+                want, "skipped" if choice == "skip" else "submitted", 4, "because")
+    assert "answered 5 of 5" in client.get("/label").text
+    bad = client.post("/label", data={"vote": 1, "key": "form-bad-key", "csrf": csrf, "answer": "A",
+                                      "confidence": "9"})
+    assert bad.status_code == 400

@@ -51,6 +51,7 @@ from rlhflab.errors import InputError
 
 ROLES = ("labeler", "admin")
 SESSION_HOURS = 12
+ABANDONED = timedelta(hours=1)
 # scrypt's cost: N = 2^14, r = 8, p = 1 (16 MiB, the parameters RFC 7914 section 2 cites for
 # interactive logins).
 SCRYPT = {"n": 2**14, "r": 8, "p": 1, "maxmem": 64 * 1024 * 1024, "dklen": 32}
@@ -246,8 +247,7 @@ class Store:
             if open_vote is not None:
                 return open_vote, s.get(Task, open_vote.task_id)
             seen = select(Vote.task_id).where(Vote.user_id == user.id)
-            taken = (select(func.count(Vote.id)).where(Vote.task_id == Task.id, Vote.status != "skipped")
-                     .correlate(Task).scalar_subquery())
+            taken = self._taken()
             ids = list(s.scalars(select(Task.id).where(Task.id.not_in(seen))
                                  .where((Task.gold.is_not(None)) | (taken < Task.overlap))))
             if not ids:
@@ -269,6 +269,14 @@ class Store:
             if vote is None or vote.user_id != user.id:
                 return None
             return vote, s.get(Task, vote.task_id)
+
+    def _taken(self):
+        """A task's answers plus its assignments served less than ``ABANDONED`` ago (one left
+        open longer goes back to the queue, and its labeler may still answer it)."""
+        return (select(func.count(Vote.id))
+                .where(Vote.task_id == Task.id, Vote.status != "skipped",
+                       (Vote.status != "served") | (Vote.served_at > now() - ABANDONED))
+                .correlate(Task).scalar_subquery())
 
     def submit(self, user: User, vote_id: int, answer: Any, key: str, *, confidence: int | None = None,
                reason: str | None = None, skip: bool = False) -> str:
@@ -296,8 +304,7 @@ class Store:
         with self.session() as s:
             done = s.scalar(select(func.count(Vote.id)).where(Vote.user_id == user.id, Vote.status != "served"))
             seen = select(Vote.task_id).where(Vote.user_id == user.id, Vote.status != "served")
-            taken = (select(func.count(Vote.id)).where(Vote.task_id == Task.id, Vote.status != "skipped")
-                     .correlate(Task).scalar_subquery())
+            taken = self._taken()
             open_ = s.scalar(select(func.count(Task.id)).where(Task.id.not_in(seen))
                              .where((Task.gold.is_not(None)) | (taken < Task.overlap)))
             return done, done + open_

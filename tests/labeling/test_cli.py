@@ -1,0 +1,78 @@
+"""``rlhflab label``: the server on loopback by default, bad input as one line with exit 2, a
+task left open going back to the queue."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from datetime import timedelta
+
+import httpx
+
+from rlhflab.cli import build_parser, main
+from rlhflab.labeling.store import Store, Vote
+
+
+def test_serve_binds_loopback_unless_told(tmp_path):
+    args = build_parser(load=("label",)).parse_args(["label", "serve"])
+    assert (args.host, args.port, args.db) == ("127.0.0.1", 8000, "sqlite:///labels.db")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "rlhflab.cli", "label", "serve", "--db", str(tmp_path / "l.db"),
+                             "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "RLHFLAB_THREADS": "off"})
+    try:
+        for _ in range(300):
+            try:
+                reply = httpx.get(f"http://127.0.0.1:{port}/login", timeout=1)
+                break
+            except httpx.TransportError:
+                assert proc.poll() is None, proc.communicate()[1]
+                time.sleep(0.05)
+        assert reply.status_code == 200 and 'name="csrf"' in reply.text
+        listening = [line for line in open("/proc/net/tcp").read().splitlines()[1:]
+                     if line.split()[1].endswith(f":{port:04X}") and line.split()[3] == "0A"]
+        assert [line.split()[1].split(":")[0] for line in listening] == ["0100007F"]  # 127.0.0.1 only
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+
+
+def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
+    db = str(tmp_path / "l.db")
+    prefs = tmp_path / "p.jsonl"
+    prefs.write_text(json.dumps({"prompt": "what is 2 plus 2 ?", "chosen": "4 .", "rejected": "5 ."}) + "\n")
+    assert main(["label", "user", "--db", db, "--name", "alice"]) == 0
+    assert "alice (labeler) token: " in capsys.readouterr().out
+    cases = [
+        (["label", "user", "--db", db, "--name", "alice"], "a user 'alice' exists already"),
+        (["label", "user", "--db", db, "--name", "a b"], "name: expected"),
+        (["label", "load", "--db", db, "--from", str(tmp_path / "nope.jsonl")], "nope.jsonl: cannot open"),
+        (["label", "load", "--db", db, "--from", str(prefs), "--overlap", "0"], "--overlap: expected"),
+        (["label", "load", "--db", db, "--from", str(prefs), "--gold", str(tmp_path / "g.jsonl")], "g.jsonl"),
+        (["label", "export", "--db", db, "--out", str(tmp_path / "out.jsonl")], "no pair has a majority yet"),
+        (["label", "export", "--db", db, "--out", str(prefs)], "exists already"),
+        (["label", "bots", "--db", db, "--n", "0"], "--n: expected"),
+        (["label", "serve", "--db", db, "--port", "0"], "--port: expected"),
+        (["label", "user", "--db", "nosuch://x", "--name", "bob"], "cannot use the database URL"),
+    ]
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], (argv, err)
+
+
+def test_a_task_left_open_goes_back_to_the_queue():
+    store = Store("sqlite://")
+    users = [store.authenticate(n, store.create_user(n, "labeler")) for n in ("u1", "u2")]
+    store.add_tasks([{"prompt": "what is 2 plus 2 ?", "responses": ["4 .", "5 ."], "overlap": 1}])
+    vote, _ = store.next_vote(users[0])
+    assert store.next_vote(users[1]) is None  # the one slot is held
+    with store.session.begin() as s:
+        s.get(Vote, vote.id).served_at -= timedelta(hours=2)
+    assert store.next_vote(users[1]) is not None
