@@ -76,3 +76,25 @@ def test_a_task_left_open_goes_back_to_the_queue():
     with store.session.begin() as s:
         s.get(Vote, vote.id).served_at -= timedelta(hours=2)
     assert store.next_vote(users[1]) is not None
+
+
+def test_load_samples_tasks_from_a_policy(tmp_path, tiny_config_path, capsys):
+    from rlhflab.config import load_config
+    from tests.conftest import save_tiny_backbone
+
+    policy = save_tiny_backbone(load_config(tiny_config_path), tmp_path / "policy")
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ("what is 2 plus 2 ?", "say something about trees .")))
+    db = str(tmp_path / "l.db")
+    argv = ["label", "load", "--db", db, "--policy", str(policy), "--prompts", str(prompts), "--k", "3",
+            "--config", str(tiny_config_path), "--overlap", "2"]
+    assert main(argv) == 0, capsys.readouterr().err
+    tasks = Store(f"sqlite:///{db}").tasks()
+    assert [t.prompt for t in tasks] == ["what is 2 plus 2 ?", "say something about trees ."]
+    for t in tasks:
+        assert 2 <= len(t.responses) <= 3 and len(set(t.responses)) == len(t.responses)
+        assert len(t.meta["eos"]) == len(t.responses) and t.overlap == 2 and t.gold is None
+    assert main(["label", "load", "--db", db, "--policy", str(policy)]) == 2
+    assert "--policy and --prompts go together" in capsys.readouterr().err
+    assert main(["label", "load", "--db", db, "--policy", str(policy), "--prompts", str(prompts),
+                 "--from", str(prompts)]) == 2

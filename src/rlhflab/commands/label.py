@@ -5,7 +5,7 @@
 | ``serve --db URL [--host 127.0.0.1] [--port 8000]`` | the web app (uvicorn); loopback unless told |
 | ``user --db URL --name NAME [--role labeler\\|admin]`` | a new user; prints their token once |
 | ``guidelines --db URL --from F.md`` | the guidelines the labelers read (Markdown), as the admin's page sets them |
-| ``load --db URL --from F [--overlap N] [--gold F]`` | tasks from a preference file; gold tasks (known answers) mixed in |
+| ``load --db URL (--from F \\| --policy DIR --prompts F [--k 4]) [--overlap N] [--gold F]`` | tasks from a preference file or sampled from a policy; gold tasks (known answers) mixed in |
 | ``bots --db URL [--n 20] [--url URL]`` | the world's raters as labelers through the HTTP API (a server of their own on a free loopback port unless ``--url``) |
 | ``export --db URL --out prefs.jsonl`` | TRL pairs with their votes, which ``rlhflab rm --data`` reads |
 
@@ -41,9 +41,16 @@ def add_arguments(p) -> None:
     q.add_argument("--role", choices=("labeler", "admin"), default="labeler", help="labeler (default) or admin")
     q = with_db("guidelines", "set the guidelines (Markdown) shown on the labeler's page")
     q.add_argument("--from", dest="data", required=True, metavar="F", help="a Markdown file")
-    q = with_db("load", "create tasks from a preference file")
-    q.add_argument("--from", dest="data", required=True, metavar="F",
+    q = with_db("load", "create tasks from a preference file or from a policy's samples")
+    q.add_argument("--from", dest="data", metavar="F",
                    help="preference rows (prompt, chosen, rejected, or responses as rlhflab collect writes)")
+    q.add_argument("--policy", metavar="DIR", help="sample the responses from this policy (with --prompts)")
+    q.add_argument("--prompts", metavar="F", help="prompt rows to sample --k responses for (with --policy)")
+    q.add_argument("--k", type=int, default=4, help="responses sampled per prompt (default 4)")
+    q.add_argument("--seed", type=int, default=0, help="sampling seed")
+    q.add_argument("--config", help="YAML preset whose generation settings the sampling uses")
+    q.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one field, e.g. --set generation.temperature=0.7 (repeatable)")
     q.add_argument("--overlap", type=int, default=3, help="labelers per task (default 3)")
     q.add_argument("--gold", metavar="F", help="preference rows with known answers, mixed in unannounced")
     q = with_db("bots", "the world's raters answer the queue as labelers, through the HTTP API")
@@ -111,7 +118,24 @@ def load(args) -> int:
 
     if args.gold and not Path(args.gold).exists():
         raise InputError("cannot open: No such file or directory", file=args.gold)
-    tasks = load_tasks(args.data, overlap=args.overlap)
+    if bool(args.data) == bool(args.policy or args.prompts):
+        raise InputError("give --from F, or --policy DIR with --prompts F")
+    if args.data:
+        tasks = load_tasks(args.data, overlap=args.overlap)
+    else:
+        from rlhflab.config import load_config
+        from rlhflab.labeling.io import sample_tasks
+
+        if not (args.policy and args.prompts):
+            raise InputError("--policy and --prompts go together")
+        cfg = load_config(args.config, args.overrides)
+        tasks, dropped = sample_tasks(args.policy, args.prompts, k=args.k, overlap=args.overlap,
+                                      gen=cfg.generation, seed=args.seed)
+        if dropped:
+            print(f"{dropped} prompts left out: fewer than two distinct responses among their {args.k} samples",
+                  file=sys.stderr)
+        if not tasks:
+            raise InputError("no task: every prompt's samples were alike", file=args.prompts)
     gold = load_tasks(args.gold, overlap=args.overlap, gold=True) if args.gold else []
     store = open_store(args)
     store.add_tasks(tasks + gold)

@@ -62,6 +62,45 @@ def load_tasks(path: str | Path, *, overlap: int, gold: bool = False) -> list[di
     return tasks
 
 
+def sample_tasks(policy: str | Path, prompts_path: str | Path, *, k: int, overlap: int, gen, seed: int = 0) -> tuple[
+        list[dict], int]:
+    """Tasks of ``k`` responses sampled from the policy at ``policy`` (a model directory or a
+    run's) for every prompt of ``prompts_path`` (prompt format), at the generation settings
+    ``gen`` (``rlhflab.sampling``); responses repeated within a prompt are kept once and a
+    prompt left with fewer than two is dropped. Returns (tasks, prompts dropped)."""
+    from rlhflab.data import load_rows
+    from rlhflab.models import load_causal_lm, load_tokenizer
+    from rlhflab.sampling import check_sample_budget, sample
+
+    if not 2 <= k <= MAX_RESPONSES:
+        raise InputError(f"--k: expected 2..{MAX_RESPONSES} responses per prompt, got {k}")
+    if overlap < 1:
+        raise InputError(f"--overlap: expected an integer >= 1, got {overlap}")
+    rows = load_rows(prompts_path, "prompt")
+    check_sample_budget(len(rows) * k, 1, gen.max_new_tokens, what=f"{len(rows)} prompts x {k} responses",
+                        field="--k", hint="fewer prompts or a lower --k")
+    path = Path(policy)
+    path = path / "model" if (path / "model" / "config.json").is_file() else path
+    tokenizer = load_tokenizer(path)
+    model = load_causal_lm(path, tokenizer)
+    done = sample(model, tokenizer, [r["prompt"] for r in rows for _ in range(k)], temperature=gen.temperature,
+                  top_k=gen.top_k, top_p=gen.top_p, max_new_tokens=gen.max_new_tokens, batch_size=gen.batch_size,
+                  seed=seed)
+    tasks, dropped = [], 0
+    for i, row in enumerate(rows):
+        seen: dict[tuple[str, bool], None] = {}
+        for c in done[i * k:(i + 1) * k]:
+            if c.text.strip():
+                seen.setdefault((c.text, bool(c.eos)), None)
+        if len(seen) < 2:
+            dropped += 1
+            continue
+        tasks.append({"prompt": row["prompt"], "responses": [t for t, _ in seen], "overlap": overlap, "gold": None,
+                      "meta": {"policy": str(policy), "eos": [e for _, e in seen], "line": i + 1,
+                               **({"family": row["family"]} if isinstance(row.get("family"), str) else {})}})
+    return tasks, dropped
+
+
 def pair_labels(answer: dict | None) -> dict[tuple[int, int], Any]:
     """An answer as one label per pair (i, j), i < j: the index of the better response,
     ``tie`` or ``both_bad``."""
@@ -99,9 +138,13 @@ def export_rows(store) -> tuple[list[dict], dict]:
                 counts["pairs_without_majority"] += 1
                 continue
             chosen, rejected = (i, j) if wins[i] > wins[j] else (j, i)
-            rows.append({"prompt": task.prompt, "chosen": task.responses[chosen], "rejected": task.responses[rejected],
-                         "votes": [1] * wins[chosen] + [0] * wins[rejected], "source": "human",
-                         "group": f"task{task_id}", "ties": wins["tie"], "both_bad": wins["both_bad"]})
+            row = {"prompt": task.prompt, "chosen": task.responses[chosen], "rejected": task.responses[rejected],
+                   "votes": [1] * wins[chosen] + [0] * wins[rejected], "source": "human",
+                   "group": f"task{task_id}", "ties": wins["tie"], "both_bad": wins["both_bad"]}
+            eos = (task.meta or {}).get("eos")
+            if isinstance(eos, list) and len(eos) == len(task.responses):  # sampled: whether each ended
+                row["chosen_eos"], row["rejected_eos"] = bool(eos[chosen]), bool(eos[rejected])
+            rows.append(row)
     counts["rows"] = len(rows)
     return rows, dict(counts)
 
