@@ -335,3 +335,16 @@ def test_the_form_stores_each_answer_in_the_tasks_own_indices():
     bad = client.post("/label", data={"vote": 1, "key": "form-bad-key", "csrf": csrf, "answer": "A",
                                       "confidence": "9"})
     assert bad.status_code == 400
+
+
+def test_logout_ends_the_session_and_metrics_are_json_without_nan():
+    store = Store("sqlite://")
+    token = store.create_user("NaNa", "admin")
+    client = TestClient(create_app(store), follow_redirects=False)
+    csrf = sign_in(client, "NaNa", token)
+    metrics = client.get("/admin/metrics")
+    assert metrics.status_code == 200 and "NaN" not in metrics.text
+    assert metrics.json()["agreement"]["pairwise"] is None
+    assert client.post("/logout", data={"csrf": csrf}).status_code == 303
+    assert client.get("/api/next").status_code == 401
+    assert client.get("/admin/metrics").status_code == 401

@@ -30,6 +30,7 @@ from __future__ import annotations
 import hmac
 import html
 import json
+import math
 import secrets
 from typing import Any
 from urllib.parse import urlsplit
@@ -124,6 +125,17 @@ def as_text(value: Any) -> str:
     if isinstance(value, list):
         return "\n\n".join(f"{m.get('role', '')}: {m.get('content', '')}" for m in value if isinstance(m, dict))
     return str(value)
+
+
+def finite(value: Any) -> Any:
+    """``value`` with every NaN or infinite float as None (JSON has no NaN)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite(v) for v in value]
+    return value
 
 
 def render_markdown(text: str) -> str:
@@ -416,7 +428,7 @@ def create_app(store: Store, *, max_body: int = MAX_BODY):
             return who
         from rlhflab.labeling.io import readings
 
-        return JSONResponse(json.loads(json.dumps(readings(store), default=str, allow_nan=True).replace("NaN", "null")))
+        return JSONResponse(finite(readings(store)))
 
     async def admin_guidelines(request: Request) -> Response:
         checked = await guarded_post(request, api=False)
