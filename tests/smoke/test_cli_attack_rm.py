@@ -46,6 +46,7 @@ def test_attack_json_holds_exploits_patterns_probes_truth_and_readings(world_run
     for e in record["exploits"]:  # every found response carries the truth on world prompts
         assert {"gold_start", "gold_found", "rater_start", "rater_found"} <= set(e)
         assert e["reward_found"] - e["reward_start"] == pytest.approx(e["gain"])
+        assert e["search_reward"] == pytest.approx(e["reward_found"], abs=1e-4)  # ids scored = text served
     ranked = [p["ci_low"] for p in record["patterns"]]
     assert ranked == sorted(ranked, reverse=True)
     assert all("gold_gain" in p and p["ci_low"] <= p["gain"] <= p["ci_high"] for p in record["patterns"])
@@ -60,6 +61,20 @@ def test_attack_json_holds_exploits_patterns_probes_truth_and_readings(world_run
     assert main(["report", str(world_runs / "attack"), "--out", str(world_runs / "attack.html")]) == 0
     html = (world_runs / "attack.html").read_text()
     assert "What the reward model" in html and "probe: keyword/certainly" in html
+
+
+def test_the_search_scores_what_a_length_residualized_reward_model_serves(world_runs, tiny_config_path):
+    """With rm.length_residual the served reward subtracts a length term: the search's exact
+    scores of token ids must still be the served reward of the found text."""
+    rm, out = world_runs / "rm_len", world_runs / "attack_len"
+    assert main(["rm", "--config", str(tiny_config_path), "--sft", str(world_runs / "sft"), "--out", str(rm),
+                 "--set", "rm.length_residual=true", *FAST_RM]) == 0
+    assert main(["attack-rm", "--config", str(tiny_config_path), "--rm", str(rm), "--out", str(out),
+                 *TINY_ATTACK]) == 0
+    record = json.loads((out / "attack.json").read_text())
+    assert any(e["mode"] == "suffix" for e in record["exploits"])  # the length changes there
+    for e in record["exploits"]:
+        assert e["search_reward"] == pytest.approx(e["reward_found"], abs=1e-4)
 
 
 def test_adversarial_pairs_in_trls_format_and_rm_trains_on_them(world_runs, tiny_config_path, capsys):

@@ -235,6 +235,11 @@ class Encoded:
     prefix: list[int]
     content: list[int]
     suffix: list[int]
+    length: float = 0.0  # the response's tokens as RewardModel.response_lengths counts them
+
+    def length_of(self, content: Sequence[int]) -> float:
+        """The response length with ``content`` in place of this response's own tokens."""
+        return self.length + len(content) - len(self.content)
 
     def ids(self, content: Sequence[int] | None = None) -> list[int]:
         return [*self.prefix, *(self.content if content is None else content), *self.suffix]
@@ -252,7 +257,8 @@ def encode_response(rm, r: Response) -> Encoded | None:
     n = len(content)
     for i in range(len(full) - n, -1, -1):
         if full[i:i + n] == content:
-            return Encoded(full[:i], list(content), full[i + n:])
+            length = float(rm.response_lengths([r.prompt], [r.text], eos=[r.eos])[0])
+            return Encoded(full[:i], list(content), full[i + n:], length)
     return None
 
 
@@ -299,13 +305,16 @@ class Scorer:
         self.sequences += len(seqs)
         return torch.cat(out, dim=1) if out else torch.zeros((self.rm.n_members, 0))
 
-    def scores(self, seqs: Sequence[Sequence[int]]) -> torch.Tensor:
-        """(B,) served rewards of sequences of one length."""
+    def scores(self, seqs: Sequence[Sequence[int]], length: float = 0.0) -> torch.Tensor:
+        """(B,) served rewards of sequences of one length, whose responses are ``length`` tokens
+        as ``RewardModel.response_lengths`` counts them (read by a length-residualized model)."""
         from rlhflab.reward_model import REDUCTIONS
 
         raw = self.raw(seqs)
-        norm = torch.tensor(self.rm.gains)[:, None] * raw + torch.tensor(self.rm.biases)[:, None]
-        return REDUCTIONS[self.reduce](norm, self.k) if raw.shape[1] else torch.zeros(0)
+        if not raw.shape[1]:
+            return torch.zeros(0)
+        norm = self.rm.normalize(raw, torch.full((raw.shape[1],), float(length)))
+        return REDUCTIONS[self.reduce](norm, self.k)
 
     def gradient(self, ids: Sequence[int], positions: Sequence[int]) -> torch.Tensor:
         """(P, V): the one-hot gradient of the served reward, sum_m w_m W_m dr_m/dE_m
@@ -349,7 +358,7 @@ def gcg(scorer: Scorer, enc: Encoded, content: list[int], positions: list[int], 
     """Greedy coordinate gradient over ``positions`` of ``content`` (module docstring):
     (best content, its reward, steps run)."""
     best = list(content)
-    best_r = float(scorer.scores([enc.ids(best)])[0])
+    best_r = float(scorer.scores([enc.ids(best)], enc.length_of(best))[0])
     stale = steps = 0
     while steps < s.steps:
         steps += 1
@@ -365,7 +374,7 @@ def gcg(scorer: Scorer, enc: Encoded, content: list[int], positions: list[int], 
             cands.append(c)
         cands = [c for c, ok in zip(cands, survives_roundtrip(tokenizer, cands)) if ok]
         if cands:
-            r = scorer.scores([enc.ids(c) for c in cands])
+            r = scorer.scores([enc.ids(c) for c in cands], enc.length_of(cands[0]))
             i = int(r.argmax())
             if float(r[i]) > best_r:
                 best, best_r, stale = cands[i], float(r[i]), 0
@@ -382,7 +391,7 @@ def search(scorer: Scorer, enc: Encoded, allowed: torch.Tensor, tokenizer, s: At
     tokens to begin with, as nanoGCG begins from a fixed string)."""
     out = []
     start = list(enc.content)
-    r0 = float(scorer.scores([enc.ids(start)])[0])
+    r0 = float(scorer.scores([enc.ids(start)], enc.length)[0])
     if start:
         best, r, steps = gcg(scorer, enc, start, list(range(len(start))), allowed, tokenizer, s, generator)
         out.append(Found("swap", start, best, [i for i, (a, b) in enumerate(zip(start, best)) if a != b], r0, r, steps))
