@@ -19,6 +19,7 @@ def print_samples(completions, prompts=None, title: str = "samples") -> None:
     """A table of prompt, response, EOS and (on world prompts) gold utility."""
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
     from rlhflab.world.gold import gold_utility
 
@@ -27,7 +28,9 @@ def print_samples(completions, prompts=None, title: str = "samples") -> None:
         table.add_column(col, overflow="fold")
     for i, c in enumerate(completions):
         gold = gold_utility(prompts[i], c.text, c.eos) if prompts is not None else None
-        table.add_row(c.prompt, c.text, "yes" if c.eos else "no", "" if gold is None else f"{gold:+.2f}")
+        # Text cells: a prompt or response is untrusted text, never rich markup ("[/INST]" of
+        # Llama 2's template, or a model's "[bold]", is printed as written).
+        table.add_row(Text(c.prompt), Text(c.text), "yes" if c.eos else "no", "" if gold is None else f"{gold:+.2f}")
     Console(width=120).print(table)
 
 
