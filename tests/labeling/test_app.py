@@ -220,8 +220,8 @@ def test_request_sizes_are_bounded(site):
                                                               "Content-Type": "application/json"}).status_code == 413
 
 
-def test_a_vote_submitted_concurrently_is_stored_once():
-    store = Store(f"sqlite:///{scratch_dir()}/labels.db")
+def test_a_vote_submitted_concurrently_is_stored_once(database_url):
+    store = Store(database_url)
     token = store.create_user("carol", "labeler")
     store.add_tasks([{"prompt": p, "responses": [a, b], "overlap": 1} for p, a, b in WORLD_PAIRS])
     with running_server(create_app(store)) as url:

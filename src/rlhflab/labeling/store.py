@@ -148,6 +148,8 @@ class Store:
     def __init__(self, url: str, seed: int | None = None) -> None:
         """``seed`` fixes the order each labeler is shown (for tests and demos); by default it
         is drawn from the operating system's randomness."""
+        if url.startswith(("postgresql://", "postgres://")):  # the driver the label extra installs
+            url = "postgresql+psycopg://" + url.split("://", 1)[1]
         self.url, self.seed = url, seed
         try:
             memory = url in ("sqlite://", "sqlite:///:memory:")  # one connection, or each its own database
