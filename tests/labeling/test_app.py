@@ -138,6 +138,8 @@ def test_session_cookie_flags_and_hashed_tokens(site):
     for u in store.users():
         assert tokens[u.name] not in (u.token_hash, u.salt) and u.token_hash == hash_token(tokens[u.name], u.salt)
     assert "default-src 'none'" in reply.headers["content-security-policy"]
+    assert "Wrong name or token." in c.get(wrong.headers["location"]).text
+    assert "evil" not in c.get("/login?m=<b>evil</b>").text  # nothing from the URL is echoed
 
 
 class Tags(HTMLParser):
@@ -188,6 +190,7 @@ def test_a_labeler_reaches_only_their_own_votes(site):
     bob, bob_csrf = clients["bob"]
     mine = alice.get("/api/next").json()
     theirs = bob.get("/api/next").json()
+    assert set(mine) == {"done", "vote", "prompt", "responses", "csrf", "progress"}  # nothing says gold
     assert mine["vote"] != theirs["vote"]
     steal = bob.post("/api/vote", json={"vote": mine["vote"], "key": "stolen-key-1", "answer": {"tie": True}},
                      headers={"X-CSRF-Token": bob_csrf})

@@ -52,6 +52,7 @@ SESSION_COOKIE = "rlhflab_session"
 LOGIN_COOKIE = "rlhflab_login"
 MAX_BODY = 64 * 1024
 MAX_REASON = 2000
+LOGIN_MESSAGES = {"wrong": "Wrong name or token."}
 LETTERS = "ABCDEFGHIJ"
 CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; form-action 'self'; "
        "frame-ancestors 'none'; base-uri 'none'")
@@ -212,7 +213,7 @@ def create_app(store: Store, *, max_body: int = MAX_BODY):
     # -- login ----------------------------------------------------------------------------
     async def login_form(request: Request) -> Response:
         token = secrets.token_urlsafe(24)
-        message = e(request.query_params.get("m", ""))[:100]
+        message = LOGIN_MESSAGES.get(request.query_params.get("m", ""), "")  # fixed texts, nothing reflected
         body = (f'<h1>Sign in</h1>{f"<p class=note>{message}</p>" if message else ""}'
                 f'<form method="post" action="/login" class="login"><label>name <input name="name" '
                 f'autocomplete="username" required maxlength="64"></label><label>token <input name="token" '
@@ -232,7 +233,7 @@ def create_app(store: Store, *, max_body: int = MAX_BODY):
             return refuse(403, "missing or wrong CSRF token", False)
         user = store.authenticate(form.get("name", "")[:64], form.get("token", "")[:200])
         if user is None:
-            return RedirectResponse("/login?m=wrong+name+or+token", 303)
+            return RedirectResponse("/login?m=wrong", 303)
         sid, _ = store.open_session(user)
         response = RedirectResponse("/admin" if user.role == "admin" else "/label", 303)
         response.set_cookie(SESSION_COOKIE, sid, httponly=True, samesite="strict", path="/",
