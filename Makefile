@@ -6,7 +6,9 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 # The tested versions of every dependency but torch (see `make lock`).
 LOCK := requirements/constraints.txt
-PYTEST := -m pytest -q tests
+# One pytest-xdist worker per core, a module's tests kept on one worker (its fixtures built
+# once); the tests themselves run on one thread each (tests/conftest.py).
+PYTEST := -m pytest -q -n auto --dist loadfile tests
 
 .PHONY: demo demo-rlaif test test-demo lint bench clean install lock latest-env test-latest
 

@@ -57,8 +57,21 @@ def main_job_dir(tmp_path_factory) -> Path:
     """The main job on the tiny preset (``run_main_job``), run once per session: the smoke
     tests read it, and the docs' tests take it wherever a document runs ``make demo``
     (``rlhflab run --config configs/demo.yaml --out runs/demo``, demo.yaml being the tiny
-    preset there). Read it; copy it to change it."""
-    return run_main_job("tiny", tmp_path_factory.mktemp("main_job") / "run", timeout=900)
+    preset there). Read it; copy it to change it.
+
+    Under pytest-xdist (``make test`` runs one worker per core) the workers share one run: the
+    first to get here runs it under a file lock in the session's common temp directory, the
+    others wait for it and read the same directory."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return run_main_job("tiny", tmp_path_factory.mktemp("main_job") / "run", timeout=900)
+    from filelock import FileLock
+
+    shared = tmp_path_factory.getbasetemp().parent  # the same for every worker of this session
+    out = shared / "main_job" / "run"
+    with FileLock(str(shared / "main_job.lock")):
+        if not (out / "summary.json").is_file():
+            run_main_job("tiny", out, timeout=900)
+    return out
 
 
 def run_main_job(preset: str, out: Path, timeout: int) -> Path:
@@ -70,3 +83,4 @@ def run_main_job(preset: str, out: Path, timeout: int) -> Path:
                            "--out", str(out)], env=subprocess_env(), capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out
+
