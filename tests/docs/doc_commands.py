@@ -256,6 +256,21 @@ def options(sub: str) -> dict[str, argparse.Action]:
     return {s: a for a in subparsers()[sub]._actions for s in a.option_strings}
 
 
+def _nested_options(sub: str, rest: list[str], problems: list[str]) -> tuple[dict[str, argparse.Action], list[str]]:
+    """The options of ``sub``, or of its own subcommand (``rlhflab label serve ...``: the
+    words ``serve``, or alternatives ``serve|load``, name it), and the words after it."""
+    parser = subparsers()[sub]
+    nested = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
+    if nested is None or not rest or rest[0].startswith("-"):
+        return options(sub), rest
+    names = rest[0].strip("[]()").split("|")
+    unknown = [n for n in names if n not in nested.choices and not is_placeholder(n)]
+    problems.extend(f"{sub}: no command {n!r}" for n in unknown)
+    chosen = [nested.choices[n] for n in names if n in nested.choices]
+    opts = {s: a for p in (chosen or [parser]) for a in p._actions for s in a.option_strings}
+    return opts, rest[1:]
+
+
 PLACEHOLDER = re.compile(r"[A-Z][A-Z0-9_]*")
 
 
@@ -304,10 +319,10 @@ def check_syntax(text: str, block: bool = False) -> list[str]:
         return problems
     keys = None
     for sub in subs:
-        opts = options(sub)
+        opts, args = _nested_options(sub, rest, problems)
         i = 0
-        while i < len(rest):
-            word = rest[i].lstrip("[(").rstrip("])")
+        while i < len(args):
+            word = args[i].lstrip("[(").rstrip("])")
             i += 1
             if not word.startswith("-") or word in ("-", "--"):
                 continue
@@ -319,9 +334,9 @@ def check_syntax(text: str, block: bool = False) -> list[str]:
             if action.nargs == 0:
                 continue
             if not eq:
-                if i >= len(rest) or rest[i].lstrip("[(").startswith("-") or rest[i] in ("|", "[", "]"):
+                if i >= len(args) or args[i].lstrip("[(").startswith("-") or args[i] in ("|", "[", "]"):
                     continue
-                value = rest[i].lstrip("[(").rstrip(")]") if not flag == "--set" else rest[i].lstrip("[(")
+                value = args[i].lstrip("[(").rstrip(")]") if not flag == "--set" else args[i].lstrip("[(")
                 i += 1
             if flag == "--set":
                 key = value.partition("=")[0]

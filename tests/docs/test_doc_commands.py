@@ -107,6 +107,10 @@ def test_syntax_lines_are_checked_against_the_parser():
                                                                      + ", ".join(_choices("dpo", "--loss"))]
     assert check_syntax("rlhflab eval --policy DIR --no-such-flag") == ["eval: no option --no-such-flag"]
     assert check_syntax("rlhflab evaluate --policy DIR") == ["no command 'evaluate'"]
+    # a command's own subcommands: rlhflab label serve|load|...
+    assert check_syntax("rlhflab label serve --db URL [--host 127.0.0.1] [--port 8000]") == []
+    assert check_syntax("rlhflab label serve --no-such URL") == ["label: no option --no-such"]
+    assert check_syntax("rlhflab label nope --db URL") == ["label: no command 'nope'", "label: no option --db"]
     assert check_syntax("rlhflab run --set world.rater.no_such=1 --out DIR") == [
         "run: no config field 'world.rater.no_such' (--set world.rater.no_such=1)"]
     assert check_syntax("rlhflab sft --set sft.FIELD=VALUE") == []
