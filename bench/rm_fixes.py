@@ -136,7 +136,8 @@ def summarize(runs: list[dict]) -> dict:
     """Mean and standard deviation (n - 1) over seeds per (condition, fix) of the headline readings."""
     out: dict = {}
     for run in runs:
-        out.setdefault(run["condition"], {}).setdefault(run["fix"], []).append(run["readings"])
+        fix = f"grad_penalty={run['grad_penalty']:g}" if run["fix"] == "grad_penalty" else run["fix"]
+        out.setdefault(run["condition"], {}).setdefault(fix, []).append(run["readings"])
     table: dict = {}
     for cond, fixes in out.items():
         for fix, rs in fixes.items():
@@ -159,7 +160,8 @@ def main() -> int:
     ap.add_argument("--fixes", nargs="+", choices=FIXES, default=list(FIXES))
     ap.add_argument("--config", type=Path, default=Path("configs/demo.yaml"),
                     help="the preset the sizes apply to (configs/tiny.yaml checks the script in seconds)")
-    ap.add_argument("--grad-penalty", type=float, default=0.1, help="rm.grad_penalty of the grad_penalty fix")
+    ap.add_argument("--grad-penalty", type=float, default=0.01, help="rm.grad_penalty of the grad_penalty fix "
+                    "(its runs are kept per value)")
     ap.add_argument("--work", type=Path, default=ROOT / "runs" / "rm_fixes")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "rm_fixes.json")
     args = ap.parse_args()
@@ -169,14 +171,13 @@ def main() -> int:
     work = args.work / args.size
     work.mkdir(parents=True, exist_ok=True)
     record = json.loads(args.out.read_text()) if args.out.is_file() else {}
-    if (record.get("size"), record.get("grad_penalty"), record.get("config")) != (args.size, args.grad_penalty,
-                                                                                  str(config)):
+    if (record.get("size"), record.get("config")) != (args.size, str(config)):
         record = {}
     record.update({"command": shlex.join(["python", "bench/rm_fixes.py", *sys.argv[1:]]), "size": args.size,
                    "size_overrides": size, "config": str(config), "conditions": CONDITIONS,
-                   "grad_penalty": args.grad_penalty, "stages": record.get("stages", {}),
+                   "stages": record.get("stages", {}),
                    "runs": record.get("runs", [])})
-    done = {(r["condition"], r["fix"], r["seed"]) for r in record["runs"]}
+    done = {(r["condition"], r["fix"], r["seed"], r.get("grad_penalty")) for r in record["runs"]}
 
     def save() -> None:
         record["summary"] = summarize(record["runs"])
@@ -204,15 +205,17 @@ def main() -> int:
             d.mkdir(parents=True, exist_ok=True)
             rm_sets = [*base, f"rm.seed={seed}"]
             for fix in args.fixes:
-                if (cond, fix, seed) in done:
+                lam = args.grad_penalty if fix == "grad_penalty" else None
+                if (cond, fix, seed, lam) in done:
                     continue
-                rm_dir = d / f"rm_{fix}"
+                name = f"grad_penalty{lam:g}" if lam is not None else fix  # a directory per lambda
+                rm_dir = d / f"rm_{name}"
                 rl_sets = [*base, f"rl.seed={seed}"]
                 if fix == "none":
                     stage(f"{cond}/s{seed}/rm_none", rm_dir, ["rm", "--config", str(config), *sets(rm_sets),
                                                              "--sft", str(sft), "--out", str(rm_dir)])
                 elif fix == "grad_penalty":
-                    stage(f"{cond}/s{seed}/rm_grad_penalty", rm_dir,
+                    stage(f"{cond}/s{seed}/rm_{name}", rm_dir,
                           ["rm", "--config", str(config), *sets([*rm_sets, f"rm.grad_penalty={args.grad_penalty}"]),
                            "--sft", str(sft), "--out", str(rm_dir)])
                 elif fix == "length_residual":
@@ -231,18 +234,18 @@ def main() -> int:
                           ["rm", "--config", str(config), *sets(rm_sets), "--ensemble", "3", "--sft", str(sft),
                            "--out", str(rm_dir)])
                     rl_sets.append("rl.rm_reduce=min")
-                ppo = d / f"ppo_{fix}"
-                stage(f"{cond}/s{seed}/ppo_{fix}", ppo, ["ppo", "--config", str(config), *sets(rl_sets),
+                ppo = d / f"ppo_{name}"
+                stage(f"{cond}/s{seed}/ppo_{name}", ppo, ["ppo", "--config", str(config), *sets(rl_sets),
                                                          "--sft", str(sft), "--rm", str(rm_dir), "--out", str(ppo)])
-                ev = d / f"eval_{fix}"
-                stage(f"{cond}/s{seed}/eval_{fix}", ev, ["eval", "--config", str(config), *sets(base), "--policy",
+                ev = d / f"eval_{name}"
+                stage(f"{cond}/s{seed}/eval_{name}", ev, ["eval", "--config", str(config), *sets(base), "--policy",
                                                          str(ppo), "--base", str(sft), "--seed", str(seed),
                                                          "--out", str(ev)], marker="eval.json")
-                rm_ev = d / f"rm_eval_{fix}"
-                stage(f"{cond}/s{seed}/rm_eval_{fix}", rm_ev,
+                rm_ev = d / f"rm_eval_{name}"
+                stage(f"{cond}/s{seed}/rm_eval_{name}", rm_ev,
                       ["eval-rm", "--config", str(config), *sets(base), "--rm", str(rm_dir), "--data",
                        str(rm_dir / "data" / "eval.jsonl"), "--out", str(rm_ev)], marker="rm_eval.json")
-                record["runs"].append({"condition": cond, "fix": fix, "seed": seed,
+                record["runs"].append({"condition": cond, "fix": fix, "seed": seed, "grad_penalty": lam,
                                        "readings": readings(ev, rm_ev, ppo, rm_dir)})
                 save()
     save()
