@@ -9,7 +9,8 @@ what a user waits for), under one *condition*:
 
 - ``idle``: the machine as it is (other people's work included: the load average before
   every run is recorded);
-- ``busy1``: one pure-Python spinning process pinned to the last usable CPU;
+- ``busy1``: one pure-Python spinning process pinned to the last usable CPU (each busy loop
+  runs in a session of its own, as another user's job would);
 - ``load3``: three spinning processes, unpinned (with the command, 4 runnable on 2 cores);
 - ``late1`` (``sft`` only): one spinning loop pinned to the last CPU, started ``--late-s``
   seconds after the command, which chose its threads on the machine as it was.
@@ -93,7 +94,11 @@ class Spinners:
 
     def start(self) -> None:
         extra = [] if self.cpu is None else [str(self.cpu)]
-        self.procs = [subprocess.Popen([sys.executable, "-c", SPIN, *extra]) for _ in range(self.n)]
+        # each in a session of its own, as another user's job: with the kernel's autogroup
+        # scheduling, CPU time is shared between sessions first, so a loop in the benchmark's
+        # own session would take its share from the measured command alone
+        self.procs = [subprocess.Popen([sys.executable, "-c", SPIN, *extra], start_new_session=True)
+                      for _ in range(self.n)]
 
     def stop(self) -> None:
         for p in self.procs:
@@ -280,6 +285,7 @@ def main() -> int:
                 "busy cores before every run are recorded, arms alternate, medians over repeats",
         "arms": {"before": {"OMP_NUM_THREADS": str(cpus), "RLHFLAB_THREADS": "off", "OMP_WAIT_POLICY": "(unset)"},
                  "after": "none of OMP_NUM_THREADS, OMP_WAIT_POLICY, GOMP_SPINCOUNT, RLHFLAB_THREADS set"},
+        "autogroup": _autogroup(),
         "conditions": {"idle": "the machine as it is", "busy1": f"one spinning Python loop pinned to CPU {ids[-1]}",
                        "load3": "three spinning Python loops, unpinned",
                        "late1": f"one spinning loop pinned to CPU {ids[-1]}, started {args.late_s} s after the command"},
@@ -324,6 +330,13 @@ def main() -> int:
                     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps({"summary": result.get("summary"), "ratios": result.get("ratios")}, indent=1))
     return 0
+
+
+def _autogroup() -> str | None:
+    try:
+        return open("/proc/sys/kernel/sched_autogroup_enabled").read().strip()
+    except OSError:
+        return None
 
 
 def _cpu_model() -> str:
