@@ -185,9 +185,10 @@ print(rc, torch.get_num_threads(), os.environ.get("OMP_WAIT_POLICY", "-"))
 def test_the_cli_chooses_before_torch_loads_and_says_it_once(tmp_path):
     """A real command that loads torch (``rlhflab world``): one line on stderr, and the count
     it names is torch's, the policy it names is the one libgomp read when it loaded
-    (``OMP_DISPLAY_ENV`` makes libgomp print its settings)."""
+    (``OMP_DISPLAY_ENV`` makes libgomp print its settings: its spin count is 0 under
+    PASSIVE, 300000 under its default, which it also prints as 'PASSIVE')."""
     proc = subprocess.run([sys.executable, "-c", PROBE, "world", "--config", TINY, "--out", str(tmp_path / "w")],
-                          env=_env(OMP_DISPLAY_ENV="TRUE"), capture_output=True, text=True, timeout=300)
+                          env=_env(OMP_DISPLAY_ENV="VERBOSE"), capture_output=True, text=True, timeout=300)
     lines = [x for x in proc.stderr.splitlines() if x.startswith("rlhflab: ")]
     assert len(lines) == 1, proc.stderr
     rc, torch_threads, policy = proc.stdout.split()[-3:]
@@ -195,9 +196,9 @@ def test_the_cli_chooses_before_torch_loads_and_says_it_once(tmp_path):
     assert rc == "0" and int(torch_threads) == said
     assert f"OMP_NUM_THREADS = '{said}'" in proc.stderr
     if "OMP_WAIT_POLICY=PASSIVE" in lines[0]:
-        assert policy == "PASSIVE" and "OMP_WAIT_POLICY = 'PASSIVE'" in proc.stderr
+        assert policy == "PASSIVE" and "GOMP_SPINCOUNT = '0'" in proc.stderr
     else:
-        assert policy == "-" and "OMP_WAIT_POLICY = 'PASSIVE'" not in proc.stderr
+        assert policy == "-" and "GOMP_SPINCOUNT = '300000'" in proc.stderr
 
 
 def test_the_cli_rejects_a_bad_setting_in_one_line(tmp_path):
