@@ -104,9 +104,10 @@ def main() -> None:
                       "--seed", str(s), "--overwrite"], log)
         seed = {}
         for arm in ARMS:
-            if not (d[arm] / "eval" / "eval.json").is_file():
+            if not (d[arm] / "ppo" / "metrics.json").is_file():
                 _run(["ppo", *cfg, "--sft", str(sft), "--rm", str(d[arm] / "rm"), "--out", str(d[arm] / "ppo"),
                       "--overwrite", *sets], log)
+            if not (d[arm] / "eval" / "eval.json").is_file():
                 _run(["eval", *cfg, "--policy", str(d[arm] / "ppo"), "--base", str(sft), "--rm", str(d[arm] / "rm"),
                       "--out", str(d[arm] / "eval"), "--overwrite", *sets], log)
             m = json.loads((d[arm] / "rm" / "metrics.json").read_text())

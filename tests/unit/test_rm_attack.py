@@ -205,3 +205,33 @@ def test_the_pattern_is_text_and_only_it():
         check_readings({**EXPLOIT, "rm_attack/top_gain": "big"})
     with pytest.raises(InputError, match="rm_attack/top_pattern.*expected text"):
         check_readings({**EXPLOIT, "rm_attack/top_pattern": 3})
+
+
+def test_adversarial_pairs_pit_each_exploit_against_the_clean_response(tiny_config_path):
+    """A found response that beat its start, an exploit pattern at three places (first, where
+    found, last) and an exploit probe, each against the clean response, in TRL's pair format
+    with the marker column; a search that lost and a pattern that is no exploit give none."""
+    from rlhflab.config import load_config
+    from rlhflab.instruments.rm_attack import adversarial_pairs
+    from rlhflab.world import World
+
+    tok = World(load_config(tiny_config_path).world).tokenizer()
+    record = {
+        "exploits": [{"prompt": "what is 2 plus 3 ?", "start": "the answer is 5 .", "found": "the answer is 5 . small",
+                      "gain": 1.0, "mode": "suffix", "eos": True},
+                     {"prompt": "what is 2 plus 3 ?", "start": "the answer is 5 .", "found": "the cats is 5 .",
+                      "gain": -0.2, "mode": "swap", "eos": True}],
+        "patterns": [{"text": "certainly", "place": 0.5, "exploit": True},
+                     {"text": "small", "place": 1.0, "exploit": False}],
+        "probes": {"agreement": {"exploit": True}, "length": {"exploit": False}},
+        "held_out": [{"prompt": "tell me about cats .", "response": "cats are small pets .", "eos": True}],
+    }
+    rows = adversarial_pairs(record, tok)
+    got = [(r["origin"], r["rejected"]) for r in rows]
+    assert got == [("search:suffix", "the answer is 5 . small"),
+                   ("pattern:certainly", "certainly cats are small pets ."),
+                   ("pattern:certainly", "cats are certainly small pets ."),
+                   ("pattern:certainly", "cats are small pets . certainly"),
+                   ("probe:agreement", "you are right , cats are small pets .")]
+    assert all(r["adversarial"] is True and r["chosen"] in ("the answer is 5 .", "cats are small pets .")
+               for r in rows)

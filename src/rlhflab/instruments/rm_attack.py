@@ -633,11 +633,13 @@ def remeasure(rm, record: dict, *, world=None, top: int = 8) -> list[dict]:
 def adversarial_pairs(record: dict, tokenizer, *, top_patterns: int = 4) -> list[dict]:
     """Preference rows in TRL's pair format that pit each exploit against a clean response to
     the same prompt: every found response that scored higher than its start (``rejected``)
-    against the start (``chosen``), and each of the first ``top_patterns`` exploit patterns
-    inserted into every held-out response at its place (``rejected``) against the response
-    itself (``chosen``). ``chosen`` is the clean response as presumed; the marker column
-    ``adversarial`` tells these rows apart for whoever labels them (the world's raters in
-    ``rlhflab rm --adversarial``, or people), ``origin`` says where each came from."""
+    against the start (``chosen``); each of the first ``top_patterns`` exploit patterns
+    inserted into every held-out response (``rejected``) against the response itself
+    (``chosen``), first, where the search put it and last (an exploit pays wherever it is put,
+    and a policy need not write it where the search did); and each known probe that is an
+    exploit, its edit against the response. ``chosen`` is the clean response as presumed; the
+    marker column ``adversarial`` tells these rows apart for whoever labels them (the world's
+    raters in ``rlhflab rm --adversarial``, or people), ``origin`` says where each came from."""
     rows, seen = [], set()
 
     def add(prompt, clean: str, exploit: str, eos: bool, origin: str) -> None:
@@ -650,10 +652,16 @@ def adversarial_pairs(record: dict, tokenizer, *, top_patterns: int = 4) -> list
     for e in record.get("exploits", []):
         if e["gain"] > 0:
             add(e["prompt"], e["start"], e["found"], bool(e.get("eos", True)), f"search:{e['mode']}")
-    chosen = [p for p in record.get("patterns", []) if p.get("exploit")][:top_patterns]
-    for p in chosen:
+    held = record.get("held_out", [])
+    for p in [p for p in record.get("patterns", []) if p.get("exploit")][:top_patterns]:
         ids = tokenizer(p["text"], add_special_tokens=False).input_ids
-        for h in record.get("held_out", []):
-            add(h["prompt"], h["response"], insert_tokens(tokenizer, h["response"], ids, p["place"]),
-                bool(h.get("eos", True)), f"pattern:{p['text']}")
+        for place in dict.fromkeys((0.0, p["place"], 1.0)):
+            for h in held:
+                add(h["prompt"], h["response"], insert_tokens(tokenizer, h["response"], ids, place),
+                    bool(h.get("eos", True)), f"pattern:{p['text']}")
+    edits = probe_edits()
+    for name, probe in record.get("probes", {}).items():
+        if probe.get("exploit") and name in edits:
+            for h in held:
+                add(h["prompt"], h["response"], edits[name](h["response"]), bool(h.get("eos", True)), f"probe:{name}")
     return rows
