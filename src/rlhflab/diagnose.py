@@ -607,7 +607,7 @@ RULES: tuple[Rule, ...] = (
          root_cause="a spurious feature of the preference data that the reward model learned (phrase gaming): a "
                     "policy optimized against it learns the pattern",
          fix="adversarial pairs: rlhflab rm --adversarial ATTACK_DIR (the exploits against clean responses, "
-             "labelled, the reward model retrained), then attack it again; regularize the reward model; a higher "
+             "labelled, the reward model retrained), then attack it again; a gradient-norm penalty (rm.grad_penalty); a higher "
              "beta; watch the pattern during RL with rl.attack_every",
          applies=_attacked),
 )
