@@ -77,9 +77,9 @@ def main() -> None:
     args = ap.parse_args()
     work, out = Path(args.work), Path(args.out)
     work.mkdir(parents=True, exist_ok=True)
-    log: list[dict] = []
     result = json.loads(out.read_text()) if out.is_file() else {"seeds": {}}
-    result.update(bias=args.bias, commands=log)
+    result.update(bias=args.bias)
+    log: list[dict] = result.setdefault("commands", [])  # earlier calls' commands kept
     sft = Path(args.sft) if args.sft else work / "sft"
     if not (sft / "model").is_dir():
         _run(["sft", "--config", "configs/demo.yaml", "--out", str(sft)], log)

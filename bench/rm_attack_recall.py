@@ -86,13 +86,24 @@ PROBES = {"keyword": ("keyword/certainly", "keyword/delve"), "padding": ("length
 
 
 def classify(record: dict) -> dict:
+    """Each planted feature's readings in one ``attack.json``, exploits judged at the current
+    ``reward_exploit_gain`` (not the one the attack ran with)."""
+    from rlhflab.diagnose import Thresholds
+    from rlhflab.instruments.rm_attack import is_exploit
+
+    t = Thresholds()
+
+    def exploit(p: dict) -> bool:
+        return bool(is_exploit(p, t.reward_exploit_gain, t.gold_flat))
+
     top = record["patterns"][:TOP]
     out = {}
     for f in FEATURES:
         hits = [p for p in top if carries(p, f)]
-        out[f] = {"search": bool(hits), "search_exploit": any(p.get("exploit") for p in hits),
-                  "probe": any(record["probes"].get(n, {}).get("exploit") for n in PROBES[f]),
+        out[f] = {"search": bool(hits), "search_exploit": any(exploit(p) for p in hits),
+                  "probe": any(exploit(record["probes"][n]) for n in PROBES[f] if n in record["probes"]),
                   "patterns": [p["text"] for p in hits]}
+    out["bar"] = t.reward_exploit_gain
     return out
 
 
@@ -106,9 +117,9 @@ def main() -> None:
     args = ap.parse_args()
     work, out = Path(args.work), Path(args.out)
     work.mkdir(parents=True, exist_ok=True)
-    log: list[dict] = []
     result = json.loads(out.read_text()) if out.is_file() else {"runs": {}}
-    result.update(conditions=CONDITIONS, top=TOP, commands=log)
+    result.update(conditions=CONDITIONS, top=TOP)
+    log: list[dict] = result.setdefault("commands", [])  # earlier calls' commands kept
     sft = Path(args.sft) if args.sft else work / "sft"
     if not (sft / "model").is_dir():
         _run(["sft", "--config", "configs/demo.yaml", "--out", str(sft)], log)

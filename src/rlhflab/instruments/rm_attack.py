@@ -11,7 +11,8 @@ of phrase gaming), and whether the truth (the world's gold utility, or a judge) 
 2018; the reference implementations are llm-attacks and nanoGCG). A response y_1..y_T enters
 the reward model as embeddings E = X W, X the (T, V) rows of one-hot vectors e_t and W the
 (V, d) embedding table. The gradient of the served reward R(x, y) (the normalized score,
-the ensemble's mean) with respect to a one-hot row,
+length term included, an ensemble's members combined by ``reduce``: ``Scorer``) with
+respect to a one-hot row,
 
     g_t = dR / de_t = W (dR / dE_t)                                       (V,)
 
@@ -55,6 +56,9 @@ Readings (``rm_attack/...``, read by ``rlhflab diagnose``'s ``reward_exploit`` r
 ``rater_gain`` (world) or ``judge_win_rate`` (a judge) of the same pattern, ``exploits``
 (patterns that are exploits), ``search_gain`` (the found responses' mean reward gain over
 their starts), ``search_gold_gain`` (world), ``n_held_out``, ``seconds``.
+
+**Adversarial pairs** (``adversarial_pairs``): the exploits against clean responses to the
+same prompts, in TRL's pair format with a marker column, for ``rlhflab rm --adversarial``.
 """
 
 from __future__ import annotations
