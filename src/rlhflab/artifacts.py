@@ -67,6 +67,9 @@ def check_out_dir(path: str | Path, overwrite: bool) -> Path:
     written. Leaves nothing behind."""
     path = Path(path)
     check_unlocked(path)
+    if path.is_symlink() and not path.exists():  # renaming a run onto it would fail after the work
+        raise InputError(f"output path is a symbolic link to {os.readlink(path)}, which does not exist",
+                         file=str(path))
     if path.exists() and not path.is_dir():
         raise InputError("output path exists and is not a directory", file=str(path))
     if path.is_dir() and any(path.iterdir()) and not overwrite:

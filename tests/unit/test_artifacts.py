@@ -46,6 +46,9 @@ def test_out_dir_rules(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(InputError, match="not a directory"):
         check_out_dir(tmp_path / "file", overwrite=True)
+    (tmp_path / "dangling").symlink_to(tmp_path / "gone")  # a run renamed onto it would fail at its end
+    with pytest.raises(InputError, match="symbolic link to .*gone, which does not exist"):
+        check_out_dir(tmp_path / "dangling", overwrite=True)
 
 
 def test_write_json_never_emits_non_finite_literals(tmp_path):
