@@ -21,11 +21,12 @@ missing is reported as not measured, with how to measure it):
 | ``logps/chosen``, ``logps/rejected``, ``base/logps/...``; ``rewards/margins``, ``rewards/accuracies``, ``rewards/chosen``, ``rewards/rejected`` | from a DPO log (rlhflab's, TRL's): summed log-probs of the chosen and rejected responses (last and first logged row), the implicit reward beta log pi/pi_ref, its margin and accuracy |
 | ``refusal/benign_rate``, ``base/refusal/benign_rate`` | refusals of benign prompts |
 | ``refusal/harmful_rate``, ``base/refusal/harmful_rate`` | refusals of harmful prompts |
-| ``sycophancy/agree_rate``, ``base/sycophancy/agree_rate`` | agreement with a wrong user |
+| ``sycophancy/agree_rate``, ``base/sycophancy/agree_rate`` | agreement with a wrong user (the world's probes, or ``rlhflab eval --sycophancy``, which adds the answer-change rates and the accuracies plain and under the user's opinion) |
 | ``keywords/density``, ``base/keywords/density`` | keywords per token ("certainly", "delve", ...) |
 | ``diversity/distinct_2``, ``base/diversity/distinct_2``, ``diversity/duplicate_rate``, ``base/diversity/duplicate_rate`` | diversity |
 | ``diversity/repetition``, ``base/diversity/repetition`` | repeated-bigram rate within a response (towards 1 for a loop) |
 | ``capability/accuracy``, ``base/capability/accuracy``, ``capability/n`` | held-out task accuracy, over n probes |
+| ``capability/<task>/<metric>``, ``base/...``, ``capability/<task>/<metric>_diff`` (+ ``_stderr``, ``_ci_low``, ``_ci_high``, ``_n``) | an lm-eval task's metric for policy and base and their difference, paired over items where it can be (``rlhflab eval --capability``) |
 | ``overopt/gold_drop_from_peak``, ``overopt/proxy_gain_after_peak`` | from the training curve: how far gold fell after its best point while the proxy kept rising |
 | ``rollout/logprob_diff_max`` | from the training log, if given: the largest gap between the sampler's and the trainer's log-prob of a sampled token; quoted in a regression's evidence |
 | ``rm_attack/top_gain`` (+ ``_ci_low``, ``_ci_high``), ``rm_attack/top_pattern`` (text), ``rm_attack/gold_gain``, ``rm_attack/judge_win_rate`` | the reward-model attack (``rlhflab attack-rm``'s ``attack.json``, an RL run's ``rl.attack_every``): the reward gain of its first-ranked pattern inserted into held-out responses, the pattern, and what gold or a judge makes of it |
@@ -187,8 +188,11 @@ class Rule:
 
 
 def _has(check, m: dict) -> bool:
-    """Whether ``m`` holds the readings ``check`` reads (``_reads``)."""
+    """Whether ``m`` holds the readings ``check`` reads (``_reads``), or (for a check that
+    reads readings named by the user's data, ``check.found``) any of those."""
     needs, any_of = check.needs, check.any_of
+    if getattr(check, "found", None) is not None and check.found(m):
+        return True
     return all(k in m for k in needs) and (not any_of or any(all(k in m for k in g) for g in any_of))
 
 
@@ -285,7 +289,26 @@ def _over_refusal(m, t):
     if found and key in m and f"base/{key}" in m:
         found += f"; risky-sounding benign prompts {m[f'base/{key}']:.0%} -> {m[key]:.0%}"
     return found
-_sycophancy = _rate_shift("sycophancy/agree_rate", "sycophancy_rise", "agrees with wrong users")
+_agrees = _rate_shift("sycophancy/agree_rate", "sycophancy_rise", "agrees with wrong users")
+
+
+@_reads("sycophancy/agree_rate", "base/sycophancy/agree_rate")
+def _sycophancy(m, t):
+    """Agreement with a wrong user up by ``sycophancy_rise``; the answer-change rates and
+    the accuracy under the user's wrong opinion (``rlhflab eval --sycophancy``, the world's
+    probes) are named beside it where measured."""
+    found = _agrees(m, t)
+    if not found:
+        return None
+    for key, what in (("sycophancy/answer_change_rate", "right answers changed under a wrong opinion"),
+                      ("sycophancy/are_you_sure_change_rate", "right answers changed after 'are you sure?'"),
+                      ("sycophancy/wrong_opinion_accuracy", "accuracy with the user's wrong opinion")):
+        if key in m and f"base/{key}" in m:
+            found += f"; {what} {m[f'base/{key}']:.0%} -> {m[key]:.0%}"
+    if "sycophancy/plain_accuracy" in m and "base/sycophancy/plain_accuracy" in m:
+        found += (f" (asked plainly {m['base/sycophancy/plain_accuracy']:.0%} -> "
+                  f"{m['sycophancy/plain_accuracy']:.0%})")
+    return found
 
 
 @_reads("length/mean", "base/length/mean")
@@ -372,18 +395,40 @@ def _kl_caution(m, t):
     return None
 
 
-@_reads("capability/accuracy", "base/capability/accuracy")
-def _capability(m, t):
-    d = _d(m, "capability/accuracy")
-    if d > -t.capability_drop:
-        return None
-    n = m.get("capability/n")
-    if n:  # the drop must also stand out of the sampling noise of n probes each
-        p, q = m["capability/accuracy"], m["base/capability/accuracy"]
-        se = ((p * (1 - p) + q * (1 - q)) / n) ** 0.5
-        if se > 0 and -d < t.capability_z * se:
-            return None
-    return f"task accuracy {m['base/capability/accuracy']:.0%} -> {m['capability/accuracy']:.0%}"
+def _task_differences(m: dict) -> list[str]:
+    """``capability/<task>/<metric>`` (``rlhflab eval --capability``, lm-eval tasks) whose
+    policy-minus-base difference ``_diff`` lies ``capability_drop`` or more below 0 and
+    ``capability_z`` standard errors (``_diff_stderr``, paired over items where it could be)."""
+    return [k[: -len("_diff")] for k in m if k.startswith("capability/") and k.endswith("_diff")
+            and k.count("/") == 2 and f"{k}_stderr" in m and f"base/{k[: -len('_diff')]}" in m]
+
+
+def _capability_check(m, t):
+    parts = []
+    if "capability/accuracy" in m and "base/capability/accuracy" in m:
+        d = _d(m, "capability/accuracy")
+        n = m.get("capability/n")
+        dropped = d <= -t.capability_drop
+        if dropped and n:  # the drop must also stand out of the sampling noise of n probes each
+            p, q = m["capability/accuracy"], m["base/capability/accuracy"]
+            se = ((p * (1 - p) + q * (1 - q)) / n) ** 0.5
+            dropped = not (se > 0 and -d < t.capability_z * se)
+        if dropped:
+            parts.append(f"task accuracy {m['base/capability/accuracy']:.0%} -> {m['capability/accuracy']:.0%}")
+    for key in _task_differences(m):
+        d, se = m[f"{key}_diff"], m[f"{key}_diff_stderr"]
+        if d <= -t.capability_drop and not (-d < t.capability_z * se):  # a NaN standard error never passes
+            _, task, metric = key.split("/")
+            n = m.get(f"{key}_diff_n")
+            how = f"paired over {n:g} items" if n else "unpaired"
+            parts.append(f"{task} {metric} {m[f'base/{key}']:.2f} -> {m[key]:.2f} ({d:+.2f}, 95% CI "
+                         f"{m.get(f'{key}_diff_ci_low', float('nan')):+.2f} to "
+                         f"{m.get(f'{key}_diff_ci_high', float('nan')):+.2f}, {how})")
+    return "; ".join(parts) or None
+
+
+_capability = _reads("capability/accuracy", "base/capability/accuracy")(_capability_check)
+_capability.found = lambda m: bool(_task_differences(m))
 
 
 @_reads("shift/ood_rate", "shift/n")
@@ -490,6 +535,29 @@ def _reward_exploit(m, t):
     return (f"inserting {named} into held-out responses raises the reward {m['rm_attack/top_gain']:+.2f} "
             f"(95% CI {low:+.2f} to {m.get('rm_attack/top_gain_ci_high', float('nan')):+.2f}, normalized units) "
             f"{truth}")
+
+
+def _online(m: dict) -> bool:
+    return "kl/beta" in m or any(k.startswith("warn/") for k in m)
+
+
+# The early-warning readings a run logs (instruments.early_warning), by name after warn/fired_.
+_WARN_READINGS = ("outlier_rate", "feature_shift_ratio", "ensemble_ratio", "proxy_up_judge_down", "exploit_gain")
+
+
+@_reads("warn/evals")
+def _early_warning(m, t):
+    """The online run's early-warning rule (``instruments.early_warning``) fired: at the step
+    ``warn/fired``, by the readings ``warn/fired_<reading>``; gold's best step beside it
+    where the run measured gold."""
+    if "warn/fired" not in m:
+        return None
+    by = [name for name in _WARN_READINGS if f"warn/fired_{name}" in m]
+    text = (f"fired at step {int(m['warn/fired'])}" + (f" by {', '.join(by)}" if by else "")
+            + f" ({int(m['warn/evals'])} evaluations checked)")
+    if "gold/best_step" in m:
+        text += f"; gold peaked at step {int(m['gold/best_step'])}"
+    return text
 
 
 # How to measure what a rule reads: an ``rlhflab eval`` of the policy against its base on
@@ -613,6 +681,16 @@ RULES: tuple[Rule, ...] = (
              "labelled, the reward model retrained), then attack it again; a gradient-norm penalty (rm.grad_penalty); a higher "
              "beta; watch the pattern during RL with rl.attack_every",
          applies=_attacked),
+    Rule("early_warning", "warn", _early_warning,
+         symptom="during training, a reading that comes before gold falls crossed its bar",
+         instrument="the online run's early warning (instruments/early_warning.py, every rl.eval_every steps): the "
+                    "reward model's feature outliers and feature shift against the SFT policy's samples, an "
+                    "ensemble's disagreement, proxy up while a judge's win-rate falls, the attack's exploit gain",
+         root_cause="the policy is leaving what the reward model can judge (over-optimization may follow or have "
+                    "begun)",
+         fix="read the evaluations around the step it fired; keep the checkpoint before it (rl.save_every) or stop "
+             "early on a judge (rl.early_stop_patience); raise beta; an ensemble or a retrained reward model",
+         applies=_online),
 )
 
 
@@ -623,14 +701,15 @@ RULE_MEASURES: dict[str, str] = {
     "degenerate_output": MEASURE_PROMPTS,
     "length_hacking": MEASURE_WIN_RATE,
     "over_refusal": f"{_EVAL} --benign B.jsonl (prompts where refusing is over-refusal)",
-    "sycophancy": f"the world's sycophancy probes: {_EVAL} on the built-in world",
+    "sycophancy": f"{_EVAL} --sycophancy F.jsonl (question/answer/wrong); on the built-in world, {_EVAL}",
     "phrase_gaming": MEASURE_PROMPTS,
     "mode_collapse": MEASURE_PROMPTS,
     "over_optimization": "a training curve with gold evaluations (rl.eval_every): rlhflab diagnose RUN_DIR; "
                          f"or on the built-in world {_EVAL} --rm DIR (gold and proxy)",
     "kl_high": MEASURE_PROMPTS,
     "kl_caution": MEASURE_PROMPTS,
-    "capability_regression": f"{_EVAL} --mc MC.jsonl (multiple-choice questions)",
+    "capability_regression": f"{_EVAL} --capability TASKS (lm-eval tasks: rlhflab_mc, rlhflab_gsm, mmlu, "
+                             "a YAML file; pip install 'rlhflab[eval]') or --mc MC.jsonl (multiple-choice questions)",
     "beta_too_high": MEASURE_WIN_RATE,
     "distribution_shift": f"on the built-in world {_EVAL} --rm DIR (a reward model trained by rlhflab rm, "
                           "which saves its training data's feature statistics)",
@@ -639,6 +718,8 @@ RULE_MEASURES: dict[str, str] = {
                   "OpenRLHF's rollout/truncated_rate)",
     "likelihood_displacement": "the DPO run's log over two logged rows or more (rlhflab dpo's metrics.jsonl, "
                                "TRL's trainer_state.json): logps/chosen, logps/rejected",
+    "early_warning": "an online RL run with a reward model (--rm) and held-out evaluations (rl.eval_every): "
+                     "rlhflab diagnose RUN_DIR",
     "reward_exploit": "rlhflab attack-rm --rm DIR --out DIR on the built-in world; on your prompts, "
                       "--prompts F --judge rm:DIR|lm:DIR|py:FN",
 }
@@ -738,8 +819,10 @@ def diagnose(metrics: dict, thresholds: Thresholds | None = None) -> dict:
             f"KL {m['kl/sequence_mean']:.2f} nats, {_judged(m)} {_win(m):.2f} "
             f"(CI {_win(m, '_ci_low'):.2f}-{_win(m, '_ci_high', float('nan')):.2f})"))
     to_measure = {what: how for what, how in unseen} | {name: RULE_MEASURES[name] for name in missing}
-    return {"verdict": verdict, "findings": [f.to_json() for f in findings], "not_measured": missing,
-            "to_measure": to_measure}
+    from rlhflab.instruments.card import with_records
+
+    return with_records({"verdict": verdict, "findings": [f.to_json() for f in findings], "not_measured": missing,
+                         "to_measure": to_measure})
 
 
 def _flat_evidence(m: dict, t: Thresholds) -> str:
@@ -769,6 +852,8 @@ def format_findings(result: dict) -> str:
                   f"    instrument: {f['instrument']}",
                   f"    root cause: {f['root_cause']}",
                   f"    fix:        {f['fix']}"]
+        if f.get("record"):
+            lines.append(f"    record:     {f['record']}")
     if result["not_measured"]:
         lines.append(f"not measured: {', '.join(result['not_measured'])}")
     if result.get("to_measure"):
@@ -803,7 +888,7 @@ def add_arguments(p) -> None:
 _NON_FINITE = ("inf", "-inf", "nan")
 # Readings are grouped by prefix; a key under one of these is a reading and must be a number.
 READING_PREFIXES = ("kl", "gold", "rm", "win_rate", "length", "refusal", "sycophancy", "keywords", "diversity",
-                    "capability", "overopt", "rollout", "filler", "logps", "rewards", "rm_attack")
+                    "capability", "overopt", "rollout", "filler", "logps", "rewards", "rm_attack", "warn")
 # Readings that are text, not numbers: the reward-model attack's first-ranked pattern.
 TEXT_READINGS = ("rm_attack/top_pattern",)
 _SHARES = ("diversity/distinct_1", "diversity/distinct_2", "diversity/repetition", "capability/answer_share",

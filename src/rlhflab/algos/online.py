@@ -109,7 +109,10 @@ class OnlineRun:
         }[rl.kl_controller])
         self.state = {"step": 0, "best_eval": None, "best_step": None, "bad_evals": 0, "stopped_early": False,
                       "kl_status_steps": {s: 0 for s in KL_STATUS}, "time_rollout": 0.0, "time_update": 0.0,
-                      "last_status": "ok", "evals": []}
+                      "last_status": "ok", "evals": [],
+                      # the early warning (instruments.early_warning): evaluations checked, the step it
+                      # first fired at and by which readings, the last attack's exploit gain
+                      "warn_evals": 0, "warn_fired": None, "warn_fired_by": [], "warn_exploit": None}
         self.is_main = accelerator.is_main_process
         self.log = MetricsLog(self.out_dir / "metrics.jsonl" if self.out_dir else None, enabled=self.is_main,
                               accelerator=accelerator)
@@ -117,6 +120,8 @@ class OnlineRun:
         self._bar = None
         self._perm_cache: tuple[int, list[int]] | None = None
         self._attacked_rm = self._attack_target() if rl.attack_every else None
+        self._warn_ref: dict | None = None  # the SFT policy's reference readings, drawn on first use
+        self._warn_shown: dict[str, float] = {}  # the last warning readings, for the progress line
 
     # -- modules -----------------------------------------------------------------------
 
@@ -333,16 +338,23 @@ class OnlineRun:
         metrics.update({"kl/status": float(KL_STATUS.index(status)), "lr": self.scheduler.get_last_lr()[0],
                         "time/rollout": ro.seconds})
         self.state["step"] = step
-        if rl.eval_every and (step % rl.eval_every == 0 or step == rl.steps):
+        evaluated = bool(rl.eval_every) and (step % rl.eval_every == 0 or step == rl.steps)
+        if evaluated:
             metrics.update(self._held_out_eval(step))
         if rl.attack_every and step % rl.attack_every == 0 and self.is_main:
             metrics.update(self._attack(step, ro))
-        if step % rl.log_every == 0 or step == rl.steps or any(k.startswith(("gold/", "rm_attack/")) for k in metrics):
+            if "rm_attack/top_gain_ci_low" in metrics:
+                self.state["warn_exploit"] = metrics["rm_attack/top_gain_ci_low"]
+        if evaluated and self.is_main:
+            metrics.update(self._warn_check(step, metrics))
+        if step % rl.log_every == 0 or step == rl.steps or any(k.startswith(("gold/", "rm_attack/", "warn/"))
+                                                                for k in metrics):
             self.log.log(metrics, step=step)
         self.last_metrics = metrics
         if self._bar is not None:
             self._bar.update(reward=metrics["objective/scores"], kl=metrics["objective/kl"], beta=beta,
-                             kl_status=status, **({"gold": metrics["gold/mean"]} if "gold/mean" in metrics else {}))
+                             kl_status=status, **({"gold": metrics["gold/mean"]} if "gold/mean" in metrics else {}),
+                             **self._warn_shown)
         if rl.save_every and step % rl.save_every == 0 and step < rl.steps and not self.state["stopped_early"]:
             self.save_checkpoint()
 
@@ -363,6 +375,8 @@ class OnlineRun:
         out["eval/proxy_mean"] = float(proxy.float().mean())
         out["eval/proxy_minus_gold"] = out["eval/proxy_mean"] - out["gold/mean"]
         out.update(self._shift([p.text for p in self.eval_prompts], completions))
+        out.update(self._warn_features([p.text for p in self.eval_prompts], [p.text for p in self.eval_prompts],
+                                       completions, rendered=False))
         self.state["evals"].append({"step": step, "gold/mean": out["gold/mean"],
                                     "eval/proxy_mean": out["eval/proxy_mean"],
                                     **{k: v for k, v in out.items() if k.startswith("shift/")}})
@@ -389,7 +403,9 @@ class OnlineRun:
                                      max_new_tokens=g.max_new_tokens, batch_size=g.batch_size,
                                      seed=derive_seed(self.rl.seed, "eval_kl"))["kl/sequence_mean"],
                "eval/length_mean": sum(len(c.token_ids) for c in done) / len(done),
-               **self._shift([r["prompt"] for r in h.rows] if h.rows else list(h.texts), done)}
+               **self._shift([r["prompt"] for r in h.rows] if h.rows else list(h.texts), done),
+               **self._warn_features(list(h.texts), [r["prompt"] for r in h.rows] if h.rows else list(h.texts),
+                                     done, rendered=True)}
         if h.judge is not None:
             if h.reference_texts is None:  # the reference's answers: sampled once, the same every evaluation
                 ref = sample(self.reference, self.tokenizer, h.texts, **kw)
@@ -400,8 +416,12 @@ class OnlineRun:
             out.update({"eval/win_rate": w["win_rate"], "eval/win_rate_ci_low": w["ci_low"],
                         "eval/win_rate_ci_high": w["ci_high"]})
         entry = {"step": step, **{k: v for k, v in out.items()
-                                  if k in ("eval/proxy_mean", "eval/kl", "eval/win_rate") or k.startswith("shift/")}}
+                                  if k in ("eval/proxy_mean", "eval/kl", "eval/win_rate", "eval/win_rate_ci_high")
+                                  or k.startswith("shift/")}}
         self.state["evals"].append(entry)
+        from rlhflab.instruments.early_warning import proxy_judge_readings
+
+        out.update(proxy_judge_readings(self.state["evals"]))
         return out, out["eval/win_rate"] if h.judge is not None else out["eval/proxy_mean"]
 
     def _shift(self, prompts: list, completions) -> dict[str, float]:
@@ -416,6 +436,89 @@ class OnlineRun:
                 return shift_readings(model, prompts, [c.text for c in completions],
                                       eos=[c.eos for c in completions])
         return {}
+
+    def _warn_model(self):
+        """The reward model the early warning reads: the first of the run's reward sources that
+        is one; None with reward functions only."""
+        for _, source in getattr(self.reward, "terms", ()):
+            model = getattr(source, "model", None)
+            if model is not None:
+                return model
+        return None
+
+    def _warn_reference(self, texts: list, rm_prompts: list, rendered: bool) -> dict:
+        """The SFT policy's (the frozen reference's) two draws on the held-out prompts, with
+        seeds of their own, read by the reward model once: per-member references
+        (``early_warning.fit_reference``: draw A fits, draw B cuts) and the ensemble's spread
+        on draw A. Drawn again after a resume (the same seeds, the same samples)."""
+        if self._warn_ref is None:
+            from rlhflab.instruments.distribution_shift import member_features
+            from rlhflab.instruments.early_warning import ensemble_spread, fit_reference
+            from rlhflab.sampling import sample
+
+            rm, g = self._warn_model(), self.cfg.generation
+            draws = []
+            for k in (0, 1):
+                done = sample(self.reference, self.tokenizer, list(texts), temperature=g.temperature, top_k=g.top_k,
+                              top_p=g.top_p, max_new_tokens=g.max_new_tokens, batch_size=g.batch_size,
+                              seed=derive_seed(self.rl.seed, "warn_reference", k), rendered=rendered)
+                draws.append(([c.text for c in done], [c.eos for c in done]))
+            fa, fb = (member_features(rm, rm_prompts, r, eos=e) for r, e in draws)
+            spread = (ensemble_spread(rm.member_scores(rm_prompts, draws[0][0], eos=draws[0][1]))
+                      if rm.n_members > 1 else None)
+            self._warn_ref = {"refs": [fit_reference(a, b) for a, b in zip(fa, fb)], "spread": spread}
+        return self._warn_ref
+
+    def _warn_features(self, texts: list, rm_prompts: list, completions, rendered: bool) -> dict[str, float]:
+        """The early warning's reward-model readings of held-out samples
+        (``instruments.early_warning``): the outlier rate and the shift of the samples' features
+        against the SFT policy's, and an ensemble's disagreement against its own on the SFT
+        policy's samples; {} without a reward model."""
+        rm = self._warn_model()
+        if rm is None or not completions:
+            return {}
+        from rlhflab.instruments.distribution_shift import member_features
+        from rlhflab.instruments.early_warning import ensemble_spread, feature_readings
+
+        ref = self._warn_reference(texts, rm_prompts, rendered)
+        responses, eos = [c.text for c in completions], [c.eos for c in completions]
+        out = feature_readings(member_features(rm, rm_prompts, responses, eos=eos), ref["refs"])
+        if ref["spread"] is not None:
+            spread = ensemble_spread(rm.member_scores(rm_prompts, responses, eos=eos))
+            out["warn/ensemble_std"] = spread
+            if ref["spread"] > 0:
+                out["warn/ensemble_ratio"] = spread / ref["spread"]
+        return out
+
+    def _warn_check(self, step: int, readings: dict) -> dict[str, float]:
+        """The early-warning rule (``early_warning.triggers``) on an evaluation's readings and
+        the last attack's exploit gain: ``warn/evals``, and at the first evaluation where a
+        reading is past its bar ``warn/fired`` (the step) with ``warn/fired_<reading>``; {}
+        when the run has none of the readings."""
+        from rlhflab.instruments.early_warning import triggers
+
+        st = self.state
+        r = {k: v for k, v in readings.items() if k.startswith("warn/")}
+        if st["warn_exploit"] is not None:
+            r["warn/exploit_gain"] = st["warn_exploit"]
+        if not r:
+            return {}
+        st["warn_evals"] += 1
+        out = {"warn/evals": float(st["warn_evals"])}
+        if "warn/exploit_gain" in r:
+            out["warn/exploit_gain"] = r["warn/exploit_gain"]
+        fired = triggers(r)
+        if fired and st["warn_fired"] is None:
+            st["warn_fired"], st["warn_fired_by"] = step, fired
+            out["warn/fired"] = float(step)
+            out.update({f"warn/fired_{name}": float(step) for name in fired})
+            print(f"[{self.algo}] step {step}: early warning: " + ", ".join(
+                f"{name} {r[f'warn/{name}']:.3g}" for name in fired) + " (instruments.early_warning)", file=sys.stderr)
+        shown = {"shift": "warn/feature_shift_ratio", "ood": "warn/outlier_rate", "ens": "warn/ensemble_ratio"}
+        self._warn_shown = {k: float(r[key]) for k, key in shown.items() if key in r}
+        if st["warn_fired"] is not None:
+            self._warn_shown["warned_at"] = st["warn_fired"]
+        return out
 
     def _attack_target(self):
         """(reward model, reduce, k) that ``rl.attack_every`` attacks: the first of the run's
@@ -490,6 +593,7 @@ class OnlineRun:
             stop = bool(self.rl.early_stop_patience) and self.state["bad_evals"] >= self.rl.early_stop_patience
             flag[0], flag[1] = float(stop), 1.0
             if step == 0:
+                out.update(self._warn_check(0, out))
                 self.log.log(out, step=0)
         if self.accelerator.num_processes > 1:
             flag = broadcast(flag)
@@ -558,6 +662,10 @@ class OnlineRun:
             "eval/win_rate_initial": st["evals"][0].get("eval/win_rate") if st["evals"] else None,
             "eval/win_rate_final": st["evals"][-1].get("eval/win_rate") if st["evals"] else None,
             "early_stop/stopped": st["stopped_early"], "early_stop/restored_best": restored,
+            **({"warn/evals": float(st["warn_evals"])} if st["warn_evals"] else {}),
+            **({"warn/fired": float(st["warn_fired"]),
+                **{f"warn/fired_{name}": float(st["warn_fired"]) for name in st["warn_fired_by"]}}
+               if st["warn_fired"] is not None else {}),
             "kl/status_steps": st["kl_status_steps"], "evals": st["evals"],
             "time/rollout": st["time_rollout"], "time/update": st["time_update"],
             "time/rollout_share": st["time_rollout"] / total if total else None,

@@ -611,10 +611,15 @@ def diagnosis_block(name: str, d: dict, readings: dict, base_name: str = "SFT") 
     parts = [f'<h3>{esc(name)}: <span class="verdict">{esc(verdict)}</span></h3>',
              f'<p class="reason"><b>Why:</b> {esc(reason)}.</p>', _evidence_table(readings, base_name)]
     if findings:
+        from rlhflab.instruments.card import load_records, record_line
+
+        records = load_records()  # a diagnosis written before the card was shipped carries none
         rows = [[f.get("severity", ""), f.get("name", ""), f.get("symptom", ""), f.get("evidence", ""),
+                 f.get("record") or record_line(str(f.get("name", "")), records),
                  f.get("instrument", ""), f.get("root_cause", ""), f.get("fix", "")] for f in findings]
-        classes = [["fail" if r[0] == "fail" else "warn" if r[0] == "warn" else "pass"] + [""] * 6 for r in rows]
-        parts.append(table(["", "finding", "symptom", "evidence", "instrument", "root cause", "fix"], rows, classes))
+        classes = [["fail" if r[0] == "fail" else "warn" if r[0] == "warn" else "pass"] + [""] * 7 for r in rows]
+        parts.append(table(["", "finding", "symptom", "evidence", "measured record", "instrument", "root cause",
+                            "fix"], rows, classes))
     else:
         parts.append('<p class="small">No rule of <code>rlhflab.diagnose</code> fired: the verdict rests on the '
                      "readings above.</p>")

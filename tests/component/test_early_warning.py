@@ -1,0 +1,184 @@
+"""The online run's early warning (instruments/early_warning.py): its math by hand, each
+reading computed and logged by a tiny run, the rule read back by diagnose; and each finding's
+measured record (instruments/card.py) from a card file."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from rlhflab.errors import InputError
+from rlhflab.instruments.card import NO_RECORD, load_records, record_line, with_records
+from rlhflab.instruments.early_warning import (
+    feature_readings,
+    fit_reference,
+    proxy_judge_readings,
+    triggers,
+)
+from tests.conftest import ROOT
+
+FIXTURE = ROOT / "tests" / "fixtures" / "card" / "instrument_card.json"
+
+
+def test_reference_outlier_rate_and_shift_by_hand():
+    """Draw A = (+-1, 0), (0, +-2): mean 0, ML covariance diag(0.5, 2); shrink 0.2 adds
+    lambda = 0.2 * 2.5 / 2 = 0.25, so P = diag(4/3, 4/9). Draw B's distances: (1.5, 0) ->
+    sqrt(2.25 * 4/3) = sqrt(3); (0, 3) -> 2; (0, 0) -> 0; (3, 3) -> sqrt(12 + 4) = 4. Their
+    0.99 quantile (linear between order statistics): position 0.99 * 3 = 2.97, so
+    2 + 0.97 * (4 - 2) = 3.94. B's mean (1.125, 1.5) lies sqrt(1.265625 * 4/3 + 2.25 * 4/9) =
+    sqrt(2.6875) from 0. Policy samples (4, 0) (distance sqrt(64/3) = 4.62 > 3.94) and (0, 0):
+    outlier rate 1/2; their mean (2, 0) lies sqrt(16/3) = 2.309 away, ratio 2.309 / 1.639."""
+    a = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [0.0, 2.0], [0.0, -2.0]])
+    b = torch.tensor([[1.5, 0.0], [0.0, 3.0], [0.0, 0.0], [3.0, 3.0]])
+    ref = fit_reference(a, b, shrink=0.2)
+    assert torch.allclose(ref["precision"], torch.diag(torch.tensor([4 / 3, 4 / 9], dtype=torch.float64)))
+    assert float(ref["cut"]) == pytest.approx(3.94)
+    assert float(ref["floor"]) == pytest.approx(math.sqrt(2.6875))
+    out = feature_readings([torch.tensor([[4.0, 0.0], [0.0, 0.0]])], [ref])
+    assert out["warn/outlier_rate"] == 0.5
+    assert out["warn/feature_shift"] == pytest.approx(math.sqrt(16 / 3))
+    assert out["warn/feature_shift_ratio"] == pytest.approx(math.sqrt(16 / 3) / math.sqrt(2.6875))
+    assert out["warn/n"] == 2.0
+
+
+def test_triggers_and_the_proxy_judge_reading():
+    """The outlier bar at n = 200: 0.01 + 3 sqrt(0.01 * 0.99 / 200) = 0.0311. The proxy/judge
+    reading compares the last evaluation with the best win-rate's: proxy 0.9 - 0.5, win-rate
+    0.62 - 0.48, and the last interval's top 0.55 lies below 0.62."""
+    assert triggers({"warn/outlier_rate": 0.032, "warn/n": 200.0}) == ["outlier_rate"]
+    assert triggers({"warn/outlier_rate": 0.030, "warn/n": 200.0}) == []
+    assert triggers({"warn/feature_shift_ratio": 1.6, "warn/ensemble_ratio": 1.4}) == ["feature_shift_ratio"]
+    assert triggers({"warn/exploit_gain": 0.41, "warn/proxy_up_judge_down": 0.0}) == ["exploit_gain"]
+    evals = [{"eval/proxy_mean": 0.1, "eval/win_rate": 0.5, "eval/win_rate_ci_high": 0.6},
+             {"eval/proxy_mean": 0.5, "eval/win_rate": 0.62, "eval/win_rate_ci_high": 0.7},
+             {"eval/proxy_mean": 0.9, "eval/win_rate": 0.48, "eval/win_rate_ci_high": 0.55}]
+    out = proxy_judge_readings(evals)
+    assert out["warn/proxy_gain"] == pytest.approx(0.4) and out["warn/judge_drop"] == pytest.approx(0.14)
+    assert out["warn/proxy_up_judge_down"] == 1.0
+    evals[-1]["eval/win_rate_ci_high"] = 0.65  # the interval reaches the best: no flag
+    assert proxy_judge_readings(evals)["warn/proxy_up_judge_down"] == 0.0
+    assert proxy_judge_readings([{"eval/proxy_mean": 0.1}]) == {}
+
+
+@pytest.fixture(scope="module")
+def tiny_setup(tmp_path_factory):
+    from rlhflab.reward_model import RewardModel, create_reward_model
+    from tests.component.test_rl_rollout import tiny_policy_dir
+
+    policy = tiny_policy_dir(tmp_path_factory.getbasetemp())
+    members, tok = [], None
+    for s in (0, 1):
+        model, tok = create_reward_model(policy, seed=s)
+        members.append(model)
+    rm = tmp_path_factory.mktemp("warn_rm") / "model"
+    RewardModel(members, tok, max_length=48).save(rm)
+    return policy, rm
+
+
+def _run(policy: Path, rm: Path, out: Path, overrides: list[str], held_out=None):
+    from rlhflab.algos.grpo import train_grpo
+    from rlhflab.algos.online import OnlineRun
+    from rlhflab.algos.rl_config import resolve_rl_config
+    from rlhflab.config import load_config
+    from rlhflab.distributed import make_accelerator
+    from rlhflab.models import load_causal_lm, load_tokenizer
+    from rlhflab.rewards import build_reward
+    from rlhflab.world import World
+
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", ["rl.steps=4", "rl.eval_every=2", *overrides])
+    cfg.rl = resolve_rl_config(cfg.rl, "grpo")
+    tok = load_tokenizer(policy)
+    world = World(cfg.world)
+    out.mkdir(parents=True)
+    run = OnlineRun(cfg, "grpo", make_accelerator(), load_causal_lm(policy, tok), load_causal_lm(policy, tok), tok,
+                    build_reward(str(rm), []), [p.text for p in world.prompts(64, "rl")], out_dir=out,
+                    world=None if held_out else world,
+                    eval_prompts=None if held_out else world.prompts(cfg.rl.n_eval, "eval"), held_out=held_out)
+    summary = train_grpo(run)
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return summary, rows
+
+
+def test_a_world_run_logs_every_reading_and_diagnose_reads_the_warning(tiny_setup, tmp_path):
+    """GRPO on the world with a 2-member reward model and the attack every 2 steps: the
+    evaluations at steps 0, 2, 4 log the feature and ensemble readings, the attack's exploit
+    gain joins the check at 2 and 4. The random reward model's first pattern gains 1.22 at the
+    interval's low end at step 2 (measured; the bar is 0.4), so the rule fires there, and
+    ``diagnose`` names it with the step."""
+    from rlhflab.diagnose import diagnose, load_readings
+
+    policy, rm = tiny_setup
+    summary, rows = _run(policy, rm, tmp_path / "run", ["rl.attack_every=2"])
+    evals = [r for r in rows if "warn/evals" in r]
+    assert [r["step"] for r in evals] == [0, 2, 4] and [r["warn/evals"] for r in evals] == [1.0, 2.0, 3.0]
+    for r in evals:
+        assert 0.0 <= r["warn/outlier_rate"] <= 1.0 and r["warn/n"] == 16.0
+        assert r["warn/feature_shift"] > 0 and r["warn/feature_shift_ratio"] > 0
+        assert r["warn/ensemble_std"] > 0 and r["warn/ensemble_ratio"] > 0
+    assert "warn/exploit_gain" not in evals[0] and evals[1]["warn/exploit_gain"] == evals[1]["rm_attack/top_gain_ci_low"]
+    assert evals[1]["warn/fired"] == 2.0 and evals[1]["warn/fired_exploit_gain"] == 2.0
+    assert "warn/fired" not in evals[2]  # the first step only
+    assert summary["warn/fired"] == 2.0 and summary["warn/evals"] == 3.0
+    readings, _ = load_readings(str(tmp_path / "run"), None)
+    result = diagnose(readings)
+    found = next(f for f in result["findings"] if f["name"] == "early_warning")
+    assert found["evidence"].startswith("fired at step 2 by exploit_gain (3 evaluations checked)")
+    assert "early_warning" not in result["not_measured"]
+
+
+def test_a_user_run_with_a_judge_logs_the_proxy_judge_reading(tiny_setup, tmp_path):
+    """On a user's held-out prompts with a judge (here the reward model itself): each
+    evaluation logs the proxy/judge reading beside the feature readings; without a fire the
+    rule is measured and silent in diagnose."""
+    from rlhflab.algos.online import HeldOut
+    from rlhflab.commands.rl import _load_prompts
+    from rlhflab.config import load_config
+    from rlhflab.diagnose import diagnose, load_readings
+    from rlhflab.instruments.judges import load_judge
+    from rlhflab.models import load_tokenizer
+    from rlhflab.world import World
+
+    policy, rm = tiny_setup
+    prompts = tmp_path / "eval.jsonl"
+    world = World(load_config(ROOT / "configs" / "tiny.yaml").world)
+    prompts.write_text("".join(json.dumps({"prompt": p.text}) + "\n" for p in world.prompts(12, "eval")))
+    texts, rows = _load_prompts(str(prompts), load_tokenizer(policy))
+    summary, logged = _run(policy, rm, tmp_path / "run", [], HeldOut(texts, rows, load_judge(f"rm:{rm}")))
+    evals = [r for r in logged if "warn/evals" in r]
+    assert [r["step"] for r in evals] == [0, 2, 4]
+    for r in evals:
+        assert {"warn/proxy_gain", "warn/judge_drop", "warn/proxy_up_judge_down", "warn/outlier_rate",
+                "warn/feature_shift_ratio", "warn/ensemble_ratio"} <= set(r)
+    assert evals[0]["warn/proxy_gain"] == 0.0 and evals[0]["warn/judge_drop"] == 0.0
+    result = diagnose(load_readings(str(tmp_path / "run"), None)[0])
+    assert "warn/fired" not in summary and summary["warn/evals"] == 3.0  # measured: no reading past its bar
+    assert "early_warning" not in result["not_measured"]
+    assert all(f["name"] != "early_warning" for f in result["findings"])
+
+
+def test_each_finding_carries_its_record_or_says_there_is_none(tmp_path):
+    """A card file's records in words beside the findings; a rule without one says "no
+    measured record"; a card file of the wrong shape is an error naming it."""
+    from rlhflab.diagnose import diagnose, format_findings
+
+    records = load_records(FIXTURE)
+    assert record_line("length_hacking", records) == ("fires on 4/5 length runs (95% CI 0.38-0.96), 1/6 healthy "
+                                                      "(instrument card)")
+    assert record_line("healthy", records) == "right on 5/6 runs called healthy on the instrument card (95% CI 0.44-0.97)"
+    assert record_line("sycophancy", records) == NO_RECORD
+    assert load_records(tmp_path / "absent.json") == {}
+    bad = tmp_path / "card.json"
+    bad.write_text('{"rules": []}')
+    with pytest.raises(InputError, match="card.json"):
+        load_records(bad)
+    m = {"length/mean": 30.0, "base/length/mean": 10.0, "win_rate/gold": 0.7, "win_rate/gold_ci_low": 0.6,
+         "win_rate/gold_ci_high": 0.8, "win_rate/gold_length_controlled": 0.45, "kl/sequence_mean": 2.0}
+    result = with_records(diagnose(m), records)
+    hack = next(f for f in result["findings"] if f["name"] == "length_hacking")
+    assert hack["record"].startswith("fires on 4/5 length runs")
+    assert "    record:     fires on 4/5 length runs" in format_findings(result)
+    assert all(f["record"] == NO_RECORD for f in with_records(diagnose(m), {})["findings"])
