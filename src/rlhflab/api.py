@@ -107,19 +107,30 @@ def rl(cfg: Config | None = None, algo: str = "ppo", *, out: str | Path, sft: st
 def evaluate(cfg: Config | None = None, *, policy: str | Path, base: str | Path, rm: str | Path | None = None,
              prompts: str | Path | None = None, judge: str | Callable | None = None, mc: str | Path | None = None,
              harmful: str | Path | None = None, benign: str | Path | None = None, seed: int = 0,
-             samples: bool = False):
+             samples: bool = False, capability: str | None = None, capability_limit: int | None = None,
+             sycophancy: str | Path | None = None, sycophancy_match: str | None = None,
+             reward_fns: Sequence[str | Callable] = ()):
     """Every instrument of ``policy`` against ``base`` (``rlhflab eval``): on the world's
-    probes, or on the user's files when any of ``prompts``/``mc``/``harmful``/``benign`` is
-    given (``judge``: ``rm:DIR``, ``lm:DIR``, ``py:module:function``, ``world:ai`` or a callable
-    ``fn(prompts, completions_a, completions_b) -> list[P(a better)]``). Returns the readings
-    (and the samples too with ``samples=True``)."""
+    probes, or on the user's files when any of ``prompts``/``mc``/``harmful``/``benign``/
+    ``capability``/``sycophancy`` is given (``judge``: ``rm:DIR``, ``lm:DIR``,
+    ``py:module:function``, ``world:ai`` or a callable
+    ``fn(prompts, completions_a, completions_b) -> list[P(a better)]``; ``capability``: lm-eval
+    tasks, comma-separated; ``reward_fns``: specs or callables with TRL's signature, scored on
+    the samples of ``prompts``). Returns the readings (and the samples too with ``samples=True``)."""
     from rlhflab.commands.eval import evaluate_on_user_data, evaluate_policy
 
     cfg = _cfg(cfg)
-    if prompts or mc or harmful or benign:
+    if prompts or mc or harmful or benign or capability or sycophancy:
         metrics, drawn = evaluate_on_user_data(cfg, str(policy), str(base), _str(rm), prompts=_str(prompts),
                                                mc=_str(mc), harmful=_str(harmful), benign=_str(benign),
-                                               seed=seed, judge=judge)
+                                               seed=seed, judge=judge, capability=capability,
+                                               capability_limit=capability_limit, sycophancy=_str(sycophancy),
+                                               sycophancy_match=sycophancy_match, reward_fns=list(reward_fns))
+    elif reward_fns or sycophancy_match or capability_limit is not None:
+        from rlhflab.errors import InputError
+
+        raise InputError("reward_fns, sycophancy_match and capability_limit read a file of yours: give prompts, "
+                         "sycophancy or capability with them")
     else:
         metrics, drawn = evaluate_policy(cfg, str(policy), str(base), _str(rm), None, seed)
     return (metrics, drawn) if samples else metrics

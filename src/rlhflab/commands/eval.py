@@ -27,6 +27,19 @@ def add_arguments(p) -> None:
     user.add_argument("--mc", help="multiple-choice JSONL (question/choices/answer): capability")
     user.add_argument("--harmful", help="prompt file where refusing is right")
     user.add_argument("--benign", help="prompt file where refusing is over-refusal")
+    user.add_argument("--capability", metavar="TASKS",
+                      help="lm-eval tasks, comma-separated: names lm-eval registers, rlhflab's own (rlhflab_mc, "
+                           "rlhflab_mc_cloze, rlhflab_gsm, rlhflab_arithmetic), task YAML files or directories; "
+                           "policy and base, with the paired difference (needs pip install 'rlhflab[eval]')")
+    user.add_argument("--capability-limit", type=int, metavar="N", help="the first N items of each --capability task")
+    user.add_argument("--sycophancy", metavar="F", help="questions with their answer and a wrong one "
+                                                        "(question/answer/wrong): asked plain and with the user's opinion")
+    user.add_argument("--sycophancy-match", metavar="py:FN", help="who decides whether an answer gives a target: "
+                      "py:module:function or py:file.py:function, fn(completions, answers) -> list[bool] "
+                      "(default: the normalized target as whole words)")
+    user.add_argument("--reward-fn", action="append", default=[], metavar="SPEC",
+                      help="a reward function as training names it (gold, module:function, file.py:function), "
+                           "scored on the samples of --prompts with the rows' columns; repeatable")
 
 
 def evaluate_policy(cfg, policy_dir, base_dir, rm_dir=None, n: int | None = None, seed: int = 0):
@@ -50,16 +63,21 @@ def evaluate_policy(cfg, policy_dir, base_dir, rm_dir=None, n: int | None = None
 
 def evaluate_on_user_data(cfg, policy_dir, base_dir, rm_dir=None, *, prompts=None, mc=None,
                           harmful=None, benign=None, seed: int = 0, judge: str | None = None,
-                          judge_question: str | None = None):
+                          judge_question: str | None = None, capability: str | None = None,
+                          capability_limit: int | None = None, sycophancy=None, sycophancy_match=None,
+                          reward_fns=()):
     """(metrics, samples) on the user's files; each reading also for the base (``base/``).
 
     On ``prompts``: text statistics and (with ``rm_dir``) the RM's mean score for both
     models, the sampled KL(policy || base), and the judge's win-rate of the policy's answer
     over the base's on the same prompt (``win_rate/judge`` with its interval and the
     length-controlled rate; an RM judge also gives ``win_rate/rm``). Every prompt is used:
-    conversational prompts go through the chat template, as in training."""
+    conversational prompts go through the chat template, as in training. ``reward_fns``
+    score the same samples (``instruments.held_out_rewards``); ``capability`` runs lm-eval
+    tasks (``instruments.capability``), ``sycophancy`` a file of questions
+    (``instruments.sycophancy``)."""
     from rlhflab.data import load_rows, prompt_text
-    from rlhflab.instruments.judges import load_judge, win_rate
+    from rlhflab.instruments.judges import CallableJudge, load_judge, win_rate
     from rlhflab.instruments.policy_eval import sampled_kl
     from rlhflab.instruments.text_stats import text_stats
     from rlhflab.instruments.user_eval import (
@@ -73,7 +91,37 @@ def evaluate_on_user_data(cfg, policy_dir, base_dir, rm_dir=None, *, prompts=Non
 
     g = cfg.generation
     mc_rows = load_multiple_choice(mc) if mc else None
-    raw = [r["prompt"] for r in load_rows(prompts, "prompt")] if prompts else []
+    rows = load_rows(prompts, "prompt") if prompts else []
+    raw = [r["prompt"] for r in rows]
+    if reward_fns and not raw:
+        from rlhflab.errors import InputError
+
+        raise InputError("--reward-fn scores the samples of --prompts: give a prompt file", field="--reward-fn")
+    if sycophancy_match and not sycophancy:
+        from rlhflab.errors import InputError
+
+        raise InputError("--sycophancy-match matches the answers of --sycophancy: give a question file",
+                         field="--sycophancy-match")
+    if capability_limit is not None and (not capability or capability_limit < 1):
+        from rlhflab.errors import InputError
+
+        raise InputError(f"expected N >= 1 with --capability, got {capability_limit}", field="--capability-limit")
+    functions = []
+    if reward_fns:
+        from rlhflab.instruments.held_out_rewards import load_functions
+
+        functions = load_functions(reward_fns)
+    syco_rows, match = None, None
+    if sycophancy:
+        from rlhflab.instruments.sycophancy import default_matcher, load_matcher, load_sycophancy
+
+        syco_rows = load_sycophancy(sycophancy)
+        match = load_matcher(sycophancy_match) if sycophancy_match else default_matcher
+    tasks = None
+    if capability:
+        from rlhflab.instruments.capability import prepare_tasks
+
+        tasks = prepare_tasks(capability)  # a bad task name fails before any model loads
     if judge is None and rm_dir is not None and raw:
         judge = f"rm:{rm_dir}"
     policy_dir, base_dir = resolve_model_dir(policy_dir), resolve_model_dir(base_dir)
@@ -106,13 +154,35 @@ def evaluate_on_user_data(cfg, policy_dir, base_dir, rm_dir=None, *, prompts=Non
         metrics.update({prefix + k: v for k, v in refusal_rates(
             model, tok, harmful, benign, max_new_tokens=g.max_new_tokens, temperature=g.temperature,
             seed=seed).items()})
+        if syco_rows:
+            from rlhflab.instruments.sycophancy import sycophancy_readings
+
+            read, answers = sycophancy_readings(model, tok, syco_rows, match=match, max_new_tokens=g.max_new_tokens,
+                                                batch_size=g.batch_size)
+            metrics.update({prefix + k: v for k, v in read.items()})
+            samples.setdefault("sycophancy", {})[prefix.rstrip("/") or "policy"] = answers
+    if tasks is not None:
+        from rlhflab.instruments.capability import evaluate_capability
+
+        read, items = evaluate_capability(models, tok, tasks, limit=capability_limit, batch_size=g.batch_size)
+        metrics.update(read)
+        samples["capability"] = items
+    if functions:
+        from rlhflab.instruments.held_out_rewards import reward_readings
+
+        read, drawn = reward_readings(functions, rows, texts, comps[""], comps["base/"])
+        metrics.update(read)
+        samples["reward_fn"] = drawn
     if texts:
         metrics.update(sampled_kl(models[""], models["base/"], tok, texts, max_new_tokens=g.max_new_tokens,
                                   batch_size=g.batch_size, seed=seed + 1))
     if judge_obj is not None:
         pol, bas = comps[""], comps["base/"]
+        # a py: judge reads the rows' other columns as keywords, as a reward function does
+        columns = {k: [r.get(k) for r in rows] for k in dict.fromkeys(k for r in rows for k in r)
+                   if k not in ("prompt", "eos_a", "eos_b")} if isinstance(judge_obj, CallableJudge) else {}
         verdict = judge_obj.compare(raw, [c.text for c in pol], [c.text for c in bas],
-                                    eos_a=[c.eos for c in pol], eos_b=[c.eos for c in bas])
+                                    eos_a=[c.eos for c in pol], eos_b=[c.eos for c in bas], **columns)
         dlen = [float(len(a.token_ids) - len(b.token_ids)) for a, b in zip(pol, bas)]
         read = verdict.readable  # an unreadable judge answer is counted (judge/unreadable), not scored
         metrics.update(verdict.readings)
@@ -165,12 +235,29 @@ def run(args) -> int:
         parse_judge(args.judge)  # a malformed spec fails before any model loads
     from rlhflab.progress import labelled
 
-    if args.prompts or args.mc or args.harmful or args.benign:
+    if args.capability:
+        from rlhflab.instruments.capability import parse_tasks, require_lm_eval
+
+        parse_tasks(args.capability)
+        require_lm_eval()  # without the extra: one line saying how to install it
+    if args.prompts or args.mc or args.harmful or args.benign or args.capability or args.sycophancy:
         with labelled("eval"):
             metrics, samples = evaluate_on_user_data(cfg, args.policy, args.base, args.rm, prompts=args.prompts,
                                                      mc=args.mc, harmful=args.harmful, benign=args.benign,
                                                      seed=args.seed, judge=args.judge,
-                                                     judge_question=args.judge_question)
+                                                     judge_question=args.judge_question,
+                                                     capability=args.capability,
+                                                     capability_limit=args.capability_limit,
+                                                     sycophancy=args.sycophancy,
+                                                     sycophancy_match=args.sycophancy_match,
+                                                     reward_fns=args.reward_fn)
+    elif args.reward_fn or args.sycophancy_match or args.capability_limit is not None:
+        from rlhflab.errors import InputError
+
+        flag = "--reward-fn" if args.reward_fn else "--sycophancy-match" if args.sycophancy_match \
+            else "--capability-limit"
+        raise InputError(f"{flag} reads a file of yours: give --prompts, --sycophancy or --capability with it",
+                         field=flag)
     else:
         from rlhflab.sampling import check_sample_budget
         from rlhflab.world import FAMILIES
