@@ -114,6 +114,62 @@ class GumbelNoise:
         return self._noise[:, k] if rows is None else self._noise[rows.cpu(), k]
 
 
+_MASK32 = 0xFFFFFFFF
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """(x * c) mod 2^32 for int64 tensors holding 32-bit values, without overflowing int64:
+    c = c_hi 2^16 + c_lo, and only the low 16 bits of x c_hi survive the shift by 16."""
+    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & _MASK32
+
+
+def hash32(x: torch.Tensor) -> torch.Tensor:
+    """The "lowbias32" integer hash (C. Wellons, 2018: shifts 16, 15, 15, multipliers
+    0x21f0aaad, 0x735a2d97) on int64 tensors of 32-bit values: a bijection of [0, 2^32)
+    with full avalanche, in elementwise torch ops that run on any device."""
+    x = x & _MASK32
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x21F0AAAD)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x735A2D97)
+    return x ^ (x >> 15)
+
+
+class CounterNoise:
+    """Per-row Gumbel noise computed where the logits are: the uniform of row i, step t,
+    token v is a hash of (seed_i, t, v) (a counter-based draw, as Philox is: Salmon et al.
+    2011), so nothing is drawn on the host or copied per step, and row i's noise depends on
+    its seed alone, whatever the batch layout. Keyed by both 32-bit halves of the 63-bit row
+    seed: k = h(h(h(hi) ^ lo) ^ t); two words per token, a = h(k ^ h(2v)) and
+    b = h(k ^ h(2v + 1)), make a 53-bit uniform u = (a 2^21 + floor(b / 2^11) + 1/2) / 2^53,
+    and the noise is -log(-log u) in float64.
+
+    The engine's default on an accelerator (``generate(noise="auto")``); on the CPU the
+    per-row generators of ``GumbelNoise`` stay the default, so CPU samples are unchanged."""
+
+    def __init__(self, seeds: Sequence[int], max_steps: int = 0, device: torch.device | str = "cpu") -> None:
+        s = torch.tensor([int(x) for x in seeds], dtype=torch.int64, device=device)
+        self.hi = hash32((s >> 32) & _MASK32)
+        self.lo = s & _MASK32
+        self._tokens: tuple[int, torch.Tensor, torch.Tensor] | None = None
+
+    def at(self, t: int, vocab_size: int, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Noise of step ``t`` for ``rows`` (indices into the seeds; None: all): (b, V) float64."""
+        V = int(vocab_size)
+        if self._tokens is None or self._tokens[0] != V:
+            v = torch.arange(V, dtype=torch.int64, device=self.lo.device)
+            self._tokens = (V, hash32(2 * v), hash32(2 * v + 1))
+        _, ha, hb = self._tokens
+        hi, lo = self.hi, self.lo
+        if rows is not None:
+            rows = rows.to(hi.device)
+            hi, lo = hi[rows], lo[rows]
+        k = hash32(hash32(hi ^ lo) ^ int(t))[:, None]
+        a, b = hash32(k ^ ha), hash32(k ^ hb)
+        u = ((a << 21) + (b >> 11)).double().add_(0.5).mul_(2.0 ** -53)
+        return -torch.log(-torch.log(u))
+
+
 # ---------------------------------------------------------------------------------------
 # Logit filters (pure)
 
@@ -295,7 +351,7 @@ def _logits_keyword(model) -> dict:
 
 
 @torch.no_grad()
-def _decode_batch(model, ids: torch.Tensor, attn: torch.Tensor, noise: GumbelNoise | None, *, eos: torch.Tensor,
+def _decode_batch(model, ids: torch.Tensor, attn: torch.Tensor, noise: GumbelNoise | CounterNoise | None, *, eos: torch.Tensor,
                   pad: int, suppress: Sequence[int], temperature: float, top_k: int, top_p: float,
                   max_new_tokens: int, record: bool, drop_finished: bool):
     """One batch: (B, R) response ids (pad after each row's EOS, R = the steps taken) and,
@@ -368,7 +424,7 @@ def response_mask_after_eos(response_ids: torch.Tensor, eos: torch.Tensor, pad_i
 def generate(model, prompt_ids: Sequence[Sequence[int]], *, pad_token_id: int, eos_token_id: int | Sequence[int],
              seeds: Sequence[int] | None = None, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
              max_new_tokens: int = 24, batch_size: int = 64, greedy: bool = False,
-             record_logprobs: bool = False, drop_finished: bool = True) -> Generation:
+             record_logprobs: bool = False, drop_finished: bool = True, noise: str = "auto") -> Generation:
     """Sample (or, with ``greedy``, decode greedily) one response per prompt.
 
     Args:
@@ -387,6 +443,10 @@ def generate(model, prompt_ids: Sequence[Sequence[int]], *, pad_token_id: int, e
         record_logprobs: also return the drawn tokens' log-probs and entropies on z / T.
         drop_finished: rows that emitted EOS leave the batch and the KV cache; False
             decodes every row to the end (the same samples, for checking).
+        noise: where the Gumbel noise comes from: ``generator`` (``GumbelNoise``: one CPU
+            generator per row, float64 copied to the device), ``counter`` (``CounterNoise``:
+            a hash computed on the device), ``auto`` (counter on an accelerator, generator
+            on the CPU). Both are per-row reproducible; they draw different samples.
     """
     if not greedy and (seeds is None or len(seeds) != len(prompt_ids)):
         raise ValueError("sampling needs one seed per prompt")
@@ -399,6 +459,9 @@ def generate(model, prompt_ids: Sequence[Sequence[int]], *, pad_token_id: int, e
         raise ValueError(f"the pad token ({pad_token_id}) must differ from EOS: a response's end would "
                          "read as padding")
     device = next(model.parameters()).device
+    if noise not in ("auto", "generator", "counter"):
+        raise ValueError(f"noise must be auto, generator or counter, got {noise!r}")
+    counter = noise == "counter" or (noise == "auto" and device.type != "cpu")
     eos = torch.tensor(eos_ids, device=device)
     # A prompt and its response must fit the model's positions (learned position embeddings
     # have no row past them): a prompt too long loses its start.
@@ -415,7 +478,9 @@ def generate(model, prompt_ids: Sequence[Sequence[int]], *, pad_token_id: int, e
             for start in starts:
                 ids = p_ids[start:start + batch_size].to(device)
                 attn = p_mask[start:start + batch_size].to(device)
-                noise = None if greedy else GumbelNoise(seeds[start:start + batch_size], max_new_tokens)
+                rows = seeds[start:start + batch_size] if not greedy else None
+                noise = (None if greedy else CounterNoise(rows, max_new_tokens, device) if counter
+                         else GumbelNoise(rows, max_new_tokens))
                 parts.append(_decode_batch(
                     model, ids, attn, noise, eos=eos, pad=pad_token_id, suppress=[pad_token_id],
                     temperature=temperature, top_k=top_k, top_p=top_p, max_new_tokens=max_new_tokens,

@@ -5,6 +5,8 @@ noise and filters are what they claim."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from transformers import (
@@ -19,10 +21,12 @@ from transformers import (
 )
 
 from rlhflab.generation import (
+    CounterNoise,
     GumbelNoise,
     cache_keyword,
     decode_threads,
     generate,
+    hash32,
     row_seed,
     top_k_filter,
     top_p_filter,
@@ -154,16 +158,17 @@ def test_dropping_finished_rows_draws_the_same_samples(tok, arch, eos_bias):
     torch.testing.assert_close(fast.logprobs, slow.logprobs, atol=1e-5, rtol=1e-5)
 
 
-def test_samples_do_not_depend_on_batch_layout(tok):
+@pytest.mark.parametrize("noise", ["generator", "counter"])
+def test_samples_do_not_depend_on_batch_layout(tok, noise):
     """Row i is drawn from its own seed: one batch of 6, batches of 2, or the rows in reverse
-    order give the same responses row by row."""
+    order give the same responses row by row, with either noise."""
     model = _model("gpt2", tok)
     ids = [tok(p).input_ids for p in PROMPTS]
     seeds = [row_seed(3, 1, i) for i in range(len(PROMPTS))]
 
     def responses(order, batch_size):
         g = generate(model, [ids[i] for i in order], pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-                     seeds=[seeds[i] for i in order], max_new_tokens=12, batch_size=batch_size)
+                     seeds=[seeds[i] for i in order], max_new_tokens=12, batch_size=batch_size, noise=noise)
         rows = {i: g.response_ids[k][g.response_mask[k].bool()].tolist() for k, i in enumerate(order)}
         return [rows[i] for i in range(len(PROMPTS))]
 
@@ -225,6 +230,52 @@ def test_gumbel_max_draws_from_the_softmax():
     freq = torch.bincount((z + noise).argmax(-1), minlength=4).double() / 4000
     p = torch.softmax(z, -1)
     assert torch.all((freq - p).abs() <= 4 * (p * (1 - p) / 4000).sqrt())
+
+
+def _lowbias32(x: int) -> int:
+    """The hash by hand, in Python integers mod 2^32."""
+    x ^= x >> 16
+    x = (x * 0x21F0AAAD) & 0xFFFFFFFF
+    x ^= x >> 15
+    x = (x * 0x735A2D97) & 0xFFFFFFFF
+    return x ^ (x >> 15)
+
+
+def test_hash32_equals_the_hash_by_hand():
+    xs = [0, 1, 2, 12345, 2**16 - 1, 2**31 - 1, 2**31, 2**32 - 2, 2**32 - 1, 0xDEADBEEF]
+    assert hash32(torch.tensor(xs)).tolist() == [_lowbias32(x) for x in xs]
+
+
+def test_counter_noise_by_hand_and_per_row():
+    """The draw of row i, step t, token v from its seed alone (as the docstring derives it),
+    whatever rows beside it; rows with one seed share their noise."""
+    seeds = [row_seed(1, 2, i) for i in range(5)] + [row_seed(1, 2, 0)]
+    noise = CounterNoise(seeds)
+    got = noise.at(3, 7)
+    s, t, v = seeds[2], 3, 4
+    k = _lowbias32(_lowbias32(_lowbias32(s >> 32) ^ (s & 0xFFFFFFFF)) ^ t)
+    a, b = _lowbias32(k ^ _lowbias32(2 * v)), _lowbias32(k ^ _lowbias32(2 * v + 1))
+    u = (a * 2**21 + (b >> 11) + 0.5) / 2**53
+    assert got[2, 4].item() == pytest.approx(-math.log(-math.log(u)), rel=1e-12)
+    rows = torch.tensor([4, 1])
+    assert torch.equal(CounterNoise([seeds[4], seeds[1]]).at(3, 7), got[rows])
+    assert torch.equal(noise.at(3, 7, rows), got[rows])
+    assert torch.equal(got[0], got[5]) and not torch.equal(got[0], got[1])
+    assert not torch.equal(noise.at(4, 7), got)  # steps differ
+
+
+def test_counter_gumbel_max_draws_from_the_softmax():
+    """As for the generators: 4000 rows, one step, on fixed logits, within 4 standard errors;
+    and a token's draw is uncorrelated with its neighbour's over rows and steps."""
+    z = torch.tensor([2.0, 1.0, 0.0, -1.0], dtype=torch.float64)
+    noise = CounterNoise([row_seed(0, 1, i) for i in range(4000)])
+    freq = torch.bincount((z + noise.at(0, 4)).argmax(-1), minlength=4).double() / 4000
+    p = torch.softmax(z, -1)
+    assert torch.all((freq - p).abs() <= 4 * (p * (1 - p) / 4000).sqrt())
+    g = torch.cat([noise.at(t, 2) for t in range(5)])  # 20000 pairs of neighbouring tokens
+    r = torch.corrcoef(g.T)[0, 1]
+    assert abs(r) < 4 / math.sqrt(len(g))
+    assert abs(g.mean().item() - 0.5772) < 4 * (math.pi / math.sqrt(6)) / math.sqrt(g.numel())  # Euler's gamma
 
 
 def test_filters_equal_hf_warpers():
