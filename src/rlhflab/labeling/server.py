@@ -23,6 +23,11 @@ the login form's is a double-submit cookie) and is refused with a foreign ``Orig
 model or a file is HTML-escaped, the guidelines are Markdown rendered with raw HTML off and
 unsafe links dropped, and the Content-Security-Policy lets the page run only its own script.
 A labeler reaches only their own assignment: another's vote is "not found".
+
+Database calls run in Starlette's thread pool (a page is a plain function, which Starlette
+runs there; a POST reads its body on the event loop and then calls the store with
+``run_in_threadpool``), so one request waiting on the database does not hold up the others
+(bench/label_load.py measures it).
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import (
     HTMLResponse,
@@ -191,7 +197,7 @@ def create_app(store: Store, *, max_body: int = MAX_BODY):
         refusal."""
         if not same_origin(request):
             return refuse(403, "cross-site request refused", api)
-        who = current(request)
+        who = await run_in_threadpool(current, request)
         if who is None:
             return refuse(401, "sign in first", api)
         user, csrf = who
@@ -231,10 +237,10 @@ def create_app(store: Store, *, max_body: int = MAX_BODY):
         cookie = request.cookies.get(LOGIN_COOKIE, "")
         if not cookie or not hmac.compare_digest(cookie.encode(), form.get("csrf", "").encode()):
             return refuse(403, "missing or wrong CSRF token", False)
-        user = store.authenticate(form.get("name", "")[:64], form.get("token", "")[:200])
+        user = await run_in_threadpool(store.authenticate, form.get("name", "")[:64], form.get("token", "")[:200])
         if user is None:
             return RedirectResponse("/login?m=wrong", 303)
-        sid, _ = store.open_session(user)
+        sid, _ = await run_in_threadpool(store.open_session, user)
         response = RedirectResponse("/admin" if user.role == "admin" else "/label", 303)
         response.set_cookie(SESSION_COOKIE, sid, httponly=True, samesite="strict", path="/",
                             secure=request.url.scheme == "https")
@@ -245,12 +251,12 @@ def create_app(store: Store, *, max_body: int = MAX_BODY):
         checked = await guarded_post(request, api=False)
         if isinstance(checked, Response):
             return checked
-        store.close_session(request.cookies.get(SESSION_COOKIE, ""))
+        await run_in_threadpool(store.close_session, request.cookies.get(SESSION_COOKIE, ""))
         response = RedirectResponse("/login", 303)
         response.delete_cookie(SESSION_COOKIE, path="/")
         return response
 
-    async def index(request: Request) -> Response:
+    def index(request: Request) -> Response:
         return RedirectResponse("/label" if current(request) else "/login", 303)
 
     # -- labeling -------------------------------------------------------------------------
@@ -263,7 +269,7 @@ def create_app(store: Store, *, max_body: int = MAX_BODY):
                     raise
         return store.next_vote(user)
 
-    async def label_page(request: Request) -> Response:
+    def label_page(request: Request) -> Response:
         who = current(request)
         if who is None:
             return RedirectResponse("/login", 303)
@@ -370,12 +376,12 @@ def create_app(store: Store, *, max_body: int = MAX_BODY):
             answer = {"ranking": [LETTERS.index(c) for c in letters]}
         else:
             return PlainTextResponse("answer: expected A, B, tie, both_bad, rank or skip", 400)
-        code, body = record(user, *common[:2], answer, *common[2:])
+        code, body = await run_in_threadpool(record, user, *common[:2], answer, *common[2:])
         if code != 200 and body.get("status") != "conflict":
             return PlainTextResponse(body.get("error", body.get("status", "")), code)
         return RedirectResponse("/label", 303)
 
-    async def api_next(request: Request) -> Response:
+    def api_next(request: Request) -> Response:
         who = current(request)
         if who is None:
             return JSONResponse({"error": "sign in first"}, 401)
@@ -397,7 +403,7 @@ def create_app(store: Store, *, max_body: int = MAX_BODY):
         common = parse_common(data)
         if isinstance(common, str):
             return JSONResponse({"error": common}, 400)
-        code, body = record(user, *common[:2], data.get("answer"), *common[2:])
+        code, body = await run_in_threadpool(record, user, *common[:2], data.get("answer"), *common[2:])
         return JSONResponse(body, code)
 
     # -- admin ----------------------------------------------------------------------------
@@ -409,7 +415,7 @@ def create_app(store: Store, *, max_body: int = MAX_BODY):
             return refuse(403, "admins only", api)
         return who
 
-    async def admin_page(request: Request) -> Response:
+    def admin_page(request: Request) -> Response:
         who = admin_only(request, api=False)
         if isinstance(who, Response):
             return who
@@ -423,7 +429,7 @@ def create_app(store: Store, *, max_body: int = MAX_BODY):
                 f'value="{e(csrf)}"><button type="submit">save</button></form>')
         return page("Admin", body, user, csrf)
 
-    async def admin_metrics(request: Request) -> Response:
+    def admin_metrics(request: Request) -> Response:
         who = admin_only(request, api=True)
         if isinstance(who, Response):
             return who
@@ -438,7 +444,7 @@ def create_app(store: Store, *, max_body: int = MAX_BODY):
         user, _, form = checked
         if user.role != "admin":
             return PlainTextResponse("admins only", 403)
-        store.set_setting("guidelines", form.get("guidelines", "")[: max_body // 2])
+        await run_in_threadpool(store.set_setting, "guidelines", form.get("guidelines", "")[: max_body // 2])
         return RedirectResponse("/admin", 303)
 
     async def static(request: Request) -> Response:

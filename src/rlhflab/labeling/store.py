@@ -26,11 +26,13 @@ import hashlib
 import hmac
 import random
 import secrets
+import threading
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     DateTime,
     Float,
     ForeignKey,
@@ -38,6 +40,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    cast,
     create_engine,
     event,
     func,
@@ -165,6 +168,7 @@ class Store:
         except Exception as err:
             raise InputError(f"cannot open the database {url!r}: {str(err).splitlines()[0]}") from None
         self.session = sessionmaker(self.engine, expire_on_commit=False)
+        self._assigning = threading.Lock()
 
     # -- people ---------------------------------------------------------------------------
     def create_user(self, name: str, role: str) -> str:
@@ -243,19 +247,26 @@ class Store:
     def next_vote(self, user: User) -> tuple[Vote, Task] | None:
         """The user's current assignment: one served and not yet answered, else a new one
         (a task they have not seen whose answers are fewer than its overlap, or a gold task
-        they have not seen), in an order of their own; None when their queue is empty."""
+        they have not seen), in an order of their own; None when their queue is empty.
+        Assignments are made one at a time in this process (two labelers asking at once
+        would both see a task's last open place)."""
+        with self._assigning:
+            return self._next_vote(user)
+
+    def _next_vote(self, user: User) -> tuple[Vote, Task] | None:
         with self.session.begin() as s:
             open_vote = s.scalar(select(Vote).where(Vote.user_id == user.id, Vote.status == "served"))
             if open_vote is not None:
                 return open_vote, s.get(Task, open_vote.task_id)
             seen = select(Vote.task_id).where(Vote.user_id == user.id)
             taken = self._taken()
-            ids = list(s.scalars(select(Task.id).where(Task.id.not_in(seen))
-                                 .where((Task.gold.is_not(None)) | (taken < Task.overlap))))
-            if not ids:
+            # The user's own order over the open tasks (gold mixed in where it falls), chosen
+            # by the database: one row comes back, not every open task.
+            task = s.scalar(select(Task).where(Task.id.not_in(seen))
+                            .where((Task.gold.is_not(None)) | (taken < Task.overlap))
+                            .order_by(_order_key(user.id), Task.id).limit(1))
+            if task is None:
                 return None
-            # The user's own order over the open tasks: gold mixed in where it falls.
-            task = s.get(Task, min(ids, key=lambda i: _order_key(user.id, i)))
             shown = list(range(len(task.responses)))
             rng = secrets.SystemRandom() if self.seed is None else random.Random(f"{self.seed}/{user.id}/{task.id}")
             rng.shuffle(shown)
@@ -337,9 +348,15 @@ class Store:
                 row.value = value
 
 
-def _order_key(user_id: int, task_id: int) -> str:
-    """A per-labeler shuffle of the tasks, fixed for the pair (user, task)."""
-    return hashlib.sha256(f"{user_id}/{task_id}".encode()).hexdigest()
+_P = 2_147_483_647  # 2^31 - 1, prime: every product below stays under 2^62 (64-bit integers in SQL)
+
+
+def _order_key(user_id: int):
+    """A per-labeler shuffle of the tasks as a SQL expression of the task's id, fixed for the
+    pair (user, task): k = (48271 id + 69621 (user + 1) + 12345) mod P, then k^2 mod P (the
+    Lehmer multiplier 48271; squaring breaks the linear order the first step leaves)."""
+    k = (cast(Task.id, BigInteger) * 48271 + (69621 * (user_id + 1) + 12345)) % _P
+    return (k * k) % _P
 
 
 def _sqlite_pragmas(dbapi_connection, _record) -> None:
