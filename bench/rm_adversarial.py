@@ -61,7 +61,8 @@ def gold_labelled(attack: Path, out: Path) -> None:
         if gc == gr:
             continue
         if gr > gc:
-            r = {**r, "chosen": r["rejected"], "rejected": r["chosen"]}
+            r = {**r, "chosen": r["rejected"], "rejected": r["chosen"], "chosen_eos": r["rejected_eos"],
+                 "rejected_eos": r["chosen_eos"]}
         rows.append({**r, "votes": [1, 1, 1]})
     (out / "adversarial.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (out / "attack.json").write_text((attack / "attack.json").read_text())
