@@ -206,6 +206,10 @@ def run_grpo(spec: dict) -> dict:
                 max_completion_length=spec["max_new_tokens"], temperature=1.0, top_k=0, top_p=1.0,
                 beta=spec["beta"], loss_type="grpo", num_iterations=spec["epochs"], epsilon=0.2,
                 scale_rewards="group", log_completions=False)
+    # The KL gradient matched to rlhflab's grpo (k3 in the loss, Shao et al. 2024): TRL >= 1.16
+    # multiplies k3 by the importance ratio by default (its gradient is then k2's).
+    if "use_bias_correction_kl" in GRPOConfig.__dataclass_fields__:
+        args["use_bias_correction_kl"] = False
     ds = Dataset.from_list([{"prompt": r["prompt"]} for r in read_jsonl(spec["prompts"])])
     trainer = GRPOTrainer(model=model, reward_funcs=gold_reward_fn(tok.eos_token_id), args=GRPOConfig(**args),
                           train_dataset=ds, processing_class=tok)
