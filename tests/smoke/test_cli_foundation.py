@@ -8,7 +8,7 @@ import pytest
 
 from rlhflab.cli import main
 from rlhflab.data import load_rows
-from tests.conftest import subprocess_env
+from tests.conftest import ROOT, subprocess_env
 
 
 @pytest.fixture(scope="module")
@@ -92,3 +92,15 @@ def test_console_script_exit_code_and_one_line(tmp_path):
                            "--out", str(tmp_path / "o")], env=subprocess_env(), capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "nope.jsonl: cannot open" in proc.stderr
+
+
+def test_a_command_without_models_does_not_load_transformers_and_the_libraries_stay_quiet():
+    """`rlhflab diagnose` on a log loads no transformers (it cost every command 2-4 s); a
+    command that loads it finds its progress bars off and its logs at errors only."""
+    code = ("import sys; from rlhflab.cli import main; rc = main(['diagnose', 'tests/fixtures/trl/dpo_healthy']);"
+            "loaded = 'transformers' in sys.modules;"
+            "from transformers.utils import logging as l;"
+            "print('RESULT', rc, loaded, l.is_progress_bar_enabled(), l.get_verbosity())")
+    proc = subprocess.run([sys.executable, "-c", code], env=subprocess_env(), capture_output=True, text=True,
+                          cwd=str(ROOT))
+    assert proc.stdout.strip().splitlines()[-1] == "RESULT 0 False False 40", proc.stderr[-2000:]
