@@ -164,6 +164,21 @@ def prepare_tasks(spec: str) -> TaskSpec:
                          f"({', '.join(SHIPPED)}), not registered with lm-eval, not a YAML file or a directory",
                          field="--capability")
     tasks.manager = tm
+    with _offline_and_quiet():
+        try:  # the tasks' data, read once here so that a task without it fails before any model loads
+            if hasattr(tm, "load"):  # newer lm-eval; get_task_dict is deprecated there
+                tm.load(tasks.tasks)
+            else:
+                from lm_eval.tasks import get_task_dict
+
+                get_task_dict(tasks.tasks, tm)
+        except KeyboardInterrupt:
+            raise
+        except Exception as err:  # noqa: BLE001 - lm-eval and datasets raise many kinds; each is one line here
+            said = (str(err).strip().splitlines() or [""])[0][:300]
+            raise InputError(f"lm-eval could not load the tasks ({type(err).__name__}: {said}); nothing is "
+                             "downloaded (HF_DATASETS_OFFLINE=1): a task lm-eval registers needs its data in the "
+                             "local datasets cache, a YAML task its data files", field="--capability") from None
     return tasks
 
 
