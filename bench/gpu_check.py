@@ -3,7 +3,9 @@ in bf16 with sdpa attention, with full fine-tuning and with LoRA, on the built-i
 (so every arm has a gold reading). One JSON document on stdout, the stages' own output on
 stderr, and the same JSON in OUT/gpu_check.json:
 per stage the wall time, the throughput, the peak GPU memory, and for PPO the
-sampler/trainer mismatch readings; per arm the gold of SFT, DPO and PPO.
+sampler/trainer mismatch readings; per arm the gold of SFT, DPO and PPO; SFT's model FLOPs
+utilization (a lower bound: the responses' tokens only); the decoding engine's response
+tokens/s against HF ``generate`` on the SFT model.
 
     python bench/gpu_check.py --out /tmp/gpu_check                 # one GPU, under 10 minutes
     python bench/gpu_check.py --tiny --device cpu --out /tmp/gc    # the same path, shrunk, on a CPU
@@ -140,6 +142,74 @@ class Check:
         return summary
 
 
+# Dense bf16 peak FLOP/s by device name (the vendors' data sheets, without sparsity): the
+# denominator of ``mfu``. A device not listed gets mfu null.
+PEAK_BF16_FLOPS = {"H100 SXM": 989e12, "H100 80GB HBM3": 989e12, "H100 PCIe": 756e12, "H100 NVL": 835e12,
+                   "H200": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12}
+
+
+def peak_flops(device_name: str) -> float | None:
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in device_name), None)
+
+
+def mfu(parameters: int, tokens: float, seconds: float | None, device_name: str) -> float | None:
+    """Model FLOPs utilization of a training stage: 6 N T (a forward and a backward pass over T
+    tokens of an N-parameter model, Kaplan et al. 2020; attention's share left out, small at
+    these lengths) per second over the device's dense bf16 peak."""
+    peak = peak_flops(device_name)
+    if not peak or not seconds:
+        return None
+    return 6.0 * parameters * tokens / seconds / peak
+
+
+def engine_readings(torch, sft: Path, cfg, device: str, n_prompts: int) -> dict:
+    """Response tokens per second of the decoding engine (``rlhflab.generation``) against HF
+    ``generate`` on the same model, prompts, batch size and sampling settings (float32, as
+    the engine decodes; HF with its own sampler, so the samples differ but not the work per
+    token), each timed after one warm-up batch."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rlhflab.data import prompt_ids, prompt_text
+    from rlhflab.generation import generate, left_pad, row_seed
+    from rlhflab.world import World
+
+    tok = AutoTokenizer.from_pretrained(str(sft / "model"))
+    model = AutoModelForCausalLM.from_pretrained(str(sft / "model")).to(device).eval()
+    prompts = [prompt_ids(prompt_text(p.text, tok), tok) for p in World(cfg.world).prompts(n_prompts, "rl")]
+    bs, new = cfg.rl.batch_size, cfg.generation.max_new_tokens
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+    def engine(rows):
+        g = generate(model, rows, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                     seeds=[row_seed(0, 0, i) for i in range(len(rows))], max_new_tokens=new, batch_size=bs)
+        return int(g.response_mask.sum())
+
+    def hf(rows):
+        n = 0
+        for i in range(0, len(rows), bs):
+            ids, mask = left_pad(rows[i:i + bs], tok.pad_token_id)
+            out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=True,
+                                 top_k=0, top_p=1.0, temperature=1.0, max_new_tokens=new,
+                                 pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+            resp = out[:, ids.shape[1]:]
+            ended = (resp == tok.eos_token_id).long().cumsum(-1)
+            n += int(((ended - (resp == tok.eos_token_id).long()) == 0).sum())  # up to and with the end token
+        return n
+
+    result = {"prompts": len(prompts), "batch_size": bs, "max_new_tokens": new}
+    for name, fn in (("engine", engine), ("hf_generate", hf)):
+        fn(prompts[:bs])  # warm-up
+        sync()
+        t = time.perf_counter()
+        tokens = fn(prompts)
+        sync()
+        seconds = time.perf_counter() - t
+        result[name] = {"response_tokens": tokens, "seconds": seconds, "tokens_per_s": _per_second(tokens, seconds)}
+    e, h = result["engine"]["tokens_per_s"], result["hf_generate"]["tokens_per_s"]
+    result["engine_over_hf"] = e / h if e and h else None
+    return result
+
+
 def sft_readings(s: dict) -> dict:
     return {"examples_per_s": _per_second(s["train/examples"], s["train/seconds"]), "gold": s.get("gold/mean"),
             "eval_loss": s["eval/loss"], "parameters": s["model/parameters"]}
@@ -229,6 +299,18 @@ def main(argv=None) -> int:
     sft = check.stage("sft", lambda: api.sft(cfg, out=out / "sft", overwrite=True), shared)
     if sft is not None:
         shared["sft"].update(sft_readings(sft))
+        # the loss's tokens per step (logged every log_every steps) times the steps: the responses'
+        # tokens only, while the prompts' go through the passes too, so the mfu is a lower bound
+        logged = [r for r in _read_jsonl(out / "sft" / "metrics.jsonl") if "train/tokens" in r]
+        tokens = sum(r["train/tokens"] for r in logged) / max(1, len(logged)) * max((r["step"] for r in logged), default=0)
+        shared["sft"]["response_tokens"] = tokens
+        shared["sft"]["mfu_lower_bound"] = mfu(sft["model/parameters"], tokens, sft.get("train/seconds"),
+                                               result["device"])
+        engine = check.stage("engine", lambda: engine_readings(torch, out / "sft", cfg, "cuda" if cuda else "cpu",
+                                                               16 if args.tiny else 1024), shared)
+        if engine is not None:
+            shared["engine"].update(engine)
+        result["engine"] = shared["engine"]
     result["sft"] = shared["sft"]
     for arm in arms if sft is not None else []:
         acfg = api.load_config(str(preset), overrides + (LORA if arm == "lora" else []))
@@ -236,7 +318,7 @@ def main(argv=None) -> int:
             lr_scaled(acfg, LORA_LR_SCALE)
         run_arm(check, api, acfg, out / "sft", out / arm, fp32_tolerance)["gold"]["sft"] = shared["sft"].get("gold")
     result["total_seconds"] = time.perf_counter() - t0
-    result["ok"] = "error" not in result["sft"] and all(
+    result["ok"] = "error" not in result["sft"] and "error" not in result.get("engine", {"error": "not run"}) and all(
         "error" not in r.get(s, {"error": "not run"}) for r in result["arms"].values() for s in ("rm", "dpo", "ppo"))
     check.save()
     print(json.dumps(result, indent=1))

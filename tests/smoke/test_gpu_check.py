@@ -15,7 +15,8 @@ from tests.conftest import subprocess_env
 ROOT = Path(__file__).resolve().parents[2]
 
 STAGE_KEYS = {
-    "sft": {"seconds", "peak_gpu_memory_mb", "peak_rss_mb", "examples_per_s", "gold", "eval_loss", "parameters"},
+    "sft": {"seconds", "peak_gpu_memory_mb", "peak_rss_mb", "examples_per_s", "gold", "eval_loss", "parameters",
+            "response_tokens", "mfu_lower_bound"},
     "rm": {"seconds", "peak_gpu_memory_mb", "peak_rss_mb", "groups_per_s", "eval_accuracy"},
     "dpo": {"seconds", "peak_gpu_memory_mb", "peak_rss_mb", "pairs_per_s", "gold", "kl", "win_rate_gold",
             "eval_loss"},
@@ -29,7 +30,7 @@ def _finite_readings(stage: dict, keys: set[str]) -> None:
     assert set(stage) == keys, set(stage) ^ keys
     assert stage["peak_gpu_memory_mb"] is None  # a CPU run: no GPU reading, not a zero
     for k, v in stage.items():
-        if k not in ("peak_gpu_memory_mb", "guard_would_stop"):
+        if k not in ("peak_gpu_memory_mb", "guard_would_stop", "mfu_lower_bound"):
             assert isinstance(v, (int, float)) and math.isfinite(v), (k, v)
 
 
@@ -43,6 +44,12 @@ def test_the_gpu_check_runs_shrunk_on_a_cpu(tmp_path):
     assert result["ok"] is True and result["device"] == "cpu" and result["tiny"] is True
     assert "model.attn_implementation=sdpa" in result["overrides"] and "rl.mixed_precision=bf16" in result["overrides"]
     _finite_readings(result["sft"], STAGE_KEYS["sft"])
+    assert result["sft"]["mfu_lower_bound"] is None and result["sft"]["response_tokens"] > 0  # no peak FLOP/s for a CPU
+    engine = result["engine"]
+    assert engine["prompts"] == 16 and engine["peak_gpu_memory_mb"] is None
+    for side in ("engine", "hf_generate"):
+        assert engine[side]["response_tokens"] > 0 and engine[side]["tokens_per_s"] > 0, side
+    assert engine["engine_over_hf"] > 0
     assert set(result["arms"]) == {"full", "lora"}
     for arm, r in result["arms"].items():
         for stage in ("rm", "dpo", "ppo"):
