@@ -19,7 +19,8 @@ it, every stage an ``rlhflab`` command in a subprocess (recorded with its wall t
    comparisons (``dpo.seed``);
 3. ``rlhflab eval --policy RUN --base SFT --rm RM --seed S`` and ``rlhflab diagnose EVAL --json``
    (the verdict and the findings), and for an online run ``rlhflab diagnose RUN --json`` too
-   (the training curve's findings: the early warning).
+   (the training curve's findings, the early warning among them, join the run's findings;
+   its verdict is kept beside the evaluation's as ``run_verdict``).
 
 The truth of a run comes from gold alone: the gold judge's win-rate of the policy over SFT
 with its 95% interval (above 0.5: better; below: worse; else flat), gold against SFT, and for
@@ -305,6 +306,7 @@ def main() -> int:
                                                          "--seed", str(seed), "--out", str(ev)], marker="eval.json")
                 found = diagnose(f"{cond}/s{seed}/diagnose_eval_{algo}", ev)
                 findings = [f["name"] for f in found["findings"]]
+                curve = None
                 if algo != "dpo":
                     curve = diagnose(f"{cond}/s{seed}/diagnose_{algo}", run)
                     findings += [f["name"] for f in curve["findings"] if f["name"] not in findings
@@ -313,7 +315,8 @@ def main() -> int:
                 tr = truth(eval_json, run if algo != "dpo" else None)
                 record["runs"].append({
                     "condition": cond, "algo": algo, "seed": seed, "seconds": time.perf_counter() - t0,
-                    "truth": tr, "diagnosis": {"verdict": found["verdict"], "findings": findings},
+                    "truth": tr, "diagnosis": {"verdict": found["verdict"], "findings": findings,
+                                               "run_verdict": curve["verdict"] if curve else None},
                     "early_warning": early_warning(run, tr.get("gold_peak_step")) if algo != "dpo"
                     else {"measured": False, "fired": None, "fired_by": []}})
                 save()
