@@ -215,3 +215,11 @@ def test_bad_sycophancy_row_exits_2(tmp_path, capsys):
                "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and f"{f}:2: field 'wrong'" in err, err
+
+
+def test_api_refuses_a_setting_it_would_ignore(tmp_path):
+    from rlhflab import api
+    from rlhflab.errors import InputError
+
+    with pytest.raises(InputError, match="reward_fns"):  # no prompts to sample: nothing to score
+        api.evaluate(policy=tmp_path, base=tmp_path, reward_fns=["gold"])
