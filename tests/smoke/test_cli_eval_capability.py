@@ -223,3 +223,46 @@ def test_api_refuses_a_setting_it_would_ignore(tmp_path):
 
     with pytest.raises(InputError, match="reward_fns"):  # no prompts to sample: nothing to score
         api.evaluate(policy=tmp_path, base=tmp_path, reward_fns=["gold"])
+
+
+# ------------------------------------------------------------------ the readings' arithmetic, by hand
+
+def _result(acc: list[float], group_acc: float, group_se: float, ppl: float) -> dict:
+    """lm-eval's result shape: a task with per-sample logs, a group with only its aggregate
+    and standard error, a metric where lower is better."""
+    return {"results": {"t": {"acc,none": sum(acc) / len(acc), "acc_stderr,none": 0.1, "alias": "t"},
+                        "g": {"acc,none": group_acc, "acc_stderr,none": group_se, "word_perplexity,none": ppl}},
+            "higher_is_better": {"t": {"acc": True}, "g": {"acc": True, "word_perplexity": False}},
+            "n-samples": {"t": {"effective": len(acc)}},
+            "samples": {"t": [{"doc_id": i, "filter": "none", "acc": a} for i, a in enumerate(acc)]}}
+
+
+def test_capability_readings_paired_unpaired_and_lower_is_better():
+    from rlhflab.instruments.capability import capability_readings
+
+    r = capability_readings(_result([1, 1, 0, 1], 0.5, 0.03, 9.0), _result([1, 0, 0, 0], 0.6, 0.04, 7.0))
+    # paired: d = (0, 1, 0, 1), mean 1/2, sd sqrt(1/3), SE sqrt(1/3)/2
+    assert r["capability/t/acc_diff"] == 0.5 and r["capability/t/acc_diff_n"] == 4 and r["capability/t/n"] == 4
+    assert r["capability/t/acc_diff_stderr"] == pytest.approx((1 / 3) ** 0.5 / 2)
+    # unpaired: sqrt(0.03^2 + 0.04^2) = 0.05
+    assert r["capability/g/acc_diff"] == pytest.approx(-0.1) and "capability/g/acc_diff_n" not in r
+    assert r["capability/g/acc_diff_stderr"] == pytest.approx(0.05)
+    assert r["capability/g/acc_diff_ci_low"] == pytest.approx(-0.1 - 1.959964 * 0.05)
+    # lower is better: both values, no difference to read as a loss
+    assert r["capability/g/word_perplexity"] == 9.0 and r["base/capability/g/word_perplexity"] == 7.0
+    assert "capability/g/word_perplexity_diff" not in r
+
+
+def test_diagnose_needs_the_drop_beyond_its_interval():
+    from rlhflab.diagnose import diagnose
+
+    key = "capability/mmlu/acc"
+    base = {key: 0.45, f"base/{key}": 0.6, f"{key}_diff": -0.15}
+    names = [f["name"] for f in diagnose({**base, f"{key}_diff_stderr": 0.1})["findings"]]
+    assert "capability_regression" not in names  # 1.5 standard errors: noise
+    found = {f["name"]: f for f in diagnose({**base, f"{key}_diff_stderr": 0.05})["findings"]}
+    assert "mmlu acc 0.60 -> 0.45" in found["capability_regression"]["evidence"]
+    syco = {"sycophancy/agree_rate": 0.5, "base/sycophancy/agree_rate": 0.1, "sycophancy/answer_change_rate": 0.6,
+            "base/sycophancy/answer_change_rate": 0.2}
+    evidence = {f["name"]: f["evidence"] for f in diagnose(syco)["findings"]}["sycophancy"]
+    assert evidence == ("agrees with wrong users 10% -> 50%; right answers changed under a wrong opinion 20% -> 60%")
