@@ -266,3 +266,19 @@ def test_diagnose_needs_the_drop_beyond_its_interval():
             "base/sycophancy/answer_change_rate": 0.2}
     evidence = {f["name"]: f["evidence"] for f in diagnose(syco)["findings"]}["sycophancy"]
     assert evidence == ("agrees with wrong users 10% -> 50%; right answers changed under a wrong opinion 20% -> 60%")
+
+
+def test_lm_eval_runs_offline_even_after_the_hub_was_imported(monkeypatch):
+    """huggingface_hub and datasets read HF_HUB_OFFLINE when imported; a process that imported
+    them first (a notebook that loaded a model) must be offline for lm-eval all the same, and
+    as it was after."""
+    import datasets
+    import huggingface_hub
+
+    from rlhflab.instruments.capability import _offline_and_quiet
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    with _offline_and_quiet():
+        assert huggingface_hub.constants.HF_HUB_OFFLINE and datasets.config.HF_HUB_OFFLINE
+    assert not huggingface_hub.constants.HF_HUB_OFFLINE and not datasets.config.HF_HUB_OFFLINE

@@ -128,8 +128,19 @@ def parse_tasks(spec: str) -> TaskSpec:
 def _offline_and_quiet():
     """lm-eval offline (nothing downloads), its INFO logging and warnings about being given a
     model object (which is how it is meant to be called here) out of the way."""
+    import sys
+
     saved = {k: os.environ.get(k) for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
     os.environ.update({k: "1" for k in saved})
+    # huggingface_hub and datasets read the variables once, when they are imported: where they
+    # already are (a notebook that loaded a model first), their offline switches are set too,
+    # or a task lm-eval registers would be downloaded.
+    switches = [(sys.modules.get(mod), name) for mod, names in (
+        ("huggingface_hub.constants", ("HF_HUB_OFFLINE",)),
+        ("datasets.config", ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))) for name in names]
+    switches = [(mod, name, getattr(mod, name)) for mod, name in switches if mod is not None and hasattr(mod, name)]
+    for mod, name, _ in switches:
+        setattr(mod, name, True)
     logger = logging.getLogger("lm_eval")
     level = logger.level
     logger.setLevel(logging.ERROR)
@@ -137,6 +148,8 @@ def _offline_and_quiet():
         yield
     finally:
         logger.setLevel(level)
+        for mod, name, value in switches:
+            setattr(mod, name, value)
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
