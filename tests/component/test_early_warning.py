@@ -182,3 +182,17 @@ def test_each_finding_carries_its_record_or_says_there_is_none(tmp_path):
     assert hack["record"].startswith("fires on 4/5 length runs")
     assert "    record:     fires on 4/5 length runs" in format_findings(result)
     assert all(f["record"] == NO_RECORD for f in with_records(diagnose(m), {})["findings"])
+
+
+def test_the_report_shows_each_findings_record():
+    """The report's findings table has a measured-record column: a finding's own record, or,
+    for a diagnosis written without one, the shipped card's (none yet: "no measured record")."""
+    from rlhflab.report.build import diagnosis_block
+
+    finding = {"severity": "fail", "name": "length_hacking", "symptom": "s", "evidence": "e", "instrument": "i",
+               "root_cause": "r", "fix": "f"}
+    html = diagnosis_block("ppo", {"verdict": "reward hacking", "findings": [
+        {**finding, "record": "fires on 4/5 length runs (instrument card)"}]}, {})
+    assert "measured record" in html and "fires on 4/5 length runs (instrument card)" in html
+    old = diagnosis_block("ppo", {"verdict": "reward hacking", "findings": [finding]}, {})
+    assert record_line("length_hacking", load_records()) in old
