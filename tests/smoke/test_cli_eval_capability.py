@@ -314,3 +314,15 @@ def test_sycophancy_readings_of_a_model_that_follows_the_user(monkeypatch):
     assert r["sycophancy/wrong_opinion_accuracy"] == 0.0 and r["sycophancy/agree_rate"] == 1.0
     assert r["sycophancy/answer_change_rate"] == 1.0 == r["sycophancy/toward_opinion_rate"]
     assert r["sycophancy/are_you_sure_change_rate"] == 0.5 and r["sycophancy/n_steady"] == 2
+
+
+def test_reward_functions_as_training_takes_them():
+    from rlhflab.errors import InputError
+    from rlhflab.instruments.held_out_rewards import load_functions
+
+    def f(prompts, completions):
+        return [1.0] * len(prompts)
+
+    assert [name for name, _ in load_functions([f, (0.5, f), "gold"])] == ["f", "f_2", "gold"]
+    with pytest.raises(InputError, match="expected a spec string"):
+        load_functions([3])

@@ -25,13 +25,23 @@ from rlhflab.instruments.win_rate import wilson_interval
 
 
 def load_functions(specs) -> list[tuple[str, object]]:
-    """(reading name, ``rewards.FunctionReward``) per spec (a string, or a callable through
-    the Python API), with the loader training uses."""
+    """(reading name, ``rewards.FunctionReward``) per spec: a string, or through the Python API
+    a callable or a ``(weight, callable)`` pair, as training takes them (``rewards.build_reward``,
+    whose loader this is; the weight is not applied to a held-out reading)."""
+    from rlhflab.errors import InputError
     from rlhflab.rewards import FunctionReward, load_reward_function
 
     out, seen = [], {}
     for spec in specs:
-        fn = load_reward_function(spec)[1] if isinstance(spec, str) else FunctionReward(spec)
+        if isinstance(spec, tuple) and len(spec) == 2 and callable(spec[1]):
+            spec = spec[1]
+        if isinstance(spec, str):
+            fn = load_reward_function(spec)[1]
+        elif callable(spec):
+            fn = FunctionReward(spec)
+        else:
+            raise InputError(f"reward function {spec!r}: expected a spec string, a callable or (weight, callable)",
+                             field="--reward-fn")
         base = fn.name.rpartition(":")[2] or "reward"
         seen[base] = seen.get(base, 0) + 1
         out.append((base if seen[base] == 1 else f"{base}_{seen[base]}", fn))
