@@ -326,3 +326,50 @@ def test_reward_functions_as_training_takes_them():
     assert [name for name, _ in load_functions([f, (0.5, f), "gold"])] == ["f", "f_2", "gold"]
     with pytest.raises(InputError, match="expected a spec string"):
         load_functions([3])
+
+
+def test_the_shipped_tasks_score_their_own_answers():
+    """An lm-eval model (its public ``LM`` interface) that picks each multiple-choice item's
+    right choice, and gives the generated tasks' reference answers with the final number off
+    by one on every second item: 1 on the multiple-choice metrics and 1/2 on the generated
+    ones, so the templates, filters and exact-match settings read what they should."""
+    import lm_eval
+    from lm_eval.api.model import LM
+
+    from rlhflab.instruments.capability import TASKS_DIR, prepare_tasks
+
+    def read(name):
+        return [json.loads(line) for line in (TASKS_DIR / name).read_text().splitlines()]
+
+    mc = read("mc.jsonl")
+    refs = [(f"Question: {r['question']}\nAnswer:", r["answer"]) for r in read("gsm.jsonl")]
+    refs += [(r["prompt"], f"the answer is {r['answer']} .") for r in read("arithmetic.jsonl")]
+    refs = dict(refs)  # a repeated world probe has the same answer
+
+    class Reference(LM):
+        def loglikelihood(self, requests):
+            out = []
+            for r in requests:
+                context, continuation = r.args
+                row = next(m for m in mc if m["question"] in context)
+                right = continuation.strip() in ("ABCD"[row["answer"]], row["choices"][row["answer"]])
+                out.append((0.0 if right else -5.0, right))
+            return out
+
+        def loglikelihood_rolling(self, requests):
+            raise NotImplementedError
+
+        def generate_until(self, requests):
+            def answer(r):  # "... #### 19" -> "... #### 20", "the answer is 17 ." -> "the answer is 18"
+                head, _, number = refs[r.args[0]].rstrip(" .").rpartition(" ")
+                return f"{head} {int(number) + r.doc_id % 2}"
+            return [answer(r) for r in requests]
+
+    tasks = prepare_tasks("rlhflab_mc,rlhflab_mc_cloze,rlhflab_gsm,rlhflab_arithmetic")
+    res = lm_eval.simple_evaluate(model=Reference(), tasks=tasks.tasks, task_manager=tasks.manager, limit=8)
+    scores = {f"{t}/{k}": float(v) for t, row in res["results"].items() for k, v in row.items()
+              if "," in k and "stderr" not in k}
+    assert scores == {"rlhflab_mc/acc,none": 1.0, "rlhflab_mc_cloze/acc,none": 1.0,
+                      "rlhflab_mc_cloze/acc_norm,none": 1.0, "rlhflab_gsm/exact_match,strict-match": 0.5,
+                      "rlhflab_gsm/exact_match,flexible-extract": 0.5,
+                      "rlhflab_arithmetic/exact_match,first-number": 0.5}
