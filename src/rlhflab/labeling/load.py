@@ -53,16 +53,22 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 def wait_listening(url: str, proc: subprocess.Popen | None = None, timeout: float = 60.0) -> None:
     """Until ``url``'s login page answers (``proc``, if given, must stay alive)."""
+    import socket
+    from urllib.parse import urlsplit
+
     import httpx
 
+    parts = urlsplit(url)
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         if proc is not None and proc.poll() is not None:
             raise RunError(f"the labeling server exited with {proc.returncode} before it listened on {url}")
-        try:
-            if httpx.get(f"{url}/login", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
+        try:  # a bare connection first: cheap to repeat while the server starts
+            socket.create_connection((parts.hostname, parts.port), timeout=2).close()
+            with httpx.Client(timeout=10) as client:
+                if client.get(f"{url}/login").status_code == 200:
+                    return
+        except (OSError, httpx.HTTPError):
             pass
         time.sleep(0.05)
     raise RunError(f"the labeling server did not answer on {url} within {timeout:.0f} s")

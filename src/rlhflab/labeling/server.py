@@ -113,7 +113,9 @@ class SecurityHeaders:
             if message["type"] == "http.response.start":
                 headers = list(message.get("headers", []))
                 headers += [(b"content-security-policy", CSP.encode()), (b"x-content-type-options", b"nosniff"),
-                            (b"x-frame-options", b"DENY"), (b"referrer-policy", b"no-referrer"),
+                            # same-origin, not no-referrer: under no-referrer Chromium sends a
+                            # form's POST with "Origin: null", which same_origin() refuses
+                            (b"x-frame-options", b"DENY"), (b"referrer-policy", b"same-origin"),
                             (b"cache-control", b"no-store")]
                 message = {**message, "headers": headers}
             await send(message)
@@ -508,7 +510,7 @@ button { padding: .5em .9em; font-size: 1em; cursor: pointer; }
 kbd { font-size: .8em; border: 1px solid #aaa; border-radius: 3px; padding: 0 .3em; }
 .inline { display: inline; }
 .login label { display: block; margin: .5em 0; }
-table { border-collapse: collapse; margin: .5em 0 1.5em; }
+table { border-collapse: collapse; margin: .5em 0 1.5em; display: block; max-width: 100%; overflow-x: auto; }
 td, th { border: 1px solid #ddd; padding: .25em .6em; text-align: right; }
 th:first-child, td:first-child { text-align: left; }
 textarea { width: 100%; box-sizing: border-box; }
