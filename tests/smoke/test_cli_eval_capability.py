@@ -164,12 +164,16 @@ def test_in_house_mc_equals_lm_eval_on_the_same_file(tmp_path):
         "task: my_mc\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: mc.jsonl\ntest_split: test\n"
         "output_type: multiple_choice\ndoc_to_text: '{{question}}'\ndoc_to_choice: '{{choices}}'\n"
         "doc_to_target: answer\nmetric_list:\n  - metric: acc\n")
-    tasks = prepare_tasks(f"{tmp_path / 'mc.yaml'},rlhflab_arithmetic")
+    # the same task from a directory (lm-eval's include_path: data paths as lm-eval reads them)
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "dir_mc.yaml").write_text((tmp_path / "mc.yaml").read_text().replace(
+        "task: my_mc", "task: dir_mc").replace("test: mc.jsonl", f"test: {tmp_path / 'mc.jsonl'}"))
+    tasks = prepare_tasks(f"{tmp_path / 'mc.yaml'},{tmp_path / 'tasks'},rlhflab_arithmetic")
     with torch.no_grad():
         res = run_tasks(model, tok, tasks, limit=len(rows))
         ours = multiple_choice_accuracy(model, tok, load_multiple_choice(tmp_path / "mc.jsonl"))
     read = capability_readings(res, res)
-    assert read["capability/my_mc/acc"] == ours["capability/accuracy"]
+    assert read["capability/my_mc/acc"] == ours["capability/accuracy"] == read["capability/dir_mc/acc"]
     assert read["capability/my_mc/n"] == len(rows) and read["capability/my_mc/acc_diff"] == 0.0
     assert read["capability/rlhflab_arithmetic/n"] == len(rows)
     assert "capability/rlhflab_arithmetic/exact_match_first-number" in read

@@ -160,12 +160,18 @@ def _offline_and_quiet():
 def prepare_tasks(spec: str) -> TaskSpec:
     """``parse_tasks`` and lm-eval's task index: every name must be a task or group lm-eval
     knows (its built-in index is read only when a name is not in the user's directories,
-    since reading it takes seconds). Call before loading models: a bad name fails first."""
+    since reading it takes seconds), and a directory adds every task it holds. Call before
+    loading models: a bad name fails first."""
     tasks = parse_tasks(spec)
     require_lm_eval()
     with _offline_and_quiet():
         from lm_eval.tasks import TaskManager
 
+        for d in tasks.dirs:  # a directory runs every task it holds, each on its own
+            found = TaskManager(include_path=d, include_defaults=False).all_subtasks
+            if not found:
+                raise InputError("no lm-eval task YAML in this directory", file=d, field="--capability")
+            tasks.names += [n for n in found if n not in tasks.names]
         tm = TaskManager(include_path=tasks.dirs or None, include_defaults=False)
         known = set(tm.all_tasks)
         if any(n not in known for n in tasks.names):
