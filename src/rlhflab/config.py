@@ -307,6 +307,10 @@ class TrainConfig:
     max_grad_norm: float = _f(1.0, "gradient clipping norm; 0 = off", ">= 0")
     max_length: int = _f(64, "longest prompt + response in tokens; longer rows are truncated", "int >= 2")
     mixed_precision: str = _f("no", "no, bf16 or fp16 (through accelerate)", _PRECISIONS)
+    sharding: str = _f("ddp", "how several processes hold the weights: ddp (each a whole copy) or fsdp2 (each "
+                       "a shard of every weight, gradient and optimizer state: torch's fully_shard per "
+                       "transformer block; docs/scaling.md)", "one of ddp, fsdp2")
+    cpu_offload: bool = _f(False, "fsdp2 on GPUs: keep the shards, gradients and optimizer state in CPU memory")
     eval_every: int = _f(50, "steps between held-out loss evaluations", "int >= 1")
     log_every: int = _f(10, "steps between metric lines", "int >= 1")
     report_to: list = _f([], _REPORT_TO, _TRACKERS)
@@ -448,6 +452,8 @@ class RLConfig:
                                "min(pi_train / pi_sampler, tis_cap); empty = off (sampler and trainer agree)", "> 0")
     mixed_precision: str = _f("no", "no, bf16 or fp16 (through accelerate): autocast around the training "
                               "forward passes of the update; decoding stays in float32", _PRECISIONS)
+    sharding: str = _f("ddp", "how several processes hold the weights: ddp; fsdp2 is refused in online RL "
+                       "(sft, rm and dpo take it; docs/scaling.md)", "one of ddp, fsdp2")
     report_to: list = _f([], _REPORT_TO, _TRACKERS)
     mismatch_tolerance: float = _f(1e-3, "largest |log pi_train - log pi_sampler| (nats, any token of the first "
                                    "update) allowed before the run stops; without tis_cap the two come from "

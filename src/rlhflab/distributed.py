@@ -14,6 +14,7 @@ one process (``accelerator=None``) both are the plain local formulas.
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -74,8 +75,9 @@ def check_sharding(section: str | None = None) -> None:
                          "with configs/accelerate/ddp.yaml", field="distributed_type")
     if sharding == "FSDP" or sharding.endswith("ZeRO-3"):
         raise InputError(f"{sharding}{where} is not supported: rlhflab decodes and saves with the whole model, "
-                         "which it keeps sharded; use configs/accelerate/ddp.yaml or zero2.yaml, with LoRA "
-                         "(lora.r) to shrink what each process trains", field="distributed_type")
+                         "which it keeps sharded; use configs/accelerate/ddp.yaml (sft, rm and dpo shard "
+                         "themselves with <stage>.sharding=fsdp2) or zero2.yaml, with LoRA (lora.r) to shrink "
+                         "what each process trains", field="distributed_type")
 
 
 def make_accelerator(mixed_precision: str = "no", report_to: Sequence[str] = (), section: str | None = None):
@@ -276,3 +278,201 @@ class Sums:
                             for k in keys]).double()
         flat = stats.sum(flat)
         return {k: (flat[i, 0] / flat[i, 1].clamp(min=1)).item() for i, k in enumerate(keys)}
+
+
+# ---------------------------------------------------------------------------------------
+# Sharded weights: torch's FSDP2 (``fully_shard``), the ``<stage>.sharding`` setting
+
+SHARDING = ("ddp", "fsdp2")
+"""What ``<stage>.sharding`` accepts: ``ddp`` (every process a whole copy of the weights,
+gradients averaged: accelerate's DDP) or ``fsdp2`` (each process one shard of every
+parameter, gradient and optimizer state: torch's ``fully_shard``)."""
+
+SHARDED_STAGES = ("sft", "rm", "dpo")
+"""The stages that train sharded under ``fsdp2``; online RL (``rl.sharding``) is refused."""
+
+# model -> its twin with the same modules, parameters on the meta device (no memory) and
+# buffers copied, into which the gathered full weights are loaded for saving and decoding.
+_TWINS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def check_strategy(section_cfg, section: str, accelerator, lora_r: int = 0, command: str | None = None) -> None:
+    """Refuses, in one line naming ``<section>.sharding`` or ``<section>.cpu_offload``, a
+    strategy this launch would not run as asked: fsdp2 with one process (nothing to shard),
+    in online RL and rejection sampling (``command``: they decode with the policy between
+    updates), with LoRA adapters, with the reward model's gradient penalty, with fp16 (its
+    loss scaler does not know sharded gradients), and CPU offload without fsdp2 or without a GPU (on a CPU the shards are in
+    CPU memory already: the setting would change nothing)."""
+    from rlhflab.errors import InputError
+
+    strategy = getattr(section_cfg, "sharding", "ddp")
+    offload = getattr(section_cfg, "cpu_offload", False)
+    supported = f"sharding=fsdp2 trains {', '.join(SHARDED_STAGES)} sharded; {section}.sharding=ddp otherwise"
+    if offload and strategy != "fsdp2":
+        raise InputError(f"cpu_offload moves fsdp2's shards to CPU memory; set {section}.sharding=fsdp2 or "
+                         "leave cpu_offload off", field=f"{section}.cpu_offload")
+    if offload and not has_accelerator():
+        raise InputError("cpu_offload keeps GPU shards in CPU memory; on a CPU run they are there already, so "
+                         "it would change nothing: leave it off", field=f"{section}.cpu_offload")
+    if strategy != "fsdp2":
+        return
+    if (command or section) not in SHARDED_STAGES:
+        raise InputError(f"fsdp2 is not supported in {command or section}: it decodes with the policy between "
+                         "updates, token by token with rows leaving the batch, which sharded weights would have "
+                         f"to follow in step on every process; {supported}", field=f"{section}.sharding")
+    if accelerator.num_processes < 2:
+        raise InputError("fsdp2 shards the weights over several processes and this launch has one: launch with "
+                         "torchrun --nproc_per_node N or accelerate launch --num_processes N, or set "
+                         f"{section}.sharding=ddp", field=f"{section}.sharding")
+    if lora_r:
+        raise InputError(f"fsdp2 with LoRA adapters (lora.r={lora_r}) is not supported: LoRA already keeps the "
+                         f"trained weights small; set {section}.sharding=ddp or lora.r=0", field=f"{section}.sharding")
+    if getattr(section_cfg, "grad_penalty", 0):
+        raise InputError("fsdp2 with the input-gradient penalty (rm.grad_penalty) is not supported: its double "
+                         "backward runs outside FSDP2's hooks; set rm.sharding=ddp or rm.grad_penalty=0",
+                         field=f"{section}.sharding")
+    if getattr(section_cfg, "mixed_precision", "no") == "fp16":
+        raise InputError("fsdp2 with fp16 is not supported (its loss scaler does not see sharded gradients); "
+                         f"use {section}.mixed_precision=bf16", field=f"{section}.sharding")
+
+
+def transformer_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The model's transformer blocks: the modules of the classes its ``_no_split_modules``
+    names (transformers' own list of what must stay whole on one device: LlamaDecoderLayer,
+    GPT2Block, ...), outermost first."""
+    names = set()
+    for module in model.modules():
+        names.update(getattr(module, "_no_split_modules", None) or ())
+    blocks = [m for m in model.modules() if type(m).__name__ in names]
+    return [b for b in blocks if not any(b is not o and any(x is b for x in o.modules()) for o in blocks)]
+
+
+def shard_weights(model: torch.nn.Module, section_cfg, accelerator, section: str) -> torch.nn.Module:
+    """``model`` itself, sharded, under ``<section>.sharding=fsdp2``, else unchanged (DDP is
+    accelerate's ``prepare``). Call before the optimizer is made: ``fully_shard`` replaces
+    the parameters by DTensors (each process holding one shard, dim 0 split).
+
+    ``fully_shard`` on every transformer block (:func:`transformer_blocks`), then the root,
+    which takes what is left: the embeddings, the final norm, the head. Tied embeddings (one
+    Parameter in the embedding and the head) are therefore in one group and stay tied; they
+    are not wrapped apart. The device mesh is explicit, ``init_device_mesh(<the
+    accelerator's device type>, (W,))`` over accelerate's process group (gloo on CPU, NCCL
+    on GPUs): without it, a gloo run on a machine with GPUs has moved the model to CUDA.
+    Under bf16 the ``MixedPrecisionPolicy`` gathers bf16 weights and reduces gradients in
+    float32; ``<section>.cpu_offload`` keeps shards, gradients and optimizer state in CPU
+    memory (``CPUOffloadPolicy``). Non-persistent buffers (rotary frequencies) are not
+    sharded: each process computes its own, identically.
+
+    The twin (:func:`gathered`) is made first: the same modules with meta parameters and
+    copied buffers, which the full weights fill on rank 0 when the model is saved."""
+    if getattr(section_cfg, "sharding", "ddp") != "fsdp2":
+        return model
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import (
+        CPUOffloadPolicy,
+        MixedPrecisionPolicy,
+        OffloadPolicy,
+        fully_shard,
+    )
+
+    from rlhflab.errors import InputError
+
+    blocks = transformer_blocks(model)
+    if not blocks:
+        raise InputError(f"fsdp2 shards per transformer block and {type(model).__name__} names none "
+                         "(_no_split_modules); set sharding=ddp", field=f"{section}.sharding")
+    if accelerator.is_main_process:
+        _TWINS[model] = _meta_twin(model)
+    mesh = init_device_mesh(accelerator.device.type, (accelerator.num_processes,))
+    precision = getattr(section_cfg, "mixed_precision", "no")
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+        if precision == "bf16" else MixedPrecisionPolicy()
+    offload = CPUOffloadPolicy() if getattr(section_cfg, "cpu_offload", False) else OffloadPolicy()
+    for block in blocks:
+        fully_shard(block, mesh=mesh, mp_policy=policy, offload_policy=offload)
+    fully_shard(model, mesh=mesh, mp_policy=policy, offload_policy=offload)
+    return model
+
+
+def _meta_twin(model: torch.nn.Module) -> torch.nn.Module:
+    """A deep copy of ``model`` whose parameters are on the meta device (tied ones still one
+    Parameter: the copy's memo maps each original to one meta Parameter) and whose buffers
+    are real copies (non-persistent ones, rotary frequencies, are in no state dict)."""
+    import copy
+
+    memo = {id(p): torch.nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+            for p in model.parameters()}
+    return copy.deepcopy(model, memo)
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def prepare(accelerator, model, optimizer):
+    """(model, optimizer) ready to train: accelerate's ``prepare`` (DDP across processes)
+    for a model :func:`shard_weights` left alone; a sharded model is already distributed and its
+    optimizer steps its own shards, so both are returned as they are."""
+    if is_sharded(model):
+        return model, optimizer
+    return accelerator.prepare(model, optimizer)
+
+
+def gathered(accelerator, model: torch.nn.Module) -> torch.nn.Module | None:
+    """The whole trained model on the main process (None on the others; every process must
+    call it): for a sharded model, the full state dict (``get_model_state_dict`` with
+    ``full_state_dict=True, cpu_offload=True``: gathered shard by shard into rank 0's CPU
+    memory) loaded into its twin, whose tied parameters are tied again; otherwise
+    ``accelerator.unwrap_model``. The result is a plain module: ``save_pretrained`` writes
+    a checkpoint plain transformers loads, and decoding needs no other process."""
+    if not is_sharded(model):
+        return accelerator.unwrap_model(model) if accelerator.is_main_process else None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not accelerator.is_main_process:
+        return None
+    twin = _TWINS[model]
+    tied: dict[int, list[str]] = {}
+    for name, p in twin.named_parameters(remove_duplicate=False):
+        tied.setdefault(id(p), []).append(name)
+    twin.load_state_dict(full, strict=True, assign=True)
+    for names in tied.values():  # assign gave each name its own tensor: one Parameter again
+        first = twin.get_parameter(names[0])
+        for name in names[1:]:
+            owner, _, attr = name.rpartition(".")
+            setattr(twin.get_submodule(owner), attr, first)
+    return twin
+
+
+def missing_passes(accelerator, model: torch.nn.Module, passes: int) -> int:
+    """How many empty passes this process owes (every process must call it, before its
+    passes): under FSDP2 each forward all-gathers every block's weights from all processes,
+    so all run as many passes; a process whose share of an evaluation takes ``passes`` owes
+    the most any takes minus its own (:func:`empty_passes`, after its own). 0 unsharded."""
+    if not is_sharded(model):
+        return 0
+    import torch.distributed as dist
+
+    most = torch.tensor([passes], device=accelerator.device)
+    dist.all_reduce(most, op=dist.ReduceOp.MAX)
+    return int(most.item()) - passes
+
+
+@torch.no_grad()
+def empty_passes(accelerator, model: torch.nn.Module, n: int) -> None:
+    """``n`` forward passes of one token, their output dropped (see :func:`missing_passes`),
+    then the weights resharded (:func:`reshard`): called at the end of an evaluation."""
+    for _ in range(n):
+        model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=accelerator.device))
+    reshard(model)
+
+
+def reshard(model: torch.nn.Module) -> None:
+    """Free the whole weights a sharded model still holds after no-grad passes: FSDP2 keeps
+    the root's (embeddings, final norm, head) gathered after its forward, expecting the
+    backward to need them, and an evaluation runs none. Nothing for an unsharded model."""
+    if is_sharded(model):
+        model.reshard()

@@ -72,8 +72,14 @@ def optimizer_step(accelerator, params: Iterable[torch.nn.Parameter], optimizer,
     """
     params = list(params)
     clip = cfg.max_grad_norm > 0
-    grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm) if clip else torch.tensor(float("nan"))
-    checked = None if accelerator.scaler is not None else float(grad_norm if clip else grad_norm_of(params))
+    if any(is_dtensor(p) for p in params):  # FSDP2: each process holds shards of the gradients
+        norm = sharded_grad_norm(params)
+        if clip:
+            torch.nn.utils.clip_grads_with_norm_(params, cfg.max_grad_norm, norm)
+        grad_norm, checked = (norm if clip else torch.tensor(float("nan"))), float(norm)
+    else:
+        grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm) if clip else torch.tensor(float("nan"))
+        checked = None if accelerator.scaler is not None else float(grad_norm if clip else grad_norm_of(params))
     stop_if_non_finite(stage, step, loss=loss, grad_norm=checked, lr=cfg.lr, lr_field=lr_field)
     optimizer.step()
     scheduler.step()
@@ -126,6 +132,20 @@ def disable_dropout(model: torch.nn.Module) -> None:
     for key, value in list(config.to_dict().items()):
         if ("dropout" in key or "pdrop" in key) and isinstance(value, float):
             setattr(config, key, 0.0)
+
+
+def is_dtensor(x) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(x, DTensor)
+
+
+def sharded_grad_norm(params) -> torch.Tensor:
+    """The global L2 norm of DTensor gradients (FSDP2), a plain tensor on every process: each
+    process's norm covers its own shards, so the total is reduced over the processes
+    (``full_tensor``) before anything is clipped by it."""
+    total = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None], norm_type=2.0)
+    return total.full_tensor() if is_dtensor(total) else total
 
 
 def grad_norm_of(params) -> torch.Tensor:

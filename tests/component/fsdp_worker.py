@@ -1,64 +1,107 @@
-"""One FSDP2 step on rlhflab's tiny Llama, run by tests/component/test_sharding.py under
-``torch.distributed.run`` (gloo, CPU) and alone: prints the loss and the updated weights.
+"""SFT, the reward model and DPO on tiny models, run by tests/component/test_sharding.py under
+``torch.distributed.run`` (gloo, CPU) with ``<stage>.sharding=fsdp2``, and alone (one
+process, the plain loop): each stage's training function as the CLI calls it, its
+metrics.jsonl, and the whole trained model that ``distributed.gathered`` returns, saved with
+``save_pretrained`` into ``OUT/<stage>/model``.
 
-Sharding: ``fully_shard`` on every decoder layer (the model's ``_no_split_modules``, what
-accelerate's TRANSFORMER_BASED_WRAP wraps) and on the root. Each of W processes takes its
-share of a fixed global batch; its loss is W x (its tokens' summed NLL) / (the global token
-count), so that FSDP's gradient average is the gradient of the global token mean."""
+The SFT policy is a Llama (rotary frequencies, a non-persistent buffer the state dict does
+not carry; its embeddings untied), the reward model and the DPO policy GPT-2 with tied
+embeddings: both traps of a gathered save. Rank 0 also reloads each saved model in plain
+transformers and records the largest logit difference to the gathered model (``reload.json``).
+DPO's monitor, called where it decodes (on rank 0, the weights gathered every 2 steps),
+records the sum of the weights it is given, so the test sees that the gathered weights
+mid-run are the one-process run's.
+
+    python -m torch.distributed.run --nproc_per_node 2 tests/component/fsdp_worker.py OUT fsdp2
+    python tests/component/fsdp_worker.py OUT ddp
+"""
 
 from __future__ import annotations
 
+import copy
 import json
 import sys
+from pathlib import Path
 
 import torch
 
-from rlhflab.config import load_config
-from rlhflab.models import create_causal_lm
-from rlhflab.world import World
+ROOT = Path(__file__).resolve().parents[2]
 
 
-def main(out: str) -> None:
-    distributed = "--fsdp" in sys.argv
-    rank, world_size = 0, 1
-    if distributed:
-        import torch.distributed as dist
-        from torch.distributed.fsdp import fully_shard
+def main(out: Path, strategy: str) -> None:
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-        dist.init_process_group("gloo")
-        rank, world_size = dist.get_rank(), dist.get_world_size()
-    cfg = load_config(None, ["model.arch=llama", "model.d_model=32", "model.n_layers=2", "model.n_heads=2"])
-    tok = World(cfg.world).tokenizer(cfg.model.max_positions)
-    model = create_causal_lm(cfg.model, tok, seed=0)
-    if distributed:
-        for layer in model.model.layers:
-            fully_shard(layer)
-        fully_shard(model)
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(4, len(tok), (4, 12), generator=g)  # the global batch: 4 rows of 12 tokens
-    mine = ids[rank::world_size]
-    logits = model(input_ids=mine).logits[:, :-1]
-    nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), mine[:, 1:].reshape(-1),
-                                            reduction="sum")
-    loss = world_size * nll / (ids.shape[0] * (ids.shape[1] - 1))
-    loss.backward()
-    opt = torch.optim.SGD(model.parameters(), lr=0.5)
-    opt.step()
-    full = {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().tolist()
-            for n, p in model.named_parameters()}
-    sharded = [type(p).__name__ for p in model.parameters()]
-    losses = torch.tensor([nll.item()])
-    if distributed:
-        import torch.distributed as dist
+    from rlhflab.algos.dpo import attach_reference_logps, freeze, tokenize_pairs, train_dpo
+    from rlhflab.algos.reward_model import rows_to_groups, tokenize_groups, train_reward_model
+    from rlhflab.algos.sft import tokenize_rows, train_sft
+    from rlhflab.config import load_config
+    from rlhflab.distributed import gathered, make_accelerator
+    from rlhflab.models import create_causal_lm, load_causal_lm, save_pretrained_atomic
+    from rlhflab.reward_model import create_reward_model
+    from rlhflab.world import World
 
-        dist.all_reduce(losses)
-    if rank == 0:
-        with open(out, "w") as fh:
-            json.dump({"loss": losses.item() / (ids.shape[0] * (ids.shape[1] - 1)), "weights": full,
-                       "param_types": sorted(set(sharded)), "world_size": world_size}, fh)
-    if distributed:
-        dist.destroy_process_group()
+    acc = make_accelerator("no")
+    main_process = acc.is_main_process
+    steps = {f"{s}.{k}": v for s in ("sft", "rm", "dpo") for k, v in
+             (("max_steps", 4), ("eval_every", 2), ("log_every", 1), ("batch_size", 16), ("sharding", strategy))}
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", [f"{k}={v}" for k, v in steps.items()])
+    world = World(cfg.world)
+    tok = world.tokenizer(cfg.model.max_positions)
+    reload: dict = {}
+    ids = torch.randint(4, len(tok), (3, 10), generator=torch.Generator().manual_seed(3))
+
+    def save(stage: str, model, reader) -> None:
+        reload[f"{stage}_param_types"] = sorted({type(p).__name__ for p in model.parameters()})
+        reload[f"{stage}_plain"] = [n for n, p in model.named_parameters() if type(p).__name__ != "DTensor"]
+        whole = gathered(acc, model)  # every process; the whole model on rank 0
+        if main_process:
+            save_pretrained_atomic(whole, tok, out / stage / "model")
+            again = reader.from_pretrained(str(out / stage / "model"))
+            with torch.no_grad():
+                reload[stage] = (again(input_ids=ids).logits - whole(input_ids=ids).logits).abs().max().item()
+        acc.wait_for_everyone()
+
+    for stage in ("sft", "rm", "dpo"):
+        (out / stage).mkdir(parents=True, exist_ok=True)
+
+    # SFT on a Llama: rotary buffers
+    llama = load_config(None, ["model.arch=llama", "model.d_model=32", "model.n_layers=2", "model.n_heads=2"])
+    model = create_causal_lm(llama.model, tok, seed=0)
+    train, _ = tokenize_rows(world.sft_examples(64), tok, cfg.sft.max_length)
+    held, _ = tokenize_rows(world.sft_examples(24, "sft_eval"), tok, cfg.sft.max_length)
+    train_sft(cfg.sft, model, tok, train, held, out / "sft", acc)
+    save("sft", model, AutoModelForCausalLM)
+
+    # The reward model and DPO on an untrained GPT-2 (tied embeddings), the same on every run
+    backbone = out / "backbone"
+    if main_process:
+        save_pretrained_atomic(create_causal_lm(cfg.model, tok, seed=0), tok, backbone)
+    acc.wait_for_everyone()
+    rm, rm_tok = create_reward_model(backbone, seed=0)
+    groups, _ = rows_to_groups(world.preference_pairs(64, "pref"))
+    held_groups, _ = rows_to_groups(world.preference_pairs(20, "pref_eval"))
+    tokenize_groups(groups, rm_tok, cfg.rm.max_length)
+    tokenize_groups(held_groups, rm_tok, cfg.rm.max_length)
+    train_reward_model(cfg.rm, rm, rm_tok, groups, held_groups, out / "rm", acc)
+    save("rm", rm, AutoModelForSequenceClassification)
+
+    policy = load_causal_lm(backbone, tok)
+    pairs, _ = tokenize_pairs(world.preference_pairs(64, "pref"), tok, cfg.dpo.max_length)
+    held_pairs, _ = tokenize_pairs(world.preference_pairs(20, "pref_eval"), tok, cfg.dpo.max_length)
+    reference = freeze(copy.deepcopy(policy))
+    for examples in (pairs, held_pairs):
+        attach_reference_logps(reference, examples, tok.pad_token_id, acc.device)
+
+    def monitor(step: int, whole) -> dict:
+        return {"monitor/weight_sum": sum(p.double().sum().item() for p in whole.parameters())}
+
+    cfg.dpo.world_eval_every = 2
+    train_dpo(cfg.dpo, policy, None, tok, pairs, held_pairs, out / "dpo", acc, monitor)
+    save("dpo", policy, AutoModelForCausalLM)
+    if main_process:
+        (out / "reload.json").write_text(json.dumps({"processes": acc.num_processes, **reload}))
+    acc.wait_for_everyone()
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(Path(sys.argv[1]), sys.argv[2])

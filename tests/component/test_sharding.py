@@ -77,26 +77,92 @@ def test_on_gpus_the_sharded_weights_are_refused_and_zero2_passes(monkeypatch, e
             distributed.check_sharding(section)
 
 
+def _metric_rows(path: Path) -> list[dict]:
+    return [json.loads(x) for x in path.read_text().splitlines()]
+
+
 @pytest.mark.slow
-def test_torch_fsdp2_shards_rlhflab_models_on_a_cpu_and_matches_one_process(tmp_path):
-    """Two gloo processes, each decoder layer of the tiny Llama ``fully_shard``-ed (DTensor
-    parameters), one SGD step on halves of a fixed batch, against one process on the whole
-    batch. Measured: loss equal to 4e-8 relative, weights to 7.5e-9 after the step (float32
-    reduction order); tolerance 1e-6. Without the x W scale the weights end up to 0.034 away."""
+def test_sft_rm_and_dpo_sharded_on_two_processes_match_one_process(tmp_path):
+    """``<stage>.sharding=fsdp2`` on two gloo processes (tests/component/fsdp_worker.py: each
+    stage's training function, 4 steps of AdamW with clipping) against the plain loop on one.
+
+    Measured: every logged figure (losses, accuracies, margins, gradient norms, held-out
+    losses) within 3.6e-7 relative (but DPO's accuracy at step 1, where the policy is still
+    the reference and each margin's sign is float noise of ~1e-8), weights within 2.0e-5 (a 2-process DDP run lands as far
+    from one process: 3.3e-6 for both after 8 SFT steps of the CLI; AdamW divides by
+    sqrt(v), so float32 reduction-order noise becomes ~1e-5 in weights); tolerance 1e-5
+    relative and 1e-4. One exception: the reward model's final-norm bias moves every reward
+    alike, which the Bradley-Terry loss does not see, so its exact gradient is 0 and Adam
+    turns float noise into steps of up to lr (6.6e-4 measured, 1.3e-3 under DDP as well);
+    bounded by steps x lr. DPO's monitor, handed the weights gathered on rank 0 at steps 0, 2
+    and 4, sums them to within 4e-9 relative of the one-process policy's. Each saved model
+    reloads in plain transformers with the gathered model's logits exactly (Llama's rotary
+    buffers, GPT-2's tied embeddings)."""
     worker = str(ROOT / "tests" / "component" / "fsdp_worker.py")
     env = {**subprocess_env(), "OMP_NUM_THREADS": "1"}
     env["PYTHONPATH"] = str(ROOT) + ":" + env["PYTHONPATH"]
-    runs = {"fsdp": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                     free_port(), worker, str(tmp_path / "fsdp.json"), "--fsdp"],
-            "one": [sys.executable, worker, str(tmp_path / "one.json")]}
+    runs = {"fsdp2": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                      free_port(), worker, str(tmp_path / "fsdp2"), "fsdp2"],
+            "one": [sys.executable, worker, str(tmp_path / "one"), "ddp"]}
     for cmd in runs.values():
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
-    a, b = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("fsdp", "one"))
-    assert a["world_size"] == 2 and a["param_types"] == ["DTensor"] and b["param_types"] == ["Parameter"]
-    assert a["loss"] == pytest.approx(b["loss"], rel=1e-6)
     import torch
+    from safetensors.torch import load_file
 
-    assert a["weights"].keys() == b["weights"].keys()
-    for k in b["weights"]:
-        assert torch.allclose(torch.tensor(a["weights"][k]), torch.tensor(b["weights"][k]), atol=1e-6), k
+    sharded, one = (json.loads((tmp_path / n / "reload.json").read_text()) for n in ("fsdp2", "one"))
+    assert sharded["processes"] == 2 and one["processes"] == 1
+    for stage, lr in (("sft", 3e-3), ("rm", 3e-3), ("dpo", 5e-4)):
+        assert sharded[f"{stage}_param_types"] == ["DTensor"], sharded[f"{stage}_plain"]  # resharded after eval
+        assert one[f"{stage}_param_types"] == ["Parameter"]
+        assert sharded[stage] == 0.0, stage  # saved, reloaded in transformers: the same logits
+        a, b = (_metric_rows(tmp_path / n / stage / "metrics.jsonl") for n in ("fsdp2", "one"))
+        assert [r["step"] for r in a] == [r["step"] for r in b] == [0, 1, 2, 3, 4]
+        for ra, rb in zip(a, b):
+            assert ra.keys() == rb.keys()
+            for k, v in rb.items():
+                if k == "rewards/accuracies" and rb["step"] == 1:  # policy = reference: signs of float noise
+                    continue
+                assert ra[k] == pytest.approx(v, rel=1e-5, abs=1e-6), (stage, rb["step"], k)
+        if stage == "dpo":
+            assert [r["monitor/weight_sum"] for r in a if "monitor/weight_sum" in r] == \
+                pytest.approx([r["monitor/weight_sum"] for r in b if "monitor/weight_sum" in r], rel=1e-7)
+        wa, wb = (load_file(str(tmp_path / n / stage / "model" / "model.safetensors")) for n in ("fsdp2", "one"))
+        assert wa.keys() == wb.keys()
+        for k in wb:
+            atol = 4 * lr if (stage, k) == ("rm", "transformer.ln_f.bias") else 1e-4
+            assert torch.allclose(wa[k], wb[k], atol=atol, rtol=0), (stage, k, (wa[k] - wb[k]).abs().max())
+
+
+class _Launch:
+    """What ``check_strategy`` reads of an accelerator."""
+
+    def __init__(self, processes: int) -> None:
+        self.num_processes = processes
+
+
+@pytest.mark.parametrize(("overrides", "section", "command", "message"), [
+    (["sft.sharding=fsdp2"], "sft", None, "fsdp2 shards the weights over several processes and this launch has one"),
+    (["rl.sharding=fsdp2"], "rl", None, "fsdp2 is not supported in rl: it decodes with the policy between updates"),
+    (["sft.sharding=fsdp2"], "sft", "rs", "fsdp2 is not supported in rs"),
+    (["dpo.sharding=fsdp2", "lora.r=4"], "dpo", None, "fsdp2 with LoRA adapters (lora.r=4) is not supported"),
+    (["rm.sharding=fsdp2", "rm.grad_penalty=0.1"], "rm", None, "input-gradient penalty (rm.grad_penalty)"),
+    (["sft.sharding=fsdp2", "sft.mixed_precision=fp16"], "sft", None, "use sft.mixed_precision=bf16"),
+    (["sft.cpu_offload=true"], "sft", None, "set sft.sharding=fsdp2 or leave cpu_offload off"),
+    (["sft.cpu_offload=true", "sft.sharding=fsdp2"], "sft", None, "on a CPU run they are there already"),
+], ids=["one-process", "rl", "rs", "lora", "grad-penalty", "fp16", "offload-ddp", "offload-cpu"])
+def test_a_sharding_that_would_not_run_as_asked_is_refused_in_one_line(monkeypatch, overrides, section, command,
+                                                                        message):
+    from rlhflab.config import load_config
+
+    monkeypatch.setattr(distributed, "has_accelerator", lambda: False)
+    cfg = load_config(None, overrides)
+    processes = 1 if message.startswith("fsdp2 shards the weights") else 2
+    with pytest.raises(InputError, match="sharding|cpu_offload") as err:
+        distributed.check_strategy(getattr(cfg, section), section, _Launch(processes), cfg.lora.r, command)
+    assert message in str(err.value) and "\n" not in str(err.value)
+    field = "cpu_offload" if "offload" in overrides[0] else "sharding"
+    assert err.value.field == f"{section}.{field}"
+    for stage in distributed.SHARDED_STAGES:  # the same setting passes where it is supported
+        plain = load_config(None, [f"{stage}.sharding=fsdp2"])
+        distributed.check_strategy(getattr(plain, stage), stage, _Launch(2), 0)

@@ -47,7 +47,8 @@ import torch
 from accelerate import Accelerator
 
 from rlhflab.data import Tokenized, collate_sft, render, tokenize_pair, tokenize_preference
-from rlhflab.distributed import make_accelerator
+from rlhflab.distributed import gathered as whole_model
+from rlhflab.distributed import is_sharded, make_accelerator, prepare, reshard, shard_weights
 from rlhflab.forward import forward_options, fuse_activations, length_groups, response_logprobs
 from rlhflab.losses import kto_reference_point
 from rlhflab.packing import bins_first_fit, pack, packed_response_logps, use_packing
@@ -177,6 +178,20 @@ def sequence_logps(model, seqs: list[Tokenized], pad_id: int, device, max_rows: 
     at most ``max_rows`` rows a pass; the same values up to float rounding.
     """
     lengths = torch.tensor([len(s.input_ids) - s.n_prompt for s in seqs], device=device)
+    if is_sharded(model):  # every process as many passes (each all-gathers): the length order cut by max_rows
+        order = sorted(range(len(seqs)), key=lambda i: len(seqs[i].input_ids))
+        cuts = [order[i:i + (max_rows or len(seqs))] for i in range(0, len(seqs), max_rows or len(seqs))]
+        parts = []
+        for idx in cuts:
+            rows = [seqs[i] for i in idx]
+            if packed:
+                p = pack([x.input_ids for x in rows], pad_id).to(device)
+                parts.append(packed_response_logps(model, p, [x.n_prompt for x in rows]))
+            else:
+                lp, mask = response_logprobs(model, collate_sft(rows, pad_id), min(x.n_prompt for x in rows),
+                                             device, forward_options(model))
+                parts.append((lp * mask).sum(-1))
+        return torch.cat(parts)[torch.argsort(torch.tensor([i for c in cuts for i in c], device=device))], lengths
     if packed:
         bins = bins_first_fit([len(s.input_ids) for s in seqs], max(len(s.input_ids) for s in seqs))
         cap = max_rows or len(bins)
@@ -338,6 +353,7 @@ def evaluate(loss_name: str, hp: dict, model, reference, examples: list, pad_id:
             extra["targets"] = _targets(examples, args[0].device)
         loss, metrics = PREFERENCE_LOSSES[loss_name](*args, **hp, **extra)
     model.train(was)
+    reshard(model)  # sharded: the root's weights, gathered by the last pass, freed
     return {"eval/loss": loss.item(), **{f"eval/{k}": v for k, v in metrics.items()}}
 
 
@@ -371,8 +387,9 @@ def train_dpo(cfg, model, reference, tokenizer, train: list, held_out: list,
 
     disable_dropout(model)
     fuse_activations(model)
+    model = shard_weights(model, cfg, accelerator, "dpo")  # dpo.sharding=fsdp2, before the optimizer is made
     optimizer, scheduler = make_optimizer(model.parameters(), cfg, total_steps)
-    model, optimizer = accelerator.prepare(model, optimizer)  # the scheduler is stepped by hand
+    model, optimizer = prepare(accelerator, model, optimizer)  # the scheduler is stepped by hand
     policy = accelerator.unwrap_model(model)  # same parameters, for no-grad passes
     # Packed passes for the policy and the reference alike, when both support them.
     packed = use_packing(model, cfg.packing, pad_id) and (reference is None or use_packing(reference, True, pad_id))
@@ -386,6 +403,11 @@ def train_dpo(cfg, model, reference, tokenizer, train: list, held_out: list,
               file=sys.stderr)
 
     def run_monitor(step: int) -> dict:
+        if monitor is not None and is_sharded(model):  # decodes on the main process: the weights gathered there
+            whole = whole_model(accelerator, model)
+            extra = monitor(step, whole) if accelerator.is_main_process else {}
+            accelerator.wait_for_everyone()
+            return extra
         extra = monitor(step, policy) if monitor is not None and accelerator.is_main_process else {}
         accelerator.wait_for_everyone()
         return extra

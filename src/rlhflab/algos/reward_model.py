@@ -33,6 +33,7 @@ whose backward can itself be differentiated.
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -42,7 +43,14 @@ import torch
 from accelerate import Accelerator
 
 from rlhflab.data import render, tokenize_pair
-from rlhflab.distributed import make_accelerator
+from rlhflab.distributed import (
+    empty_passes,
+    is_sharded,
+    make_accelerator,
+    missing_passes,
+    prepare,
+    shard_weights,
+)
 from rlhflab.forward import forward_options, fuse_activations, length_groups
 from rlhflab.losses import bradley_terry_loss, input_gradient_penalty, plackett_luce_loss
 from rlhflab.packing import pack, packed_scores, use_packing
@@ -182,7 +190,10 @@ def _group_rewards(model, groups: list[Group], pad_id: int, device, max_rows: in
                 inputs.append((caught[-1], mask))
             return list(torch.split(r, [len(g.ids) for g in groups]))
         kwargs = {"use_cache": False} if forward_options(model)["use_cache"] else {}
-        passes = length_groups([len(s) for s in seqs], max_rows=max_rows)
+        if is_sharded(model):  # one padded pass: every process must run as many passes (each all-gathers)
+            passes = [sorted(range(len(seqs)), key=lambda i: len(seqs[i]))]
+        else:
+            passes = length_groups([len(s) for s in seqs], max_rows=max_rows)
         parts = []
         n_prompt = [n for g in groups for n in g.n_prompt] if inputs is not None else []
         for idx in passes:
@@ -289,6 +300,7 @@ def evaluate_pairs(model, groups: list[Group], pad_id: int, accelerator: Acceler
     was = model.training
     model.eval()
     mine = groups[accelerator.process_index :: accelerator.num_processes]
+    owed = missing_passes(accelerator, model, math.ceil(len(mine) / batch_size))  # sharded: passes in step
     total = torch.zeros(3, dtype=torch.float64, device=accelerator.device)
     for i in range(0, len(mine), batch_size):
         chunk = mine[i:i + batch_size]
@@ -296,6 +308,7 @@ def evaluate_pairs(model, groups: list[Group], pad_id: int, accelerator: Acceler
         d = (c - rj).double()
         total += torch.stack([torch.nn.functional.softplus(-d).sum(), (d > 0).double().sum(),
                               torch.tensor(float(len(d)), dtype=torch.float64, device=d.device)])
+    empty_passes(accelerator, model, owed)
     total = accelerator.reduce(total, reduction="sum")
     model.train(was)
     n = total[2].clamp(min=1)
@@ -323,9 +336,10 @@ def train_reward_model(cfg, model, tokenizer, train: list[Group], held_out: list
             p.requires_grad_(False)
         reward_head(model).requires_grad_(True)
     fuse_activations(model)
+    model = shard_weights(model, cfg, accelerator, "rm")  # rm.sharding=fsdp2, before the optimizer is made
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer, scheduler = make_optimizer(params, cfg, total_steps)
-    model, optimizer = accelerator.prepare(model, optimizer)  # the scheduler is stepped by hand
+    model, optimizer = prepare(accelerator, model, optimizer)  # the scheduler is stepped by hand
     packed = use_packing(model, cfg.packing, pad_id, head=reward_head(model))
     log = MetricsLog(out_dir / "metrics.jsonl" if out_dir else None, enabled=accelerator.is_main_process,
                      accelerator=accelerator)

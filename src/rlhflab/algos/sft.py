@@ -28,7 +28,13 @@ import torch
 from accelerate import Accelerator
 
 from rlhflab.data import Tokenized, render, tokenize_pair
-from rlhflab.distributed import make_accelerator
+from rlhflab.distributed import (
+    empty_passes,
+    make_accelerator,
+    missing_passes,
+    prepare,
+    shard_weights,
+)
 from rlhflab.forward import fuse_activations, length_groups
 from rlhflab.losses import sft_loss
 from rlhflab.packing import response_logp_sums, use_packing
@@ -57,10 +63,12 @@ def evaluate_loss(model, examples: list[Tokenized], pad_id: int, accelerator: Ac
     model.eval()
     mine = examples[accelerator.process_index :: accelerator.num_processes]
     mine = sorted(mine, key=lambda x: len(x.input_ids))  # a sum: order is free, padding is not
+    owed = missing_passes(accelerator, model, math.ceil(len(mine) / batch_size))  # sharded: passes in step
     total = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
     for i in range(0, len(mine), batch_size):
         nll, n = _nll_sum(model, mine[i : i + batch_size], pad_id, accelerator.device, packed)
         total += torch.stack([nll.double(), n.double()])
+    empty_passes(accelerator, model, owed)
     total = accelerator.reduce(total, reduction="sum")
     model.train()
     return (total[0] / total[1].clamp(min=1)).item()
@@ -76,8 +84,9 @@ def train_sft(cfg, model, tokenizer, train: list[Tokenized], held_out: list[Toke
     pad_id = tokenizer.pad_token_id
 
     fuse_activations(model)
+    model = shard_weights(model, cfg, accelerator, "sft")  # sft.sharding=fsdp2, before the optimizer is made
     optimizer, scheduler = make_optimizer(model.parameters(), cfg, total_steps)
-    model, optimizer = accelerator.prepare(model, optimizer)  # the scheduler is stepped by hand
+    model, optimizer = prepare(accelerator, model, optimizer)  # the scheduler is stepped by hand
     packed = use_packing(model, cfg.packing, pad_id)
     log = MetricsLog(out_dir / "metrics.jsonl" if out_dir else None, enabled=accelerator.is_main_process,
                      accelerator=accelerator)
@@ -96,6 +105,9 @@ def train_sft(cfg, model, tokenizer, train: list[Tokenized], held_out: list[Toke
             nll_total = torch.zeros((), device=accelerator.device)
             if packed:  # micro-batches in data order, each one pass of packed rows
                 groups = [list(range(i, min(i + micro, len(shard)))) for i in range(0, len(shard), micro)]
+            elif cfg.sharding == "fsdp2":  # every process as many passes (each all-gathers): sorted, cut by micro
+                order = sorted(range(len(shard)), key=lambda i: len(shard[i].input_ids))
+                groups = [order[i:i + micro] for i in range(0, len(order), micro)]
             else:
                 groups = length_groups([len(x.input_ids) for x in shard], max_rows=micro)
             for g, idx in enumerate(groups):

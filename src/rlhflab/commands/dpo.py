@@ -206,7 +206,7 @@ def run_dpo(cfg: Config, out: Path, sft: Path, data: str | None = None, eval_dat
     )
     from rlhflab.artifacts import check_out_dir, run_directory, write_json
     from rlhflab.commands.sample import print_samples
-    from rlhflab.distributed import make_accelerator, trackers
+    from rlhflab.distributed import check_strategy, gathered, make_accelerator, trackers
     from rlhflab.errors import InputError
     from rlhflab.models import (
         enable_gradient_checkpointing,
@@ -218,6 +218,7 @@ def run_dpo(cfg: Config, out: Path, sft: Path, data: str | None = None, eval_dat
     from rlhflab.world import World
 
     accelerator = make_accelerator(cfg.dpo.mixed_precision, cfg.dpo.report_to, "dpo")
+    check_strategy(cfg.dpo, "dpo", accelerator, cfg.lora.r)
     check_out_dir(out, overwrite)  # on every process, before anything is written
     d = cfg.dpo
     world = World(cfg.world)
@@ -277,8 +278,8 @@ def run_dpo(cfg: Config, out: Path, sft: Path, data: str | None = None, eval_dat
         summary.update(stats)
         summary.update({f"{k}_eval": v for k, v in held_stats.items()})
         summary["data/source"] = source
+        model = gathered(accelerator, policy)  # the whole model on the main process, sharded or not
         if accelerator.is_main_process:
-            model = accelerator.unwrap_model(policy)
             save_pretrained_atomic(model, tok, work / "model")
             if monitor is not None:
                 summary.update(monitor.last)

@@ -335,7 +335,7 @@ def _run_rl(cfg, algo: str, out: Path, *, sft: str, rm: str | None = None, rewar
 
     from rlhflab.algos.rl_config import check_layout, resolve_rl_config
     from rlhflab.artifacts import check_out_dir, publish_run, run_directory, write_json
-    from rlhflab.distributed import make_accelerator
+    from rlhflab.distributed import check_strategy, make_accelerator
     from rlhflab.models import load_causal_lm, load_tokenizer, resolve_model_dir
     from rlhflab.rewards import build_reward
     from rlhflab.world import World
@@ -344,6 +344,7 @@ def _run_rl(cfg, algo: str, out: Path, *, sft: str, rm: str | None = None, rewar
     if resume:  # the run's own settings, but for what a resume may change: refused before anything loads
         cfg, changes = resume_settings(cfg, load_config(out / "config.yaml"), out / "config.yaml")
     accelerator = make_accelerator(cfg.rl.mixed_precision, cfg.rl.report_to, "rl")
+    check_strategy(cfg.rl, "rl", accelerator, cfg.lora.r)
     cfg.rl = resolve_rl_config(cfg.rl, algo)
     check_layout(cfg.rl, accelerator.num_processes)
     critic = ONLINE_ALGORITHMS.entry(algo).options["critic"]

@@ -204,7 +204,7 @@ def run_rm(cfg: Config, out: Path, *, sft: str | None = None, data: str | None =
     from rlhflab.algos.reward_model import rows_to_groups, tokenize_groups, train_reward_model
     from rlhflab.artifacts import check_out_dir, run_directory, write_json
     from rlhflab.data import load_rows, write_jsonl
-    from rlhflab.distributed import make_accelerator, trackers
+    from rlhflab.distributed import check_strategy, gathered, make_accelerator, trackers
     from rlhflab.instruments.rm_eval import pairwise_accuracy
     from rlhflab.models import count_parameters, enable_gradient_checkpointing, resolve_model_dir
     from rlhflab.reward_model import (
@@ -218,6 +218,7 @@ def run_rm(cfg: Config, out: Path, *, sft: str | None = None, data: str | None =
 
     rm = cfg.rm
     accelerator = make_accelerator(rm.mixed_precision, rm.report_to, "rm")
+    check_strategy(rm, "rm", accelerator, cfg.lora.r)
     check_out_dir(out, overwrite)  # on every process, before anything is written
     sft_dir = resolve_model_dir(sft, "--sft") if sft else None
     backbone = resolve_model_dir(rm.backbone, "--backbone") if rm.backbone else sft_dir
@@ -293,14 +294,16 @@ def run_rm(cfg: Config, out: Path, *, sft: str | None = None, data: str | None =
                 lora.attach(model, cfg.lora, trainable=[reward_head(model)])
             if cfg.model.gradient_checkpointing and rm.train_backbone:
                 enable_gradient_checkpointing(model)
+            n_params = count_parameters(model)
             s = train_reward_model(rm, model, tok, train, held, work, accelerator, seed=rm.seed + i, member=i)
-            members.append(_merged(accelerator.unwrap_model(model)).cpu())
+            whole = gathered(accelerator, model)  # on the main process, sharded or not; None elsewhere
+            members.append(_merged(whole).cpu() if whole is not None else None)
             member_summaries.append(s)
             accelerator.free_memory()
 
         summary: dict = {"rm/ensemble": rm.ensemble, "data/source": data or ("world_pairs" if world_pairs else "collected"),
                          "data/truncated": n_trunc, "data/eval_groups": len(held), "data/max_length": max_length,
-                         "model/backbone": str(backbone), "model/parameters": count_parameters(members[0]),
+                         "model/backbone": str(backbone), "model/parameters": n_params,
                          "train/seconds": sum(s["train/seconds"] for s in member_summaries), **counts}
         if accelerator.is_main_process:
             reward_model = RewardModel(members, tok, max_length=max_length)

@@ -46,7 +46,7 @@ def run_rs(cfg, sft, rm_dir, out: Path, *, rounds: int, n: int, threshold: float
     from rlhflab.algos.rejection_sampling import grow, improve, measure_round
     from rlhflab.artifacts import check_out_dir, run_directory, write_json
     from rlhflab.config import save_config
-    from rlhflab.distributed import make_accelerator
+    from rlhflab.distributed import check_strategy, make_accelerator
     from rlhflab.models import (
         load_causal_lm,
         load_tokenizer,
@@ -58,6 +58,7 @@ def run_rs(cfg, sft, rm_dir, out: Path, *, rounds: int, n: int, threshold: float
     from rlhflab.world import World
 
     accelerator = make_accelerator(cfg.sft.mixed_precision)
+    check_strategy(cfg.sft, "sft", accelerator, cfg.lora.r, command="rs")
     check_out_dir(out, overwrite)
     sft_dir = resolve_model_dir(sft, "--sft")
     rm = RewardModel.load(rm_dir)

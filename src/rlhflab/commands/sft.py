@@ -56,7 +56,7 @@ def run_sft(cfg: Config, out: Path, data: str | None = None, eval_data: str | No
     from rlhflab.algos.sft import tokenize_rows, train_sft
     from rlhflab.artifacts import check_out_dir, run_directory, write_json
     from rlhflab.commands.sample import print_samples
-    from rlhflab.distributed import make_accelerator, trackers
+    from rlhflab.distributed import check_strategy, gathered, make_accelerator, trackers
     from rlhflab.generation import prompt_room
     from rlhflab.instruments.policy_eval import measure_policy_on_world
     from rlhflab.models import (
@@ -68,6 +68,7 @@ def run_sft(cfg: Config, out: Path, data: str | None = None, eval_data: str | No
     from rlhflab.world import World
 
     accelerator = make_accelerator(cfg.sft.mixed_precision, cfg.sft.report_to, "sft")
+    check_strategy(cfg.sft, "sft", accelerator, cfg.lora.r)
     check_out_dir(out, overwrite)  # on every process, before anything is written
     world = World(cfg.world)
     train_rows, eval_rows = load_sft_rows(cfg, world, data, eval_data)
@@ -95,8 +96,8 @@ def run_sft(cfg: Config, out: Path, data: str | None = None, eval_data: str | No
         summary.update({"data/truncated": n_trunc, "data/truncated_eval": n_trunc_eval,
                         "model/parameters": count_parameters(model),
                         "data/source": data or "world"})
+        policy = gathered(accelerator, model)  # the whole model on the main process, sharded or not
         if accelerator.is_main_process:
-            policy = accelerator.unwrap_model(model)
             save_pretrained_atomic(policy, tok, work / "model")
             if data is None:
                 prompts = world.prompts(cfg.sft.n_samples, "eval")

@@ -14,6 +14,10 @@ An answer, in the task's own response indices (never the order shown): ``{"ranki
 (best first; a pairwise "better" is a ranking of two), ``{"tie": true}`` or
 ``{"both_bad": true}`` (pairs only).
 
+The schema is Alembic's (``migrations/``): opening a database upgrades it to the newest
+revision (``migrate``), so ``rlhflab label serve`` and ``label load`` bring a database made by
+an earlier version up to date.
+
 SQLite (``sqlite:///labels.db``) runs in WAL mode with a busy timeout, so readers never block
 the writer. A submission is one conditional UPDATE (``... WHERE status = 'served'``): a vote
 submitted twice, concurrently or not, is stored once, and the second submission with the
@@ -28,6 +32,7 @@ import random
 import secrets
 import threading
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import (
@@ -164,7 +169,7 @@ class Store:
         if self.engine.dialect.name == "sqlite":
             event.listen(self.engine, "connect", _sqlite_pragmas)
         try:
-            Base.metadata.create_all(self.engine)
+            migrate(self.engine)
         except Exception as err:
             raise InputError(f"cannot open the database {url!r}: {str(err).splitlines()[0]}") from None
         self.session = sessionmaker(self.engine, expire_on_commit=False)
@@ -357,6 +362,30 @@ def _order_key(user_id: int):
     Lehmer multiplier 48271; squaring breaks the linear order the first step leaves)."""
     k = (cast(Task.id, BigInteger) * 48271 + (69621 * (user_id + 1) + 12345)) % _P
     return (k * k) % _P
+
+
+INITIAL = "0001"  # the schema as it was before migrations (migrations/versions/0001_initial.py)
+
+
+def migrate(engine) -> str:
+    """Bring the database to the newest schema with Alembic (migrations/); returns the
+    revision. An empty database gets every revision; one created before migrations (its
+    tables there, no ``alembic_version``) is stamped with the initial revision, whose schema
+    it has, and upgraded from there."""
+    from alembic import command
+    from alembic.config import Config
+    from alembic.migration import MigrationContext
+    from sqlalchemy import inspect
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(Path(__file__).resolve().parent / "migrations"))
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        tables = set(inspect(conn).get_table_names())
+        if "alembic_version" not in tables and {"users", "sessions", "tasks", "votes", "settings"} <= tables:
+            command.stamp(cfg, INITIAL)
+        command.upgrade(cfg, "head")
+        return MigrationContext.configure(conn).get_current_revision()
 
 
 def _sqlite_pragmas(dbapi_connection, _record) -> None:

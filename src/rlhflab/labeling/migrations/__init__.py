@@ -1,0 +1,1 @@
+"""Alembic migrations of the labeling database (``rlhflab.labeling.store.migrate`` runs them)."""
