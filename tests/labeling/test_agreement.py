@@ -15,6 +15,7 @@ from rlhflab.labeling.agreement import (
     mean_interval,
     pairwise_agreement,
     position_bias,
+    rank_position_bias,
 )
 
 # Fleiss' kappa's worked example (Wikipedia, "Fleiss' kappa"): 10 subjects, 14 raters each,
@@ -89,6 +90,37 @@ def test_position_bias_by_hand():
     assert position_bias([True, True, True, False]) == pytest.approx(0.25)
     assert position_bias([True, False]) == 0.0
     assert math.isnan(position_bias([]))
+
+
+def test_rank_position_bias_by_hand():
+    # K = 4: the first shown ranked best (+1/2), last (-1/2), second (1/2 - 1/3 = 1/6): mean 1/18
+    assert rank_position_bias([(0, 4), (3, 4), (1, 4)]) == pytest.approx(1 / 18)
+    # pairs: the same as position_bias
+    assert rank_position_bias([(0, 2), (0, 2), (0, 2), (1, 2)]) == pytest.approx(0.25)
+    # every rank once, any K: no bias
+    assert rank_position_bias([(r, 5) for r in range(5)]) == pytest.approx(0.0)
+    with pytest.raises(ValueError):
+        rank_position_bias([(4, 4)])
+
+
+def test_position_bias_of_rankings_in_the_admins_readings():
+    """A labeler who ranks the responses in the order shown has +1/2 on rankings of four,
+    one who ranks them in reverse -1/2, whatever the orders drawn."""
+    from rlhflab.labeling.io import readings
+    from rlhflab.labeling.store import Store
+
+    store = Store("sqlite://")
+    tokens = {n: store.create_user(n, "labeler") for n in ("first", "last")}
+    store.add_tasks([{"prompt": f"p{i}", "responses": ["a", "b", "c", "d"], "overlap": 2} for i in range(6)])
+    for name, token in tokens.items():
+        user = store.authenticate(name, token)
+        while (got := store.next_vote(user)) is not None:
+            vote, _ = got
+            order = list(vote.shown) if name == "first" else list(reversed(vote.shown))
+            assert store.submit(user, vote.id, {"ranking": order}, f"{name}-{vote.id:06d}") == "stored"
+    table = {x["name"]: x for x in readings(store)["labelers_table"]}
+    assert (table["first"]["position_bias"], table["last"]["position_bias"]) == (0.5, -0.5)
+    assert table["first"]["position_answers"] == 6
 
 
 def test_mean_interval_by_hand():

@@ -13,7 +13,8 @@ The measures, each in its function's docstring:
 - Cohen's kappa (two labelers, Cohen 1960);
 - Fleiss' kappa (n labelers, Fleiss 1971);
 - Krippendorff's alpha, nominal, missing answers allowed (Krippendorff 2011);
-- position bias: P(the response shown first is chosen) - 1/2.
+- position bias: P(the response shown first is chosen) - 1/2; on rankings of K responses,
+  the mean of 1/2 - r/(K - 1), r the rank (0 best) given to the response shown first.
 """
 
 from __future__ import annotations
@@ -128,9 +129,25 @@ def position_bias(first_chosen: Sequence[bool]) -> float:
     the two (ties and "both bad" left out): (1/N) sum_j [first chosen in answer j] - 1/2.
     0 for a labeler who ignores the order; positive for one who favours the left. NaN for
     no answers."""
-    if not first_chosen:
+    return rank_position_bias([(0 if x else 1, 2) for x in first_chosen])
+
+
+def rank_position_bias(first_ranks: Sequence[tuple[int, int]]) -> float:
+    """Position bias over rankings of any size: each answer is (r, K), r the rank (0 best,
+    K - 1 worst) the labeler gave the response shown first among K, and
+
+        bias = (1/N) sum_j [1/2 - r_j / (K_j - 1)],
+
+    which is 0 in expectation for a labeler who ignores the order (r uniform on 0..K-1 has
+    mean (K - 1)/2), +1/2 for one who always ranks the first shown best and -1/2 for one who
+    always ranks it last. For pairs (K = 2) it is ``position_bias``: P(first chosen) - 1/2.
+    NaN for no answers."""
+    if not first_ranks:
         return float("nan")
-    return sum(bool(x) for x in first_chosen) / len(first_chosen) - 0.5
+    for r, k in first_ranks:
+        if k < 2 or not 0 <= r < k:
+            raise ValueError(f"rank {r} of {k} responses: expected 0 <= rank < K, K >= 2")
+    return sum(0.5 - r / (k - 1) for r, k in first_ranks) / len(first_ranks)
 
 
 def mean_interval(values: Sequence[float], z: float = 1.96) -> tuple[float, float]:

@@ -31,7 +31,7 @@ from rlhflab.labeling.agreement import (
     majority_agreement,
     mean_interval,
     pairwise_agreement,
-    position_bias,
+    rank_position_bias,
 )
 
 MAX_RESPONSES = 10
@@ -178,8 +178,8 @@ def readings(store, low: float = 0.6, min_shared: int = 5) -> dict:
         else:
             for (i, j), label in labels.items():
                 items[(task.id, i, j)][user.name] = label
-        if len(task.responses) == 2 and "ranking" in vote.answer:
-            p["first"].append(vote.answer["ranking"][0] == vote.shown[0])
+        if "ranking" in vote.answer:  # the rank given to the response shown first
+            p["first"].append((vote.answer["ranking"].index(vote.shown[0]), len(task.responses)))
     units = [list(v.values()) for v in items.values()]
     shared = [u for u in units if len(u) >= 2]
     unit_agreement = [pairwise_agreement([u]) for u in shared]
@@ -204,7 +204,7 @@ def readings(store, low: float = 0.6, min_shared: int = 5) -> dict:
         labelers.append({"name": name, "answers": p["answers"], "skipped": p["skipped"], "pairs": p["pairs"],
                          "pairs_per_hour": p["pairs"] / hours if hours > 0 else float("nan"),
                          "gold_items": len(p["gold"]), "gold_accuracy": fmean(p["gold"]) if p["gold"] else float("nan"),
-                         "position_bias": position_bias(p["first"]), "position_answers": len(p["first"]),
+                         "position_bias": rank_position_bias(p["first"]), "position_answers": len(p["first"]),
                          "agrees_with_others": fmean(others) if others else float("nan")})
     by_task: dict[int, list[float]] = defaultdict(list)
     for (task_id, _, _), v in items.items():
