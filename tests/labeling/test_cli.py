@@ -81,3 +81,47 @@ def test_load_samples_tasks_from_a_policy(tmp_path, tiny_config_path, capsys):
     assert "--policy and --prompts go together" in capsys.readouterr().err
     assert main(["label", "load", "--db", db, "--policy", str(policy), "--prompts", str(prompts),
                  "--from", str(prompts)]) == 2
+
+
+def test_load_samples_half_of_each_task_from_a_second_policy(tmp_path, tiny_config_path, capsys):
+    """--policy-b: k/2 responses from each policy per prompt, each response's policy in the
+    task's meta and, once people chose, in the export's chosen_policy / rejected_policy."""
+    from rlhflab.config import load_config
+    from rlhflab.labeling.io import export_rows
+    from rlhflab.models import create_causal_lm, save_pretrained_atomic
+    from rlhflab.world import World
+    from tests.conftest import save_tiny_backbone
+
+    cfg = load_config(tiny_config_path)
+    policy = save_tiny_backbone(cfg, tmp_path / "policy")
+    tok = World(cfg.world).tokenizer(cfg.model.max_positions)
+    other = tmp_path / "other"
+    save_pretrained_atomic(create_causal_lm(cfg.model, tok, seed=1), tok, other)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ("what is 2 plus 2 ?", "say something about trees .")))
+    db = str(tmp_path / "l.db")
+    base = ["label", "load", "--db", db, "--policy", str(policy), "--prompts", str(prompts), "--config",
+            str(tiny_config_path), "--overlap", "1"]
+    assert main([*base, "--policy-b", str(other), "--k", "3"]) == 2
+    assert "expected an even --k, got 3" in capsys.readouterr().err
+    assert main(["label", "load", "--db", db, "--policy-b", str(other), "--prompts", str(prompts)]) == 2
+    assert "--policy-b goes with --policy" in capsys.readouterr().err
+    assert main([*base, "--policy-b", str(other), "--k", "4"]) == 0, capsys.readouterr().err
+    store = Store(f"sqlite:///{db}")
+    tasks = store.tasks()
+    assert len(tasks) == 2
+    for t in tasks:
+        policies = t.meta["policies"]
+        assert len(policies) == len(t.responses) and set(policies) <= {"a", "b", "both"}
+        assert sum(p in ("a", "both") for p in policies) <= 2 and sum(p in ("b", "both") for p in policies) <= 2
+        assert t.meta["policy_b"] == str(other)
+    assert {p for t in tasks for p in t.meta["policies"]} >= {"a", "b"}
+    user = store.authenticate("u", store.create_user("u", "labeler"))
+    while (got := store.next_vote(user)) is not None:
+        vote, task = got
+        store.submit(user, vote.id, {"ranking": list(range(len(task.responses)))}, f"key-{vote.id:06d}")
+    rows, _ = export_rows(store)
+    for r in rows:
+        t = next(t for t in tasks if t.prompt == r["prompt"])
+        assert r["chosen_policy"] == t.meta["policies"][t.responses.index(r["chosen"])]
+        assert r["rejected_policy"] == t.meta["policies"][t.responses.index(r["rejected"])]

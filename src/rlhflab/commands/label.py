@@ -5,7 +5,7 @@
 | ``serve --db URL [--host 127.0.0.1] [--port 8000]`` | the web app (uvicorn); loopback unless told |
 | ``user --db URL --name NAME [--role labeler\\|admin]`` | a new user; prints their token once |
 | ``guidelines --db URL --from F.md`` | the guidelines the labelers read (Markdown), as the admin's page sets them |
-| ``load --db URL (--from F \\| --policy DIR --prompts F [--k 4]) [--overlap N] [--gold F]`` | tasks from a preference file or sampled from a policy; gold tasks (known answers) mixed in |
+| ``load --db URL (--from F \\| --policy DIR [--policy-b DIR] --prompts F [--k 4]) [--overlap N] [--gold F]`` | tasks from a preference file or sampled from a policy (or half from each of two); gold tasks (known answers) mixed in |
 | ``bots --db URL [--n 20] [--url URL]`` | the world's raters as labelers through the HTTP API (a server of their own on a free loopback port unless ``--url``) |
 | ``export --db URL --out prefs.jsonl`` | TRL pairs with their votes, which ``rlhflab rm --data`` reads |
 
@@ -46,6 +46,8 @@ def add_arguments(p) -> None:
                    help="preference rows (prompt, chosen, rejected, or responses as rlhflab collect writes)")
     q.add_argument("--policy", metavar="DIR", help="sample the responses from this policy (with --prompts)")
     q.add_argument("--prompts", metavar="F", help="prompt rows to sample --k responses for (with --policy)")
+    q.add_argument("--policy-b", metavar="DIR",
+                   help="a second policy: half of --k from each, so that people compare the two (with --policy)")
     q.add_argument("--k", type=int, default=4, help="responses sampled per prompt (default 4)")
     q.add_argument("--seed", type=int, default=0, help="sampling seed")
     q.add_argument("--config", help="YAML preset whose generation settings the sampling uses")
@@ -118,8 +120,10 @@ def load(args) -> int:
 
     if args.gold and not Path(args.gold).exists():
         raise InputError("cannot open: No such file or directory", file=args.gold)
-    if bool(args.data) == bool(args.policy or args.prompts):
+    if bool(args.data) == bool(args.policy or args.prompts or args.policy_b):
         raise InputError("give --from F, or --policy DIR with --prompts F")
+    if args.policy_b and not args.policy:
+        raise InputError("--policy-b goes with --policy (the two policies compared)")
     if args.data:
         tasks = load_tasks(args.data, overlap=args.overlap)
     else:
@@ -130,7 +134,7 @@ def load(args) -> int:
             raise InputError("--policy and --prompts go together")
         cfg = load_config(args.config, args.overrides)
         tasks, dropped = sample_tasks(args.policy, args.prompts, k=args.k, overlap=args.overlap,
-                                      gen=cfg.generation, seed=args.seed)
+                                      gen=cfg.generation, seed=args.seed, policy_b=args.policy_b)
         if dropped:
             print(f"{dropped} prompts left out: fewer than two distinct responses among their {args.k} samples",
                   file=sys.stderr)

@@ -62,43 +62,64 @@ def load_tasks(path: str | Path, *, overlap: int, gold: bool = False) -> list[di
     return tasks
 
 
-def sample_tasks(policy: str | Path, prompts_path: str | Path, *, k: int, overlap: int, gen, seed: int = 0) -> tuple[
-        list[dict], int]:
+def sample_tasks(policy: str | Path, prompts_path: str | Path, *, k: int, overlap: int, gen, seed: int = 0,
+                 policy_b: str | Path | None = None) -> tuple[list[dict], int]:
     """Tasks of ``k`` responses sampled from the policy at ``policy`` (a model directory or a
     run's) for every prompt of ``prompts_path`` (prompt format), at the generation settings
-    ``gen`` (``rlhflab.sampling``); responses repeated within a prompt are kept once and a
-    prompt left with fewer than two is dropped. Returns (tasks, prompts dropped)."""
+    ``gen`` (``rlhflab.sampling``); with ``policy_b``, k/2 from each of the two policies (k
+    even), so that people compare them. Responses repeated within a prompt are kept once
+    (``both`` policies when each wrote it) and a prompt left with fewer than two is dropped;
+    the task's meta names each response's policy (``a``/``b``) and whether it ended. Returns
+    (tasks, prompts dropped)."""
     from rlhflab.data import load_rows
-    from rlhflab.models import load_causal_lm, load_tokenizer
-    from rlhflab.sampling import check_sample_budget, sample
+    from rlhflab.sampling import check_sample_budget
 
     if not 2 <= k <= MAX_RESPONSES:
         raise InputError(f"--k: expected 2..{MAX_RESPONSES} responses per prompt, got {k}")
+    if policy_b is not None and k % 2:
+        raise InputError(f"--k: with --policy-b half the responses come from each policy: expected an even --k, "
+                         f"got {k}")
     if overlap < 1:
         raise InputError(f"--overlap: expected an integer >= 1, got {overlap}")
     rows = load_rows(prompts_path, "prompt")
     check_sample_budget(len(rows) * k, 1, gen.max_new_tokens, what=f"{len(rows)} prompts x {k} responses",
                         field="--k", hint="fewer prompts or a lower --k")
+    per = k if policy_b is None else k // 2
+    sampled = {"a": _sample(policy, [r["prompt"] for r in rows], per, gen, seed)}
+    if policy_b is not None:
+        sampled["b"] = _sample(policy_b, [r["prompt"] for r in rows], per, gen, seed)
+    tasks, dropped = [], 0
+    for i, row in enumerate(rows):
+        seen: dict[tuple[str, bool], str] = {}
+        for name, done in sampled.items():
+            for c in done[i * per:(i + 1) * per]:
+                if c.text.strip():
+                    key = (c.text, bool(c.eos))
+                    seen[key] = name if seen.get(key, name) == name else "both"
+        if len(seen) < 2:
+            dropped += 1
+            continue
+        meta = {"policy": str(policy), "eos": [e for _, e in seen], "line": i + 1,
+                **({"family": row["family"]} if isinstance(row.get("family"), str) else {})}
+        if policy_b is not None:
+            meta.update(policy_b=str(policy_b), policies=list(seen.values()))
+        tasks.append({"prompt": row["prompt"], "responses": [t for t, _ in seen], "overlap": overlap, "gold": None,
+                      "meta": meta})
+    return tasks, dropped
+
+
+def _sample(policy: str | Path, prompts: list, per: int, gen, seed: int) -> list:
+    """``per`` samples of every prompt from the policy at ``policy``, prompt by prompt."""
+    from rlhflab.models import load_causal_lm, load_tokenizer
+    from rlhflab.sampling import sample
+
     path = Path(policy)
     path = path / "model" if (path / "model" / "config.json").is_file() else path
     tokenizer = load_tokenizer(path)
     model = load_causal_lm(path, tokenizer)
-    done = sample(model, tokenizer, [r["prompt"] for r in rows for _ in range(k)], temperature=gen.temperature,
+    return sample(model, tokenizer, [p for p in prompts for _ in range(per)], temperature=gen.temperature,
                   top_k=gen.top_k, top_p=gen.top_p, max_new_tokens=gen.max_new_tokens, batch_size=gen.batch_size,
                   seed=seed)
-    tasks, dropped = [], 0
-    for i, row in enumerate(rows):
-        seen: dict[tuple[str, bool], None] = {}
-        for c in done[i * k:(i + 1) * k]:
-            if c.text.strip():
-                seen.setdefault((c.text, bool(c.eos)), None)
-        if len(seen) < 2:
-            dropped += 1
-            continue
-        tasks.append({"prompt": row["prompt"], "responses": [t for t, _ in seen], "overlap": overlap, "gold": None,
-                      "meta": {"policy": str(policy), "eos": [e for _, e in seen], "line": i + 1,
-                               **({"family": row["family"]} if isinstance(row.get("family"), str) else {})}})
-    return tasks, dropped
 
 
 def pair_labels(answer: dict | None) -> dict[tuple[int, int], Any]:
@@ -144,6 +165,9 @@ def export_rows(store) -> tuple[list[dict], dict]:
             eos = (task.meta or {}).get("eos")
             if isinstance(eos, list) and len(eos) == len(task.responses):  # sampled: whether each ended
                 row["chosen_eos"], row["rejected_eos"] = bool(eos[chosen]), bool(eos[rejected])
+            policies = (task.meta or {}).get("policies")
+            if isinstance(policies, list) and len(policies) == len(task.responses):  # --policy-b: whose each is
+                row["chosen_policy"], row["rejected_policy"] = policies[chosen], policies[rejected]
             rows.append(row)
     counts["rows"] = len(rows)
     return rows, dict(counts)
