@@ -1,7 +1,7 @@
 """SFT, the reward model and DPO on tiny models, run by tests/component/test_sharding.py under
 ``torch.distributed.run`` (gloo, CPU) with ``<stage>.sharding=fsdp2``, and alone (one
-process, the plain loop): each stage's training function as the CLI calls it, its
-metrics.jsonl, and the whole trained model that ``distributed.gathered`` returns, saved with
+process, the plain loop): each stage's training function as the CLI calls it, with
+micro-batches of 4 (SFT's unpacked), its metrics.jsonl, and the whole trained model that ``distributed.gathered`` returns, saved with
 ``save_pretrained`` into ``OUT/<stage>/model``.
 
 The SFT policy is a Llama (rotary frequencies, a non-persistent buffer the state dict does
@@ -43,8 +43,10 @@ def main(out: Path, strategy: str) -> None:
     acc = make_accelerator("no")
     main_process = acc.is_main_process
     steps = {f"{s}.{k}": v for s in ("sft", "rm", "dpo") for k, v in
-             (("max_steps", 4), ("eval_every", 2), ("log_every", 1), ("batch_size", 16), ("sharding", strategy))}
-    cfg = load_config(ROOT / "configs" / "tiny.yaml", [f"{k}={v}" for k, v in steps.items()])
+             (("max_steps", 4), ("eval_every", 2), ("log_every", 1), ("batch_size", 16), ("sharding", strategy),
+              ("micro_batch_size", 4))}  # accumulation over micro-batches: 2 per process, 4 alone
+    # SFT unpacked: one process cuts passes by length, the sharded loop in fixed sizes
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", [f"{k}={v}" for k, v in steps.items()] + ["sft.packing=false"])
     world = World(cfg.world)
     tok = world.tokenizer(cfg.model.max_positions)
     reload: dict = {}
@@ -52,7 +54,8 @@ def main(out: Path, strategy: str) -> None:
 
     def save(stage: str, model, reader) -> None:
         reload[f"{stage}_param_types"] = sorted({type(p).__name__ for p in model.parameters()})
-        reload[f"{stage}_plain"] = [n for n, p in model.named_parameters() if type(p).__name__ != "DTensor"]
+        if strategy == "fsdp2":  # what is not a shard after training (the test names it)
+            reload[f"{stage}_plain"] = [n for n, p in model.named_parameters() if type(p).__name__ != "DTensor"]
         whole = gathered(acc, model)  # every process; the whole model on rank 0
         if main_process:
             save_pretrained_atomic(whole, tok, out / stage / "model")

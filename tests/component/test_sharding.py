@@ -84,20 +84,23 @@ def _metric_rows(path: Path) -> list[dict]:
 @pytest.mark.slow
 def test_sft_rm_and_dpo_sharded_on_two_processes_match_one_process(tmp_path):
     """``<stage>.sharding=fsdp2`` on two gloo processes (tests/component/fsdp_worker.py: each
-    stage's training function, 4 steps of AdamW with clipping) against the plain loop on one.
+    stage's training function, 4 AdamW steps with clipping, micro-batches of 4) against the
+    plain loop on one.
 
     Measured: every logged figure (losses, accuracies, margins, gradient norms, held-out
-    losses) within 3.6e-7 relative (but DPO's accuracy at step 1, where the policy is still
-    the reference and each margin's sign is float noise of ~1e-8), weights within 2.0e-5 (a 2-process DDP run lands as far
-    from one process: 3.3e-6 for both after 8 SFT steps of the CLI; AdamW divides by
-    sqrt(v), so float32 reduction-order noise becomes ~1e-5 in weights); tolerance 1e-5
-    relative and 1e-4. One exception: the reward model's final-norm bias moves every reward
+    losses) within 3.6e-7 relative, or 1e-7 absolute for DPO's implicit rewards near 0 (but
+    DPO's accuracy at step 1, where the policy is still the reference and each margin's sign
+    is float noise of ~1e-8); weights within 2.2e-5 (a 2-process DDP run lands as far from one
+    process: 3.3e-6 for both after 8 SFT steps of the CLI; AdamW divides by sqrt(v), so
+    float32 reduction-order noise becomes ~1e-5 in weights); tolerance 1e-5 relative with 1e-6
+    absolute, and 1e-4. One exception: the reward model's final-norm bias moves every reward
     alike, which the Bradley-Terry loss does not see, so its exact gradient is 0 and Adam
-    turns float noise into steps of up to lr (6.6e-4 measured, 1.3e-3 under DDP as well);
-    bounded by steps x lr. DPO's monitor, handed the weights gathered on rank 0 at steps 0, 2
-    and 4, sums them to within 4e-9 relative of the one-process policy's. Each saved model
-    reloads in plain transformers with the gathered model's logits exactly (Llama's rotary
-    buffers, GPT-2's tied embeddings)."""
+    turns float noise into steps of up to lr (1.2e-4 measured here, 1.3e-3 under DDP in a
+    longer CLI run); bounded by steps x lr. DPO's monitor, handed the weights gathered on rank
+    0 at steps 0, 2 and 4, sums them to within 2e-10 relative of the one-process policy's.
+    Each saved model reloads in plain transformers with the gathered model's logits (exactly:
+    Llama's rotary buffers, GPT-2's tied embeddings; 3e-8 where the loops fused GPT-2's
+    gelu)."""
     worker = str(ROOT / "tests" / "component" / "fsdp_worker.py")
     env = {**subprocess_env(), "OMP_NUM_THREADS": "1"}
     env["PYTHONPATH"] = str(ROOT) + ":" + env["PYTHONPATH"]
@@ -115,7 +118,9 @@ def test_sft_rm_and_dpo_sharded_on_two_processes_match_one_process(tmp_path):
     for stage, lr in (("sft", 3e-3), ("rm", 3e-3), ("dpo", 5e-4)):
         assert sharded[f"{stage}_param_types"] == ["DTensor"], sharded[f"{stage}_plain"]  # resharded after eval
         assert one[f"{stage}_param_types"] == ["Parameter"]
-        assert sharded[stage] == 0.0, stage  # saved, reloaded in transformers: the same logits
+        # saved, reloaded in transformers: the same logits, up to GPT-2's gelu, which the loops
+        # fuse into one kernel (forward.fuse_activations) and a reload does not (measured 3e-8)
+        assert sharded[stage] < 1e-6, stage
         a, b = (_metric_rows(tmp_path / n / stage / "metrics.jsonl") for n in ("fsdp2", "one"))
         assert [r["step"] for r in a] == [r["step"] for r in b] == [0, 1, 2, 3, 4]
         for ra, rb in zip(a, b):
