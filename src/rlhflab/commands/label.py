@@ -7,7 +7,7 @@
 | ``guidelines --db URL --from F.md`` | the guidelines the labelers read (Markdown), as the admin's page sets them |
 | ``load --db URL (--from F \\| --policy DIR [--policy-b DIR] --prompts F [--k 4]) [--overlap N] [--gold F]`` | tasks from a preference file or sampled from a policy (or half from each of two); gold tasks (known answers) mixed in |
 | ``bots --db URL [--n 20] [--url URL]`` | the world's raters as labelers through the HTTP API (a server of their own on a free loopback port unless ``--url``) |
-| ``export --db URL --out prefs.jsonl`` | TRL pairs with their votes, which ``rlhflab rm --data`` reads |
+| ``export --db URL --out prefs.jsonl [--format trl\\|label-studio]`` | TRL pairs with their votes, which ``rlhflab rm --data`` reads, or Label Studio's JSON (``load --format label-studio`` reads it back) |
 
 ``--db`` is a SQLAlchemy URL (``sqlite:///labels.db``, the default; ``postgresql://...``)
 or a file path, read as SQLite.
@@ -55,6 +55,9 @@ def add_arguments(p) -> None:
                    help="override one field, e.g. --set generation.temperature=0.7 (repeatable)")
     q.add_argument("--overlap", type=int, default=3, help="labelers per task (default 3)")
     q.add_argument("--gold", metavar="F", help="preference rows with known answers, mixed in unannounced")
+    q.add_argument("--format", choices=("rows", "label-studio"), default="rows",
+                   help="--from's format: preference rows (default) or a Label Studio JSON export of pairwise "
+                        "tasks, whose annotations come in as votes")
     q = with_db("bots", "the world's raters answer the queue as labelers, through the HTTP API")
     q.add_argument("--n", type=int, default=20, help="bots (default 20)")
     q.add_argument("--url", help="a running server (default: one of their own on a free loopback port)")
@@ -66,6 +69,9 @@ def add_arguments(p) -> None:
     q = with_db("export", "write the votes as TRL preference pairs")
     q.add_argument("--out", required=True, help="the JSONL file to write")
     q.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    q.add_argument("--format", choices=("trl", "label-studio"), default="trl",
+                   help="TRL preference pairs with votes (default, JSONL) or Label Studio's JSON (pairwise tasks "
+                        "with each answer an annotation)")
 
 
 def database_url(value: str) -> str:
@@ -124,6 +130,17 @@ def load(args) -> int:
         raise InputError("give --from F, or --policy DIR with --prompts F")
     if args.policy_b and not args.policy:
         raise InputError("--policy-b goes with --policy (the two policies compared)")
+    if args.format != "rows" and not args.data:
+        raise InputError(f"--format {args.format} describes --from F")
+    if args.format == "label-studio":
+        from rlhflab.labeling.label_studio import from_label_studio
+
+        if args.gold:
+            raise InputError("--gold goes with preference rows, not with --format label-studio")
+        items = from_label_studio(args.data, overlap=args.overlap)
+        n_tasks, n_votes = open_store(args).add_answered(items)
+        print(f"{n_tasks} tasks with {n_votes} votes loaded into {args.db} from Label Studio's {args.data}")
+        return 0
     if args.data:
         tasks = load_tasks(args.data, overlap=args.overlap)
     else:
@@ -174,6 +191,17 @@ def export(args) -> int:
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         raise InputError("exists already (--overwrite replaces it)", file=str(out))
+    if args.format == "label-studio":
+        import json
+
+        from rlhflab.labeling.label_studio import to_label_studio
+
+        tasks, counts = to_label_studio(open_store(args))
+        out.write_text(json.dumps(tasks, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+        print(f"{counts['tasks']} pairwise tasks with {counts['annotations']} annotations written to {out} "
+              f"(left out: {counts['rankings_left_out']} rankings of more than two, "
+              f"{counts['ties_or_both_bad_left_out']} ties or both-bad answers; Label Studio's Pairwise has neither)")
+        return 0
     rows, counts = export_rows(open_store(args))
     if not rows:
         raise InputError(f"no pair has a majority yet in {args.db} ({counts.get('pairs', 0)} pairs answered)")

@@ -249,6 +249,36 @@ class Store:
                            overlap=t.get("overlap", 3), gold=t.get("gold")))
         return len(tasks)
 
+    def add_answered(self, items: list[tuple[dict, list[dict]]]) -> tuple[int, int]:
+        """Tasks answered elsewhere (an import): each (task, votes), a vote ``{"labeler",
+        "answer", "seconds"}`` in the task's own indices, shown in that order. A labeler not
+        here yet is created (role labeler, a token nobody is told: they sign in only once an
+        admin gives them a new one). A second answer of one labeler on one task is left out.
+        Returns (tasks, votes) stored."""
+        names = {v["labeler"] for _, votes in items for v in votes}
+        known = {u.name for u in self.users()}
+        for name in sorted(names - known):
+            self.create_user(name, "labeler")
+        stored = 0
+        with self.session.begin() as s:
+            ids = {u.name: u.id for u in s.scalars(select(User))}
+            for t, votes in items:
+                task = Task(prompt=t["prompt"], responses=t["responses"], meta=t.get("meta") or {},
+                            overlap=t.get("overlap", 3), gold=t.get("gold"))
+                s.add(task)
+                s.flush()
+                seen = set()
+                for v in votes:
+                    if v["labeler"] in seen:
+                        continue
+                    seen.add(v["labeler"])
+                    answer = check_answer(v["answer"], len(t["responses"]))
+                    s.add(Vote(task_id=task.id, user_id=ids[v["labeler"]], shown=list(range(len(t["responses"]))),
+                               status="submitted", answer=answer, served_at=now(), submitted_at=now(),
+                               seconds=v.get("seconds")))
+                    stored += 1
+        return len(items), stored
+
     def next_vote(self, user: User) -> tuple[Vote, Task] | None:
         """The user's current assignment: one served and not yet answered, else a new one
         (a task they have not seen whose answers are fewer than its overlap, or a gold task
