@@ -447,6 +447,35 @@ def gathered(accelerator, model: torch.nn.Module) -> torch.nn.Module | None:
     return twin
 
 
+@contextlib.contextmanager
+def whole_weights(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """The whole weights on every process for the length of the block, gathered once: for
+    decoding, where processes call the model a different number of times (rows leave the
+    batch as they end) and so cannot all-gather in step. Every FSDP2 group is unsharded
+    (``unshard()``, one all-gather each, in the same order on every process) and the blocks
+    kept so after their forward (``set_reshard_after_forward(False)``; the root never reshards
+    after its forward), so no pass inside needs another process; resharded after. Every
+    process must enter it. Nothing for an unsharded model. Inside, no backward."""
+    if not is_sharded(model):
+        yield model
+        return
+    from torch.distributed.fsdp import FSDPModule
+
+    groups = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    blocks = [m for m in groups if m is not model]
+    for m in groups:
+        m.unshard()
+    for m in blocks:
+        m.set_reshard_after_forward(False, recurse=False)
+    try:
+        yield model
+    finally:
+        for m in blocks:
+            m.set_reshard_after_forward(True, recurse=False)
+        for m in groups:
+            m.reshard()
+
+
 def missing_passes(accelerator, model: torch.nn.Module, passes: int) -> int:
     """How many empty passes this process owes (every process must call it, before its
     passes): under FSDP2 each forward all-gathers every block's weights from all processes,

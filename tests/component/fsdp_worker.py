@@ -10,7 +10,9 @@ embeddings: both traps of a gathered save. Rank 0 also reloads each saved model 
 transformers and records the largest logit difference to the gathered model (``reload.json``).
 DPO's monitor, called where it decodes (on rank 0, the weights gathered every 2 steps),
 records the sum of the weights it is given, so the test sees that the gathered weights
-mid-run are the one-process run's.
+mid-run are the one-process run's. After SFT every process samples its own prompts (a
+different number each) inside ``distributed.whole_weights``, and rank 0 samples them all
+again with the whole model (``decode-*.json``).
 
     python -m torch.distributed.run --nproc_per_node 2 tests/component/fsdp_worker.py OUT fsdp2
     python tests/component/fsdp_worker.py OUT ddp
@@ -35,9 +37,10 @@ def main(out: Path, strategy: str) -> None:
     from rlhflab.algos.reward_model import rows_to_groups, tokenize_groups, train_reward_model
     from rlhflab.algos.sft import tokenize_rows, train_sft
     from rlhflab.config import load_config
-    from rlhflab.distributed import gathered, make_accelerator
+    from rlhflab.distributed import gathered, make_accelerator, whole_weights
     from rlhflab.models import create_causal_lm, load_causal_lm, save_pretrained_atomic
     from rlhflab.reward_model import create_reward_model
+    from rlhflab.sampling import sample
     from rlhflab.world import World
 
     acc = make_accelerator("no")
@@ -73,7 +76,22 @@ def main(out: Path, strategy: str) -> None:
     train, _ = tokenize_rows(world.sft_examples(64), tok, cfg.sft.max_length)
     held, _ = tokenize_rows(world.sft_examples(24, "sft_eval"), tok, cfg.sft.max_length)
     train_sft(cfg.sft, model, tok, train, held, out / "sft", acc)
+    # Decoding: each process its own prompts, as many as its rank + 3 (so a different number
+    # of passes), with the weights gathered once; then rank 0 draws every process's prompts
+    # from the same seeds with the whole model a save writes.
+    prompts = [p.text for p in world.prompts(12, "eval")]
+    shares = [prompts[3 * r:3 * r + 3 + r] for r in range(acc.num_processes)]
+
+    def draw(policy, share):
+        return [c.text for c in sample(policy, tok, share, temperature=1.0, max_new_tokens=16, batch_size=2, seed=7)]
+
+    with whole_weights(model):
+        (out / "sft" / f"decode-{acc.process_index}.json").write_text(json.dumps(draw(model, shares[acc.process_index])))
+    reload["sft_after_decode"] = sorted({type(p).__name__ for p in model.parameters()})
     save("sft", model, AutoModelForCausalLM)
+    whole = gathered(acc, model)
+    if main_process:
+        (out / "sft" / "decode-whole.json").write_text(json.dumps([draw(whole, share) for share in shares]))
 
     # The reward model and DPO on an untrained GPT-2 (tied embeddings), the same on every run
     backbone = out / "backbone"

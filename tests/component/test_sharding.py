@@ -100,7 +100,9 @@ def test_sft_rm_and_dpo_sharded_on_two_processes_match_one_process(tmp_path):
     0 at steps 0, 2 and 4, sums them to within 2e-10 relative of the one-process policy's.
     Each saved model reloads in plain transformers with the gathered model's logits (exactly:
     Llama's rotary buffers, GPT-2's tied embeddings; 3e-8 where the loops fused GPT-2's
-    gelu)."""
+    gelu). Sampling inside ``distributed.whole_weights`` (3 prompts on rank 0, 4 on rank 1:
+    different numbers of passes) draws exactly what the gathered whole model draws from the
+    same seeds, and leaves the parameters sharded."""
     worker = str(ROOT / "tests" / "component" / "fsdp_worker.py")
     env = {**subprocess_env(), "OMP_NUM_THREADS": "1"}
     env["PYTHONPATH"] = str(ROOT) + ":" + env["PYTHONPATH"]
@@ -129,6 +131,12 @@ def test_sft_rm_and_dpo_sharded_on_two_processes_match_one_process(tmp_path):
                 if k == "rewards/accuracies" and rb["step"] == 1:  # policy = reference: signs of float noise
                     continue
                 assert ra[k] == pytest.approx(v, rel=1e-5, abs=1e-6), (stage, rb["step"], k)
+        if stage == "sft":  # whole_weights: each process's samples are the whole model's
+            assert sharded["sft_after_decode"] == ["DTensor"]
+            whole = json.loads((tmp_path / "fsdp2" / "sft" / "decode-whole.json").read_text())
+            drawn = [json.loads((tmp_path / "fsdp2" / "sft" / f"decode-{r}.json").read_text()) for r in range(2)]
+            assert [len(d) for d in drawn] == [3, 4] and drawn == whole
+            assert len(set(drawn[1])) == 4  # sampled, not one string
         if stage == "dpo":
             assert [r["monitor/weight_sum"] for r in a if "monitor/weight_sum" in r] == \
                 pytest.approx([r["monitor/weight_sum"] for r in b if "monitor/weight_sum" in r], rel=1e-7)
