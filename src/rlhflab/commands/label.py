@@ -7,7 +7,7 @@
 | ``guidelines --db URL --from F.md`` | the guidelines the labelers read (Markdown), as the admin's page sets them |
 | ``load --db URL (--from F \\| --policy DIR [--policy-b DIR] --prompts F [--k 4]) [--overlap N] [--gold F]`` | tasks from a preference file or sampled from a policy (or half from each of two); gold tasks (known answers) mixed in |
 | ``bots --db URL [--n 20] [--url URL]`` | the world's raters as labelers through the HTTP API (a server of their own on a free loopback port unless ``--url``) |
-| ``export --db URL --out prefs.jsonl [--format trl\\|label-studio]`` | TRL pairs with their votes, which ``rlhflab rm --data`` reads, or Label Studio's JSON (``load --format label-studio`` reads it back) |
+| ``export --db URL --out prefs.jsonl [--format trl\\|label-studio\\|argilla]`` | TRL pairs with their votes, which ``rlhflab rm --data`` reads, or Label Studio's or Argilla 2's JSON (``load --format`` reads them back) |
 
 ``--db`` is a SQLAlchemy URL (``sqlite:///labels.db``, the default; ``postgresql://...``)
 or a file path, read as SQLite.
@@ -55,9 +55,9 @@ def add_arguments(p) -> None:
                    help="override one field, e.g. --set generation.temperature=0.7 (repeatable)")
     q.add_argument("--overlap", type=int, default=3, help="labelers per task (default 3)")
     q.add_argument("--gold", metavar="F", help="preference rows with known answers, mixed in unannounced")
-    q.add_argument("--format", choices=("rows", "label-studio"), default="rows",
-                   help="--from's format: preference rows (default) or a Label Studio JSON export of pairwise "
-                        "tasks, whose annotations come in as votes")
+    q.add_argument("--format", choices=("rows", "label-studio", "argilla"), default="rows",
+                   help="--from's format: preference rows (default), a Label Studio JSON export of pairwise tasks "
+                        "or an Argilla 2 record JSON of rankings; their annotations come in as votes")
     q = with_db("bots", "the world's raters answer the queue as labelers, through the HTTP API")
     q.add_argument("--n", type=int, default=20, help="bots (default 20)")
     q.add_argument("--url", help="a running server (default: one of their own on a free loopback port)")
@@ -69,9 +69,9 @@ def add_arguments(p) -> None:
     q = with_db("export", "write the votes as TRL preference pairs")
     q.add_argument("--out", required=True, help="the JSONL file to write")
     q.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-    q.add_argument("--format", choices=("trl", "label-studio"), default="trl",
-                   help="TRL preference pairs with votes (default, JSONL) or Label Studio's JSON (pairwise tasks "
-                        "with each answer an annotation)")
+    q.add_argument("--format", choices=("trl", "label-studio", "argilla"), default="trl",
+                   help="TRL preference pairs with votes (default, JSONL), Label Studio's JSON (pairwise tasks with "
+                        "each answer an annotation) or Argilla 2's record JSON (each ranking a response)")
 
 
 def database_url(value: str) -> str:
@@ -132,14 +132,15 @@ def load(args) -> int:
         raise InputError("--policy-b goes with --policy (the two policies compared)")
     if args.format != "rows" and not args.data:
         raise InputError(f"--format {args.format} describes --from F")
-    if args.format == "label-studio":
+    if args.format in ("label-studio", "argilla"):
+        from rlhflab.labeling.argilla import from_argilla
         from rlhflab.labeling.label_studio import from_label_studio
 
         if args.gold:
-            raise InputError("--gold goes with preference rows, not with --format label-studio")
-        items = from_label_studio(args.data, overlap=args.overlap)
-        n_tasks, n_votes = open_store(args).add_answered(items)
-        print(f"{n_tasks} tasks with {n_votes} votes loaded into {args.db} from Label Studio's {args.data}")
+            raise InputError(f"--gold goes with preference rows, not with --format {args.format}")
+        read = from_label_studio if args.format == "label-studio" else from_argilla
+        n_tasks, n_votes = open_store(args).add_answered(read(args.data, overlap=args.overlap))
+        print(f"{n_tasks} tasks with {n_votes} votes loaded into {args.db} from {args.data} ({args.format})")
         return 0
     if args.data:
         tasks = load_tasks(args.data, overlap=args.overlap)
@@ -201,6 +202,17 @@ def export(args) -> int:
         print(f"{counts['tasks']} pairwise tasks with {counts['annotations']} annotations written to {out} "
               f"(left out: {counts['rankings_left_out']} rankings of more than two, "
               f"{counts['ties_or_both_bad_left_out']} ties or both-bad answers; Label Studio's Pairwise has neither)")
+        return 0
+    if args.format == "argilla":
+        import json
+
+        from rlhflab.labeling.argilla import to_argilla
+
+        records, counts = to_argilla(open_store(args))
+        out.write_text(json.dumps(records, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+        print(f"{counts['records']} records with {counts['responses']} ranking responses written to {out} "
+              f"(left out: {counts['ties_or_both_bad_left_out']} ties or both-bad answers; an Argilla ranking has "
+              "neither)")
         return 0
     rows, counts = export_rows(open_store(args))
     if not rows:

@@ -1,5 +1,6 @@
-"""Label Studio's JSON both ways: the export is what its Pairwise control writes, and reading
-it back gives the same votes, so the agreement and the TRL export agree across the trip."""
+"""Label Studio's and Argilla 2's JSON both ways: the export is what Label Studio's Pairwise
+control and Argilla's ranking question write, and reading it back gives the same votes, so
+the agreement and the TRL export agree across the trip."""
 
 from __future__ import annotations
 
@@ -68,3 +69,35 @@ def test_label_studio_input_errors_are_one_line(tmp_path, capsys):
     assert "left or right" in capsys.readouterr().err
     assert main(["label", "load", "--db", db, "--format", "label-studio", "--policy", "x", "--prompts", "y"]) == 2
     assert Store(db).tasks() == []
+
+
+def test_argilla_export_and_import_round_trip(tmp_path, capsys):
+    """Argilla 2's record JSON keeps rankings of three whole: every pair's votes come back."""
+    from rlhflab.labeling.argilla import user_uuid
+
+    store = answered_store()
+    out = tmp_path / "argilla.json"
+    assert main(["label", "export", "--db", store.url, "--out", str(out), "--format", "argilla"]) == 0
+    assert "3 records with 8 ranking responses" in capsys.readouterr().out  # one tie left out
+    records = json.loads(out.read_text())
+    ranked = next(r for r in records if r["fields"]["prompt"] == "rank")
+    assert ranked["fields"] == {"prompt": "rank", "response1": "a", "response2": "b", "response3": "c"}
+    assert {(r["user_id"], tuple(r["value"])) for r in ranked["responses"]["ranking"]} == {
+        (user_uuid("u0"), ("response1", "response2", "response3")),
+        (user_uuid("u1"), ("response3", "response2", "response1")),
+        (user_uuid("u2"), ("response1", "response3", "response2"))}
+    db = f"sqlite:///{scratch_dir()}/from_argilla.db"
+    assert main(["label", "load", "--db", db, "--from", str(out), "--format", "argilla"]) == 0
+    assert "3 tasks with 8 votes" in capsys.readouterr().out
+    back = Store(db)
+
+    def pairs(s):
+        return {(r["prompt"], r["chosen"], r["rejected"]): sorted(r["votes"]) for r in export_rows(s)[0]}
+
+    assert pairs(back) == pairs(store) and len(pairs(back)) == 5
+    assert sorted(u.name for u in back.users()) == sorted(f"argilla-{user_uuid(n)}" for n in ("u0", "u1", "u2"))
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([{"fields": {"prompt": "p", "response1": "a", "response2": "b"},
+                                "responses": {"ranking": [{"value": ["response1"], "user_id": "x"}]}}]))
+    assert main(["label", "load", "--db", db, "--from", str(bad), "--format", "argilla"]) == 2
+    assert "expected a ranking of every one of response1, response2" in capsys.readouterr().err
