@@ -1,4 +1,4 @@
-"""Peak memory per process of SFT on two CPU processes (gloo), data-parallel (``sft.sharding=ddp``,
+"""Peak memory per process of SFT on 2 and 4 CPU processes (gloo), data-parallel (``sft.sharding=ddp``,
 every process a whole copy of weights, gradients and AdamW's two moments) against sharded
 (``sft.sharding=fsdp2``, each process one half of each), read as each process's peak
 resident set size (getrusage), each arm in fresh processes.
@@ -7,7 +7,7 @@ resident set size (getrusage), each arm in fresh processes.
 
 The model is bench/lora_memory.py's Llama (d_model 768, 8 layers, 12 heads: 76M
 parameters, 289 MB of float32 weights), created from its config; 3 SFT steps of 8 world
-examples (4 per process, one micro-batch), no held-out set. Each process reports its peak
+examples (8 / N per process, one micro-batch), no held-out set. Each process reports its peak
 after training, and then, after ``distributed.gathered`` (the whole model loaded into rank
 0's twin, what a save does), again: the sharded arm's rank 0 holds a whole copy then.
 """
@@ -68,6 +68,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True)
     ap.add_argument("--result", default=str(ROOT / "bench" / "results" / "sharding_memory.json"))
+    ap.add_argument("--processes", type=int, nargs="+", default=[2, 4], help="launch sizes to measure")
     ap.add_argument("--child", nargs=2, metavar=("ARM", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -78,19 +79,21 @@ def main() -> None:
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
            "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
     runs = []
-    for arm in ARMS:
-        with socket.socket() as s:  # a port free on loopback now, for the launch's rendezvous
-            s.bind(("127.0.0.1", 0))
-            port = str(s.getsockname()[1])
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
-               __file__, "--out", str(out), "--child", arm, str(out)]
-        subprocess.run(cmd, env=env, check=True)
-        runs += [json.loads((out / f"{arm}-{r}.json").read_text()) for r in range(2)]
+    for n in args.processes:
+        for arm in ARMS:
+            with socket.socket() as s:  # a port free on loopback now, for the launch's rendezvous
+                s.bind(("127.0.0.1", 0))
+                port = str(s.getsockname()[1])
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), "--master_port", port,
+                   __file__, "--out", str(out), "--child", arm, str(out)]
+            subprocess.run(cmd, env=env, check=True)
+            runs += [json.loads((out / f"{arm}-{r}.json").read_text()) for r in range(n)]
     result = {"command": "python bench/sharding_memory.py --out /tmp/sharding_memory", "settings": RUN,
-              "threads": int(env["OMP_NUM_THREADS"]), "processes": 2, "device": "cpu (gloo)", "runs": runs}
+              "threads": int(env["OMP_NUM_THREADS"]), "processes": args.processes, "device": "cpu (gloo)",
+              "runs": runs}
     Path(args.result).write_text(json.dumps(result, indent=1) + "\n")
     for r in runs:
-        print(f"{r['arm']:6s} rank {r['rank']}: peak {r['peak_rss_training_mb']:.0f} MB training, "
+        print(f"{r['arm']:6s} {r['processes']} processes, rank {r['rank']}: peak {r['peak_rss_training_mb']:.0f} MB training, "
               f"{r['peak_rss_after_gather_mb']:.0f} MB after the gather (before the model {r['rss_before_model_mb']:.0f})")
 
 
