@@ -12,7 +12,7 @@ hidden state at the pooled token), per member of an ensemble; readings average t
   draw A's features lies beyond the 99th percentile of draw B's distances (InfoRM, Miao et
   al. 2024, who read the reward model's latent space against the SFT model's outputs). The
   percentile is taken out of sample: with 200 samples of 128 features, the in-sample 99th
-  percentile had 12-13% of a fresh SFT draw beyond it on the demo world (the fit is tight
+  percentile had 9.5-15% of a fresh SFT draw beyond it on the demo world (the fit is tight
   around its own points), so the cut must come from samples the fit never saw. 1% by
   construction for samples like the SFT policy's.
 - ``warn/feature_shift``: the Mahalanobis distance of the mean of the policy's sample
@@ -49,9 +49,9 @@ import torch
 from rlhflab.instruments.distribution_shift import fit_gaussian, mahalanobis
 
 # The ridge of the reference's covariance, lambda = SHRINK * tr(Sigma) / d. On the demo world
-# (200 SFT samples, 128 features) 0.01 left a fresh SFT draw 1.55x farther than the fitted
-# one on average, 0.1 1.27x: the larger ridge overfits less, and the percentile is out of
-# sample either way.
+# (200 SFT samples, 128 features; bench/warning_readings.py) a fresh SFT draw lay beyond the
+# fitted draw's own 99th percentile 9.5-15% of the time at 0.01, 5.5-8.5% at 0.1: the larger
+# ridge overfits less, and the percentile is taken out of sample either way.
 SHRINK = 0.1
 OUTLIER_QUANTILE = 0.99
 
@@ -59,9 +59,9 @@ OUTLIER_QUANTILE = 0.99
 BARS: dict[str, tuple[float, str]] = {
     "outlier_rate": (3.0, "own: three binomial standard errors above the 1% of the out-of-sample 99th percentile "
                           "(0.031 at n = 200)"),
-    "feature_shift_ratio": (1.5, "own, one seed on the demo world at a smaller size (bench/rm_fixes.py small, "
-                                 "s0): 1.7-1.9 on two length-hacking runs' final policies (gold 0.21 -> -0.3), "
-                                 "1.0-1.3 on three healthy ones"),
+    "feature_shift_ratio": (1.5, "own, bench/warning_readings.py: 1.82-2.41 on the 8 final PPO policies of "
+                                 "bench/rm_fixes.py --size small that gold calls length-hacked, 0.53-1.21 on the "
+                                 "other 15, 0.52-0.83 on a fresh SFT draw"),
     "ensemble_ratio": (1.5, "own: members disagreeing half as much again as on the SFT policy's samples; no "
                             "published cut (Coste et al. 2024 read the spread, not a bar)"),
     "proxy_up_judge_down": (0.5, "the flag: proxy up while the judge's interval lies below its best"),
