@@ -21,6 +21,12 @@ them, so the comparisons are renewed as it moves. Round r = 1..R:
    policy in every round (``run_rl(reference=...)``), so the R rounds together are one
    KL-regularized objective, as in one round, and not a trust region per round.
 
+``--labels URL`` puts people in place of the world's raters in step 1: the samples become
+tasks in that labeling database (``rlhflab label serve --db URL`` serves them), the round
+waits until every task has ``--labels-overlap`` answers (or ``--labels-need`` tasks have,
+or ``--labels-timeout`` seconds passed) and goes on with the people's votes as TRL pairs
+(``rlhflab.labeling.rounds``; docs/labeling.md).
+
 ``--method online-dpo`` replaces steps 2-4 (Guo et al. 2024, "Direct language model
 alignment from online AI feedback", one batch per round): DPO on the new pairs sampled from
 the current policy and judged by the raters, the current policy as the reference.
@@ -61,6 +67,14 @@ def add_arguments(p) -> None:
                         "backbone on all comparisons so far)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print iterate.json")
+    p.add_argument("--labels", metavar="URL",
+                   help="people compare each round's samples: the labeling database (rlhflab label serve --db URL) "
+                        "the round posts its tasks to and waits on, in place of the world's raters")
+    p.add_argument("--labels-overlap", type=int, default=3, help="labelers per task with --labels (default 3)")
+    p.add_argument("--labels-need", type=int, metavar="N",
+                   help="go on once N tasks have their overlap of answers (default: every task of the round)")
+    p.add_argument("--labels-timeout", type=float, default=86400.0, metavar="SECONDS",
+                   help="go on after this long with the pairs that have a majority by then (default one day)")
 
 
 def split_budget(total: int, rounds: int, what: str) -> list[int]:
@@ -85,8 +99,10 @@ def _gold_std(prompts, completions) -> float:
 
 
 def run_iterate(cfg, sft, out: Path, *, rounds: int, method: str = "rl", algo: str = "rloo", seed: int = 0,
-                overwrite: bool = False, rm_continue: bool = False) -> dict:
-    """The ``iterate.json`` record (module docstring); every round's artifacts under ``out``."""
+                overwrite: bool = False, rm_continue: bool = False, labels: dict | None = None) -> dict:
+    """The ``iterate.json`` record (module docstring); every round's artifacts under ``out``.
+    ``labels``: people's votes in place of the raters, ``{"store": Store, "overlap": 3,
+    "need": None, "timeout": s, "poll": s}`` (``rlhflab.labeling.rounds.people_round``)."""
     import copy
     import shutil
 
@@ -121,6 +137,7 @@ def run_iterate(cfg, sft, out: Path, *, rounds: int, method: str = "rl", algo: s
                          top_p=gen.top_p, max_new_tokens=gen.max_new_tokens, batch_size=gen.batch_size, seed=seed)
     gold_scale = _gold_std(held_out, sft_samples) or 1.0
     record: dict = {"sft": str(sft_dir), "rounds": rounds, "method": method, "algo": algo if method == "rl" else None,
+                    "labels": labels["store"].url if labels else None,
                     "seed": seed, "rm_continue": rm_continue, "comparison_prompts": prompt_shares, "rl_steps": step_shares,
                     "gold/sft_std": gold_scale, "per_round": []}
     with run_directory(out, overwrite) as work:
@@ -134,8 +151,17 @@ def run_iterate(cfg, sft, out: Path, *, rounds: int, method: str = "rl", algo: s
             policy = load_causal_lm(policy_dir, tok, cfg.model.trust_remote_code)
             prompts = pool[start:start + prompt_shares[r - 1]]
             start += prompt_shares[r - 1]
-            rows, counts = collect(policy, tok, world, prompts, cfg.rm.k, gen,
-                                   rater_panel(world, "pref", seed=r), seed=derive_seed(seed, "iterate", r, bits=31))
+            if labels is None:
+                rows, counts = collect(policy, tok, world, prompts, cfg.rm.k, gen,
+                                       rater_panel(world, "pref", seed=r), seed=derive_seed(seed, "iterate", r, bits=31))
+            else:
+                from rlhflab.commands.collect import sample_groups
+                from rlhflab.labeling.rounds import people_round
+
+                groups = sample_groups(policy, tok, prompts, cfg.rm.k, gen, seed=derive_seed(seed, "iterate", r, bits=31))
+                rows, counts = people_round(labels["store"], groups, overlap=labels["overlap"], need=labels["need"],
+                                            timeout=labels["timeout"], poll=labels.get("poll", 5.0),
+                                            tag=f"iterate {out.name} round {r}")
             if not rows:
                 raise InputError(f"round {r}: no comparisons (every prompt's samples were identical)", field="rm.k")
             row: dict = {"round": r, "iterate/comparisons_new": len(rows), **counts}
@@ -211,8 +237,24 @@ def run(args) -> int:
     cfg = config_from_args(args)
     if args.rm_continue and args.method != "rl":
         raise InputError("online DPO trains no reward model", field="--rm-continue")
+    labels = None
+    if args.labels is None and (args.labels_need is not None or args.labels_overlap != 3
+                                or args.labels_timeout != 86400.0):
+        raise InputError("--labels-overlap, --labels-need and --labels-timeout go with --labels URL")
+    if args.labels is not None:
+        from rlhflab.commands.label import database_url
+        from rlhflab.labeling.store import Store
+
+        if args.labels_overlap < 1:
+            raise InputError(f"expected an integer >= 1, got {args.labels_overlap}", field="--labels-overlap")
+        if args.labels_need is not None and args.labels_need < 1:
+            raise InputError(f"expected an integer >= 1, got {args.labels_need}", field="--labels-need")
+        if not args.labels_timeout > 0:
+            raise InputError(f"expected seconds > 0, got {args.labels_timeout}", field="--labels-timeout")
+        labels = {"store": Store(database_url(args.labels)), "overlap": args.labels_overlap,
+                  "need": args.labels_need, "timeout": args.labels_timeout}
     run_iterate(cfg, args.sft, Path(args.out), rounds=args.rounds, method=args.method, algo=args.algo,
-                seed=args.seed, overwrite=args.overwrite, rm_continue=args.rm_continue)
+                seed=args.seed, overwrite=args.overwrite, rm_continue=args.rm_continue, labels=labels)
     if args.json:
         print(json.dumps(json.loads((Path(args.out) / "iterate.json").read_text())))
     return 0

@@ -139,12 +139,13 @@ def _answered(store) -> list[tuple]:
     return [(v, t, u) for v, t, u in store.votes() if v.status == "submitted"]
 
 
-def export_rows(store) -> tuple[list[dict], dict]:
-    """TRL preference rows from the votes (module docstring), and counts."""
+def export_rows(store, task_ids: set[int] | None = None) -> tuple[list[dict], dict]:
+    """TRL preference rows from the votes (module docstring), and counts; of the tasks
+    ``task_ids`` only, where given."""
     labels: dict[int, dict[tuple[int, int], list]] = defaultdict(lambda: defaultdict(list))
     tasks = {}
     for vote, task, _ in _answered(store):
-        if task.gold is not None:
+        if task.gold is not None or (task_ids is not None and task.id not in task_ids):
             continue
         tasks[task.id] = task
         for pair, label in pair_labels(vote.answer).items():
