@@ -9,6 +9,7 @@ tokens/s against HF ``generate`` on the SFT model.
 
     python bench/gpu_check.py --out /tmp/gpu_check                 # one GPU, under 10 minutes
     python bench/gpu_check.py --tiny --device cpu --out /tmp/gc    # the same path, shrunk, on a CPU
+    python bench/gpu_check.py --sharded 2 --out /tmp/gc            # and the sharded arm, on 2 GPUs
 
 Arms: ``full`` trains every weight; ``lora`` puts rank-16 adapters on the reward model's
 backbone, the DPO policy, PPO's policy and critic (the references are the base with the
@@ -18,6 +19,12 @@ from one fully fine-tuned SFT policy. Decoding stays in float32 (docs/scaling.md
 bf16 trainer differs from the sampler: PPO runs with the mismatch guard opened
 (``rl.mismatch_tolerance=100``) to record the gap, and ``ppo/guard_would_stop`` says
 whether rlhflab's bf16 default (0.5 nats) would have stopped the run.
+
+The sharded arm (``--sharded N``, off by default): SFT, then the reward model and DPO from
+that SFT policy, each ``<stage>.sharding=fsdp2`` (torch's FSDP2, docs/scaling.md) on N
+processes, one GPU each (``torch.distributed.run`` of the CLI; gloo processes with ``--device
+cpu``), with the full arm's settings; per stage the launch's wall time and the stage's own
+readings, beside the one-GPU full arm's. Skipped, and said so, with fewer than N GPUs.
 
 A stage that fails is recorded (``error``, one line) and the check goes on to the next; a
 stage that would start past ``--budget-s`` (540 s) is recorded as skipped; the JSON file is
@@ -63,6 +70,8 @@ def parse_args(argv=None):
     p.add_argument("--tiny", action="store_true", help="shrink everything (configs/tiny.yaml sizes): the CPU test")
     p.add_argument("--arms", default="full,lora", help="comma-separated: full, lora")
     p.add_argument("--set", action="append", default=[], help="extra config overrides, key=value")
+    p.add_argument("--sharded", type=int, default=0, metavar="N",
+                   help="also run SFT, RM and DPO with fsdp2 on N processes (one GPU each); 0 = off")
     p.add_argument("--budget-s", type=float, default=None,
                    help="seconds after which a stage that has not started is skipped; default 540 (none with --tiny)")
     return p.parse_args(argv)
@@ -260,6 +269,65 @@ def run_arm(check: Check, api, cfg, sft: Path, d: Path, fp32_tolerance: float) -
     return r
 
 
+def run_sharded(check: Check, torch, preset: Path, overrides: list[str], d: Path, processes: int,
+                cuda: bool) -> dict:
+    """SFT -> RM and DPO with ``<stage>.sharding=fsdp2`` on ``processes`` processes, each
+    stage its own ``torch.distributed.run`` of the CLI under ``d``; ``r`` is filled in place.
+    The launched processes' memory is theirs: the readings are the launch's wall time and the
+    stage's metrics.json."""
+    import socket
+    import subprocess
+
+    r: dict = {"processes": processes}
+    check.result["arms"]["sharded"] = r
+    if cuda and torch.cuda.device_count() < processes:
+        r["error"] = f"skipped: {processes} processes need as many GPUs, {torch.cuda.device_count()} seen"
+        check.save()
+        return r
+    sets = [*overrides, "sft.sharding=fsdp2", "rm.sharding=fsdp2", "dpo.sharding=fsdp2"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
+
+    def launch(stage: str, *extra: str):
+        def run() -> dict:
+            with socket.socket() as sock:  # a free port for the launch's rendezvous
+                sock.bind(("127.0.0.1", 0))
+                port = str(sock.getsockname()[1])
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
+                   "--master_port", port, "-m", "rlhflab.cli", stage, "--config", str(preset), *extra,
+                   "--out", str(d / stage), "--overwrite"]
+            for item in sets:
+                cmd += ["--set", item]
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+            if proc.returncode != 0:
+                lines = [x for x in proc.stderr.splitlines() if x.strip()]
+                raise RuntimeError(f"exit {proc.returncode}: {lines[-1] if lines else ''}")
+            return json.loads((d / stage / "metrics.json").read_text())
+        summary = check.stage(stage, run, r)
+        if summary is not None:
+            for key in ("peak_gpu_memory_mb", "peak_rss_mb"):  # this process's, not the launched ones'
+                r[stage].pop(key, None)
+        return summary
+
+    cfg = _load_config(preset, sets)
+    sft = launch("sft")
+    if sft is not None:
+        r["sft"].update(sft_readings(sft))
+        rm = launch("rm", "--sft", str(d / "sft"))
+        if rm is not None:
+            r["rm"].update(rm_readings(rm, cfg))
+        dpo = launch("dpo", "--sft", str(d / "sft"))
+        if dpo is not None:
+            r["dpo"].update(dpo_readings(dpo))
+    check.save()
+    return r
+
+
+def _load_config(preset: Path, overrides: list[str]):
+    from rlhflab import api
+
+    return api.load_config(str(preset), overrides)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.device == "cpu":
@@ -317,9 +385,14 @@ def main(argv=None) -> int:
         if arm == "lora":
             lr_scaled(acfg, LORA_LR_SCALE)
         run_arm(check, api, acfg, out / "sft", out / arm, fp32_tolerance)["gold"]["sft"] = shared["sft"].get("gold")
+    if args.sharded:
+        run_sharded(check, torch, preset, overrides, out / "sharded", args.sharded, cuda)
     result["total_seconds"] = time.perf_counter() - t0
     result["ok"] = "error" not in result["sft"] and "error" not in result.get("engine", {"error": "not run"}) and all(
-        "error" not in r.get(s, {"error": "not run"}) for r in result["arms"].values() for s in ("rm", "dpo", "ppo"))
+        "error" not in r.get(s, {"error": "not run"}) for a, r in result["arms"].items() for s in ("rm", "dpo", "ppo")
+        if a != "sharded") and ("error" not in result["arms"].get("sharded", {}) and all(
+            "error" not in result["arms"]["sharded"].get(s, {"error": "not run"}) for s in ("sft", "rm", "dpo"))
+                                if args.sharded else True)
     check.save()
     print(json.dumps(result, indent=1))
     return 0 if result["ok"] else 1
