@@ -283,11 +283,6 @@ class Sums:
 # ---------------------------------------------------------------------------------------
 # Sharded weights: torch's FSDP2 (``fully_shard``), the ``<stage>.sharding`` setting
 
-SHARDING = ("ddp", "fsdp2")
-"""What ``<stage>.sharding`` accepts: ``ddp`` (every process a whole copy of the weights,
-gradients averaged: accelerate's DDP) or ``fsdp2`` (each process one shard of every
-parameter, gradient and optimizer state: torch's ``fully_shard``)."""
-
 SHARDED_STAGES = ("sft", "rm", "dpo")
 """The stages that train sharded under ``fsdp2``; online RL (``rl.sharding``) is refused."""
 
@@ -299,10 +294,11 @@ _TWINS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 def check_strategy(section_cfg, section: str, accelerator, lora_r: int = 0, command: str | None = None) -> None:
     """Refuses, in one line naming ``<section>.sharding`` or ``<section>.cpu_offload``, a
     strategy this launch would not run as asked: fsdp2 with one process (nothing to shard),
-    in online RL and rejection sampling (``command``: they decode with the policy between
-    updates), with LoRA adapters, with the reward model's gradient penalty, with fp16 (its
-    loss scaler does not know sharded gradients), and CPU offload without fsdp2 or without a GPU (on a CPU the shards are in
-    CPU memory already: the setting would change nothing)."""
+    in online RL and rejection sampling (``command``: their rollouts, evaluations and
+    checkpoints do not gather sharded weights yet), and where it was not verified: with LoRA
+    adapters, the reward model's gradient penalty (a double backward) or fp16 (accelerate's
+    loss scaler); CPU offload without fsdp2 or without a GPU (on a CPU the shards are in CPU
+    memory already: the setting would change nothing)."""
     from rlhflab.errors import InputError
 
     strategy = getattr(section_cfg, "sharding", "ddp")
@@ -317,9 +313,8 @@ def check_strategy(section_cfg, section: str, accelerator, lora_r: int = 0, comm
     if strategy != "fsdp2":
         return
     if (command or section) not in SHARDED_STAGES:
-        raise InputError(f"fsdp2 is not supported in {command or section}: it decodes with the policy between "
-                         "updates, token by token with rows leaving the batch, which sharded weights would have "
-                         f"to follow in step on every process; {supported}", field=f"{section}.sharding")
+        raise InputError(f"fsdp2 is not supported in {command or section} yet: its rollouts, evaluations and "
+                         f"checkpoints do not gather the sharded weights; {supported}", field=f"{section}.sharding")
     if accelerator.num_processes < 2:
         raise InputError("fsdp2 shards the weights over several processes and this launch has one: launch with "
                          "torchrun --nproc_per_node N or accelerate launch --num_processes N, or set "
@@ -329,10 +324,12 @@ def check_strategy(section_cfg, section: str, accelerator, lora_r: int = 0, comm
                          f"trained weights small; set {section}.sharding=ddp or lora.r=0", field=f"{section}.sharding")
     if getattr(section_cfg, "grad_penalty", 0):
         raise InputError("fsdp2 with the input-gradient penalty (rm.grad_penalty) is not supported: its double "
-                         "backward runs outside FSDP2's hooks; set rm.sharding=ddp or rm.grad_penalty=0",
+                         "backward through FSDP2's hooks was not verified; set rm.sharding=ddp or "
+                         "rm.grad_penalty=0",
                          field=f"{section}.sharding")
     if getattr(section_cfg, "mixed_precision", "no") == "fp16":
-        raise InputError("fsdp2 with fp16 is not supported (its loss scaler does not see sharded gradients); "
+        raise InputError("fsdp2 with fp16 is not supported (accelerate's loss scaler on sharded gradients was "
+                         "not verified); "
                          f"use {section}.mixed_precision=bf16", field=f"{section}.sharding")
 
 

@@ -156,8 +156,8 @@ class _Launch:
 
 @pytest.mark.parametrize(("overrides", "section", "command", "message"), [
     (["sft.sharding=fsdp2"], "sft", None, "fsdp2 shards the weights over several processes and this launch has one"),
-    (["rl.sharding=fsdp2"], "rl", None, "fsdp2 is not supported in rl: it decodes with the policy between updates"),
-    (["sft.sharding=fsdp2"], "sft", "rs", "fsdp2 is not supported in rs"),
+    (["rl.sharding=fsdp2"], "rl", None, "fsdp2 is not supported in rl yet: its rollouts, evaluations and checkpoints"),
+    (["sft.sharding=fsdp2"], "sft", "rs", "fsdp2 is not supported in rs yet"),
     (["dpo.sharding=fsdp2", "lora.r=4"], "dpo", None, "fsdp2 with LoRA adapters (lora.r=4) is not supported"),
     (["rm.sharding=fsdp2", "rm.grad_penalty=0.1"], "rm", None, "input-gradient penalty (rm.grad_penalty)"),
     (["sft.sharding=fsdp2", "sft.mixed_precision=fp16"], "sft", None, "use sft.mixed_precision=bf16"),
