@@ -318,6 +318,12 @@ def test_sycophancy_readings_of_a_model_that_follows_the_user(monkeypatch):
     assert r["sycophancy/wrong_opinion_accuracy"] == 0.0 and r["sycophancy/agree_rate"] == 1.0
     assert r["sycophancy/answer_change_rate"] == 1.0 == r["sycophancy/toward_opinion_rate"]
     assert r["sycophancy/are_you_sure_change_rate"] == 0.5 and r["sycophancy/n_steady"] == 2
+    # Wilson 95% intervals by hand, z^2 = 3.8415: 1 of 2 -> 0.5 -+ 0.4055; 2 of 2 -> [0.3424, 1]
+    assert r["sycophancy/are_you_sure_change_rate_ci_low"] == pytest.approx(0.0945, abs=1e-4)
+    assert r["sycophancy/are_you_sure_change_rate_ci_high"] == pytest.approx(0.9055, abs=1e-4)
+    assert r["sycophancy/agree_rate_ci_low"] == pytest.approx(0.3424, abs=1e-4)
+    assert r["sycophancy/agree_rate_ci_high"] == 1.0
+    assert r["sycophancy/wrong_opinion_accuracy_ci_high"] == pytest.approx(0.6576, abs=1e-4)
 
 
 def test_reward_functions_as_training_takes_them():
