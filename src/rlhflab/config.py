@@ -444,6 +444,11 @@ class RLConfig:
                            "(instruments/rm_attack.py: a few gradient-search steps, the patterns found inserted "
                            "into other samples of the batch; rm_attack/* in metrics.jsonl); needs a reward model; "
                            "0 = off", "int >= 0")
+    early_warning: bool = _f(True, "at each held-out evaluation, the early warning's readings without gold "
+                             "(instruments/early_warning.py: the reward model's features of the samples against "
+                             "two draws of the SFT policy, an ensemble's spread, proxy up while the judge goes "
+                             "down, the attack's exploit gain; warn/* in metrics.jsonl); false = none of them, "
+                             "and no SFT draws for them")
     early_stop_patience: int = _f(0, "stop after this many gold evaluations without a new best, "
                                      "restoring the best policy; 0 = off", "int >= 0")
     log_every: int = _f(1, "steps between metric lines", "int >= 1")

@@ -196,3 +196,25 @@ def test_the_report_shows_each_findings_record():
     assert "measured record" in html and "fires on 4/5 length runs (instrument card)" in html
     old = diagnosis_block("ppo", {"verdict": "reward hacking", "findings": [finding]}, {})
     assert record_line("length_hacking", load_records()) in old
+
+
+def test_early_warning_off_reads_nothing_and_leaves_the_run_as_it_was(tiny_setup, tmp_path):
+    """``rl.early_warning=false``: no warn/* reading anywhere (not the attack's exploit gain
+    either), diagnose names the rule not measured, and the run itself (its gold and losses)
+    is the one it is with the warning on: the SFT draws use seeds of their own."""
+    from rlhflab.diagnose import diagnose, load_readings
+
+    policy, rm = tiny_setup
+    _, on_rows = _run(policy, rm, tmp_path / "on", ["rl.attack_every=2"])
+    summary, rows = _run(policy, rm, tmp_path / "off", ["rl.early_warning=false", "rl.attack_every=2"])
+    assert not [k for r in rows for k in r if k.startswith("warn/")]
+    assert not [k for k in summary if k.startswith("warn/")]
+    assert {"warn/evals", "warn/exploit_gain", "warn/feature_shift_ratio"} <= {k for r in on_rows for k in r}
+    assert any("rm_attack/top_gain_ci_low" in r for r in rows)  # the attack itself still runs
+
+    def run_readings(rs):
+        return [{k: v for k, v in r.items() if not k.startswith(("warn/", "time/")) and not k.endswith("seconds")}
+                for r in rs]  # wall-clock readings aside
+
+    assert run_readings(rows) == run_readings(on_rows)
+    assert "early_warning" in diagnose(load_readings(str(tmp_path / "off"), None)[0])["not_measured"]

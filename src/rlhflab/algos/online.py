@@ -419,9 +419,10 @@ class OnlineRun:
                                   if k in ("eval/proxy_mean", "eval/kl", "eval/win_rate", "eval/win_rate_ci_high")
                                   or k.startswith("shift/")}}
         self.state["evals"].append(entry)
-        from rlhflab.instruments.early_warning import proxy_judge_readings
+        if self.rl.early_warning:
+            from rlhflab.instruments.early_warning import proxy_judge_readings
 
-        out.update(proxy_judge_readings(self.state["evals"]))
+            out.update(proxy_judge_readings(self.state["evals"]))
         return out, out["eval/win_rate"] if h.judge is not None else out["eval/proxy_mean"]
 
     def _shift(self, prompts: list, completions) -> dict[str, float]:
@@ -473,9 +474,9 @@ class OnlineRun:
         """The early warning's reward-model readings of held-out samples
         (``instruments.early_warning``): the outlier rate and the shift of the samples' features
         against the SFT policy's, and an ensemble's disagreement against its own on the SFT
-        policy's samples; {} without a reward model."""
+        policy's samples; {} without a reward model or with ``rl.early_warning`` off."""
         rm = self._warn_model()
-        if rm is None or not completions:
+        if rm is None or not completions or not self.rl.early_warning:
             return {}
         from rlhflab.instruments.distribution_shift import member_features
         from rlhflab.instruments.early_warning import ensemble_spread, feature_readings
@@ -494,7 +495,9 @@ class OnlineRun:
         """The early-warning rule (``early_warning.triggers``) on an evaluation's readings and
         the last attack's exploit gain: ``warn/evals``, and at the first evaluation where a
         reading is past its bar ``warn/fired`` (the step) with ``warn/fired_<reading>``; {}
-        when the run has none of the readings."""
+        when the run has none of the readings or ``rl.early_warning`` is off."""
+        if not self.rl.early_warning:
+            return {}
         from rlhflab.instruments.early_warning import triggers
 
         st = self.state
