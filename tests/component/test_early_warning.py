@@ -79,8 +79,7 @@ def tiny_setup(tmp_path_factory):
     return policy, rm
 
 
-def _run(policy: Path, rm: Path, out: Path, overrides: list[str], held_out=None):
-    from rlhflab.algos.grpo import train_grpo
+def _make_run(policy: Path, rm: Path, out: Path, overrides: list[str], held_out=None):
     from rlhflab.algos.online import OnlineRun
     from rlhflab.algos.rl_config import resolve_rl_config
     from rlhflab.config import load_config
@@ -98,7 +97,13 @@ def _run(policy: Path, rm: Path, out: Path, overrides: list[str], held_out=None)
                     build_reward(str(rm), []), [p.text for p in world.prompts(64, "rl")], out_dir=out,
                     world=None if held_out else world,
                     eval_prompts=None if held_out else world.prompts(cfg.rl.n_eval, "eval"), held_out=held_out)
-    summary = train_grpo(run)
+    return run
+
+
+def _run(policy: Path, rm: Path, out: Path, overrides: list[str], held_out=None):
+    from rlhflab.algos.grpo import train_grpo
+
+    summary = train_grpo(_make_run(policy, rm, out, overrides, held_out))
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     return summary, rows
 
@@ -218,3 +223,19 @@ def test_early_warning_off_reads_nothing_and_leaves_the_run_as_it_was(tiny_setup
 
     assert run_readings(rows) == run_readings(on_rows)
     assert "early_warning" in diagnose(load_readings(str(tmp_path / "off"), None)[0])["not_measured"]
+
+
+def test_an_online_run_calls_every_model_with_the_fused_gelu(tiny_setup, tmp_path):
+    """GPT-2's ``gelu_new`` is swapped for torch's fused tanh GELU (``forward.fuse_activations``)
+    in the policy, the reference and each reward-model member an online run calls, as the
+    offline stages do."""
+    from transformers.activations import NewGELUActivation
+
+    from rlhflab.forward import FusedGELUTanh
+
+    run = _make_run(*tiny_setup, tmp_path / "run", [])
+    members = run._warn_model().members
+    for model in (run.policy_module, run.reference, *members):
+        kinds = {type(m) for m in model.modules()}
+        assert NewGELUActivation not in kinds and FusedGELUTanh in kinds
+    assert len(members) == 2

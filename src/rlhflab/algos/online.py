@@ -34,6 +34,7 @@ from rlhflab.algos.rl_config import check_layout
 from rlhflab.algos.update import UpdateBatch, UpdateSettings, update_policy
 from rlhflab.distributed import BatchStats, mismatch_tolerance
 from rlhflab.errors import RunError
+from rlhflab.forward import fuse_activations
 from rlhflab.kl import KL_STATUS, kl_k1, kl_status, make_kl_controller, sequence_kl
 from rlhflab.seeds import derive_seed
 
@@ -79,6 +80,12 @@ class OnlineRun:
         check_layout(rl, accelerator.num_processes)
         self.group_size = rl.samples_per_prompt
 
+        # GPT-2's gelu_new as torch's fused kernel in every model the run calls (policy, reference,
+        # critic, reward models): the same function to float rounding, as in SFT, RM and DPO.
+        reward_models = [getattr(src, "model", None) for _, src in getattr(reward, "terms", ())]
+        for model in (policy, reference, value_model, *(m for rm in reward_models for m in getattr(rm, "members", ()))):
+            if model is not None:
+                fuse_activations(model)
         # Reference: frozen, never prepared (no DDP, no optimizer), dropout off.
         reference.requires_grad_(False)
         reference.eval()
