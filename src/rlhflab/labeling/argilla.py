@@ -18,14 +18,13 @@ user ids by a UUID5 of their name; an Argilla user becomes the labeler ``argilla
 
 from __future__ import annotations
 
-import json
 import uuid
 from pathlib import Path
 
 from rlhflab.errors import InputError
+from rlhflab.labeling.io import MAX_RESPONSES, read_json_list
 
 QUESTION = "ranking"
-MAX_RESPONSES = 10
 
 
 def user_uuid(name: str) -> str:
@@ -60,12 +59,7 @@ def from_argilla(path: str | Path, *, overlap: int) -> list[tuple[dict, list[dic
     """(task, votes) per record of an Argilla 2 record JSON (``records.to_json``): the task
     as ``Store.add_tasks`` takes it, a vote per response to ``ranking``. Bad input is an
     InputError naming the record."""
-    try:
-        records = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as err:
-        raise InputError(f"cannot read an Argilla record JSON: {err}", file=str(path)) from None
-    if not isinstance(records, list):
-        raise InputError("expected Argilla's record JSON (records.to_json): a list of records", file=str(path))
+    records = read_json_list(path, "Argilla's record JSON (records.to_json) of records")
     out = []
     for n, rec in enumerate(records, start=1):
         where = {"file": str(path), "line": n}

@@ -37,6 +37,20 @@ from rlhflab.labeling.agreement import (
 MAX_RESPONSES = 10
 
 
+def read_json_list(path: str | Path, what: str) -> list:
+    """The list a JSON export file holds (Argilla's records, Label Studio's tasks), or an
+    InputError naming the file: ``what`` says what it should be."""
+    import json
+
+    try:
+        rows = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise InputError(f"cannot read {what}: {err}", file=str(path)) from None
+    if not isinstance(rows, list):
+        raise InputError(f"expected {what}: a list", file=str(path))
+    return rows
+
+
 def load_tasks(path: str | Path, *, overlap: int, gold: bool = False) -> list[dict]:
     """Tasks (prompt, responses, overlap, meta, gold) from a preference file."""
     from rlhflab.data import load_rows

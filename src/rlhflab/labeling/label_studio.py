@@ -24,10 +24,10 @@ pairwise result, is no vote), each annotator a labeler ``ls-<id>`` (the order sh
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from rlhflab.errors import InputError
+from rlhflab.labeling.io import read_json_list
 
 FROM_NAME = "pw"
 SIDES = ("left", "right")
@@ -60,12 +60,7 @@ def from_label_studio(path: str | Path, *, overlap: int) -> list[tuple[dict, lis
     """(task, votes) per task of a Label Studio JSON export: the task as ``Store.add_tasks``
     takes it, each vote ``{"labeler": "ls-<completed_by>", "answer": {"ranking": ...},
     "seconds": lead_time}``. Bad input is an InputError naming the task."""
-    try:
-        tasks = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as err:
-        raise InputError(f"cannot read a Label Studio JSON export: {err}", file=str(path)) from None
-    if not isinstance(tasks, list):
-        raise InputError("expected a Label Studio JSON export: a list of tasks", file=str(path))
+    tasks = read_json_list(path, "a Label Studio JSON export of tasks")
     out = []
     for n, task in enumerate(tasks, start=1):
         where = {"file": str(path), "line": n}
