@@ -381,9 +381,10 @@ class OnlineRun:
         out = {k: v for k, v in measured.items() if k.startswith(("gold/mean", "samples/"))}
         out["eval/proxy_mean"] = float(proxy.float().mean())
         out["eval/proxy_minus_gold"] = out["eval/proxy_mean"] - out["gold/mean"]
-        out.update(self._shift([p.text for p in self.eval_prompts], completions))
-        out.update(self._warn_features([p.text for p in self.eval_prompts], [p.text for p in self.eval_prompts],
-                                       completions, rendered=False))
+        prompts = [p.text for p in self.eval_prompts]
+        reads = self._reads(prompts, completions)
+        out.update(self._shift(prompts, completions, reads))
+        out.update(self._warn_features(prompts, prompts, completions, rendered=False, reads=reads))
         self.state["evals"].append({"step": step, "gold/mean": out["gold/mean"],
                                     "eval/proxy_mean": out["eval/proxy_mean"],
                                     **{k: v for k, v in out.items() if k.startswith("shift/")}})
@@ -405,14 +406,15 @@ class OnlineRun:
         done = sample(self.policy_module, self.tokenizer, h.texts, **kw)
         texts, eos = [c.text for c in done], [c.eos for c in done]
         proxy = score_responses(self.reward, list(h.texts), texts, eos, rows=h.rows)
+        rm_prompts = [r["prompt"] for r in h.rows] if h.rows else list(h.texts)
+        reads = self._reads(rm_prompts, done)
         out = {"eval/proxy_mean": float(proxy.float().mean()),
                "eval/kl": sampled_kl(self.policy_module, self.reference, self.tokenizer, list(h.texts),
                                      max_new_tokens=g.max_new_tokens, batch_size=g.batch_size,
                                      seed=derive_seed(self.rl.seed, "eval_kl"))["kl/sequence_mean"],
                "eval/length_mean": sum(len(c.token_ids) for c in done) / len(done),
-               **self._shift([r["prompt"] for r in h.rows] if h.rows else list(h.texts), done),
-               **self._warn_features(list(h.texts), [r["prompt"] for r in h.rows] if h.rows else list(h.texts),
-                                     done, rendered=True)}
+               **self._shift(rm_prompts, done, reads),
+               **self._warn_features(list(h.texts), rm_prompts, done, rendered=True, reads=reads)}
         if h.judge is not None:
             if h.reference_texts is None:  # the reference's answers: sampled once, the same every evaluation
                 ref = sample(self.reference, self.tokenizer, h.texts, **kw)
@@ -432,7 +434,16 @@ class OnlineRun:
             out.update(proxy_judge_readings(self.state["evals"]))
         return out, out["eval/win_rate"] if h.judge is not None else out["eval/proxy_mean"]
 
-    def _shift(self, prompts: list, completions) -> dict[str, float]:
+    def _reads(self, prompts: list, completions) -> dict:
+        """Per reward model of the run (by id), its features and member scores of these held-out
+        samples, computed once for the readings that use them (``SampleReads``)."""
+        from rlhflab.instruments.distribution_shift import SampleReads
+
+        texts, eos = [c.text for c in completions], [c.eos for c in completions]
+        return {id(m): SampleReads(m, prompts, texts, eos) for _, source in getattr(self.reward, "terms", ())
+                if (m := getattr(source, "model", None)) is not None}
+
+    def _shift(self, prompts: list, completions, reads: dict) -> dict[str, float]:
         """The distribution-shift readings (``instruments.distribution_shift``) of held-out
         samples under the first of the run's reward models that carries its training data's
         feature statistics (``rlhflab rm`` saves them); {} when none does."""
@@ -442,7 +453,7 @@ class OnlineRun:
             model = getattr(source, "model", None)
             if model is not None and getattr(model, "feature_stats", None) is not None:
                 return shift_readings(model, prompts, [c.text for c in completions],
-                                      eos=[c.eos for c in completions])
+                                      eos=[c.eos for c in completions], reads=reads.get(id(model)))
         return {}
 
     def _warn_model(self):
@@ -477,7 +488,8 @@ class OnlineRun:
             self._warn_ref = {"refs": [fit_reference(a, b) for a, b in zip(fa, fb)], "spread": spread}
         return self._warn_ref
 
-    def _warn_features(self, texts: list, rm_prompts: list, completions, rendered: bool) -> dict[str, float]:
+    def _warn_features(self, texts: list, rm_prompts: list, completions, rendered: bool,
+                       reads: dict) -> dict[str, float]:
         """The early warning's reward-model readings of held-out samples
         (``instruments.early_warning``): the outlier rate and the shift of the samples' features
         against the SFT policy's, and an ensemble's disagreement against its own on the SFT
@@ -485,14 +497,13 @@ class OnlineRun:
         rm = self._warn_model()
         if rm is None or not completions or not self.rl.early_warning:
             return {}
-        from rlhflab.instruments.distribution_shift import member_features
         from rlhflab.instruments.early_warning import ensemble_spread, feature_readings
 
         ref = self._warn_reference(texts, rm_prompts, rendered)
-        responses, eos = [c.text for c in completions], [c.eos for c in completions]
-        out = feature_readings(member_features(rm, rm_prompts, responses, eos=eos), ref["refs"])
+        sample_reads = reads[id(rm)]
+        out = feature_readings(sample_reads.features(), ref["refs"])
         if ref["spread"] is not None:
-            spread = ensemble_spread(rm.member_scores(rm_prompts, responses, eos=eos))
+            spread = ensemble_spread(sample_reads.scores())
             out["warn/ensemble_std"] = spread
             if ref["spread"] > 0:
                 out["warn/ensemble_ratio"] = spread / ref["spread"]

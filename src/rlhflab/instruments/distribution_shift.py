@@ -106,13 +106,37 @@ def feature_stats(rm, train: tuple[list, list, list], held: tuple[list, list, li
     return stats
 
 
-def shift_readings(rm, prompts: list, responses: list, *, eos: list[bool] | None = None) -> dict[str, float]:
+class SampleReads:
+    """A reward model's per-member features (``member_features``) and scores
+    (``member_scores``) of one set of samples, each computed on first use and kept, so that
+    the readings of one evaluation (distribution shift, early warning) share one pass."""
+
+    def __init__(self, rm, prompts: list, responses: list, eos: list[bool] | None = None) -> None:
+        self.rm, self.prompts, self.responses, self.eos = rm, prompts, responses, eos
+        self._features: list[torch.Tensor] | None = None
+        self._scores: torch.Tensor | None = None
+
+    def features(self) -> list[torch.Tensor]:
+        if self._features is None:
+            self._features = member_features(self.rm, self.prompts, self.responses, eos=self.eos)
+        return self._features
+
+    def scores(self) -> torch.Tensor:
+        if self._scores is None:
+            self._scores = self.rm.member_scores(self.prompts, self.responses, eos=self.eos)
+        return self._scores
+
+
+def shift_readings(rm, prompts: list, responses: list, *, eos: list[bool] | None = None,
+                   reads: SampleReads | None = None) -> dict[str, float]:
     """The module docstring's readings of responses (a policy's samples) under ``rm``. The
-    Mahalanobis readings need ``rm.feature_stats``; the ensemble spread needs two members."""
+    Mahalanobis readings need ``rm.feature_stats``; the ensemble spread needs two members.
+    ``reads``: the same samples' features and scores, shared with other readings."""
     out: dict[str, float] = {}
+    reads = reads or SampleReads(rm, prompts, responses, eos)
     stats = getattr(rm, "feature_stats", None)
     if stats is not None and prompts:
-        feats = member_features(rm, prompts, responses, eos=eos)
+        feats = reads.features()
         means, ratios, rates = [], [], []
         for m, f in enumerate(feats):
             d = mahalanobis(f, stats[f"mean_{m}"], stats[f"precision_{m}"])
@@ -122,6 +146,6 @@ def shift_readings(rm, prompts: list, responses: list, *, eos: list[bool] | None
         out.update({"shift/mahalanobis_mean": fmean(means), "shift/mahalanobis_ratio": fmean(ratios),
                     "shift/ood_rate": fmean(rates), "shift/n": float(len(prompts))})
     if rm.n_members > 1 and prompts:
-        scores = rm.member_scores(prompts, responses, eos=eos)
+        scores = reads.scores()
         out["shift/ensemble_std"] = float(scores.std(0, unbiased=False).mean())
     return out
