@@ -449,6 +449,9 @@ class RLConfig:
                              "two draws of the SFT policy, an ensemble's spread, proxy up while the judge goes "
                              "down, the attack's exploit gain; warn/* in metrics.jsonl); false = none of them, "
                              "and no SFT draws for them")
+    stop_on_warning: bool = _f(False, "stop the run when the early warning first fires and keep the policy of "
+                               "the evaluation before it (saved at every held-out evaluation to before_warning/ "
+                               "in the run's directory); needs rl.early_warning and rl.eval_every")
     early_stop_patience: int = _f(0, "stop after this many gold evaluations without a new best, "
                                      "restoring the best policy; 0 = off", "int >= 0")
     log_every: int = _f(1, "steps between metric lines", "int >= 1")
@@ -469,6 +472,10 @@ class RLConfig:
         if self.rm_reduce_k is not None and self.rm_reduce != "mean_minus_std":
             yield (f"{at}.rm_reduce_k is read by {at}.rm_reduce=mean_minus_std only (it is {self.rm_reduce})",
                    (f"{at}.rm_reduce_k", f"{at}.rm_reduce"))
+        if self.stop_on_warning and not (self.early_warning and self.eval_every):
+            yield (f"{at}.stop_on_warning stops at the early warning, which {at}.early_warning=true and "
+                   f"{at}.eval_every > 0 compute (they are {str(self.early_warning).lower()} and {self.eval_every})",
+                   (f"{at}.stop_on_warning", f"{at}.early_warning", f"{at}.eval_every"))
         if self.kl_caution > self.kl_warning:
             yield (f"{at}.kl_caution ({self.kl_caution:g}) must not exceed {at}.kl_warning ({self.kl_warning:g})",
                    (f"{at}.kl_caution", f"{at}.kl_warning"))

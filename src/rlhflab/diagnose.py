@@ -555,6 +555,8 @@ def _early_warning(m, t):
     by = [name for name in _WARN_READINGS if f"warn/fired_{name}" in m]
     text = (f"fired at step {int(m['warn/fired'])}" + (f" by {', '.join(by)}" if by else "")
             + f" ({int(m['warn/evals'])} evaluations checked)")
+    if "warn/stopped_at" in m and isinstance(m.get("warn/kept_step"), (int, float)):
+        text += f"; the run stopped there and kept the policy of step {int(m['warn/kept_step'])} (rl.stop_on_warning)"
     if "gold/best_step" in m:
         text += f"; gold peaked at step {int(m['gold/best_step'])}"
     return text
@@ -688,8 +690,9 @@ RULES: tuple[Rule, ...] = (
                     "ensemble's disagreement, proxy up while a judge's win-rate falls, the attack's exploit gain",
          root_cause="the policy is leaving what the reward model can judge (over-optimization may follow or have "
                     "begun)",
-         fix="read the evaluations around the step it fired; keep the checkpoint before it (rl.save_every) or stop "
-             "early on a judge (rl.early_stop_patience); raise beta; an ensemble or a retrained reward model",
+         fix="read the evaluations around the step it fired; stop there and keep the policy before it "
+             "(rl.stop_on_warning) or stop early on a judge (rl.early_stop_patience); raise beta; an ensemble or a "
+             "retrained reward model",
          applies=_online),
 )
 

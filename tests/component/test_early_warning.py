@@ -239,3 +239,27 @@ def test_an_online_run_calls_every_model_with_the_fused_gelu(tiny_setup, tmp_pat
         kinds = {type(m) for m in model.modules()}
         assert NewGELUActivation not in kinds and FusedGELUTanh in kinds
     assert len(members) == 2
+
+
+def test_stop_on_warning_stops_at_the_warning_and_keeps_the_policy_before_it(tiny_setup, tmp_path):
+    """``rl.stop_on_warning``: the run of the first test, whose warning fires at step 2 (the
+    exploit gain), stops there instead of going on to step 4, and its model is the policy of
+    the evaluation before the warning, step 0: the SFT policy's weights exactly. diagnose says
+    where it stopped and what it kept. Without the warning measured the setting is an error."""
+    from safetensors.torch import load_file
+
+    from rlhflab.config import load_config
+    from rlhflab.diagnose import diagnose, load_readings
+
+    policy, rm = tiny_setup
+    out = tmp_path / "run"
+    summary, rows = _run(policy, rm, out, ["rl.attack_every=2", "rl.stop_on_warning=true"])
+    assert summary["steps"] == 2 and max(r["step"] for r in rows) == 2
+    assert summary["warn/fired"] == 2.0 and summary["warn/stopped_at"] == 2.0 and summary["warn/kept_step"] == 0
+    assert summary["early_stop/restored_best"] is True
+    kept, start = load_file(out / "model" / "model.safetensors"), load_file(policy / "model.safetensors")
+    assert kept.keys() == start.keys() and all(torch.equal(kept[k], start[k]) for k in kept)
+    found = next(f for f in diagnose(load_readings(str(out), None)[0])["findings"] if f["name"] == "early_warning")
+    assert "the run stopped there and kept the policy of step 0 (rl.stop_on_warning)" in found["evidence"]
+    with pytest.raises(InputError, match="rl.stop_on_warning stops at the early warning"):
+        load_config(ROOT / "configs" / "tiny.yaml", ["rl.stop_on_warning=true", "rl.early_warning=false"])

@@ -119,7 +119,10 @@ class OnlineRun:
                       "last_status": "ok", "evals": [],
                       # the early warning (instruments.early_warning): evaluations checked, the step it
                       # first fired at and by which readings, the last attack's exploit gain
-                      "warn_evals": 0, "warn_fired": None, "warn_fired_by": [], "warn_exploit": None}
+                      "warn_evals": 0, "warn_fired": None, "warn_fired_by": [], "warn_exploit": None,
+                      # rl.stop_on_warning: the step of the policy kept in before_warning/, and the step
+                      # the run stopped at
+                      "warn_kept_step": None, "stopped_on_warning": None}
         self.is_main = accelerator.is_main_process
         self.log = MetricsLog(self.out_dir / "metrics.jsonl" if self.out_dir else None, enabled=self.is_main,
                               accelerator=accelerator)
@@ -308,7 +311,9 @@ class OnlineRun:
             if start > 1:
                 bar.update(advance=start - 1)
             if start == 1 and self.rl.eval_every:
-                self._held_out_eval(0)
+                out = self._held_out_eval(0)
+                if self.rl.stop_on_warning:
+                    self._stop_on_warning(0, out)
             for step in range(start, self.rl.steps + 1):
                 if self.state["stopped_early"]:
                     break
@@ -354,6 +359,8 @@ class OnlineRun:
                 self.state["warn_exploit"] = metrics["rm_attack/top_gain_ci_low"]
         if evaluated and self.is_main:
             metrics.update(self._warn_check(step, metrics))
+        if evaluated and rl.stop_on_warning:
+            self._stop_on_warning(step, metrics)
         if step % rl.log_every == 0 or step == rl.steps or any(k.startswith(("gold/", "rm_attack/", "warn/"))
                                                                 for k in metrics):
             self.log.log(metrics, step=step)
@@ -541,6 +548,27 @@ class OnlineRun:
             self._warn_shown["warned_at"] = st["warn_fired"]
         return out
 
+    def _stop_on_warning(self, step: int, metrics: dict) -> None:
+        """``rl.stop_on_warning``: at an evaluation where the warning did not fire, keep the
+        policy in ``before_warning/``; at the one where it first fires, stop the run, and
+        ``finish`` restores the kept policy (the same decision on every process)."""
+        from accelerate.utils import broadcast
+
+        flag = torch.tensor([float(self.is_main and "warn/fired" in metrics)], device=self.accelerator.device)
+        if self.accelerator.num_processes > 1:
+            flag = broadcast(flag)
+        if flag.item() == 0:
+            if self.is_main and self.out_dir is not None:
+                from rlhflab.models import save_pretrained_atomic
+
+                save_pretrained_atomic(self.policy_module, self.tokenizer, self.out_dir / "before_warning")
+            self.state["warn_kept_step"] = step
+            return
+        self.state.update(stopped_early=True, stopped_on_warning=step)
+        if self.is_main:
+            print(f"[{self.algo}] step {step}: stopping on the early warning (rl.stop_on_warning); keeping the "
+                  f"policy of step {self.state['warn_kept_step']}", file=sys.stderr)
+
     def _attack_target(self):
         """(reward model, reduce, k) that ``rl.attack_every`` attacks: the first of the run's
         reward sources that is one (``rewards.ModelReward``), its members combined as it
@@ -660,6 +688,8 @@ class OnlineRun:
         self.log.close()
         restored = False
         best = self.out_dir / "best" if self.out_dir is not None else None
+        if self.state.get("stopped_on_warning") is not None and best is not None:
+            best = self.out_dir / "before_warning"  # the policy of the evaluation before the warning
         if self.state["stopped_early"] and best is not None:  # the same decision on every process
             self.accelerator.wait_for_everyone()
             if (best / "model.safetensors").is_file():
@@ -683,6 +713,8 @@ class OnlineRun:
             "eval/win_rate_initial": st["evals"][0].get("eval/win_rate") if st["evals"] else None,
             "eval/win_rate_final": st["evals"][-1].get("eval/win_rate") if st["evals"] else None,
             "early_stop/stopped": st["stopped_early"], "early_stop/restored_best": restored,
+            **({"warn/stopped_at": float(st["stopped_on_warning"]), "warn/kept_step": st["warn_kept_step"]}
+               if st.get("stopped_on_warning") is not None else {}),
             **({"warn/evals": float(st["warn_evals"])} if st["warn_evals"] else {}),
             **({"warn/fired": float(st["warn_fired"]),
                 **{f"warn/fired_{name}": float(st["warn_fired"]) for name in st["warn_fired_by"]}}
