@@ -45,7 +45,9 @@ import math
 import shlex
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,7 +75,7 @@ SIZES: dict[str, tuple[str, list[str]]] = {
     "tiny": ("configs/tiny.yaml", ["rl.attack_every=2"]),
     "card": ("configs/demo.yaml", ["sft.epochs=3", "rm.n_prompts=512", "rm.n_eval_prompts=64", "rm.n_reference=128",
                                    "rl.steps=40", "rl.eval_every=10", "rl.attack_every=10", "rl.n_eval=64",
-                                   "world.n_eval=20", "world.n_preferences=1000"]),
+                                   "world.n_eval=40", "world.n_preferences=1000"]),
     "demo": ("configs/demo.yaml", ["rl.attack_every=10"]),
 }
 # Readings of eval.json kept as the truth's features: (key, how it moved against SFT).
@@ -224,6 +226,8 @@ def main() -> int:
     ap.add_argument("--algos", nargs="+", choices=ALGOS, default=list(ALGOS))
     ap.add_argument("--work", type=Path, default=ROOT / "runs" / "instrument_card")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "instrument_card.json")
+    ap.add_argument("--jobs", type=int, default=1, help="runs at a time (each against its own reward model); "
+                    "give each its threads with RLHFLAB_THREADS")
     ap.add_argument("--publish", action="store_true", help="write the records diagnose prints beside each finding "
                     f"({CARD_FILE.relative_to(ROOT)}) from the finished card in --out")
     args = ap.parse_args()
@@ -232,6 +236,10 @@ def main() -> int:
     overrides = [*size, *args.set]
     work = args.work / args.card
     work.mkdir(parents=True, exist_ok=True)
+    made_with = work / "overrides.json"  # finished stages are reused only at the overrides they were made with
+    if made_with.is_file() and json.loads(made_with.read_text()) != overrides:
+        raise SystemExit(f"{work} holds runs made with other overrides ({made_with}): give another --work")
+    made_with.write_text(json.dumps(overrides) + "\n")
     record = json.loads(args.out.read_text()) if args.out.is_file() else {}
     if (record.get("card"), record.get("overrides")) != (args.card, overrides):
         record = {}  # another size: a card of its own
@@ -246,7 +254,13 @@ def main() -> int:
                    "stages": record.get("stages", {}), "runs": record.get("runs", [])})
     done = {(r["condition"], r["algo"], r["seed"]) for r in record["runs"]}
 
+    lock = threading.RLock()
+
     def save() -> None:
+        with lock:
+            _save()
+
+    def _save() -> None:
         record["summary"] = summarize(record["runs"])
         args.out.parent.mkdir(parents=True, exist_ok=True)
         tmp = args.out.with_suffix(".tmp")
@@ -261,8 +275,9 @@ def main() -> int:
         print(f"[instrument_card] {name}", flush=True)
         out.parent.mkdir(parents=True, exist_ok=True)
         shown, seconds, _ = rlhflab(cmd, out.with_name(out.name + ".log"), prefix)
-        record["stages"][name] = {"command": shown, "seconds": seconds}
-        save()
+        with lock:
+            record["stages"][name] = {"command": shown, "seconds": seconds}
+            save()
 
     def diagnose(name: str, target: Path) -> dict:
         """``rlhflab diagnose TARGET --json``, its output kept beside the target."""
@@ -270,56 +285,75 @@ def main() -> int:
         if not kept.is_file():
             shown, seconds, stdout = rlhflab(["diagnose", str(target), "--json"], target.with_name(target.name + ".diag.log"))
             kept.write_text(stdout)
-            record["stages"][name] = {"command": shown, "seconds": seconds}
+            with lock:
+                record["stages"][name] = {"command": shown, "seconds": seconds}
         return json.loads(kept.read_text())
 
     sft = work / "sft"
     stage("sft", sft, ["sft", "--config", config, *sets(overrides), "--out", str(sft)])
+
+    def cell(seed: int, cond: str, algo: str, rm: Path) -> None:
+        """One run: train, evaluate and diagnose it, and add it to the record."""
+        spec = CONDITIONS[cond]
+        world = [*overrides, *spec["world"]]
+        d = work / cond / f"s{seed}"
+        d.mkdir(parents=True, exist_ok=True)
+        run = d / algo
+        t0 = time.perf_counter()
+        if algo == "dpo":
+            stage(f"{cond}/s{seed}/dpo", run, ["dpo", "--config", config,
+                                              *sets([*world, *spec["dpo"], f"dpo.seed={seed}"]),
+                                              "--sft", str(sft), "--out", str(run)])
+        else:
+            stage(f"rm/{rm.parent.name}/s{seed}", rm, ["rm", "--config", config, *sets([*world, f"rm.seed={seed}"]),
+                                                       "--sft", str(sft), "--out", str(rm)])
+            prefix = ["bench/children/broken_rollout.py"] if spec.get("broken") else None
+            stage(f"{cond}/s{seed}/{algo}", run, [algo, "--config", config,
+                                                 *sets([*world, *spec["rl"], f"rl.seed={seed}"]),
+                                                 "--sft", str(sft), "--rm", str(rm), "--out", str(run)],
+                  prefix=prefix)
+        ev = d / f"eval_{algo}"
+        stage(f"{cond}/s{seed}/eval_{algo}", ev, ["eval", "--config", config, *sets(world), "--policy", str(run),
+                                                 "--base", str(sft), *(["--rm", str(rm)] if algo != "dpo" else []),
+                                                 "--seed", str(seed), "--out", str(ev)], marker="eval.json")
+        found = diagnose(f"{cond}/s{seed}/diagnose_eval_{algo}", ev)
+        findings = [f["name"] for f in found["findings"]]
+        curve = None
+        if algo != "dpo":
+            curve = diagnose(f"{cond}/s{seed}/diagnose_{algo}", run)
+            findings += [f["name"] for f in curve["findings"] if f["name"] not in findings
+                         and f["severity"] != "ok" and f["name"] not in ("not_enough_evidence", "no_improvement")]
+        eval_json = json.loads((ev / "eval.json").read_text())
+        tr = truth(eval_json, run if algo != "dpo" else None)
+        with lock:
+            record["runs"].append({
+                "condition": cond, "algo": algo, "seed": seed, "seconds": time.perf_counter() - t0,
+                "truth": tr, "diagnosis": {"verdict": found["verdict"], "findings": findings,
+                                           "run_verdict": curve["verdict"] if curve else None},
+                "early_warning": early_warning(run, tr.get("gold_peak_step")) if algo != "dpo"
+                else {"measured": False, "fired": None, "fired_by": []}})
+            save()
+
+    # A job is every run against one reward model (one rater setting and seed), in order, so that
+    # the model is trained once; --jobs of them run at a time, each child on its own threads.
+    jobs: dict[tuple[int, str], list[tuple[str, str]]] = {}
     for seed in args.seeds:
         for cond in args.conditions:
             spec = CONDITIONS[cond]
-            world = [*overrides, *spec["world"]]
             rater_key = "_".join(x.split("=")[0].rsplit(".", 1)[-1] + x.split("=")[1] for x in spec["world"]) or "default"
-            rm = work / "rm" / rater_key / f"s{seed}"
             for algo in args.algos:
                 if (cond, algo, seed) in done or (algo == "dpo" and spec["dpo"] is None):
                     continue
-                d = work / cond / f"s{seed}"
-                d.mkdir(parents=True, exist_ok=True)
-                run = d / algo
-                t0 = time.perf_counter()
-                if algo == "dpo":
-                    stage(f"{cond}/s{seed}/dpo", run, ["dpo", "--config", config,
-                                                      *sets([*world, *spec["dpo"], f"dpo.seed={seed}"]),
-                                                      "--sft", str(sft), "--out", str(run)])
-                else:
-                    stage(f"rm/{rater_key}/s{seed}", rm, ["rm", "--config", config, *sets([*world, f"rm.seed={seed}"]),
-                                                          "--sft", str(sft), "--out", str(rm)])
-                    prefix = ["bench/children/broken_rollout.py"] if spec.get("broken") else None
-                    stage(f"{cond}/s{seed}/{algo}", run, [algo, "--config", config,
-                                                         *sets([*world, *spec["rl"], f"rl.seed={seed}"]),
-                                                         "--sft", str(sft), "--rm", str(rm), "--out", str(run)],
-                          prefix=prefix)
-                ev = d / f"eval_{algo}"
-                stage(f"{cond}/s{seed}/eval_{algo}", ev, ["eval", "--config", config, *sets(world), "--policy", str(run),
-                                                         "--base", str(sft), *(["--rm", str(rm)] if algo != "dpo" else []),
-                                                         "--seed", str(seed), "--out", str(ev)], marker="eval.json")
-                found = diagnose(f"{cond}/s{seed}/diagnose_eval_{algo}", ev)
-                findings = [f["name"] for f in found["findings"]]
-                curve = None
-                if algo != "dpo":
-                    curve = diagnose(f"{cond}/s{seed}/diagnose_{algo}", run)
-                    findings += [f["name"] for f in curve["findings"] if f["name"] not in findings
-                                 and f["severity"] != "ok" and f["name"] not in ("not_enough_evidence", "no_improvement")]
-                eval_json = json.loads((ev / "eval.json").read_text())
-                tr = truth(eval_json, run if algo != "dpo" else None)
-                record["runs"].append({
-                    "condition": cond, "algo": algo, "seed": seed, "seconds": time.perf_counter() - t0,
-                    "truth": tr, "diagnosis": {"verdict": found["verdict"], "findings": findings,
-                                               "run_verdict": curve["verdict"] if curve else None},
-                    "early_warning": early_warning(run, tr.get("gold_peak_step")) if algo != "dpo"
-                    else {"measured": False, "fired": None, "fired_by": []}})
-                save()
+                jobs.setdefault((seed, rater_key), []).append((cond, algo))
+
+    def job(key: tuple[int, str]) -> None:
+        seed, rater_key = key
+        for cond, algo in jobs[key]:
+            cell(seed, cond, algo, work / "rm" / rater_key / f"s{seed}")
+
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        for future in [pool.submit(job, key) for key in jobs]:
+            future.result()
     save()
     print(json.dumps(record["summary"], indent=1))
     return 0
