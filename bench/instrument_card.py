@@ -74,7 +74,7 @@ ALGOS = ("ppo", "grpo", "dpo")
 SIZES: dict[str, tuple[str, list[str]]] = {
     "tiny": ("configs/tiny.yaml", ["rl.attack_every=2"]),
     "card": ("configs/demo.yaml", ["sft.epochs=3", "rm.n_prompts=512", "rm.n_eval_prompts=64", "rm.n_reference=128",
-                                   "rl.steps=40", "rl.eval_every=10", "rl.attack_every=10", "rl.n_eval=64",
+                                   "rl.steps=40", "rl.eval_every=5", "rl.attack_every=5", "rl.n_eval=64",
                                    "world.n_eval=40", "world.n_preferences=1000"]),
     "demo": ("configs/demo.yaml", ["rl.attack_every=10"]),
 }
