@@ -149,6 +149,166 @@ def early_warning(run_dir: Path, gold_peak_step: int | None) -> dict:
     return out
 
 
+# The early warning's readings the card measures one by one: the online run's (no ensemble and no
+# judge on the card, so not the ensemble's spread or the proxy/judge flag) and the training
+# curve's (early_warning.curve_readings, computed here from the run's per-step metrics as the
+# online run computes them).
+SIGNALS = ("outlier_rate", "feature_shift_ratio", "exploit_gain", "kl_acceleration", "entropy_drop", "length_drift")
+
+
+def warning_evals(run_dir: Path, window: int) -> list[dict]:
+    """Each held-out evaluation of an online run (``metrics.jsonl``): its step, gold, the
+    ``warn/...`` readings it logged and the training curve's readings up to it."""
+    from rlhflab.instruments.early_warning import curve_readings
+
+    rows = _rows(run_dir / "metrics.jsonl")
+    per_step = [r for r in rows if "objective/kl" in r]
+    out = []
+    for r in rows:
+        if "gold/mean" not in r:
+            continue
+        e = {"step": r["step"], "gold": r["gold/mean"], **{k: v for k, v in r.items() if k.startswith("warn/")}}
+        e.update(curve_readings([x for x in per_step if x["step"] <= r["step"]], window))
+        out.append(e)
+    return out
+
+
+def first_fire(evals: list[dict], bars: dict[str, float]) -> int | None:
+    """The step of the first evaluation where any of ``bars``' readings passes its bar (the
+    online rule, ``early_warning.triggers``), or None."""
+    from rlhflab.instruments.early_warning import triggers
+
+    rule = {name: (bar, "") for name, bar in bars.items()}
+    return next((e["step"] for e in evals if triggers(e, rule)), None)
+
+
+def gold_noise(runs: list[dict]) -> float:
+    """The sampling noise of one gold evaluation: the standard deviation of step 0's gold (the SFT
+    policy itself, sampled with each run's seed) over the card's seeds."""
+    first = {r["seed"]: r["truth"]["gold_curve"][0][1] for r in runs if r["truth"].get("gold_curve")}
+    xs = list(first.values())
+    if len(xs) < 2:
+        return float("nan")
+    m = sum(xs) / len(xs)
+    return math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1))
+
+
+def warning_record(runs: list[dict], evals: dict[tuple, list[dict]], bars: dict[str, float], margin: float) -> dict:
+    """A warning rule (``bars``) on the online runs: false alarms on the healthy controls (a fire
+    at any evaluation), and on the hacking runs (a planted condition whose gold fell from its
+    peak by more than ``margin`` by the end) the lead (gold's peak step minus the step it
+    fired: >= 0 is in time), and the gold ``rl.stop_on_warning`` would keep (the evaluation
+    before the fire) against the gold at the end, on both."""
+    out = {"bars": bars, "healthy_runs": 0, "healthy_fired": 0, "hacking_runs": 0, "in_time": 0, "late": 0,
+           "missed": 0, "leads": [], "saved_on_hacking": [], "cost_on_healthy": []}
+    for r in runs:
+        ev = evals.get((r["condition"], r["algo"], r["seed"]))
+        if not ev:
+            continue
+        fired = first_fire(ev, bars)
+        golds = {e["step"]: e["gold"] for e in ev}
+        final = ev[-1]["gold"]
+        kept = None
+        if fired is not None:
+            before = [e["gold"] for e in ev if e["step"] < fired]
+            kept = before[-1] if before else golds[fired]
+        healthy = CONDITIONS[r["condition"]]["expect"] is None
+        if healthy:
+            out["healthy_runs"] += 1
+            out["healthy_fired"] += fired is not None
+            if kept is not None:
+                out["cost_on_healthy"].append(final - kept)
+            continue
+        peak_step = max(golds, key=golds.get)
+        if golds[peak_step] - final <= margin:
+            continue
+        out["hacking_runs"] += 1
+        if fired is None:
+            out["missed"] += 1
+            continue
+        lead = peak_step - fired
+        out["leads"].append(lead)
+        out["in_time" if lead >= 0 else "late"] += 1
+        out["saved_on_hacking"].append(kept - final)
+    out["false_alarm_rate"] = out["healthy_fired"] / out["healthy_runs"] if out["healthy_runs"] else None
+    out["false_alarm_ci"] = wilson(out["healthy_fired"], out["healthy_runs"])
+    out["in_time_rate"] = out["in_time"] / out["hacking_runs"] if out["hacking_runs"] else None
+    out["in_time_ci"] = wilson(out["in_time"], out["hacking_runs"])
+    for key in ("saved_on_hacking", "cost_on_healthy"):
+        xs = out[key]
+        out[key + "_mean"] = sum(xs) / len(xs) if xs else None
+    return out
+
+
+def fit_bar(runs: list[dict], evals: dict[tuple, list[dict]], name: str) -> float | None:
+    """A reading's bar fitted on ``runs``: the largest value it reached at any evaluation of a
+    healthy control (so no control of the fit fires), or None without a reading."""
+    xs = [e[f"warn/{name}"] for r in runs if CONDITIONS[r["condition"]]["expect"] is None
+          for e in evals.get((r["condition"], r["algo"], r["seed"]), []) if f"warn/{name}" in e]
+    if not xs:
+        return None
+    if name == "outlier_rate":  # the online rule's bar is in binomial standard errors above 1% of warn/n
+        n = next(e["warn/n"] for r in runs for e in evals.get((r["condition"], r["algo"], r["seed"]), [])
+                 if "warn/n" in e)
+        return (max(xs) - 0.01) / math.sqrt(0.01 * 0.99 / n)
+    return max(xs)
+
+
+def warning_study(runs: list[dict], work: Path, window: int, fit_seeds: list[int]) -> dict:
+    """The early warning on the card's online runs: each reading alone and the shipped rule
+    (``early_warning.BARS``) as logged, then bars fitted on ``fit_seeds`` (``fit_bar``) checked
+    on the other seeds, alone and combined."""
+    from rlhflab.instruments.early_warning import BARS
+
+    online = [r for r in runs if r["algo"] != "dpo"]
+    evals = {(r["condition"], r["algo"], r["seed"]): warning_evals(work / r["condition"] / f"s{r['seed']}" / r["algo"],
+                                                                   window) for r in online}
+    noise = gold_noise(online)
+    # two standard errors of a difference of two evaluations (0 where one seed cannot tell the noise)
+    margin = 2 * math.sqrt(2) * noise if math.isfinite(noise) else 0.0
+    fit = [r for r in online if r["seed"] in fit_seeds]
+    check = [r for r in online if r["seed"] not in fit_seeds]
+    shipped = {name: BARS[name][0] for name in SIGNALS if name in BARS}
+    fitted = {name: bar for name in SIGNALS if (bar := fit_bar(fit, evals, name)) is not None}
+    out = {"gold_noise": noise, "fall_margin": margin, "fit_seeds": fit_seeds,
+           "check_seeds": sorted({r["seed"] for r in check}),
+           "shipped": {"all": warning_record(online, evals, shipped, margin),
+                       **{n: warning_record(online, evals, {n: b}, margin) for n, b in shipped.items()}},
+           "fitted_bars": fitted,
+           "fit": {"combined": warning_record(fit, evals, fitted, margin),
+                   **{n: warning_record(fit, evals, {n: b}, margin) for n, b in fitted.items()}},
+           "check": {"combined": warning_record(check, evals, fitted, margin),
+                     **{n: warning_record(check, evals, {n: b}, margin) for n, b in fitted.items()}}}
+    return out
+
+
+def diagnosis(work: Path, cond: str, seed: int, algo: str, fresh: bool = False) -> tuple[dict, list[tuple]]:
+    """A run's diagnosis as a user gets it: ``rlhflab diagnose EVAL --json``, and for an online run
+    ``rlhflab diagnose RUN --json`` too (its curve's findings join the evaluation's; its verdict is
+    kept as ``run_verdict``). Each output is kept beside its target and reused unless ``fresh``.
+    Returns the diagnosis and the (name, command, seconds) of the diagnoses run."""
+    d = work / cond / f"s{seed}"
+    ran = []
+
+    def one(target: Path, name: str) -> dict:
+        kept = target.with_name(target.name + ".diagnosis.json")
+        if fresh or not kept.is_file():
+            shown, seconds, stdout = rlhflab(["diagnose", str(target), "--json"], target.with_name(target.name + ".diag.log"))
+            kept.write_text(stdout)
+            ran.append((name, shown, seconds))
+        return json.loads(kept.read_text())
+
+    found = one(d / f"eval_{algo}", f"{cond}/s{seed}/diagnose_eval_{algo}")
+    findings = [f["name"] for f in found["findings"]]
+    curve = None
+    if algo != "dpo":
+        curve = one(d / algo, f"{cond}/s{seed}/diagnose_{algo}")
+        findings += [f["name"] for f in curve["findings"] if f["name"] not in findings
+                     and f["severity"] != "ok" and f["name"] not in ("not_enough_evidence", "no_improvement")]
+    return {"verdict": found["verdict"], "findings": findings,
+            "run_verdict": curve["verdict"] if curve else None}, ran
+
+
 def summarize(runs: list[dict]) -> dict:
     """Per-rule hit rates, the confusion table, the verdict's accuracy and the early warning."""
     healthy = [r for r in runs if CONDITIONS[r["condition"]]["expect"] is None]
@@ -217,6 +377,11 @@ def publish(record: dict) -> Path:
     return CARD_FILE
 
 
+def window_of(overrides: list[str]) -> int:
+    """rl.eval_every as the card's overrides set it (the curve readings' window)."""
+    return int(next((x.split("=")[1] for x in reversed(overrides) if x.startswith("rl.eval_every=")), 10))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--card", choices=list(SIZES), default="card", help="the size (a preset and its overrides)")
@@ -228,6 +393,11 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "instrument_card.json")
     ap.add_argument("--jobs", type=int, default=1, help="runs at a time (each against its own reward model); "
                     "give each its threads with RLHFLAB_THREADS")
+    ap.add_argument("--analyze", action="store_true", help="run nothing new: recompute the summary and the warning "
+                    "study of the card in --out (with --rediagnose, every run diagnosed afresh by the code as it is)")
+    ap.add_argument("--rediagnose", action="store_true", help="with --analyze: run rlhflab diagnose again on every run")
+    ap.add_argument("--fit-seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4],
+                    help="the seeds the warning's bars are fitted on; the others check them")
     ap.add_argument("--publish", action="store_true", help="write the records diagnose prints beside each finding "
                     f"({CARD_FILE.relative_to(ROOT)}) from the finished card in --out")
     args = ap.parse_args()
@@ -243,6 +413,19 @@ def main() -> int:
     record = json.loads(args.out.read_text()) if args.out.is_file() else {}
     if (record.get("card"), record.get("overrides")) != (args.card, overrides):
         record = {}  # another size: a card of its own
+    if args.analyze:
+        if not record.get("runs"):
+            raise SystemExit(f"--analyze: no card of the {args.card} size in {args.out}")
+        if args.rediagnose:
+            for r in record["runs"]:
+                r["diagnosis"] = diagnosis(work, r["condition"], r["seed"], r["algo"], fresh=True)[0]
+        record["summary"] = summarize(record["runs"])
+        record["warning"] = warning_study(record["runs"], work, window_of(overrides), args.fit_seeds)
+        tmp = args.out.with_suffix(".tmp")
+        tmp.write_text(json.dumps(record, indent=1) + "\n")
+        tmp.replace(args.out)
+        print(json.dumps({"summary": record["summary"], "warning": record["warning"]}, indent=1))
+        return 0
     if args.publish:
         if not record.get("runs"):
             raise SystemExit(f"--publish: no finished card of the {args.card} size in {args.out}")
@@ -279,16 +462,6 @@ def main() -> int:
             record["stages"][name] = {"command": shown, "seconds": seconds}
             save()
 
-    def diagnose(name: str, target: Path) -> dict:
-        """``rlhflab diagnose TARGET --json``, its output kept beside the target."""
-        kept = target.with_name(target.name + ".diagnosis.json")
-        if not kept.is_file():
-            shown, seconds, stdout = rlhflab(["diagnose", str(target), "--json"], target.with_name(target.name + ".diag.log"))
-            kept.write_text(stdout)
-            with lock:
-                record["stages"][name] = {"command": shown, "seconds": seconds}
-        return json.loads(kept.read_text())
-
     sft = work / "sft"
     stage("sft", sft, ["sft", "--config", config, *sets(overrides), "--out", str(sft)])
 
@@ -316,20 +489,15 @@ def main() -> int:
         stage(f"{cond}/s{seed}/eval_{algo}", ev, ["eval", "--config", config, *sets(world), "--policy", str(run),
                                                  "--base", str(sft), *(["--rm", str(rm)] if algo != "dpo" else []),
                                                  "--seed", str(seed), "--out", str(ev)], marker="eval.json")
-        found = diagnose(f"{cond}/s{seed}/diagnose_eval_{algo}", ev)
-        findings = [f["name"] for f in found["findings"]]
-        curve = None
-        if algo != "dpo":
-            curve = diagnose(f"{cond}/s{seed}/diagnose_{algo}", run)
-            findings += [f["name"] for f in curve["findings"] if f["name"] not in findings
-                         and f["severity"] != "ok" and f["name"] not in ("not_enough_evidence", "no_improvement")]
+        found, ran = diagnosis(work, cond, seed, algo)
+        with lock:
+            record["stages"].update({name: {"command": shown, "seconds": sec} for name, shown, sec in ran})
         eval_json = json.loads((ev / "eval.json").read_text())
         tr = truth(eval_json, run if algo != "dpo" else None)
         with lock:
             record["runs"].append({
                 "condition": cond, "algo": algo, "seed": seed, "seconds": time.perf_counter() - t0,
-                "truth": tr, "diagnosis": {"verdict": found["verdict"], "findings": findings,
-                                           "run_verdict": curve["verdict"] if curve else None},
+                "truth": tr, "diagnosis": found,
                 "early_warning": early_warning(run, tr.get("gold_peak_step")) if algo != "dpo"
                 else {"measured": False, "fired": None, "fired_by": []}})
             save()

@@ -127,6 +127,8 @@ def test_a_world_run_logs_every_reading_and_diagnose_reads_the_warning(tiny_setu
     assert "warn/exploit_gain" not in evals[0] and evals[1]["warn/exploit_gain"] == evals[1]["rm_attack/top_gain_ci_low"]
     assert evals[1]["warn/fired"] == 2.0 and evals[1]["warn/fired_exploit_gain"] == 2.0
     assert "warn/fired" not in evals[2]  # the first step only
+    # the curve's readings from the second window on (steps 3-4 against 1-2), logged as they are
+    assert {"warn/entropy_drop", "warn/length_drift"} <= set(evals[2]) and "warn/entropy_drop" not in evals[1]
     assert summary["warn/fired"] == 2.0 and summary["warn/evals"] == 3.0
     readings, _ = load_readings(str(tmp_path / "run"), None)
     result = diagnose(readings)
@@ -263,3 +265,18 @@ def test_stop_on_warning_stops_at_the_warning_and_keeps_the_policy_before_it(tin
     assert "the run stopped there and kept the policy of step 0 (rl.stop_on_warning)" in found["evidence"]
     with pytest.raises(InputError, match="rl.stop_on_warning stops at the early warning"):
         load_config(ROOT / "configs" / "tiny.yaml", ["rl.stop_on_warning=true", "rl.early_warning=false"])
+
+
+def test_the_curve_readings_by_hand():
+    """Windows of 2 steps over 5 steps: KL means (0.1, 0.2) -> 0.15, (0.4, 0.6) -> 0.5, (1.5) -> 1.5:
+    acceleration (1.5 - 0.5) - (0.5 - 0.15) = 0.65; entropy 2.0 -> 1.0: drop 0.5; length 10 -> 20:
+    drift log 2. With two windows no acceleration; with one, nothing."""
+    from rlhflab.instruments.early_warning import curve_readings
+
+    kl, ent, length = [0.1, 0.2, 0.4, 0.6, 1.5], [2.0, 2.0, 1.5, 1.5, 1.0], [10, 10, 14, 16, 20]
+    steps = [{"objective/kl": a, "objective/entropy": b, "rollout/length_mean": c} for a, b, c in zip(kl, ent, length)]
+    out = curve_readings(steps, 2)
+    assert out["warn/kl_acceleration"] == pytest.approx(0.65)
+    assert out["warn/entropy_drop"] == pytest.approx(0.5) and out["warn/length_drift"] == pytest.approx(math.log(2))
+    assert set(curve_readings(steps[:4], 2)) == {"warn/entropy_drop", "warn/length_drift"}
+    assert curve_readings(steps[:2], 2) == {}

@@ -122,7 +122,10 @@ class OnlineRun:
                       "warn_evals": 0, "warn_fired": None, "warn_fired_by": [], "warn_exploit": None,
                       # rl.stop_on_warning: the step of the policy kept in before_warning/, and the step
                       # the run stopped at
-                      "warn_kept_step": None, "stopped_on_warning": None}
+                      "warn_kept_step": None, "stopped_on_warning": None,
+                      # per step, the metrics the training curve's warning readings read
+                      # (early_warning.CURVE_KEYS); None after resuming a checkpoint without them
+                      "curve": []}
         self.is_main = accelerator.is_main_process
         self.log = MetricsLog(self.out_dir / "metrics.jsonl" if self.out_dir else None, enabled=self.is_main,
                               accelerator=accelerator)
@@ -350,6 +353,10 @@ class OnlineRun:
         metrics.update({"kl/status": float(KL_STATUS.index(status)), "lr": self.scheduler.get_last_lr()[0],
                         "time/rollout": ro.seconds})
         self.state["step"] = step
+        if self.state["curve"] is not None and rl.early_warning:
+            from rlhflab.instruments.early_warning import CURVE_KEYS
+
+            self.state["curve"].append({k: metrics[k] for k in CURVE_KEYS.values() if k in metrics})
         evaluated = bool(rl.eval_every) and (step % rl.eval_every == 0 or step == rl.steps)
         if evaluated:
             metrics.update(self._held_out_eval(step))
@@ -523,16 +530,18 @@ class OnlineRun:
         when the run has none of the readings or ``rl.early_warning`` is off."""
         if not self.rl.early_warning:
             return {}
-        from rlhflab.instruments.early_warning import triggers
+        from rlhflab.instruments.early_warning import curve_readings, triggers
 
         st = self.state
         r = {k: v for k, v in readings.items() if k.startswith("warn/")}
         if st["warn_exploit"] is not None:
             r["warn/exploit_gain"] = st["warn_exploit"]
+        curve = curve_readings(st["curve"], self.rl.eval_every) if st["curve"] is not None else {}
+        r.update(curve)
         if not r:
             return {}
         st["warn_evals"] += 1
-        out = {"warn/evals": float(st["warn_evals"])}
+        out = {"warn/evals": float(st["warn_evals"]), **curve}
         if "warn/exploit_gain" in r:
             out["warn/exploit_gain"] = r["warn/exploit_gain"]
         fired = triggers(r)
@@ -676,6 +685,7 @@ class OnlineRun:
         if "best_gold" in state:  # checkpoints written before held-out evaluation on user data
             state["best_eval"] = state.pop("best_gold")
         state.pop("algo", None)
+        state.setdefault("curve", None)  # written before the curve readings: none after the resume
         self.state.update(state)
 
     # -- the end -----------------------------------------------------------------------

@@ -32,6 +32,12 @@ hidden state at the pooled token), per member of an ensemble; readings average t
   through a judge instead of gold).
 - ``warn/exploit_gain``: the low end of the 95% interval of the reward-model attack's
   first-ranked pattern (``rl.attack_every``, ``instruments.rm_attack``), its last attack.
+- ``warn/kl_acceleration``, ``warn/entropy_drop``, ``warn/length_drift`` (``curve_readings``):
+  the run's own training curve in windows of ``rl.eval_every`` steps: the second difference
+  of the mean KL over the last three windows, the fall of the mean entropy from the first
+  window's, and the log-ratio of the mean response length to the first window's. The
+  readings users of reward-hacking monitors watch (KL acceleration, entropy collapse, length
+  drift); logged, and in the rule only where the instrument card found them to warn.
 
 The rule (``triggers``): any one reading past its bar (``BARS``) fires; ``warn/fired`` is the
 step of the first evaluation at which one did, ``warn/fired_<reading>`` names which, and
@@ -141,3 +147,44 @@ def triggers(readings: dict[str, float], bars: dict[str, tuple[float, str]] | No
         if x > limit:
             fired.append(name)
     return fired
+
+
+# The per-step metrics the curve readings read, by reading.
+CURVE_KEYS = {"kl": "objective/kl", "entropy": "objective/entropy", "length": "rollout/length_mean"}
+
+
+def curve_readings(steps: list[dict], window: int) -> dict[str, float]:
+    """The training curve's readings at an evaluation, from the run's per-step metrics so far
+    (``steps``: one dict per step, in order, with ``CURVE_KEYS``' values), in consecutive
+    windows of ``window`` steps from the first (a last, partial window counts as one):
+
+        m_j(x)            = mean of x over window j, j = 0 .. J (J the last)
+        kl_acceleration   = (m_J(kl) - m_{J-1}(kl)) - (m_{J-1}(kl) - m_{J-2}(kl))   (J >= 2)
+        entropy_drop      = 1 - m_J(entropy) / m_0(entropy)                          (J >= 1)
+        length_drift      = |log(m_J(length) / m_0(length))|                         (J >= 1)
+
+    KL in nats (the sequence KL the run logs), entropy in nats per token, length in tokens.
+    {} before a second window; a reading whose values are missing or not positive where it
+    divides is left out."""
+    if window < 1:
+        raise ValueError(f"window must be >= 1, got {window}")
+    windows = [steps[i:i + window] for i in range(0, len(steps), window)]
+
+    def mean(j: int, name: str) -> float | None:
+        xs = [r.get(CURVE_KEYS[name]) for r in windows[j]]
+        xs = [float(x) for x in xs if isinstance(x, (int, float)) and math.isfinite(x)]
+        return sum(xs) / len(xs) if xs else None
+
+    out: dict[str, float] = {}
+    if len(windows) < 2:
+        return out
+    kl = [mean(j, "kl") for j in range(len(windows))]
+    if len(windows) >= 3 and None not in kl[-3:]:
+        out["warn/kl_acceleration"] = (kl[-1] - kl[-2]) - (kl[-2] - kl[-3])
+    h0, h = mean(0, "entropy"), mean(-1, "entropy")
+    if h0 is not None and h is not None and h0 > 0:
+        out["warn/entropy_drop"] = 1.0 - h / h0
+    l0, length = mean(0, "length"), mean(-1, "length")
+    if l0 is not None and length is not None and l0 > 0 and length > 0:
+        out["warn/length_drift"] = abs(math.log(length / l0))
+    return out
