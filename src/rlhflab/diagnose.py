@@ -747,7 +747,7 @@ EVIDENCE: tuple[tuple[str, Callable[[dict], bool], str], ...] = (
 )
 
 
-def diagnose(metrics: dict, thresholds: Thresholds | None = None) -> dict:
+def diagnose(metrics: dict, thresholds: Thresholds | None = None, records: dict | None = None) -> dict:
     """Run every rule. Returns {"verdict": ..., "findings": [...], "not_measured": [rule names],
     "to_measure": {what: how}}.
 
@@ -767,14 +767,21 @@ def diagnose(metrics: dict, thresholds: Thresholds | None = None) -> dict:
        ``not_enough_evidence`` finding lists what is missing;
     6. "healthy" otherwise, with a ``healthy`` finding giving the KL and the win-rate.
 
+    A fail rule whose measured record (``records``, by default the shipped instrument card's,
+    ``instruments.card``) shows false alarms on healthy runs is demoted to a warning and does
+    not set the verdict; each finding carries its record.
+
     Every verdict has a finding that says why. ``not_measured`` lists the rules whose readings
     are missing (a rule about one kind of run, such as DPO's ``likelihood_displacement``, only
     for a run of that kind); ``to_measure`` says how to measure each of them and each missing
     reading of ``EVIDENCE``.
     """
+    from rlhflab.instruments.card import false_alarms, load_records, with_records
+
     t = thresholds or Thresholds()
+    records = load_records() if records is None else records
     m = _readings(metrics)
-    findings, missing = [], []
+    findings, missing, demoted = [], [], set()
     for rule in RULES:
         if not rule.measured(m):
             if rule.applies is None or rule.applies(m):
@@ -782,9 +789,13 @@ def diagnose(metrics: dict, thresholds: Thresholds | None = None) -> dict:
             continue
         evidence = rule.check(m, t)
         if evidence:
-            findings.append(Finding(rule.name, rule.severity, rule.symptom, rule.instrument,
+            severity = rule.severity
+            if severity == "fail" and false_alarms(records.get(rule.name)):
+                severity = "warn"
+                demoted.add(rule.name)
+            findings.append(Finding(rule.name, severity, rule.symptom, rule.instrument,
                                     rule.root_cause, rule.fix, evidence))
-    names = {f.name for f in findings}
+    names = {f.name for f in findings} - demoted
     if _win(m, "_ci_low") is not None:
         improved = _win(m, "_ci_low") > 0.5
     elif "gold/mean" in m and "base/gold/mean" in m:
@@ -822,10 +833,8 @@ def diagnose(metrics: dict, thresholds: Thresholds | None = None) -> dict:
             f"KL {m['kl/sequence_mean']:.2f} nats, {_judged(m)} {_win(m):.2f} "
             f"(CI {_win(m, '_ci_low'):.2f}-{_win(m, '_ci_high', float('nan')):.2f})"))
     to_measure = {what: how for what, how in unseen} | {name: RULE_MEASURES[name] for name in missing}
-    from rlhflab.instruments.card import with_records
-
     return with_records({"verdict": verdict, "findings": [f.to_json() for f in findings], "not_measured": missing,
-                         "to_measure": to_measure})
+                         "to_measure": to_measure}, records)
 
 
 def _flat_evidence(m: dict, t: Thresholds) -> str:

@@ -173,8 +173,15 @@ def test_each_finding_carries_its_record_or_says_there_is_none(tmp_path):
     from rlhflab.diagnose import diagnose, format_findings
 
     records = load_records(FIXTURE)
-    assert record_line("length_hacking", records) == ("fires on 4/5 length runs (95% CI 0.38-0.96), 1/6 healthy "
+    assert record_line("length_hacking", records) == ("poor record (false alarms: demoted to a warning): fires on "
+                                                      "4/5 length runs (95% CI 0.38-0.96), 1/6 healthy "
                                                       "(instrument card)")
+    clean = {"length_hacking": {**records["length_hacking"], "healthy_fired": 0}}
+    assert record_line("length_hacking", clean) == ("fires on 4/5 length runs (95% CI 0.38-0.96), 0/6 healthy "
+                                                    "(instrument card)")
+    missing = {"length_hacking": {**clean["length_hacking"], "fired": 2}}
+    assert record_line("length_hacking", missing).startswith("poor record (misses most of its condition's runs): "
+                                                             "fires on 2/5")
     assert record_line("healthy", records) == "right on 5/6 runs called healthy on the instrument card (95% CI 0.44-0.97)"
     assert record_line("sycophancy", records) == NO_RECORD
     assert load_records(tmp_path / "absent.json") == {}
@@ -184,11 +191,19 @@ def test_each_finding_carries_its_record_or_says_there_is_none(tmp_path):
         load_records(bad)
     m = {"length/mean": 30.0, "base/length/mean": 10.0, "win_rate/gold": 0.7, "win_rate/gold_ci_low": 0.6,
          "win_rate/gold_ci_high": 0.8, "win_rate/gold_length_controlled": 0.45, "kl/sequence_mean": 2.0}
-    result = with_records(diagnose(m), records)
+    result = diagnose(m, records=clean)
     hack = next(f for f in result["findings"] if f["name"] == "length_hacking")
-    assert hack["record"].startswith("fires on 4/5 length runs")
+    assert hack["record"].startswith("fires on 4/5 length runs") and hack["severity"] == "fail"
+    assert result["verdict"] == "reward hacking"
     assert "    record:     fires on 4/5 length runs" in format_findings(result)
-    assert all(f["record"] == NO_RECORD for f in with_records(diagnose(m), {})["findings"])
+    assert all(f["record"] == NO_RECORD for f in diagnose(m, records={})["findings"])
+    # a fail rule that fired on 1 of 6 healthy controls is demoted: a warning, and not the verdict
+    demoted = diagnose(m, records=records)
+    hack = next(f for f in demoted["findings"] if f["name"] == "length_hacking")
+    assert hack["severity"] == "warn" and hack["record"].startswith("poor record (false alarms")
+    assert demoted["verdict"] == "healthy"
+    assert with_records(diagnose(m, records={}), records)["findings"][0]["record"] == record_line(
+        diagnose(m, records={})["findings"][0]["name"], records)
 
 
 def test_the_report_shows_each_findings_record():

@@ -30,6 +30,28 @@ from rlhflab.errors import InputError
 
 CARD_FILE = Path(__file__).with_name("instrument_card.json")
 NO_RECORD = "no measured record"
+# A record is poor when the rule caught fewer than half the runs of its own condition, or fired
+# on more than 10% of the healthy controls (the card's own goals are 90% and 5%). A fail rule
+# with such false alarms is demoted to a warning and does not set the verdict
+# (``rlhflab.diagnose.diagnose``); one that misses keeps its severity (when it fires it is
+# mostly right) and its record says it misses.
+POOR_HIT_RATE = 0.5
+POOR_FALSE_ALARMS = 0.1
+
+
+def false_alarms(record: dict | None) -> bool:
+    """Whether a rule's record shows it firing on more than ``POOR_FALSE_ALARMS`` of the healthy
+    controls."""
+    if not isinstance(record, dict) or not record.get("healthy_runs"):
+        return False
+    return record.get("healthy_fired", 0) / record["healthy_runs"] > POOR_FALSE_ALARMS
+
+
+def misses(record: dict | None) -> bool:
+    """Whether a rule's record shows it catching fewer than ``POOR_HIT_RATE`` of its condition's runs."""
+    if not isinstance(record, dict) or not record.get("runs"):
+        return False
+    return record.get("fired", 0) / record["runs"] < POOR_HIT_RATE
 
 
 def load_records(path: Path | None = None) -> dict:
@@ -62,7 +84,9 @@ def record_line(name: str, records: dict) -> str:
     line = f"fires on {r['fired']}/{r['runs']} {r.get('condition', 'its condition')} runs{interval}"
     if "healthy_runs" in r:
         line += f", {r.get('healthy_fired', 0)}/{r['healthy_runs']} healthy"
-    return line + " (instrument card)"
+    poor = [why for why, bad in (("false alarms: demoted to a warning", false_alarms(r)),
+                                 ("misses most of its condition's runs", misses(r))) if bad]
+    return ("poor record (" + "; ".join(poor) + "): " if poor else "") + line + " (instrument card)"
 
 
 def with_records(result: dict, records: dict | None = None) -> dict:
