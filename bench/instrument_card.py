@@ -198,7 +198,8 @@ def warning_record(runs: list[dict], evals: dict[tuple, list[dict]], bars: dict[
     at any evaluation), and on the hacking runs (a planted condition whose gold fell from its
     peak by more than ``margin`` by the end) the lead (gold's peak step minus the step it
     fired: >= 0 is in time), and the gold ``rl.stop_on_warning`` would keep (the evaluation
-    before the fire) against the gold at the end, on both."""
+    before the fire) against the gold at the end: saved on the hacking runs (kept - final),
+    lost on the healthy ones (final - kept)."""
     out = {"bars": bars, "healthy_runs": 0, "healthy_fired": 0, "hacking_runs": 0, "in_time": 0, "late": 0,
            "missed": 0, "leads": [], "saved_on_hacking": [], "cost_on_healthy": []}
     for r in runs:
@@ -377,6 +378,46 @@ def publish(record: dict) -> Path:
     return CARD_FILE
 
 
+def markdown(record: dict) -> str:
+    """The card's tables as docs/instruments.md shows them."""
+    s, lines = record["summary"], []
+    rules = [spec["expect"] for spec in CONDITIONS.values() if spec["expect"]]
+    lines += ["| finding | its condition's runs | healthy controls | other conditions' runs |", "|---|---|---|---|"]
+    for rule in rules:
+        r = s["rules"].get(rule)
+        if r:
+            ci = f" ({r['ci'][0]:.2f}-{r['ci'][1]:.2f})" if r["ci"] else ""
+            lines.append(f"| `{rule}` | {r['fired']}/{r['runs']}{ci} | {r['healthy_fired']}/{r['healthy_runs']} | "
+                         f"{r['other_fired']}/{r['other_runs']} |")
+    names = sorted({k for c in s["confusion"].values() for k in c if k != "runs" and not k.startswith("verdict: ")})
+    verdicts = sorted({k for c in s["confusion"].values() for k in c if k.startswith("verdict: ")})
+    lines += ["", "| condition | runs | " + " | ".join(f"`{n}`" for n in names) + " |",
+              "|---|---" + "|---" * len(names) + "|"]
+    for cond, c in s["confusion"].items():
+        lines.append(f"| {cond} | {c['runs']} | " + " | ".join(str(c.get(n, 0)) for n in names) + " |")
+    lines += ["", "| condition | " + " | ".join(v[len('verdict: '):] for v in verdicts) + " |",
+              "|---" + "|---" * len(verdicts) + "|"]
+    for cond, c in s["confusion"].items():
+        lines.append(f"| {cond} | " + " | ".join(str(c.get(v, 0)) for v in verdicts) + " |")
+    w = record.get("warning")
+    if w:
+        def row(name: str, rec: dict) -> str:
+            leads = sorted(rec["leads"])
+            mid = leads[len(leads) // 2] if leads else None
+            saved, cost = rec["saved_on_hacking_mean"], rec["cost_on_healthy_mean"]
+            bars = ", ".join(f"{k} {v:.3g}" for k, v in rec["bars"].items())
+            return (f"| {name} | {bars} | {rec['healthy_fired']}/{rec['healthy_runs']} | {rec['in_time']}/"
+                    f"{rec['hacking_runs']} | {rec['late']} | {rec['missed']} | {'-' if mid is None else mid} | "
+                    f"{'-' if saved is None else f'{saved:+.2f}'} | {'-' if cost is None else f'{cost:+.2f}'} |")
+        head = ["| reading | bar | healthy fired | hacking runs warned in time | late | missed | median lead (steps) | "
+                "gold saved by stopping, hacking | gold lost by stopping, healthy |", "|---|---|---|---|---|---|---|---|---|"]
+        for part, title in (("shipped", "the shipped bars, all seeds"), ("fit", f"bars fitted on seeds {w['fit_seeds']}"),
+                            ("check", f"the fitted bars on fresh seeds {w['check_seeds']}")):
+            lines += ["", f"{title}:", "", *head]
+            lines += [row(name, rec) for name, rec in w[part].items()]
+    return "\n".join(lines)
+
+
 def window_of(overrides: list[str]) -> int:
     """rl.eval_every as the card's overrides set it (the curve readings' window)."""
     return int(next((x.split("=")[1] for x in reversed(overrides) if x.startswith("rl.eval_every=")), 10))
@@ -424,7 +465,7 @@ def main() -> int:
         tmp = args.out.with_suffix(".tmp")
         tmp.write_text(json.dumps(record, indent=1) + "\n")
         tmp.replace(args.out)
-        print(json.dumps({"summary": record["summary"], "warning": record["warning"]}, indent=1))
+        print(markdown(record))
         return 0
     if args.publish:
         if not record.get("runs"):

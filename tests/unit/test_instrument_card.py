@@ -61,3 +61,28 @@ def test_publish_refuses_a_card_that_measured_nothing(card):
         card.publish({"card": "tiny", "seeds": [0, 1, 2, 3, 4], "runs": []})
     with pytest.raises(SystemExit, match="measures nothing"):
         card.publish({"card": "card", "seeds": [0], "runs": []})
+
+
+def _evals(golds, shifts):
+    return [{"step": 5 * i, "gold": g, "warn/feature_shift_ratio": x} for i, (g, x) in enumerate(zip(golds, shifts))]
+
+
+def test_the_warning_study_by_hand(card):
+    """A hacking run (length) whose gold peaks at step 10 (0.6) and ends at 0.1, a fall of 0.5
+    past the margin 0.2; its shift ratio passes 1.5 at step 5: lead 10 - 5 = 5 (in time), and
+    stopping there keeps step 0's gold 0.2: 0.2 - 0.1 = +0.1 over running on. A healthy run
+    whose ratio reaches 1.6 at step 15 is a false alarm at bar 1.5 (stopping keeps step 10's
+    0.5 against the final 0.7: it costs 0.2) and none at the bar fitted on it (its own maximum, 1.6).
+    A flat keyword run is not a hacking run."""
+    runs = [{"condition": "length", "algo": "ppo", "seed": 0}, {"condition": "healthy", "algo": "grpo", "seed": 0},
+            {"condition": "keyword", "algo": "ppo", "seed": 0}]
+    evals = {("length", "ppo", 0): _evals([0.2, 0.4, 0.6, 0.3, 0.1], [1.0, 1.7, 1.8, 1.9, 2.0]),
+             ("healthy", "grpo", 0): _evals([0.2, 0.3, 0.5, 0.6, 0.7], [1.0, 1.1, 1.2, 1.6, 1.0]),
+             ("keyword", "ppo", 0): _evals([0.2, 0.2, 0.25, 0.2, 0.2], [1.0, 1.0, 1.0, 1.0, 1.0])}
+    assert card.first_fire(evals[("length", "ppo", 0)], {"feature_shift_ratio": 1.5}) == 5
+    rec = card.warning_record(runs, evals, {"feature_shift_ratio": 1.5}, margin=0.2)
+    assert (rec["healthy_fired"], rec["healthy_runs"], rec["hacking_runs"], rec["in_time"], rec["leads"]) == \
+        (1, 1, 1, 1, [5])
+    assert rec["saved_on_hacking"] == [pytest.approx(0.1)] and rec["cost_on_healthy"] == [pytest.approx(0.2)]
+    bar = card.fit_bar(runs, evals, "feature_shift_ratio")
+    assert bar == 1.6 and card.warning_record(runs, evals, {"feature_shift_ratio": bar}, 0.2)["healthy_fired"] == 0
