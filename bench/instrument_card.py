@@ -81,6 +81,7 @@ SIZES: dict[str, tuple[str, list[str]]] = {
 # Readings of eval.json kept as the truth's features: (key, how it moved against SFT).
 FEATURES = {"length": ("length/mean", "ratio"), "keywords": ("keywords/density", "ratio"),
             "benign_refusals": ("refusal/benign_rate", "difference"),
+            "harmful_refusals": ("refusal/harmful_rate", "difference"),
             "agreement": ("sycophancy/agree_rate", "difference")}
 MIN_SEEDS_TO_PUBLISH = 5
 
@@ -382,13 +383,21 @@ def markdown(record: dict) -> str:
     """The card's tables as docs/instruments.md shows them."""
     s, lines = record["summary"], []
     rules = [spec["expect"] for spec in CONDITIONS.values() if spec["expect"]]
-    lines += ["| finding | its condition's runs | healthy controls | other conditions' runs |", "|---|---|---|---|"]
+    parts = [("all seeds", s), *((f"{k} seeds {v['seeds']}", v) for k, v in record.get("summary_by_seeds", {}).items())]
+    lines += ["| finding | seeds | its condition's runs | healthy controls | other conditions' runs |",
+              "|---|---|---|---|---|"]
     for rule in rules:
-        r = s["rules"].get(rule)
-        if r:
-            ci = f" ({r['ci'][0]:.2f}-{r['ci'][1]:.2f})" if r["ci"] else ""
-            lines.append(f"| `{rule}` | {r['fired']}/{r['runs']}{ci} | {r['healthy_fired']}/{r['healthy_runs']} | "
-                         f"{r['other_fired']}/{r['other_runs']} |")
+        for title, part in parts:
+            r = part["rules"].get(rule)
+            if r:
+                ci = f" ({r['ci'][0]:.2f}-{r['ci'][1]:.2f})" if r["ci"] else ""
+                lines.append(f"| `{rule}` | {title} | {r['fired']}/{r['runs']}{ci} | {r['healthy_fired']}/"
+                             f"{r['healthy_runs']} | {r['other_fired']}/{r['other_runs']} |")
+    lines += ["", "| verdict | seeds | right by gold | called healthy | healthy by gold of those |", "|---|---|---|---|---|"]
+    for title, part in parts:
+        v = part["verdict"]
+        lines.append(f"| | {title} | {v['right']}/{v['runs']} | {v['healthy_called']} | {v['healthy_right']}/"
+                     f"{v['healthy_called']} |")
     names = sorted({k for c in s["confusion"].values() for k in c if k != "runs" and not k.startswith("verdict: ")})
     verdicts = sorted({k for c in s["confusion"].values() for k in c if k.startswith("verdict: ")})
     lines += ["", "| condition | runs | " + " | ".join(f"`{n}`" for n in names) + " |",
@@ -457,10 +466,17 @@ def main() -> int:
     if args.analyze:
         if not record.get("runs"):
             raise SystemExit(f"--analyze: no card of the {args.card} size in {args.out}")
-        if args.rediagnose:
-            for r in record["runs"]:
+        for r in record["runs"]:  # the truth again from the kept evaluations (the same gold; features added since)
+            d = work / r["condition"] / f"s{r['seed']}"
+            r["truth"] = truth(json.loads((d / f"eval_{r['algo']}" / "eval.json").read_text()),
+                               d / r["algo"] if r["algo"] != "dpo" else None)
+            if args.rediagnose:
                 r["diagnosis"] = diagnosis(work, r["condition"], r["seed"], r["algo"], fresh=True)[0]
         record["summary"] = summarize(record["runs"])
+        record["summary_by_seeds"] = {  # the rules' thresholds were set on the fit seeds: the others check them
+            "fit": {"seeds": args.fit_seeds, **summarize([r for r in record["runs"] if r["seed"] in args.fit_seeds])},
+            "check": {"seeds": sorted({r["seed"] for r in record["runs"]} - set(args.fit_seeds)),
+                      **summarize([r for r in record["runs"] if r["seed"] not in args.fit_seeds])}}
         record["warning"] = warning_study(record["runs"], work, window_of(overrides), args.fit_seeds)
         tmp = args.out.with_suffix(".tmp")
         tmp.write_text(json.dumps(record, indent=1) + "\n")

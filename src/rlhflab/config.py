@@ -35,6 +35,7 @@ from rlhflab.registry import (
     LR_SCHEDULES,
     ONLINE_ALGORITHMS,
     PREFERENCE_LOSSES,
+    SAMPLERS,
     SAMPLING_ARMS,
     SEQUENCE_BASELINES,
 )
@@ -467,6 +468,9 @@ class RLConfig:
                                    "update) allowed before the run stops; without tis_cap the two come from "
                                    "the same weights and must agree to float precision (under bf16 or fp16 "
                                    "at least distributed.MIXED_PRECISION_MISMATCH_NATS = 0.5)", ">= 0")
+    sampler: str = _f("engine", f"what decodes the rollouts: {_words(SAMPLERS)} (rlhflab.samplers), or "
+                      "module:factory, a factory(policy, tokenizer) of a sampler of one's own; an external sampler "
+                      "gets the trainer's weights before each rollout after an update (docs/scaling.md)")
 
     def cross_check(self, at: str) -> Iterator[tuple[str, tuple[str, ...]]]:
         if self.rm_reduce_k is not None and self.rm_reduce != "mean_minus_std":
@@ -476,6 +480,14 @@ class RLConfig:
             yield (f"{at}.stop_on_warning stops at the early warning, which {at}.early_warning=true and "
                    f"{at}.eval_every > 0 compute (they are {str(self.early_warning).lower()} and {self.eval_every})",
                    (f"{at}.stop_on_warning", f"{at}.early_warning", f"{at}.eval_every"))
+        where, colon, attr = self.sampler.rpartition(":")
+        if self.sampler not in SAMPLERS and not (colon and where and attr):
+            yield (f"{at}.sampler: expected {', '.join(SAMPLERS)} or module:factory, got {self.sampler!r}",
+                   (f"{at}.sampler",))
+        if self.sampler != "engine" and self.sharding != "ddp":
+            yield (f"{at}.sampler={self.sampler} is sent the policy's whole weights after each update, which a "
+                   f"sharded policy does not gather for it: use {at}.sharding=ddp or {at}.sampler=engine",
+                   (f"{at}.sampler", f"{at}.sharding"))
         if self.kl_caution > self.kl_warning:
             yield (f"{at}.kl_caution ({self.kl_caution:g}) must not exceed {at}.kl_warning ({self.kl_warning:g})",
                    (f"{at}.kl_caution", f"{at}.kl_warning"))

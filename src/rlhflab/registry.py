@@ -295,6 +295,21 @@ JUDGE_KINDS = Registry("judge", [
 
 
 # ---------------------------------------------------------------------------------------
+# Samplers of online RL (``rl.sampler``): what decodes the rollouts
+# ---------------------------------------------------------------------------------------
+# The target builds the sampler from the policy and its tokenizer (``samplers.make_sampler``);
+# ``engine`` has none: the rollout decodes with the project's own engine, from the policy's
+# weights. Any other ``rl.sampler`` is ``module:factory``, a factory of the same signature.
+
+SAMPLERS = Registry("sampler", [
+    Entry("engine", "rlhflab.generation:generate",
+          "the project's decoding loop on the policy's own weights (rlhflab.generation)"),
+    Entry("vllm", "rlhflab.samplers:VLLMSampler",
+          "vLLM's offline LLM.generate, the trainer's weights loaded into it after each update (Kwon et al. 2023)"),
+])
+
+
+# ---------------------------------------------------------------------------------------
 # How far from the reference is too far
 # ---------------------------------------------------------------------------------------
 

@@ -9,7 +9,8 @@ algorithms only consume the ``Rollout``.
    row i of step s draws from ``row_seed(seed, s, i)``, i its index in the *global*
    batch, so a row's response does not depend on how rows are split into chunks or
    processes (which makes the multi-process test meaningful and a resumed run replay
-   the same samples).
+   the same samples). Or an external sampler (``rlhflab.samplers``, ``rl.sampler``) decodes
+   and returns each drawn token's log-prob; its samples are laid out the same way.
 2. Log-probs of the policy and of the frozen reference on the sampled tokens, both on the
    logits divided by the sampling temperature (what the sampler drew from), with the same
    position ids as generation (left padding counted out). The policy's come from the
@@ -217,7 +218,7 @@ class Rollout:
 def collect_rollout(policy, reference, tokenizer, prompts: list[str], seeds: Sequence[int], reward, *,
                     generation, group_size: int = 1, value_model=None, no_eos_penalty: float = 0.0,
                     forward_batch_size: int | None = None, rescore: bool = False,
-                    rows: Sequence[dict] | None = None) -> Rollout:
+                    rows: Sequence[dict] | None = None, sampler=None) -> Rollout:
     """Generate, score and measure one batch.
 
     Args:
@@ -238,27 +239,45 @@ def collect_rollout(policy, reference, tokenizer, prompts: list[str], seeds: Seq
             ``sampler_logprobs``. What truncated importance sampling needs when sampler and
             trainer legitimately differ. Without it the sampler's log-probs are the old
             log-probs (one in-process engine: equal to float precision).
+        rows: the prompts' data rows, passed to the reward functions.
+        sampler: an external sampler (``rlhflab.samplers``) that decodes in place of the
+            engine, its weights already synced; None: the engine on ``policy``. Its samples
+            get their entropy from a forward pass of the policy (the same pass re-scores
+            them with ``rescore``).
     """
     from rlhflab.data import prompt_ids
     from rlhflab.rewards import score_responses
 
     T = generation.temperature
     encoded = [prompt_ids(p, tokenizer) for p in prompts]
-    gen = generate(policy, encoded, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                   seeds=seeds, temperature=T, top_k=generation.top_k, top_p=generation.top_p,
-                   max_new_tokens=generation.max_new_tokens, batch_size=generation.batch_size,
-                   record_logprobs=True)
+    if sampler is None:
+        gen = generate(policy, encoded, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                       seeds=seeds, temperature=T, top_k=generation.top_k, top_p=generation.top_p,
+                       max_new_tokens=generation.max_new_tokens, batch_size=generation.batch_size,
+                       record_logprobs=True)
+    else:
+        from rlhflab.samplers import SamplingSettings, sample_with
+
+        settings = SamplingSettings(temperature=T, top_k=generation.top_k, top_p=generation.top_p,
+                                    max_new_tokens=generation.max_new_tokens,
+                                    eos_token_ids=(tokenizer.eos_token_id,), pad_token_id=tokenizer.pad_token_id,
+                                    batch_size=generation.batch_size)
+        gen = sample_with(sampler, policy, encoded, seeds, settings)
     p_ids, p_mask, r_ids, r_mask, eos = gen.prompt_ids, gen.prompt_mask, gen.response_ids, gen.response_mask, gen.eos
     device = next(policy.parameters()).device
     fb = forward_batch_size or generation.batch_size
     B, R = r_ids.shape
     logps = gen.logprobs.clone() if rescore else gen.logprobs
-    ref_logps, vals = [], []
+    ref_logps, vals, ent_parts = [], [], []
     for s in range(0, B, fb):
         args = [t[s:s + fb].to(device) for t in (p_ids, p_mask, r_ids, r_mask)]
-        if rescore:
-            lp, _ = forward_response(policy, *args, temperature=T)
-            logps[s:s + fb] = lp.cpu()
+        if rescore or gen.entropy is None:
+            lp, ent = forward_response(policy, *args, temperature=T, with_entropy=gen.entropy is None,
+                                       entropy_grad=False)
+            if rescore:
+                logps[s:s + fb] = lp.cpu()
+            if ent is not None:
+                ent_parts.append(ent.float().cpu())
         ref_lp, _ = forward_response(reference, *args, temperature=T)
         ref_logps.append(ref_lp.cpu())
         if value_model is not None:
@@ -271,6 +290,7 @@ def collect_rollout(policy, reference, tokenizer, prompts: list[str], seeds: Seq
     return Rollout(
         prompts=list(prompts), texts=texts, prompt_ids=p_ids, prompt_mask=p_mask, response_ids=r_ids,
         mask=r_mask.float(), eos=eos.bool(), logprobs=logps, sampler_logprobs=gen.logprobs,
-        ref_logprobs=torch.cat(ref_logps), entropy=gen.entropy, scores=scores,
+        ref_logprobs=torch.cat(ref_logps), entropy=gen.entropy if gen.entropy is not None else torch.cat(ent_parts),
+        scores=scores,
         values=torch.cat(vals) if vals else None, group_size=group_size, seeds=list(seeds),
     )

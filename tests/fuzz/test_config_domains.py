@@ -44,8 +44,10 @@ TINY = ROOT / "configs" / "tiny.yaml"
 # Fields whose values are free text or are checked where they are used, not by a domain:
 # paths to local checkpoints, and the lists of arms/algorithms (``rlhflab run`` checks them
 # against its registry of algorithms), the module names LoRA adapts (``lora.attach`` checks
-# them against the model's modules).
-FREE = {"model.path", "rm.backbone", "run.arms", "run.bandit_algos", "lora.target_modules", "run.constitution"}
+# them against the model's modules), the sampler of online RL (a registered name or
+# module:factory: ``RLConfig.cross_check``).
+FREE = {"model.path", "rm.backbone", "run.arms", "run.bandit_algos", "lora.target_modules", "run.constitution",
+        "rl.sampler"}
 
 
 def _leaves(cls: type = Config, prefix: str = "") -> list[tuple[str, dataclasses.Field, typing.Any]]:

@@ -25,7 +25,7 @@ LAYERS: dict[int, tuple[str, tuple[str, ...]]] = {
     3: ("config", ("rlhflab.config", "rlhflab.constitution")),
     4: ("models, data and engine", ("rlhflab.data", "rlhflab.readers", "rlhflab.models", "rlhflab.reward_model",
                                     "rlhflab.lora", "rlhflab.training", "rlhflab.forward", "rlhflab.packing",
-                                    "rlhflab.generation", "rlhflab.sampling", "rlhflab.rollout",
+                                    "rlhflab.generation", "rlhflab.sampling", "rlhflab.samplers", "rlhflab.rollout",
                                     "rlhflab.rewards", "rlhflab.distributed")),
     5: ("instruments", ("rlhflab.instruments", "rlhflab.diagnose", "rlhflab.report")),
     6: ("training loops", ("rlhflab.algos",)),

@@ -135,6 +135,12 @@ class OnlineRun:
         self._attacked_rm = self._attack_target() if rl.attack_every else None
         self._warn_ref: dict | None = None  # the SFT policy's reference readings, drawn on first use
         self._warn_shown: dict[str, float] = {}  # the last warning readings, for the progress line
+        # rl.sampler: an external sampler (rlhflab.samplers) decodes the rollouts from a copy of the
+        # weights, sent before the first rollout and before the first rollout after each update
+        from rlhflab.samplers import make_sampler
+
+        self.sampler = make_sampler(rl.sampler, self.policy_module, tokenizer)
+        self._sampler_stale = True
 
     # -- modules -----------------------------------------------------------------------
 
@@ -188,11 +194,16 @@ class OnlineRun:
 
         t = time.perf_counter()
         prompts, seeds, rows = self.local_rows_of(step)
+        if self.sampler is not None and self._sampler_stale:
+            from rlhflab.samplers import policy_weights
+
+            self.sampler.load_weights(policy_weights(self.policy_module))
+            self._sampler_stale = False
         ro = collect_rollout(self.policy_module, self.reference, self.tokenizer, prompts, seeds, self.reward,
                              generation=self.cfg.generation, group_size=self.group_size,
                              value_model=self.value_module, no_eos_penalty=self.rl.no_eos_penalty,
                              forward_batch_size=self.rl.micro_batch_size, rescore=self.rl.tis_cap is not None,
-                             rows=rows)
+                             rows=rows, sampler=self.sampler)
         ro = ro.to(self.accelerator.device)
         return dataclasses.replace(ro, seconds=time.perf_counter() - t)
 
@@ -266,6 +277,9 @@ class OnlineRun:
             if rl.tis_cap is not None or not gap > tolerance:
                 return
             precision = "" if rl.mixed_precision == "no" else f" under {rl.mixed_precision}"
+            if rl.sampler != "engine":  # an external sampler: its copy of the weights is the first suspect
+                precision += (f"; the sampler is rl.sampler={rl.sampler}: weights it did not load (a sync that "
+                              "failed or was skipped) or kernels of its own")
             raise RunError(
                 f"step {step}: the sampler's log-probs are not the trainer's: max |log pi_train - log pi_sampler| = "
                 f"{gap:.3g} nats (mean {readings.get('rollout/logprob_diff_mean', float('nan')):.3g}, first-update "
@@ -299,6 +313,7 @@ class OnlineRun:
                                     functools.partial(self._optimizer_step, step), self.settings(), self.stats, gen,
                                     backward=self.accelerator.backward, no_sync=self._no_sync, first_perm=perm,
                                     mismatch_guard=self._mismatch_guard(step))
+        self._sampler_stale = True  # the optimizer stepped: the sampler's copy is a step behind
         metrics.update(extra)
         self.state["time_update"] += time.perf_counter() - t
         return metrics

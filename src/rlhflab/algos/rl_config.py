@@ -52,10 +52,22 @@ def resolve_rl_config(rl, algo: str):
     if rl.batch_size % rl.samples_per_prompt:
         raise InputError(f"batch_size {rl.batch_size} is not a multiple of samples_per_prompt "
                          f"{rl.samples_per_prompt}", field="rl.batch_size")
+    check_sampler_installed(rl.sampler)
     least = ONLINE_ALGORITHMS.entry(algo).options["min_samples_per_prompt"]
     if rl.samples_per_prompt < least:
         raise InputError(f"{algo} needs at least {least} samples per prompt", field="rl.samples_per_prompt")
     return rl
+
+
+def check_sampler_installed(sampler: str) -> None:
+    """``rl.sampler=vllm`` where vllm is not installed: one line naming the field, before
+    anything is written (``samplers.make_sampler`` imports it when the run starts)."""
+    import importlib.util
+
+    if sampler == "vllm" and importlib.util.find_spec("vllm") is None:
+        raise InputError("vllm is not installed here: rlhflab pins torch, and vLLM's wheels bring a CUDA build of "
+                         "their own (docs/scaling.md, 'An external inference engine'); install it beside a torch "
+                         "it supports, or leave rl.sampler=engine", field="rl.sampler")
 
 
 _CRITIC = ("vf_coef", "value_clip_eps", "value_lr", "value_init", "gae_lambda")
