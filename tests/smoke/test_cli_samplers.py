@@ -118,21 +118,22 @@ class NotASampler:
         self.policy = policy
 
 
-@pytest.mark.parametrize("sampler, message", [
-    ("vllm", "vllm is not installed"),
-    ("nosuchmodule:factory", "cannot import 'nosuchmodule'"),
-    ("tests.smoke.test_cli_samplers:NotASampler", "not a sampler"),
-    ("rlhflab.samplers:policy_weights", "factory(policy, tokenizer)"),
-    ("mysampler", "expected engine, vllm or module:factory"),
+@pytest.mark.parametrize("sampler, extra, message", [
+    ("vllm", [], "vllm is not installed"),
+    ("nosuchmodule:factory", [], "cannot import 'nosuchmodule'"),
+    ("tests.smoke.test_cli_samplers:NotASampler", [], "not a sampler"),
+    ("rlhflab.samplers:policy_weights", [], "factory(policy, tokenizer)"),
+    ("mysampler", [], "expected engine, vllm or module:factory"),
+    (COPY, ["--set", "rl.sharding=fsdp2"], "rl.sharding=ddp"),
 ])
-def test_a_sampler_that_cannot_be_had_exits_2_with_one_line(sampler, message, sft, tmp_path, capsys):
+def test_a_sampler_that_cannot_be_had_exits_2_with_one_line(sampler, extra, message, sft, tmp_path, capsys):
     """vllm is not installed here (and cannot be beside this project's torch); a factory that
     does not import, returns no sampler or takes other arguments; a word that is none of the
-    names."""
+    names; a sharded policy, whose whole weights nothing gathers for the sampler."""
     if sampler == "vllm" and importlib.util.find_spec("vllm") is not None:
         pytest.skip("vllm is installed here")
     out = tmp_path / "out"
-    assert _run(sft, out, "--set", f"rl.sampler={sampler}") == 2
+    assert _run(sft, out, "--set", f"rl.sampler={sampler}", *extra) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "rl.sampler" in err[0] and message in err[0], err
     assert not out.exists()
