@@ -81,6 +81,20 @@ def test_a_synced_external_sampler_trains_as_the_engine(sft, tmp_path):
     assert max((wa[k] - start[k]).abs().max().item() for k in wa) > 0.1  # it trained
 
 
+def test_a_lora_policy_sends_its_merged_weights(sft, tmp_path):
+    """With LoRA the copy is the plain model, sent W + (alpha / r) B A after each update: it
+    draws the engine's samples and the guard's gap stays at float rounding (measured 4.8e-7
+    nats). Sent the base weights alone it would be a stale sampler, stopped at step 2."""
+    lora = ["--set", "lora.r=4"]
+    engine, external = tmp_path / "engine", tmp_path / "external"
+    assert _run(sft, engine, *lora) == 0
+    assert _run(sft, external, *lora, "--set", f"rl.sampler={COPY}") == 0
+    for ra, rb in zip(_rows(engine), _rows(external), strict=True):
+        assert rb["objective/scores"] == ra["objective/scores"]
+        assert rb["rollout/logprob_diff_max"] < 1e-5
+        assert rb["loss/policy"] == pytest.approx(ra["loss/policy"], rel=1e-5)
+
+
 def test_a_stale_sampler_is_stopped_by_the_mismatch_guard(sft, tmp_path, capsys):
     """Without the sync the copy samples step 2 from the weights of step 0: the trainer's
     log-probs disagree by far more than rl.mismatch_tolerance and the run stops at step 2 with
