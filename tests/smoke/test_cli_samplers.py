@@ -151,3 +151,14 @@ def test_a_sampler_that_cannot_be_had_exits_2_with_one_line(sampler, extra, mess
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "rl.sampler" in err[0] and message in err[0], err
     assert not out.exists()
+
+
+def test_online_dpo_refuses_a_sampler_it_would_not_read(sft, tmp_path, capsys):
+    """`rlhflab iterate --method online-dpo` samples its pairs with the engine: rl.sampler
+    there is one line, exit code 2, not a setting silently ignored."""
+    out = tmp_path / "it"
+    assert main(["iterate", "--config", TINY, "--sft", sft, "--method", "online-dpo", "--out", str(out),
+                 "--set", f"rl.sampler={COPY}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "rl.sampler" in err[0] and "online DPO" in err[0], err
+    assert not out.exists()

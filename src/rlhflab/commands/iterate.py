@@ -237,6 +237,9 @@ def run(args) -> int:
     cfg = config_from_args(args)
     if args.rm_continue and args.method != "rl":
         raise InputError("online DPO trains no reward model", field="--rm-continue")
+    if args.method != "rl" and cfg.rl.sampler != "engine":
+        raise InputError("online DPO samples its pairs with the engine: rl.sampler is read by the online RL rounds "
+                         "only (--method rl)", field="rl.sampler")
     labels = None
     if args.labels is None and (args.labels_need is not None or args.labels_overlap != 3
                                 or args.labels_timeout != 86400.0):
