@@ -210,6 +210,31 @@ class Instrument:
         m.generate = generate
         self._undo.append(lambda: delattr(m, "generate"))
 
+    def wrap_decoder(self, owner, name: str, tokens) -> None:
+        """Count the function ``owner.<name>`` as generation, as ``generate`` is counted on a
+        model: for a library that decodes with its own engine instead of HF ``generate``
+        (rlhflab: ``rlhflab.rollout.generate``, the engine's entry point the rollout calls).
+        Its wall time goes to ``generate``, the model forwards inside it are not counted
+        again, and ``tokens(result)`` (generated tokens up to and including each row's first
+        EOS) is added to ``generated_tokens``."""
+        inst = self
+        orig = getattr(owner, name)
+
+        @functools.wraps(orig)
+        def decode(*a, **kw):
+            t0 = time.perf_counter()
+            inst._depth += 1
+            try:
+                out = orig(*a, **kw)
+            finally:
+                inst._depth -= 1
+                inst.totals["generate"] += time.perf_counter() - t0
+            inst.generated_tokens += int(tokens(out))
+            return out
+
+        setattr(owner, name, decode)
+        self._undo.append(lambda: setattr(owner, name, orig))
+
     def close(self) -> None:
         for undo in reversed(self._undo):
             undo()
@@ -230,3 +255,33 @@ def real_tokens(response_ids, eos_id: int) -> int:
     is_eos = response_ids == eos_id
     first = torch.where(is_eos.any(-1), is_eos.int().argmax(-1) + 1, torch.full_like(is_eos[:, 0], response_ids.shape[1], dtype=torch.long))
     return int(first.sum())
+
+
+def token_rates(out: dict) -> dict:
+    """The online token figures of a result holding ``train_seconds`` (the loop),
+    ``time/generate`` and ``generated_tokens`` (``Instrument.report``), the same arithmetic for
+    both libraries: ``tokens_per_s`` over the loop, ``gen_tokens_per_s`` over the time inside
+    generation (None when none was measured), ``train_tokens_per_s`` over the rest."""
+    loop, gen, n = out["train_seconds"], out["time/generate"], out["generated_tokens"]
+    out["gen_tokens_per_s"] = n / gen if gen else None
+    out["train_tokens_per_s"] = n / (loop - gen) if loop > gen else None
+    out["tokens_per_s"] = n / loop
+    return out
+
+
+def loop_parts(loop: float, rollout: float, update: float, generate: float, *, slack: float = 1e-3) -> dict:
+    """An online loop's wall time cut into parts that add up to it: ``time/generate`` (inside
+    the decoding engine), ``time/scoring`` (the rest of the rollout: reference and critic
+    passes, decoding to text, the reward), ``time/update`` (the optimizer's epochs over the
+    rollout: forward, backward, steps) and ``time/rest`` (advantages, KL control, metrics,
+    the loop's own bookkeeping), each with its ``share/...`` of the loop. Seconds in;
+    a part below -``slack`` seconds means the timers do not nest as claimed (ValueError)."""
+    parts = {"generate": generate, "scoring": rollout - generate, "update": update,
+             "rest": loop - rollout - update}
+    bad = {k: v for k, v in parts.items() if v < -slack}
+    if bad or loop <= 0:
+        raise ValueError(f"loop {loop:.4f} s, rollout {rollout:.4f} s, update {update:.4f} s, generate "
+                         f"{generate:.4f} s do not nest: negative {bad}")
+    out = {f"time/{k}": max(v, 0.0) for k, v in parts.items()}
+    out.update({f"share/{k}": max(v, 0.0) / loop for k, v in parts.items()})
+    return out

@@ -15,9 +15,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import cpu_seconds, emit, read_jsonl, read_spec, rss_mb, setup  # noqa: E402
 
-spec = read_spec()
-setup(spec["threads"])
-
 from rlhflab.config import Config  # noqa: E402
 from rlhflab.models import load_causal_lm, load_tokenizer, save_pretrained_atomic  # noqa: E402
 
@@ -27,6 +24,38 @@ def load(spec: dict):
     return load_causal_lm(spec["model"], tok), tok
 
 
+# The configs each stage runs with, built from the spec (bench/matched_settings.py reads them too)
+
+
+def _train_fields(cfg, spec: dict, warmup: float):
+    cfg.lr, cfg.batch_size, cfg.max_steps = spec["lr"], spec["batch_size"], spec["steps"]
+    cfg.max_length, cfg.seed, cfg.lr_schedule = spec["max_length"], spec["seed"], spec.get("schedule", "cosine")
+    cfg.warmup_ratio, cfg.max_grad_norm = spec.get("warmup_ratio", warmup), spec.get("max_grad_norm", 1.0)
+    return cfg
+
+
+def sft_config(spec: dict):
+    cfg = _train_fields(Config().sft, spec, 0.05)
+    cfg.eval_every = cfg.log_every = 10
+    cfg.packing = spec.get("packing", True)  # bench/sft_grouping.py compares padded passes too
+    return cfg
+
+
+def rm_config(spec: dict):
+    cfg = _train_fields(Config().rm, spec, 0.05)
+    cfg.log_every = 10
+    return cfg
+
+
+def preference_config(spec: dict):
+    cfg = Config().dpo
+    cfg.loss = "kto" if spec["stage"] == "kto" else "dpo"
+    cfg.beta = spec["beta"]
+    _train_fields(cfg, spec, 0.1)
+    cfg.eval_every, cfg.log_every, cfg.world_eval_every = 10**9, 10, -1
+    return cfg
+
+
 def run_sft(spec: dict) -> dict:
     import rlhflab.algos.sft as sft_module
     from rlhflab.algos.sft import tokenize_rows, train_sft
@@ -34,12 +63,7 @@ def run_sft(spec: dict) -> dict:
     if "pass_cost" in spec:  # bench/sft_grouping.py: 1e12 = one pass per batch (no length grouping)
         sft_module.PASS_COST_TOKENS = spec["pass_cost"]
 
-    cfg = Config().sft
-    cfg.lr, cfg.batch_size, cfg.max_steps = spec["lr"], spec["batch_size"], spec["steps"]
-    cfg.max_length, cfg.seed, cfg.lr_schedule = spec["max_length"], spec["seed"], spec.get("schedule", "cosine")
-    cfg.warmup_ratio, cfg.max_grad_norm = spec.get("warmup_ratio", 0.05), spec.get("max_grad_norm", 1.0)
-    cfg.eval_every = cfg.log_every = 10
-    cfg.packing = spec.get("packing", True)  # bench/sft_grouping.py compares padded passes too
+    cfg = sft_config(spec)
     model, tok = load(spec)
     rows = read_jsonl(spec["data"])[: spec["steps"] * spec["batch_size"]]
     train, _ = tokenize_rows(rows, tok, cfg.max_length)
@@ -57,11 +81,7 @@ def run_rm(spec: dict) -> dict:
     from rlhflab.algos.reward_model import rows_to_groups, tokenize_groups, train_reward_model
     from rlhflab.reward_model import create_reward_model
 
-    cfg = Config().rm
-    cfg.lr, cfg.batch_size, cfg.max_steps = spec["lr"], spec["batch_size"], spec["steps"]
-    cfg.max_length, cfg.seed, cfg.lr_schedule = spec["max_length"], spec["seed"], spec.get("schedule", "cosine")
-    cfg.warmup_ratio, cfg.max_grad_norm = spec.get("warmup_ratio", 0.05), spec.get("max_grad_norm", 1.0)
-    cfg.log_every = 10
+    cfg = rm_config(spec)
     model, tok = create_reward_model(spec["model"], seed=spec["seed"])
     groups, _ = rows_to_groups(read_jsonl(spec["data"])[: spec["steps"] * spec["batch_size"]])
     tokenize_groups(groups, tok, cfg.max_length)
@@ -87,12 +107,7 @@ def run_preference(spec: dict) -> dict:
     )
     from rlhflab.data import pairs_to_unpaired
 
-    cfg = Config().dpo
-    cfg.loss = "kto" if spec["stage"] == "kto" else "dpo"
-    cfg.lr, cfg.beta, cfg.batch_size, cfg.max_steps = spec["lr"], spec["beta"], spec["batch_size"], spec["steps"]
-    cfg.max_length, cfg.seed, cfg.lr_schedule = spec["max_length"], spec["seed"], spec.get("schedule", "cosine")
-    cfg.warmup_ratio, cfg.max_grad_norm = spec.get("warmup_ratio", 0.1), spec.get("max_grad_norm", 1.0)
-    cfg.eval_every, cfg.log_every, cfg.world_eval_every = 10**9, 10, -1
+    cfg = preference_config(spec)
     model, tok = load(spec)
     n_pairs = spec["steps"] * spec["batch_size"] // (2 if cfg.loss == "kto" else 1)
     rows = read_jsonl(spec["data"])[:n_pairs]
@@ -116,36 +131,25 @@ def run_preference(spec: dict) -> dict:
 
 def run_online(spec: dict) -> dict:
     """GRPO, RLOO or PPO through ``OnlineRun`` as ``rlhflab grpo/rloo/ppo`` builds it, with
-    the world's gold utility as the reward (PPO: the reward model of the spec)."""
-    from common import Instrument
+    the world's gold utility as the reward (PPO: the reward model of the spec).
 
-    from rlhflab.algos.online import OnlineRun
-    from rlhflab.algos.ppo import ValueModel
-    from rlhflab.algos.rl_config import resolve_rl_config
-    from rlhflab.distributed import make_accelerator
+    Where the loop's time goes: the ``Instrument`` (the same as TRL's) with rlhflab's decoding
+    engine counted as generation (``rlhflab.rollout.generate``, the entry point the rollout
+    calls, in place of HF ``generate``), and the run's own timers (``time/rollout``,
+    ``time/update``) cut the loop into generation, scoring, update and the rest
+    (``common.loop_parts``)."""
+    from common import Instrument, loop_parts, token_rates
+
+    import rlhflab.rollout
     from rlhflab.registry import ONLINE_ALGORITHMS
-    from rlhflab.rewards import build_reward
 
     algo = spec["stage"]
-    cfg = Config()
-    g = cfg.generation
-    g.max_new_tokens, g.temperature, g.top_k, g.top_p = spec["max_new_tokens"], 1.0, 0, 1.0
-    g.batch_size = spec["batch_size"]  # one generate call per rollout, as TRL does
-    rl = cfg.rl
-    rl.steps, rl.batch_size, rl.samples_per_prompt = spec["steps"], spec["batch_size"], spec["group_size"]
-    rl.lr, rl.beta, rl.seed, rl.eval_every, rl.log_every = spec["lr"], spec["beta"], spec["seed"], 0, 10
-    rl.epochs, rl.num_minibatches, rl.max_grad_norm = spec["epochs"], spec["num_minibatches"], spec["max_grad_norm"]
-    rl.lr_schedule, rl.warmup_ratio = "constant", 0.0
-    cfg.rl = resolve_rl_config(rl, algo)
-    policy, tok = load(spec)
-    reference = load_causal_lm(spec["model"], tok)
-    value = ValueModel.from_causal_lm(policy) if ONLINE_ALGORITHMS.entry(algo).options["critic"] else None
-    rm = spec.get("reward_model")
-    reward = build_reward(rm, [] if rm else ["gold"])  # as `rlhflab ppo --rm` / `--reward-fn gold`
-    scorers = [m for _, src in reward.terms for m in getattr(getattr(src, "model", None), "members", [])]
-    prompts = [r["prompt"] for r in read_jsonl(spec["prompts"])]
-    run = OnlineRun(cfg, algo, make_accelerator(), policy, reference, tok, reward, prompts, value_model=value)
-    inst = Instrument([policy, reference, value, *scorers], tok.eos_token_id)
+    cfg = online_config(spec)
+    run = build_online_run(spec, cfg)
+    policy, tok = run.policy_module, run.tokenizer
+    scorers = [m for _, src in run.reward.terms for m in getattr(getattr(src, "model", None), "members", [])]
+    inst = Instrument([policy, run.reference, run.value_module, *scorers], tok.eos_token_id)
+    inst.wrap_decoder(rlhflab.rollout, "generate", lambda gen: gen.response_mask.sum())
     rss0 = rss_mb()
     t0, c0 = time.perf_counter(), cpu_seconds()
     ONLINE_ALGORITHMS[algo](run)  # the algorithm's training loop
@@ -155,19 +159,53 @@ def run_online(spec: dict) -> dict:
     samples = spec["steps"] * spec["batch_size"]
     out = {"samples": samples, "train_seconds": seconds, "rss_before_train_mb": rss0,
            "samples_per_s": samples / seconds, "cpu_seconds": cpu, **inst.report(seconds)}
-    return online_rates(out)
+    if not out["generated_tokens"]:
+        raise RuntimeError("no tokens were counted inside rlhflab.rollout.generate: the rollout no longer "
+                           "decodes through it, and the figures would read 0")
+    out["time/rollout"] = run.state["time_rollout"]
+    out.update(loop_parts(seconds, run.state["time_rollout"], run.state["time_update"], out["time/generate"]))
+    return token_rates(out)
 
 
-def online_rates(out: dict) -> dict:
-    gen = out["time/generate"]
-    out["gen_tokens_per_s"] = out["generated_tokens"] / gen if gen else None
-    out["train_tokens_per_s"] = out["generated_tokens"] / (out["train_seconds"] - gen)
-    out["tokens_per_s"] = out["generated_tokens"] / out["train_seconds"]
-    return out
+def online_config(spec: dict):
+    """The resolved ``Config`` of an online stage, as the child runs it (``rl`` filled from
+    the algorithm's defaults and checked: ``resolve_rl_config``)."""
+    from rlhflab.algos.rl_config import resolve_rl_config
+
+    cfg = Config()
+    g = cfg.generation
+    g.max_new_tokens, g.temperature, g.top_k, g.top_p = spec["max_new_tokens"], 1.0, 0, 1.0
+    g.batch_size = spec["batch_size"]  # one generate call per rollout, as TRL does
+    rl = cfg.rl
+    rl.steps, rl.batch_size, rl.samples_per_prompt = spec["steps"], spec["batch_size"], spec["group_size"]
+    rl.lr, rl.beta, rl.seed, rl.eval_every, rl.log_every = spec["lr"], spec["beta"], spec["seed"], 0, 10
+    rl.epochs, rl.num_minibatches, rl.max_grad_norm = spec["epochs"], spec["num_minibatches"], spec["max_grad_norm"]
+    rl.lr_schedule, rl.warmup_ratio = "constant", 0.0
+    cfg.rl = resolve_rl_config(rl, spec["stage"])
+    return cfg
+
+
+def build_online_run(spec: dict, cfg):
+    from rlhflab.algos.online import OnlineRun
+    from rlhflab.algos.ppo import ValueModel
+    from rlhflab.distributed import make_accelerator
+    from rlhflab.registry import ONLINE_ALGORITHMS
+    from rlhflab.rewards import build_reward
+
+    algo = spec["stage"]
+    policy, tok = load(spec)
+    reference = load_causal_lm(spec["model"], tok)
+    value = ValueModel.from_causal_lm(policy) if ONLINE_ALGORITHMS.entry(algo).options["critic"] else None
+    rm = spec.get("reward_model")
+    reward = build_reward(rm, [] if rm else ["gold"])  # as `rlhflab ppo --rm` / `--reward-fn gold`
+    prompts = [r["prompt"] for r in read_jsonl(spec["prompts"])]
+    return OnlineRun(cfg, algo, make_accelerator(), policy, reference, tok, reward, prompts, value_model=value)
 
 
 STAGES = {"sft": run_sft, "rm": run_rm, "dpo": run_preference, "dpo-precompute": run_preference,
           "kto": run_preference, "grpo": run_online, "rloo": run_online, "ppo": run_online}
 
 if __name__ == "__main__":
+    spec = read_spec()
+    setup(spec["threads"])
     emit(STAGES[spec["stage"]](spec), spec)
