@@ -283,8 +283,9 @@ class Sums:
 # ---------------------------------------------------------------------------------------
 # Sharded weights: torch's FSDP2 (``fully_shard``), the ``<stage>.sharding`` setting
 
-SHARDED_STAGES = ("sft", "rm", "dpo")
-"""The stages that train sharded under ``fsdp2``; online RL (``rl.sharding``) is refused."""
+SHARDED_STAGES = ("sft", "rm", "dpo", "rl")
+"""The stages that train sharded under ``fsdp2`` (``rl``: online RL, ``algos.online``);
+rejection sampling (``rs``, SFT's section) is refused."""
 
 # model -> its twin with the same modules, parameters on the meta device (no memory) and
 # buffers copied, into which the gathered full weights are loaded for saving and decoding.
@@ -294,11 +295,13 @@ _TWINS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 def check_strategy(section_cfg, section: str, accelerator, lora_r: int = 0, command: str | None = None) -> None:
     """Refuses, in one line naming ``<section>.sharding`` or ``<section>.cpu_offload``, a
     strategy this launch would not run as asked: fsdp2 with one process (nothing to shard),
-    in online RL and rejection sampling (``command``: their rollouts, evaluations and
-    checkpoints do not gather sharded weights yet), and where it was not verified: with LoRA
-    adapters, the reward model's gradient penalty (a double backward) or fp16 (accelerate's
-    loss scaler); CPU offload without fsdp2 or without a GPU (on a CPU the shards are in CPU
-    memory already: the setting would change nothing)."""
+    in rejection sampling (``command``: its rollouts do not gather sharded weights yet), and
+    where it was not verified: with LoRA adapters, the reward model's gradient penalty (a
+    double backward) or fp16 (accelerate's loss scaler); in online RL with checkpoints
+    (``rl.save_every``: the optimizer's state is sharded, and a resume would not be exact)
+    or an external sampler (``rl.sampler``: it is handed whole weights by name); CPU offload
+    without fsdp2 or without a GPU (on a CPU the shards are in CPU memory already: the
+    setting would change nothing)."""
     from rlhflab.errors import InputError
 
     strategy = getattr(section_cfg, "sharding", "ddp")
@@ -313,8 +316,17 @@ def check_strategy(section_cfg, section: str, accelerator, lora_r: int = 0, comm
     if strategy != "fsdp2":
         return
     if (command or section) not in SHARDED_STAGES:
-        raise InputError(f"fsdp2 is not supported in {command or section} yet: its rollouts, evaluations and "
-                         f"checkpoints do not gather the sharded weights; {supported}", field=f"{section}.sharding")
+        raise InputError(f"fsdp2 is not supported in {command or section} yet: its rollouts do not gather the "
+                         f"sharded weights; {supported}", field=f"{section}.sharding")
+    if getattr(section_cfg, "save_every", 0):
+        raise InputError(f"fsdp2 with checkpoints ({section}.save_every={section_cfg.save_every}) is not supported: "
+                         "the optimizer state is sharded and a resume from it was not made exact; set "
+                         f"{section}.save_every=0 (the final model is saved whole) or {section}.sharding=ddp",
+                         field=f"{section}.save_every")
+    if getattr(section_cfg, "sampler", "engine") != "engine":
+        raise InputError(f"fsdp2 with an external sampler ({section}.sampler={section_cfg.sampler}) is not "
+                         "supported: the sampler is handed the whole weights by name, which stay sharded; set "
+                         f"{section}.sampler=engine or {section}.sharding=ddp", field=f"{section}.sampler")
     if accelerator.num_processes < 2:
         raise InputError("fsdp2 shards the weights over several processes and this launch has one: launch with "
                          "torchrun --nproc_per_node N or accelerate launch --num_processes N, or set "
@@ -344,7 +356,8 @@ def transformer_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
     return [b for b in blocks if not any(b is not o and any(x is b for x in o.modules()) for o in blocks)]
 
 
-def shard_weights(model: torch.nn.Module, section_cfg, accelerator, section: str) -> torch.nn.Module:
+def shard_weights(model: torch.nn.Module, section_cfg, accelerator, section: str, *,
+                  gather_in_precision: bool = True) -> torch.nn.Module:
     """``model`` itself, sharded, under ``<section>.sharding=fsdp2``, else unchanged (DDP is
     accelerate's ``prepare``). Call before the optimizer is made: ``fully_shard`` replaces
     the parameters by DTensors (each process holding one shard, dim 0 split).
@@ -356,7 +369,9 @@ def shard_weights(model: torch.nn.Module, section_cfg, accelerator, section: str
     accelerator's device type>, (W,))`` over accelerate's process group (gloo on CPU, NCCL
     on GPUs): without it, a gloo run on a machine with GPUs has moved the model to CUDA.
     Under bf16 the ``MixedPrecisionPolicy`` gathers bf16 weights and reduces gradients in
-    float32; ``<section>.cpu_offload`` keeps shards, gradients and optimizer state in CPU
+    float32 (``gather_in_precision=False``: the weights are gathered as they are held, and
+    the caller autocasts its training passes, as online RL does: its decoding, from the
+    gathered weights, stays in float32); ``<section>.cpu_offload`` keeps shards, gradients and optimizer state in CPU
     memory (``CPUOffloadPolicy``). Non-persistent buffers (rotary frequencies) are not
     sharded: each process computes its own, identically.
 
@@ -383,7 +398,7 @@ def shard_weights(model: torch.nn.Module, section_cfg, accelerator, section: str
     mesh = init_device_mesh(accelerator.device.type, (accelerator.num_processes,))
     precision = getattr(section_cfg, "mixed_precision", "no")
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
-        if precision == "bf16" else MixedPrecisionPolicy()
+        if precision == "bf16" and gather_in_precision else MixedPrecisionPolicy()
     offload = CPUOffloadPolicy() if getattr(section_cfg, "cpu_offload", False) else OffloadPolicy()
     for block in blocks:
         fully_shard(block, mesh=mesh, mp_policy=policy, offload_policy=offload)
@@ -431,6 +446,9 @@ def gathered(accelerator, model: torch.nn.Module) -> torch.nn.Module | None:
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if not accelerator.is_main_process:
         return None
+    for name, t in full.items():  # a weight gathered from uneven shards views a padded buffer: its own copy,
+        if t.untyped_storage().nbytes() != t.numel() * t.element_size():  # which safetensors' save_model needs
+            full[name] = t.clone()
     twin = _TWINS[model]
     tied: dict[int, list[str]] = {}
     for name, p in twin.named_parameters(remove_duplicate=False):
@@ -471,6 +489,37 @@ def whole_weights(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
             m.set_reshard_after_forward(True, recurse=False)
         for m in groups:
             m.reshard()
+
+
+@contextlib.contextmanager
+def all_whole_weights(*models: torch.nn.Module | None) -> Iterator[None]:
+    """:func:`whole_weights` of each model given (None skipped), in the order given: every
+    process must enter it with the same models."""
+    with contextlib.ExitStack() as stack:
+        for model in models:
+            if model is not None:
+                stack.enter_context(whole_weights(model))
+        yield
+
+
+def load_whole_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Full tensors (a ``save_pretrained`` checkpoint's, read on every process) into ``model``,
+    strict but for the names a save leaves out (tied weights): a sharded model keeps each
+    process's shard of them (``set_model_state_dict`` with ``full_state_dict``, every
+    process must call it), a plain one takes them whole."""
+    if not is_sharded(model):
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    else:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        missing, unexpected = set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True,
+                                                                                         strict=False))
+    tied = {n for n, _ in model.named_parameters(remove_duplicate=False)} - {n for n, _ in model.named_parameters()}
+    if unexpected or set(missing) - tied:
+        from rlhflab.errors import RunError
+
+        raise RunError(f"the saved weights do not fit the model: missing {sorted(set(missing) - tied)[:3]}, "
+                       f"unexpected {sorted(unexpected)[:3]}")
 
 
 def missing_passes(accelerator, model: torch.nn.Module, passes: int) -> int:

@@ -72,13 +72,10 @@ def optimizer_step(accelerator, params: Iterable[torch.nn.Parameter], optimizer,
     """
     params = list(params)
     clip = cfg.max_grad_norm > 0
-    if any(is_dtensor(p) for p in params):  # FSDP2: each process holds shards of the gradients
-        norm = sharded_grad_norm(params)
-        if clip:
-            torch.nn.utils.clip_grads_with_norm_(params, cfg.max_grad_norm, norm)
-        grad_norm, checked = (norm if clip else torch.tensor(float("nan"))), float(norm)
+    grad_norm = clip_gradients(accelerator, params, cfg.max_grad_norm) if clip else torch.tensor(float("nan"))
+    if any(is_dtensor(p) for p in params):  # FSDP2: no loss scaler (fp16 is refused sharded)
+        checked = float(grad_norm if clip else sharded_grad_norm(params))
     else:
-        grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm) if clip else torch.tensor(float("nan"))
         checked = None if accelerator.scaler is not None else float(grad_norm if clip else grad_norm_of(params))
     stop_if_non_finite(stage, step, loss=loss, grad_norm=checked, lr=cfg.lr, lr_field=lr_field)
     optimizer.step()
@@ -138,6 +135,18 @@ def is_dtensor(x) -> bool:
     from torch.distributed.tensor import DTensor
 
     return isinstance(x, DTensor)
+
+
+def clip_gradients(accelerator, params: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
+    """Scale the gradients of ``params`` to a global L2 norm of at most ``max_norm``; returns
+    the norm before clipping. FSDP2's sharded gradients (DTensors): the norm reduced over
+    the processes (:func:`sharded_grad_norm`), then each process's shards scaled by it;
+    otherwise ``accelerator.clip_grad_norm_`` (which unscales fp16 gradients first)."""
+    if any(is_dtensor(p) for p in params):
+        norm = sharded_grad_norm(params)
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+        return norm
+    return accelerator.clip_grad_norm_(params, max_norm)
 
 
 def sharded_grad_norm(params) -> torch.Tensor:

@@ -16,6 +16,9 @@ again with the whole model (``decode-*.json``).
 
     python -m torch.distributed.run --nproc_per_node 2 tests/component/fsdp_worker.py OUT fsdp2
     python tests/component/fsdp_worker.py OUT ddp
+
+With a third argument ``rl``, online RL instead (``main_rl``): GRPO and PPO, sharded or on
+one process, the same way.
 """
 
 from __future__ import annotations
@@ -124,5 +127,76 @@ def main(out: Path, strategy: str) -> None:
     acc.wait_for_everyone()
 
 
+def main_rl(out: Path, strategy: str) -> None:
+    """GRPO and PPO through ``commands.rl.run_rl`` (the CLI's path) with ``rl.sharding`` =
+    ``strategy``, from one untrained tiny GPT-2 (tied embeddings) as the SFT policy and
+    reference, on the world's gold reward, 3 steps, held-out gold evaluations at steps 0, 2
+    and 3 (PPO stops early after step 2's). Each rollout's texts are written per process and step (``OUT/<algo>/samples/``);
+    after the run, rank 0 reloads the saved model in plain transformers and records its
+    largest logit difference to the weights ``distributed.gathered`` returns
+    (``OUT/<algo>/reload.json``, with the parameter types of the run's models)."""
+    from transformers import AutoModelForCausalLM
+
+    from rlhflab.algos.online import OnlineRun
+    from rlhflab.commands.rl import run_rl
+    from rlhflab.config import load_config
+    from rlhflab.distributed import gathered, make_accelerator
+    from rlhflab.models import create_causal_lm, save_pretrained_atomic
+    from rlhflab.world import World
+
+    acc = make_accelerator("no")
+    rank = acc.process_index
+    base = load_config(ROOT / "configs" / "tiny.yaml")
+    world = World(base.world)
+    tok = world.tokenizer(base.model.max_positions)
+    sft = out / "sft"
+    if acc.is_main_process:
+        save_pretrained_atomic(create_causal_lm(base.model, tok, seed=0), tok, sft)
+    acc.wait_for_everyone()
+    ids = torch.randint(4, len(tok), (3, 10), generator=torch.Generator().manual_seed(3))
+    seen: dict = {}
+    rollout, finish = OnlineRun.rollout, OnlineRun.finish
+
+    def recorded_rollout(self, step):
+        ro = rollout(self, step)
+        (seen["dir"] / f"{rank}-{step}.json").write_text(json.dumps(ro.texts))
+        return ro
+
+    def checked_finish(self, extra=None):
+        summary = finish(self, extra)
+        seen["types"] = {name: sorted({type(p).__name__ for p in m.parameters()})
+                         for name, m in (("policy", self.policy), ("reference", self.reference),
+                                         ("value", self.value)) if m is not None}
+        whole = gathered(self.accelerator, self.policy)  # every process; the whole policy on rank 0
+        if self.is_main:
+            with torch.no_grad():
+                seen["logits"] = whole(input_ids=ids).logits
+        return summary
+
+    OnlineRun.rollout, OnlineRun.finish = recorded_rollout, checked_finish
+    # one minibatch of all the rows (so that one process's update is the same: its minibatches
+    # would hold other rows than two processes' halves), two epochs (the second at a ratio other
+    # than 1, so the clip acts), micro-batches of 2 (accumulation); PPO with early stopping: the
+    # untrained policy's gold is the same at every evaluation, so it stops after the evaluation
+    # at step 2 and restores the best policy (step 0's, saved gathered) into its shards
+    settings = {"grpo": ["rl.samples_per_prompt=4", "rl.num_minibatches=1", "rl.epochs=2"],
+                "ppo": ["rl.num_minibatches=1", "rl.epochs=2", "rl.early_stop_patience=1"]}
+    for algo, extra in settings.items():
+        seen["dir"] = out / algo / "samples"
+        seen["dir"].mkdir(parents=True, exist_ok=True)
+        cfg = load_config(ROOT / "configs" / "tiny.yaml", [
+            "rl.steps=3", "rl.batch_size=8", "rl.micro_batch_size=2", "rl.eval_every=2", "rl.n_eval=4",
+            "rl.lr=3e-3", "rl.max_grad_norm=0.5", "generation.max_new_tokens=8", f"rl.sharding={strategy}",
+            *extra])
+        run_rl(cfg, algo, out / algo / "run", sft=str(sft), reward_fns=["gold"])
+        if acc.is_main_process:
+            again = AutoModelForCausalLM.from_pretrained(str(out / algo / "run" / "model"))
+            with torch.no_grad():
+                diff = (again(input_ids=ids).logits - seen["logits"]).abs().max().item()
+            (out / algo / "reload.json").write_text(json.dumps({"processes": acc.num_processes, "reload": diff,
+                                                                 "types": seen["types"]}))
+        acc.wait_for_everyone()
+
+
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), sys.argv[2])
+    (main_rl if sys.argv[3:] == ["rl"] else main)(Path(sys.argv[1]), sys.argv[2])

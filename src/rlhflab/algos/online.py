@@ -32,7 +32,13 @@ import torch
 
 from rlhflab.algos.rl_config import check_layout
 from rlhflab.algos.update import UpdateBatch, UpdateSettings, update_policy
-from rlhflab.distributed import BatchStats, mismatch_tolerance
+from rlhflab.distributed import (
+    BatchStats,
+    all_whole_weights,
+    gathered,
+    mismatch_tolerance,
+    shard_weights,
+)
 from rlhflab.errors import RunError
 from rlhflab.forward import fuse_activations
 from rlhflab.kl import KL_STATUS, kl_k1, kl_status, make_kl_controller, sequence_kl
@@ -86,15 +92,26 @@ class OnlineRun:
         for model in (policy, reference, value_model, *(m for rm in reward_models for m in getattr(rm, "members", ()))):
             if model is not None:
                 fuse_activations(model)
+        # rl.sharding=fsdp2: the policy, the critic and the reference (with LoRA, which is refused
+        # sharded, it is the policy's base) each sharded per transformer block before the optimizer
+        # is made; the weights are gathered in float32 (decoding stays there; the training passes
+        # are autocast as without sharding); the reward models stay whole on every process.
+        self.sharded = rl.sharding == "fsdp2"
+
+        def shard(model):
+            return shard_weights(model, rl, accelerator, "rl", gather_in_precision=False)
+
         # Reference: frozen, never prepared (no DDP, no optimizer), dropout off.
         reference.requires_grad_(False)
         reference.eval()
-        self.reference = reference.to(accelerator.device)
+        self.reference = shard(reference.to(accelerator.device))
         # Dropout off in the policy and critic too, so the first-epoch ratio is exactly 1.
         policy.eval()
+        policy = shard(policy)
         groups = [{"params": list(policy.parameters()), "lr": rl.lr}]
         if value_model is not None:
             value_model.eval()
+            value_model = shard(value_model)
             groups.append({"params": list(value_model.parameters()), "lr": rl.value_lr or rl.lr})
         # the fused kernel: one pass over each parameter, the same update up to float rounding
         fused = all(p.device.type in ("cpu", "cuda") for g in groups for p in g["params"])
@@ -102,7 +119,9 @@ class OnlineRun:
         warmup = int(rl.warmup_ratio * rl.steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer_raw, lr_lambda(rl.lr_schedule, warmup, rl.steps))
-        if value_model is not None:
+        if self.sharded:  # already distributed: the optimizer steps each process's shards
+            self.policy, self.value, self.optimizer = policy, value_model, self.optimizer_raw
+        elif value_model is not None:
             self.policy, self.value, self.optimizer = accelerator.prepare(policy, value_model, self.optimizer_raw)
         else:
             self.policy, self.optimizer = accelerator.prepare(policy, self.optimizer_raw)
@@ -199,11 +218,14 @@ class OnlineRun:
 
             self.sampler.load_weights(policy_weights(self.policy_module))
             self._sampler_stale = False
-        ro = collect_rollout(self.policy_module, self.reference, self.tokenizer, prompts, seeds, self.reward,
-                             generation=self.cfg.generation, group_size=self.group_size,
-                             value_model=self.value_module, no_eos_penalty=self.rl.no_eos_penalty,
-                             forward_batch_size=self.rl.micro_batch_size, rescore=self.rl.tis_cap is not None,
-                             rows=rows, sampler=self.sampler)
+        # sharded: every model's whole weights gathered once for the rollout (processes decode
+        # different numbers of passes, so they cannot all-gather in step); unsharded: nothing
+        with all_whole_weights(self.policy, self.reference, self.value):
+            ro = collect_rollout(self.policy_module, self.reference, self.tokenizer, prompts, seeds, self.reward,
+                                 generation=self.cfg.generation, group_size=self.group_size,
+                                 value_model=self.value_module, no_eos_penalty=self.rl.no_eos_penalty,
+                                 forward_batch_size=self.rl.micro_batch_size, rescore=self.rl.tis_cap is not None,
+                                 rows=rows, sampler=self.sampler)
         ro = ro.to(self.accelerator.device)
         return dataclasses.replace(ro, seconds=time.perf_counter() - t)
 
@@ -227,29 +249,39 @@ class OnlineRun:
 
         T = self.cfg.generation.temperature
         with_entropy = self.rl.entropy_coef > 0
+        # sharded: each pass all-gathers every block, so every process runs one pass per
+        # micro-batch (not one per run of similar lengths, whose number differs between them)
+        grouped = False if self.sharded else None
 
         def forward(rows: UpdateBatch):
             args = (rows.prompt_ids, rows.prompt_mask, rows.response_ids, rows.mask)
             with self.accelerator.autocast():  # rl.mixed_precision; the loss is then taken in float32
-                lp, ent = forward_response(self.policy, *args, temperature=T, with_entropy=with_entropy)
-                v = forward_values(self.value, *args) if with_values else None
+                lp, ent = forward_response(self.policy, *args, temperature=T, with_entropy=with_entropy,
+                                           grouped=grouped)
+                v = forward_values(self.value, *args, grouped=grouped) if with_values else None
             return lp, ent, (v.float() if v is not None else None)
 
         return forward
 
     def _optimizer_step(self, step: int) -> float:
         from rlhflab.artifacts import is_staging
-        from rlhflab.training import grad_norm_of, stop_if_non_finite
+        from rlhflab.training import (
+            clip_gradients,
+            grad_norm_of,
+            sharded_grad_norm,
+            stop_if_non_finite,
+        )
 
         params = [p for g in self.optimizer_raw.param_groups for p in g["params"]]
         norm = float("nan")
-        if self.rl.max_grad_norm > 0:
-            norm = float(self.accelerator.clip_grad_norm_(params, self.rl.max_grad_norm))
+        if self.rl.max_grad_norm > 0:  # sharded gradients: the norm reduced over processes first
+            norm = float(clip_gradients(self.accelerator, params, self.rl.max_grad_norm))
         if self.accelerator.scaler is None:  # fp16's loss scaler expects (and skips) overflows
             # A non-finite loss, advantage or reward shows here: stop before the weights take it.
             ckpt = self.out_dir / "checkpoint" if self.out_dir is not None else None
             stop_if_non_finite(self.algo, step, lr=self.rl.lr, lr_field="rl.lr",
-                               grad_norm=norm if self.rl.max_grad_norm > 0 else float(grad_norm_of(params)),
+                               grad_norm=norm if self.rl.max_grad_norm > 0 else
+                               float(sharded_grad_norm(params) if self.sharded else grad_norm_of(params)),
                                kept=str(ckpt) if ckpt is not None and ckpt.is_dir() and not is_staging(ckpt.parent)
                                else None)
         self.optimizer.step()
@@ -582,10 +614,8 @@ class OnlineRun:
         if self.accelerator.num_processes > 1:
             flag = broadcast(flag)
         if flag.item() == 0:
-            if self.is_main and self.out_dir is not None:
-                from rlhflab.models import save_pretrained_atomic
-
-                save_pretrained_atomic(self.policy_module, self.tokenizer, self.out_dir / "before_warning")
+            if self.out_dir is not None:
+                self._save_policy(self.out_dir / "before_warning")
             self.state["warn_kept_step"] = step
             return
         self.state.update(stopped_early=True, stopped_on_warning=step)
@@ -651,31 +681,41 @@ class OnlineRun:
         from accelerate.utils import broadcast
 
         out: dict[str, float] = {}
-        flag = torch.zeros(2, dtype=torch.float64, device=self.accelerator.device)
-        if self.is_main:
-            out, value = self._measure_world(step) if key == "gold/mean" else self._measure_user(step)
-            improved = self.state["best_eval"] is None or value > self.state["best_eval"]
-            if improved:
-                self.state.update(best_eval=value, best_step=step, bad_evals=0)
-                if self.rl.early_stop_patience and self.out_dir is not None:
-                    from rlhflab.models import save_pretrained_atomic
-
-                    save_pretrained_atomic(self.policy_module, self.tokenizer, self.out_dir / "best")
-            else:
-                self.state["bad_evals"] += 1
-            stop = bool(self.rl.early_stop_patience) and self.state["bad_evals"] >= self.rl.early_stop_patience
-            flag[0], flag[1] = float(stop), 1.0
-            if step == 0:
-                out.update(self._warn_check(0, out))
-                self.log.log(out, step=0)
+        flag = torch.zeros(3, dtype=torch.float64, device=self.accelerator.device)  # stop, -, improved
+        # sharded: every process gathers the policy and the reference, the main one decodes
+        with all_whole_weights(self.policy, self.reference):
+            if self.is_main:
+                out, value = self._measure_world(step) if key == "gold/mean" else self._measure_user(step)
+                improved = self.state["best_eval"] is None or value > self.state["best_eval"]
+                if improved:
+                    self.state.update(best_eval=value, best_step=step, bad_evals=0)
+                else:
+                    self.state["bad_evals"] += 1
+                stop = bool(self.rl.early_stop_patience) and self.state["bad_evals"] >= self.rl.early_stop_patience
+                flag[0], flag[1], flag[2] = float(stop), 1.0, float(improved)
+                if step == 0:
+                    out.update(self._warn_check(0, out))
+                    self.log.log(out, step=0)
         if self.accelerator.num_processes > 1:
             flag = broadcast(flag)
+        if flag[2].item() > 0 and self.rl.early_stop_patience and self.out_dir is not None:
+            self._save_policy(self.out_dir / "best")
         if flag[0].item() > 0:
             self.state["stopped_early"] = True
             if self.is_main:
                 print(f"[{self.algo}] step {step}: {key} has not improved for {self.rl.early_stop_patience} "
                       f"evaluations; stopping (best at step {self.state['best_step']})", file=sys.stderr)
         return out
+
+    def _save_policy(self, path: Path) -> None:
+        """The policy, whole, saved in ``path`` by the main process (``save_pretrained``);
+        every process must call it: a sharded policy is gathered (``distributed.gathered``)."""
+        from rlhflab.models import save_pretrained_atomic
+
+        whole = gathered(self.accelerator, self.policy)
+        if self.is_main:
+            save_pretrained_atomic(whole, self.tokenizer, path)
+        self.accelerator.wait_for_everyone()
 
     # -- checkpoints -------------------------------------------------------------------
 
@@ -717,7 +757,14 @@ class OnlineRun:
             best = self.out_dir / "before_warning"  # the policy of the evaluation before the warning
         if self.state["stopped_early"] and best is not None:  # the same decision on every process
             self.accelerator.wait_for_everyone()
-            if (best / "model.safetensors").is_file():
+            if (best / "model.safetensors").is_file() and self.sharded:  # each process keeps its shards
+                from safetensors.torch import load_file
+
+                from rlhflab.distributed import load_whole_state
+
+                load_whole_state(self.policy, load_file(str(best / "model.safetensors")))
+                restored = True
+            elif (best / "model.safetensors").is_file():
                 from safetensors.torch import load_model
 
                 load_model(self.policy_module, str(best / "model.safetensors"), strict=False)
@@ -749,15 +796,18 @@ class OnlineRun:
             "time/rollout_share": st["time_rollout"] / total if total else None,
             **(extra or {}),
         }
+        # the whole models on the main process (sharded: gathered from every process)
+        policy = gathered(self.accelerator, self.policy) if self.out_dir is not None else None
+        value = gathered(self.accelerator, self.value) if self.out_dir is not None and self.value is not None else None
         if self.is_main and self.out_dir is not None:
-            save_pretrained_atomic(self.policy_module, self.tokenizer, self.out_dir / "model")
-            if self.value_module is not None:
+            save_pretrained_atomic(policy, self.tokenizer, self.out_dir / "model")
+            if value is not None:
                 from safetensors.torch import save_model
 
                 from rlhflab.artifacts import check_finite_weights
 
-                check_finite_weights(self.value_module, "the value model", self.out_dir / "value.safetensors")
-                save_model(self.value_module, str(self.out_dir / "value.safetensors"))
+                check_finite_weights(value, "the value model", self.out_dir / "value.safetensors")
+                save_model(value, str(self.out_dir / "value.safetensors"))
             write_json(self.out_dir / "metrics.json", summary)
         self.accelerator.wait_for_everyone()
         return summary
