@@ -170,7 +170,9 @@ def median_of(runs: list[dict], key: str) -> float | None:
 
 
 SUMMARY_KEYS = ("samples_per_s", "samples_per_cpu_s", "cpu_seconds", "tokens_per_s", "gen_tokens_per_s", "train_tokens_per_s", "train_seconds",
-                "peak_rss_mb", "overhead_share", "process_seconds")
+                "peak_rss_mb", "overhead_share", "process_seconds",
+                # an rlhflab online loop cut into its parts (common.loop_parts; TRL has no such timers)
+                "share/generate", "share/scoring", "share/update", "share/rest")
 QUALITY_KEYS = ("gold/mean", "gold/win_rate_vs_sft", "kl/sequence_mean", "samples/length_mean")
 
 

@@ -48,31 +48,36 @@ def data_tokens(rows: list[dict], tokenizer, max_length: int, fields: tuple[str,
     return total
 
 
-def build_spec(stage: str, paths: dict, args) -> dict:
-    """The settings of one stage; both children get exactly this dict (plus impl and out)."""
+def build_spec(stage: str, paths: dict, args, count_tokens: bool = True) -> dict:
+    """The settings of one stage; both children get exactly this dict (plus impl and out).
+    ``count_tokens=False`` leaves out ``data_tokens`` and reads no file but the preset (the
+    settings alone: ``bench/matched_settings.py``)."""
     from rlhflab.config import load_config
     from rlhflab.data import load_rows
     from rlhflab.models import load_tokenizer
 
     cfg = load_config(args.config)
     world: Path = paths["world"]
-    tok = load_tokenizer(paths["init"])
+
+    def tokens(rows_of, n: int, fields: tuple[str, ...]) -> dict:
+        if not count_tokens:
+            return {}
+        rows = load_rows(rows_of[0], rows_of[1])[:n]
+        return {"data_tokens": data_tokens(rows, load_tokenizer(paths["init"]), spec["max_length"], fields)}
     common = {"stage": stage, "threads": args.threads, "seed": 0}
     if stage == "sft":
         s = cfg.sft
         spec = dict(common, model=str(paths["init"]), data=str(world / "sft.jsonl"), steps=round(100 * args.scale),
                     batch_size=s.batch_size, max_length=s.max_length, lr=s.lr, warmup_ratio=s.warmup_ratio,
                     schedule=s.lr_schedule, max_grad_norm=s.max_grad_norm)
-        rows = load_rows(spec["data"], "sft")[: spec["steps"] * spec["batch_size"]]
-        spec["data_tokens"] = data_tokens(rows, tok, spec["max_length"], ("completion",))
+        spec.update(tokens((spec["data"], "sft"), spec["steps"] * spec["batch_size"], ("completion",)))
         return spec
     if stage == "rm":
         s = cfg.rm
         spec = dict(common, model=str(paths["sft"]), data=str(world / "preferences.jsonl"),
                     steps=round(50 * args.scale), batch_size=s.batch_size, max_length=s.max_length, lr=s.lr,
                     warmup_ratio=s.warmup_ratio, schedule=s.lr_schedule, max_grad_norm=s.max_grad_norm)
-        rows = load_rows(spec["data"], "preference")[: spec["steps"] * spec["batch_size"]]
-        spec["data_tokens"] = data_tokens(rows, tok, spec["max_length"], ("chosen", "rejected"))
+        spec.update(tokens((spec["data"], "preference"), spec["steps"] * spec["batch_size"], ("chosen", "rejected")))
         return spec
     if stage in ("dpo", "dpo-precompute", "kto"):
         s = cfg.dpo
@@ -81,8 +86,7 @@ def build_spec(stage: str, paths: dict, args) -> dict:
                     beta=s.beta, warmup_ratio=s.warmup_ratio, schedule=s.lr_schedule,
                     max_grad_norm=s.max_grad_norm, trl_precompute=stage == "dpo-precompute")
         n_rows = spec["steps"] * spec["batch_size"] // (2 if stage == "kto" else 1)
-        rows = load_rows(spec["data"], "preference")[:n_rows]
-        spec["data_tokens"] = data_tokens(rows, tok, spec["max_length"], ("chosen", "rejected"))
+        spec.update(tokens((spec["data"], "preference"), n_rows, ("chosen", "rejected")))
         return spec
     if stage in ONLINE:
         group, minibatches, epochs = ONLINE[stage]

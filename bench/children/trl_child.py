@@ -13,12 +13,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import cpu_seconds, emit, read_jsonl, read_spec, rss_mb, setup  # noqa: E402
-
-spec = read_spec()
-setup(spec["threads"])
-
 import torch  # noqa: E402
+from common import cpu_seconds, emit, read_jsonl, read_spec, rss_mb, setup, token_rates  # noqa: E402
 from datasets import Dataset  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback  # noqa: E402
 
@@ -57,6 +53,23 @@ def common_args(spec: dict) -> dict:
     )
 
 
+def rlhflab_schedule(trainer, spec: dict) -> None:
+    """Give ``trainer`` rlhflab's learning-rate schedule (``rlhflab.training.lr_lambda``):
+    int(warmup_ratio x steps) warm-up steps at (step + 1) / warmup of the peak, then the decay.
+    HF's schedulers warm up over ceil(warmup_ratio x steps) steps from 0 (step / warmup), one
+    step behind and one step longer whenever the product is not whole (50 x 0.05)."""
+    from rlhflab.training import lr_lambda
+
+    def create_scheduler(num_training_steps: int, optimizer=None):
+        if trainer.lr_scheduler is None:
+            warmup = int(spec.get("warmup_ratio", 0.05) * num_training_steps)
+            trainer.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
+                optimizer or trainer.optimizer, lr_lambda(spec.get("schedule", "cosine"), warmup, num_training_steps))
+        return trainer.lr_scheduler
+
+    trainer.create_scheduler = create_scheduler
+
+
 def load(spec: dict):
     tok = AutoTokenizer.from_pretrained(spec["model"])
     model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.float32)
@@ -84,9 +97,13 @@ def run_sft(spec: dict) -> dict:
     model, tok = load(spec)
     rows = read_jsonl(spec["data"])[: spec["steps"] * spec["batch_size"]]
     ds = Dataset.from_list([{"prompt": r["prompt"], "completion": space(r["completion"])} for r in rows])
-    args = SFTConfig(**common_args(spec), max_length=spec["max_length"])
-    trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok)
+    trainer = SFTTrainer(model=model, args=SFTConfig(**sft_args(spec)), train_dataset=ds, processing_class=tok)
+    rlhflab_schedule(trainer, spec)
     return train(trainer, spec)
+
+
+def sft_args(spec: dict) -> dict:
+    return dict(common_args(spec), max_length=spec["max_length"])
 
 
 def preference_rows(spec: dict, n: int) -> list[dict]:
@@ -102,9 +119,13 @@ def run_rm(spec: dict) -> dict:
     model = AutoModelForSequenceClassification.from_pretrained(spec["model"], num_labels=1, dtype=torch.float32)
     model.config.pad_token_id = tok.pad_token_id
     ds = Dataset.from_list(preference_rows(spec, spec["steps"] * spec["batch_size"]))
-    args = RewardConfig(**common_args(spec), max_length=spec["max_length"])
-    trainer = RewardTrainer(model=model, args=args, train_dataset=ds, processing_class=tok)
+    trainer = RewardTrainer(model=model, args=RewardConfig(**rm_args(spec)), train_dataset=ds, processing_class=tok)
+    rlhflab_schedule(trainer, spec)
     return train(trainer, spec)
+
+
+def rm_args(spec: dict) -> dict:
+    return dict(common_args(spec), max_length=spec["max_length"])
 
 
 def timed_precompute(trainer_cls, clock: dict):
@@ -130,11 +151,15 @@ def run_dpo(spec: dict) -> dict:
     timed_precompute(DPOTrainer, clock)
     model, tok = load(spec)
     ds = Dataset.from_list(preference_rows(spec, spec["steps"] * spec["batch_size"]))
-    args = DPOConfig(**common_args(spec), beta=spec["beta"], max_length=spec["max_length"], loss_type=["sigmoid"],
-                     precompute_ref_log_probs=spec.get("trl_precompute", False))
-    trainer = DPOTrainer(model=model, args=args, train_dataset=ds, processing_class=tok)
+    trainer = DPOTrainer(model=model, args=DPOConfig(**dpo_args(spec)), train_dataset=ds, processing_class=tok)
+    rlhflab_schedule(trainer, spec)
     out = train(trainer, spec)
     return with_precompute(out, clock)
+
+
+def dpo_args(spec: dict) -> dict:
+    return dict(common_args(spec), beta=spec["beta"], max_length=spec["max_length"], loss_type=["sigmoid"],
+                precompute_ref_log_probs=spec.get("trl_precompute", False))
 
 
 def with_precompute(out: dict, clock: dict) -> dict:
@@ -156,11 +181,16 @@ def run_kto(spec: dict) -> dict:
     for r in read_jsonl(spec["data"])[: spec["steps"] * spec["batch_size"] // 2]:
         rows.append({"prompt": r["prompt"], "completion": space(r["chosen"]), "label": True})
         rows.append({"prompt": r["prompt"], "completion": space(r["rejected"]), "label": False})
-    args = KTOConfig(**common_args(spec), beta=spec["beta"], max_length=spec["max_length"],
-                     precompute_ref_log_probs=spec.get("trl_precompute", False))
-    trainer = KTOTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok)
+    trainer = KTOTrainer(model=model, args=KTOConfig(**kto_args(spec)), train_dataset=Dataset.from_list(rows),
+                         processing_class=tok)
+    rlhflab_schedule(trainer, spec)
     out = train(trainer, spec)
     return with_precompute(out, clock)
+
+
+def kto_args(spec: dict) -> dict:
+    return dict(common_args(spec), beta=spec["beta"], max_length=spec["max_length"],
+                precompute_ref_log_probs=spec.get("trl_precompute", False))
 
 
 def gold_reward_fn(eos_id: int):
@@ -182,11 +212,7 @@ def online_result(trainer, spec: dict, inst) -> dict:
     out["samples_per_s"] = out["samples"] / out["train_seconds"]
     inst.close()
     out.update(inst.report(out["train_seconds"]))
-    gen = out["time/generate"]
-    out["gen_tokens_per_s"] = out["generated_tokens"] / gen if gen else None
-    out["train_tokens_per_s"] = out["generated_tokens"] / (out["train_seconds"] - gen)
-    out["tokens_per_s"] = out["generated_tokens"] / out["train_seconds"]
-    return out
+    return token_rates(out)
 
 
 def online_args(spec: dict) -> dict:
@@ -195,11 +221,11 @@ def online_args(spec: dict) -> dict:
     return args
 
 
-def run_grpo(spec: dict) -> dict:
-    from common import Instrument
-    from trl import GRPOConfig, GRPOTrainer
+def grpo_args(spec: dict) -> dict:
+    """GRPOConfig's arguments: one generation of ``batch_size`` completions split into
+    ``num_minibatches`` optimizer steps of ``batch_size / num_minibatches`` each."""
+    from trl import GRPOConfig
 
-    model, tok = load(spec)
     mb = spec["batch_size"] // spec["num_minibatches"]
     args = online_args(dict(spec, batch_size=mb, steps=spec["steps"] * spec["num_minibatches"]))
     args.update(steps_per_generation=spec["num_minibatches"], num_generations=spec["group_size"],
@@ -210,12 +236,29 @@ def run_grpo(spec: dict) -> dict:
     # multiplies k3 by the importance ratio by default (its gradient is then k2's).
     if "use_bias_correction_kl" in GRPOConfig.__dataclass_fields__:
         args["use_bias_correction_kl"] = False
+    return args
+
+
+def run_grpo(spec: dict) -> dict:
+    from common import Instrument
+    from trl import GRPOConfig, GRPOTrainer
+
+    model, tok = load(spec)
     ds = Dataset.from_list([{"prompt": r["prompt"]} for r in read_jsonl(spec["prompts"])])
-    trainer = GRPOTrainer(model=model, reward_funcs=gold_reward_fn(tok.eos_token_id), args=GRPOConfig(**args),
-                          train_dataset=ds, processing_class=tok)
+    trainer = GRPOTrainer(model=model, reward_funcs=gold_reward_fn(tok.eos_token_id),
+                          args=GRPOConfig(**grpo_args(spec)), train_dataset=ds, processing_class=tok)
     inst = Instrument([trainer.model, trainer.ref_model], tok.eos_token_id)
-    return online_result(trainer, dict(spec, steps=spec["steps"] * spec["num_minibatches"],
-                                       batch_size=mb), inst)
+    mb = spec["batch_size"] // spec["num_minibatches"]
+    return online_result(trainer, dict(spec, steps=spec["steps"] * spec["num_minibatches"], batch_size=mb), inst)
+
+
+def rloo_args(spec: dict) -> dict:
+    mb = spec["batch_size"] // spec["num_minibatches"]
+    args = online_args(dict(spec, batch_size=mb, steps=spec["steps"] * spec["num_minibatches"]))
+    args.update(steps_per_generation=spec["num_minibatches"], num_generations=spec["group_size"],
+                max_completion_length=spec["max_new_tokens"], temperature=1.0, top_k=0, top_p=1.0,
+                beta=spec["beta"], num_iterations=spec["epochs"], log_completions=False)
+    return args
 
 
 def run_rloo(spec: dict) -> dict:
@@ -223,17 +266,43 @@ def run_rloo(spec: dict) -> dict:
     from trl import RLOOConfig, RLOOTrainer
 
     model, tok = load(spec)
-    mb = spec["batch_size"] // spec["num_minibatches"]
-    args = online_args(dict(spec, batch_size=mb, steps=spec["steps"] * spec["num_minibatches"]))
-    args.update(steps_per_generation=spec["num_minibatches"], num_generations=spec["group_size"],
-                max_completion_length=spec["max_new_tokens"], temperature=1.0, top_k=0, top_p=1.0,
-                beta=spec["beta"], num_iterations=spec["epochs"], log_completions=False)
     ds = Dataset.from_list([{"prompt": r["prompt"]} for r in read_jsonl(spec["prompts"])])
-    trainer = RLOOTrainer(model=model, reward_funcs=gold_reward_fn(tok.eos_token_id), args=RLOOConfig(**args),
-                          train_dataset=ds, processing_class=tok)
+    trainer = RLOOTrainer(model=model, reward_funcs=gold_reward_fn(tok.eos_token_id),
+                          args=RLOOConfig(**rloo_args(spec)), train_dataset=ds, processing_class=tok)
     inst = Instrument([trainer.model, trainer.ref_model], tok.eos_token_id)
-    return online_result(trainer, dict(spec, steps=spec["steps"] * spec["num_minibatches"],
-                                       batch_size=mb), inst)
+    mb = spec["batch_size"] // spec["num_minibatches"]
+    return online_result(trainer, dict(spec, steps=spec["steps"] * spec["num_minibatches"], batch_size=mb), inst)
+
+
+def ppo_args(spec: dict) -> dict:
+    """PPOConfig's arguments. TRL's PPO rollout is ``per_device_train_batch_size x
+    gradient_accumulation_steps`` samples, cut into ``num_mini_batches`` minibatches with one
+    optimizer step each; with gradient accumulation at 1 the rollout is the per-device batch,
+    so that is ``batch_size`` (64 samples per rollout, 4 minibatches of 16, as rlhflab)."""
+    args = online_args(spec)
+    args.pop("max_steps")
+    args.update(num_mini_batches=spec["num_minibatches"], num_ppo_epochs=spec["epochs"],
+                gradient_accumulation_steps=1,
+                total_episodes=spec["steps"] * spec["batch_size"], local_rollout_forward_batch_size=spec["batch_size"],
+                response_length=spec["max_new_tokens"], stop_token="eos", temperature=1.0, kl_coef=spec["beta"],
+                kl_estimator="k1", cliprange=0.2, vf_coef=0.1, cliprange_value=0.2, gamma=1.0, lam=0.95,
+                whiten_rewards=False, missing_eos_penalty=None, num_sample_generations=0)
+    return args
+
+
+def clip_gradients(optimizer, max_norm: float) -> None:
+    """TRL's PPO steps its optimizer without clipping (``ppo_trainer.py``: ``accelerator.backward``
+    then ``optimizer.step()``; ``max_grad_norm`` is never read); rlhflab clips the policy's and
+    the critic's gradients together at ``rl.max_grad_norm`` before each step. This clips the
+    same way, every parameter of the optimizer (policy and critic) at ``max_norm``."""
+    step = optimizer.step
+
+    def clipped_step(*a, **kw):
+        params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        torch.nn.utils.clip_grad_norm_(params, max_norm)
+        return step(*a, **kw)
+
+    optimizer.step = clipped_step
 
 
 def run_ppo(spec: dict) -> dict:
@@ -261,17 +330,11 @@ def run_ppo(spec: dict) -> dict:
         value.score.weight.zero_()
     for m in (rm, value):
         m.config.pad_token_id = tok.pad_token_id
-    mb = spec["batch_size"] // spec["num_minibatches"]
-    args = online_args(dict(spec, batch_size=mb))
-    args.pop("max_steps")
-    args.update(num_mini_batches=spec["num_minibatches"], num_ppo_epochs=spec["epochs"],
-                total_episodes=spec["steps"] * spec["batch_size"], local_rollout_forward_batch_size=spec["batch_size"],
-                response_length=spec["max_new_tokens"], stop_token="eos", temperature=1.0, kl_coef=spec["beta"],
-                kl_estimator="k1", cliprange=0.2, vf_coef=0.1, cliprange_value=0.2, gamma=1.0, lam=0.95,
-                whiten_rewards=False, missing_eos_penalty=None, num_sample_generations=0)
     ds = Dataset.from_list([{"input_ids": tok(r["prompt"]).input_ids} for r in read_jsonl(spec["prompts"])])
-    trainer = PPOTrainer(args=PPOConfig(**args), processing_class=tok, model=policy, ref_model=ref, reward_model=rm,
-                         train_dataset=ds, value_model=value)
+    trainer = PPOTrainer(args=PPOConfig(**ppo_args(spec)), processing_class=tok, model=policy, ref_model=ref,
+                         reward_model=rm, train_dataset=ds, value_model=value)
+    if spec.get("max_grad_norm", 1.0) > 0:
+        clip_gradients(trainer.optimizer, spec.get("max_grad_norm", 1.0))
     inst = Instrument([trainer.model, policy, ref, rm, value], tok.eos_token_id)
     return online_result(trainer, spec, inst)
 
@@ -279,4 +342,6 @@ def run_ppo(spec: dict) -> dict:
 STAGES = {"sft": run_sft, "rm": run_rm, "dpo": run_dpo, "dpo-precompute": run_dpo, "kto": run_kto, "grpo": run_grpo, "rloo": run_rloo, "ppo": run_ppo}
 
 if __name__ == "__main__":
+    spec = read_spec()
+    setup(spec["threads"])
     emit(STAGES[spec["stage"]](spec), spec)
