@@ -237,9 +237,11 @@ class VLLMSampler:
       set ``rl.tis_cap`` (the weight pi_train / pi_sampler is then the truncation's own
       correction) or leave generation.top_k = 0 and top_p = 1.
     - ``generate``: one request per row, ``SamplingParams(temperature, top_k, top_p,
-      max_tokens, seed=row seed, logprobs=0, stop_token_ids=EOS)``, the pad token pushed out
-      by a logit bias of -100; ``outputs[0].token_ids`` and each position's ``logprobs[t]
-      [token].logprob`` are the answer.
+      max_tokens, seed=row seed, logprobs=0, stop_token_ids=EOS, ignore_eos=True)``: the
+      rollout's EOS ids end a response, the model's generation config's do not (the engine
+      ends at the tokenizer's, as the trainer's mask does); the pad token pushed out by a
+      logit bias of -100; ``outputs[0].token_ids`` and each position's ``logprobs[t][token]
+      .logprob`` are the answer.
     - ``load_weights``: ``LLM.collective_rpc`` runs ``model_runner.model.load_weights`` (the
       loader that reads Hugging Face names) on every worker, then ``reset_prefix_cache``: a
       prompt's cached KV blocks were computed with the old weights.
@@ -276,7 +278,7 @@ class VLLMSampler:
 
         params = [SamplingParams(n=1, temperature=settings.temperature, top_k=settings.top_k, top_p=settings.top_p,
                                  max_tokens=settings.max_new_tokens, seed=int(seed), logprobs=0,
-                                 stop_token_ids=list(settings.eos_token_ids),
+                                 stop_token_ids=list(settings.eos_token_ids), ignore_eos=True,
                                  logit_bias={settings.pad_token_id: -100.0}, detokenize=False)
                   for seed in seeds]
         outputs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompt_token_ids], params,

@@ -119,8 +119,8 @@ class _Policy(torch.nn.Module):
 
 
 def test_vllm_sampler_asks_for_what_the_trainer_computes_and_loads_the_weights(monkeypatch):
-    """Processed log-probs (after the temperature), one request per row with its seed, EOS as
-    the stop token, the pad pushed out, no detokenizing; each drawn token's own log-prob read
+    """Processed log-probs (after the temperature), one request per row with its seed, the
+    tokenizer's EOS as the only stop token, the pad pushed out, no detokenizing; each drawn token's own log-prob read
     back; the weights into the worker's model, then the prefix cache reset."""
     monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(LLM=_LLM, SamplingParams=_SamplingParams))
     _LLM.made.clear()
@@ -133,7 +133,8 @@ def test_vllm_sampler_asks_for_what_the_trainer_computes_and_loads_the_weights(m
     p = params[1].kwargs
     assert (p["seed"], p["temperature"], p["top_k"], p["top_p"], p["max_tokens"], p["logprobs"]) == (
         8, 0.7, 0, 1.0, 4, 0)
-    assert p["stop_token_ids"] == [EOS] and p["logit_bias"] == {PAD: -100.0} and p["detokenize"] is False
+    assert p["stop_token_ids"] == [EOS] and p["ignore_eos"] is True  # the tokenizer's EOS, not the model's
+    assert p["logit_bias"] == {PAD: -100.0} and p["detokenize"] is False
     assert out.token_ids == [[14, EOS], [15, EOS]] and out.logprobs == [[-0.5, -1.0], [-0.5, -1.0]]
     s.load_weights([("w", torch.zeros(2))])
     assert [c[0] for c in llm.calls[-3:]] == ["collective_rpc", "load_weights", "reset_prefix_cache"]
