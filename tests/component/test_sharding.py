@@ -236,6 +236,21 @@ def test_a_sharded_online_run_with_checkpoints_exits_with_one_line(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+def test_a_sharded_online_run_is_not_resumed(tmp_path, capsys):
+    """``--resume`` of a run whose config.yaml says rl.sharding=fsdp2: one line, exit code 2,
+    before any model loads (the run directory holds its config and inputs only)."""
+    from rlhflab.cli import main
+    from rlhflab.config import load_config, save_config
+
+    run = tmp_path / "run"
+    run.mkdir()
+    save_config(load_config(ROOT / "configs" / "tiny.yaml", ["rl.sharding=fsdp2"]), run / "config.yaml")
+    (run / "run.json").write_text(json.dumps({"algo": "ppo", "sft": str(tmp_path / "sft")}))
+    assert main(["ppo", "--resume", str(run)]) == 2
+    err = [x for x in capsys.readouterr().err.strip().splitlines() if "error" in x]
+    assert len(err) == 1 and "field 'rl.sharding': --resume of a sharded run is not supported" in err[0], err
+
+
 def test_a_sharded_online_run_with_an_external_sampler_is_refused():
     """``rl.sampler`` other than the engine: the sampler is handed whole weights by name."""
     from types import SimpleNamespace
