@@ -76,6 +76,56 @@ def unflatten_optimizer_state(tensors: dict[str, torch.Tensor], meta: dict) -> d
     return {"state": state, "param_groups": groups}
 
 
+def whole_optimizer_state(optimizer) -> dict:
+    """``optimizer.state_dict()`` with each state tensor of a sharded parameter (FSDP2's
+    DTensors: AdamW's moments) gathered whole (``full_tensor``, an all-gather: every process
+    must call it, and gets the whole state); the same as ``state_dict()`` unsharded."""
+    from torch.distributed.tensor import DTensor
+
+    state_dict = optimizer.state_dict()
+    # each entry is the optimizer's own dict of a parameter's state: copied, not changed
+    state_dict["state"] = {index: {name: value.full_tensor() if isinstance(value, DTensor) else value
+                                   for name, value in entry.items()}
+                           for index, entry in state_dict["state"].items()}  # one order on every process
+    return state_dict
+
+
+def _shard_like(state_dict: dict, optimizer) -> dict:
+    """A whole optimizer state (``whole_optimizer_state``, read back) with each tensor of a
+    sharded parameter's shape cut to this process's shard of it, placed as the parameter is
+    (``distribute_tensor`` of the local copy: every process read the whole file)."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    saved = [i for group in state_dict["param_groups"] for i in group["params"]]
+    for index, p in zip(saved, params):
+        entry = state_dict["state"].get(index)
+        if entry is None or not isinstance(p, DTensor):
+            continue
+        for name, value in entry.items():
+            if isinstance(value, torch.Tensor) and tuple(value.shape) == tuple(p.shape):
+                entry[name] = distribute_tensor(value.to(p.dtype), p.device_mesh, p.placements, src_data_rank=None)
+    return state_dict
+
+
+def _is_sharded(module: torch.nn.Module) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in module.parameters())
+
+
+def _load_weights(module: torch.nn.Module, file: Path) -> None:
+    """The file's weights into ``module`` (checked by ``_check_module`` first); a sharded
+    module keeps this process's shard of each (``set_model_state_dict`` with the full state
+    dict; every process must call it)."""
+    if not _is_sharded(module):
+        load_model(module, str(file))
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    set_model_state_dict(module, load_file(str(file)), options=StateDictOptions(full_state_dict=True, strict=False))
+
+
 def rng_state() -> tuple[dict[str, torch.Tensor], dict]:
     tensors = {"torch_cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -99,9 +149,12 @@ def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict) -> None:
 
 
 def save_checkpoint(path: str | Path, *, policy: torch.nn.Module, optimizer, scheduler, state: dict,
-                    value: torch.nn.Module | None = None) -> Path:
+                    value: torch.nn.Module | None = None, optimizer_state: dict | None = None) -> Path:
     """Write a checkpoint atomically (temp dir, then rename over the old one). Weights with
-    a non-finite value are refused, so the last checkpoint is always a good one."""
+    a non-finite value are refused, so the last checkpoint is always a good one.
+    ``optimizer_state``: the optimizer's state dict when it is not ``optimizer.state_dict()``
+    (a sharded run's, gathered whole by ``whole_optimizer_state``; the modules are then the
+    whole models gathered for saving)."""
     from rlhflab.artifacts import atomic_directory, check_finite_weights
 
     path = Path(path)
@@ -112,7 +165,7 @@ def save_checkpoint(path: str | Path, *, policy: torch.nn.Module, optimizer, sch
         save_model(policy, str(tmp / "policy.safetensors"))
         if value is not None:
             save_model(value, str(tmp / "value.safetensors"))
-        tensors, meta = flatten_optimizer_state(optimizer.state_dict())
+        tensors, meta = flatten_optimizer_state(optimizer.state_dict() if optimizer_state is None else optimizer_state)
         save_file(tensors, str(tmp / "optimizer.safetensors"))
         (tmp / "optimizer.json").write_text(json.dumps(meta))
         sched = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
@@ -310,8 +363,11 @@ def _kind(v) -> str:
 def _check_module(module: torch.nn.Module, file: Path) -> None:
     """The file's tensors are the module's: every name known, shapes and dtypes equal, and
     every weight present (weights tied to another are stored once)."""
+    from torch.distributed.tensor import DTensor
+
     stored = safetensors_header(file)
     expected = module.state_dict()
+    param_ids = {name: id(p) for name, p in module.named_parameters(remove_duplicate=False)}
     for name, (dtype, shape) in stored.items():
         if name not in expected:
             raise InputError(f"tensor {name!r} is not one of the model's (a checkpoint of another model?)",
@@ -322,7 +378,10 @@ def _check_module(module: torch.nn.Module, file: Path) -> None:
                              f"{_TORCH_DTYPE.get(t.dtype, t.dtype)} {list(t.shape)}", file=str(file))
     groups: dict[tuple, list[str]] = {}
     for name, t in expected.items():  # tied weights share storage; safetensors keeps one name
-        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape)) if t.numel() else (name,)
+        if isinstance(t, DTensor):  # a shard of FSDP2's has no storage of its own: tied = one Parameter
+            key = ("param", param_ids.get(name, name))
+        else:
+            key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape)) if t.numel() else (name,)
         groups.setdefault(key, []).append(name)
     for names in groups.values():
         if not any(n in stored for n in names):
@@ -403,7 +462,9 @@ def load_checkpoint(path: str | Path, *, policy: torch.nn.Module, optimizer, sch
     """Restore weights, optimizer, scheduler and RNG in place; returns ``state.json``.
 
     Every file is read and checked against the modules first (``check_checkpoint``, then
-    each tensor's name, shape and dtype); only when all of it fits does anything change."""
+    each tensor's name, shape and dtype); only when all of it fits does anything change.
+    Modules sharded with FSDP2 (every process loads: each keeps its shards of the whole
+    weights and optimizer state the checkpoint holds) take them as plain ones do."""
     path = Path(path)
     state = check_checkpoint(path, value=value is not None, online=online, algo=algo, kl_keys=kl_keys)
     _check_module(policy, path / "policy.safetensors")
@@ -413,10 +474,10 @@ def load_checkpoint(path: str | Path, *, policy: torch.nn.Module, optimizer, sch
     sched = _check_scheduler(scheduler, path / "scheduler.json")
     rng = _check_rng(path / "rng.safetensors")
     # everything fits: now change the modules
-    load_model(policy, str(path / "policy.safetensors"))
+    _load_weights(policy, path / "policy.safetensors")
     if value is not None:
-        load_model(value, str(path / "value.safetensors"))
-    optimizer.load_state_dict(opt_state)
+        _load_weights(value, path / "value.safetensors")
+    optimizer.load_state_dict(_shard_like(opt_state, optimizer))
     scheduler.load_state_dict(sched)
     set_rng_state(rng, state.pop("rng"))
     return state

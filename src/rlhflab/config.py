@@ -463,7 +463,7 @@ class RLConfig:
                               "forward passes of the update; decoding stays in float32", _PRECISIONS)
     sharding: str = _f("ddp", "how several processes hold the weights: ddp (each a whole copy) or fsdp2 (the "
                        "policy, critic and reference sharded per transformer block, gathered whole for each "
-                       "rollout and evaluation; no rl.save_every; docs/scaling.md)", "one of ddp, fsdp2")
+                       "rollout and evaluation; docs/scaling.md)", "one of ddp, fsdp2")
     report_to: list = _f([], _REPORT_TO, _TRACKERS)
     mismatch_tolerance: float = _f(1e-3, "largest |log pi_train - log pi_sampler| (nats, any token of the first "
                                    "update) allowed before the run stops; without tis_cap the two come from "

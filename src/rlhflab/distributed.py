@@ -297,9 +297,8 @@ def check_strategy(section_cfg, section: str, accelerator, lora_r: int = 0, comm
     strategy this launch would not run as asked: fsdp2 with one process (nothing to shard),
     in rejection sampling (``command``: its rollouts do not gather sharded weights yet), and
     where it was not verified: with LoRA adapters, the reward model's gradient penalty (a
-    double backward) or fp16 (accelerate's loss scaler); in online RL with checkpoints
-    (``rl.save_every``: the optimizer's state is sharded, and a resume would not be exact)
-    or an external sampler (``rl.sampler``: it is handed whole weights by name); CPU offload
+    double backward) or fp16 (accelerate's loss scaler); in online RL with an external
+    sampler (``rl.sampler``: it is handed whole weights by name); CPU offload
     without fsdp2 or without a GPU (on a CPU the shards are in CPU memory already: the
     setting would change nothing)."""
     from rlhflab.errors import InputError
@@ -318,11 +317,6 @@ def check_strategy(section_cfg, section: str, accelerator, lora_r: int = 0, comm
     if (command or section) not in SHARDED_STAGES:
         raise InputError(f"fsdp2 is not supported in {command or section} yet: its rollouts do not gather the "
                          f"sharded weights; {supported}", field=f"{section}.sharding")
-    if getattr(section_cfg, "save_every", 0):
-        raise InputError(f"fsdp2 with checkpoints ({section}.save_every={section_cfg.save_every}) is not supported: "
-                         "the optimizer state is sharded and a resume from it was not made exact; set "
-                         f"{section}.save_every=0 (the final model is saved whole) or {section}.sharding=ddp",
-                         field=f"{section}.save_every")
     if getattr(section_cfg, "sampler", "engine") != "engine":
         raise InputError(f"fsdp2 with an external sampler ({section}.sampler={section_cfg.sampler}) is not "
                          "supported: the sampler is handed the whole weights by name, which stay sharded; set "

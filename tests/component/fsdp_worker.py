@@ -131,7 +131,8 @@ def main_rl(out: Path, strategy: str) -> None:
     """GRPO and PPO through ``commands.rl.run_rl`` (the CLI's path) with ``rl.sharding`` =
     ``strategy``, from one untrained tiny GPT-2 (tied embeddings) as the SFT policy and
     reference, on the world's gold reward, 3 steps, held-out gold evaluations at steps 0, 2
-    and 3 (PPO stops early after step 2's). Each rollout's texts are written per process and step (``OUT/<algo>/samples/``);
+    and 3 (PPO stops early after step 2's). The sharded launch also runs GRPO for 2 steps with a
+    checkpoint at step 1 and resumes it to 3 steps (``OUT/grpo/resumed``). Each rollout's texts are written per process and step (``OUT/<algo>/samples/``);
     after the run, rank 0 reloads the saved model in plain transformers and records its
     largest logit difference to the weights ``distributed.gathered`` returns
     (``OUT/<algo>/reload.json``, with the parameter types of the run's models)."""
@@ -189,6 +190,14 @@ def main_rl(out: Path, strategy: str) -> None:
             "rl.lr=3e-3", "rl.max_grad_norm=0.5", "generation.max_new_tokens=8", f"rl.sharding={strategy}",
             *extra])
         run_rl(cfg, algo, out / algo / "run", sft=str(sft), reward_fns=["gold"])
+        if algo == "grpo" and strategy == "fsdp2":  # the same run cut after step 2 (a checkpoint at step 1)
+            seen["dir"] = out / algo / "resumed-samples"  # and extended to 3 steps from it with --resume
+            seen["dir"].mkdir(parents=True, exist_ok=True)
+            cut = load_config(None, [*(f"{k}={v}" for k, v in (("rl.steps", 2), ("rl.save_every", 1)))])
+            cfg.rl.steps, cfg.rl.save_every = cut.rl.steps, cut.rl.save_every
+            run_rl(cfg, algo, out / algo / "resumed", sft=str(sft), reward_fns=["gold"])
+            again = load_config(out / algo / "resumed" / "config.yaml", ["rl.steps=3"])
+            run_rl(again, algo, out / algo / "resumed", sft=str(sft), reward_fns=["gold"], resume=True)
         if acc.is_main_process:
             again = AutoModelForCausalLM.from_pretrained(str(out / algo / "run" / "model"))
             with torch.no_grad():

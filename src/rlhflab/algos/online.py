@@ -723,12 +723,19 @@ class OnlineRun:
         return {**self.state, "kl_controller": self.kl_ctl.state_dict(), "algo": self.algo}
 
     def save_checkpoint(self) -> None:
-        from rlhflab.checkpoint import save_checkpoint
+        from rlhflab.checkpoint import save_checkpoint, whole_optimizer_state
 
         self.accelerator.wait_for_everyone()
-        if self.is_main and self.out_dir is not None:
-            save_checkpoint(self.out_dir / "checkpoint", policy=self.policy_module, value=self.value_module,
-                            optimizer=self.optimizer_raw, scheduler=self.scheduler, state=self.checkpoint_state())
+        if self.out_dir is None:
+            return
+        # sharded: the weights and AdamW's moments gathered whole (every process takes part), so
+        # the checkpoint is the one an unsharded run writes
+        policy = gathered(self.accelerator, self.policy)
+        value = gathered(self.accelerator, self.value) if self.value is not None else None
+        optimizer_state = whole_optimizer_state(self.optimizer_raw) if self.sharded else None
+        if self.is_main:
+            save_checkpoint(self.out_dir / "checkpoint", policy=policy, value=value, optimizer=self.optimizer_raw,
+                            optimizer_state=optimizer_state, scheduler=self.scheduler, state=self.checkpoint_state())
         self.accelerator.wait_for_everyone()
 
     def load_checkpoint(self, path: Path) -> None:

@@ -343,10 +343,6 @@ def _run_rl(cfg, algo: str, out: Path, *, sft: str, rm: str | None = None, rewar
     changes: dict = {}
     if resume:  # the run's own settings, but for what a resume may change: refused before anything loads
         cfg, changes = resume_settings(cfg, load_config(out / "config.yaml"), out / "config.yaml")
-        if cfg.rl.sharding == "fsdp2":
-            raise InputError("--resume of a sharded run is not supported: it keeps no checkpoint (rl.save_every is "
-                             "refused with fsdp2); run it again from the start", file=str(out / "config.yaml"),
-                             field="rl.sharding")
     accelerator = make_accelerator(cfg.rl.mixed_precision, cfg.rl.report_to, "rl")
     check_strategy(cfg.rl, "rl", accelerator, cfg.lora.r)
     cfg.rl = resolve_rl_config(cfg.rl, algo)
