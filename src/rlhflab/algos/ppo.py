@@ -80,7 +80,9 @@ class ValueModel(torch.nn.Module):
     def forward(self, input_ids, attention_mask=None, position_ids=None) -> torch.Tensor:
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
                                position_ids=position_ids).last_hidden_state
-        return self.head(hidden).squeeze(-1).float()  # (B, T)
+        # a copy, not a view of the head's output: FSDP2 hooks its backward on the module's output
+        # and warns that an in-place op on a view would skip it
+        return self.head(hidden).squeeze(-1).to(torch.float32, copy=True)  # (B, T)
 
 
 def ppo_advantages(scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
