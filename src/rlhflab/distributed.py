@@ -365,8 +365,8 @@ def shard_weights(model: torch.nn.Module, section_cfg, accelerator, section: str
     Under bf16 the ``MixedPrecisionPolicy`` gathers bf16 weights and reduces gradients in
     float32 (``gather_in_precision=False``: the weights are gathered as they are held, and
     the caller autocasts its training passes, as online RL does: its decoding, from the
-    gathered weights, stays in float32); ``<section>.cpu_offload`` keeps shards, gradients and optimizer state in CPU
-    memory (``CPUOffloadPolicy``). Non-persistent buffers (rotary frequencies) are not
+    gathered weights, stays in float32); ``<section>.cpu_offload`` keeps shards, gradients
+    and optimizer state in CPU memory (``CPUOffloadPolicy``). Non-persistent buffers (rotary frequencies) are not
     sharded: each process computes its own, identically.
 
     The twin (:func:`gathered`) is made first: the same modules with meta parameters and
