@@ -11,8 +11,12 @@ from __future__ import annotations
 import dataclasses
 import sys
 
-import rlhflab.algos.online as online
-from rlhflab.cli import main
+from rlhflab.threads import configure
+
+configure()  # the threads rlhflab's own command chooses (RLHFLAB_THREADS too), before torch loads
+
+import rlhflab.algos.online as online  # noqa: E402
+from rlhflab.cli import main  # noqa: E402
 
 BROKEN_TEMPERATURE = 1.5
 
