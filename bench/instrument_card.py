@@ -325,7 +325,11 @@ def summarize(runs: list[dict]) -> dict:
             continue
         k = sum(rule in r["diagnosis"]["findings"] for r in rs)
         others = [r for r in runs if r["condition"] not in (c,) and CONDITIONS[r["condition"]]["expect"] is not None]
+        # the condition's runs that gold did not find better than SFT: where the planted failure showed
+        failed = [r for r in rs if r["truth"]["label"] in ("worse", "flat")]
+        kf = sum(rule in r["diagnosis"]["findings"] for r in failed)
         rules[rule] = {"condition": c, "fired": k, "runs": len(rs), "rate": k / len(rs), "ci": wilson(k, len(rs)),
+                       "failed_fired": kf, "failed_runs": len(failed), "failed_ci": wilson(kf, len(failed)),
                        "healthy_fired": sum(rule in r["diagnosis"]["findings"] for r in healthy),
                        "healthy_runs": len(healthy),
                        "other_fired": sum(rule in r["diagnosis"]["findings"] for r in others), "other_runs": len(others)}
@@ -368,7 +372,8 @@ def publish(record: dict) -> Path:
         raise SystemExit(f"--publish: a card of the {record['card']} size over {len(record['seeds'])} seed(s) checks "
                          f"the machinery and measures nothing (at least {MIN_SEEDS_TO_PUBLISH} seeds, not tiny)")
     s = record["summary"]
-    records = {rule: {k: r[k] for k in ("condition", "fired", "runs", "ci", "healthy_fired", "healthy_runs")}
+    records = {rule: {k: r[k] for k in ("condition", "fired", "runs", "ci", "failed_fired", "failed_runs",
+                                        "healthy_fired", "healthy_runs") if k in r}
                for rule, r in s["rules"].items()}
     v = s["verdict"]
     if v["healthy_called"]:
@@ -384,14 +389,16 @@ def markdown(record: dict) -> str:
     s, lines = record["summary"], []
     rules = [spec["expect"] for spec in CONDITIONS.values() if spec["expect"]]
     parts = [("all seeds", s), *((f"{k} seeds {v['seeds']}", v) for k, v in record.get("summary_by_seeds", {}).items())]
-    lines += ["| finding | seeds | its condition's runs | healthy controls | other conditions' runs |",
-              "|---|---|---|---|---|"]
+    lines += ["| finding | seeds | its condition's runs | of those gold did not find better | healthy controls | "
+              "other conditions' runs |", "|---|---|---|---|---|---|"]
     for rule in rules:
         for title, part in parts:
             r = part["rules"].get(rule)
             if r:
                 ci = f" ({r['ci'][0]:.2f}-{r['ci'][1]:.2f})" if r["ci"] else ""
-                lines.append(f"| `{rule}` | {title} | {r['fired']}/{r['runs']}{ci} | {r['healthy_fired']}/"
+                fci = f" ({r['failed_ci'][0]:.2f}-{r['failed_ci'][1]:.2f})" if r.get("failed_ci") else ""
+                lines.append(f"| `{rule}` | {title} | {r['fired']}/{r['runs']}{ci} | {r.get('failed_fired', 0)}/"
+                             f"{r.get('failed_runs', 0)}{fci} | {r['healthy_fired']}/"
                              f"{r['healthy_runs']} | {r['other_fired']}/{r['other_runs']} |")
     lines += ["", "| verdict | seeds | right by gold | called healthy | healthy by gold of those |", "|---|---|---|---|---|"]
     for title, part in parts:

@@ -182,6 +182,10 @@ def test_each_finding_carries_its_record_or_says_there_is_none(tmp_path):
     missing = {"length_hacking": {**clean["length_hacking"], "fired": 2}}
     assert record_line("length_hacking", missing).startswith("poor record (misses most of its condition's runs): "
                                                              "fires on 2/5")
+    # it caught both runs where the bias showed (gold did not find them better): no miss
+    caught = {"length_hacking": {**missing["length_hacking"], "failed_fired": 2, "failed_runs": 2}}
+    assert record_line("length_hacking", caught) == ("fires on 2/5 length runs (95% CI 0.38-0.96), 2/2 of those "
+                                                     "gold did not find better, 0/6 healthy (instrument card)")
     assert record_line("healthy", records) == "right on 5/6 runs called healthy on the instrument card (95% CI 0.44-0.97)"
     assert record_line("sycophancy", records) == NO_RECORD
     assert load_records(tmp_path / "absent.json") == {}

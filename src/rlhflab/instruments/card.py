@@ -16,7 +16,8 @@ The file's shape::
                                     "ci": [0.72, 1.0], "healthy_fired": 0, "healthy_runs": 15},
                  "healthy": {"right": 14, "called": 15, "ci": [...]}, ...}}
 
-For a rule, ``fired`` of ``runs`` runs of its ``condition`` (95% Wilson interval ``ci``) and
+For a rule, ``fired`` of ``runs`` runs of its ``condition`` (95% Wilson interval ``ci``), of
+them ``failed_fired`` of the ``failed_runs`` gold did not find better than SFT, and
 ``healthy_fired`` of ``healthy_runs`` healthy controls; for the verdict "healthy", of the
 ``called`` runs it was given to, ``right`` were healthy by gold.
 """
@@ -48,8 +49,14 @@ def false_alarms(record: dict | None) -> bool:
 
 
 def misses(record: dict | None) -> bool:
-    """Whether a rule's record shows it catching fewer than ``POOR_HIT_RATE`` of its condition's runs."""
-    if not isinstance(record, dict) or not record.get("runs"):
+    """Whether a rule's record shows it catching fewer than ``POOR_HIT_RATE`` of its condition's
+    runs that gold did not find better (``failed_runs``; where the record has none, of all its
+    condition's runs): a planted bias the run did not act on is nothing to catch."""
+    if not isinstance(record, dict):
+        return False
+    if record.get("failed_runs"):
+        return record.get("failed_fired", 0) / record["failed_runs"] < POOR_HIT_RATE
+    if not record.get("runs"):
         return False
     return record.get("fired", 0) / record["runs"] < POOR_HIT_RATE
 
@@ -82,6 +89,8 @@ def record_line(name: str, records: dict) -> str:
     if "fired" not in r or "runs" not in r:
         return NO_RECORD
     line = f"fires on {r['fired']}/{r['runs']} {r.get('condition', 'its condition')} runs{interval}"
+    if r.get("failed_runs"):
+        line += f", {r.get('failed_fired', 0)}/{r['failed_runs']} of those gold did not find better"
     if "healthy_runs" in r:
         line += f", {r.get('healthy_fired', 0)}/{r['healthy_runs']} healthy"
     poor = [why for why, bad in (("false alarms: demoted to a warning", false_alarms(r)),
