@@ -20,8 +20,8 @@ bf16 trainer differs from the sampler: PPO runs with the mismatch guard opened
 (``rl.mismatch_tolerance=100``) to record the gap, and ``ppo/guard_would_stop`` says
 whether rlhflab's bf16 default (0.5 nats) would have stopped the run.
 
-The sharded arm (``--sharded N``, off by default): SFT, then the reward model and DPO from
-that SFT policy, each ``<stage>.sharding=fsdp2`` (torch's FSDP2, docs/scaling.md) on N
+The sharded arm (``--sharded N``, off by default): SFT, then the reward model, GRPO against it
+and DPO from that SFT policy, each ``<stage>.sharding=fsdp2`` (torch's FSDP2, docs/scaling.md) on N
 processes, one GPU each (``torch.distributed.run`` of the CLI; gloo processes with ``--device
 cpu``), with the full arm's settings; per stage the launch's wall time and the stage's own
 readings, beside the one-GPU full arm's. Skipped, and said so, with fewer than N GPUs.
@@ -271,7 +271,7 @@ def run_arm(check: Check, api, cfg, sft: Path, d: Path, fp32_tolerance: float) -
 
 def run_sharded(check: Check, torch, preset: Path, overrides: list[str], d: Path, processes: int,
                 cuda: bool) -> dict:
-    """SFT -> RM and DPO with ``<stage>.sharding=fsdp2`` on ``processes`` processes, each
+    """SFT -> RM -> GRPO, and DPO, with ``<stage>.sharding=fsdp2`` on ``processes`` processes, each
     stage its own ``torch.distributed.run`` of the CLI under ``d``; ``r`` is filled in place.
     The launched processes' memory is theirs: the readings are the launch's wall time and the
     stage's metrics.json."""
@@ -284,10 +284,10 @@ def run_sharded(check: Check, torch, preset: Path, overrides: list[str], d: Path
         r["error"] = f"skipped: {processes} processes need as many GPUs, {torch.cuda.device_count()} seen"
         check.save()
         return r
-    sets = [*overrides, "sft.sharding=fsdp2", "rm.sharding=fsdp2", "dpo.sharding=fsdp2"]
+    sets = [*overrides, "sft.sharding=fsdp2", "rm.sharding=fsdp2", "dpo.sharding=fsdp2", "rl.sharding=fsdp2"]
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
 
-    def launch(stage: str, *extra: str):
+    def launch(stage: str, *extra: str, more: tuple[str, ...] = ()):
         def run() -> dict:
             with socket.socket() as sock:  # a free port for the launch's rendezvous
                 sock.bind(("127.0.0.1", 0))
@@ -295,12 +295,13 @@ def run_sharded(check: Check, torch, preset: Path, overrides: list[str], d: Path
             cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
                    "--master_port", port, "-m", "rlhflab.cli", stage, "--config", str(preset), *extra,
                    "--out", str(d / stage), "--overwrite"]
-            for item in sets:
+            for item in [*sets, *more]:
                 cmd += ["--set", item]
             proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-            if proc.returncode != 0:
+            if proc.returncode != 0:  # the command's own one line, not the launcher's summary after it
                 lines = [x for x in proc.stderr.splitlines() if x.strip()]
-                raise RuntimeError(f"exit {proc.returncode}: {lines[-1] if lines else ''}")
+                said = [x for x in lines if x.startswith(f"rlhflab {stage}: ")]
+                raise RuntimeError(f"exit {proc.returncode}: {(said or lines or [''])[-1]}")
             return json.loads((d / stage / "metrics.json").read_text())
         summary = check.stage(stage, run, r)
         if summary is not None:
@@ -315,6 +316,14 @@ def run_sharded(check: Check, torch, preset: Path, overrides: list[str], d: Path
         rm = launch("rm", "--sft", str(d / "sft"))
         if rm is not None:
             r["rm"].update(rm_readings(rm, cfg))
+            from rlhflab.algos.rl_config import resolve_rl_config
+
+            group = resolve_rl_config(cfg.rl, "grpo").samples_per_prompt  # each process takes whole prompts
+            grpo = launch("grpo", "--sft", str(d / "sft"), "--rm", str(d / "rm"),
+                          more=(f"rl.batch_size={max(cfg.rl.batch_size, group * processes)}",))
+            if grpo is not None:  # online RL sharded: each rollout decodes from the gathered weights
+                r["grpo"].update({k: grpo.get(k) for k in ("steps", "gold/initial", "gold/final", "objective/kl",
+                                                           "time/rollout", "time/update", "time/rollout_share")})
         dpo = launch("dpo", "--sft", str(d / "sft"))
         if dpo is not None:
             r["dpo"].update(dpo_readings(dpo))
@@ -391,7 +400,7 @@ def main(argv=None) -> int:
     result["ok"] = "error" not in result["sft"] and "error" not in result.get("engine", {"error": "not run"}) and all(
         "error" not in r.get(s, {"error": "not run"}) for a, r in result["arms"].items() for s in ("rm", "dpo", "ppo")
         if a != "sharded") and ("error" not in result["arms"].get("sharded", {}) and all(
-            "error" not in result["arms"]["sharded"].get(s, {"error": "not run"}) for s in ("sft", "rm", "dpo"))
+            "error" not in result["arms"]["sharded"].get(s, {"error": "not run"}) for s in ("sft", "rm", "grpo", "dpo"))
                                 if args.sharded else True)
     check.save()
     print(json.dumps(result, indent=1))
