@@ -127,7 +127,7 @@ def main(out: Path, strategy: str) -> None:
     acc.wait_for_everyone()
 
 
-def main_rl(out: Path, strategy: str) -> None:
+def main_rl(out: Path, strategy: str, more: list[str] | None = None) -> None:
     """GRPO and PPO through ``commands.rl.run_rl`` (the CLI's path) with ``rl.sharding`` =
     ``strategy``, from one untrained tiny GPT-2 (tied embeddings) as the SFT policy and
     reference, on the world's gold reward, 3 steps, held-out gold evaluations at steps 0, 2
@@ -188,7 +188,7 @@ def main_rl(out: Path, strategy: str) -> None:
         cfg = load_config(ROOT / "configs" / "tiny.yaml", [
             "rl.steps=3", "rl.batch_size=8", "rl.micro_batch_size=2", "rl.eval_every=2", "rl.n_eval=4",
             "rl.lr=3e-3", "rl.max_grad_norm=0.5", "generation.max_new_tokens=8", f"rl.sharding={strategy}",
-            *extra])
+            *extra, *(more or [])])
         run_rl(cfg, algo, out / algo / "run", sft=str(sft), reward_fns=["gold"])
         if algo == "grpo" and strategy == "fsdp2":  # the same run cut after step 2 (a checkpoint at step 1)
             seen["dir"] = out / algo / "resumed-samples"  # and extended to 3 steps from it with --resume
@@ -208,4 +208,7 @@ def main_rl(out: Path, strategy: str) -> None:
 
 
 if __name__ == "__main__":
-    (main_rl if sys.argv[3:] == ["rl"] else main)(Path(sys.argv[1]), sys.argv[2])
+    if sys.argv[3:4] == ["rl"]:  # OUT STRATEGY rl [KEY=VALUE ...]: more overrides (by hand: 4 processes
+        main_rl(Path(sys.argv[1]), sys.argv[2], sys.argv[4:])  # need rl.batch_size=16)
+    else:
+        main(Path(sys.argv[1]), sys.argv[2])
