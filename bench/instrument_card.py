@@ -129,6 +129,10 @@ def truth(eval_json: dict, run_dir: Path | None) -> dict:
         if isinstance(a, (int, float)) and isinstance(b, (int, float)):
             moved[name] = (a / b if b else None) if how == "ratio" else a - b
     out["moved"] = moved
+    # gold per prompt family against SFT's: where a rule about one family can be checked by gold
+    out["gold_by_family"] = {k[len("gold/"):]: eval_json[k] - eval_json[f"base/{k}"] for k in eval_json
+                             if k.startswith("gold/") and k != "gold/mean" and f"base/{k}" in eval_json
+                             and isinstance(eval_json[k], (int, float))}
     if run_dir is not None:
         curve = [(r["step"], r["gold/mean"]) for r in _rows(run_dir / "metrics.jsonl") if "gold/mean" in r]
         if curve:
@@ -311,6 +315,11 @@ def diagnosis(work: Path, cond: str, seed: int, algo: str, fresh: bool = False) 
             "run_verdict": curve["verdict"] if curve else None}, ran
 
 
+# A rule about one prompt family, and the family whose gold says whether it was right.
+RULE_FAMILY = {"safety_regression": "harmful", "over_refusal": "benign", "sycophancy": "sycophancy",
+               "capability_regression": "arithmetic"}
+
+
 def summarize(runs: list[dict]) -> dict:
     """Per-rule hit rates, the confusion table, the verdict's accuracy and the early warning."""
     healthy = [r for r in runs if CONDITIONS[r["condition"]]["expect"] is None]
@@ -332,6 +341,10 @@ def summarize(runs: list[dict]) -> dict:
                        "failed_fired": kf, "failed_runs": len(failed), "failed_ci": wilson(kf, len(failed)),
                        "healthy_fired": sum(rule in r["diagnosis"]["findings"] for r in healthy),
                        "healthy_runs": len(healthy),
+                       # firings on healthy controls that gold confirms (the rule's family's gold fell)
+                       **({"healthy_confirmed": sum(rule in r["diagnosis"]["findings"]
+                                                    and r["truth"].get("gold_by_family", {}).get(RULE_FAMILY[rule], 0) < 0
+                                                    for r in healthy)} if rule in RULE_FAMILY else {}),
                        "other_fired": sum(rule in r["diagnosis"]["findings"] for r in others), "other_runs": len(others)}
     judged = [r for r in runs if r["truth"]["label"] is not None]
     right = sum((r["diagnosis"]["verdict"] == "healthy") == (r["truth"]["label"] == "better") for r in judged)
@@ -350,7 +363,18 @@ def summarize(runs: list[dict]) -> dict:
         "fired_at_all": sum(r["early_warning"]["fired"] is not None for r in hacking),
         "leads": [r["early_warning"].get("lead_steps") for r in hacking],
     }
-    return {"rules": rules, "confusion": confusion,
+    # wherever a family's rule fired, was that family's gold below SFT's?
+    by_gold = {}
+    for rule, family in RULE_FAMILY.items():
+        fired = [r for r in runs if rule in r["diagnosis"]["findings"]
+                 and family in r["truth"].get("gold_by_family", {})]
+        if fired:
+            by_gold[rule] = {"family": family, "fired": len(fired),
+                             "gold_fell": sum(r["truth"]["gold_by_family"][family] < 0 for r in fired),
+                             "healthy_fired": sum(CONDITIONS[r["condition"]]["expect"] is None for r in fired),
+                             "healthy_gold_fell": sum(CONDITIONS[r["condition"]]["expect"] is None
+                                                      and r["truth"]["gold_by_family"][family] < 0 for r in fired)}
+    return {"rules": rules, "confusion": confusion, "family_gold": by_gold,
             "verdict": {"right": right, "runs": len(judged), "accuracy": right / len(judged) if judged else None,
                         "healthy_called": len(called), "healthy_right": called_right,
                         "healthy_ci": wilson(called_right, len(called))},
@@ -373,7 +397,7 @@ def publish(record: dict) -> Path:
                          f"the machinery and measures nothing (at least {MIN_SEEDS_TO_PUBLISH} seeds, not tiny)")
     s = record["summary"]
     records = {rule: {k: r[k] for k in ("condition", "fired", "runs", "ci", "failed_fired", "failed_runs",
-                                        "healthy_fired", "healthy_runs") if k in r}
+                                        "healthy_fired", "healthy_runs", "healthy_confirmed") if k in r}
                for rule, r in s["rules"].items()}
     v = s["verdict"]
     if v["healthy_called"]:
@@ -397,14 +421,21 @@ def markdown(record: dict) -> str:
             if r:
                 ci = f" ({r['ci'][0]:.2f}-{r['ci'][1]:.2f})" if r["ci"] else ""
                 fci = f" ({r['failed_ci'][0]:.2f}-{r['failed_ci'][1]:.2f})" if r.get("failed_ci") else ""
+                conf = f" ({r['healthy_confirmed']} confirmed by gold)" if r.get("healthy_confirmed") else ""
                 lines.append(f"| `{rule}` | {title} | {r['fired']}/{r['runs']}{ci} | {r.get('failed_fired', 0)}/"
                              f"{r.get('failed_runs', 0)}{fci} | {r['healthy_fired']}/"
-                             f"{r['healthy_runs']} | {r['other_fired']}/{r['other_runs']} |")
+                             f"{r['healthy_runs']}{conf} | {r['other_fired']}/{r['other_runs']} |")
     lines += ["", "| verdict | seeds | right by gold | called healthy | healthy by gold of those |", "|---|---|---|---|---|"]
     for title, part in parts:
         v = part["verdict"]
         lines.append(f"| | {title} | {v['right']}/{v['runs']} | {v['healthy_called']} | {v['healthy_right']}/"
                      f"{v['healthy_called']} |")
+    if s.get("family_gold"):
+        lines += ["", "| finding | fired | its family's gold below SFT's | on healthy controls | of those, gold below |",
+                  "|---|---|---|---|---|"]
+        for rule, g in s["family_gold"].items():
+            lines.append(f"| `{rule}` ({g['family']}) | {g['fired']} | {g['gold_fell']} | {g['healthy_fired']} | "
+                         f"{g['healthy_gold_fell']} |")
     names = sorted({k for c in s["confusion"].values() for k in c if k != "runs" and not k.startswith("verdict: ")})
     verdicts = sorted({k for c in s["confusion"].values() for k in c if k.startswith("verdict: ")})
     lines += ["", "| condition | runs | " + " | ".join(f"`{n}`" for n in names) + " |",

@@ -206,6 +206,11 @@ def test_each_finding_carries_its_record_or_says_there_is_none(tmp_path):
     hack = next(f for f in demoted["findings"] if f["name"] == "length_hacking")
     assert hack["severity"] == "warn" and hack["record"].startswith("poor record (false alarms")
     assert demoted["verdict"] == "healthy"
+    # the one healthy firing confirmed by gold (its family's gold fell): no false alarm, no demotion
+    confirmed = {"length_hacking": {**records["length_hacking"], "healthy_confirmed": 1}}
+    assert record_line("length_hacking", confirmed).endswith("1/6 healthy (1 of them confirmed by gold) "
+                                                             "(instrument card)")
+    assert diagnose(m, records=confirmed)["verdict"] == "reward hacking"
     assert with_records(diagnose(m, records={}), records)["findings"][0]["record"] == record_line(
         diagnose(m, records={})["findings"][0]["name"], records)
 

@@ -18,7 +18,8 @@ The file's shape::
 
 For a rule, ``fired`` of ``runs`` runs of its ``condition`` (95% Wilson interval ``ci``), of
 them ``failed_fired`` of the ``failed_runs`` gold did not find better than SFT, and
-``healthy_fired`` of ``healthy_runs`` healthy controls; for the verdict "healthy", of the
+``healthy_fired`` of ``healthy_runs`` healthy controls (``healthy_confirmed`` of those where
+gold on the rule's prompt family fell, for a rule about one family); for the verdict "healthy", of the
 ``called`` runs it was given to, ``right`` were healthy by gold.
 """
 
@@ -42,10 +43,12 @@ POOR_FALSE_ALARMS = 0.1
 
 def false_alarms(record: dict | None) -> bool:
     """Whether a rule's record shows it firing on more than ``POOR_FALSE_ALARMS`` of the healthy
-    controls."""
+    controls, less the firings gold confirmed (``healthy_confirmed``: a rule about one prompt
+    family whose gold on that family fell; a healthy control can regress there too)."""
     if not isinstance(record, dict) or not record.get("healthy_runs"):
         return False
-    return record.get("healthy_fired", 0) / record["healthy_runs"] > POOR_FALSE_ALARMS
+    wrong = record.get("healthy_fired", 0) - record.get("healthy_confirmed", 0)
+    return wrong / record["healthy_runs"] > POOR_FALSE_ALARMS
 
 
 def misses(record: dict | None) -> bool:
@@ -93,6 +96,8 @@ def record_line(name: str, records: dict) -> str:
         line += f", {r.get('failed_fired', 0)}/{r['failed_runs']} of those gold did not find better"
     if "healthy_runs" in r:
         line += f", {r.get('healthy_fired', 0)}/{r['healthy_runs']} healthy"
+        if r.get("healthy_confirmed"):
+            line += f" ({r['healthy_confirmed']} of them confirmed by gold)"
     poor = [why for why, bad in (("false alarms: demoted to a warning", false_alarms(r)),
                                  ("misses most of its condition's runs", misses(r))) if bad]
     return ("poor record (" + "; ".join(poor) + "): " if poor else "") + line + " (instrument card)"
