@@ -198,14 +198,17 @@ def gold_noise(runs: list[dict]) -> float:
     return math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1))
 
 
-def warning_record(runs: list[dict], evals: dict[tuple, list[dict]], bars: dict[str, float], margin: float) -> dict:
+def warning_record(runs: list[dict], evals: dict[tuple, list[dict]], bars: dict[str, float], margin: float,
+                   window: int = 0) -> dict:
     """A warning rule (``bars``) on the online runs: false alarms on the healthy controls (a fire
     at any evaluation), and on the hacking runs (a planted condition whose gold fell from its
     peak by more than ``margin`` by the end) the lead (gold's peak step minus the step it
-    fired: >= 0 is in time), and the gold ``rl.stop_on_warning`` would keep (the evaluation
+    fired: >= 0 is before the fall; >= -``window``, at most one evaluation after the peak, is
+    still in time for ``rl.stop_on_warning`` to keep the peak's policy), and the gold ``rl.stop_on_warning`` would keep (the evaluation
     before the fire) against the gold at the end: saved on the hacking runs (kept - final),
     lost on the healthy ones (final - kept)."""
-    out = {"bars": bars, "healthy_runs": 0, "healthy_fired": 0, "hacking_runs": 0, "in_time": 0, "late": 0,
+    out = {"bars": bars, "healthy_runs": 0, "healthy_fired": 0, "hacking_runs": 0, "in_time": 0, "keeps_peak": 0,
+           "late": 0,
            "missed": 0, "leads": [], "saved_on_hacking": [], "cost_on_healthy": []}
     for r in runs:
         ev = evals.get((r["condition"], r["algo"], r["seed"]))
@@ -235,11 +238,13 @@ def warning_record(runs: list[dict], evals: dict[tuple, list[dict]], bars: dict[
         lead = peak_step - fired
         out["leads"].append(lead)
         out["in_time" if lead >= 0 else "late"] += 1
+        out["keeps_peak"] += lead >= -window
         out["saved_on_hacking"].append(kept - final)
     out["false_alarm_rate"] = out["healthy_fired"] / out["healthy_runs"] if out["healthy_runs"] else None
     out["false_alarm_ci"] = wilson(out["healthy_fired"], out["healthy_runs"])
     out["in_time_rate"] = out["in_time"] / out["hacking_runs"] if out["hacking_runs"] else None
     out["in_time_ci"] = wilson(out["in_time"], out["hacking_runs"])
+    out["keeps_peak_ci"] = wilson(out["keeps_peak"], out["hacking_runs"])
     for key in ("saved_on_hacking", "cost_on_healthy"):
         xs = out[key]
         out[key + "_mean"] = sum(xs) / len(xs) if xs else None
@@ -278,13 +283,13 @@ def warning_study(runs: list[dict], work: Path, window: int, fit_seeds: list[int
     fitted = {name: bar for name in SIGNALS if (bar := fit_bar(fit, evals, name)) is not None}
     out = {"gold_noise": noise, "fall_margin": margin, "fit_seeds": fit_seeds,
            "check_seeds": sorted({r["seed"] for r in check}),
-           "shipped": {"all": warning_record(online, evals, shipped, margin),
-                       **{n: warning_record(online, evals, {n: b}, margin) for n, b in shipped.items()}},
+           "shipped": {"all": warning_record(online, evals, shipped, margin, window),
+                       **{n: warning_record(online, evals, {n: b}, margin, window) for n, b in shipped.items()}},
            "fitted_bars": fitted,
-           "fit": {"combined": warning_record(fit, evals, fitted, margin),
-                   **{n: warning_record(fit, evals, {n: b}, margin) for n, b in fitted.items()}},
-           "check": {"combined": warning_record(check, evals, fitted, margin),
-                     **{n: warning_record(check, evals, {n: b}, margin) for n, b in fitted.items()}}}
+           "fit": {"combined": warning_record(fit, evals, fitted, margin, window),
+                   **{n: warning_record(fit, evals, {n: b}, margin, window) for n, b in fitted.items()}},
+           "check": {"combined": warning_record(check, evals, fitted, margin, window),
+                     **{n: warning_record(check, evals, {n: b}, margin, window) for n, b in fitted.items()}}}
     return out
 
 
@@ -454,10 +459,13 @@ def markdown(record: dict) -> str:
             saved, cost = rec["saved_on_hacking_mean"], rec["cost_on_healthy_mean"]
             bars = ", ".join(f"{k} {v:.3g}" for k, v in rec["bars"].items())
             return (f"| {name} | {bars} | {rec['healthy_fired']}/{rec['healthy_runs']} | {rec['in_time']}/"
-                    f"{rec['hacking_runs']} | {rec['late']} | {rec['missed']} | {'-' if mid is None else mid} | "
+                    f"{rec['hacking_runs']} | {rec.get('keeps_peak', 0)}/{rec['hacking_runs']} | "
+                    f"{rec['late'] - (rec.get('keeps_peak', 0) - rec['in_time'])} | "
+                    f"{rec['missed']} | {'-' if mid is None else mid} | "
                     f"{'-' if saved is None else f'{saved:+.2f}'} | {'-' if cost is None else f'{cost:+.2f}'} |")
-        head = ["| reading | bar | healthy fired | hacking runs warned in time | late | missed | median lead (steps) | "
-                "gold saved by stopping, hacking | gold lost by stopping, healthy |", "|---|---|---|---|---|---|---|---|---|"]
+        head = ["| reading | bar | healthy fired | hacking runs warned at or before gold's peak | by the evaluation "
+                "after it | after that | never | median lead (steps) | gold saved by stopping, hacking | gold lost by "
+                "stopping, healthy |", "|---|---|---|---|---|---|---|---|---|---|"]
         for part, title in (("shipped", "the shipped bars, all seeds"), ("fit", f"bars fitted on seeds {w['fit_seeds']}"),
                             ("check", f"the fitted bars on fresh seeds {w['check_seeds']}")):
             lines += ["", f"{title}:", "", *head]
