@@ -920,10 +920,11 @@ _COUNT_SUFFIXES = ("_n", "/n", "_ties", "_wins", "_losses", "/unreadable", "_unr
 def reading_domain(key: str) -> str:
     """"rate" (in [0, 1]), "non_negative" or "real" for a reading's key (``base/`` or not).
     A count (``_COUNT_SUFFIXES``: ``win_rate/judge_n``, ``win_rate/gold_ties``) is
-    non-negative, under ``win_rate/`` too."""
+    non-negative, under ``win_rate/`` too, and so is a step of the early warning
+    (``warn/fired_<reading>``, whatever the reading's name ends with)."""
     k = key[len("base/"):] if key.startswith("base/") else key
-    if k.endswith(_COUNT_SUFFIXES):
-        return "non_negative"
+    if k.endswith(_COUNT_SUFFIXES) or k.startswith(("warn/fired", "warn/stopped_at", "warn/kept_step")):
+        return "non_negative"  # a step (warn/fired_outlier_rate is the step the outlier rate fired at)
     if k.endswith("_rate") or k.startswith("win_rate/") or k.endswith("/accuracy") or k in _SHARES:
         return "rate"
     if k.startswith(_NON_NEGATIVE_PREFIXES) or k in _NON_NEGATIVE:

@@ -304,3 +304,15 @@ def test_the_curve_readings_by_hand():
     assert out["warn/entropy_drop"] == pytest.approx(0.5) and out["warn/length_drift"] == pytest.approx(math.log(2))
     assert set(curve_readings(steps[:4], 2)) == {"warn/entropy_drop", "warn/length_drift"}
     assert curve_readings(steps[:2], 2) == {}
+
+
+def test_a_warning_fired_by_a_rate_reads_as_a_step(tmp_path):
+    """``warn/fired_outlier_rate`` holds the step the outlier rate fired at (20), not a rate:
+    diagnose reads such a run (it refused it as a rate outside [0, 1]) and names the step."""
+    from rlhflab.diagnose import diagnose, load_readings
+
+    (tmp_path / "metrics.json").write_text(json.dumps({
+        "algo": "ppo", "kl/beta": 0.2, "warn/evals": 5.0, "warn/fired": 20.0, "warn/fired_outlier_rate": 20.0}))
+    found = next(f for f in diagnose(load_readings(str(tmp_path), None)[0])["findings"]
+                 if f["name"] == "early_warning")
+    assert found["evidence"].startswith("fired at step 20 by outlier_rate (5 evaluations checked)")
