@@ -546,7 +546,8 @@ def _online(m: dict) -> bool:
 
 
 # The early-warning readings a run logs (instruments.early_warning), by name after warn/fired_.
-_WARN_READINGS = ("outlier_rate", "feature_shift_ratio", "ensemble_ratio", "proxy_up_judge_down", "exploit_gain")
+_WARN_READINGS = ("outlier_rate", "feature_shift_ratio", "ensemble_ratio", "proxy_up_judge_down", "exploit_gain",
+                  "kl_acceleration", "entropy_drop", "length_drift")
 
 
 @_reads("warn/evals")

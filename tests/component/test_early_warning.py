@@ -49,10 +49,15 @@ def test_triggers_and_the_proxy_judge_reading():
     """The outlier bar at n = 200: 0.01 + 3 sqrt(0.01 * 0.99 / 200) = 0.0311. The proxy/judge
     reading compares the last evaluation with the best win-rate's: proxy 0.9 - 0.5, win-rate
     0.62 - 0.48, and the last interval's top 0.55 lies below 0.62."""
-    assert triggers({"warn/outlier_rate": 0.032, "warn/n": 200.0}) == ["outlier_rate"]
-    assert triggers({"warn/outlier_rate": 0.030, "warn/n": 200.0}) == []
-    assert triggers({"warn/feature_shift_ratio": 1.6, "warn/ensemble_ratio": 1.4}) == ["feature_shift_ratio"]
-    assert triggers({"warn/exploit_gain": 0.41, "warn/proxy_up_judge_down": 0.0}) == ["exploit_gain"]
+    outlier = {"outlier_rate": (3.0, "")}  # logged, not in the shipped rule: a bar passed in
+    assert triggers({"warn/outlier_rate": 0.032, "warn/n": 200.0}, outlier) == ["outlier_rate"]
+    assert triggers({"warn/outlier_rate": 0.030, "warn/n": 200.0}, outlier) == []
+    assert triggers({"warn/outlier_rate": 0.5, "warn/n": 200.0}) == []
+    # the shipped bars, from the instrument card: feature shift 1.91, exploit gain 0.57, KL acceleration 0.44
+    assert triggers({"warn/feature_shift_ratio": 1.95, "warn/ensemble_ratio": 1.4}) == ["feature_shift_ratio"]
+    assert triggers({"warn/feature_shift_ratio": 1.85, "warn/kl_acceleration": 0.45}) == ["kl_acceleration"]
+    assert triggers({"warn/exploit_gain": 0.58, "warn/proxy_up_judge_down": 0.0}) == ["exploit_gain"]
+    assert triggers({"warn/exploit_gain": 0.41, "warn/length_drift": 2.0, "warn/entropy_drop": 0.9}) == []
     evals = [{"eval/proxy_mean": 0.1, "eval/win_rate": 0.5, "eval/win_rate_ci_high": 0.6},
              {"eval/proxy_mean": 0.5, "eval/win_rate": 0.62, "eval/win_rate_ci_high": 0.7},
              {"eval/proxy_mean": 0.9, "eval/win_rate": 0.48, "eval/win_rate_ci_high": 0.55}]

@@ -61,18 +61,22 @@ from rlhflab.instruments.distribution_shift import fit_gaussian, mahalanobis
 SHRINK = 0.1
 OUTLIER_QUANTILE = 0.99
 
-# reading -> (bar, where it comes from). A reading fires when it exceeds its bar.
+# reading -> (bar, where it comes from). A reading fires when it exceeds its bar. The card's
+# bars (bench/instrument_card.py --card card, bench/results/instrument_card.json) are each
+# reading's largest value at any evaluation of the 12 healthy online runs of seeds 0-2; on the 16
+# of seeds 3-6 none of the three fired. The outlier rate (4 of 16 fresh healthy runs past its
+# fitted bar), the length drift (3 of 16) and the entropy drop (never before gold fell) are
+# logged and not in the rule.
 BARS: dict[str, tuple[float, str]] = {
-    "outlier_rate": (3.0, "own: three binomial standard errors above the 1% of the out-of-sample 99th percentile "
-                          "(0.031 at n = 200)"),
-    "feature_shift_ratio": (1.5, "own, bench/warning_readings.py: 1.82-2.41 on the 8 final PPO policies of "
-                                 "bench/rm_fixes.py --size small that gold calls length-hacked, 0.53-1.21 on the "
-                                 "other 15, 0.52-0.83 on a fresh SFT draw"),
-    "ensemble_ratio": (1.5, "own: members disagreeing half as much again as on the SFT policy's samples; no "
-                            "published cut (Coste et al. 2024 read the spread, not a bar)"),
-    "proxy_up_judge_down": (0.5, "the flag: proxy up while the judge's interval lies below its best"),
-    "exploit_gain": (0.4, "rlhflab.diagnose's reward_exploit_gain: 0.4 reward standard deviations at the "
-                          "interval's low end"),
+    "feature_shift_ratio": (1.91, "instrument card: the healthy runs' largest, 1.90 (was 1.5, which fired on 8 of "
+                                  "28 healthy runs)"),
+    "exploit_gain": (0.57, "instrument card: the healthy runs' largest, 0.569 (was 0.4, diagnose's "
+                           "reward_exploit_gain, which fired on 14 of 28 healthy runs)"),
+    "kl_acceleration": (0.44, "instrument card: the healthy runs' largest, 0.434 nats"),
+    "ensemble_ratio": (1.5, "own, not on the card (no ensemble there): members disagreeing half as much again as "
+                            "on the SFT policy's samples; no published cut (Coste et al. 2024 read the spread)"),
+    "proxy_up_judge_down": (0.5, "the flag, not on the card (no judge there): proxy up while the judge's interval "
+                                 "lies below its best"),
 }
 
 
