@@ -17,8 +17,9 @@ again with the whole model (``decode-*.json``).
     python -m torch.distributed.run --nproc_per_node 2 tests/component/fsdp_worker.py OUT fsdp2
     python tests/component/fsdp_worker.py OUT ddp
 
-With a third argument ``rl``, online RL instead (``main_rl``): GRPO and PPO, sharded or on
-one process, the same way.
+With a third argument ``rl``, online RL instead (``main_rl``, run by
+tests/component/test_sharding_rl.py): GRPO and PPO, sharded or on one process, the same way;
+KEY=VALUE arguments after it are more overrides (4 processes need ``rl.batch_size=16``).
 """
 
 from __future__ import annotations
@@ -208,7 +209,7 @@ def main_rl(out: Path, strategy: str, more: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    if sys.argv[3:4] == ["rl"]:  # OUT STRATEGY rl [KEY=VALUE ...]: more overrides (by hand: 4 processes
-        main_rl(Path(sys.argv[1]), sys.argv[2], sys.argv[4:])  # need rl.batch_size=16)
+    if sys.argv[3:4] == ["rl"]:  # OUT STRATEGY rl [KEY=VALUE ...]
+        main_rl(Path(sys.argv[1]), sys.argv[2], sys.argv[4:])
     else:
         main(Path(sys.argv[1]), sys.argv[2])
