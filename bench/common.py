@@ -188,12 +188,13 @@ class Instrument:
         m.forward = forward
         self._undo.append(lambda: delattr(m, "forward"))
 
-    def _wrap_generate(self, m) -> None:
+    def _timed(self, orig, count):
+        """``orig`` counted as generation: its wall time to ``generate``, the model forwards inside
+        it not counted again, and ``count(args, kwargs, result)`` tokens added to ``generated_tokens``."""
         inst = self
-        orig = m.generate
 
         @functools.wraps(orig)
-        def generate(*a, **kw):
+        def timed(*a, **kw):
             t0 = time.perf_counter()
             inst._depth += 1
             try:
@@ -201,13 +202,20 @@ class Instrument:
             finally:
                 inst._depth -= 1
                 inst.totals["generate"] += time.perf_counter() - t0
+            inst.generated_tokens += count(a, kw, out)
+            return out
+
+        return timed
+
+    def _wrap_generate(self, m) -> None:
+        def count(a, kw, out) -> int:
             ids = kw.get("input_ids", a[0] if a else None)
             seqs = out.sequences if hasattr(out, "sequences") else out
             if ids is not None and hasattr(seqs, "shape"):
-                inst.generated_tokens += real_tokens(seqs[:, ids.shape[1]:], inst.eos_id)
-            return out
+                return real_tokens(seqs[:, ids.shape[1]:], self.eos_id)
+            return 0
 
-        m.generate = generate
+        m.generate = self._timed(m.generate, count)
         self._undo.append(lambda: delattr(m, "generate"))
 
     def wrap_decoder(self, owner, name: str, tokens) -> None:
@@ -217,22 +225,8 @@ class Instrument:
         Its wall time goes to ``generate``, the model forwards inside it are not counted
         again, and ``tokens(result)`` (generated tokens up to and including each row's first
         EOS) is added to ``generated_tokens``."""
-        inst = self
         orig = getattr(owner, name)
-
-        @functools.wraps(orig)
-        def decode(*a, **kw):
-            t0 = time.perf_counter()
-            inst._depth += 1
-            try:
-                out = orig(*a, **kw)
-            finally:
-                inst._depth -= 1
-                inst.totals["generate"] += time.perf_counter() - t0
-            inst.generated_tokens += int(tokens(out))
-            return out
-
-        setattr(owner, name, decode)
+        setattr(owner, name, self._timed(orig, lambda a, kw, out: int(tokens(out))))
         self._undo.append(lambda: setattr(owner, name, orig))
 
     def close(self) -> None:

@@ -239,17 +239,24 @@ def grpo_args(spec: dict) -> dict:
     return args
 
 
-def run_grpo(spec: dict) -> dict:
+def run_group_trainer(spec: dict, trainer_cls, config_cls, args: dict) -> dict:
+    """GRPO or RLOO: TRL's group trainer on the world's prompts with gold as the reward, timed as
+    the online stages are (``online_result``, one optimizer step per minibatch)."""
     from common import Instrument
-    from trl import GRPOConfig, GRPOTrainer
 
     model, tok = load(spec)
     ds = Dataset.from_list([{"prompt": r["prompt"]} for r in read_jsonl(spec["prompts"])])
-    trainer = GRPOTrainer(model=model, reward_funcs=gold_reward_fn(tok.eos_token_id),
-                          args=GRPOConfig(**grpo_args(spec)), train_dataset=ds, processing_class=tok)
+    trainer = trainer_cls(model=model, reward_funcs=gold_reward_fn(tok.eos_token_id), args=config_cls(**args),
+                          train_dataset=ds, processing_class=tok)
     inst = Instrument([trainer.model, trainer.ref_model], tok.eos_token_id)
     mb = spec["batch_size"] // spec["num_minibatches"]
     return online_result(trainer, dict(spec, steps=spec["steps"] * spec["num_minibatches"], batch_size=mb), inst)
+
+
+def run_grpo(spec: dict) -> dict:
+    from trl import GRPOConfig, GRPOTrainer
+
+    return run_group_trainer(spec, GRPOTrainer, GRPOConfig, grpo_args(spec))
 
 
 def rloo_args(spec: dict) -> dict:
@@ -262,16 +269,9 @@ def rloo_args(spec: dict) -> dict:
 
 
 def run_rloo(spec: dict) -> dict:
-    from common import Instrument
     from trl import RLOOConfig, RLOOTrainer
 
-    model, tok = load(spec)
-    ds = Dataset.from_list([{"prompt": r["prompt"]} for r in read_jsonl(spec["prompts"])])
-    trainer = RLOOTrainer(model=model, reward_funcs=gold_reward_fn(tok.eos_token_id),
-                          args=RLOOConfig(**rloo_args(spec)), train_dataset=ds, processing_class=tok)
-    inst = Instrument([trainer.model, trainer.ref_model], tok.eos_token_id)
-    mb = spec["batch_size"] // spec["num_minibatches"]
-    return online_result(trainer, dict(spec, steps=spec["steps"] * spec["num_minibatches"], batch_size=mb), inst)
+    return run_group_trainer(spec, RLOOTrainer, RLOOConfig, rloo_args(spec))
 
 
 def ppo_args(spec: dict) -> dict:
