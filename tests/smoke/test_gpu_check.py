@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.conftest import subprocess_env
+from tests.conftest import load_bench, subprocess_env
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -71,7 +71,6 @@ def test_a_bad_setting_is_one_line_and_exit_2(tmp_path):
 def test_the_full_size_settings_are_valid_and_make_a_100m_model():
     """The GPU run's own settings (not runnable here): they validate, with and without LoRA,
     and the created Llama has about 100M parameters (113M with the world's vocabulary)."""
-    import importlib.util
 
     import torch
 
@@ -79,9 +78,7 @@ def test_the_full_size_settings_are_valid_and_make_a_100m_model():
     from rlhflab.models import count_parameters, create_causal_lm
     from rlhflab.world import World
 
-    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "bench" / "gpu_check.py")
-    gc = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gc)
+    gc = load_bench("gpu_check")
     cfg = api.load_config(str(ROOT / "configs" / "demo.yaml"), gc.FULL + gc.COMMON + gc.LORA)
     assert cfg.lora.r == 16 and cfg.rl.mixed_precision == "bf16" and cfg.model.attn_implementation == "sdpa"
     tok = World(cfg.world).tokenizer(cfg.model.max_positions)

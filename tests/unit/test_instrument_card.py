@@ -4,19 +4,14 @@ nothing."""
 
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import load_bench
 
 
 @pytest.fixture(scope="module")
 def card():
-    spec = importlib.util.spec_from_file_location("instrument_card", ROOT / "bench" / "instrument_card.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("instrument_card")
 
 
 def test_wilson_interval_by_hand(card):
