@@ -65,20 +65,31 @@ class Packed:
 
 def bins_first_fit(lengths: Sequence[int], row_len: int) -> list[list[int]]:
     """Indices of ``lengths`` in rows of at most ``row_len`` tokens, longest first, each into
-    the first row with room (first-fit decreasing: at most 11/9 of the optimal rows + 1)."""
+    the first row with room (first-fit decreasing: at most 11/9 of the optimal rows + 1).
+
+    The first row with room is found in a max-tree of the rows' free room (rows not yet
+    opened have all of ``row_len``): O(N log N), where scanning the rows is O(N x rows),
+    12 s for the 17,800 sequences of the demo's DPO reference cache."""
     if lengths and max(lengths) > row_len:
         raise ValueError(f"a sequence of {max(lengths)} tokens does not fit rows of {row_len}")
+    size = 1
+    while size < len(lengths):
+        size *= 2
+    room = [row_len] * (2 * size)  # room[size + r]: row r's free tokens; room[k]: the max below k
     rows: list[list[int]] = []
-    room: list[int] = []
     for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
-        for r, free in enumerate(room):
-            if lengths[i] <= free:
-                rows[r].append(i)
-                room[r] -= lengths[i]
-                break
-        else:
-            rows.append([i])
-            room.append(row_len - lengths[i])
+        n, k = lengths[i], 1
+        while k < size:  # the leftmost leaf with room >= n
+            k = 2 * k if room[2 * k] >= n else 2 * k + 1
+        r = k - size
+        if r == len(rows):
+            rows.append([])
+        rows[r].append(i)
+        room[k] -= n
+        k //= 2
+        while k:
+            room[k] = max(room[2 * k], room[2 * k + 1])
+            k //= 2
     return rows
 
 
