@@ -136,7 +136,18 @@ def prepare(args, log) -> dict:
 # ---------------------------------------------------------------------------- measuring
 
 
-def measure(impl: str, python: Path, spec: dict, threads: int, tag: str) -> dict:
+def measure(impl: str, python: Path, spec: dict, threads: int, tag: str, busy: int = 0) -> dict:
+    """One run of one library in a fresh process; with ``busy`` > 0, that many pure-Python
+    busy loops spin on the last CPUs while it runs (another user's job, as in
+    ``bench/contention.py``)."""
+    if busy:
+        from contention import Spinners, busy_now
+
+        cpus = sorted(os.sched_getaffinity(0))
+        with Spinners(busy, cpus[-1] if busy == 1 else None):
+            before = busy_now()
+            result = measure(impl, python, spec, threads, tag)
+        return dict(result, busy_cores_before=before)
     spec_path = WORK / "specs" / f"{tag}.json"
     spec_path.parent.mkdir(parents=True, exist_ok=True)
     spec_path.write_text(json.dumps(spec, indent=1))
@@ -225,15 +236,18 @@ def markdown_table(results: dict) -> str:
     load = results["load"]
     lines = [
         f"Measured by `{results['command']}` on {m['cpu_model'] or 'an unknown CPU'} ({m['nproc']} cores), "
-        f"{results['threads']} threads per run (OMP_WAIT_POLICY={results['omp_wait_policy']}), medians of "
+        f"{results['threads']} threads per run (OMP_WAIT_POLICY={results['omp_wait_policy']})"
+        + (f", **{results['busy_loops']} busy loop{'s' if results['busy_loops'] > 1 else ''} spinning beside every "
+           "run** (another user's job on the machine)" if results.get("busy_loops") else "")
+        + ", medians of "
         f"{results['repeats']} alternating runs, each in a fresh process. Load average {load['min']:.1f}-"
         f"{load['max']:.1f} during the runs"
         + (" (**a shared, loaded machine: absolute figures are low and noisy; the ratios are the message**)"
-           if load["max"] > 1.5 else "")
+           if load["max"] > 1.5 + results.get("busy_loops", 0) else "")
         + f". TRL {m['versions'].get('trl', {}).get('trl', '?')} (PPO: "
         f"{m['versions'].get('trl-ppo', {}).get('trl', '?')}), torch {m['versions'].get('rlhflab', {}).get('torch', '?')}"
         f", transformers {m['versions'].get('rlhflab', {}).get('transformers', '?')}. Method and analysis: "
-        "`docs/benchmarks.md`; raw numbers: `bench/results/peers.json`.",
+        f"`docs/benchmarks.md`; raw numbers: `{results.get('file', 'bench/results/peers.json')}`.",
         "",
         "| stage | rlhflab samples/s | TRL samples/s | rlhflab / TRL | rlhflab / TRL in CPU time "
         "| rlhflab tokens/s | TRL tokens/s | rlhflab peak RSS MiB | TRL peak RSS MiB |",
@@ -277,10 +291,10 @@ def markdown_table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def write_readme_table(table: str) -> None:
+def write_readme_table(table: str, marker: str = "bench") -> None:
     readme = ROOT / "README.md"
     text = readme.read_text(encoding="utf-8")
-    start, end = "<!-- bench:start -->", "<!-- bench:end -->"
+    start, end = f"<!-- {marker}:start -->", f"<!-- {marker}:end -->"
     if start not in text or end not in text:
         text = text.rstrip("\n") + f"\n\n## Benchmarks against TRL\n\n{start}\n{end}\n"
     head, rest = text.split(start, 1)
@@ -299,10 +313,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", default=str(ROOT / "configs" / "demo.yaml"), help="preset the settings come from")
     p.add_argument("--scale", type=float, default=1.0, help="multiply the number of updates (quick runs: 0.2)")
     p.add_argument("--n-eval", type=int, default=200, help="held-out prompts in the quality evaluation")
-    p.add_argument("--out", default=str(RESULTS / "peers.json"), help="results JSON")
+    p.add_argument("--busy", type=int, default=0, metavar="N",
+                   help="N busy loops beside every measured run (1: pinned to the last CPU); the results go to "
+                        "peers_busy.json and the README's busy table")
+    p.add_argument("--out", default=None, help="results JSON (default: bench/results/peers.json, "
+                                                  "peers_busy.json with --busy)")
     p.add_argument("--no-readme", action="store_true", help="do not rewrite the README table")
     p.add_argument("--no-parity", action="store_true", help="skip the numerical parity check")
     args = p.parse_args(argv)
+    args.out = args.out or str(RESULTS / ("peers_busy.json" if args.busy else "peers.json"))
     stages = [s for s in args.stages.split(",") if s]
     unknown = set(stages) - set(STAGES)
     if unknown:
@@ -320,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict = {
         "command": shlex.join(["python", "bench/run.py", *(argv if argv is not None else sys.argv[1:])]),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "threads": args.threads, "repeats": args.repeats,
-        "omp_wait_policy": OMP_WAIT_POLICY,
+        "omp_wait_policy": OMP_WAIT_POLICY, "busy_loops": args.busy,
         "config": os.path.relpath(args.config, ROOT), "machine": machine_info(pythons), "stages": {},
     }
     loads: list[float] = []
@@ -342,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
                 spec = dict(spec0, impl=impl, out=str(WORK / "runs" / stage / f"{impl}-{r}"))
                 try:
                     res = measure(impl, pythons["rlhflab" if impl == "rlhflab" else info["trl_env"]], spec,
-                                  args.threads, f"{stage}-{impl}-{r}")
+                                  args.threads, f"{stage}-{impl}-{r}{'-busy' if args.busy else ''}", args.busy)
                 except ChildFailed as err:
                     log(f"{stage} {impl} #{r}: FAILED ({err})")
                     runs[impl].append({"error": str(err)})
@@ -379,13 +398,14 @@ def main(argv: list[str] | None = None) -> int:
     results["load"] = {"min": min(loads, default=0.0), "max": max(loads, default=0.0),
                        "median": statistics.median(loads) if loads else 0.0}
     results["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    out = Path(args.out)
+    out = Path(args.out).resolve()
+    results["file"] = str(out.relative_to(ROOT)) if out.is_relative_to(ROOT) else str(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1) + "\n")
     table = markdown_table(results)
     print(table)
     if not args.no_readme:
-        write_readme_table(table)
+        write_readme_table(table, "bench-busy" if args.busy else "bench")
     log(f"wrote {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}")
     return 0
 
