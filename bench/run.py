@@ -50,7 +50,12 @@ def ensure_env(name: str, log) -> Path:
     venv, trl_spec = ENVS[name]
     python = venv / "bin" / "python"
     stamp = venv / ".bench-installed"
-    want = f"{TORCH_SPEC} {trl_spec} {' '.join(PROFILERS)}\n"
+    # the model code both libraries run must be the same: the transformers rlhflab runs on
+    # (the lock's), not the newest that TRL's requirement would pull
+    from importlib.metadata import version
+
+    transformers_spec = f"transformers=={version('transformers')}"
+    want = f"{TORCH_SPEC} {trl_spec} {transformers_spec} {' '.join(PROFILERS)}\n"
     if stamp.is_file() and stamp.read_text() == want and python.exists():
         return python
     log(f"installing {trl_spec} into {venv.relative_to(ROOT)} (once)")
@@ -59,7 +64,7 @@ def ensure_env(name: str, log) -> Path:
         subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     pip = [str(python), "-m", "pip", "install", "--quiet"]
     subprocess.run(pip + [TORCH_SPEC], check=True)  # first, so TRL's torch requirement is met
-    subprocess.run(pip + [trl_spec, *PROFILERS], check=True)
+    subprocess.run(pip + [trl_spec, transformers_spec, *PROFILERS], check=True)
     stamp.write_text(want)
     return python
 
