@@ -52,8 +52,14 @@ def make_optimizer(params: Iterable[torch.nn.Parameter], cfg, total_steps: int
     the decay ``cfg.lr_schedule`` (``lr_lambda``). ``cfg`` is a ``config.TrainConfig`` (or has
     its optimizer fields). The schedule is stepped by hand once per optimizer step
     (``optimizer_step``), not handed to ``accelerator.prepare``, which would step it once per
-    process."""
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    process.
+
+    AdamW's fused kernel where the parameters live on a CPU or a GPU: one pass over each
+    parameter instead of a dozen tensor ops per parameter and step (the same update up to
+    float rounding; 7.7 of 100 profiled seconds in the demo's SFT before)."""
+    params = list(params)
+    fused = all(p.device.type in ("cpu", "cuda") for p in params)
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused or None)
     warmup = int(cfg.warmup_ratio * total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.lr_schedule, warmup, total_steps))
     return optimizer, scheduler
