@@ -350,6 +350,28 @@ def _logits_keyword(model) -> dict:
     return {"logits_to_keep": 1} if "logits_to_keep" in _forward_parameters(model) else {}
 
 
+def _reads_4d_masks(model, pad: int) -> bool:
+    """The model reads a 4-D boolean mask as the attention it allows (``packing.can_pack``'s
+    probe), and has no sliding-window layers (whose window a given mask would replace)."""
+    from rlhflab.packing import can_pack
+
+    config = getattr(model, "config", None)
+    sliding = (getattr(config, "use_sliding_window", getattr(config, "sliding_window", None) is not None)
+               and getattr(config, "sliding_window", None) is not None) or \
+        "sliding_attention" in (getattr(config, "layer_types", None) or ())
+    return not sliding and can_pack(model, pad_id=pad)
+
+
+def _prefill_mask(attn: torch.Tensor) -> torch.Tensor:
+    """(B, 1, T, T) boolean: query t attends key s <= t where the prompt's key is real; a
+    left pad attends to itself only (a query with no key would make the softmax NaN, and a
+    NaN value is read by the real queries even at weight 0)."""
+    T = attn.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=attn.device).tril()
+    mask = causal & attn.bool()[:, None, :]
+    return (mask | torch.eye(T, dtype=torch.bool, device=attn.device))[:, None]
+
+
 @torch.no_grad()
 def _decode_batch(model, ids: torch.Tensor, attn: torch.Tensor, noise: GumbelNoise | CounterNoise | None, *, eos: torch.Tensor,
                   pad: int, suppress: Sequence[int], temperature: float, top_k: int, top_p: float,
@@ -366,7 +388,13 @@ def _decode_batch(model, ids: torch.Tensor, attn: torch.Tensor, noise: GumbelNoi
     active = torch.arange(B, device=device)          # rows of the batch still decoding
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     pos = (attn.long().cumsum(-1) - 1).clamp(min=0)  # positions count attended tokens only
-    logits = model(input_ids=ids, attention_mask=attn, position_ids=pos, **kw, **_logits_keyword(model)).logits[:, -1]
+    # The attention masks as 4-D boolean tensors where the model is known to read them as
+    # such (``packing.can_pack``'s probe): transformers returns a 4-D mask as it is, where it
+    # rebuilds one from a 2-D mask at every step (5% of a decode step of the demo's model).
+    four_d = _reads_4d_masks(model, pad)
+    prefill_mask = _prefill_mask(attn) if four_d else attn
+    logits = model(input_ids=ids, attention_mask=prefill_mask, position_ids=pos, **kw,
+                   **_logits_keyword(model)).logits[:, -1]
     next_pos = attn.long().sum(-1, keepdim=True)     # (b, 1) real tokens so far = the next position
     can_drop = drop_finished and hasattr(cache, "batch_select_indices")
     hidden = int(getattr(getattr(model, "config", None), "hidden_size", 0) or 0)
@@ -404,7 +432,8 @@ def _decode_batch(model, ids: torch.Tensor, attn: torch.Tensor, noise: GumbelNoi
                 cache.batch_select_indices(keep)
                 active, token, attn, next_pos = active[keep], token[keep], attn[keep], next_pos[keep]
             attn = torch.cat([attn, attn.new_ones(attn.shape[0], 1)], dim=1)
-            logits = model(input_ids=token[:, None], attention_mask=attn, position_ids=next_pos, **kw).logits[:, -1]
+            step_mask = attn.bool()[:, None, None, :] if four_d else attn
+            logits = model(input_ids=token[:, None], attention_mask=step_mask, position_ids=next_pos, **kw).logits[:, -1]
             next_pos = next_pos + 1
     R = t + 1
     return out[:, :R], (lp_out[:, :R] if record else None), (ent_out[:, :R] if record else None)

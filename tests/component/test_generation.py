@@ -329,3 +329,34 @@ def test_decode_threads_follow_the_wait_policy_and_keep_the_samples(tok, monkeyp
         torch.set_num_threads(before)
     assert torch.equal(outs[0].response_ids, outs[1].response_ids)
     torch.testing.assert_close(outs[0].logprobs, outs[1].logprobs, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_four_d_masks_draw_the_samples_of_two_d_masks(tok, arch, monkeypatch):
+    """Left-padded prompts decoded with the engine's 4-D boolean masks give the samples and
+    log-probs that transformers' own masks (built from the 2-D mask at every step) give; a
+    model with sliding-window layers keeps transformers' masks."""
+    import rlhflab.generation as generation
+
+    model = _model(arch, tok, seed=3)
+    handle = _eos_bias(model, tok, 0.5)
+    try:
+        assert generation._reads_4d_masks(model, tok.pad_token_id)
+        ids = _ids(tok)
+        assert len({len(r) for r in ids}) >= 2  # prompts of different lengths: left padding
+        kw = dict(pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                  seeds=[row_seed(7, 1, i) for i in range(len(ids))], temperature=0.9, max_new_tokens=10,
+                  record_logprobs=True)
+        four = generate(model, ids, **kw)
+        monkeypatch.setattr(generation, "_reads_4d_masks", lambda model, pad: False)
+        two = generate(model, ids, **kw)
+    finally:
+        handle.remove()
+    assert torch.equal(four.response_ids, two.response_ids)
+    torch.testing.assert_close(four.logprobs, two.logprobs, atol=1e-6, rtol=1e-6)
+    monkeypatch.undo()
+    windowed = Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                            use_sliding_window=True, sliding_window=8, max_window_layers=0,
+                                            pad_token_id=tok.pad_token_id))
+    assert not generation._reads_4d_masks(windowed, tok.pad_token_id)
