@@ -241,7 +241,7 @@ def markdown_table(results: dict) -> str:
     load = results["load"]
     lines = [
         f"Measured by `{results['command']}` on {m['cpu_model'] or 'an unknown CPU'} ({m['nproc']} cores), "
-        f"{results['threads']} threads per run (OMP_WAIT_POLICY={results['omp_wait_policy']})"
+        f"{results['threads']} thread{'s' if results['threads'] != 1 else ''} per run (OMP_WAIT_POLICY={results['omp_wait_policy']})"
         + (f", **{results['busy_loops']} busy loop{'s' if results['busy_loops'] > 1 else ''} spinning beside every "
            "run** (another user's job on the machine)" if results.get("busy_loops") else "")
         + ", medians of "

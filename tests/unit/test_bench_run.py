@@ -23,7 +23,7 @@ def results(busy: int, load_max: float) -> dict:
 
 def test_the_busy_table_says_so_and_names_its_file(run):
     busy = run.markdown_table(results(1, 2.4))
-    assert "**1 busy loop spinning beside every run**" in busy
+    assert "**1 busy loop spinning beside every run**" in busy and "1 thread per run" in busy
     assert "`bench/results/peers_busy.json`" in busy
     # the busy loop's own core is not "a loaded machine"; more than it is
     assert "a shared, loaded machine" not in busy
