@@ -356,10 +356,9 @@ def _reads_4d_masks(model, pad: int) -> bool:
     from rlhflab.packing import can_pack
 
     config = getattr(model, "config", None)
-    sliding = (getattr(config, "use_sliding_window", getattr(config, "sliding_window", None) is not None)
-               and getattr(config, "sliding_window", None) is not None) or \
-        "sliding_attention" in (getattr(config, "layer_types", None) or ())
-    return not sliding and can_pack(model, pad_id=pad)
+    window = getattr(config, "sliding_window", None) is not None and getattr(config, "use_sliding_window", True)
+    windowed_layers = "sliding_attention" in (getattr(config, "layer_types", None) or ())
+    return not (window or windowed_layers) and can_pack(model, pad_id=pad)
 
 
 def _prefill_mask(attn: torch.Tensor) -> torch.Tensor:
@@ -390,7 +389,8 @@ def _decode_batch(model, ids: torch.Tensor, attn: torch.Tensor, noise: GumbelNoi
     pos = (attn.long().cumsum(-1) - 1).clamp(min=0)  # positions count attended tokens only
     # The attention masks as 4-D boolean tensors where the model is known to read them as
     # such (``packing.can_pack``'s probe): transformers returns a 4-D mask as it is, where it
-    # rebuilds one from a 2-D mask at every step (5% of a decode step of the demo's model).
+    # rebuilds one from a 2-D mask at every step (2-4% of a decode call of the demo's model:
+    # docs/benchmarks.md, "Results").
     four_d = _reads_4d_masks(model, pad)
     prefill_mask = _prefill_mask(attn) if four_d else attn
     logits = model(input_ids=ids, attention_mask=prefill_mask, position_ids=pos, **kw,
