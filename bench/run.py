@@ -327,6 +327,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-parity", action="store_true", help="skip the numerical parity check")
     args = p.parse_args(argv)
     args.out = args.out or str(RESULTS / ("peers_busy.json" if args.busy else "peers.json"))
+    if not 0 <= args.busy < len(os.sched_getaffinity(0)):
+        p.error(f"--busy must leave a CPU for the measured run: 0 to {len(os.sched_getaffinity(0)) - 1}, "
+                f"got {args.busy}")
     stages = [s for s in args.stages.split(",") if s]
     unknown = set(stages) - set(STAGES)
     if unknown:

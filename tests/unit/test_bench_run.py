@@ -43,3 +43,12 @@ def test_each_table_between_its_own_markers(run, tmp_path, monkeypatch):
                                   "<!-- bench-busy:start -->\nnew busy\n<!-- bench-busy:end -->\nend\n")
     run.write_readme_table("new quiet")
     assert "new quiet\n<!-- bench:end -->" in readme.read_text() and "new busy" in readme.read_text()
+
+
+def test_busy_loops_must_leave_a_cpu(run, capsys):
+    import os
+
+    with pytest.raises(SystemExit) as exit_:
+        run.main(["--busy", str(len(os.sched_getaffinity(0))), "--stages", "sft"])
+    assert exit_.value.code == 2
+    assert "--busy must leave a CPU for the measured run" in capsys.readouterr().err
