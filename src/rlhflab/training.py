@@ -45,7 +45,7 @@ def lr_lambda(schedule: str, warmup_steps: int, total_steps: int) -> Callable[[i
     return f
 
 
-def make_optimizer(params: Iterable[torch.nn.Parameter], cfg, total_steps: int
+def make_optimizer(params: Iterable[torch.nn.Parameter] | Iterable[dict], cfg, total_steps: int
                    ) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
     """AdamW at ``cfg.lr`` with ``cfg.weight_decay``, and its schedule over ``total_steps``
     optimizer steps: a linear warm-up over int(cfg.warmup_ratio * total_steps) steps, then
@@ -57,8 +57,9 @@ def make_optimizer(params: Iterable[torch.nn.Parameter], cfg, total_steps: int
     AdamW's fused kernel where the parameters live on a CPU or a GPU: one pass over each
     parameter instead of a dozen tensor ops per parameter and step (the same update up to
     float rounding; 7.7 of 100 profiled seconds in the demo's SFT before)."""
-    params = list(params)
-    fused = all(p.device.type in ("cpu", "cuda") for p in params)
+    params = list(params)  # parameters, or param groups (dicts with "params" and their own "lr")
+    tensors = [p for g in params for p in (g["params"] if isinstance(g, dict) else [g])]
+    fused = all(p.device.type in ("cpu", "cuda") for p in tensors)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused or None)
     warmup = int(cfg.warmup_ratio * total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.lr_schedule, warmup, total_steps))

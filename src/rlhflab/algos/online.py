@@ -69,7 +69,7 @@ class OnlineRun:
                  value_model=None, out_dir: Path | None = None, world=None, eval_prompts=None,
                  prompt_rows: list[dict] | None = None, held_out: HeldOut | None = None) -> None:
         from rlhflab.tracking import MetricsLog
-        from rlhflab.training import lr_lambda
+        from rlhflab.training import make_optimizer
 
         self.cfg, self.rl, self.algo = cfg, cfg.rl, algo
         self.accelerator = accelerator
@@ -113,12 +113,7 @@ class OnlineRun:
             value_model.eval()
             value_model = shard(value_model)
             groups.append({"params": list(value_model.parameters()), "lr": rl.value_lr or rl.lr})
-        # the fused kernel: one pass over each parameter, the same update up to float rounding
-        fused = all(p.device.type in ("cpu", "cuda") for g in groups for p in g["params"])
-        self.optimizer_raw = torch.optim.AdamW(groups, lr=rl.lr, weight_decay=rl.weight_decay, fused=fused or None)
-        warmup = int(rl.warmup_ratio * rl.steps)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer_raw, lr_lambda(rl.lr_schedule, warmup, rl.steps))
+        self.optimizer_raw, self.scheduler = make_optimizer(groups, rl, rl.steps)  # fused AdamW, the schedule
         if self.sharded:  # already distributed: the optimizer steps each process's shards
             self.policy, self.value, self.optimizer = policy, value_model, self.optimizer_raw
         elif value_model is not None:
