@@ -389,7 +389,7 @@ def _decode_batch(model, ids: torch.Tensor, attn: torch.Tensor, noise: GumbelNoi
     pos = (attn.long().cumsum(-1) - 1).clamp(min=0)  # positions count attended tokens only
     # The attention masks as 4-D boolean tensors where the model is known to read them as
     # such (``packing.can_pack``'s probe): transformers returns a 4-D mask as it is, where it
-    # rebuilds one from a 2-D mask at every step (2-4% of a decode call of the demo's model:
+    # rebuilds one from a 2-D mask at every step (4-9% of a decode call of the demo's model:
     # docs/benchmarks.md, "Results").
     four_d = _reads_4d_masks(model, pad)
     prefill_mask = _prefill_mask(attn) if four_d else attn
